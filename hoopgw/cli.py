@@ -1,0 +1,165 @@
+"""
+The C{hoopgw} command: check a configuration, verify and read the record,
+and (for development) mint demo tokens.
+"""
+
+import argparse
+import json
+import sys
+
+from hoopgw import config as configuration
+from hoopgw.options import ConfigError, duration
+
+
+def _check_config(arguments, out):
+    try:
+        config = configuration.load(arguments.file)
+    except ConfigError as error:
+        print("%s: %s" % (arguments.file, error), file=sys.stderr)
+        return 1
+    print("%s: OK" % (arguments.file,), file=out)
+    for name, connection in sorted(config.connections.items()):
+        chain = " -> ".join(spec.name for spec in connection.addons) or "(no addons)"
+        print(
+            "  %s: %s on %s -> %s; groups %s; chain %s"
+            % (
+                name,
+                connection.protocol,
+                connection.listen,
+                connection.target_name,
+                ", ".join(sorted(connection.allowed_groups)),
+                chain,
+            ),
+            file=out,
+        )
+        if "record" not in [spec.name for spec in connection.addons]:
+            print("    warning: %s records nothing (no record addon in its chain)" % (name,), file=out)
+    return 0
+
+
+def _verify(arguments, out):
+    from hoopgw.store.verify import verify_store
+
+    report = verify_store(arguments.store)
+    print(report.summary(), file=out)
+    return 0 if report.ok else 1
+
+
+def _events(arguments, out):
+    from hoopgw.store.file import read_events
+
+    for path, number, raw, event in read_events(arguments.store):
+        if event is None:
+            print("%s:%d: not JSON" % (path, number), file=out)
+            continue
+        if arguments.session and event.get("session") != arguments.session:
+            continue
+        if arguments.json:
+            out.write(raw.decode("utf-8"))
+            continue
+        print(_describe(event), file=out)
+    return 0
+
+
+def _describe(event):
+    kind = event.get("type", "?")
+    head = "%6d %s %-16s" % (event.get("seq", 0), event.get("ts", ""), kind)
+    who = event.get("subject") or ""
+    if kind == "command":
+        decision = event.get("decision", {}).get("verdict", "")
+        return "%s %s %s [%s] %s" % (head, event.get("session", ""), who, decision, event.get("text", ""))
+    if kind == "command.end":
+        decision = (event.get("decision") or {}).get("verdict", "")
+        outcome = event.get("outcome") or {}
+        detail = outcome.get("tag") or outcome.get("error") or outcome.get("reason") or ""
+        return "%s %s %s [%s] %s %s" % (head, event.get("session", ""), who, decision, outcome.get("status", ""), detail)
+    if kind in ("session.start", "session.end", "session.refused"):
+        extra = (event.get("refusal") or {}).get("reason") or event.get("reason") or ""
+        return "%s %s %s from %s on %s %s" % (
+            head,
+            event.get("session", ""),
+            who,
+            event.get("client", ""),
+            event.get("connection", ""),
+            extra,
+        )
+    return "%s %s" % (head, json.dumps({k: v for k, v in event.items() if k not in ("seq", "ts", "prev", "hash", "type")}))
+
+
+def _dev_keys(arguments, out):
+    from hoopgw.identity import dev
+
+    key_path, jwks_path = dev.generate_key(arguments.directory, kid=arguments.kid)
+    print("signing key (development only): %s\nJWKS: %s" % (key_path, jwks_path), file=out)
+    return 0
+
+
+def _token(arguments, out):
+    from hoopgw.identity import dev
+
+    with open(arguments.key, "rb") as handle:
+        pem = handle.read()
+    groups = [group for group in (arguments.groups or "").split(",") if group]
+    try:
+        lifetime = duration(arguments.lifetime, "--lifetime")
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    token = dev.mint(
+        pem,
+        subject=arguments.subject,
+        issuer=arguments.issuer,
+        audience=arguments.audience,
+        groups=groups,
+        lifetime=lifetime,
+        kid=arguments.kid,
+        kind=arguments.kind,
+    )
+    print(token, file=out)
+    return 0
+
+
+def parser():
+    top = argparse.ArgumentParser(prog="hoopgw", description="The hoopgw access gateway's tools.")
+    commands = top.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    check = commands.add_parser("check-config", help="check a configuration file and summarise it")
+    check.add_argument("file")
+    check.set_defaults(run=_check_config)
+
+    verify = commands.add_parser("verify", help="verify a store's hash chain")
+    verify.add_argument("store", help="the store folder")
+    verify.set_defaults(run=_verify)
+
+    events = commands.add_parser("events", help="print a store's events")
+    events.add_argument("store", help="the store folder")
+    events.add_argument("--session", help="only this session's events")
+    events.add_argument("--json", action="store_true", help="print the raw JSON lines")
+    events.set_defaults(run=_events)
+
+    keys = commands.add_parser("dev-keys", help="DEVELOPMENT ONLY: make a demo issuer key and its JWKS")
+    keys.add_argument("directory")
+    keys.add_argument("--kid", default="demo-1")
+    keys.set_defaults(run=_dev_keys)
+
+    token = commands.add_parser("token", help="DEVELOPMENT ONLY: mint a token with a demo issuer key")
+    token.add_argument("--key", required=True, help="the demo issuer's private key (PEM)")
+    token.add_argument("--kid", default="demo-1")
+    token.add_argument("--issuer", required=True)
+    token.add_argument("--audience", required=True)
+    token.add_argument("--subject", required=True)
+    token.add_argument("--groups", help="comma-separated groups")
+    token.add_argument("--kind", choices=("service", "human"))
+    token.add_argument("--lifetime", default="15m")
+    token.set_defaults(run=_token)
+    return top
+
+
+def main(argv=None, out=None):
+    arguments = parser().parse_args(argv)
+    return arguments.run(arguments, out or sys.stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

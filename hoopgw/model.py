@@ -1,0 +1,265 @@
+"""
+The protocol-neutral objects every front end produces and every addon sees:
+who is connected (L{Identity}, L{Session}), what they asked for (L{Command}),
+and what the chain decided about it (L{Decision}).
+"""
+
+import itertools
+import os
+import time
+
+import attr
+
+
+SERVICE = "service"
+HUMAN = "human"
+
+
+@attr.s(frozen=True, slots=True)
+class Identity:
+    """
+    Who is on the other end of a session, and how that was proven.
+
+    @ivar subject: the stable name of the identity (a token's subject, a
+        certificate's common name, an SSH key owner).
+    @ivar issuer: who vouched for it (a token issuer, a CA).
+    @ivar groups: the groups the gateway decided the identity belongs to.
+    @ivar kind: L{SERVICE} for automation, L{HUMAN} for a person.
+    @ivar method: how it was proven: C{"oidc"}, C{"mtls"}, C{"ssh-key"},
+        C{"ssh-cert"}, C{"ldap"}, C{"saml"}.
+    @ivar token_id: the token's C{jti}, or a certificate's serial.
+    @ivar provenance: further facts for the auditor (key id, algorithm,
+        certificate fingerprint, directory consulted); never a secret.
+    """
+
+    subject = attr.ib()
+    issuer = attr.ib(default="")
+    groups = attr.ib(default=frozenset(), converter=frozenset)
+    kind = attr.ib(default=SERVICE)
+    method = attr.ib(default="oidc")
+    token_id = attr.ib(default=None)
+    provenance = attr.ib(factory=dict, hash=False, eq=False)
+
+    def to_json(self):
+        return {
+            "subject": self.subject,
+            "issuer": self.issuer,
+            "groups": sorted(self.groups),
+            "kind": self.kind,
+            "method": self.method,
+            "token_id": self.token_id,
+            "provenance": self.provenance,
+        }
+
+
+@attr.s(slots=True, repr=False)
+class Credentials:
+    """
+    What a client presented to prove who it is.  Held only while the
+    identity addon looks at it; never recorded, never logged.
+    """
+
+    user = attr.ib(default=None)
+    password = attr.ib(default=None)
+    client_certificate = attr.ib(default=None)
+    ssh_key = attr.ib(default=None)
+    extra = attr.ib(factory=dict)
+
+    def __repr__(self):
+        return "<Credentials (redacted)>"
+
+
+def _new_id(prefix):
+    return "%s-%s" % (prefix, os.urandom(8).hex())
+
+
+@attr.s(slots=True, eq=False)
+class Session:
+    """
+    One client connection.
+
+    The front end creates it with the client's L{Credentials}; the identity
+    addon sets L{identity} in C{session_started}.  Addons may keep their own
+    per-session state in L{metadata}, keyed by their name.
+    """
+
+    connection = attr.ib()
+    protocol = attr.ib()
+    client_address = attr.ib()
+    target = attr.ib(default="")
+    credentials = attr.ib(factory=Credentials, repr=False)
+    identity = attr.ib(default=None)
+    id = attr.ib(factory=lambda: _new_id("s"))
+    started = attr.ib(factory=time.time)
+    attributes = attr.ib(factory=dict)
+    metadata = attr.ib(factory=dict, repr=False)
+    refusal = attr.ib(default=None)
+    notifier = attr.ib(default=None, repr=False)
+
+    def notify(self, text):
+        """
+        Tell the client something while its session goes on (an approval
+        it waits for, say), in whatever way its protocol allows.
+        """
+        if self.notifier is not None:
+            self.notifier(text)
+
+
+ALLOW = "allow"
+DENY = "deny"
+APPROVED = "approved"
+
+
+@attr.s(frozen=True, slots=True)
+class Decision:
+    """
+    What the chain decided about a session or a command.
+
+    @ivar verdict: L{ALLOW}, L{DENY} or L{APPROVED}.
+    @ivar rule: the name of the rule that decided, if any.
+    @ivar reason: a sentence a user can read.
+    @ivar addon: the addon that decided.
+    @ivar approval: for L{APPROVED}, a mapping with the approval id, the
+        approvers and their reasons.
+    @ivar sqlstate: for PostgreSQL, the SQLSTATE of the refusal.
+    """
+
+    verdict = attr.ib()
+    rule = attr.ib(default=None)
+    reason = attr.ib(default="")
+    addon = attr.ib(default=None)
+    approval = attr.ib(default=None)
+    sqlstate = attr.ib(default=None)
+
+    @classmethod
+    def allow(cls, reason="", rule=None, addon=None):
+        return cls(ALLOW, rule=rule, reason=reason, addon=addon)
+
+    @classmethod
+    def deny(cls, reason, rule=None, addon=None, sqlstate=None):
+        return cls(DENY, rule=rule, reason=reason, addon=addon, sqlstate=sqlstate)
+
+    @classmethod
+    def approved(cls, approval, reason="", rule=None, addon=None):
+        return cls(APPROVED, rule=rule, reason=reason, addon=addon, approval=approval)
+
+    @property
+    def denied(self):
+        return self.verdict == DENY
+
+    def to_json(self):
+        result = {"verdict": self.verdict}
+        for name in ("rule", "reason", "addon", "approval", "sqlstate"):
+            value = getattr(self, name)
+            if value:
+                result[name] = value
+        return result
+
+
+_command_numbers = itertools.count(1)
+
+
+@attr.s(slots=True, eq=False)
+class Command:
+    """
+    One unit of work a client asks for: a SQL statement, an SSH exec, shell
+    or sftp request, a Kubernetes API request.
+
+    @ivar kind: what sort of command: C{"sql"}, C{"exec"}, C{"shell"},
+        C{"sftp"}, C{"kubernetes"}, C{"function-call"}, ...
+    @ivar text: the command as the client sent it.  Addons may read it; it
+        is never stored: L{redacted} is.
+    @ivar redacted: L{text} with passwords, card numbers and tokens removed,
+        the only form that reaches the record.
+    @ivar facts: the structured facts that policies match on (statement
+        type, argv, verb and resource, ...).
+    @ivar parameters: bind parameters, as the client sent them.
+    @ivar redacted_parameters: the same, redacted.
+    @ivar decision: the chain's decision, once made.
+    @ivar outcome: what happened at the target (command tag, row count,
+        error code, exit status, ...), filled in by the front end.
+    """
+
+    kind = attr.ib()
+    text = attr.ib(repr=False)
+    redacted = attr.ib(default="")
+    facts = attr.ib(factory=dict)
+    parameters = attr.ib(default=(), repr=False)
+    redacted_parameters = attr.ib(default=())
+    id = attr.ib(factory=lambda: "c-%d-%s" % (next(_command_numbers), os.urandom(3).hex()))
+    received = attr.ib(factory=time.time)
+    decision = attr.ib(default=None)
+    outcome = attr.ib(factory=dict)
+    metadata = attr.ib(factory=dict, repr=False)
+
+    @property
+    def digest_input(self):
+        """
+        The bytes an approval is bound to: the exact command and its
+        parameters.
+        """
+        parts = [self.kind.encode(), self.text.encode("utf-8", "surrogateescape")]
+        for value in self.parameters:
+            parts.append(b"\x00" if value is None else b"\x01" + bytes(value))
+        return b"\x1f".join(parts)
+
+
+class ResultChunk:
+    """
+    A piece of what a target sends back for a command, handed to the
+    C{result_received} hooks in order.  Hooks change it in place.
+
+    @ivar kind: C{"rows"} (a batch of SQL rows), C{"stream"} (bytes of an
+        output stream), C{"message"} (an error or notice: a mapping of
+        fields), C{"body"} (an HTTP body).
+    @ivar data: the bytes as they arrived.  For C{"stream"} and C{"body"},
+        the content to change; for C{"rows"}, the encoded batch, which a
+        hook may scan quickly before it decodes L{rows}.
+    @ivar columns: for C{"rows"}, the column names.
+    @ivar formats: for C{"rows"}, the per-column format codes (0 text,
+        1 binary).
+    @ivar type_oids: for C{"rows"}, the per-column type OIDs.
+    @ivar fields: for C{"message"}, a mapping of field name to text.
+    @ivar stream: for C{"stream"}, its name (stdout, stderr, copy, ...).
+    @ivar masked: how many values hooks masked in this chunk.
+    """
+
+    __slots__ = (
+        "kind", "data", "columns", "formats", "type_oids", "fields", "stream",
+        "masked", "_rows", "_decode", "rows_changed", "withheld",
+    )
+
+    def __init__(self, kind, data=b"", columns=(), formats=(), type_oids=(), fields=None, stream=None,
+                 rows=None, decode=None):
+        self.kind = kind
+        self.data = data
+        self.columns = columns
+        self.formats = formats
+        self.type_oids = type_oids
+        self.fields = fields
+        self.stream = stream
+        self.masked = 0
+        self.withheld = 0
+        self._rows = rows
+        self._decode = decode
+        self.rows_changed = False
+
+    @property
+    def rows(self):
+        """
+        For C{"rows"}: a list of rows, each a list of values (C{bytes}, or
+        C{None} for SQL NULL), decoded on first use.  Assign to it (or
+        change a row and set L{rows_changed}) to change what the client
+        gets.
+        """
+        if self._rows is None and self._decode is not None:
+            self._rows = self._decode(self.data)
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows):
+        self._rows = rows
+        self.rows_changed = True
+
+    def __repr__(self):
+        return "<ResultChunk %s %d bytes>" % (self.kind, len(self.data))

@@ -1,0 +1,294 @@
+"""
+Declared options and the small validators the configuration is checked
+with.  Every validator takes the raw value and its key path, and either
+returns the value to use or raises L{ConfigError} naming the path.
+"""
+
+import contextvars
+import os
+import re
+
+import attr
+
+
+class ConfigError(Exception):
+    """
+    The configuration is not usable.  C{str()} gives the key path and a
+    sentence saying what is expected.
+    """
+
+    def __init__(self, path, message):
+        Exception.__init__(self, path, message)
+        self.path = path
+        self.message = message
+
+    def __str__(self):
+        if self.path:
+            return "%s: %s" % (self.path, self.message)
+        return self.message
+
+
+@attr.s(frozen=True)
+class Option:
+    """
+    One option an addon (or a section of the configuration) accepts.
+
+    @ivar name: the key in the configuration.
+    @ivar validate: a validator, C{(value, path) -> value}.
+    @ivar default: the value when the key is absent; L{REQUIRED} if it
+        must be given.
+    @ivar help: one paragraph for the operator.
+    """
+
+    name = attr.ib()
+    validate = attr.ib()
+    default = attr.ib()
+    help = attr.ib()
+
+
+REQUIRED = object()
+
+
+def _describe(value):
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def join(path, key):
+    """
+    The key path of C{key} inside C{path}: C{a.b}, or C{a[3]} for an index.
+    """
+    if isinstance(key, int):
+        return "%s[%d]" % (path, key)
+    return "%s.%s" % (path, key) if path else key
+
+
+def parse_options(declared, raw, path):
+    """
+    Check C{raw} (a mapping, or None) against the declared options.
+
+    @return: a dict with a value for every declared option.
+    @raise ConfigError: for an unknown key, a missing required key or a bad
+        value, naming the key path.
+    """
+    raw = mapping(raw if raw is not None else {}, path)
+    known = {option.name: option for option in declared}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        expected = ", ".join(sorted(known)) or "no options"
+        raise ConfigError(
+            join(path, unknown[0]),
+            "unknown option; this accepts %s" % (expected,),
+        )
+    result = {}
+    for option in declared:
+        where = join(path, option.name)
+        if option.name in raw:
+            result[option.name] = option.validate(raw[option.name], where)
+        elif option.default is REQUIRED:
+            raise ConfigError(where, "is required: %s" % (option.help,))
+        else:
+            result[option.name] = option.default
+    return result
+
+
+def string(value, path):
+    if not isinstance(value, str) or not value:
+        raise ConfigError(path, "expected a non-empty string, got %s" % (_describe(value),))
+    return value
+
+
+def optional_string(value, path):
+    return None if value is None else string(value, path)
+
+
+def boolean(value, path):
+    if not isinstance(value, bool):
+        raise ConfigError(path, "expected true or false, got %s" % (_describe(value),))
+    return value
+
+
+def integer(minimum=None, maximum=None):
+    def validate(value, path):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, "expected a whole number, got %s" % (_describe(value),))
+        if minimum is not None and value < minimum:
+            raise ConfigError(path, "expected at least %d, got %d" % (minimum, value))
+        if maximum is not None and value > maximum:
+            raise ConfigError(path, "expected at most %d, got %d" % (maximum, value))
+        return value
+
+    return validate
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(value, path):
+    """
+    A duration in seconds: a number, or a string such as C{"30s"},
+    C{"5m"}, C{"12h"}, C{"90d"}.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(
+            path, "expected a duration such as 30s, 5m, 12h or 90d, got %r" % (value,)
+        )
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def choice(*allowed):
+    def validate(value, path):
+        if value not in allowed:
+            raise ConfigError(
+                path, "expected one of %s, got %r" % (", ".join(map(str, allowed)), value)
+            )
+        return value
+
+    return validate
+
+
+def mapping(value, path):
+    if not isinstance(value, dict):
+        raise ConfigError(path, "expected a mapping, got %s" % (_describe(value),))
+    for key in value:
+        if not isinstance(key, str):
+            raise ConfigError(path, "keys must be strings, got %r" % (key,))
+    return value
+
+
+def list_of(validate_item):
+    def validate(value, path):
+        if not isinstance(value, list):
+            raise ConfigError(path, "expected a list, got %s" % (_describe(value),))
+        return [validate_item(item, join(path, index)) for index, item in enumerate(value)]
+
+    return validate
+
+
+string_list = list_of(string)
+
+
+def string_set(value, path):
+    return frozenset(string_list(value, path))
+
+
+def regex(value, path):
+    string(value, path)
+    try:
+        return re.compile(value)
+    except re.error as error:
+        raise ConfigError(path, "not a valid regular expression: %s" % (error,))
+
+
+@attr.s(frozen=True, repr=False)
+class SecretRef:
+    """
+    Where a secret lives: a file or an environment variable, never the
+    configuration itself.  Read at the moment of use, so a rotated secret
+    is picked up without a restart.
+    """
+
+    file = attr.ib(default=None)
+    env = attr.ib(default=None)
+    path = attr.ib(default="")
+
+    def __repr__(self):
+        if self.file:
+            return "<SecretRef file=%s>" % (self.file,)
+        return "<SecretRef env=%s>" % (self.env,)
+
+    def read_bytes(self):
+        """
+        @raise ConfigError: when the secret is missing, with a sentence
+            saying where it was looked for.
+        """
+        if self.file is not None:
+            try:
+                with open(self.file, "rb") as handle:
+                    return handle.read()
+            except OSError as error:
+                raise ConfigError(
+                    self.path, "cannot read the secret file %s: %s" % (self.file, error.strerror)
+                )
+        value = os.environ.get(self.env)
+        if value is None:
+            raise ConfigError(
+                self.path, "the environment variable %s holding this secret is not set" % (self.env,)
+            )
+        return value.encode("utf-8")
+
+    def read_text(self):
+        """
+        The secret as text, without a trailing newline (as files written by
+        C{echo} have).
+        """
+        return self.read_bytes().decode("utf-8").rstrip("\r\n")
+
+
+_BASE_DIRECTORY = contextvars.ContextVar("hoopgw_config_directory", default=".")
+
+
+def relative_to(directory):
+    """
+    Resolve relative paths met by L{secret} and L{file_path} against
+    C{directory} (the configuration file's folder) in the current context.
+    Returns a token for C{_BASE_DIRECTORY.reset}.
+    """
+    return _BASE_DIRECTORY.set(directory)
+
+
+def resolve(path):
+    """
+    C{path} made absolute against the configuration file's folder.
+    """
+    return os.path.normpath(os.path.join(_BASE_DIRECTORY.get(), os.path.expanduser(path)))
+
+
+def secret(value, path):
+    """
+    A reference to a secret: C{{file: PATH}} (relative to the configuration
+    file) or C{{env: NAME}}.  An inline secret is refused.
+    """
+    if isinstance(value, str):
+        raise ConfigError(
+            path,
+            "secrets are not accepted inline; give {file: PATH} or {env: VARIABLE} instead",
+        )
+    value = mapping(value, path)
+    if set(value) == {"file"}:
+        return SecretRef(file=resolve(string(value["file"], join(path, "file"))), path=path)
+    if set(value) == {"env"}:
+        return SecretRef(env=string(value["env"], join(path, "env")), path=path)
+    raise ConfigError(path, "expected exactly one of {file: PATH} or {env: VARIABLE}")
+
+
+def file_path(value, path):
+    """
+    A path to an existing file, relative to the configuration file.
+    """
+    resolved = resolve(string(value, path))
+    if not os.path.exists(resolved):
+        raise ConfigError(path, "the file %s does not exist" % (resolved,))
+    return resolved
+
+
+def directory_path(value, path):
+    """
+    A folder, relative to the configuration file; created when first used.
+    """
+    return resolve(string(value, path))

@@ -1,0 +1,1031 @@
+"""
+The PostgreSQL front end: speaks the server side of the wire protocol to
+clients, turns every statement into a L{Command} for the addon chain, and
+relays what the chain allows to the target, with back-pressure both ways.
+"""
+
+import collections
+import os
+import struct
+
+from twisted.internet import defer, protocol, ssl
+from twisted.logger import Logger
+
+from hoopgw import redact
+from hoopgw.chain import ChainBroken
+from hoopgw.flow import Valve
+from hoopgw.model import DENY, Command, Credentials, Decision, ResultChunk, Session
+from hoopgw.sql import split_statements, statement_type
+from hoopgw.postgres import upstream as upstream_module
+from hoopgw.postgres import wire
+
+
+# Sent to the target in place of a denied statement: it fails at once and
+# has no effect, so the target's transaction ends up exactly as if the
+# denied statement had failed there (aborted, or the implicit transaction
+# of a pipeline rolled back), and the error arrives in order.
+DENIAL_SQL = "SELECT 1/0 AS hoopgw_statement_denied"
+
+# Startup parameters passed on to the target; everything else a client
+# sends is dropped, so it cannot change the gateway's session settings.
+FORWARDED_PARAMETERS = ("client_encoding", "DateStyle", "TimeZone", "IntervalStyle", "extra_float_digits")
+
+MAX_STARTUP_BYTES = 10000
+INBOX_HIGH_WATER = 256
+
+_STARTUP, _PASSWORD, _OPENING, _READY, _CLOSED = range(5)
+
+
+class Pending:
+    """
+    Something sent to the target whose answer is still to come.
+    """
+
+    __slots__ = ("kind", "commands", "index", "decision", "target", "failed")
+
+    def __init__(self, kind, commands=(), decision=None, target=None):
+        self.kind = kind
+        self.commands = list(commands)
+        self.index = 0
+        self.decision = decision
+        self.target = target
+        self.failed = False
+
+    @property
+    def command(self):
+        return self.commands[self.index] if self.index < len(self.commands) else None
+
+
+class Portal:
+    __slots__ = ("sql", "statement", "parameters", "formats", "result_formats", "columns")
+
+    def __init__(self, sql, statement, parameters, formats, result_formats, columns):
+        self.sql = sql
+        self.statement = statement
+        self.parameters = parameters
+        self.formats = formats
+        self.result_formats = result_formats
+        self.columns = columns
+
+
+class PostgresFrontend(protocol.Protocol):
+    """
+    One client connection.
+    """
+
+    log = Logger()
+
+    def __init__(self, factory):
+        self.factory = factory
+        self.settings = factory.settings
+        self.chain = factory.chain
+        self.session = None
+        self.upstream = None
+        self.backend_key = None
+        self._state = _STARTUP
+        self._pieces = []
+        self._buffered = 0
+        self._tls = False
+        self._startup = {}
+        self._inbox = collections.deque()
+        self._waiting = None
+        self._skipping = False
+        self._expected = collections.deque()
+        self._statements = {}
+        self._portals = {}
+        self._columns = ()
+        self._up_pieces = []
+        self._up_buffered = 0
+        self._up_waiting = None
+        self._result_hooks = self.chain.has("result_received")
+        self._ended = None
+        self._admitting = False
+        self._to_upstream = []
+
+    # Connection and framing.
+
+    def connectionMade(self):
+        _no_delay(self.transport)
+        self.valve = Valve(self.transport)
+        peer = self.transport.getPeer()
+        self.client_address = "%s:%s" % (getattr(peer, "host", peer), getattr(peer, "port", ""))
+
+    def dataReceived(self, data):
+        if self._state == _CLOSED:
+            return
+        self._pieces.append(data)
+        self._buffered += len(data)
+        if self._state == _STARTUP:
+            self._startup_data()
+        elif self._state in (_PASSWORD, _READY, _OPENING):
+            self._client_data()
+
+    def _take(self):
+        buffer = b"".join(self._pieces) if len(self._pieces) != 1 else self._pieces[0]
+        self._pieces = []
+        self._buffered = 0
+        return buffer
+
+    def _keep(self, rest):
+        if rest:
+            self._pieces = [rest]
+            self._buffered = len(rest)
+
+    def _startup_data(self):
+        buffer = self._take()
+        if len(buffer) < 8:
+            self._keep(buffer)
+            return
+        length = wire.unpack_int32(buffer)
+        if length < 8 or length > MAX_STARTUP_BYTES:
+            self._fatal("08P01", "invalid startup packet length")
+            return
+        if len(buffer) < length:
+            self._keep(buffer)
+            return
+        code = wire.unpack_int32(buffer, 4)
+        packet, rest = buffer[8:length], buffer[length:]
+        if code == wire.SSL_REQUEST:
+            if rest:
+                # Bytes sent before the TLS handshake could be injected by
+                # someone in the middle (CVE-2021-23214): refuse them.
+                self._fatal("08P01", "received unencrypted data after the SSL request")
+                return
+            if self.factory.tls_options is not None and not self._tls:
+                self.transport.write(b"S")
+                self.transport.startTLS(self.factory.tls_options)
+                self._tls = True
+            else:
+                self.transport.write(b"N")
+        elif code == wire.GSSENC_REQUEST:
+            self.transport.write(b"N")
+            self._keep(rest)
+            if rest:
+                self._startup_data()
+        elif code == wire.CANCEL_REQUEST and len(packet) == 8:
+            self.factory.cancel(wire.unpack_int32(packet, 0), wire.unpack_int32(packet, 4))
+            self._state = _CLOSED
+            self.transport.loseConnection()
+        elif code >> 16 == 3:
+            self._keep(rest)
+            self._startup_message(code, packet)
+        else:
+            self._fatal("0A000", "unsupported frontend protocol %d.%d" % (code >> 16, code & 0xFFFF))
+
+    def _startup_message(self, code, packet):
+        try:
+            parameters = wire.parse_startup(packet)
+        except ValueError:
+            self._fatal("08P01", "invalid startup packet layout")
+            return
+        minor = code & 0xFFFF
+        unsupported = sorted(name for name in parameters if name.startswith("_pq_."))
+        if minor > 0 or unsupported:
+            self.transport.write(wire.negotiate_protocol_version(0, unsupported))
+        target = self.settings.target
+        user = parameters.get("user")
+        if not user:
+            self._fatal("28000", "no user name was given in the startup packet")
+            return
+        database = parameters.get("database") or user
+        if "replication" in parameters:
+            self._fatal("0A000", "replication connections are not accepted through the gateway")
+            return
+        if parameters.get("options"):
+            self._fatal(
+                "0A000",
+                "the startup option 'options' is not accepted through the gateway; use SET after connecting",
+            )
+            return
+        if database != target.database:
+            self._fatal(
+                "3D000",
+                "this gateway connection serves the database %r only; connect with dbname=%s"
+                % (target.database, target.database),
+            )
+            return
+        if not self._tls and not self.settings.allow_plaintext_password:
+            self._fatal(
+                "28000",
+                "this gateway accepts tokens over TLS only; connect with sslmode=require or verify-full",
+            )
+            return
+        self._startup = parameters
+        self._state = _PASSWORD
+        self.transport.write(wire.authentication_cleartext_password())
+        if self._buffered:
+            self._client_data()
+
+    def _client_data(self):
+        """
+        Split what the client sent into messages and queue them.
+        """
+        buffer = self._take()
+        position = 0
+        end = len(buffer)
+        maximum = self.settings.max_message_bytes
+        inbox = self._inbox
+        while end - position >= 5:
+            length = wire.unpack_int32(buffer, position + 1)
+            if length < 4 or length > maximum:
+                self._fatal("08P01", "a message of %d bytes is larger than the gateway accepts" % (length,), "54000")
+                return
+            stop = position + 1 + length
+            if stop > end:
+                break
+            inbox.append((buffer[position : position + 1], buffer, position, stop))
+            position = stop
+        self._keep(buffer[position:])
+        if self._state == _PASSWORD:
+            self._password()
+        elif self._state == _READY:
+            self._pump()
+
+    # Authentication.
+
+    def _password(self):
+        if not self._inbox:
+            return
+        kind, buffer, start, stop = self._inbox.popleft()
+        if kind != b"p":
+            self._fatal("08P01", "expected a password message")
+            return
+        token = buffer[start + 5 : stop].rstrip(b"\x00").decode("utf-8", "replace")
+        self._state = _OPENING
+        certificate = None
+        if self._tls:
+            certificate = self.transport.getPeerCertificate()
+        self.session = Session(
+            connection=self.factory.connection.name,
+            protocol="postgres",
+            client_address=self.client_address,
+            target=self.settings.target_name,
+            credentials=Credentials(user=self._startup["user"], password=token, client_certificate=certificate),
+            attributes={
+                "user": self._startup["user"],
+                "database": self._startup.get("database") or self._startup["user"],
+                "application_name": self._startup.get("application_name", ""),
+                "tls": self._tls,
+            },
+            notifier=self._notify,
+        )
+        self._admitting = True
+        self.chain.start_session(self.session).addCallback(self._admitted).addErrback(self._internal_error)
+
+    def _admitted(self, decision):
+        self._admitting = False
+        if self._state == _CLOSED:
+            if decision.verdict != DENY:
+                self._end_session("client disconnected")
+            return
+        if decision.verdict == DENY:
+            self._ended = True
+            self._fatal(decision.sqlstate or "28000", "hoopgw refused the session: %s" % (decision.reason,))
+            return
+        subject = self.session.identity.subject
+        application = self._startup.get("application_name")
+        parameters = {
+            "user": self.settings.target.user,
+            "database": self.settings.target.database,
+            "application_name": ("hoopgw:%s:%s" % (subject, application) if application else "hoopgw:%s" % (subject,))[:63],
+        }
+        for name in FORWARDED_PARAMETERS:
+            if name in self._startup:
+                parameters[name] = self._startup[name]
+        upstream_module.connect(
+            self.factory.reactor, self.settings.target, parameters, self.settings.max_message_bytes
+        ).addCallbacks(self._upstream_ready, self._upstream_failed)
+
+    def _upstream_failed(self, failure):
+        if self._state == _CLOSED:
+            self._end_session("client disconnected")
+            return
+        error = failure.value
+        sqlstate = getattr(error, "sqlstate", "08001")
+        self.session.attributes["end_reason"] = "target unavailable: %s" % (error,)
+        self._fatal(sqlstate, "hoopgw could not open the target session: %s" % (error,))
+
+    def _upstream_ready(self, upstream):
+        if self._state == _CLOSED:
+            upstream.transport.write(wire.terminate())
+            upstream.transport.loseConnection()
+            self._end_session("client disconnected")
+            return
+        self.upstream = upstream
+        upstream.receiver = self
+        self.upstream_valve = Valve(upstream.transport)
+        self.transport.registerProducer(self.upstream_valve, True)
+        upstream.transport.registerProducer(self.valve, True)
+        self.backend_key = self.factory.register(self)
+        out = [wire.authentication_ok()]
+        for name, value in upstream.statuses.items():
+            out.append(wire.parameter_status(name, value))
+        out.append(wire.backend_key_data(*self.backend_key))
+        out.append(wire.ready_for_query(b"I"))
+        self.transport.writeSequence(out)
+        self._state = _READY
+        self._pump()
+
+    def _notify(self, text):
+        if self._state != _CLOSED:
+            self.transport.write(wire.notice_response(text))
+
+    # Client messages.
+
+    def _pump(self):
+        """
+        Handle queued client messages in order; a command waiting for its
+        decision holds back everything after it.
+        """
+        inbox = self._inbox
+        while inbox and self._waiting is None and self._state == _READY:
+            kind, buffer, start, stop = inbox.popleft()
+            try:
+                waiting = self._client_message(kind, buffer, start, stop)
+            except (struct.error, ValueError, IndexError):
+                self._fatal("08P01", "a %r message from the client is malformed" % (kind.decode("ascii", "replace"),))
+                return
+            if waiting is not None:
+                self._waiting = waiting
+                waiting.addCallback(self._resume).addErrback(self._internal_error)
+        # Messages before a command that waits for its decision are held
+        # back with it: they go out together, in one segment.
+        if self._to_upstream and self.upstream is not None and self._waiting is None:
+            self.upstream.transport.writeSequence(self._to_upstream)
+            self._to_upstream = []
+        if len(inbox) > INBOX_HIGH_WATER:
+            self.valve.pause("inbox")
+        else:
+            self.valve.resume("inbox")
+
+    def _resume(self, _):
+        self._waiting = None
+        self._pump()
+
+    def _forward(self, data):
+        self._to_upstream.append(data)
+
+    def _client_message(self, kind, buffer, start, stop):
+        if kind == b"d" or kind == b"c" or kind == b"f":
+            self._forward(buffer[start:stop])
+            return None
+        if self._skipping and kind != b"S" and kind != b"X":
+            return None
+        payload = buffer[start + 5 : stop]
+        if kind == b"Q":
+            return self._simple_query(payload, buffer[start:stop])
+        if kind == b"P":
+            name, sql, _ = wire.parse_parse(payload)
+            self._statements[name] = (sql.decode("utf-8", "surrogateescape"), None)
+            self._expect(Pending("parse", target=name))
+        elif kind == b"B":
+            portal, statement, formats, values, result_formats = wire.parse_bind(payload)
+            prepared = self._statements.get(statement)
+            self._portals[portal] = Portal(
+                prepared[0] if prepared else None,
+                statement,
+                values,
+                formats,
+                result_formats,
+                prepared[1] if prepared else None,
+            )
+            self._expect(Pending("bind"))
+        elif kind == b"E":
+            return self._execute(payload, buffer[start:stop])
+        elif kind == b"D":
+            which, name = wire.parse_target(payload)
+            self._expect(Pending("describe", target=(which, name)))
+        elif kind == b"C":
+            which, name = wire.parse_target(payload)
+            (self._statements if which == b"S" else self._portals).pop(name, None)
+            self._expect(Pending("close"))
+        elif kind == b"S":
+            self._skipping = False
+            self._expect(Pending("sync"))
+        elif kind == b"H":
+            pass
+        elif kind == b"F":
+            return self._function_call(payload, buffer[start:stop])
+        elif kind == b"X":
+            self._forward(buffer[start:stop])
+            self._state = _CLOSED
+            self.session.attributes["end_reason"] = "client terminated the session"
+            self.upstream.transport.writeSequence(self._to_upstream)
+            self._to_upstream = []
+            self._close()
+            return None
+        else:
+            self._fatal("08P01", "unexpected message type %r" % (kind.decode("ascii", "replace"),))
+            return None
+        self._forward(buffer[start:stop])
+        return None
+
+    def _expect(self, pending):
+        self._expected.append(pending)
+
+    def _new_command(self, sql, protocol_name, parse_error=None, parameters=(), formats=()):
+        redacted, _ = redact.redact_sql(sql)
+        facts = {"statement_type": statement_type(sql), "protocol": protocol_name}
+        if parse_error:
+            facts["parse_error"] = parse_error
+        command = Command(kind="sql", text=sql, redacted=redacted, facts=facts)
+        if parameters:
+            command.parameters = parameters
+            command.redacted_parameters = tuple(
+                redact.redact_parameter(value, wire.parameter_format(formats, index) == 1)
+                for index, value in enumerate(parameters)
+            )
+        return command
+
+    def _simple_query(self, payload, raw):
+        sql = payload.rstrip(b"\x00").decode("utf-8", "surrogateescape")
+        statements, parse_error = split_statements(sql)
+        if not statements:
+            self._forward(raw)
+            self._expect(Pending("query"))
+            return None
+        commands = [self._new_command(text, "simple", parse_error) for text in statements]
+        return _then(self._decide(commands), self._query_decided, commands, raw)
+
+    def _query_decided(self, decision, commands, raw):
+        if self._state != _READY:
+            return
+        if decision.verdict == DENY:
+            self._deny(commands, decision, extended=False)
+        else:
+            self._forward(raw)
+            self._expect(Pending("query", commands))
+
+    def _decide(self, commands, index=0):
+        """
+        Submit each command to the chain in turn.  The first denial denies
+        the rest unasked: none of them will run.
+
+        @return: the first denial or the last decision, or a L{Deferred}
+            firing with it.
+        """
+        while True:
+            decision = self.chain.submit(self.session, commands[index])
+            if isinstance(decision, defer.Deferred):
+                if index + 1 == len(commands):
+                    return decision
+                return decision.addCallback(self._decide_rest, commands, index)
+            if decision.verdict == DENY or index + 1 == len(commands):
+                return decision
+            index += 1
+
+    def _decide_rest(self, decision, commands, index):
+        if decision.verdict == DENY or self._state != _READY:
+            return decision
+        return self._decide(commands, index + 1)
+
+    def _deny(self, commands, decision, extended):
+        """
+        Refuse C{commands}: the target runs a statement that fails in their
+        place (see L{DENIAL_SQL}), and its error is replaced by ours.
+        """
+        for command in commands:
+            if command.decision is None or command.decision.verdict != DENY:
+                command.decision = Decision.deny(
+                    "another statement in the same query was denied (%s)" % (decision.reason,),
+                    rule=decision.rule,
+                    addon=decision.addon,
+                    sqlstate=decision.sqlstate,
+                )
+            command.outcome = {"status": "denied"}
+            self.chain.finish(self.session, command)
+        self._forward(wire.query(DENIAL_SQL))
+        self._expect(Pending("denied", decision=decision, target="extended" if extended else "simple"))
+        if extended:
+            self._skipping = True
+
+    def _execute(self, payload, raw):
+        portal_name, _ = wire.parse_execute(payload)
+        portal = self._portals.get(portal_name)
+        if portal is None or portal.sql is None:
+            command = self._new_command("", "extended")
+            command.decision = Decision.deny(
+                "Execute names a portal or statement the gateway has not seen prepared; it is refused",
+                rule="unknown-portal",
+                addon="gateway",
+                sqlstate="26000",
+            )
+            self._deny([command], command.decision, extended=True)
+            return None
+        command = self._new_command(portal.sql, "extended", None, portal.parameters, portal.formats)
+        command.facts["statement"] = portal.statement.decode("utf-8", "replace")
+        command.facts["portal"] = portal_name.decode("utf-8", "replace")
+        return _then(self.chain.submit(self.session, command), self._execute_decided, command, portal, raw)
+
+    def _execute_decided(self, decision, command, portal, raw):
+        if self._state != _READY:
+            return
+        if decision.verdict == DENY:
+            self._deny([command], decision, extended=True)
+        else:
+            self._forward(raw)
+            pending = Pending("execute", [command])
+            pending.target = portal
+            self._expect(pending)
+
+    def _function_call(self, payload, raw):
+        oid, formats, values = wire.parse_function_call(payload)
+        command = Command(
+            kind="function-call",
+            text="function call (oid %d)" % (oid,),
+            redacted="function call (oid %d)" % (oid,),
+            facts={"function_oid": oid, "protocol": "function-call"},
+            parameters=values,
+            redacted_parameters=tuple(
+                redact.redact_parameter(value, wire.parameter_format(formats, index) == 1)
+                for index, value in enumerate(values)
+            ),
+        )
+        return _then(self.chain.submit(self.session, command), self._function_decided, command, raw)
+
+    def _function_decided(self, decision, command, raw):
+        if self._state != _READY:
+            return
+        if decision.verdict == DENY:
+            self._deny([command], decision, extended=False)
+        else:
+            self._forward(raw)
+            self._expect(Pending("function", [command]))
+
+    # Target messages.
+
+    def upstream_data(self, data):
+        self._up_pieces.append(data)
+        self._up_buffered += len(data)
+        if self._up_waiting is None:
+            self._relay()
+
+    def _relay(self):
+        """
+        Pass the target's messages to the client: runs of rows straight
+        through when no addon looks at results, everything else through
+        the bookkeeping and the chain.
+        """
+        pieces = self._up_pieces
+        buffer = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        self._up_pieces = []
+        self._up_buffered = 0
+        end = len(buffer)
+        if end < 5:
+            self._up_pieces = [buffer] if buffer else []
+            self._up_buffered = end
+            return
+        out = []
+        position = 0
+        span = 0
+        hooks = self._result_hooks
+        maximum = self.settings.max_message_bytes
+        unpack = wire.unpack_int32
+        while end - position >= 5:
+            kind = buffer[position]
+            length = unpack(buffer, position + 1)
+            stop = position + 1 + length
+            if length < 4 or length > maximum:
+                self._upstream_broken("the target sent a malformed or oversized message")
+                return
+            if stop > end:
+                break
+            if kind == 68 or kind == 100:  # DataRow, CopyData
+                if not hooks:
+                    position = stop
+                    continue
+                if span < position:
+                    out.append(buffer[span:position])
+                batch_end = stop
+                while kind == 68 and end - batch_end >= 5 and buffer[batch_end] == 68:
+                    following = batch_end + 1 + unpack(buffer, batch_end + 1)
+                    if following > end:
+                        break
+                    batch_end = following
+                waiting = self._result(kind, buffer, position, batch_end, out)
+                position = span = batch_end
+                if waiting is not None:
+                    self._suspend_relay(waiting, buffer[position:], out)
+                    return
+                if self._state == _CLOSED:
+                    return
+                continue
+            if span < position:
+                out.append(buffer[span:position])
+            try:
+                waiting = self._target_message(kind, buffer, position, stop, out)
+            except (struct.error, ValueError, IndexError):
+                self._upstream_broken("the target sent a malformed %r message" % (chr(kind),))
+                return
+            position = span = stop
+            if waiting is not None:
+                self._suspend_relay(waiting, buffer[position:], out)
+                return
+            if self._state == _CLOSED:
+                return
+        if span < position:
+            out.append(buffer[span:position])
+        if position < end:
+            self._up_pieces = [buffer[position:]]
+            self._up_buffered = end - position
+        if out:
+            self.transport.writeSequence(out)
+
+    def _suspend_relay(self, waiting, rest, out):
+        """
+        An addon answered a result with a Deferred: hold the rest of the
+        target's output until it fires.
+        """
+        if out:
+            self.transport.writeSequence(out)
+        if rest:
+            self._up_pieces.insert(0, rest)
+            self._up_buffered += len(rest)
+        self._up_waiting = waiting
+        self.upstream_valve.pause("addon")
+
+        def done(chunk_bytes):
+            self._up_waiting = None
+            if self._state == _CLOSED:
+                return
+            if chunk_bytes:
+                self.transport.write(chunk_bytes)
+            self.upstream_valve.resume("addon")
+            if self._up_pieces:
+                self._relay()
+
+        waiting.addCallback(done).addErrback(self._result_failed)
+
+    def _result(self, kind, buffer, start, stop, out):
+        """
+        Run rows or copy data through the C{result_received} hooks.
+        """
+        head = self._expected[0] if self._expected else None
+        command = head.command if head is not None else None
+        if kind == 68:
+            formats = [column[2] for column in self._columns]
+            chunk = ResultChunk(
+                "rows",
+                data=buffer[start:stop],
+                columns=[column[0] for column in self._columns],
+                formats=formats,
+                type_oids=[column[1] for column in self._columns],
+                decode=wire.decode_data_rows,
+            )
+        else:
+            chunk = ResultChunk("stream", data=buffer[start + 5 : stop], stream="copy")
+        return self._through_chain(command, chunk, out, lambda: self._encode_chunk(kind, chunk))
+
+    def _encode_chunk(self, kind, chunk):
+        if chunk.kind == "rows":
+            return wire.encode_data_rows(chunk.rows) if chunk.rows_changed else chunk.data
+        if chunk.kind == "stream":
+            return wire.message(b"d", chunk.data) if chunk.data else b""
+        if kind == 65:
+            return wire.notification(chunk.fields["process_id"], chunk.fields["channel"], chunk.fields["payload"])
+        return wire.fields_message(bytes((kind,)), chunk.fields)
+
+    def _through_chain(self, command, chunk, out, encode):
+        if command is not None:
+            outcome = command.outcome
+        try:
+            waiting = self.chain.result(self.session, command, chunk)
+        except ChainBroken as error:
+            self._withhold(error)
+            return None
+        if command is not None and (chunk.masked or chunk.withheld):
+            outcome["masked"] = outcome.get("masked", 0) + chunk.masked + chunk.withheld
+        if waiting is None:
+            out.append(encode())
+            return None
+        return waiting.addCallback(lambda _: encode())
+
+    def _result_failed(self, failure):
+        if failure.check(ChainBroken):
+            self._withhold(failure.value)
+        else:
+            self._internal_error(failure)
+
+    def _withhold(self, error):
+        """
+        An addon failed on a result: nothing more of it may reach the
+        client (fail closed).
+        """
+        self.log.error("Withholding a result: {error}", error=str(error))
+        self.session.attributes["end_reason"] = "result withheld: %s" % (error,)
+        self._fatal("XX000", "hoopgw withheld a result because %s; the session is closed" % (error,))
+
+    def _target_message(self, kind, buffer, start, stop, out):
+        """
+        Keep track of what the target's message answers; returns a
+        Deferred when the message waits for an addon.
+        """
+        expected = self._expected
+        head = expected[0] if expected else None
+        payload = buffer[start + 5 : stop]
+        if kind == 84:  # RowDescription
+            columns = wire.parse_row_description(payload)
+            self._columns = columns
+            if head is not None and head.kind == "describe":
+                self._described(head, columns)
+                expected.popleft()
+        elif kind == 67 or kind == 73:  # CommandComplete, EmptyQueryResponse
+            tag = payload.rstrip(b"\x00").decode("utf-8", "replace") if kind == 67 else ""
+            if head is not None and head.kind in ("query", "execute"):
+                command = head.command
+                if command is not None:
+                    command.outcome.update(status="ok", tag=tag, rows=wire.rows_from_tag(tag))
+                    self.chain.finish(self.session, command)
+                head.index += 1
+                if head.kind == "execute":
+                    expected.popleft()
+            self._columns = ()
+        elif kind == 90:  # ReadyForQuery
+            if head is not None and head.kind in ("query", "sync", "function", "denied"):
+                expected.popleft()
+                self._not_run(head, "the query ended before this statement ran")
+                if head.kind == "denied" and head.target == "extended":
+                    return None
+        elif kind == 69:  # ErrorResponse
+            return self._target_error(head, payload, out)
+        elif kind == 49 or kind == 50 or kind == 51 or kind == 110:  # Parse/Bind/CloseComplete, NoData
+            if head is not None and head.kind in ("parse", "bind", "close", "describe"):
+                expected.popleft()
+        elif kind == 115:  # PortalSuspended
+            if head is not None and head.kind == "execute":
+                command = head.command
+                command.outcome.update(status="suspended")
+                self.chain.finish(self.session, command)
+                expected.popleft()
+        elif kind == 86:  # FunctionCallResponse
+            if head is not None and head.kind == "function":
+                command = head.command
+                command.outcome.update(status="ok")
+                self.chain.finish(self.session, command)
+                head.index += 1
+        elif kind == 78 or kind == 65:  # NoticeResponse, NotificationResponse
+            if self._result_hooks:
+                if kind == 65:
+                    process_id, channel, text = wire.parse_notification(payload)
+                    fields = {"process_id": process_id, "channel": channel, "payload": text}
+                    command = None
+                else:
+                    fields = wire.parse_fields(payload)
+                    command = head.command if head is not None else None
+                chunk = ResultChunk("message", fields=fields, stream="notification" if kind == 65 else "notice")
+                return self._through_chain(command, chunk, out, lambda: self._encode_chunk(kind, chunk))
+        out.append(buffer[start:stop])
+        return None
+
+    def _described(self, head, columns):
+        which, name = head.target
+        if which == b"P" and name in self._portals:
+            self._portals[name].columns = columns
+        elif which == b"S" and name in self._statements:
+            self._statements[name] = (self._statements[name][0], columns)
+
+    def _target_error(self, head, payload, out):
+        fields = wire.parse_fields(payload)
+        expected = self._expected
+        if head is not None and head.kind == "denied":
+            decision = head.decision
+            out.append(
+                wire.error_response(
+                    decision.sqlstate or "42501",
+                    "hoopgw denied this statement: %s" % (decision.reason,),
+                    detail="rule: %s" % (decision.rule,) if decision.rule else None,
+                )
+            )
+            return None
+        message = redact.redact_text(fields.get("message", ""))[0]
+        outcome = {"status": "error", "sqlstate": fields.get("code"), "error": message}
+        if head is not None and head.kind in ("query", "function"):
+            command = head.command
+            if command is not None:
+                command.outcome.update(outcome)
+                self.chain.finish(self.session, command)
+                head.index += 1
+        elif head is not None and head.kind != "sync":
+            # The extended protocol: the target skips everything up to Sync.
+            failed = expected.popleft()
+            if failed.kind == "execute":
+                failed.command.outcome.update(outcome)
+                self.chain.finish(self.session, failed.command)
+            while expected and expected[0].kind != "sync":
+                skipped = expected.popleft()
+                self._not_run(skipped, "an earlier message of the pipeline failed")
+        if self._result_hooks:
+            command = head.command if head is not None else None
+            chunk = ResultChunk("message", fields=fields, stream="error")
+            return self._through_chain(command, chunk, out, lambda: self._encode_chunk(69, chunk))
+        out.append(wire.message(b"E", payload))
+        return None
+
+    def _not_run(self, pending, reason):
+        for command in pending.commands[pending.index :]:
+            if not command.outcome:
+                command.outcome.update(status="not-run", reason=reason)
+                self.chain.finish(self.session, command)
+        pending.index = len(pending.commands)
+
+    def _upstream_broken(self, reason):
+        self.session.attributes["end_reason"] = reason
+        self._fatal("08P01", reason)
+
+    def upstream_lost(self, reason):
+        if self._state == _CLOSED:
+            return
+        self.session.attributes.setdefault("end_reason", "the target closed the connection")
+        self._fatal("57P01", "the target database closed the connection")
+
+    # Cancel and teardown.
+
+    def cancel(self):
+        """
+        The client sent a CancelRequest with this session's key: stop a
+        pending decision, or ask the target to cancel what runs.
+        """
+        command = None
+        if self._waiting is not None:
+            self._waiting.cancel()
+        elif self.upstream is not None and self.upstream.backend_key is not None:
+            upstream_module.cancel(self.factory.reactor, self.settings.target, self.upstream.backend_key)
+            head = self._expected[0] if self._expected else None
+            command = head.command if head is not None else None
+        if self.session is not None:
+            event = {"type": "command.cancel", "session": self.session.id, "connection": self.session.connection}
+            if command is not None:
+                event["command"] = command.id
+            if self.session.identity is not None:
+                event["subject"] = self.session.identity.subject
+            self.factory.gateway.record(event).addErrback(
+                lambda failure: self.log.failure("Recording a cancel failed", failure)
+            )
+
+    def _fatal(self, sqlstate, text, code=None):
+        """
+        Send a FATAL error and close the connection.
+        """
+        if self._state != _CLOSED:
+            self.transport.write(wire.error_response(code or sqlstate, text, severity="FATAL"))
+        self._state = _CLOSED
+        self._close()
+
+    def _close(self):
+        """
+        Close the client connection, and the target's.  A TLS transport
+        does not shut down while a producer is registered with it.
+        """
+        if self.upstream is not None:
+            _unregister(self.transport)
+            _unregister(self.upstream.transport)
+        self.transport.loseConnection()
+
+    def _internal_error(self, failure):
+        self.log.failure("Internal error in a PostgreSQL session", failure)
+        if self.session is not None:
+            self.session.attributes["end_reason"] = "internal error: %s" % (failure.getErrorMessage(),)
+        self._fatal("XX000", "hoopgw failed internally and closed the session; the failure is logged")
+
+    def connectionLost(self, reason):
+        self._state = _CLOSED
+        self.factory.open.discard(self)
+        if self.backend_key is not None:
+            self.factory.unregister(self.backend_key)
+        if self._waiting is not None:
+            self._waiting.cancel()
+        if self.upstream is not None:
+            self.upstream.receiver = None
+            _unregister(self.upstream.transport)
+            if self.upstream.transport.connected and not self.upstream.transport.disconnecting:
+                self.upstream.transport.write(wire.terminate())
+            self.upstream.transport.loseConnection()
+        for pending in self._expected:
+            for command in pending.commands[pending.index :]:
+                if not command.outcome or command.outcome.get("status") is None:
+                    command.outcome.update(status="interrupted", reason="the session ended before it finished")
+                    self.chain.finish(self.session, command)
+        self._expected.clear()
+        if self.session is not None and self.session.identity is not None and not self._admitting:
+            self.session.attributes.setdefault("end_reason", "client disconnected")
+            self._end_session(self.session.attributes["end_reason"])
+
+    def _end_session(self, reason):
+        if self._ended is not None:
+            return self._ended
+        self.session.attributes.setdefault("end_reason", reason)
+        self._ended = self.chain.end_session(self.session)
+        self.factory.session_ended(self._ended)
+        return self._ended
+
+
+class PostgresFactory(protocol.ServerFactory):
+    """
+    The listener of one PostgreSQL connection.
+    """
+
+    def __init__(self, connection, gateway, chain, reactor=None):
+        from twisted.internet import reactor as default_reactor
+
+        self.connection = connection
+        self.settings = connection.settings
+        self.gateway = gateway
+        self.chain = chain
+        self.reactor = reactor or default_reactor
+        self.tls_options = _server_tls(self.settings.tls)
+        self.active = {}
+        self.ending = set()
+        self.open = set()
+
+    def buildProtocol(self, address):
+        frontend = PostgresFrontend(self)
+        self.open.add(frontend)
+        return frontend
+
+    def register(self, frontend):
+        """
+        Give a ready session its own backend key (never the target's).
+        """
+        while True:
+            key = (int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF, int.from_bytes(os.urandom(4), "big"))
+            if key not in self.active:
+                self.active[key] = frontend
+                return key
+
+    def unregister(self, key):
+        self.active.pop(key, None)
+
+    def cancel(self, process_id, secret):
+        frontend = self.active.get((process_id, secret))
+        if frontend is not None:
+            frontend.cancel()
+
+    def session_ended(self, ended):
+        self.ending.add(ended)
+        ended.addBoth(lambda result: (self.ending.discard(ended), result)[1])
+
+    def close_sessions(self, reason):
+        """
+        End every open session (the gateway is stopping).
+        """
+        for frontend in list(self.open):
+            if frontend._state != _CLOSED:
+                if frontend.session is not None:
+                    frontend.session.attributes["end_reason"] = reason
+                frontend._fatal("57P01", "hoopgw is shutting down: %s" % (reason,))
+        return defer.DeferredList(list(self.ending), consumeErrors=True)
+
+
+def _then(outcome, callback, *arguments):
+    """
+    Call C{callback(outcome, *arguments)} now if C{outcome} is a value, or
+    when it fires if it is a L{Deferred} (which is then returned).
+    """
+    if isinstance(outcome, defer.Deferred):
+        return outcome.addCallback(callback, *arguments)
+    callback(outcome, *arguments)
+    return None
+
+
+def _unregister(transport):
+    """
+    Drop a transport's producer, if it still has one: a closed TLS
+    transport forgets its protocol and cannot be asked.
+    """
+    if getattr(transport, "connected", False) and getattr(transport, "producer", True) is not None:
+        try:
+            transport.unregisterProducer()
+        except AttributeError:
+            pass
+
+
+def _no_delay(transport):
+    """
+    Small protocol messages must not wait for Nagle's algorithm.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
+
+
+def _server_tls(settings):
+    if settings is None:
+        return None
+    with open(settings.certificate, "rb") as handle:
+        certificate_pem = handle.read()
+    with open(settings.key, "rb") as handle:
+        key_pem = handle.read()
+    certificate = ssl.PrivateCertificate.loadPEM(certificate_pem + b"\n" + key_pem)
+    chain = ssl.Certificate.loadPEM(certificate_pem)
+    extra = []
+    if settings.client_ca is not None:
+        with open(settings.client_ca, "rb") as handle:
+            extra = [ssl.Certificate.loadPEM(handle.read()).original]
+    return ssl.CertificateOptions(
+        privateKey=certificate.privateKey.original,
+        certificate=chain.original,
+        verify=bool(extra),
+        caCerts=extra or None,
+        requireCertificate=False,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )

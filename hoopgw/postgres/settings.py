@@ -1,0 +1,136 @@
+"""
+A PostgreSQL connection's settings: the TLS the gateway offers clients, and
+the target database with the credentials only the gateway holds.
+"""
+
+import attr
+
+from hoopgw import options as o
+from hoopgw.options import ConfigError, join
+
+
+TLS_MODES = ("disable", "require", "verify-ca", "verify-full")
+
+TLS_OPTIONS = (
+    o.Option("certificate", o.file_path, o.REQUIRED, "The gateway's PEM certificate (chain) for clients."),
+    o.Option("key", o.file_path, o.REQUIRED, "The PEM private key of that certificate."),
+    o.Option(
+        "client_ca",
+        o.file_path,
+        None,
+        "A CA whose client certificates the gateway asks for and checks (mutual TLS).",
+    ),
+)
+
+TARGET_OPTIONS = (
+    o.Option("host", o.string, o.REQUIRED, "The target database server's host name or address."),
+    o.Option("port", o.integer(1, 65535), 5432, "Its port."),
+    o.Option("database", o.string, o.REQUIRED, "The one database this connection serves."),
+    o.Option("user", o.string, o.REQUIRED, "The role the gateway logs in as."),
+    o.Option(
+        "password",
+        o.secret,
+        None,
+        "Where that role's password is: {file: PATH} or {env: VARIABLE}. Clients never see it.",
+    ),
+    o.Option(
+        "tls",
+        o.choice(*TLS_MODES),
+        "verify-full",
+        "TLS to the target, as libpq's sslmode: disable, require, verify-ca or verify-full.",
+    ),
+    o.Option("ca", o.file_path, None, "The CA certificate the target's certificate must chain to."),
+    o.Option("server_name", o.string, None, "The name to check the target's certificate for (default: host)."),
+    o.Option("connect_timeout", o.duration, 10.0, "How long to wait for the target."),
+)
+
+CONNECTION_OPTIONS = (
+    o.Option("target", o.mapping, o.REQUIRED, "The database behind this connection."),
+    o.Option("tls", o.mapping, None, "TLS for clients: certificate, key and optionally client_ca."),
+    o.Option(
+        "allow_plaintext_password",
+        o.boolean,
+        False,
+        "Accept tokens over a connection without TLS. For development on loopback only: "
+        "the listen endpoint must then be bound to 127.0.0.1 or ::1.",
+    ),
+    o.Option(
+        "max_message_bytes",
+        o.integer(minimum=1024),
+        64 * 1024 * 1024,
+        "The largest protocol message accepted from a client or the target.",
+    ),
+)
+
+
+@attr.s(frozen=True)
+class Target:
+    host = attr.ib()
+    port = attr.ib()
+    database = attr.ib()
+    user = attr.ib()
+    password = attr.ib(repr=False)
+    tls = attr.ib()
+    ca = attr.ib()
+    server_name = attr.ib()
+    connect_timeout = attr.ib()
+
+
+@attr.s(frozen=True)
+class ClientTLS:
+    certificate = attr.ib()
+    key = attr.ib()
+    client_ca = attr.ib()
+
+
+@attr.s(frozen=True)
+class PostgresSettings:
+    target = attr.ib()
+    tls = attr.ib()
+    allow_plaintext_password = attr.ib()
+    max_message_bytes = attr.ib()
+
+    @property
+    def target_name(self):
+        return "postgresql://%s@%s:%d/%s" % (self.target.user, self.target.host, self.target.port, self.target.database)
+
+
+def _is_loopback(listen):
+    """
+    Whether a listen endpoint string only accepts local clients.
+    """
+    if listen.startswith("unix:"):
+        return True
+    return any(
+        marker in listen for marker in ("interface=127.0.0.1", "interface=localhost", "interface=\\:\\:1")
+    )
+
+
+def parse_connection(raw, path, listen):
+    values = o.parse_options(CONNECTION_OPTIONS, raw, path)
+    target = Target(**o.parse_options(TARGET_OPTIONS, values["target"], join(path, "target")))
+    if target.tls in ("verify-ca", "verify-full") and target.ca is None:
+        raise ConfigError(
+            join(join(path, "target"), "ca"),
+            "is required when tls is %s: the CA the target's certificate is checked against" % (target.tls,),
+        )
+    tls = None
+    if values["tls"] is not None:
+        tls = ClientTLS(**o.parse_options(TLS_OPTIONS, values["tls"], join(path, "tls")))
+    if tls is None and not values["allow_plaintext_password"]:
+        raise ConfigError(
+            join(path, "tls"),
+            "is required: clients send their token as a password, which must not cross the network in clear "
+            "(set allow_plaintext_password: true for loopback development only)",
+        )
+    if values["allow_plaintext_password"] and not _is_loopback(listen):
+        raise ConfigError(
+            join(path, "allow_plaintext_password"),
+            "is only allowed when the connection listens on loopback (interface=127.0.0.1 or ::1)",
+        )
+    return PostgresSettings(
+        target=target,
+        tls=tls,
+        allow_plaintext_password=values["allow_plaintext_password"],
+        max_message_bytes=values["max_message_bytes"],
+    )

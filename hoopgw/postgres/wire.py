@@ -1,0 +1,376 @@
+"""
+The PostgreSQL v3 wire protocol: framing, and the few messages the gateway
+builds or looks inside.  Knows nothing of policy.
+"""
+
+import struct
+
+SSL_REQUEST = 80877103
+GSSENC_REQUEST = 80877104
+CANCEL_REQUEST = 80877102
+PROTOCOL_3_0 = 196608
+
+_INT32 = struct.Struct("!I")
+_INT16 = struct.Struct("!H")
+_SIGNED32 = struct.Struct("!i")
+
+# Fields of ErrorResponse and NoticeResponse, by code byte.
+FIELD_NAMES = {
+    "S": "severity",
+    "V": "severity_nonlocalized",
+    "C": "code",
+    "M": "message",
+    "D": "detail",
+    "H": "hint",
+    "P": "position",
+    "p": "internal_position",
+    "q": "internal_query",
+    "W": "where",
+    "s": "schema",
+    "t": "table",
+    "c": "column",
+    "d": "data_type",
+    "n": "constraint",
+    "F": "file",
+    "L": "line",
+    "R": "routine",
+}
+FIELD_CODES = {name: code for code, name in FIELD_NAMES.items()}
+
+
+class ProtocolViolation(Exception):
+    """
+    The peer sent something the protocol does not allow.
+    """
+
+
+def message(kind, payload=b""):
+    """
+    One typed message: a type byte, a length, the payload.
+    """
+    return kind + _INT32.pack(len(payload) + 4) + payload
+
+
+def cstring(text):
+    if isinstance(text, str):
+        text = text.encode("utf-8")
+    return text + b"\x00"
+
+
+def read_cstring(data, offset):
+    """
+    @return: C{(bytes, offset after the terminating NUL)}.
+    """
+    end = data.index(b"\x00", offset)
+    return data[offset:end], end + 1
+
+
+def int32(value):
+    return _INT32.pack(value)
+
+
+def unpack_int32(data, offset=0):
+    return _INT32.unpack_from(data, offset)[0]
+
+
+# Messages the gateway sends to clients.
+
+
+def authentication_ok():
+    return message(b"R", int32(0))
+
+
+def authentication_cleartext_password():
+    return message(b"R", int32(3))
+
+
+def parameter_status(name, value):
+    return message(b"S", cstring(name) + cstring(value))
+
+
+def backend_key_data(process_id, secret):
+    return message(b"K", _INT32.pack(process_id) + _INT32.pack(secret))
+
+
+def ready_for_query(status):
+    return message(b"Z", status)
+
+
+def _fields(fields):
+    payload = b"".join(
+        FIELD_CODES[name].encode("ascii") + cstring(value) for name, value in fields.items() if value is not None
+    )
+    return payload + b"\x00"
+
+
+def error_response(code, text, severity="ERROR", detail=None, hint=None):
+    return message(
+        b"E",
+        _fields(
+            {
+                "severity": severity,
+                "severity_nonlocalized": severity,
+                "code": code,
+                "message": text,
+                "detail": detail,
+                "hint": hint,
+            }
+        ),
+    )
+
+
+def notice_response(text, severity="NOTICE", code="00000", detail=None, hint=None):
+    return message(
+        b"N",
+        _fields(
+            {
+                "severity": severity,
+                "severity_nonlocalized": severity,
+                "code": code,
+                "message": text,
+                "detail": detail,
+                "hint": hint,
+            }
+        ),
+    )
+
+
+def fields_message(kind, fields):
+    """
+    An ErrorResponse or NoticeResponse from a mapping of field names.
+    """
+    return message(kind, _fields(fields))
+
+
+def negotiate_protocol_version(newest_minor, unsupported):
+    payload = int32(newest_minor) + int32(len(unsupported)) + b"".join(cstring(name) for name in unsupported)
+    return message(b"v", payload)
+
+
+# Messages the gateway sends to targets.
+
+
+def startup_message(parameters):
+    payload = int32(PROTOCOL_3_0) + b"".join(cstring(k) + cstring(v) for k, v in parameters.items()) + b"\x00"
+    return int32(len(payload) + 4) + payload
+
+
+def ssl_request():
+    return int32(8) + int32(SSL_REQUEST)
+
+
+def cancel_request(process_id, secret):
+    return int32(16) + int32(CANCEL_REQUEST) + _INT32.pack(process_id) + _INT32.pack(secret)
+
+
+def password_message(data):
+    return message(b"p", data)
+
+
+def sasl_initial_response(mechanism, data):
+    return message(b"p", cstring(mechanism) + _SIGNED32.pack(len(data)) + data)
+
+
+def query(sql):
+    return message(b"Q", cstring(sql))
+
+
+def terminate():
+    return message(b"X")
+
+
+# Parsing.
+
+
+def parse_startup(payload):
+    """
+    The parameters of a StartupMessage (after its protocol version).
+    """
+    parameters = {}
+    offset = 0
+    while offset < len(payload) and payload[offset] != 0:
+        name, offset = read_cstring(payload, offset)
+        value, offset = read_cstring(payload, offset)
+        parameters[name.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+    return parameters
+
+
+def parse_fields(payload):
+    """
+    The fields of an ErrorResponse or NoticeResponse, by name.
+    """
+    fields = {}
+    offset = 0
+    while offset < len(payload) and payload[offset] != 0:
+        code = chr(payload[offset])
+        value, offset = read_cstring(payload, offset + 1)
+        fields[FIELD_NAMES.get(code, code)] = value.decode("utf-8", "replace")
+    return fields
+
+
+def parse_parse(payload):
+    """
+    @return: C{(statement name, SQL text, parameter type OIDs)}.
+    """
+    name, offset = read_cstring(payload, 0)
+    sql, offset = read_cstring(payload, offset)
+    count = _INT16.unpack_from(payload, offset)[0]
+    types = struct.unpack_from("!%dI" % (count,), payload, offset + 2)
+    return name, sql, types
+
+
+def parse_bind(payload):
+    """
+    @return: C{(portal, statement, parameter formats, parameter values,
+        result formats)}.
+    """
+    portal, offset = read_cstring(payload, 0)
+    statement, offset = read_cstring(payload, offset)
+    count = _INT16.unpack_from(payload, offset)[0]
+    offset += 2
+    formats = struct.unpack_from("!%dH" % (count,), payload, offset)
+    offset += 2 * count
+    count = _INT16.unpack_from(payload, offset)[0]
+    offset += 2
+    values = []
+    for _ in range(count):
+        length = _SIGNED32.unpack_from(payload, offset)[0]
+        offset += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(payload[offset : offset + length])
+            offset += length
+    count = _INT16.unpack_from(payload, offset)[0]
+    result_formats = struct.unpack_from("!%dH" % (count,), payload, offset + 2)
+    return portal, statement, formats, values, result_formats
+
+
+def parameter_format(formats, index):
+    """
+    The format code of parameter C{index}, by the rules of Bind: none means
+    all text, one applies to all.
+    """
+    if not formats:
+        return 0
+    if len(formats) == 1:
+        return formats[0]
+    return formats[index]
+
+
+def parse_execute(payload):
+    portal, offset = read_cstring(payload, 0)
+    return portal, unpack_int32(payload, offset)
+
+
+def parse_target(payload):
+    """
+    Describe and Close: C{(b"S" or b"P", name)}.
+    """
+    return payload[:1], read_cstring(payload, 1)[0]
+
+
+def parse_function_call(payload):
+    """
+    @return: C{(function OID, argument formats, argument values)}.
+    """
+    oid = unpack_int32(payload, 0)
+    offset = 4
+    count = _INT16.unpack_from(payload, offset)[0]
+    offset += 2
+    formats = struct.unpack_from("!%dH" % (count,), payload, offset)
+    offset += 2 * count
+    count = _INT16.unpack_from(payload, offset)[0]
+    offset += 2
+    values = []
+    for _ in range(count):
+        length = _SIGNED32.unpack_from(payload, offset)[0]
+        offset += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(payload[offset : offset + length])
+            offset += length
+    return oid, formats, values
+
+
+def parse_row_description(payload):
+    """
+    @return: a list of C{(name, type OID, format code)}.
+    """
+    count = _INT16.unpack_from(payload, 0)[0]
+    offset = 2
+    columns = []
+    for _ in range(count):
+        name, offset = read_cstring(payload, offset)
+        type_oid = unpack_int32(payload, offset + 6)
+        format_code = _INT16.unpack_from(payload, offset + 16)[0]
+        offset += 18
+        columns.append((name.decode("utf-8", "replace"), type_oid, format_code))
+    return columns
+
+
+def decode_data_rows(data):
+    """
+    The rows of a run of DataRow messages (type byte and length included).
+    """
+    rows = []
+    offset = 0
+    end = len(data)
+    unpack_length = _INT32.unpack_from
+    unpack_field = _SIGNED32.unpack_from
+    while offset < end:
+        length = unpack_length(data, offset + 1)[0]
+        message_end = offset + 1 + length
+        count = _INT16.unpack_from(data, offset + 5)[0]
+        position = offset + 7
+        row = []
+        for _ in range(count):
+            size = unpack_field(data, position)[0]
+            position += 4
+            if size < 0:
+                row.append(None)
+            else:
+                row.append(data[position : position + size])
+                position += size
+        rows.append(row)
+        offset = message_end
+    return rows
+
+
+def encode_data_rows(rows):
+    """
+    A run of DataRow messages for C{rows}.
+    """
+    pieces = []
+    for row in rows:
+        body = [_INT16.pack(len(row))]
+        for value in row:
+            if value is None:
+                body.append(_SIGNED32.pack(-1))
+            else:
+                body.append(_SIGNED32.pack(len(value)))
+                body.append(bytes(value))
+        payload = b"".join(body)
+        pieces.append(b"D" + _INT32.pack(len(payload) + 4) + payload)
+    return b"".join(pieces)
+
+
+def parse_notification(payload):
+    process_id = unpack_int32(payload, 0)
+    channel, offset = read_cstring(payload, 4)
+    text, _ = read_cstring(payload, offset)
+    return process_id, channel.decode("utf-8", "replace"), text.decode("utf-8", "replace")
+
+
+def notification(process_id, channel, text):
+    return message(b"A", int32(process_id) + cstring(channel) + cstring(text))
+
+
+def rows_from_tag(tag):
+    """
+    The row count at the end of a command tag (C{SELECT 5},
+    C{INSERT 0 3}), or None.
+    """
+    last = tag.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else None

@@ -1,0 +1,38 @@
+"""
+C{twistd hoopgw}: the gateway as a Twisted application.
+"""
+
+from twisted.python import usage
+
+from hoopgw import config as configuration
+from hoopgw.options import ConfigError
+from hoopgw.store import StoreError, open_store
+
+
+class Options(usage.Options):
+    synopsis = "--config FILE"
+    longdesc = (
+        "Run the hoopgw access gateway: one listener per connection of the configuration file. "
+        "Use --reactor=asyncio (twistd --reactor=asyncio -n hoopgw ...) so the Kubernetes front end "
+        "can share the event loop."
+    )
+    optParameters = [["config", "c", "etc/hoopgw.yaml", "The gateway's YAML configuration file."]]
+
+
+def makeService(options):
+    """
+    Check the configuration, open the store and build the gateway service.
+    """
+    from twisted.internet import reactor
+
+    from hoopgw.gateway import Gateway
+
+    try:
+        config = configuration.load(options["config"])
+    except ConfigError as error:
+        raise usage.UsageError("%s: %s" % (options["config"], error))
+    try:
+        store = open_store(config.gateway.store, reactor)
+    except StoreError as error:
+        raise usage.UsageError(str(error))
+    return Gateway(config, reactor, store)

@@ -1,0 +1,217 @@
+"""
+Test doubles for addon authors: build an addon with its options checked,
+run it in a chain exactly as a front end would, without a network, and
+look at what the record addon would have stored.
+
+    from hoopgw.testing import ChainHarness, sql_command
+
+    harness = ChainHarness([(my_factory, {"limit": 3})])
+    decision = harness.submit(sql_command("DROP TABLE cards"))
+    assert decision.denied
+"""
+
+import attr
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from hoopgw import options as o
+from hoopgw import redact
+from hoopgw.chain import AddonChain
+from hoopgw.interfaces import IStore
+from hoopgw.model import SERVICE, Command, Identity, ResultChunk, Session
+from hoopgw.sql import statement_type
+from hoopgw.store import events as chaining
+
+
+@implementer(IStore)
+class MemoryStore:
+    """
+    An evidence store in memory, chained like the real ones.
+
+    @ivar events: the events appended, in order.
+    @ivar attachments: the blobs written, by name.
+    """
+
+    def __init__(self):
+        self.events = []
+        self.attachments = {}
+        self.head = chaining.GENESIS
+        self.fail_with = None
+
+    def append(self, event):
+        if self.fail_with is not None:
+            return defer.fail(self.fail_with)
+        chaining.seal(event, len(self.events) + 1, self.head)
+        self.head = event["hash"]
+        self.events.append(event)
+        return defer.succeed(event)
+
+    def write_attachment(self, name, data):
+        import hashlib
+
+        self.attachments[name] = data
+        return defer.succeed(hashlib.sha256(data).hexdigest())
+
+    def close(self):
+        return defer.succeed(None)
+
+    def of_type(self, kind):
+        return [event for event in self.events if event["type"] == kind]
+
+
+@attr.s
+class FakeConnection:
+    """
+    Stands in for a L{hoopgw.config.ConnectionConfig}.
+    """
+
+    name = attr.ib(default="test")
+    protocol = attr.ib(default="postgres")
+    allowed_groups = attr.ib(default=frozenset(["payments-bots"]))
+    target_name = attr.ib(default="postgresql://app@db.test:5432/payments")
+    settings = attr.ib(default=None)
+
+
+@attr.s
+class FakeGateway:
+    """
+    What an addon reaches through its context: a store, identity
+    providers, an approvals broker (None unless a test sets one), a clock.
+    """
+
+    store = attr.ib(factory=MemoryStore)
+    reactor = attr.ib(factory=Clock)
+    identity_providers = attr.ib(factory=dict)
+    approvals = attr.ib(default=None)
+
+    def record(self, event):
+        return self.store.append(event)
+
+
+@attr.s(frozen=True)
+class FakeContext:
+    connection = attr.ib(factory=FakeConnection)
+    gateway = attr.ib(factory=FakeGateway)
+
+    @property
+    def store(self):
+        return self.gateway.store
+
+    @property
+    def reactor(self):
+        return self.gateway.reactor
+
+    @property
+    def identity_providers(self):
+        return self.gateway.identity_providers
+
+    @property
+    def approvals(self):
+        return self.gateway.approvals
+
+
+def build(factory, options=None, context=None):
+    """
+    Build an addon from its factory with C{options} checked as the
+    configuration loader checks them (a bad option raises
+    L{hoopgw.options.ConfigError}).
+    """
+    checked = o.parse_options(factory.options, options, factory.name)
+    return factory.build(checked, context or FakeContext())
+
+
+def identity(subject="ci-bot", groups=("payments-bots",), kind=SERVICE, issuer="https://issuer.test", **extra):
+    return Identity(subject=subject, issuer=issuer, groups=frozenset(groups), kind=kind, **extra)
+
+
+def session(subject="ci-bot", groups=("payments-bots",), kind=SERVICE, connection="test", protocol="postgres"):
+    """
+    A session whose identity is already established.
+    """
+    return Session(
+        connection=connection,
+        protocol=protocol,
+        client_address="127.0.0.1:50000",
+        target="postgresql://app@db.test:5432/payments",
+        identity=identity(subject, groups, kind),
+    )
+
+
+def sql_command(sql, parameters=()):
+    """
+    A SQL statement as the PostgreSQL front end makes it.
+    """
+    redacted, _ = redact.redact_sql(sql)
+    command = Command(
+        kind="sql",
+        text=sql,
+        redacted=redacted,
+        facts={"statement_type": statement_type(sql), "protocol": "simple" if not parameters else "extended"},
+    )
+    if parameters:
+        command.parameters = tuple(parameters)
+        command.redacted_parameters = tuple(redact.redact_parameter(value) for value in parameters)
+    return command
+
+
+def rows(columns, values):
+    """
+    A result chunk of rows, each value text (encoded as UTF-8) or None.
+    """
+    encoded = [[None if value is None else str(value).encode("utf-8") for value in row] for row in values]
+    return ResultChunk("rows", columns=list(columns), formats=[0] * len(columns), rows=encoded)
+
+
+class ChainHarness:
+    """
+    A chain of addons with a fake context, driven like a front end drives
+    it.  Every method returns what the chain returns, with Deferreds that
+    have already fired resolved for you.
+
+    @param addons: a list of C{(factory, options)} or of built addons.
+    """
+
+    def __init__(self, addons, context=None, allowed_groups=("payments-bots",)):
+        self.context = context or FakeContext()
+        built = []
+        for entry in addons:
+            if isinstance(entry, tuple):
+                factory, options = entry
+                built.append((factory.name, build(factory, options, self.context)))
+            else:
+                built.append((entry.name, entry))
+        self.chain = AddonChain(built, allowed_groups=allowed_groups)
+        self.session = session()
+
+    @property
+    def store(self):
+        return self.context.store
+
+    def start(self, session=None):
+        return _resolved(self.chain.start_session(session or self.session))
+
+    def submit(self, command, session=None):
+        return _resolved(self.chain.submit(session or self.session, command))
+
+    def result(self, command, chunk, session=None):
+        _resolved(self.chain.result(session or self.session, command, chunk))
+        return chunk
+
+    def finish(self, command, session=None, **outcome):
+        command.outcome.update(outcome or {"status": "ok"})
+        return _resolved(self.chain.finish(session or self.session, command))
+
+    def end(self, session=None):
+        return _resolved(self.chain.end_session(session or self.session))
+
+
+def _resolved(value):
+    if isinstance(value, defer.Deferred) and value.called:
+        results = []
+        value.addBoth(results.append)
+        if results and not isinstance(results[0], Exception) and not hasattr(results[0], "raiseException"):
+            return results[0]
+        if results:
+            results[0].raiseException()
+    return value

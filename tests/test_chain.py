@@ -1,0 +1,216 @@
+"""
+The addon chain: order, combination of decisions, failing closed, and the
+groups check, with plain addons and no network.
+"""
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from hoopgw.chain import AddonChain, ChainBroken
+from hoopgw.model import Decision
+from hoopgw.testing import identity, rows, session, sql_command
+
+
+class Recorder:
+    """
+    An addon that notes every hook call and answers as told.
+    """
+
+    def __init__(self, name, calls, answer=None):
+        self.name = name
+        self.calls = calls
+        self.answer = answer
+
+    def session_started(self, session):
+        self.calls.append((self.name, "session_started"))
+        return self.answer
+
+    def command_received(self, session, command):
+        self.calls.append((self.name, "command_received"))
+        return self.answer
+
+    def command_finished(self, session, command):
+        self.calls.append((self.name, "command_finished"))
+
+    def session_ended(self, session):
+        self.calls.append((self.name, "session_ended"))
+
+
+class Raiser:
+    name = "broken"
+
+    def command_received(self, session, command):
+        raise RuntimeError("boom")
+
+    def result_received(self, session, command, chunk):
+        raise RuntimeError("mask exploded")
+
+
+class SetsIdentity:
+    def __init__(self, identity):
+        self.identity = identity
+
+    def session_started(self, session):
+        session.identity = self.identity
+
+
+class ChainTests(unittest.TestCase):
+    def test_order(self):
+        """
+        Hooks run in chain order.
+        """
+        calls = []
+        chain = AddonChain([("a", Recorder("a", calls)), ("b", Recorder("b", calls))])
+        chain.submit(session(), sql_command("SELECT 1"))
+        self.assertEqual(calls, [("a", "command_received"), ("b", "command_received")])
+
+    def test_deny_stops(self):
+        """
+        The first denial is the decision; later addons are not asked.
+        """
+        calls = []
+        chain = AddonChain(
+            [
+                ("a", Recorder("a", calls, Decision.deny("no", rule="r1"))),
+                ("b", Recorder("b", calls, Decision.allow())),
+            ]
+        )
+        command = sql_command("DROP TABLE x")
+        decision = chain.submit(session(), command)
+        self.assertEqual((decision.verdict, decision.rule, decision.addon), ("deny", "r1", "a"))
+        self.assertIs(command.decision, decision)
+        self.assertEqual(calls, [("a", "command_received")])
+
+    def test_approval_kept(self):
+        """
+        An approval from one addon survives a later "allow".
+        """
+        chain = AddonChain(
+            [
+                ("approve", Recorder("approve", [], Decision.approved({"id": "a-1"}))),
+                ("other", Recorder("other", [], Decision.allow())),
+            ]
+        )
+        decision = chain.submit(session(), sql_command("DELETE FROM t"))
+        self.assertEqual((decision.verdict, decision.approval), ("approved", {"id": "a-1"}))
+
+    def test_exception_denies(self):
+        """
+        An addon that raises denies the command, saying which addon failed.
+        """
+        chain = AddonChain([("broken", Raiser())])
+        decision = chain.submit(session(), sql_command("SELECT 1"))
+        self.assertTrue(decision.denied)
+        self.assertEqual(decision.rule, "broken:error")
+        self.assertIn("boom", decision.reason)
+
+    def test_bad_answer_denies(self):
+        """
+        A hook returning something that is not a Decision denies too.
+        """
+        chain = AddonChain([("odd", Recorder("odd", [], "yes please"))])
+        self.assertTrue(chain.submit(session(), sql_command("SELECT 1")).denied)
+
+    def test_deferred_decision(self):
+        """
+        A hook may answer later; the chain waits, then goes on.
+        """
+        pending = defer.Deferred()
+        calls = []
+        chain = AddonChain([("slow", Recorder("slow", calls, pending)), ("b", Recorder("b", calls))])
+        result = chain.submit(session(), sql_command("SELECT 1"))
+        self.assertNoResult(result)
+        pending.callback(Decision.approved({"id": "x"}))
+        self.assertEqual(self.successResultOf(result).verdict, "approved")
+        self.assertEqual(calls, [("slow", "command_received"), ("b", "command_received")])
+
+    def test_deferred_failure_denies(self):
+        """
+        A Deferred that fails denies.
+        """
+        pending = defer.Deferred()
+        chain = AddonChain([("slow", Recorder("slow", [], pending))])
+        result = chain.submit(session(), sql_command("SELECT 1"))
+        pending.errback(IOError("broker unreachable"))
+        decision = self.successResultOf(result)
+        self.assertTrue(decision.denied)
+        self.assertIn("broker unreachable", decision.reason)
+
+    def test_cancel_pending(self):
+        """
+        Cancelling the chain's Deferred cancels the addon still deciding,
+        and the command is denied as given up.
+        """
+        cancelled = []
+        pending = defer.Deferred(lambda d: cancelled.append(True))
+        chain = AddonChain([("approve", Recorder("approve", [], pending))])
+        result = chain.submit(session(), sql_command("SELECT 1"))
+        result.cancel()
+        self.assertEqual(cancelled, [True])
+        self.assertEqual(self.successResultOf(result).rule, "approve:cancelled")
+
+    def test_result_failure_withholds(self):
+        """
+        An addon failing on a result raises ChainBroken: the front end must
+        withhold the chunk.
+        """
+        chain = AddonChain([("broken", Raiser())])
+        self.assertRaises(
+            ChainBroken, chain.result, session(), sql_command("SELECT 1"), rows(["a"], [["4111111111111111"]])
+        )
+
+    def test_session_needs_identity(self):
+        """
+        A chain in which no addon sets an identity refuses every session.
+        """
+        chain = AddonChain([("a", Recorder("a", []))], allowed_groups={"g"})
+        anonymous = session()
+        anonymous.identity = None
+        decision = self.successResultOf(chain.start_session(anonymous))
+        self.assertEqual(decision.rule, "no-identity")
+        self.assertIs(anonymous.refusal, decision)
+
+    def test_groups_checked_before_later_addons(self):
+        """
+        Once the identity is known, a group not allowed refuses the session
+        before later addons see it; they are told the session ended.
+        """
+        calls = []
+        chain = AddonChain(
+            [("identity", SetsIdentity(identity(groups=["marketing"]))), ("record", Recorder("record", calls))],
+            allowed_groups={"payments-bots"},
+        )
+        visitor = session()
+        visitor.identity = None
+        decision = self.successResultOf(chain.start_session(visitor))
+        self.assertEqual((decision.rule, decision.sqlstate), ("allowed_groups", "28000"))
+        self.assertEqual(calls, [("record", "session_ended")])
+
+    def test_session_allowed(self):
+        """
+        An allowed identity starts the session; every addon sees it.
+        """
+        calls = []
+        chain = AddonChain(
+            [("identity", SetsIdentity(identity())), ("record", Recorder("record", calls))],
+            allowed_groups={"payments-bots"},
+        )
+        visitor = session()
+        visitor.identity = None
+        self.assertEqual(self.successResultOf(chain.start_session(visitor)).verdict, "allow")
+        self.assertEqual(calls, [("record", "session_started")])
+
+    def test_finish_survives_failures(self):
+        """
+        command_finished reaches every addon even when one raises.
+        """
+        calls = []
+
+        class Bad:
+            def command_finished(self, session, command):
+                raise RuntimeError("nope")
+
+        chain = AddonChain([("bad", Bad()), ("r", Recorder("r", calls))])
+        chain.finish(session(), sql_command("SELECT 1"))
+        self.assertEqual(calls, [("r", "command_finished")])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
