@@ -222,15 +222,19 @@ class ResultChunk:
     @ivar fields: for C{"message"}, a mapping of field name to text.
     @ivar stream: for C{"stream"}, its name (stdout, stderr, copy, ...).
     @ivar masked: how many values hooks masked in this chunk.
+    @ivar withheld: how many values hooks withheld from this chunk.
+    @ivar final: for C{"stream"}, this is the stream's last chunk (possibly
+        empty): a hook that held bytes back (a card number that may
+        continue in the next chunk) must release them now.
     """
 
     __slots__ = (
         "kind", "data", "columns", "formats", "type_oids", "fields", "stream",
-        "masked", "_rows", "_decode", "rows_changed", "withheld",
+        "masked", "_rows", "_decode", "rows_changed", "withheld", "final",
     )
 
     def __init__(self, kind, data=b"", columns=(), formats=(), type_oids=(), fields=None, stream=None,
-                 rows=None, decode=None):
+                 rows=None, decode=None, final=False):
         self.kind = kind
         self.data = data
         self.columns = columns
@@ -243,6 +247,7 @@ class ResultChunk:
         self._rows = rows
         self._decode = decode
         self.rows_changed = False
+        self.final = final
 
     @property
     def rows(self):
