@@ -133,6 +133,8 @@ class Decision:
 
     @classmethod
     def allow(cls, reason="", rule=None, addon=None):
+        if not (reason or rule or addon):
+            return _ALLOW
         return cls(ALLOW, rule=rule, reason=reason, addon=addon)
 
     @classmethod
@@ -148,6 +150,8 @@ class Decision:
         return self.verdict == DENY
 
     def to_json(self):
+        if self is _ALLOW:
+            return {"verdict": ALLOW}
         result = {"verdict": self.verdict}
         for name in ("rule", "reason", "addon", "approval", "sqlstate"):
             value = getattr(self, name)
@@ -156,7 +160,10 @@ class Decision:
         return result
 
 
+_ALLOW = Decision(ALLOW)
 _command_numbers = itertools.count(1)
+# Unique across processes and restarts without a system call per command.
+_COMMAND_PREFIX = os.urandom(4).hex()
 
 
 @attr.s(slots=True, eq=False)
@@ -186,7 +193,7 @@ class Command:
     facts = attr.ib(factory=dict)
     parameters = attr.ib(default=(), repr=False)
     redacted_parameters = attr.ib(default=())
-    id = attr.ib(factory=lambda: "c-%d-%s" % (next(_command_numbers), os.urandom(3).hex()))
+    id = attr.ib(factory=lambda: "c-%s-%d" % (_COMMAND_PREFIX, next(_command_numbers)))
     received = attr.ib(factory=time.time)
     decision = attr.ib(default=None)
     outcome = attr.ib(factory=dict)

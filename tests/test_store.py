@@ -211,5 +211,9 @@ class StoreTests(unittest.TestCase):
         store = self.open()
         os.close(store._fd)
         store._fd = os.open(os.devnull, os.O_RDONLY)
-        self.failureResultOf(store.append({"type": "test"}), StoreError)
-        self.failureResultOf(store.append({"type": "test"}), StoreError)
+        first = store.append({"type": "test"})
+
+        def later(_):
+            self.failureResultOf(store.append({"type": "test"}), StoreError)
+
+        return self.assertFailure(first, StoreError).addCallback(later)

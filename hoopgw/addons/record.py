@@ -14,6 +14,13 @@ from hoopgw.addon import AddonFactory
 
 
 def session_fields(session):
+    """
+    The fields every event of a session carries, built once per session
+    once its identity is known.
+    """
+    cached = session.metadata.get("record_fields")
+    if cached is not None:
+        return cached
     fields = {
         "session": session.id,
         "connection": session.connection,
@@ -23,6 +30,7 @@ def session_fields(session):
     }
     if session.identity is not None:
         fields["subject"] = session.identity.subject
+        session.metadata["record_fields"] = fields
     return fields
 
 

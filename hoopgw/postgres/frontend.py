@@ -724,11 +724,14 @@ class PostgresFrontend(protocol.Protocol):
         head = expected[0] if expected else None
         payload = buffer[start + 5 : stop]
         if kind == 84:  # RowDescription
-            columns = wire.parse_row_description(payload)
-            self._columns = columns
-            if head is not None and head.kind == "describe":
-                self._described(head, columns)
-                expected.popleft()
+            # Columns matter to result hooks and to prepared statements'
+            # descriptions; plain relaying needs nothing from them.
+            if self._result_hooks or (head is not None and head.kind == "describe"):
+                columns = wire.parse_row_description(payload)
+                self._columns = columns
+                if head is not None and head.kind == "describe":
+                    self._described(head, columns)
+                    expected.popleft()
         elif kind == 67 or kind == 73:  # CommandComplete, EmptyQueryResponse
             tag = payload.rstrip(b"\x00").decode("utf-8", "replace") if kind == 67 else ""
             if head is not None and head.kind in ("query", "execute"):

@@ -43,10 +43,16 @@ def seal(event, seq, prev, now=None):
     return body[:-1] + b',"hash":"' + event["hash"].encode("ascii") + b'"}\n'
 
 
+_second = [None, ""]
+
+
 def timestamp(now=None):
     """
     An RFC 3339 UTC timestamp with microseconds.
     """
     now = time.time() if now is None else now
     seconds = int(now)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%06dZ" % (int((now - seconds) * 1e6),)
+    if _second[0] != seconds:
+        # Formatting the date is the slow part; it changes once a second.
+        _second[:] = [seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))]
+    return "%s.%06dZ" % (_second[1], int((now - seconds) * 1e6))

@@ -10,7 +10,9 @@ import fcntl
 import hashlib
 import json
 import os
+import queue
 import re
+import threading
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -104,8 +106,12 @@ class FileStore:
         self._lock_fd = None
         self._size = 0
         self._waiting = []
+        self._unwritten = []
         self._syncing = False
         self._broken = None
+        self._queue = queue.SimpleQueue()
+        self._writer = None
+        self._written = 0
         self._recovered = None
         self.seq = 0
         self.head = events.GENESIS
@@ -146,7 +152,10 @@ class FileStore:
                 self.seq, self.head = event["seq"], event["hash"]
         else:
             path = os.path.join(self.directory, "events-%012d.jsonl" % (1,))
+        self._written = self.seq
         self._open_segment(path)
+        self._writer = threading.Thread(target=self._write_batches, name="hoopgw-store-writer", daemon=True)
+        self._writer.start()
 
     def _recover_torn_tail(self, path, torn_at):
         """
@@ -189,52 +198,72 @@ class FileStore:
         if self._fd is None:
             return defer.fail(StoreError("the store is not open"))
         data = events.seal(event, self.seq + 1, self.head)
-        try:
-            written = os.write(self._fd, data)
-            if written != len(data):
-                raise OSError(errno.ENOSPC, "short write (%d of %d bytes)" % (written, len(data)))
-        except OSError as error:
-            self._broken = "writing %s failed: %s" % (self._segment, error.strerror)
-            self.log.critical("Audit store failure: {reason}", reason=self._broken)
-            return defer.fail(StoreError(self._broken))
         self.seq = event["seq"]
         self.head = event["hash"]
-        self._size += len(data)
-        if not self._fsync:
-            return defer.succeed(event)
-        d = defer.Deferred()
-        self._waiting.append((d, event))
+        self._unwritten.append(data)
+        if self._fsync:
+            d = defer.Deferred()
+            self._waiting.append((d, event))
+        else:
+            d = defer.succeed(event)
         if not self._syncing:
             self._sync()
         return d
 
     def _sync(self):
+        """
+        Hand everything appended since the last batch to the writer thread:
+        one write and one fdatasync for all of it (group commit).
+        """
         self._syncing = True
+        data = b"".join(self._unwritten)
+        self._unwritten = []
         batch, self._waiting = self._waiting, []
-        fd = self._fd
-        d = threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), os.fdatasync, fd)
-        d.addCallbacks(self._synced, self._sync_failed, callbackArgs=(batch,), errbackArgs=(batch,))
+        self._queue.put((self._fd, data, self._fsync, batch, self.seq))
 
-    def _synced(self, _, batch):
+    def _write_batches(self):
+        """
+        The writer thread: write and sync batches in order, then report
+        back to the reactor thread.
+        """
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fd, data, sync, batch, last = item
+            error = None
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if sync:
+                    os.fdatasync(fd)
+            except OSError as failure:
+                error = failure
+            self._reactor.callFromThread(self._synced, batch, len(data), last, error)
+
+    def _synced(self, batch, size, last, error):
         self._syncing = False
+        if error is not None:
+            self._broken = "writing %s failed: %s" % (self._segment, error.strerror)
+            self.log.critical("Audit store failure: {reason}", reason=self._broken)
+            for d, _ in batch + self._waiting:
+                d.errback(StoreError(self._broken))
+            self._waiting = []
+            self._unwritten = []
+            return
+        self._size += size
+        self._written = last
         if self._size >= self._segment_bytes:
             self._rotate()
         for d, event in batch:
             d.callback(event)
-        if self._waiting and not self._syncing:
+        if (self._unwritten or self._waiting) and not self._syncing:
             self._sync()
-
-    def _sync_failed(self, failure, batch):
-        self._syncing = False
-        self._broken = "fdatasync of %s failed: %s" % (self._segment, failure.getErrorMessage())
-        self.log.critical("Audit store failure: {reason}", reason=self._broken)
-        for d, _ in batch + self._waiting:
-            d.errback(StoreError(self._broken))
-        self._waiting = []
 
     def _rotate(self):
         os.close(self._fd)
-        self._open_segment(os.path.join(self.directory, "events-%012d.jsonl" % (self.seq + 1,)))
+        self._open_segment(os.path.join(self.directory, "events-%012d.jsonl" % (self._written + 1,)))
 
     def write_attachment(self, name, data):
         """
@@ -256,23 +285,24 @@ class FileStore:
 
     def close(self):
         """
-        Wait for pending appends, then release the files.
+        Wait for pending appends, then stop the writer and release the files.
         """
-        pending = [d for d, _ in self._waiting]
-        waiting = defer.DeferredList(pending, consumeErrors=True) if pending else defer.succeed(None)
-
-        def release(_):
-            if self._fd is not None:
-                if self._fsync and self._broken is None:
-                    os.fdatasync(self._fd)
-                os.close(self._fd)
-                self._fd = None
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
-
-        if self._syncing:
+        if self._syncing or self._unwritten:
             done = defer.Deferred()
             self._waiting.append((done, None))
-            waiting = defer.DeferredList(pending + [done], consumeErrors=True)
-        return waiting.addCallback(release)
+            if not self._syncing:
+                self._sync()
+            return done.addBoth(lambda _: self.close())
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
+        if self._fd is not None:
+            if self._fsync and self._broken is None:
+                os.fdatasync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        return defer.succeed(None)
