@@ -211,9 +211,5 @@ class StoreTests(unittest.TestCase):
         store = self.open()
         os.close(store._fd)
         store._fd = os.open(os.devnull, os.O_RDONLY)
-        first = store.append({"type": "test"})
-
-        def later(_):
-            self.failureResultOf(store.append({"type": "test"}), StoreError)
-
-        return self.assertFailure(first, StoreError).addCallback(later)
+        self.failureResultOf(store.append({"type": "test"}), StoreError)
+        self.failureResultOf(store.append({"type": "test"}), StoreError)

@@ -106,12 +106,10 @@ class FileStore:
         self._lock_fd = None
         self._size = 0
         self._waiting = []
-        self._unwritten = []
         self._syncing = False
         self._broken = None
         self._queue = queue.SimpleQueue()
         self._writer = None
-        self._written = 0
         self._recovered = None
         self.seq = 0
         self.head = events.GENESIS
@@ -152,9 +150,8 @@ class FileStore:
                 self.seq, self.head = event["seq"], event["hash"]
         else:
             path = os.path.join(self.directory, "events-%012d.jsonl" % (1,))
-        self._written = self.seq
         self._open_segment(path)
-        self._writer = threading.Thread(target=self._write_batches, name="hoopgw-store-writer", daemon=True)
+        self._writer = threading.Thread(target=self._sync_batches, name="hoopgw-store-writer", daemon=True)
         self._writer.start()
 
     def _recover_torn_tail(self, path, torn_at):
@@ -198,72 +195,81 @@ class FileStore:
         if self._fd is None:
             return defer.fail(StoreError("the store is not open"))
         data = events.seal(event, self.seq + 1, self.head)
+        try:
+            # Written at once, in order, so readers see it; made durable by
+            # the next group commit.
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as error:
+            self._fail("writing %s failed: %s" % (self._segment, error.strerror))
+            return defer.fail(StoreError(self._broken))
         self.seq = event["seq"]
         self.head = event["hash"]
-        self._unwritten.append(data)
-        if self._fsync:
-            d = defer.Deferred()
-            self._waiting.append((d, event))
-        else:
-            d = defer.succeed(event)
+        self._size += len(data)
+        if not self._fsync:
+            if self._size >= self._segment_bytes:
+                self._rotate()
+            return defer.succeed(event)
+        d = defer.Deferred()
+        self._waiting.append((d, event))
         if not self._syncing:
             self._sync()
         return d
 
     def _sync(self):
         """
-        Hand everything appended since the last batch to the writer thread:
-        one write and one fdatasync for all of it (group commit).
+        One fdatasync, in the writer thread, for everything written since
+        the last one (group commit).
         """
         self._syncing = True
-        data = b"".join(self._unwritten)
-        self._unwritten = []
         batch, self._waiting = self._waiting, []
-        self._queue.put((self._fd, data, self._fsync, batch, self.seq))
+        self._queue.put((self._fd, batch))
 
-    def _write_batches(self):
+    def _sync_batches(self):
         """
-        The writer thread: write and sync batches in order, then report
-        back to the reactor thread.
+        The writer thread: sync, then report back to the reactor thread.
         """
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            fd, data, sync, batch, last = item
-            error = None
+            fd, batch = item
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                if sync:
-                    os.fdatasync(fd)
+                os.fdatasync(fd)
+                error = None
             except OSError as failure:
                 error = failure
-            self._reactor.callFromThread(self._synced, batch, len(data), last, error)
+            self._reactor.callFromThread(self._synced, batch, error)
 
-    def _synced(self, batch, size, last, error):
+    def _synced(self, batch, error):
         self._syncing = False
         if error is not None:
-            self._broken = "writing %s failed: %s" % (self._segment, error.strerror)
-            self.log.critical("Audit store failure: {reason}", reason=self._broken)
-            for d, _ in batch + self._waiting:
+            self._fail("fdatasync of %s failed: %s" % (self._segment, error.strerror))
+            for d, _ in batch:
                 d.errback(StoreError(self._broken))
-            self._waiting = []
-            self._unwritten = []
             return
-        self._size += size
-        self._written = last
         if self._size >= self._segment_bytes:
             self._rotate()
         for d, event in batch:
             d.callback(event)
-        if (self._unwritten or self._waiting) and not self._syncing:
+        if self._waiting and not self._syncing:
             self._sync()
+
+    def _fail(self, reason):
+        """
+        The store cannot be trusted to hold more events: refuse every
+        append from now on (fail closed).
+        """
+        self._broken = reason
+        self.log.critical("Audit store failure: {reason}", reason=reason)
+        waiting, self._waiting = self._waiting, []
+        for d, _ in waiting:
+            d.errback(StoreError(reason))
 
     def _rotate(self):
         os.close(self._fd)
-        self._open_segment(os.path.join(self.directory, "events-%012d.jsonl" % (self._written + 1,)))
+        self._open_segment(os.path.join(self.directory, "events-%012d.jsonl" % (self.seq + 1,)))
 
     def write_attachment(self, name, data):
         """
@@ -287,11 +293,9 @@ class FileStore:
         """
         Wait for pending appends, then stop the writer and release the files.
         """
-        if self._syncing or self._unwritten:
+        if self._syncing:
             done = defer.Deferred()
             self._waiting.append((done, None))
-            if not self._syncing:
-                self._sync()
             return done.addBoth(lambda _: self.close())
         if self._writer is not None:
             self._queue.put(None)
