@@ -629,12 +629,14 @@ class LdapServer:
         server's certificate (for C{127.0.0.1} and C{localhost}).
     @ivar ca_path: that CA's PEM file.
     @ivar log_path: slapd's standard output and error.
+    @ivar access: C{access} lines for the database, without the keyword.
     """
 
     host = "127.0.0.1"
 
-    def __init__(self, suffix="dc=example,dc=org", directory=None, slapd=SLAPD):
+    def __init__(self, suffix="dc=example,dc=org", directory=None, slapd=SLAPD, access=()):
         self.suffix = suffix
+        self.access = list(access)
         self.root_dn = "cn=admin," + suffix
         self.root_password = secrets.token_urlsafe(18)
         self.directory = directory
@@ -736,6 +738,8 @@ class LdapServer:
             "index objectClass,uid,cn,member eq",
             "overlay memberof",
         ]
+        # Access rules (slapd.access(5)), e.g. "to * by dn.exact=... read by * none"; the root DN is never bound by them.
+        lines += ["access %s" % (rule,) for rule in self.access]
         self.config_path = os.path.join(self.directory, "slapd.conf")
         with open(os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -78,6 +78,8 @@ def mint(
     if kind is not None:
         claims["kind"] = kind
     claims.update(extra or {})
+    # A claim given as None in extra is left out (a token without a jti, say).
+    claims = {name: value for name, value in claims.items() if value is not None}
     if isinstance(key_pem, bytes):
         key_pem = key_pem.decode("ascii")
     return jwt.encode(claims, key_pem, algorithm=algorithm, headers={"kid": kid})

@@ -247,7 +247,7 @@ class LDAPDirectory:
 
     def _lookup(self, subject):
         import ldap3
-        from ldap3.core.exceptions import LDAPException
+        from ldap3.core.exceptions import LDAPException, LDAPSizeLimitExceededResult
         from ldap3.utils.conv import escape_filter_chars
 
         config = self.config
@@ -299,6 +299,12 @@ class LDAPDirectory:
                         names.update(_values(entry["attributes"].get(config.group_name_attribute)))
                 frontier = found
             return DirectoryGroups(groups=names, dn=dn, server=evidence["server"], looked_up_at=started)
+        except LDAPSizeLimitExceededResult:
+            raise IdentityError(
+                "the directory %s holds several entries for %r, so its groups cannot be trusted" % (config.name, subject),
+                "directory-ambiguous",
+                evidence,
+            )
         except LDAPException as error:
             self.log.warn("The directory {name} could not be asked about {subject}: {error}", name=config.name, subject=subject, error=error)
             raise IdentityError(

@@ -232,10 +232,11 @@ class OIDCProvider:
     method = "oidc"
     credential = "jwt"
 
-    def __init__(self, config, reactor):
+    def __init__(self, config, reactor, clock=None):
         self.config = config
         self.name = config.name
         self._reactor = reactor
+        clock = clock or reactor
         if config.jwks_file:
             self.key_set = JWKSFile(config.jwks_file)
         else:
@@ -250,6 +251,7 @@ class OIDCProvider:
                 max_stale=config.max_stale,
                 timeout=config.fetch_timeout,
                 ca=config.ca,
+                clock=clock,
             )
         self.replay = ReplayCache(reactor) if config.replay_protection else None
 
