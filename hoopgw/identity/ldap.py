@@ -222,9 +222,11 @@ class LDAPDirectory:
         import ldap3
 
         config = self.config
+        # ldap3 packs the timeout into a socket option: whole seconds.
+        timeout = max(1, int(round(config.timeout)))
         tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca, version=ssl.PROTOCOL_TLS_CLIENT)
         servers = [
-            ldap3.Server(url, use_ssl=url.startswith("ldaps://"), tls=tls, connect_timeout=config.timeout, get_info=ldap3.NONE)
+            ldap3.Server(url, use_ssl=url.startswith("ldaps://"), tls=tls, connect_timeout=timeout, get_info=ldap3.NONE)
             for url in config.url
         ]
         pool = ldap3.ServerPool(servers, ldap3.FIRST, active=1, exhaust=True) if len(servers) > 1 else servers[0]
@@ -235,7 +237,7 @@ class LDAPDirectory:
             user=config.bind_dn,
             password=password,
             auto_bind=ldap3.AUTO_BIND_NONE,
-            receive_timeout=config.timeout,
+            receive_timeout=timeout,
             raise_exceptions=True,
             read_only=True,
         )
