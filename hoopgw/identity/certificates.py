@@ -256,7 +256,7 @@ class CertificateProvider:
                     "certificate_not_after": certificate.not_valid_after_utc.isoformat(),
                     "ca_fingerprint": fingerprint(authority),
                     "rule": rule.name,
-                    "spiffe_id": facts.get("spiffe", [None])[0],
+                    "spiffe_id": (facts["spiffe"] or [None])[0],
                     "groups": {"certificate": sorted(groups)},
                 },
             )
