@@ -164,3 +164,23 @@ class ConfigurationTests(unittest.TestCase):
             ConfigError, self.load, {}, {"corp-ldap": fixtures.ldap_provider(bind_password="secret")}
         )
         self.assertIn("secrets are not accepted inline", str(error))
+
+    def test_example_configuration(self):
+        """
+        etc/identity.yaml, with its files made up, is a valid configuration.
+        """
+        from hoopgw import pki
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(directory, "etc"))
+        pem = pki.make_ca("example").certificate_pem()
+        for name in ("corp-ca.crt", "adfs-signing.crt", "spire-ca.crt", "gateway.crt", "gateway.key", "db-ca.crt"):
+            with open(os.path.join(directory, "etc", name), "wb") as handle:
+                handle.write(pem)
+        with open(os.path.join(ROOT, "etc", "identity.yaml")) as handle:
+            text = handle.read().replace("/etc/hoopgw/", directory + "/etc/").replace("/var/lib/hoopgw", directory + "/var")
+        config = configuration.parse(yaml.safe_load(text), os.path.join(directory, "identity.yaml"))
+        self.assertEqual(
+            {name: provider.type for name, provider in config.identity_providers.items()},
+            {"ci": "oidc", "corp": "oidc", "adfs": "saml", "workloads": "certificate", "corp-ldap": "ldap"},
+        )
