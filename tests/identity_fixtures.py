@@ -65,7 +65,7 @@ class IssuerStandIn:
     @ivar failing: answer 503 to everything.
     """
 
-    def __init__(self, test, kids=("key-1",)):
+    def __init__(self, test, kids=("key-1",), tls=False):
         self.keys = {}
         self.published = []
         self.requests = collections.Counter()
@@ -75,8 +75,20 @@ class IssuerStandIn:
         for kid in kids:
             self.add_key(kid)
         self.publish(*kids)
-        self.port = reactor.listenTCP(0, server.Site(_Site(self)), interface="127.0.0.1")
-        self.issuer = "http://127.0.0.1:%d" % (self.port.getHost().port,)
+        site = server.Site(_Site(self))
+        if tls:
+            from twisted.internet import ssl
+
+            authority = pki.make_ca("hoopgw test IdP TLS CA")
+            issued = authority.issue("localhost", ip_addresses=["127.0.0.1"], dns_names=["localhost"])
+            directory_path = os.path.join(support.workspace(), "idp-tls")
+            os.makedirs(directory_path, exist_ok=True)
+            self.ca_path, _ = authority.write(directory_path, "ca-%s" % (os.urandom(4).hex(),))
+            options = ssl.CertificateOptions(privateKey=issued.key, certificate=issued.certificate)
+            self.port = reactor.listenSSL(0, site, options, interface="127.0.0.1")
+        else:
+            self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.issuer = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.port.getHost().port)
         test.addCleanup(self.stop)
 
     def add_key(self, kid):

@@ -169,6 +169,21 @@ class DiscoveryTests(unittest.TestCase):
         self.assertEqual(self.issuer.requests["/keys"], 0)
 
     @defer.inlineCallbacks
+    def test_https_with_private_ca(self):
+        """
+        Over HTTPS, the provider's certificate is checked against the
+        configured CA: with it, the keys are fetched; without it (the
+        system's CAs), nothing is fetched and tokens are refused.
+        """
+        issuer = IssuerStandIn(self, tls=True)
+        provider = make_provider(issuer, self.clock, ca=issuer.ca_path)
+        identity = yield provider.verify(issuer.token())
+        self.assertEqual(identity.provenance["keys"], issuer.issuer + "/keys")
+        untrusting = make_provider(issuer, self.clock)
+        yield self.assertRefused(untrusting, issuer.token(), "jwks-unavailable")
+        self.assertEqual(issuer.requests["/keys"], 1)
+
+    @defer.inlineCallbacks
     def test_jwks_url(self):
         """
         A configured jwks_url is used directly, without discovery.
