@@ -119,6 +119,46 @@ def _token(arguments, out):
     return 0
 
 
+def _whoami(arguments, out):
+    from twisted.internet import task
+
+    from hoopgw.identity import whoami
+
+    try:
+        config = configuration.load(arguments.config)
+    except ConfigError as error:
+        print("%s: %s" % (arguments.config, error), file=sys.stderr)
+        return 2
+    token = arguments.token
+    if arguments.token_file:
+        with open(arguments.token_file, encoding="utf-8") as handle:
+            token = handle.read().strip()
+    certificate = None
+    if arguments.certificate:
+        with open(arguments.certificate, "rb") as handle:
+            certificate = handle.read()
+    if not token and certificate is None:
+        print("give --token, --token-file or --certificate", file=sys.stderr)
+        return 2
+    status = []
+
+    def run(reactor):
+        d = whoami.evaluate(config, reactor, token=token, certificate=certificate, only=arguments.connection)
+
+        def show(results):
+            print(whoami.as_json(results) if arguments.json else whoami.describe(results), file=out)
+            status.append(0 if any(entry["allowed"] for entry in results) else 1)
+
+        return d.addCallback(show)
+
+    try:
+        task.react(run)
+    except SystemExit as exit:
+        if exit.code:
+            return exit.code
+    return status[0] if status else 1
+
+
 def parser():
     top = argparse.ArgumentParser(prog="hoopgw", description="The hoopgw access gateway's tools.")
     commands = top.add_subparsers(dest="command", metavar="COMMAND")
@@ -153,6 +193,17 @@ def parser():
     token.add_argument("--kind", choices=("service", "human"))
     token.add_argument("--lifetime", default="15m")
     token.set_defaults(run=_token)
+
+    who = commands.add_parser(
+        "whoami", help="show the identity and groups the gateway would derive from a token or certificate"
+    )
+    who.add_argument("--config", required=True, help="the gateway's configuration file")
+    who.add_argument("--token", help="an OIDC token or base64 SAML assertion")
+    who.add_argument("--token-file", help="a file holding the token (keeps it out of the process list)")
+    who.add_argument("--certificate", help="a client certificate, PEM")
+    who.add_argument("--connection", help="only this connection")
+    who.add_argument("--json", action="store_true", help="print JSON")
+    who.set_defaults(run=_whoami)
     return top
 
 

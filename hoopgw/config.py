@@ -26,6 +26,9 @@ PROTOCOLS = {
 # Likewise for identity provider types.
 IDENTITY_PROVIDERS = {
     "oidc": "hoopgw.identity.oidc",
+    "ldap": "hoopgw.identity.ldap",
+    "saml": "hoopgw.identity.saml",
+    "certificate": "hoopgw.identity.certificates",
 }
 
 

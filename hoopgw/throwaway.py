@@ -28,6 +28,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import time
 
 from hoopgw import pki
 
@@ -599,3 +600,224 @@ class PostgresCluster:
         """
         self.psql("CREATE DATABASE %s OWNER %s;\n" % (
             quote_identifier(name), quote_identifier(owner)))
+
+
+SLAPD = "/usr/sbin/slapd"
+LDAPADD = "/usr/bin/ldapadd"
+LDAP_SCHEMA_DIR = "/etc/ldap/schema"
+LDAP_MODULE_DIR = "/usr/lib/ldap"
+
+
+class LdapServer:
+    """
+    A private OpenLDAP C{slapd} on 127.0.0.1, for as long as it is needed:
+    an MDB database under L{suffix} with the C{memberof} overlay, plain
+    LDAP (StartTLS offered) and LDAPS on two free ports, TLS from a
+    throwaway CA.
+
+        with LdapServer() as directory:
+            directory.add_ldif(LDIF)
+            ldap3.Connection(directory.url, directory.root_dn, directory.root_password)
+
+    @ivar suffix: the database's suffix, C{"dc=example,dc=org"} by default;
+        L{start} creates its root entry.
+    @ivar root_dn: the database's administrator, who may write anything.
+    @ivar root_password: its password, generated.
+    @ivar port: the plain LDAP port (StartTLS), once started.
+    @ivar tls_port: the LDAPS port, once started.
+    @ivar ca: the L{hoopgw.pki.CertificateAuthority} that signed the
+        server's certificate (for C{127.0.0.1} and C{localhost}).
+    @ivar ca_path: that CA's PEM file.
+    @ivar log_path: slapd's standard output and error.
+    @ivar access: C{access} lines for the database, without the keyword.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(self, suffix="dc=example,dc=org", directory=None, slapd=SLAPD, access=()):
+        self.suffix = suffix
+        self.access = list(access)
+        self.root_dn = "cn=admin," + suffix
+        self.root_password = secrets.token_urlsafe(18)
+        self.directory = directory
+        self.slapd = slapd
+        self.port = None
+        self.tls_port = None
+        self.ca = None
+        self.ca_path = None
+        self.log_path = None
+        self._owns_directory = False
+        self._process = None
+
+    def __repr__(self):
+        return "<LdapServer %s:%s in %s%s>" % (
+            self.host, self.port, self.directory, "" if self.running else " (stopped)",
+        )
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+        return False
+
+    @property
+    def running(self):
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def url(self):
+        return "ldap://%s:%d" % (self.host, self.port)
+
+    @property
+    def ldaps_url(self):
+        return "ldaps://%s:%d" % (self.host, self.tls_port)
+
+    def start(self):
+        """
+        Write C{slapd.conf} and the TLS files, start slapd in the
+        foreground as a child process and wait until it answers; then add
+        the suffix's root entry.
+
+        @raise ThrowawayError: with the tail of slapd's output when it does
+            not come up.
+        """
+        if self.running:
+            raise ThrowawayError("%r is already running" % (self,))
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix="hoopgw-ldap-")
+            self._owns_directory = True
+        else:
+            self.directory = os.path.abspath(self.directory)
+            os.makedirs(self.directory, exist_ok=True)
+        try:
+            self._write_tls_files()
+            self._write_configuration()
+            for attempt in range(_START_ATTEMPTS):
+                self.port, self.tls_port = free_port(self.host), free_port(self.host)
+                if self._start_server() or attempt + 1 == _START_ATTEMPTS:
+                    break
+            if not self.running:
+                raise ThrowawayError("slapd did not start\n--- %s ---\n%s" % (self.log_path, _tail(self.log_path)))
+            top = self.suffix.split(",")[0].split("=", 1)[1]
+            self.add_ldif(
+                "dn: %s\nobjectClass: dcObject\nobjectClass: organization\no: %s\ndc: %s\n"
+                % (self.suffix, top, top)
+            )
+        except BaseException:
+            self.stop()
+            raise
+
+    def _write_tls_files(self):
+        self.ca = pki.make_ca("hoopgw throwaway LDAP CA")
+        server = self.ca.issue("localhost", dns_names=["localhost"], ip_addresses=["127.0.0.1"], server=True)
+        self._certificate, self._key = server.write(self.directory, "slapd")
+        self.ca_path = os.path.join(self.directory, "ca.crt")
+        with open(self.ca_path, "wb") as f:
+            f.write(self.ca.certificate_pem())
+
+    def _write_configuration(self):
+        database = os.path.join(self.directory, "db")
+        os.makedirs(database, exist_ok=True)
+        lines = ["include %s/%s.schema" % (LDAP_SCHEMA_DIR, name) for name in ("core", "cosine", "inetorgperson", "nis")]
+        lines += [
+            "modulepath %s" % (LDAP_MODULE_DIR,),
+            "moduleload back_mdb",
+            "moduleload memberof",
+            "pidfile %s" % (os.path.join(self.directory, "slapd.pid"),),
+            "TLSCertificateFile %s" % (self._certificate,),
+            "TLSCertificateKeyFile %s" % (self._key,),
+            "TLSCACertificateFile %s" % (self.ca_path,),
+            "database mdb",
+            "maxsize 16777216",
+            'suffix "%s"' % (self.suffix,),
+            'rootdn "%s"' % (self.root_dn,),
+            "rootpw %s" % (self.root_password,),
+            "directory %s" % (database,),
+            "index objectClass,uid,cn,member eq",
+            "overlay memberof",
+        ]
+        # Access rules (slapd.access(5)), e.g. "to * by dn.exact=... read by * none"; the root DN is never bound by them.
+        lines += ["access %s" % (rule,) for rule in self.access]
+        self.config_path = os.path.join(self.directory, "slapd.conf")
+        with open(os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.log_path = os.path.join(self.directory, "slapd.log")
+
+    def _start_server(self):
+        """
+        Start slapd and wait for both ports; C{False} when it gave up (a
+        port taken meanwhile, say).
+        """
+        urls = "ldap://%s:%d/ ldaps://%s:%d/" % (self.host, self.port, self.host, self.tls_port)
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                [self.slapd, "-d", "0", "-h", urls, "-f", self.config_path],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                self._process = None
+                return False
+            if all(_answers(self.host, port) for port in (self.port, self.tls_port)):
+                return True
+            time.sleep(0.05)
+        self._stop_process()
+        return False
+
+    def add_ldif(self, ldif):
+        """
+        Add the entries of C{ldif} (text) with the real C{ldapadd}, as the
+        administrator.
+
+        @raise ThrowawayError: with ldapadd's complaint.
+        """
+        result = subprocess.run(
+            [LDAPADD, "-x", "-H", self.url, "-D", self.root_dn, "-y", self._password_file()],
+            input=ldif, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_clean_environment(),
+        )
+        if result.returncode != 0:
+            raise ThrowawayError("ldapadd failed with status %d: %s" % (result.returncode, result.stderr.strip()))
+
+    def _password_file(self):
+        path = os.path.join(self.directory, "root.password")
+        if not os.path.exists(path):
+            _write_secret(path, self.root_password)
+        return path
+
+    def _stop_process(self):
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.terminate()
+                try:
+                    self._process.wait(10)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait()
+            self._process = None
+
+    def stop(self):
+        """
+        Stop slapd and, if the server made its own folder, remove it.
+        Safe to call more than once.
+        """
+        self._stop_process()
+        if self._owns_directory and self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self._owns_directory = False
+
+
+def _answers(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _write_secret(path, text):
+    # ldapadd -y takes the file's bytes as they are: no trailing newline.
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(text)

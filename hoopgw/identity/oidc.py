@@ -1,6 +1,8 @@
 """
 OIDC identity providers: verify a JSON Web Token against the issuer's keys
-(a JWKS from a file or a URL) and turn its claims into an L{Identity}.
+(found by OpenID Connect discovery, or a JWKS URL or file) and turn its
+claims into an L{Identity}, with the facts an auditor asks for (key id,
+algorithm, where the keys came from) in its provenance.
 """
 
 import json
@@ -10,12 +12,15 @@ import attr
 from jose import jwt
 from jose.exceptions import ExpiredSignatureError, JWTClaimsError, JWTError
 from twisted.internet import defer
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from hoopgw import options as o
+from hoopgw.identity.errors import IdentityError
+from hoopgw.identity.keys import RemoteKeySet, check_url
+from hoopgw.identity.replay import ReplayCache
 from hoopgw.model import HUMAN, SERVICE, Identity
 from hoopgw.options import ConfigError, join
+
+__all__ = ["IdentityError", "OIDCProvider", "OIDCProviderConfig", "parse_provider", "unverified_claims"]
 
 
 # Asymmetric algorithms only: "none" is never accepted, and HMAC would let
@@ -23,16 +28,7 @@ from hoopgw.options import ConfigError, join
 ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
 _KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC"}
 
-
-class IdentityError(Exception):
-    """
-    A credential was refused.  C{str()} is a sentence for the client;
-    C{reason} is a short code for the record.
-    """
-
-    def __init__(self, message, reason="invalid-token"):
-        Exception.__init__(self, message)
-        self.reason = reason
+DISCOVERY_PATH = "/.well-known/openid-configuration"
 
 
 def _algorithms(value, path):
@@ -54,11 +50,38 @@ def _audience(value, path):
     return (o.string(value, path),)
 
 
+def _url(value, path):
+    try:
+        return check_url(o.string(value, path))
+    except ValueError as error:
+        raise ConfigError(path, str(error))
+
+
+def _required_claims(value, path):
+    value = o.mapping(value, path)
+    result = {}
+    for claim, expected in value.items():
+        where = join(path, claim)
+        if isinstance(expected, list):
+            result[claim] = frozenset(o.string_list(expected, where))
+        else:
+            result[claim] = frozenset([o.string(expected, where)])
+    return result
+
+
 OPTIONS = (
     o.Option("issuer", o.string, o.REQUIRED, "The issuer (iss) this provider's tokens carry."),
     o.Option("audience", _audience, o.REQUIRED, "The audience (aud) a token must be issued for: this gateway."),
-    o.Option("jwks_file", o.file_path, None, "A JWKS file with the issuer's public keys."),
-    o.Option("jwks_url", o.string, None, "A URL serving the issuer's JWKS."),
+    o.Option(
+        "discovery_url",
+        _url,
+        None,
+        "Where the issuer's OpenID Connect discovery document is; by default the issuer followed by "
+        "/.well-known/openid-configuration. Used when neither jwks_url nor jwks_file is given.",
+    ),
+    o.Option("jwks_file", o.file_path, None, "A JWKS file with the issuer's public keys, instead of discovery."),
+    o.Option("jwks_url", _url, None, "A URL serving the issuer's JWKS, instead of discovery."),
+    o.Option("ca", o.file_path, None, "A PEM CA the issuer's HTTPS certificate must chain to (default: the system's)."),
     o.Option("algorithms", _algorithms, ["RS256", "ES256"], "Signature algorithms accepted."),
     o.Option("subject_claim", o.string, "sub", "The claim naming the identity."),
     o.Option("groups_claim", o.string, "groups", "The claim listing the identity's groups."),
@@ -67,7 +90,16 @@ OPTIONS = (
         "kind_claim",
         o.string,
         None,
-        "A claim whose value says 'service' or 'human', overriding kind for each token.",
+        "A claim whose value says whether the token is a service's or a human's (see service_values and "
+        "human_values), overriding kind for each token.",
+    ),
+    o.Option("service_values", o.string_list, ["service"], "Values of kind_claim that mark a service."),
+    o.Option("human_values", o.string_list, ["human"], "Values of kind_claim that mark a human."),
+    o.Option(
+        "required_claims",
+        _required_claims,
+        {},
+        "Claims a token must carry with one of the given values, e.g. {repository_owner: my-org} for CI tokens.",
     ),
     o.Option("leeway", o.duration, 30.0, "Clock skew allowed on exp, nbf and iat."),
     o.Option(
@@ -76,7 +108,29 @@ OPTIONS = (
         None,
         "Refuse tokens valid for longer than this (exp - iat): long-lived tokens are a PCI DSS 8.6.3 finding.",
     ),
-    o.Option("refresh_interval", o.duration, 60.0, "The shortest time between two fetches of the JWKS URL."),
+    o.Option(
+        "replay_protection",
+        o.boolean,
+        False,
+        "Refuse a token whose jti was already used, until it expires: each token opens one session. "
+        "Needs max_lifetime. The memory of used tokens is per gateway process.",
+    ),
+    o.Option(
+        "refresh_interval",
+        o.duration,
+        60.0,
+        "The shortest time between two fetches of the keys: a token naming an unknown key id refreshes "
+        "them at most this often, and a failed fetch is not retried sooner.",
+    ),
+    o.Option("cache_ttl", o.duration, 300.0, "How long fetched keys are used when the provider's cache headers say nothing."),
+    o.Option("max_cache", o.duration, 86400.0, "The longest fetched keys are used before asking again, whatever the headers say."),
+    o.Option(
+        "max_stale",
+        o.duration,
+        43200.0,
+        "How long past their freshness the keys already known are still used while the provider cannot be reached.",
+    ),
+    o.Option("fetch_timeout", o.duration, 10.0, "How long to wait for the provider when fetching keys."),
 )
 
 
@@ -95,8 +149,19 @@ class OIDCProviderConfig:
     leeway = attr.ib()
     max_lifetime = attr.ib()
     refresh_interval = attr.ib()
+    discovery_url = attr.ib(default=None)
+    ca = attr.ib(default=None)
+    service_values = attr.ib(default=("service",), converter=tuple)
+    human_values = attr.ib(default=("human",), converter=tuple)
+    required_claims = attr.ib(factory=dict)
+    replay_protection = attr.ib(default=False)
+    cache_ttl = attr.ib(default=300.0)
+    max_cache = attr.ib(default=86400.0)
+    max_stale = attr.ib(default=43200.0)
+    fetch_timeout = attr.ib(default=10.0)
 
     type = "oidc"
+    credential = "jwt"
 
     def build(self, reactor):
         return OIDCProvider(self, reactor)
@@ -104,8 +169,25 @@ class OIDCProviderConfig:
 
 def parse_provider(name, raw, path):
     values = o.parse_options(OPTIONS, raw, path)
-    if bool(values["jwks_file"]) == bool(values["jwks_url"]):
-        raise ConfigError(path, "give exactly one of jwks_file or jwks_url")
+    sources = [key for key in ("jwks_file", "jwks_url", "discovery_url") if values[key]]
+    if len(sources) > 1:
+        raise ConfigError(path, "give at most one of jwks_file, jwks_url or discovery_url (%s given)" % (", ".join(sources),))
+    if not sources:
+        try:
+            values["discovery_url"] = check_url(values["issuer"].rstrip("/") + DISCOVERY_PATH)
+        except ValueError:
+            raise ConfigError(
+                join(path, "issuer"),
+                "is not an https:// URL, so its keys cannot be discovered; give jwks_url or jwks_file",
+            )
+    if values["replay_protection"] and values["max_lifetime"] is None:
+        raise ConfigError(
+            join(path, "replay_protection"),
+            "needs max_lifetime, so that the memory of used tokens stays bounded",
+        )
+    overlap = set(values["service_values"]) & set(values["human_values"])
+    if overlap:
+        raise ConfigError(join(path, "human_values"), "%r cannot mark both a service and a human" % (sorted(overlap)[0],))
     return OIDCProviderConfig(name=name, **values)
 
 
@@ -116,80 +198,27 @@ class JWKSFile:
 
     def __init__(self, path):
         self.path = path
+        self.source = path
         self._mtime = None
         self._keys = {}
 
     def keys(self, refresh=False):
         try:
             mtime = os.stat(self.path).st_mtime_ns
-        except OSError as error:
-            return defer.fail(IdentityError("the gateway cannot read its key set (%s)" % (error.strerror,), "jwks-unavailable"))
-        if mtime != self._mtime:
-            with open(self.path, encoding="utf-8") as handle:
-                self._keys = _index(json.load(handle))
-            self._mtime = mtime
-        return defer.succeed(self._keys)
-
-
-class JWKSURL:
-    """
-    Keys from a JWKS URL, fetched with treq, kept, and fetched again for an
-    unknown key id at most once per C{interval} seconds.
-    """
-
-    log = Logger()
-
-    def __init__(self, url, reactor, interval):
-        self.url = url
-        self._reactor = reactor
-        self._interval = interval
-        self._keys = None
-        self._fetched = None
-        self._waiters = None
-
-    def keys(self, refresh=False):
-        now = self._reactor.seconds()
-        if self._fetched is not None and not (refresh and now - self._fetched >= self._interval):
-            return defer.succeed(self._keys)
-        waiting = defer.Deferred()
-        if self._waiters is None:
-            self._waiters = [waiting]
-            self._fetch().addBoth(self._fetched_keys)
-        else:
-            self._waiters.append(waiting)
-        return waiting
-
-    def _fetched_keys(self, result):
-        waiters, self._waiters = self._waiters, None
-        for waiting in waiters:
-            if isinstance(result, Failure):
-                waiting.errback(result)
-            else:
-                waiting.callback(result)
-
-    @defer.inlineCallbacks
-    def _fetch(self):
-        import treq
-
-        try:
-            response = yield treq.get(self.url, timeout=10)
-            if response.code != 200:
-                raise IOError("HTTP %d" % (response.code,))
-            document = yield response.json()
-            self._keys = _index(document)
-        except Exception as error:
-            self.log.warn("Fetching the JWKS at {url} failed: {error}", url=self.url, error=error)
-            if self._keys is None:
-                raise IdentityError("the gateway cannot fetch its key set right now", "jwks-unavailable")
-        # A failed refresh keeps the keys already known, and also counts
-        # against the rate limit, so an unreachable provider is not hammered.
-        self._fetched = self._reactor.seconds()
-        return self._keys
+            if mtime != self._mtime:
+                with open(self.path, encoding="utf-8") as handle:
+                    self._keys = _index(json.load(handle))
+                self._mtime = mtime
+        except (OSError, ValueError) as error:
+            return defer.fail(
+                IdentityError("the gateway cannot read its key set (%s)" % (getattr(error, "strerror", None) or error,), "jwks-unavailable")
+            )
+        return defer.succeed((self._keys, "file"))
 
 
 def _index(document):
     keys = {}
-    for key in document.get("keys", []):
+    for key in document.get("keys", []) if isinstance(document, dict) else ():
         if isinstance(key, dict) and "kty" in key:
             keys[key.get("kid")] = key
     return keys
@@ -201,15 +230,30 @@ class OIDCProvider:
     """
 
     method = "oidc"
+    credential = "jwt"
 
-    def __init__(self, config, reactor):
+    def __init__(self, config, reactor, clock=None):
         self.config = config
         self.name = config.name
         self._reactor = reactor
+        clock = clock or reactor
         if config.jwks_file:
-            self._jwks = JWKSFile(config.jwks_file)
+            self.key_set = JWKSFile(config.jwks_file)
         else:
-            self._jwks = JWKSURL(config.jwks_url, reactor, config.refresh_interval)
+            self.key_set = RemoteKeySet(
+                reactor,
+                config.issuer,
+                discovery_url=config.discovery_url,
+                jwks_url=config.jwks_url,
+                refresh_interval=config.refresh_interval,
+                default_ttl=config.cache_ttl,
+                max_ttl=config.max_cache,
+                max_stale=config.max_stale,
+                timeout=config.fetch_timeout,
+                ca=config.ca,
+                clock=clock,
+            )
+        self.replay = ReplayCache(reactor) if config.replay_protection else None
 
     def accepts(self, claims):
         """
@@ -218,29 +262,35 @@ class OIDCProvider:
         return claims.get("iss") == self.config.issuer
 
     @defer.inlineCallbacks
-    def verify(self, token):
+    def verify(self, token, consume=True):
         """
+        @param consume: with replay protection, mark the token used (a
+            dry run such as C{hoopgw whoami} only looks).
         @return: a L{Deferred} firing with the L{Identity} the token
             proves, or failing with L{IdentityError}.
         """
+        config = self.config
         header = unverified_header(token)
         algorithm = header.get("alg")
-        if not isinstance(algorithm, str) or algorithm not in self.config.algorithms:
-            raise IdentityError(
-                "tokens signed with %r are not accepted (allowed: %s)" % (algorithm, ", ".join(self.config.algorithms)),
-                "algorithm",
-            )
         kid = header.get("kid")
-        keys = yield self._jwks.keys()
+        evidence = {"provider": config.name, "issuer": config.issuer, "kid": kid, "algorithm": algorithm}
+        if not isinstance(algorithm, str) or algorithm not in config.algorithms:
+            raise IdentityError(
+                "tokens signed with %r are not accepted (allowed: %s)" % (algorithm, ", ".join(config.algorithms)),
+                "algorithm",
+                evidence,
+            )
+        keys, origin = yield self.key_set.keys()
         key = _select(keys, kid)
         if key is None:
-            keys = yield self._jwks.keys(refresh=True)
+            keys, origin = yield self.key_set.keys(refresh=True)
             key = _select(keys, kid)
         if key is None:
-            raise IdentityError("the token's signing key (kid %r) is not one of the issuer's keys" % (kid,), "unknown-kid")
+            raise IdentityError(
+                "the token's signing key (kid %r) is not one of the issuer's keys" % (kid,), "unknown-kid", evidence
+            )
         if key.get("kty") != _KEY_TYPES[algorithm[:2]] or key.get("alg", algorithm) != algorithm:
-            raise IdentityError("the token's algorithm does not match its signing key", "algorithm")
-        config = self.config
+            raise IdentityError("the token's algorithm does not match its signing key", "algorithm", evidence)
         try:
             claims = jwt.decode(
                 token,
@@ -253,19 +303,23 @@ class OIDCProvider:
                     "require_exp": True,
                     "require_iat": config.max_lifetime is not None,
                     "verify_aud": len(config.audience) == 1,
+                    "verify_at_hash": False,
                 },
             )
         except ExpiredSignatureError:
-            raise IdentityError("the token has expired", "expired")
+            raise IdentityError("the token has expired", "expired", evidence)
         except JWTClaimsError as error:
-            raise IdentityError("the token was refused: %s" % (str(error).rstrip(".").lower(),), "claims")
+            raise IdentityError("the token was refused: %s" % (str(error).rstrip(".").lower(),), "claims", evidence)
         except JWTError as error:
-            raise IdentityError("the token's signature is not valid (%s)" % (str(error).rstrip("."),), "signature")
+            raise IdentityError("the token's signature is not valid (%s)" % (str(error).rstrip("."),), "signature", evidence)
+        subject = claims.get(config.subject_claim)
+        if isinstance(subject, str):
+            evidence["subject"] = subject
         if len(config.audience) > 1:
             audience = claims.get("aud")
             audience = [audience] if isinstance(audience, str) else list(audience or ())
             if not set(audience) & set(config.audience):
-                raise IdentityError("the token was refused: invalid audience", "claims")
+                raise IdentityError("the token was refused: invalid audience", "claims", evidence)
         if config.max_lifetime is not None:
             lifetime = claims["exp"] - claims["iat"]
             if lifetime > config.max_lifetime + config.leeway:
@@ -273,25 +327,62 @@ class OIDCProvider:
                     "the token is valid for %d seconds, longer than the %d this gateway accepts; "
                     "ask the issuer for a shorter-lived token" % (lifetime, config.max_lifetime),
                     "lifetime",
+                    evidence,
                 )
-        return self._identity(claims, kid, algorithm)
+        for claim, allowed in sorted(config.required_claims.items()):
+            value = claims.get(claim)
+            if not isinstance(value, str) or value not in allowed:
+                raise IdentityError(
+                    "the token's %r claim is not one this gateway accepts" % (claim,), "claims", evidence
+                )
+        identity = self._identity(claims, kid, algorithm, origin, evidence)
+        if self.replay is not None:
+            self._check_replay(claims, consume, evidence)
+        return identity
 
-    def _identity(self, claims, kid, algorithm):
+    def _check_replay(self, claims, consume, evidence):
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti:
+            raise IdentityError(
+                "the token has no jti, and this issuer's tokens must each be used once", "replay", evidence
+            )
+        try:
+            fresh = not self.replay.seen(jti) if not consume else self.replay.use(jti, claims["exp"] + self.config.leeway)
+        except OverflowError:
+            raise IdentityError("the gateway holds too many unexpired tokens to check this one for replay", "replay", evidence)
+        if not fresh:
+            raise IdentityError(
+                "the token (jti %s) was already used; each token opens one session, so fetch a new one" % (jti,),
+                "replayed",
+                evidence,
+            )
+
+    def _identity(self, claims, kid, algorithm, origin, evidence):
         config = self.config
         subject = claims.get(config.subject_claim)
         if not isinstance(subject, str) or not subject:
-            raise IdentityError("the token has no %r claim naming who it is for" % (config.subject_claim,), "claims")
+            raise IdentityError(
+                "the token has no %r claim naming who it is for" % (config.subject_claim,), "claims", evidence
+            )
         groups = claims.get(config.groups_claim, [])
         if isinstance(groups, str):
             groups = groups.split()
         if not isinstance(groups, list) or not all(isinstance(group, str) for group in groups):
-            raise IdentityError("the token's %r claim is not a list of group names" % (config.groups_claim,), "claims")
+            raise IdentityError(
+                "the token's %r claim is not a list of group names" % (config.groups_claim,), "claims", evidence
+            )
         kind = config.kind
         if config.kind_claim is not None:
-            kind = claims.get(config.kind_claim)
-            if kind not in (SERVICE, HUMAN):
+            value = claims.get(config.kind_claim)
+            if value in config.service_values:
+                kind = SERVICE
+            elif value in config.human_values:
+                kind = HUMAN
+            else:
                 raise IdentityError(
-                    "the token's %r claim must say 'service' or 'human'" % (config.kind_claim,), "claims"
+                    "the token's %r claim does not say whether it is a service or a human" % (config.kind_claim,),
+                    "claims",
+                    evidence,
                 )
         return Identity(
             subject=subject,
@@ -304,8 +395,12 @@ class OIDCProvider:
                 "provider": config.name,
                 "kid": kid,
                 "algorithm": algorithm,
+                "keys": self.key_set.source,
+                "keys_from": origin,
                 "issued_at": claims.get("iat"),
                 "expires_at": claims.get("exp"),
+                "replay_checked": self.replay is not None,
+                "groups": {"token": sorted(groups)},
             },
         )
 
@@ -318,6 +413,9 @@ def _select(keys, kid):
     return None
 
 
+NOT_A_TOKEN = "the password is not a JSON Web Token nor a SAML assertion; sign in with your identity token"
+
+
 def unverified_header(token):
     """
     The header of a compact JWT, not yet trusted.
@@ -327,7 +425,7 @@ def unverified_header(token):
     try:
         header = jwt.get_unverified_header(token)
     except JWTError:
-        raise IdentityError("the password is not a JSON Web Token; sign in with your identity token", "not-a-token")
+        raise IdentityError(NOT_A_TOKEN, "not-a-token")
     if not isinstance(header, dict):
         raise IdentityError("the token's header is not a JSON object", "not-a-token")
     return header
@@ -340,8 +438,7 @@ def unverified_claims(token):
     try:
         claims = jwt.get_unverified_claims(token)
     except JWTError:
-        raise IdentityError("the password is not a JSON Web Token; sign in with your identity token", "not-a-token")
+        raise IdentityError(NOT_A_TOKEN, "not-a-token")
     if not isinstance(claims, dict):
         raise IdentityError("the token's claims are not a JSON object", "not-a-token")
     return claims
-

@@ -1,0 +1,136 @@
+"""
+C{hoopgw whoami}: the identity and groups the gateway would derive from a
+token or a client certificate, connection by connection (each may take
+groups from a directory), which connections that identity may use, and
+why.  A dry run: single-use tokens are not marked used.
+"""
+
+import json
+
+import attr
+from twisted.internet import defer
+
+from hoopgw.identity.certificates import as_certificate
+from hoopgw.identity.errors import IdentityError
+from hoopgw.model import Credentials
+
+
+@attr.s
+class _Gateway:
+    """
+    What an identity addon reaches through its context, without a store
+    or listeners.
+    """
+
+    reactor = attr.ib()
+    identity_providers = attr.ib()
+    store = None
+    approvals = None
+
+
+@attr.s(frozen=True)
+class _Context:
+    connection = attr.ib()
+    gateway = attr.ib()
+
+    @property
+    def store(self):
+        return None
+
+    @property
+    def reactor(self):
+        return self.gateway.reactor
+
+    @property
+    def identity_providers(self):
+        return self.gateway.identity_providers
+
+    @property
+    def approvals(self):
+        return None
+
+
+@defer.inlineCallbacks
+def evaluate(config, reactor, token=None, certificate=None, only=None):
+    """
+    What each connection would decide about these credentials.
+
+    @param certificate: PEM bytes of a client certificate, or None.
+    @return: a L{Deferred} firing with a list of mappings, one per
+        connection: C{connection}, C{allowed}, C{reason}, and C{identity}
+        (its JSON form) when one was established.
+    """
+    gateway = _Gateway(reactor, {name: provider.build(reactor) for name, provider in config.identity_providers.items()})
+    results = []
+    for name, connection in sorted(config.connections.items()):
+        if only is not None and name != only:
+            continue
+        entry = {"connection": name, "protocol": connection.protocol, "allowed_groups": sorted(connection.allowed_groups)}
+        results.append(entry)
+        spec = next((spec for spec in connection.addons if spec.name == "identity"), None)
+        if spec is None:
+            entry.update(allowed=False, reason="its chain has no identity addon, so nobody gets in")
+            continue
+        addon = spec.factory.build(spec.options, _Context(connection, gateway))
+        credentials = Credentials(
+            password=token, client_certificate=as_certificate(certificate) if certificate is not None else None
+        )
+        try:
+            identity = yield addon.derive(credentials, consume=False)
+        except IdentityError as error:
+            entry.update(allowed=False, reason=str(error), refused=error.reason)
+            continue
+        entry["identity"] = identity.to_json()
+        granted = sorted(identity.groups & connection.allowed_groups)
+        if granted:
+            entry.update(allowed=True, reason="%s is in %s" % (identity.subject, ", ".join(granted)))
+            if spec.options.get("match_user"):
+                entry["login_as"] = identity.subject
+        else:
+            entry.update(
+                allowed=False,
+                reason="%s is not in any group allowed to use this connection (%s)"
+                % (identity.subject, ", ".join(sorted(connection.allowed_groups))),
+            )
+    return results
+
+
+def describe(results):
+    """
+    The results as text for a person.
+    """
+    lines = []
+    for entry in results:
+        verdict = "may connect" if entry["allowed"] else "may NOT connect"
+        lines.append("%s (%s): %s: %s" % (entry["connection"], entry["protocol"], verdict, entry["reason"]))
+        identity = entry.get("identity")
+        if identity is not None:
+            provenance = identity["provenance"]
+            lines.append(
+                "  identity: %s (%s), proven by %s, issuer %s"
+                % (identity["subject"], identity["kind"], identity["method"], identity["issuer"])
+            )
+            lines.append("  groups: %s" % (", ".join(identity["groups"]) or "(none)",))
+            for source, groups in sorted((provenance.get("groups") or {}).items()):
+                if source != "decided":
+                    lines.append("    from %s: %s" % (source, ", ".join(groups) or "(none)"))
+            details = []
+            for key in ("provider", "kid", "algorithm", "keys", "idp", "certificate_fingerprint"):
+                if provenance.get(key):
+                    details.append("%s %s" % (key, provenance[key]))
+            if provenance.get("certificate"):
+                details.append("certificate %s" % (provenance["certificate"].get("certificate_fingerprint"),))
+            directory = provenance.get("directory")
+            if directory:
+                details.append(
+                    "directory %s at %s" % (directory.get("provider"), directory.get("server") or directory.get("error"))
+                )
+            if details:
+                lines.append("  how: " + "; ".join(details))
+            if entry.get("login_as"):
+                lines.append("  log in as: %s" % (entry["login_as"],))
+    return "\n".join(lines)
+
+
+def as_json(results):
+    return json.dumps(results, indent=2, sort_keys=True)
