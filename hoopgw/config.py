@@ -72,6 +72,10 @@ class StoreConfig:
     fsync = attr.ib()
     segment_bytes = attr.ib()
     options = attr.ib(factory=dict)
+    checkpoint_events = attr.ib(default=1000)
+    checkpoint_interval = attr.ib(default=60.0)
+    retention = attr.ib(default=None)
+    postgres = attr.ib(default=None)
 
 
 @attr.s(frozen=True)
@@ -110,6 +114,18 @@ STORE_OPTIONS = (
         o.integer(minimum=4096),
         64 * 1024 * 1024,
         "Start a new segment file once the current one is this large.",
+    ),
+    o.Option(
+        "checkpoint_events",
+        o.integer(minimum=1),
+        1000,
+        "Sign a checkpoint of the record after this many events (with gateway.signing_key).",
+    ),
+    o.Option(
+        "checkpoint_interval",
+        o.duration,
+        60.0,
+        "Sign a checkpoint at least this often while events come in, and always when the gateway stops.",
     ),
 )
 

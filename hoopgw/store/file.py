@@ -7,6 +7,7 @@ Deferred fires only once its event is on disk (write-ahead).
 
 import errno
 import fcntl
+import gzip
 import hashlib
 import json
 import os
@@ -18,9 +19,12 @@ from zope.interface import implementer
 
 from hoopgw.interfaces import IStore
 from hoopgw.store import events
+from hoopgw.store.checkpoints import GATEWAY_RECOVERED, ChainState, CheckpointSchedule
 
 
 SEGMENT = re.compile(r"^events-(\d{12})\.jsonl$")
+ARCHIVED = re.compile(r"^events-(\d{12})\.jsonl\.gz$")
+ARCHIVE = "archive"
 
 
 class StoreError(Exception):
@@ -40,14 +44,40 @@ def segment_paths(directory):
     return [os.path.join(directory, name) for name in sorted(names) if SEGMENT.match(name)]
 
 
+def all_segments(directory):
+    """
+    Every segment of the store in chain order, the archived (compressed,
+    in C{archive/}) before the live ones.  A segment found in both (a crash
+    while archiving) is read from the live copy.
+    """
+    live = segment_paths(directory)
+    names = {os.path.basename(path) for path in live}
+    try:
+        archived = sorted(os.listdir(os.path.join(directory, ARCHIVE)))
+    except FileNotFoundError:
+        archived = []
+    older = [
+        os.path.join(directory, ARCHIVE, name)
+        for name in archived
+        if ARCHIVED.match(name) and name[: -len(".gz")] not in names
+    ]
+    return sorted(older + live, key=lambda path: os.path.basename(path))
+
+
+def open_segment(path):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
 def read_events(directory):
     """
-    Every event in the store, in order, as C{(segment path, line number,
-    raw line, parsed event or None)}.  A line that is not JSON is given
-    with C{None} so that verify can name it.
+    Every event in the store (archived segments too), in order, as
+    C{(segment path, line number, raw line, parsed event or None)}.  A line
+    that is not JSON is given with C{None} so that verify can name it.
     """
-    for path in segment_paths(directory):
-        with open(path, "rb") as handle:
+    for path in all_segments(directory):
+        with open_segment(path) as handle:
             for number, raw in enumerate(handle, 1):
                 try:
                     event = json.loads(raw)
@@ -82,6 +112,35 @@ def _last_line(path):
     return (lines[-1] if lines else None), torn_at
 
 
+def publish_key(directory, key_id, pem):
+    """
+    Keep the public half of a signing key beside the events, as
+    C{keys/KEY_ID.pem}, so the evidence carries what it was signed with.
+    """
+    keys = os.path.join(directory, "keys")
+    os.makedirs(keys, exist_ok=True)
+    path = os.path.join(keys, key_id + ".pem")
+    if not os.path.exists(path):
+        with open(path, "w", encoding="ascii") as handle:
+            handle.write(pem)
+
+
+def _tail_from_last_checkpoint(segments):
+    """
+    The chain's events from its last checkpoint to its end (all of them
+    when it has none), reading segments from the last one backwards.
+    """
+    tail = []
+    for path in reversed(segments):
+        with open(path, "rb") as handle:
+            parsed = [json.loads(line) for line in handle if line.strip()]
+        for index in range(len(parsed) - 1, -1, -1):
+            if parsed[index].get("type") == events.CHECKPOINT:
+                return parsed[index:] + tail
+        tail = parsed + tail
+    return tail
+
+
 @implementer(IStore)
 class FileStore:
     """
@@ -107,8 +166,29 @@ class FileStore:
         self._syncing = False
         self._broken = None
         self._recovered = None
-        self.seq = 0
-        self.head = events.GENESIS
+        self._unclean = None
+        self.state = ChainState()
+        self.signer = None
+        self._schedule = None
+
+    @property
+    def seq(self):
+        return self.state.seq
+
+    @property
+    def head(self):
+        return self.state.head
+
+    def use_signer(self, signer, every_events=1000, every_seconds=60.0):
+        """
+        Sign the chain with C{signer} (a L{hoopgw.store.signing.Signer}):
+        a checkpoint every C{every_events} events or C{every_seconds}
+        seconds, and one when the store closes.  The public key is
+        published in the store's C{keys} folder.
+        """
+        self.signer = signer
+        self._schedule = CheckpointSchedule(self, self._reactor, every_events, every_seconds)
+        publish_key(self.directory, signer.key_id, signer.public_pem)
 
     def open(self):
         """
@@ -143,7 +223,8 @@ class FileStore:
                         "the last event of %s does not match its hash: the store was altered; "
                         "run 'hoopgw verify %s' before starting the gateway" % (path, self.directory)
                     )
-                self.seq, self.head = event["seq"], event["hash"]
+                self.state = ChainState.rebuild(_tail_from_last_checkpoint(segments))
+                self._note_unclean_end()
         else:
             path = os.path.join(self.directory, "events-%012d.jsonl" % (1,))
         self._open_segment(path)
@@ -169,6 +250,22 @@ class FileStore:
             "kept_in": os.path.basename(aside),
         }
 
+    def _note_unclean_end(self):
+        """
+        The previous run left gateways marked running, or events after the
+        last checkpoint of a signed record: it did not stop cleanly.  The
+        next start says so in the chain.
+        """
+        state = self.state
+        unsigned = (state.last_checkpoint is not None or state.running) and state.since_checkpoint > 0
+        if state.running or unsigned:
+            self._unclean = {
+                "type": GATEWAY_RECOVERED,
+                "crashed": sorted(state.running),
+                "unsigned": {"from": (state.last_checkpoint or 0) + 1, "to": state.seq} if unsigned else None,
+                "reason": "the previous run ended without stopping cleanly (a crash or a kill)",
+            }
+
     def _open_segment(self, path):
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._size = os.fstat(self._fd).st_size
@@ -176,19 +273,39 @@ class FileStore:
 
     def start(self):
         """
-        Write what recovery found, if anything.  @return: a L{Deferred}.
+        Write what recovery found, if anything, sign it, and start the
+        checkpoint timer.  @return: a L{Deferred}.
         """
+        written = []
         if self._recovered is not None:
             recovered, self._recovered = self._recovered, None
-            return self.append(recovered)
-        return defer.succeed(None)
+            written.append(self.append(recovered))
+        if self._unclean is not None:
+            unclean, self._unclean = self._unclean, None
+            written.append(self.append(unclean))
+            if self.signer is not None:
+                written.append(self.checkpoint("recovered"))
+        if self._schedule is not None:
+            self._schedule.start()
+        return defer.gatherResults(written, consumeErrors=True).addCallback(lambda _: None)
+
+    def unsigned_events(self):
+        return self.state.since_checkpoint
+
+    def checkpoint(self, reason):
+        """
+        Append a signed checkpoint covering the chain so far.
+        """
+        event = {"type": events.CHECKPOINT, "reason": reason}
+        event.update(self.state.checkpoint_fields())
+        return self.append(event)
 
     def append(self, event):
         if self._broken is not None:
             return defer.fail(StoreError("the store failed earlier and takes no more events: %s" % (self._broken,)))
         if self._fd is None:
             return defer.fail(StoreError("the store is not open"))
-        data = events.seal(event, self.seq + 1, self.head)
+        data = events.seal(event, self.seq + 1, self.head, signer=self.signer)
         try:
             written = os.write(self._fd, data)
             if written != len(data):
@@ -197,9 +314,10 @@ class FileStore:
             self._broken = "writing %s failed: %s" % (self._segment, error.strerror)
             self.log.critical("Audit store failure: {reason}", reason=self._broken)
             return defer.fail(StoreError(self._broken))
-        self.seq = event["seq"]
-        self.head = event["hash"]
+        self.state.account(event)
         self._size += len(data)
+        if self._schedule is not None:
+            self._schedule.appended(self.state.since_checkpoint)
         if not self._fsync:
             return defer.succeed(event)
         d = defer.Deferred()
@@ -256,8 +374,13 @@ class FileStore:
 
     def close(self):
         """
-        Wait for pending appends, then release the files.
+        Sign what is not signed yet, wait for pending appends, then release
+        the files.
         """
+        if self._schedule is not None:
+            self._schedule.stop()
+            if self.signer is not None and self.state.since_checkpoint and self._broken is None and self._fd is not None:
+                self.checkpoint("stop").addErrback(lambda failure: self.log.failure("The closing checkpoint failed", failure))
         pending = [d for d, _ in self._waiting]
         waiting = defer.DeferredList(pending, consumeErrors=True) if pending else defer.succeed(None)
 
