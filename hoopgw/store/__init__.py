@@ -11,7 +11,12 @@ def open_store(config, reactor):
 
     @raise StoreError: when it cannot be used.
     """
-    store = FileStore(config.path, reactor, fsync=config.fsync, segment_bytes=config.segment_bytes)
+    if config.backend == "postgres":
+        from hoopgw.store.postgres import PostgresStore
+
+        store = PostgresStore(config.postgres, reactor)
+    else:
+        store = FileStore(config.path, reactor, fsync=config.fsync, segment_bytes=config.segment_bytes)
     store.open()
     return store
 
