@@ -75,3 +75,13 @@ def checkpoint_message(event):
     """
     signed = {name: event.get(name) for name in ("covers", "counts", "gateways", "key_id", "seq", "ts")}
     return b"hoopgw-checkpoint-v1\n" + orjson.dumps(signed, option=orjson.OPT_SORT_KEYS)
+
+
+def epoch(stamp):
+    """
+    Epoch seconds of a timestamp written by L{timestamp}.
+    """
+    import calendar
+
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + (float("0." + fraction) if fraction else 0.0)

@@ -153,7 +153,7 @@ class FileStore:
 
     log = Logger()
 
-    def __init__(self, directory, reactor, fsync=True, segment_bytes=64 * 1024 * 1024):
+    def __init__(self, directory, reactor, fsync=True, segment_bytes=64 * 1024 * 1024, clock=None):
         self.directory = directory
         self.casts = os.path.join(directory, "casts")
         self._reactor = reactor
@@ -170,6 +170,10 @@ class FileStore:
         self.state = ChainState()
         self.signer = None
         self._schedule = None
+        self._retention = None
+        self._retention_timer = None
+        # Where event timestamps come from (a test may turn it back).
+        self._clock = clock
 
     @property
     def seq(self):
@@ -287,6 +291,8 @@ class FileStore:
                 written.append(self.checkpoint("recovered"))
         if self._schedule is not None:
             self._schedule.start()
+        if self._retention_timer is not None and not self._retention_timer.running:
+            self._retention_timer.start(self._retention.check_interval, now=True)
         return defer.gatherResults(written, consumeErrors=True).addCallback(lambda _: None)
 
     def unsigned_events(self):
@@ -305,7 +311,8 @@ class FileStore:
             return defer.fail(StoreError("the store failed earlier and takes no more events: %s" % (self._broken,)))
         if self._fd is None:
             return defer.fail(StoreError("the store is not open"))
-        data = events.seal(event, self.seq + 1, self.head, signer=self.signer)
+        now = self._clock() if self._clock is not None else None
+        data = events.seal(event, self.seq + 1, self.head, now=now, signer=self.signer)
         try:
             written = os.write(self._fd, data)
             if written != len(data):
@@ -354,6 +361,83 @@ class FileStore:
         os.close(self._fd)
         self._open_segment(os.path.join(self.directory, "events-%012d.jsonl" % (self.seq + 1,)))
 
+    def use_retention(self, policy):
+        """
+        Archive (and, if the policy says so, purge) old segments every
+        C{policy.check_interval} seconds while the store is open.
+        """
+        from twisted.internet import task
+
+        self._retention = policy
+        self._retention_timer = task.LoopingCall(self._retention_tick)
+        self._retention_timer.clock = self._reactor
+
+    def _retention_tick(self):
+        return self.archive().addErrback(lambda failure: self.log.failure("Archiving old segments failed", failure))
+
+    @defer.inlineCallbacks
+    def archive(self, now=None):
+        """
+        Apply the retention policy now: compress segments whose newest event
+        is older than the online period into C{archive/}, and with purge,
+        remove archived segments older than the keep period.  The chain
+        records each step and a checkpoint signs it before any file goes.
+
+        @return: a Deferred firing with C{(archived names, purged names)}.
+        """
+        import time
+
+        from hoopgw.store import retention
+
+        policy = self._retention
+        if now is None:
+            now = self._clock() if self._clock is not None else time.time()
+        archive_dir = os.path.join(self.directory, ARCHIVE)
+        archived, removals = [], []
+        for path in segment_paths(self.directory):
+            if path == self._segment:
+                break
+            first, last = yield threads.deferToThread(retention.bounds, path)
+            if last is None or now - events.epoch(last["ts"]) < policy.online:
+                break
+            target, digest, size = yield threads.deferToThread(retention.compress, path, archive_dir)
+            yield self.append({
+                "type": "store.archived",
+                "segment": os.path.basename(path),
+                "archive": os.path.join(ARCHIVE, os.path.basename(target)),
+                "first_seq": first["seq"],
+                "last_seq": last["seq"],
+                "last_hash": last["hash"],
+                "sha256": digest,
+                "bytes": size,
+                "reason": "older than %d days online (%s)" % (policy.online / 86400, policy.describe()),
+            })
+            archived.append(os.path.basename(path))
+            removals.append(path)
+        purged = []
+        if policy.purge:
+            names = sorted(name for name in os.listdir(archive_dir) if ARCHIVED.match(name)) if os.path.isdir(archive_dir) else []
+            for name in names:
+                path = os.path.join(archive_dir, name)
+                first, last = yield threads.deferToThread(retention.bounds, path)
+                if last is None or now - events.epoch(last["ts"]) < policy.keep:
+                    break
+                yield self.append({
+                    "type": "store.purged",
+                    "archive": os.path.join(ARCHIVE, os.path.basename(path)),
+                    "first_seq": first["seq"],
+                    "up_to": {"seq": last["seq"], "hash": last["hash"]},
+                    "reason": "older than %d days kept (%s)" % (policy.keep / 86400, policy.describe()),
+                })
+                purged.append(os.path.basename(path))
+                removals.append(path)
+        if removals:
+            if self.signer is not None:
+                yield self.checkpoint("retention")
+            for path in removals:
+                os.unlink(path)
+        return archived, purged
+
     def write_attachment(self, name, data):
         """
         Write a blob (an asciicast) into the store's C{casts} folder,
@@ -377,6 +461,8 @@ class FileStore:
         Sign what is not signed yet, wait for pending appends, then release
         the files.
         """
+        if self._retention_timer is not None and self._retention_timer.running:
+            self._retention_timer.stop()
         if self._schedule is not None:
             self._schedule.stop()
             if self.signer is not None and self.state.since_checkpoint and self._broken is None and self._fd is not None:
