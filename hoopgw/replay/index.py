@@ -153,8 +153,6 @@ class SessionRecord:
 
     def flags(self):
         flags = []
-        if self.refused:
-            flags.append("refused")
         if self.blocked:
             flags.append("blocked:%d" % (self.blocked,))
         if self.approved:

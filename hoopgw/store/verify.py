@@ -77,7 +77,7 @@ class Report:
             return "BROKEN: the chain of views of the record: %s" % (self.views.problem,)
         text = "OK: %d events, chain intact, head %s" % (self.events, self.head)
         if self.checkpoints:
-            text += "\n  signed: %d checkpoints, events %s to %s covered, key %s" % (
+            text += "\n  signed: %d checkpoint(s), events %s to %s covered, key %s" % (
                 self.checkpoints,
                 self.first_seq,
                 self.signed_through,
