@@ -401,3 +401,64 @@ class TamperTests(unittest.TestCase):
         """
         copy = yield self.tampered("UPDATE {s}.attachments SET data = data || '\\x0a'::bytea")
         yield self.assertBroken(copy, verification.CAST_PROBLEM, "does not match the digest")
+
+
+class ReplayOnSharedStoreTests(unittest.TestCase):
+    """
+    The replay server over the PostgreSQL store records its views in the
+    shared chain (which takes several writers).
+    """
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_views_join_the_shared_chain(self):
+        """
+        An auditor signs in and lists the sessions of a PostgreSQL store;
+        the sign-in and the view are events of the shared chain, between
+        the replay server's own start and stop, and the chain verifies.
+        """
+        import treq
+        from twisted.web.client import HTTPConnectionPool
+        from urllib.parse import urlencode
+
+        from hoopgw.replay import tap
+
+        settings = yield in_thread(store_settings)
+        harness = es.SignedGateway(self, store=settings)
+        out, err, code = yield psql(harness.dsn(), "-c", "SELECT 1", password=token())
+        self.assertEqual(code, 0, err)
+        yield harness.stop()
+        port = free_port()
+        options = tap.Options()
+        options.parseOptions(["--config", harness.config_path, "--listen", "tcp:%d:interface=127.0.0.1" % (port,)])
+        service = yield in_thread(tap.build, options, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        base = "http://127.0.0.1:%d" % (port,)
+        response = yield treq.post(
+            base + "/signin",
+            data=urlencode({"token": token(subject="auditor-bob", groups=["auditors"])}).encode(),
+            headers={"content-type": ["application/x-www-form-urlencoded"]},
+            allow_redirects=False,
+            pool=pool,
+        )
+        yield response.content()
+        self.assertEqual(response.code, 303)
+        cookie = response.cookies()["hoopgw_replay"]
+        response = yield treq.get(base + "/sessions", cookies={"hoopgw_replay": cookie}, pool=pool)
+        body = yield response.text()
+        self.assertEqual(response.code, 200)
+        self.assertIn("ci-bot", body)
+        self.assertIn("Record verified.", body)
+        yield service.stopService()
+        source = yield in_thread(source_for, settings)
+        found = [event for _, _, event in (yield in_thread(lambda: list(source.entries())))]
+        kinds = [(event["type"], event.get("role"), event.get("auditor")) for event in found]
+        self.assertIn(("audit.signin", None, "auditor-bob"), kinds)
+        self.assertIn(("audit.view", None, "auditor-bob"), kinds)
+        self.assertIn(("gateway.stop", "replay", None), kinds)
+        report = yield in_thread(verification.verify_source, source, es.signing.Verifier.from_file(es.signing_key()[1]))
+        source.close()
+        self.assertTrue(report.ok, report.problem)
