@@ -122,10 +122,8 @@ class SignedRecordTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_no_card_number_in_record(self):
         """
-        The card number the statement returned is recorded masked only, and
-        the command.end says how many values were masked... by nobody here
-        (no mask addon): the record addon's own masking of samples still
-        applies.
+        The card number in the statement is in the record only redacted,
+        never in clear, signed record or not.
         """
         path = yield pristine(self)
         raw = b"".join(es.lines(path)[1])
@@ -369,9 +367,7 @@ class RecoveryTests(unittest.TestCase):
         # The crash: the process is gone, its lock with it; nothing more is written.
         harness.gateway.running = False
         harness.store._schedule.stop()
-        import os as _os
-
-        _os.close(harness.store._lock_fd)
+        os.close(harness.store._lock_fd)
         harness.store._lock_fd = None
         for listener in list(harness.gateway):
             yield listener.stopService()
@@ -379,7 +375,7 @@ class RecoveryTests(unittest.TestCase):
         report = verify_store(harness.store_path, es.signing_key()[1])
         self.assertEqual(report.kind, verification.UNSIGNED_TAIL, report.problem)
 
-        harness.store._fd and _os.close(harness.store._fd)
+        os.close(harness.store._fd)
         harness.store._fd = None
         again = es.SignedGateway(self, directory=directory)
         out, err, code = yield psql(again.dsn(), "-c", "SELECT 2", password=token())

@@ -15,7 +15,7 @@ import time
 
 import psycopg2
 import yaml
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from hoopgw import cli
@@ -196,7 +196,6 @@ class SharedStoreTests(unittest.TestCase):
         yield third.stop()
         events = [event for _, _, event in (yield in_thread(lambda: list(source.entries())))]
         (recovered,) = [event for event in events if event["type"] == "gateway.recovered"]
-        killed = [event["gateway"] for event in events if event["type"] == "gateway.start"][1:2]
         self.assertEqual(len(recovered["crashed"]), 1)
         self.assertIn(recovered["crashed"][0], gateways)
         report = yield in_thread(verification.verify_source, source, es.signing.Verifier.from_file(es.signing_key()[1]))
@@ -204,7 +203,6 @@ class SharedStoreTests(unittest.TestCase):
         self.assertEqual(report.sessions, 7)
         out = yield in_thread(_cli_verify, settings)
         self.assertIn("OK: %d events" % (len(events),), out)
-        del killed
 
     @defer.inlineCallbacks
     def test_append_only(self):

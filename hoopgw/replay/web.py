@@ -16,7 +16,7 @@ import json
 import os
 import threading
 import time
-from urllib.parse import parse_qs, quote, urlencode
+from urllib.parse import quote, urlencode
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger

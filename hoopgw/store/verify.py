@@ -15,7 +15,7 @@ import attr
 from hoopgw.store import events as chaining
 from hoopgw.store.checkpoints import GATEWAY_RECOVERED, GATEWAY_START, GATEWAY_STOP
 from hoopgw.store.signing import SigningKeyError, Verifier
-from hoopgw.store.sources import FileSource, SourceError, open_source
+from hoopgw.store.sources import SourceError, open_source
 
 
 # The short names of problems, for programs (and tests) that act on them.
