@@ -38,19 +38,35 @@ def _check_config(arguments, out):
 
 
 def _verify(arguments, out):
-    from hoopgw.store.verify import verify_store
+    from hoopgw.replay import commands
 
-    report = verify_store(arguments.store)
-    print(report.summary(), file=out)
-    return 0 if report.ok else 1
+    return commands.verify(arguments, out)
+
+
+def _evidence(name):
+    """
+    Run the evidence subcommand C{name} of L{hoopgw.replay.commands}.
+    """
+
+    def run(arguments, out):
+        from hoopgw.replay import commands
+
+        return getattr(commands, name)(arguments, out)
+
+    return run
 
 
 def _events(arguments, out):
-    from hoopgw.store.file import read_events
+    from hoopgw.store.sources import SourceError, open_source
 
-    for path, number, raw, event in read_events(arguments.store):
+    try:
+        source = open_source(arguments.store)
+    except SourceError as error:
+        print(error, file=sys.stderr)
+        return 2
+    for where, raw, event in source.entries():
         if event is None:
-            print("%s:%d: not JSON" % (path, number), file=out)
+            print("%s: not JSON" % (where,), file=out)
             continue
         if arguments.session and event.get("session") != arguments.session:
             continue
@@ -89,8 +105,16 @@ def _describe(event):
 def _dev_keys(arguments, out):
     from hoopgw.identity import dev
 
+    from hoopgw.store import signing
+
     key_path, jwks_path = dev.generate_key(arguments.directory, kid=arguments.kid)
     print("signing key (development only): %s\nJWKS: %s" % (key_path, jwks_path), file=out)
+    record_key, record_public = signing.generate_key(arguments.directory)
+    print(
+        "record signing key (development only; gateway.signing_key): %s\npublic key for verify --key: %s"
+        % (record_key, record_public),
+        file=out,
+    )
     return 0
 
 
@@ -168,12 +192,38 @@ def parser():
     check.add_argument("file")
     check.set_defaults(run=_check_config)
 
-    verify = commands.add_parser("verify", help="verify a store's hash chain")
-    verify.add_argument("store", help="the store folder")
+    verify = commands.add_parser(
+        "verify", help="verify a record: its hash chain, signatures, sessions and recordings"
+    )
+    verify.add_argument("store", help="a store folder, an evidence bundle (.tar.gz) or a PostgreSQL store's DSN")
+    verify.add_argument("--key", help="your copy of the record's public signing key (PEM)")
     verify.set_defaults(run=_verify)
 
-    events = commands.add_parser("events", help="print a store's events")
-    events.add_argument("store", help="the store folder")
+    from hoopgw.replay import commands as evidence
+
+    sessions = commands.add_parser("sessions", help="list the sessions of a record")
+    sessions_commands = sessions.add_subparsers(dest="sessions_command", metavar="list")
+    sessions_commands.required = True
+    listing = sessions_commands.add_parser("list", help="one line a session, with filters")
+    evidence.add_store(listing)
+    evidence.add_filters(listing)
+    listing.set_defaults(run=_evidence("sessions_list"))
+
+    replay = commands.add_parser("replay", help="a session's timeline, and its terminal recording played back")
+    evidence.add_store(replay)
+    replay.add_argument("session", help="the session id (see 'hoopgw sessions list')")
+    replay.add_argument("--speed", type=float, default=1.0, help="play the recording this many times faster")
+    replay.set_defaults(run=_evidence("replay"))
+
+    export = commands.add_parser("export", help="write a self-contained, verifiable evidence bundle")
+    evidence.add_store(export)
+    export.add_argument("--since", help="from this UTC date/time (2026-01-31, 2026-01-31T12:00:00Z) or age (90d)")
+    export.add_argument("--until", help="to this UTC date/time or age (default: now)")
+    export.add_argument("-o", "--output", required=True, help="the bundle to write (evidence.tar.gz)")
+    export.set_defaults(run=_evidence("export"))
+
+    events = commands.add_parser("events", help="print a record's events")
+    events.add_argument("store", help="a store folder, an evidence bundle or a PostgreSQL store's DSN")
     events.add_argument("--session", help="only this session's events")
     events.add_argument("--json", action="store_true", help="print the raw JSON lines")
     events.set_defaults(run=_events)

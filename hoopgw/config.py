@@ -75,6 +75,10 @@ class StoreConfig:
     fsync = attr.ib()
     segment_bytes = attr.ib()
     options = attr.ib(factory=dict)
+    checkpoint_events = attr.ib(default=1000)
+    checkpoint_interval = attr.ib(default=60.0)
+    retention = attr.ib(default=None)
+    postgres = attr.ib(default=None)
 
 
 @attr.s(frozen=True)
@@ -100,7 +104,12 @@ class Config:
 
 
 STORE_OPTIONS = (
-    o.Option("backend", o.choice("file"), "file", "Where events go: 'file', a folder of JSON-lines segments."),
+    o.Option(
+        "backend",
+        o.choice("file", "postgres"),
+        "file",
+        "Where events go: 'file', a folder of JSON-lines segments; 'postgres', a table several gateways share.",
+    ),
     o.Option("path", o.directory_path, "var/audit", "The store's folder, relative to this file."),
     o.Option(
         "fsync",
@@ -113,6 +122,32 @@ STORE_OPTIONS = (
         o.integer(minimum=4096),
         64 * 1024 * 1024,
         "Start a new segment file once the current one is this large.",
+    ),
+    o.Option(
+        "checkpoint_events",
+        o.integer(minimum=1),
+        1000,
+        "Sign a checkpoint of the record after this many events (with gateway.signing_key).",
+    ),
+    o.Option(
+        "checkpoint_interval",
+        o.duration,
+        60.0,
+        "Sign a checkpoint at least this often while events come in, and always when the gateway stops.",
+    ),
+    o.Option(
+        "postgres",
+        lambda value, path: _load_module("hoopgw.store.postgres").parse_options(value, path),
+        None,
+        "For backend postgres: dsn (a libpq connection string without the password), password ({file: PATH} "
+        "or {env: VARIABLE}) and schema.",
+    ),
+    o.Option(
+        "retention",
+        lambda value, path: _load_module("hoopgw.store.retention").parse_retention(value, path),
+        None,
+        "How long the record is kept online and in all: 'pci-dss-10.5.1' (3 months online, 12 months kept) "
+        "or {online: 90d, keep: 365d, purge: false}.",
     ),
 )
 
@@ -281,6 +316,8 @@ def _parse(document, path):
         raise ConfigError(unknown[0], "unknown section; expected gateway, identity_providers and connections")
     gateway_raw = o.parse_options(GATEWAY_OPTIONS, document.get("gateway"), "gateway")
     store = StoreConfig(**o.parse_options(STORE_OPTIONS, gateway_raw["store"], "gateway.store"))
+    if store.backend == "postgres" and store.postgres is None:
+        raise ConfigError("gateway.store.postgres", "is required with backend postgres: give at least its dsn")
     admin = None
     if gateway_raw["admin"] is not None:
         admin = o.parse_options(ADMIN_OPTIONS, gateway_raw["admin"], "gateway.admin")

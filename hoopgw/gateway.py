@@ -5,6 +5,7 @@ service.
 """
 
 import importlib
+import os
 
 import attr
 from twisted.application import service, strports
@@ -14,6 +15,7 @@ from twisted.logger import Logger
 from hoopgw import __version__
 from hoopgw.chain import AddonChain
 from hoopgw.config import PROTOCOLS
+from hoopgw.options import ConfigError
 
 
 @attr.s(frozen=True)
@@ -57,6 +59,17 @@ class Gateway(service.MultiService):
         self.reactor = reactor
         self.store = store
         self.approvals = None
+        # Names this run of the gateway in the record: its start, its stop
+        # and its sessions carry it, so verify can tell which sessions a
+        # stop (or a crash) ended when several gateways share a store.
+        self.instance = "g-" + os.urandom(8).hex()
+        self.signer = load_signer(config.gateway.signing_key)
+        if self.signer is not None:
+            store.use_signer(
+                self.signer,
+                every_events=config.gateway.store.checkpoint_events,
+                every_seconds=config.gateway.store.checkpoint_interval,
+            )
         self.identity_providers = {
             name: provider.build(reactor) for name, provider in config.identity_providers.items()
         }
@@ -87,9 +100,18 @@ class Gateway(service.MultiService):
         return self.store.append(event)
 
     def startService(self):
+        starting = getattr(self.store, "start", None)
+        if starting is not None:
+            # What the store found on opening (a crash, a torn line) goes in
+            # before this run's start.
+            starting().addErrback(lambda failure: self.log.failure("Recording the store's recovery failed", failure))
         self.record(
             {
                 "type": "gateway.start",
+                "gateway": self.instance,
+                "signing_key": {"key_id": self.signer.key_id, "public_key": self.signer.public_pem}
+                if self.signer is not None
+                else None,
                 "version": __version__,
                 "config": self.config.path,
                 "config_sha256": self.config.digest,
@@ -115,7 +137,24 @@ class Gateway(service.MultiService):
             consumeErrors=True,
         )
         try:
-            yield self.record({"type": "gateway.stop", "version": __version__})
+            yield self.record({"type": "gateway.stop", "gateway": self.instance, "version": __version__})
         except Exception:
             self.log.failure("Recording the gateway stop failed")
         yield self.store.close()
+
+
+def load_signer(secret):
+    """
+    The checkpoint signer from C{gateway.signing_key}, or None when the
+    record is not to be signed.
+
+    @raise ConfigError: naming the key when it cannot be used.
+    """
+    if secret is None:
+        return None
+    from hoopgw.store.signing import Signer, SigningKeyError
+
+    try:
+        return Signer.from_pem(secret.read_bytes(), "the signing key")
+    except SigningKeyError as error:
+        raise ConfigError(secret.path, str(error))

@@ -35,4 +35,8 @@ def makeService(options):
         store = open_store(config.gateway.store, reactor)
     except StoreError as error:
         raise usage.UsageError(str(error))
-    return Gateway(config, reactor, store)
+    try:
+        return Gateway(config, reactor, store)
+    except ConfigError as error:
+        store.close()
+        raise usage.UsageError("%s: %s" % (options["config"], error))

@@ -2,6 +2,11 @@
 The record addon: every session and command goes into the evidence store,
 and a command's event is durable before the command reaches the target.
 If the store cannot take it, the command is refused (fail closed).
+
+A front end that records a terminal session as an asciicast writes it with
+the store's C{write_attachment} and puts C{{"name": NAME, "sha256": HEX}}
+in C{session.attributes["cast"]}: the session's end event then commits the
+digest to the chain (L{hoopgw.store.events.CAST}), and verify checks it.
 """
 
 import time
@@ -11,6 +16,7 @@ from twisted.logger import Logger
 from hoopgw import cards
 from hoopgw import options as o
 from hoopgw.addon import AddonFactory
+from hoopgw.store.events import CAST
 
 
 def session_fields(session):
@@ -59,6 +65,7 @@ class Record:
 
     def __init__(self, options, context):
         self._store = context.store
+        self._gateway = getattr(context.gateway, "instance", None)
         self._rows = options["result_rows"]
         self._bytes = options["result_bytes"]
         if not (self._rows or self._bytes):
@@ -71,6 +78,8 @@ class Record:
     def session_started(self, session):
         state = session.metadata["record"] = {"commands": 0, "started": True}
         event = dict(session_fields(session), type="session.start", attributes=session.attributes)
+        if self._gateway:
+            event["gateway"] = self._gateway
         if session.identity is not None:
             event["identity"] = session.identity.to_json()
         return self._append(event).addCallback(lambda _: None)
@@ -97,7 +106,9 @@ class Record:
             return
         sample = command.metadata.get("record_sample")
         if sample is None:
-            sample = command.metadata["record_sample"] = {"rows": [], "bytes": b""}
+            sample = command.metadata["record_sample"] = {"rows": [], "bytes": b"", "masked": 0}
+        # What the mask addon changed, counted for the evidence report.
+        sample["masked"] += chunk.masked + chunk.withheld
         if chunk.kind == "rows":
             room = self._rows - len(sample["rows"])
             if room > 0:
@@ -126,6 +137,8 @@ class Record:
             if command.redacted_parameters:
                 event["parameters"] = list(command.redacted_parameters)
         sample = command.metadata.get("record_sample")
+        if sample is not None and sample.get("masked"):
+            event["masked"] = sample["masked"]
         if sample is not None and (sample["rows"] or sample["bytes"]):
             event["results"] = {
                 "columns": sample.get("columns", []),
@@ -155,6 +168,11 @@ class Record:
             event.update(type="session.end", reason=session.attributes.get("end_reason", ""))
         if session.identity is not None:
             event["identity"] = session.identity.to_json()
+        if self._gateway:
+            event["gateway"] = self._gateway
+        cast = session.attributes.get(CAST)
+        if cast:
+            event[CAST] = {"name": cast["name"], "sha256": cast["sha256"]}
         return self._append(event)
 
 

@@ -11,7 +11,19 @@ def open_store(config, reactor):
 
     @raise StoreError: when it cannot be used.
     """
-    store = FileStore(config.path, reactor, fsync=config.fsync, segment_bytes=config.segment_bytes)
+    if config.backend == "postgres":
+        from hoopgw.store.postgres import PostgresStore
+
+        if config.retention is not None:
+            raise StoreError(
+                "gateway.store.retention applies to the file backend; a PostgreSQL store keeps every row: "
+                "export bundles on a schedule (hoopgw export) and archive them instead"
+            )
+        store = PostgresStore(config.postgres, reactor)
+    else:
+        store = FileStore(config.path, reactor, fsync=config.fsync, segment_bytes=config.segment_bytes)
+        if config.retention is not None:
+            store.use_retention(config.retention)
     store.open()
     return store
 

@@ -7,6 +7,7 @@ Deferred fires only once its event is on disk (write-ahead).
 
 import errno
 import fcntl
+import gzip
 import hashlib
 import json
 import os
@@ -20,9 +21,12 @@ from zope.interface import implementer
 
 from hoopgw.interfaces import IStore
 from hoopgw.store import events
+from hoopgw.store.checkpoints import GATEWAY_RECOVERED, ChainState, CheckpointSchedule
 
 
 SEGMENT = re.compile(r"^events-(\d{12})\.jsonl$")
+ARCHIVED = re.compile(r"^events-(\d{12})\.jsonl\.gz$")
+ARCHIVE = "archive"
 
 
 class StoreError(Exception):
@@ -42,14 +46,40 @@ def segment_paths(directory):
     return [os.path.join(directory, name) for name in sorted(names) if SEGMENT.match(name)]
 
 
+def all_segments(directory):
+    """
+    Every segment of the store in chain order, the archived (compressed,
+    in C{archive/}) before the live ones.  A segment found in both (a crash
+    while archiving) is read from the live copy.
+    """
+    live = segment_paths(directory)
+    names = {os.path.basename(path) for path in live}
+    try:
+        archived = sorted(os.listdir(os.path.join(directory, ARCHIVE)))
+    except FileNotFoundError:
+        archived = []
+    older = [
+        os.path.join(directory, ARCHIVE, name)
+        for name in archived
+        if ARCHIVED.match(name) and name[: -len(".gz")] not in names
+    ]
+    return sorted(older + live, key=lambda path: os.path.basename(path))
+
+
+def open_segment(path):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
 def read_events(directory):
     """
-    Every event in the store, in order, as C{(segment path, line number,
-    raw line, parsed event or None)}.  A line that is not JSON is given
-    with C{None} so that verify can name it.
+    Every event in the store (archived segments too), in order, as
+    C{(segment path, line number, raw line, parsed event or None)}.  A line
+    that is not JSON is given with C{None} so that verify can name it.
     """
-    for path in segment_paths(directory):
-        with open(path, "rb") as handle:
+    for path in all_segments(directory):
+        with open_segment(path) as handle:
             for number, raw in enumerate(handle, 1):
                 try:
                     event = json.loads(raw)
@@ -84,6 +114,35 @@ def _last_line(path):
     return (lines[-1] if lines else None), torn_at
 
 
+def publish_key(directory, key_id, pem):
+    """
+    Keep the public half of a signing key beside the events, as
+    C{keys/KEY_ID.pem}, so the evidence carries what it was signed with.
+    """
+    keys = os.path.join(directory, "keys")
+    os.makedirs(keys, exist_ok=True)
+    path = os.path.join(keys, key_id + ".pem")
+    if not os.path.exists(path):
+        with open(path, "w", encoding="ascii") as handle:
+            handle.write(pem)
+
+
+def _tail_from_last_checkpoint(segments):
+    """
+    The chain's events from its last checkpoint to its end (all of them
+    when it has none), reading segments from the last one backwards.
+    """
+    tail = []
+    for path in reversed(segments):
+        with open(path, "rb") as handle:
+            parsed = [json.loads(line) for line in handle if line.strip()]
+        for index in range(len(parsed) - 1, -1, -1):
+            if parsed[index].get("type") == events.CHECKPOINT:
+                return parsed[index:] + tail
+        tail = parsed + tail
+    return tail
+
+
 @implementer(IStore)
 class FileStore:
     """
@@ -96,7 +155,7 @@ class FileStore:
 
     log = Logger()
 
-    def __init__(self, directory, reactor, fsync=True, segment_bytes=64 * 1024 * 1024):
+    def __init__(self, directory, reactor, fsync=True, segment_bytes=64 * 1024 * 1024, clock=None):
         self.directory = directory
         self.casts = os.path.join(directory, "casts")
         self._reactor = reactor
@@ -111,8 +170,33 @@ class FileStore:
         self._queue = queue.SimpleQueue()
         self._writer = None
         self._recovered = None
-        self.seq = 0
-        self.head = events.GENESIS
+        self._unclean = None
+        self.state = ChainState()
+        self.signer = None
+        self._schedule = None
+        self._retention = None
+        self._retention_timer = None
+        # Where event timestamps come from (a test may turn it back).
+        self._clock = clock
+
+    @property
+    def seq(self):
+        return self.state.seq
+
+    @property
+    def head(self):
+        return self.state.head
+
+    def use_signer(self, signer, every_events=1000, every_seconds=60.0):
+        """
+        Sign the chain with C{signer} (a L{hoopgw.store.signing.Signer}):
+        a checkpoint every C{every_events} events or C{every_seconds}
+        seconds, and one when the store closes.  The public key is
+        published in the store's C{keys} folder.
+        """
+        self.signer = signer
+        self._schedule = CheckpointSchedule(self, self._reactor, every_events, every_seconds)
+        publish_key(self.directory, signer.key_id, signer.public_pem)
 
     def open(self):
         """
@@ -147,7 +231,8 @@ class FileStore:
                         "the last event of %s does not match its hash: the store was altered; "
                         "run 'hoopgw verify %s' before starting the gateway" % (path, self.directory)
                     )
-                self.seq, self.head = event["seq"], event["hash"]
+                self.state = ChainState.rebuild(_tail_from_last_checkpoint(segments))
+                self._note_unclean_end()
         else:
             path = os.path.join(self.directory, "events-%012d.jsonl" % (1,))
         self._open_segment(path)
@@ -175,6 +260,22 @@ class FileStore:
             "kept_in": os.path.basename(aside),
         }
 
+    def _note_unclean_end(self):
+        """
+        The previous run left gateways marked running, or events after the
+        last checkpoint of a signed record: it did not stop cleanly.  The
+        next start says so in the chain.
+        """
+        state = self.state
+        unsigned = (state.last_checkpoint is not None or state.running) and state.since_checkpoint > 0
+        if state.running or unsigned:
+            self._unclean = {
+                "type": GATEWAY_RECOVERED,
+                "crashed": sorted(state.running),
+                "unsigned": {"from": (state.last_checkpoint or 0) + 1, "to": state.seq} if unsigned else None,
+                "reason": "the previous run ended without stopping cleanly (a crash or a kill)",
+            }
+
     def _open_segment(self, path):
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._size = os.fstat(self._fd).st_size
@@ -182,19 +283,42 @@ class FileStore:
 
     def start(self):
         """
-        Write what recovery found, if anything.  @return: a L{Deferred}.
+        Write what recovery found, if anything, sign it, and start the
+        checkpoint timer.  @return: a L{Deferred}.
         """
+        written = []
         if self._recovered is not None:
             recovered, self._recovered = self._recovered, None
-            return self.append(recovered)
-        return defer.succeed(None)
+            written.append(self.append(recovered))
+        if self._unclean is not None:
+            unclean, self._unclean = self._unclean, None
+            written.append(self.append(unclean))
+            if self.signer is not None:
+                written.append(self.checkpoint("recovered"))
+        if self._schedule is not None:
+            self._schedule.start()
+        if self._retention_timer is not None and not self._retention_timer.running:
+            self._retention_timer.start(self._retention.check_interval, now=True)
+        return defer.gatherResults(written, consumeErrors=True).addCallback(lambda _: None)
+
+    def unsigned_events(self):
+        return self.state.since_checkpoint
+
+    def checkpoint(self, reason):
+        """
+        Append a signed checkpoint covering the chain so far.
+        """
+        event = {"type": events.CHECKPOINT, "reason": reason}
+        event.update(self.state.checkpoint_fields())
+        return self.append(event)
 
     def append(self, event):
         if self._broken is not None:
             return defer.fail(StoreError("the store failed earlier and takes no more events: %s" % (self._broken,)))
         if self._fd is None:
             return defer.fail(StoreError("the store is not open"))
-        data = events.seal(event, self.seq + 1, self.head)
+        now = self._clock() if self._clock is not None else None
+        data = events.seal(event, self.seq + 1, self.head, now=now, signer=self.signer)
         try:
             # Written at once, in order, so readers see it; made durable by
             # the next group commit.
@@ -204,9 +328,10 @@ class FileStore:
         except OSError as error:
             self._fail("writing %s failed: %s" % (self._segment, error.strerror))
             return defer.fail(StoreError(self._broken))
-        self.seq = event["seq"]
-        self.head = event["hash"]
+        self.state.account(event)
         self._size += len(data)
+        if self._schedule is not None:
+            self._schedule.appended(self.state.since_checkpoint)
         if not self._fsync:
             if self._size >= self._segment_bytes:
                 self._rotate()
@@ -271,6 +396,83 @@ class FileStore:
         os.close(self._fd)
         self._open_segment(os.path.join(self.directory, "events-%012d.jsonl" % (self.seq + 1,)))
 
+    def use_retention(self, policy):
+        """
+        Archive (and, if the policy says so, purge) old segments every
+        C{policy.check_interval} seconds while the store is open.
+        """
+        from twisted.internet import task
+
+        self._retention = policy
+        self._retention_timer = task.LoopingCall(self._retention_tick)
+        self._retention_timer.clock = self._reactor
+
+    def _retention_tick(self):
+        return self.archive().addErrback(lambda failure: self.log.failure("Archiving old segments failed", failure))
+
+    @defer.inlineCallbacks
+    def archive(self, now=None):
+        """
+        Apply the retention policy now: compress segments whose newest event
+        is older than the online period into C{archive/}, and with purge,
+        remove archived segments older than the keep period.  The chain
+        records each step and a checkpoint signs it before any file goes.
+
+        @return: a Deferred firing with C{(archived names, purged names)}.
+        """
+        import time
+
+        from hoopgw.store import retention
+
+        policy = self._retention
+        if now is None:
+            now = self._clock() if self._clock is not None else time.time()
+        archive_dir = os.path.join(self.directory, ARCHIVE)
+        archived, removals = [], []
+        for path in segment_paths(self.directory):
+            if path == self._segment:
+                break
+            first, last = yield threads.deferToThread(retention.bounds, path)
+            if last is None or now - events.epoch(last["ts"]) < policy.online:
+                break
+            target, digest, size = yield threads.deferToThread(retention.compress, path, archive_dir)
+            yield self.append({
+                "type": "store.archived",
+                "segment": os.path.basename(path),
+                "archive": os.path.join(ARCHIVE, os.path.basename(target)),
+                "first_seq": first["seq"],
+                "last_seq": last["seq"],
+                "last_hash": last["hash"],
+                "sha256": digest,
+                "bytes": size,
+                "reason": "older than %d days online (%s)" % (policy.online / 86400, policy.describe()),
+            })
+            archived.append(os.path.basename(path))
+            removals.append(path)
+        purged = []
+        if policy.purge:
+            names = sorted(name for name in os.listdir(archive_dir) if ARCHIVED.match(name)) if os.path.isdir(archive_dir) else []
+            for name in names:
+                path = os.path.join(archive_dir, name)
+                first, last = yield threads.deferToThread(retention.bounds, path)
+                if last is None or now - events.epoch(last["ts"]) < policy.keep:
+                    break
+                yield self.append({
+                    "type": "store.purged",
+                    "archive": os.path.join(ARCHIVE, os.path.basename(path)),
+                    "first_seq": first["seq"],
+                    "up_to": {"seq": last["seq"], "hash": last["hash"]},
+                    "reason": "older than %d days kept (%s)" % (policy.keep / 86400, policy.describe()),
+                })
+                purged.append(os.path.basename(path))
+                removals.append(path)
+        if removals:
+            if self.signer is not None:
+                yield self.checkpoint("retention")
+            for path in removals:
+                os.unlink(path)
+        return archived, purged
+
     def write_attachment(self, name, data):
         """
         Write a blob (an asciicast) into the store's C{casts} folder,
@@ -291,8 +493,16 @@ class FileStore:
 
     def close(self):
         """
-        Wait for pending appends, then stop the writer and release the files.
+        Sign what is not signed yet, wait for pending appends, then stop the
+        writer and release the files.
         """
+        if self._retention_timer is not None and self._retention_timer.running:
+            self._retention_timer.stop()
+        if self._schedule is not None:
+            schedule, self._schedule = self._schedule, None
+            schedule.stop()
+            if self.signer is not None and self.state.since_checkpoint and self._broken is None and self._fd is not None:
+                self.checkpoint("stop").addErrback(lambda failure: self.log.failure("The closing checkpoint failed", failure))
         if self._syncing:
             done = defer.Deferred()
             self._waiting.append((done, None))

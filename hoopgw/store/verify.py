@@ -1,14 +1,42 @@
 """
-Walk a store's chain and say whether it is intact, or name the first event
-that was edited, reordered or removed.
+Walk a record's chain and say whether an auditor can trust it, or name the
+first problem: an event edited, reordered or removed, a whole session
+removed, a checkpoint whose signature fails or that a key other than the
+expected one signed, an unsigned tail (the signed end cut off), a session
+or a gateway run without its end, an asciicast that does not match the
+digest committed for it.
 """
 
+import hashlib
 import os
 
 import attr
 
 from hoopgw.store import events as chaining
-from hoopgw.store.file import read_events
+from hoopgw.store.checkpoints import GATEWAY_RECOVERED, GATEWAY_START, GATEWAY_STOP
+from hoopgw.store.signing import SigningKeyError, Verifier
+from hoopgw.store.sources import SourceError, open_source
+
+
+# The short names of problems, for programs (and tests) that act on them.
+EDITED = "edited"
+REORDERED = "reordered"
+REMOVED = "removed"
+REMOVED_SESSION = "removed-session"
+UNSIGNED_TAIL = "unsigned-tail"
+WRONG_KEY = "wrong-key"
+BAD_SIGNATURE = "bad-signature"
+UNSIGNED = "unsigned"
+UNENDED = "unended"
+CAST_PROBLEM = "cast"
+UNREADABLE = "unreadable"
+
+
+class Problem(Exception):
+    def __init__(self, kind, message):
+        Exception.__init__(self, message)
+        self.kind = kind
+        self.message = message
 
 
 @attr.s
@@ -16,83 +44,436 @@ class Report:
     """
     What verify found.
 
-    @ivar problem: None if the chain is intact, else a sentence naming the
-        first broken event and why.
+    @ivar problem: None if the record can be trusted, else a sentence
+        naming the first problem.
+    @ivar kind: the problem's short name (L{EDITED}, L{REMOVED_SESSION}...).
+    @ivar notes: facts the auditor should know that are not problems (the
+        key the signatures were checked with, a tail not yet signed while
+        the gateway runs, a crash the record acknowledges).
     """
 
     events = attr.ib(default=0)
     head = attr.ib(default=chaining.GENESIS)
     problem = attr.ib(default=None)
+    kind = attr.ib(default=None)
+    first_seq = attr.ib(default=None)
+    last_seq = attr.ib(default=None)
+    checkpoints = attr.ib(default=0)
+    signed_through = attr.ib(default=None)
+    key_ids = attr.ib(factory=set)
+    sessions = attr.ib(default=0)
+    casts = attr.ib(default=0)
+    notes = attr.ib(factory=list)
+    views = attr.ib(default=None)
 
     @property
     def ok(self):
-        return self.problem is None
+        return self.problem is None and (self.views is None or self.views.ok)
 
     def summary(self):
-        if self.ok:
-            return "OK: %d events, chain intact, head %s" % (self.events, self.head)
-        return "BROKEN: %s" % (self.problem,)
+        if self.problem is not None:
+            return "BROKEN: %s" % (self.problem,)
+        if self.views is not None and not self.views.ok:
+            return "BROKEN: the chain of views of the record: %s" % (self.views.problem,)
+        text = "OK: %d events, chain intact, head %s" % (self.events, self.head)
+        if self.checkpoints:
+            text += "\n  signed: %d checkpoint(s), events %s to %s covered, key %s" % (
+                self.checkpoints,
+                self.first_seq,
+                self.signed_through,
+                ", ".join(sorted(self.key_ids)),
+            )
+        text += "\n  sessions: %d, each with its end; asciicasts checked: %d" % (self.sessions, self.casts)
+        for note in self.notes:
+            text += "\n  note: %s" % (note,)
+        if self.views is not None:
+            text += "\n  views of the record (PCI DSS 10.2.1.3): %d events, chain intact" % (self.views.events,)
+            if self.views.checkpoints:
+                text += ", signed through %s" % (self.views.signed_through,)
+        return text
 
 
-def _where(path, number):
-    return "%s line %d" % (os.path.basename(path), number)
-
-
-def verify_events(entries):
+class _Walk:
     """
-    Check a sequence of C{(path, line number, raw, event)}.
-
-    @return: a L{Report}.
+    One pass over a chain.
     """
-    report = Report()
-    expected_seq = 1
-    entries = iter(entries)
-    for path, number, raw, event in entries:
-        where = _where(path, number)
+
+    def __init__(self, source, trusted_key=None):
+        self.source = source
+        self.report = Report()
+        self.trusted = trusted_key
+        self.keys = {}
+        if trusted_key is None:
+            for key_id, pem in source.published_keys().items():
+                self._learn_key(pem, "published with the record")
+        self.anchor = source.anchor
+        self.expected_seq = None
+        self.counts = None
+        self.checkpoint_seen = False
+        self.signing_declared = False
+        self.last_checkpoint = None
+        self.late_signed = []
+        self.gateways = {}
+        self.sessions = {}
+        self.ended = set()
+        self.purged = None
+        self.start_gap = None
+        self.from_genesis = False
+
+    def _learn_key(self, pem, where):
+        try:
+            verifier = Verifier.from_pem(pem, where)
+        except SigningKeyError:
+            return
+        self.keys.setdefault(verifier.key_id, verifier)
+
+    def run(self):
+        entries = iter(self.source.entries())
+        try:
+            for where, raw, event in entries:
+                self._step(where, event, entries)
+            self._finish()
+        except Problem as problem:
+            self.report.problem = problem.message
+            self.report.kind = problem.kind
+        return self.report
+
+    def _step(self, where, event, rest):
+        report = self.report
         if not isinstance(event, dict):
-            report.problem = "%s is not a JSON event: the store was edited" % (where,)
-            return report
+            raise Problem(EDITED, "%s is not a JSON event: the record was edited" % (where,))
         seq = event.get("seq")
         if chaining.digest(event) != event.get("hash"):
-            report.problem = "event %s (%s) was edited: its content no longer matches its hash" % (seq, where)
-            return report
-        if event.get("prev") != report.head or seq != expected_seq:
-            report.problem = _explain_break(seq, where, expected_seq, entries)
-            return report
+            raise Problem(EDITED, "event %s (%s) was edited: its content no longer matches its hash" % (seq, where))
+        if self.expected_seq is None:
+            self._begin(event, where)
+        if event.get("prev") != report.head or seq != self.expected_seq:
+            raise self._explain_break(seq, where, rest, event)
+        kind = event.get("type")
+        if kind == chaining.CHECKPOINT:
+            self._checkpoint(event, where)
+        elif self.counts is not None:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+        self._lifecycle(kind, event, where)
         report.head = event["hash"]
+        report.last_seq = seq
         report.events += 1
-        expected_seq += 1
-    return report
+        self.expected_seq += 1
+
+    def _begin(self, event, where):
+        """
+        Where the walk starts: at the genesis, after a bundle's anchor, or
+        after segments removed by retention (which a later store.purged
+        event must account for).
+        """
+        if self.anchor is not None:
+            self.expected_seq = self.anchor["seq"] + 1
+            self.report.head = self.anchor["hash"]
+            if self.anchor["seq"] == 0:
+                self.from_genesis = True
+                self.counts = {}
+        elif event.get("seq") == 1:
+            self.expected_seq = 1
+            self.counts = {}
+            self.from_genesis = True
+        elif isinstance(event.get("seq"), int) and event["seq"] > 1:
+            self.start_gap = (event["seq"], event.get("prev"), where)
+            self.expected_seq = event["seq"]
+            self.report.head = event.get("prev")
+        else:
+            self.expected_seq = 1
+        self.report.first_seq = self.expected_seq
+
+    def _checkpoint(self, event, where):
+        report = self.report
+        seq = event["seq"]
+        covers = event.get("covers") or {}
+        if covers.get("seq") != seq - 1 or covers.get("hash") != event.get("prev"):
+            raise Problem(
+                BAD_SIGNATURE,
+                "the checkpoint at seq %d (%s) does not cover the event before it: the chain was rewritten" % (seq, where),
+            )
+        key_id = event.get("key_id")
+        verifier = self.trusted if self.trusted is not None and self.trusted.key_id == key_id else self.keys.get(key_id)
+        if verifier is None:
+            if self.trusted is not None:
+                raise Problem(
+                    WRONG_KEY,
+                    "the checkpoint at seq %d (%s) was signed by key %s, not by the key you gave (%s)"
+                    % (seq, where, key_id, self.trusted.key_id),
+                )
+            raise Problem(
+                WRONG_KEY,
+                "the checkpoint at seq %d (%s) was signed by key %s, which the record does not publish" % (seq, where, key_id),
+            )
+        if not verifier.check(chaining.checkpoint_message(event), event.get("signature") or ""):
+            raise Problem(
+                BAD_SIGNATURE,
+                "the signature of the checkpoint at seq %d (%s) does not verify with key %s: "
+                "the checkpoint or the chain it covers was changed after signing" % (seq, where, key_id),
+            )
+        signed_counts = event.get("counts") or {}
+        if self.counts is not None and self.counts != signed_counts:
+            raise Problem(
+                REMOVED,
+                "the checkpoint at seq %d was signed over other counts of events than the record holds (%s): "
+                "events were removed and the chain rewritten" % (seq, _describe_difference(signed_counts, self.counts)),
+            )
+        self.counts = dict(signed_counts)
+        self.counts[chaining.CHECKPOINT] = self.counts.get(chaining.CHECKPOINT, 0) + 1
+        self.checkpoint_seen = True
+        self.last_checkpoint = seq
+        report.checkpoints += 1
+        report.signed_through = seq
+        report.key_ids.add(key_id)
+
+    def _lifecycle(self, kind, event, where):
+        seq = event["seq"]
+        gateway = event.get("gateway")
+        if kind == GATEWAY_START:
+            declared = event.get("signing_key")
+            if declared:
+                self.signing_declared = True
+                if self.trusted is None and declared.get("public_key"):
+                    self._learn_key(declared["public_key"], "declared at seq %d" % (seq,))
+            if gateway:
+                self.gateways[gateway] = seq
+        elif kind == GATEWAY_STOP:
+            self.gateways.pop(gateway, None)
+            for session, (started, owner) in sorted(self.sessions.items(), key=lambda item: item[1][0]):
+                if owner == gateway:
+                    raise Problem(
+                        REMOVED_SESSION,
+                        "session %s (started at seq %d) has no end, although its gateway stopped at seq %d (%s): "
+                        "its end event was removed" % (session, started, seq, where),
+                    )
+        elif kind == GATEWAY_RECOVERED:
+            crashed = set(event.get("crashed") or ())
+            for name in crashed:
+                self.gateways.pop(name, None)
+            for session, (_, owner) in list(self.sessions.items()):
+                if owner in crashed:
+                    del self.sessions[session]
+            unsigned = event.get("unsigned")
+            if unsigned:
+                self.late_signed.append((unsigned.get("from"), unsigned.get("to"), seq))
+        elif kind == "store.purged":
+            self.purged = event.get("up_to")
+        elif kind == "session.start":
+            self.sessions[event.get("session")] = (seq, gateway)
+            self.report.sessions += 1
+        elif kind in ("session.end", "session.refused"):
+            session = event.get("session")
+            if kind == "session.end" and self.sessions.pop(session, None) is None and session not in self.ended:
+                if self.from_genesis:
+                    raise Problem(
+                        REMOVED_SESSION,
+                        "session %s ended at seq %d (%s) but its start is not in the record: "
+                        "its start event was removed" % (session, seq, where),
+                    )
+            self.ended.add(session)
+            cast = event.get(chaining.CAST)
+            if cast:
+                self._check_cast(session, cast, seq)
+
+    def _check_cast(self, session, cast, seq):
+        name, expected = cast.get("name"), cast.get("sha256")
+        data = self.source.attachment(name) if isinstance(name, str) else None
+        if data is None:
+            raise Problem(
+                CAST_PROBLEM,
+                "the asciicast %r of session %s (committed at seq %d) is missing from the record" % (name, session, seq),
+            )
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise Problem(
+                CAST_PROBLEM,
+                "the asciicast %r of session %s does not match the digest committed at seq %d: it was edited"
+                % (name, session, seq),
+            )
+        self.report.casts += 1
+
+    def _finish(self):
+        report = self.report
+        live = self.source.live()
+        running = self.source.running_gateways()
+        if self.start_gap is not None:
+            first, prev, where = self.start_gap
+            if not self.purged or self.purged.get("seq") != first - 1 or self.purged.get("hash") != prev:
+                span = "event 1 was removed" if first == 2 else "events 1 to %d were removed" % (first - 1,)
+                raise Problem(
+                    REMOVED,
+                    "%s: the record starts at event %d (%s) and no store.purged event accounts for it"
+                    % (span, first, where),
+                )
+            report.notes.append("events 1 to %d were removed under the retention policy (store.purged)" % (first - 1,))
+        if report.events == 0:
+            if self.trusted is not None:
+                raise Problem(UNSIGNED, "the record is empty")
+            return
+        signed = self.checkpoint_seen or self.signing_declared
+        if self.trusted is not None and not signed:
+            raise Problem(UNSIGNED, "the record is not signed at all, so nothing in it is signed by the key you gave")
+        if signed:
+            first_unsigned = (self.last_checkpoint or report.first_seq - 1) + 1
+            if first_unsigned <= report.last_seq:
+                span = "event %d comes" % (first_unsigned,) if first_unsigned == report.last_seq else (
+                    "events %d to %d come" % (first_unsigned, report.last_seq))
+                if live or running:
+                    report.notes.append(
+                        "%s after the last checkpoint: not signed yet (a gateway is writing to the record now)" % (span,)
+                    )
+                else:
+                    raise Problem(
+                        UNSIGNED_TAIL,
+                        "unsigned tail: %s after the last signed checkpoint (seq %s): the signed end of the record "
+                        "was removed, or a gateway did not stop cleanly (start it again to record the recovery)"
+                        % (span, self.last_checkpoint),
+                    )
+            if self.trusted is not None:
+                report.notes.append("signatures checked with the key you gave (%s)" % (self.trusted.key_id,))
+            else:
+                report.notes.append(
+                    "signatures checked with the key(s) published with the record (%s); "
+                    "pass --key with your own copy of the public key to rule out a substituted key"
+                    % (", ".join(sorted(report.key_ids)) or "none"),
+                )
+        else:
+            report.notes.append("the record is not signed (no gateway.signing_key was configured)")
+        for start, end, at in self.late_signed:
+            report.notes.append(
+                "events %s to %s were written by a run that crashed before signing them; "
+                "the record says so at seq %d and they are signed from there" % (start, end, at)
+            )
+        sliced = self.source.kind == "bundle"
+        for gateway, started in sorted(self.gateways.items(), key=lambda item: item[1]):
+            if sliced:
+                report.notes.append("gateway %s (started at seq %d) was still running where the bundle ends" % (gateway, started))
+            elif live or (running is not None and gateway in running):
+                report.notes.append("gateway %s (started at seq %d) is running" % (gateway, started))
+            else:
+                raise Problem(
+                    UNENDED,
+                    "gateway %s started at seq %d and never stopped, and is not running: the end of the record "
+                    "was removed, or it crashed (start a gateway on this store to record the recovery)" % (gateway, started),
+                )
+        still_open = [
+            (started, session, owner)
+            for session, (started, owner) in self.sessions.items()
+            if owner not in self.gateways and owner is not None
+        ]
+        for started, session, owner in sorted(still_open):
+            raise Problem(
+                REMOVED_SESSION,
+                "session %s (started at seq %d) never ended: its end event was removed" % (session, started),
+            )
+        open_sessions = len(self.sessions)
+        if open_sessions:
+            report.notes.append(
+                "%d session(s) still open at the end of the %s" % (open_sessions, "bundle" if sliced else "record")
+            )
+
+    def _explain_break(self, seq, where, rest, event):
+        """
+        The chain breaks at C{where}: say whether the expected event turns
+        up later (reordered), never (removed), and when a signed checkpoint
+        further on tells what kind of events went, whether a whole session
+        did.
+        """
+        expected = self.expected_seq
+        remainder = list(rest)
+        for later_where, _, later in remainder:
+            if isinstance(later, dict) and later.get("seq") == expected:
+                return Problem(
+                    REORDERED,
+                    "events were reordered: event %d is at %s, after event %s (%s)" % (expected, later_where, seq, where),
+                )
+        if isinstance(seq, int) and seq > expected:
+            if seq - expected == 1:
+                span = "event %d was removed" % (expected,)
+            else:
+                span = "events %d to %d were removed" % (expected, seq - 1)
+            text = "%s: the chain jumps from %d to %d at %s" % (span, expected - 1, seq, where)
+            missing = self._missing_by_checkpoint([event] + [later for _, _, later in remainder])
+            if missing:
+                kind = REMOVED
+                if missing.get("session.start") or missing.get("session.end"):
+                    kind = REMOVED_SESSION
+                    text = "a whole session was removed: " + text
+                text += " (%s)" % (missing["_text"],)
+                return Problem(kind, text)
+            return Problem(REMOVED, text)
+        return Problem(
+            REMOVED,
+            "event %s (%s) does not follow the event before it: the event before it was replaced or the chain "
+            "was rewritten" % (seq, where),
+        )
+
+    def _missing_by_checkpoint(self, following):
+        if self.counts is None:
+            return None
+        counts = dict(self.counts)
+        for event in following:
+            if not isinstance(event, dict):
+                continue
+            if event.get("type") == chaining.CHECKPOINT:
+                signed = event.get("counts") or {}
+                missing = {
+                    kind: signed.get(kind, 0) - counts.get(kind, 0)
+                    for kind in signed
+                    if signed.get(kind, 0) > counts.get(kind, 0)
+                }
+                if not missing:
+                    return None
+                missing["_text"] = "the signed checkpoint at seq %s counts %s more than the record holds" % (
+                    event.get("seq"),
+                    ", ".join("%d %s" % (number, kind) for kind, number in sorted(missing.items())),
+                )
+                return missing
+            counts[event.get("type")] = counts.get(event.get("type"), 0) + 1
+        return None
 
 
-def _explain_break(seq, where, expected_seq, rest):
-    """
-    The chain breaks at C{where}: say whether the expected event turns up
-    later (reordered) or never (removed).
-    """
-    later = None
-    for path, number, raw, event in rest:
-        if isinstance(event, dict) and event.get("seq") == expected_seq:
-            later = _where(path, number)
-            break
-    if later is not None:
-        return "events were reordered: event %d is at %s, after event %s (%s)" % (expected_seq, later, seq, where)
-    if isinstance(seq, int) and seq > expected_seq:
-        if seq - expected_seq == 1:
-            return "event %d was removed: the chain jumps from %d to %d at %s" % (
-                expected_seq, expected_seq - 1, seq, where)
-        return "events %d to %d were removed: the chain jumps from %d to %d at %s" % (
-            expected_seq, seq - 1, expected_seq - 1, seq, where)
-    return (
-        "event %s (%s) does not follow the event before it: "
-        "that event was replaced or the chain was rewritten" % (seq, where)
+def _describe_difference(signed, counted):
+    kinds = sorted(set(signed) | set(counted))
+    return ", ".join(
+        "%s: %d signed, %d found" % (kind, signed.get(kind, 0), counted.get(kind, 0))
+        for kind in kinds
+        if signed.get(kind, 0) != counted.get(kind, 0)
     )
 
 
-def verify_store(directory):
+def verify_source(source, key=None):
+    """
+    Verify a record (and the chain of its views, if it has one).
+
+    @param key: a L{Verifier} the auditor trusts, or None to use the keys
+        published with the record.
+    @return: a L{Report}.
+    """
+    report = _Walk(source, key).run()
+    views = source.views()
+    if views is not None:
+        report.views = _Walk(views, None).run()
+    return report
+
+
+def verify(spec, key_path=None):
+    """
+    Verify the record named by C{spec}: a store folder, an evidence bundle
+    or a PostgreSQL store.
+    """
+    try:
+        key = Verifier.from_file(key_path) if key_path else None
+        source = open_source(spec)
+    except (SourceError, SigningKeyError) as error:
+        return Report(problem=str(error), kind=UNREADABLE)
+    return verify_source(source, key)
+
+
+def verify_store(directory, key_path=None):
     """
     Verify the file store in C{directory}.
     """
     if not os.path.isdir(directory):
-        return Report(problem="%s is not a store folder" % (directory,))
-    return verify_events(read_events(directory))
+        return Report(problem="%s is not a store folder" % (directory,), kind=UNREADABLE)
+    return verify(directory, key_path)

@@ -1,0 +1,535 @@
+"""
+The shared evidence store: one append-only table in PostgreSQL that
+several gateway processes write to, keeping ONE hash chain with signed
+checkpoints, exactly as the file store does in a folder.
+
+- Append-only: triggers refuse UPDATE, DELETE and TRUNCATE on the events,
+  attachments and keys tables.  (A superuser can still disable a trigger:
+  that is what the chain and the signatures are for.)
+- One chain across processes: each batch of appends runs in a transaction
+  that first takes a transaction-level advisory lock, reads the head, seals
+  its events after it and inserts them; the next process's batch waits for
+  the lock, so sequence numbers and links never fork.
+- Write-ahead, group-committed: appends that arrive while a batch commits
+  go together in the next one, and an append's Deferred fires only once its
+  transaction has committed (synchronous_commit on).
+- Each running gateway holds a session-level advisory lock named after its
+  instance, taken in the transaction that records its start: a gateway
+  whose start has no stop and whose lock is free has crashed, which the
+  next gateway to start records (gateway.recovered).
+- Every commit sends NOTIFY on the events channel with the last seq, and
+  L{PostgresStore.notify} / L{PostgresStore.listen} carry any other
+  channel on the same connection: the approvals broker shares approvals
+  between gateways this way.
+"""
+
+import hashlib
+import json
+import re
+
+import attr
+import psycopg2
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from hoopgw import options as o
+from hoopgw.interfaces import IStore
+from hoopgw.options import ConfigError
+from hoopgw.store import events as chaining
+from hoopgw.store.checkpoints import GATEWAY_RECOVERED, GATEWAY_START, GATEWAY_STOP, ChainState, CheckpointSchedule
+from hoopgw.store.file import StoreError
+
+# The advisory lock namespace (pg_advisory_lock(int, int)'s first key):
+# "hoop" in ASCII.  Object 0 serialises appends; other objects are gateways.
+LOCK_CLASS = 0x686F6F70
+APPEND_LOCK = 0
+EVENTS_CHANNEL = "hoopgw_events"
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def _schema_name(value, path):
+    value = o.string(value, path)
+    if not _SCHEMA_NAME.match(value):
+        raise ConfigError(path, "expected a lower-case SQL name (letters, digits, _), got %r" % (value,))
+    return value
+
+
+OPTIONS = (
+    o.Option(
+        "dsn",
+        o.string,
+        o.REQUIRED,
+        "A libpq connection string for the audit database, without the password "
+        "(host=db port=5432 dbname=audit user=hoopgw sslmode=verify-full sslrootcert=ca.crt).",
+    ),
+    o.Option("password", o.secret, None, "The password of the store's role: {file: PATH} or {env: VARIABLE}."),
+    o.Option("schema", _schema_name, "hoopgw", "The schema holding the events, attachments and keys tables."),
+)
+
+
+@attr.s(frozen=True)
+class PostgresStoreConfig:
+    dsn = attr.ib()
+    password = attr.ib(repr=False)
+    schema = attr.ib()
+
+
+def parse_options(raw, path):
+    return PostgresStoreConfig(**o.parse_options(OPTIONS, raw, path))
+
+
+def gateway_lock(instance):
+    """
+    The advisory lock object (a positive 31-bit integer) naming a gateway run.
+    """
+    return int(hashlib.sha256(instance.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def schema_sql(schema):
+    """
+    The DDL of the store, idempotent.
+    """
+    return """
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.events (
+    seq bigint PRIMARY KEY,
+    ts text NOT NULL,
+    type text NOT NULL,
+    session text,
+    hash text NOT NULL UNIQUE,
+    line text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_type ON {s}.events (type, seq);
+CREATE INDEX IF NOT EXISTS events_session ON {s}.events (session) WHERE session IS NOT NULL;
+CREATE TABLE IF NOT EXISTS {s}.attachments (
+    name text PRIMARY KEY,
+    sha256 text NOT NULL,
+    data bytea NOT NULL,
+    created timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {s}.keys (
+    key_id text PRIMARY KEY,
+    public_key text NOT NULL,
+    created timestamptz NOT NULL DEFAULT now()
+);
+CREATE OR REPLACE FUNCTION {s}.refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the audit table %.% is append-only: % is refused', TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'hoopgw evidence is never changed; archive it with hoopgw export';
+END
+$$;
+CREATE OR REPLACE TRIGGER append_only BEFORE UPDATE OR DELETE ON {s}.events
+    FOR EACH ROW EXECUTE FUNCTION {s}.refuse_change();
+CREATE OR REPLACE TRIGGER append_only_truncate BEFORE TRUNCATE ON {s}.events
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.refuse_change();
+CREATE OR REPLACE TRIGGER append_only BEFORE UPDATE OR DELETE ON {s}.attachments
+    FOR EACH ROW EXECUTE FUNCTION {s}.refuse_change();
+CREATE OR REPLACE TRIGGER append_only_truncate BEFORE TRUNCATE ON {s}.attachments
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.refuse_change();
+CREATE OR REPLACE TRIGGER append_only BEFORE UPDATE OR DELETE ON {s}.keys
+    FOR EACH ROW EXECUTE FUNCTION {s}.refuse_change();
+CREATE OR REPLACE TRIGGER append_only_truncate BEFORE TRUNCATE ON {s}.keys
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.refuse_change();
+""".format(s=schema)
+
+
+def _connect_arguments(config):
+    arguments = {"dsn": config.dsn}
+    if config.password is not None:
+        arguments["password"] = config.password.read_text()
+    return arguments
+
+
+def prepare_schema(config):
+    """
+    Create the store's tables if they are missing (blocking; at start-up).
+
+    @raise StoreError: if the database cannot be reached or changed.
+    """
+    try:
+        connection = psycopg2.connect(**_connect_arguments(config))
+    except psycopg2.Error as error:
+        raise StoreError("cannot connect to the PostgreSQL store (%s): %s" % (config.dsn, str(error).strip()))
+    try:
+        with connection, connection.cursor() as cursor:
+            # Two gateways starting at once must not race on CREATE.
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, APPEND_LOCK))
+            cursor.execute(schema_sql(config.schema))
+    except psycopg2.Error as error:
+        raise StoreError(
+            "cannot prepare the schema %s of the PostgreSQL store: %s; create it as its owner "
+            "(see 'hoopgw.store.postgres.schema_sql') and grant this role SELECT and INSERT" % (config.schema, str(error).strip())
+        )
+    finally:
+        connection.close()
+
+
+@implementer(IStore)
+class PostgresStore:
+    """
+    The evidence store in a PostgreSQL database, shared by gateway
+    processes.
+    """
+
+    log = Logger()
+
+    def __init__(self, config, reactor):
+        self.config = config
+        self._reactor = reactor
+        self._table = config.schema + ".events"
+        self._connection = None
+        self._connecting = None
+        self._queue = []
+        self._writing = False
+        self._broken = None
+        self._closed = False
+        self._first_batch = True
+        self.signer = None
+        self._schedule = None
+        self.unsigned = 0
+        self.seq = 0
+        self.head = chaining.GENESIS
+
+    def open(self):
+        prepare_schema(self.config)
+
+    def use_signer(self, signer, every_events=1000, every_seconds=60.0):
+        self.signer = signer
+        self._schedule = CheckpointSchedule(self, self._reactor, every_events, every_seconds)
+
+    def start(self):
+        """
+        Connect; the first batch records what it finds of crashed gateways.
+        """
+        if self._schedule is not None:
+            self._schedule.start()
+        return self._connect().addCallback(lambda _: None)
+
+    def _connect(self):
+        if self._connection is not None:
+            return defer.succeed(self._connection)
+        if self._connecting is None:
+            from txpostgres import txpostgres
+
+            connection = txpostgres.Connection(reactor=self._reactor)
+            self._connecting = connection.connect(**_connect_arguments(self.config))
+
+            def connected(_):
+                self._connection = connection
+                return connection.runOperation("SET synchronous_commit = on").addCallback(lambda _: connection)
+
+            def failed(failure):
+                self._connecting = None
+                self._fail("connecting to the PostgreSQL store failed: %s" % (failure.getErrorMessage().strip(),))
+                return failure
+
+            self._connecting.addCallbacks(connected, failed)
+        waiting = defer.Deferred()
+        self._connecting.addBoth(lambda result: (waiting.callback(result), result)[1])
+        return waiting
+
+    def _fail(self, reason):
+        if self._broken is None:
+            self._broken = reason
+            self.log.critical("Audit store failure: {reason}", reason=reason)
+
+    def append(self, event):
+        if self._broken is not None:
+            return defer.fail(StoreError("the store failed earlier and takes no more events: %s" % (self._broken,)))
+        if self._closed:
+            return defer.fail(StoreError("the store is closed"))
+        d = defer.Deferred()
+        self._queue.append((d, event))
+        if not self._writing:
+            self._write()
+        return d
+
+    def unsigned_events(self):
+        return self.unsigned
+
+    def checkpoint(self, reason):
+        return self.append({"type": chaining.CHECKPOINT, "reason": reason})
+
+    @defer.inlineCallbacks
+    def _write(self):
+        self._writing = True
+        try:
+            while self._queue and self._broken is None:
+                batch, self._queue = self._queue, []
+                try:
+                    connection = yield self._connect()
+                    sealed = yield connection.runInteraction(self._append_batch, [event for _, event in batch])
+                except Exception as error:
+                    self._fail("writing to the PostgreSQL store failed: %s" % (str(error).strip() or type(error).__name__,))
+                    for d, _ in batch + self._queue:
+                        d.errback(StoreError(self._broken))
+                    self._queue = []
+                    return
+                for (d, _), event in zip(batch, sealed):
+                    d.callback(event)
+                if self._schedule is not None:
+                    self._schedule.appended(self.unsigned)
+        finally:
+            self._writing = False
+
+    @defer.inlineCallbacks
+    def _append_batch(self, cursor, batch):
+        """
+        In one transaction: lock the chain, read its head, seal and insert
+        the batch, tell listeners.  The first batch of this process first
+        records gateways found crashed.
+        """
+        yield cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, APPEND_LOCK))
+        yield cursor.execute("SELECT seq, hash FROM {t} ORDER BY seq DESC LIMIT 1".format(t=self._table))
+        row = cursor.fetchone()
+        seq, head = (row[0], row[1]) if row else (0, chaining.GENESIS)
+        sealed = []
+        wanted = len(batch)
+        if self._first_batch:
+            recovered = yield self._recovery(cursor)
+            if recovered is not None:
+                batch = [recovered] + ([{"type": chaining.CHECKPOINT, "reason": "recovered"}] if self.signer else []) + batch
+        unsigned = self.unsigned
+        for event in batch:
+            if event.get("type") == chaining.CHECKPOINT:
+                state = yield self._state(cursor)
+                event.update(state.checkpoint_fields())
+            line = chaining.seal(event, seq + 1, head, signer=self.signer)
+            seq, head = event["seq"], event["hash"]
+            yield cursor.execute(
+                "INSERT INTO {t} (seq, ts, type, session, hash, line) VALUES (%s, %s, %s, %s, %s, %s)".format(t=self._table),
+                (seq, event["ts"], event["type"], event.get("session"), head, line.decode("utf-8").rstrip("\n")),
+            )
+            kind = event["type"]
+            if kind == GATEWAY_START and event.get("gateway"):
+                # Held for as long as this process's connection lives: a crash frees it.
+                yield cursor.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, gateway_lock(event["gateway"])))
+                declared = event.get("signing_key")
+                if declared:
+                    yield cursor.execute(
+                        "INSERT INTO {s}.keys (key_id, public_key) VALUES (%s, %s) ON CONFLICT (key_id) DO NOTHING".format(
+                            s=self.config.schema),
+                        (declared["key_id"], declared["public_key"]),
+                    )
+            elif kind == GATEWAY_STOP and event.get("gateway"):
+                yield cursor.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, gateway_lock(event["gateway"])))
+            unsigned = 0 if kind == chaining.CHECKPOINT else unsigned + 1
+            sealed.append(event)
+        yield cursor.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, str(seq)))
+        self._first_batch = False
+        self.seq, self.head, self.unsigned = seq, head, unsigned
+        # The caller's events, without the recovery this batch may have led with.
+        return sealed[len(sealed) - wanted :]
+
+    @defer.inlineCallbacks
+    def _state(self, cursor):
+        """
+        The chain's summary so far (within the transaction): the last
+        checkpoint and the events after it.
+        """
+        yield cursor.execute(
+            "SELECT line FROM {t} WHERE seq >= coalesce((SELECT max(seq) FROM {t} WHERE type = %s), 1) ORDER BY seq".format(
+                t=self._table),
+            (chaining.CHECKPOINT,),
+        )
+        rows = cursor.fetchall()
+        return ChainState.rebuild(json.loads(line) for (line,) in rows)
+
+    @defer.inlineCallbacks
+    def _recovery(self, cursor):
+        """
+        A gateway.recovered event for the gateways the chain says are running
+        but whose lock nobody holds, or None.
+        """
+        state = yield self._state(cursor)
+        if not state.running:
+            return None
+        yield cursor.execute(
+            "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND granted",
+            (LOCK_CLASS,),
+        )
+        held = {int(objid) for (objid,) in cursor.fetchall()}
+        crashed = sorted(gateway for gateway in state.running if gateway_lock(gateway) not in held)
+        if not crashed:
+            return None
+        return {
+            "type": GATEWAY_RECOVERED,
+            "crashed": crashed,
+            "unsigned": None,
+            "reason": "these gateways' runs ended without stopping (a crash or a kill); their connection to the store is gone",
+        }
+
+    def write_attachment(self, name, data):
+        """
+        Store a blob (an asciicast) in the attachments table, durably.
+        """
+        if "/" in name or name.startswith("."):
+            return defer.fail(ValueError("attachment names are plain file names, not %r" % (name,)))
+        digest = hashlib.sha256(data).hexdigest()
+
+        def insert(connection):
+            return connection.runOperation(
+                "INSERT INTO {s}.attachments (name, sha256, data) VALUES (%s, %s, %s)".format(s=self.config.schema),
+                (name, digest, psycopg2.Binary(data)),
+            )
+
+        return self._connect().addCallback(insert).addCallback(lambda _: digest)
+
+    def notify(self, channel, payload):
+        """
+        Send C{payload} (text) to every process listening on C{channel}.
+        """
+        return self._connect().addCallback(
+            lambda connection: connection.runOperation("SELECT pg_notify(%s, %s)", (channel, payload))
+        )
+
+    def listen(self, channel, callback):
+        """
+        Call C{callback(payload)} for every notification on C{channel}.
+
+        @return: a Deferred firing once listening.
+        """
+
+        def observer(notify):
+            if notify.channel == channel:
+                return callback(notify.payload)
+
+        def start(connection):
+            connection.addNotifyObserver(observer)
+            return connection.runOperation('LISTEN "%s"' % (channel.replace('"', ""),))
+
+        return self._connect().addCallback(start)
+
+    @defer.inlineCallbacks
+    def close(self):
+        """
+        Sign what this process wrote since its last checkpoint, wait for the
+        queue, and disconnect (which frees this process's gateway locks).
+        """
+        if self._schedule is not None:
+            self._schedule.stop()
+        if self.signer is not None and self.unsigned and self._broken is None:
+            try:
+                yield self.checkpoint("stop")
+            except Exception:
+                self.log.failure("The closing checkpoint failed")
+        while self._writing:
+            yield _later(self._reactor)
+        self._closed = True
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+def _later(reactor, delay=0.01):
+    from twisted.internet import task
+
+    return task.deferLater(reactor, delay, lambda: None)
+
+
+class _Running:
+    """
+    The gateways holding their lock now, asked by id.
+    """
+
+    def __init__(self, objids):
+        self._objids = objids
+
+    def __contains__(self, instance):
+        return isinstance(instance, str) and gateway_lock(instance) in self._objids
+
+    def __bool__(self):
+        return bool(self._objids)
+
+
+class PostgresSource:
+    """
+    A PostgreSQL store read for verify, the CLI and the replay server
+    (blocking psycopg2; run it off the reactor thread).
+    """
+
+    kind = "store"
+    anchor = None
+
+    def __init__(self, dsn, schema=None, password=None):
+        from hoopgw.store.sources import SourceError
+
+        self.dsn = dsn
+        self.name = _without_password(dsn)
+        self.schema = schema
+        try:
+            self._connection = psycopg2.connect(dsn, password=password) if password else psycopg2.connect(dsn)
+        except psycopg2.Error as error:
+            raise SourceError("cannot connect to the PostgreSQL store %s: %s" % (self.name, str(error).strip()))
+        self._connection.set_session(readonly=True, autocommit=True)
+        if self.schema is None:
+            # The store's schema: the first of the search path (options='-c
+            # search_path=...') holding an events table, else hoopgw.
+            with self._connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT s FROM unnest(current_schemas(false)) AS s "
+                    "WHERE to_regclass(quote_ident(s) || '.events') IS NOT NULL LIMIT 1"
+                )
+                row = cursor.fetchone()
+            self.schema = row[0] if row else "hoopgw"
+
+    def entries(self, page=5000):
+        last = None
+        while True:
+            with self._connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT seq, line FROM {s}.events WHERE %s IS NULL OR seq > %s ORDER BY seq LIMIT %s".format(
+                        s=self.schema),
+                    (last, last, page),
+                )
+                rows = cursor.fetchall()
+            for seq, line in rows:
+                raw = line.encode("utf-8") + b"\n"
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = None
+                yield "row seq %d" % (seq,), raw, event
+            if len(rows) < page:
+                return
+            last = rows[-1][0]
+
+    def attachment(self, name):
+        with self._connection.cursor() as cursor:
+            cursor.execute("SELECT data FROM {s}.attachments WHERE name = %s".format(s=self.schema), (name,))
+            row = cursor.fetchone()
+        return bytes(row[0]) if row else None
+
+    def published_keys(self):
+        with self._connection.cursor() as cursor:
+            cursor.execute("SELECT key_id, public_key FROM {s}.keys".format(s=self.schema))
+            return dict(cursor.fetchall())
+
+    def live(self):
+        return False
+
+    def running_gateways(self):
+        with self._connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND granted AND objid <> %s",
+                (LOCK_CLASS, APPEND_LOCK),
+            )
+            return _Running({int(objid) for (objid,) in cursor.fetchall()})
+
+    def views(self):
+        return None
+
+    def fingerprint(self):
+        with self._connection.cursor() as cursor:
+            cursor.execute("SELECT max(seq) FROM {s}.events".format(s=self.schema))
+            return cursor.fetchone()[0]
+
+    def close(self):
+        self._connection.close()
+
+
+def _without_password(dsn):
+    return re.sub(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "password=***", dsn)

@@ -1,0 +1,462 @@
+"""
+The shared PostgreSQL store: gateway processes (real twistd processes, and
+gateways in the test's reactor) writing one hash chain with signed
+checkpoints into one append-only table of a real PostgreSQL; verify over
+the shared chain; the table refusing UPDATE, DELETE and TRUNCATE; a crashed
+process noticed by the next one to start; tampering by someone who disables
+the triggers, named by verify; NOTIFY between stores.
+"""
+
+import os
+import signal
+import socket
+import sys
+import time
+
+import psycopg2
+import yaml
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from hoopgw import cli
+from hoopgw.store import postgres as pgstore
+from hoopgw.store import verify as verification
+from hoopgw.store.postgres import PostgresSource, PostgresStore, parse_options
+from hoopgw.throwaway import free_port
+from tests import evidence_support as es
+from tests import support
+from tests.support import in_thread, psql, token
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AUDIT_PASSWORD = "audit-secret-do-not-leak"
+_shared = {}
+
+
+def audit_database():
+    """
+    The database C{audit}, owned by the role C{audit_writer}, in the run's
+    cluster.
+    """
+    if "audit" not in _shared:
+        cluster = support.cluster()
+        cluster.create_role("audit_writer", AUDIT_PASSWORD)
+        cluster.create_database("audit", "audit_writer")
+        path = os.path.join(support.workspace(), "audit.password")
+        with open(path, "w") as handle:
+            handle.write(AUDIT_PASSWORD + "\n")
+        _shared["audit"] = path
+    return _shared["audit"]
+
+
+_schemas = iter(range(1, 10 ** 6))
+
+
+def store_settings(schema=None):
+    """
+    C{gateway.store} settings for a fresh schema of the audit database.
+    """
+    password = audit_database()
+    cluster = support.cluster()
+    schema = schema or "t%d_%s" % (next(_schemas), os.urandom(3).hex())
+    dsn = "host=127.0.0.1 port=%d dbname=audit user=audit_writer sslmode=verify-full sslrootcert=%s" % (
+        cluster.port, cluster.ca_path)
+    return {"backend": "postgres", "postgres": {"dsn": dsn, "password": {"file": password}, "schema": schema}}
+
+
+def source_for(settings):
+    postgres = settings["postgres"]
+    return PostgresSource(postgres["dsn"], schema=postgres["schema"], password=AUDIT_PASSWORD)
+
+
+def superuser(sql, params=None):
+    """
+    Run SQL as the cluster's superuser in the audit database (blocking).
+    """
+    cluster = support.cluster()
+    connection = psycopg2.connect(cluster.dsn("postgres", dbname="audit"))
+    try:
+        with connection, connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall() if cursor.description else None
+    finally:
+        connection.close()
+
+
+class GatewayProcess:
+    """
+    C{twistd --reactor=asyncio -n hoopgw} in its own process, on a
+    configuration the test writes.
+    """
+
+    def __init__(self, test, store):
+        self.directory = os.path.abspath(test.mktemp())
+        os.makedirs(self.directory)
+        self.port = free_port()
+        document = support.configuration_document(self.directory, {"payments": support.postgres_connection(self.port)})
+        document["gateway"]["store"] = dict(store, checkpoint_events=5)
+        document["gateway"]["signing_key"] = {"file": es.signing_key()[0]}
+        self.config = os.path.join(self.directory, "hoopgw.yaml")
+        with open(self.config, "w") as handle:
+            yaml.safe_dump(document, handle)
+        self.log = open(os.path.join(self.directory, "twistd.log"), "wb")
+        import subprocess
+
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        self.process = subprocess.Popen(
+            [twistd, "--reactor=asyncio", "-n", "--pidfile=", "hoopgw", "--config", self.config],
+            cwd=self.directory,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+        )
+        test.addCleanup(self.kill)
+
+    def wait_listening(self, timeout=30):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError("the gateway exited: %s" % (self.output(),))
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise AssertionError("the gateway does not listen: %s" % (self.output(),))
+
+    def output(self):
+        with open(os.path.join(self.directory, "twistd.log"), "rb") as handle:
+            return handle.read().decode("utf-8", "replace")
+
+    def stop(self, how=signal.SIGTERM, timeout=30):
+        self.process.send_signal(how)
+        self.process.wait(timeout)
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.log.close()
+
+    def dsn(self, user="ci-bot"):
+        return "host=127.0.0.1 port=%d dbname=payments user=%s sslmode=require connect_timeout=10" % (self.port, user)
+
+
+class SharedStoreTests(unittest.TestCase):
+    """
+    Several gateway processes, one chain.
+    """
+
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def test_two_processes_one_chain(self):
+        """
+        Two twistd gateway processes on one PostgreSQL store serve psql
+        sessions at the same time; their events interleave in ONE chain,
+        without gaps, signed by both.  One stops cleanly, the other is
+        killed (-9): verify names the killed run; a third gateway starting
+        on the store records the crash, and the shared chain then verifies
+        with the auditor's key.
+        """
+        settings = yield in_thread(store_settings)
+        first = GatewayProcess(self, settings)
+        second = GatewayProcess(self, settings)
+        yield in_thread(first.wait_listening)
+        yield in_thread(second.wait_listening)
+        runs = []
+        for round_number in range(3):
+            for process in (first, second):
+                runs.append(psql(process.dsn(), "-c", "SELECT %d AS round" % (round_number,), "-c", "SELECT 2",
+                                 password=token()))
+        results = yield defer.gatherResults(runs)
+        for out, err, code in results:
+            self.assertEqual(code, 0, err)
+        yield in_thread(first.stop)
+        source = yield in_thread(source_for, settings)
+        events = [event for _, _, event in (yield in_thread(lambda: list(source.entries())))]
+        self.assertEqual([event["seq"] for event in events], list(range(1, len(events) + 1)))
+        gateways = {event["gateway"] for event in events if event["type"] == "gateway.start"}
+        self.assertEqual(len(gateways), 2)
+        sessions = [event for event in events if event["type"] == "session.start"]
+        self.assertEqual(len(sessions), 6)
+        self.assertEqual({event["gateway"] for event in sessions}, gateways)
+        # Both processes' sessions interleave in the one chain.
+        owners = [event["gateway"] for event in sessions]
+        self.assertNotEqual(owners, sorted(owners))
+        report = yield in_thread(verification.verify_source, source, es.signing.Verifier.from_file(es.signing_key()[1]))
+        self.assertTrue(report.ok, report.problem)
+        self.assertIn("is running", report.summary())
+
+        yield in_thread(second.stop, signal.SIGKILL)
+        report = yield in_thread(verification.verify_source, source, es.signing.Verifier.from_file(es.signing_key()[1]))
+        self.assertIn(report.kind, (verification.UNSIGNED_TAIL, verification.UNENDED), report.problem)
+
+        third = es.SignedGateway(self, store=settings)
+        out, err, code = yield psql(third.dsn(), "-c", "SELECT 3", password=token())
+        self.assertEqual(code, 0, err)
+        yield third.stop()
+        events = [event for _, _, event in (yield in_thread(lambda: list(source.entries())))]
+        (recovered,) = [event for event in events if event["type"] == "gateway.recovered"]
+        self.assertEqual(len(recovered["crashed"]), 1)
+        self.assertIn(recovered["crashed"][0], gateways)
+        report = yield in_thread(verification.verify_source, source, es.signing.Verifier.from_file(es.signing_key()[1]))
+        self.assertTrue(report.ok, report.problem)
+        self.assertEqual(report.sessions, 7)
+        out = yield in_thread(_cli_verify, settings)
+        self.assertIn("OK: %d events" % (len(events),), out)
+
+    @defer.inlineCallbacks
+    def test_append_only(self):
+        """
+        UPDATE, DELETE and TRUNCATE on the audit tables are refused, even for
+        the superuser, with a sentence saying why.
+        """
+        settings = yield in_thread(store_settings)
+        harness = es.SignedGateway(self, store=settings)
+        yield harness.stop()
+        schema = settings["postgres"]["schema"]
+        for statement in (
+            "UPDATE {s}.events SET line = '{{}}' WHERE seq = 1",
+            "DELETE FROM {s}.events WHERE seq = 1",
+            "TRUNCATE {s}.events",
+            "DELETE FROM {s}.keys",
+        ):
+            error = yield self.assertFailure(in_thread(superuser, statement.format(s=schema)), psycopg2.Error)
+            self.assertIn("is append-only", str(error))
+        connection = yield in_thread(
+            psycopg2.connect, settings["postgres"]["dsn"], password=AUDIT_PASSWORD
+        )
+        self.addCleanup(connection.close)
+
+        def update_as_owner():
+            with connection, connection.cursor() as cursor:
+                cursor.execute("UPDATE {s}.events SET type = 'x'".format(s=schema))
+
+        error = yield self.assertFailure(in_thread(update_as_owner), psycopg2.Error)
+        self.assertEqual(error.pgcode, "42501")
+
+    @defer.inlineCallbacks
+    def test_notify_between_stores(self):
+        """
+        What one process sends with L{PostgresStore.notify} reaches another
+        that L{PostgresStore.listen}s on the channel: the path approvals take
+        between gateways.
+        """
+        settings = yield in_thread(store_settings)
+        config = parse_options(settings["postgres"], "gateway.store.postgres")
+        yield in_thread(pgstore.prepare_schema, config)
+        listener, sender = PostgresStore(config, reactor), PostgresStore(config, reactor)
+        self.addCleanup(listener.close)
+        self.addCleanup(sender.close)
+        received = defer.Deferred()
+        yield listener.listen("hoopgw_approvals", received.callback)
+        yield sender.notify("hoopgw_approvals", '{"approval": "a-1", "verdict": "approved"}')
+        payload = yield received
+        self.assertEqual(payload, '{"approval": "a-1", "verdict": "approved"}')
+
+
+def _cli_verify(settings):
+    import io
+
+    out = io.StringIO()
+    dsn = settings["postgres"]["dsn"] + " password=" + AUDIT_PASSWORD + " options='-c search_path=%s'" % (
+        settings["postgres"]["schema"],)
+    cli.main(["verify", dsn, "--key", es.signing_key()[1]], out=out)
+    return out.getvalue()
+
+
+_pristine = {}
+
+
+@defer.inlineCallbacks
+def pristine(test):
+    """
+    A schema holding a finished, signed record (made once per run).
+    """
+    if "settings" not in _pristine:
+        settings = yield in_thread(store_settings)
+        harness = es.SignedGateway(test, store=dict(settings, checkpoint_events=4))
+        out, err, code = yield psql(harness.dsn(), "-c", "SELECT 41 + 1 AS answer", "-c", "SELECT 2", password=token())
+        assert code == 0, err
+        session = yield es.terminal_session(harness)
+        yield harness.stop()
+        _pristine.update(settings=settings, session=session.id)
+    return _pristine["settings"]
+
+
+def copy_schema(settings):
+    """
+    A copy of a store's schema (tables, triggers, rows) under a new name,
+    its triggers disabled, as someone with the superuser's rights would
+    prepare to tamper.
+    """
+    copy = store_settings()
+    source, target = settings["postgres"]["schema"], copy["postgres"]["schema"]
+    superuser(pgstore.schema_sql(target))
+    for table in ("events", "attachments", "keys"):
+        superuser("INSERT INTO {t}.{n} SELECT * FROM {s}.{n}".format(t=target, s=source, n=table))
+        superuser("ALTER TABLE {t}.{n} DISABLE TRIGGER USER".format(t=target, n=table))
+    superuser("GRANT USAGE ON SCHEMA {t} TO audit_writer; GRANT SELECT ON ALL TABLES IN SCHEMA {t} TO audit_writer".format(
+        t=target))
+    return copy
+
+
+class TamperTests(unittest.TestCase):
+    """
+    Someone who can bypass the triggers (a superuser disabling them) changes
+    the shared store: verify names each kind of change.
+    """
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def tampered(self, *statements):
+        settings = yield pristine(self)
+        copy = yield in_thread(copy_schema, settings)
+        schema = copy["postgres"]["schema"]
+        for statement in statements:
+            yield in_thread(superuser, statement.format(s=schema, session=_pristine["session"]))
+        return copy
+
+    @defer.inlineCallbacks
+    def assertBroken(self, copy, kind, phrase, key=None):
+        source = yield in_thread(source_for, copy)
+        key = es.signing.Verifier.from_file(key or es.signing_key()[1])
+        report = yield in_thread(verification.verify_source, source, key)
+        source.close()
+        self.assertEqual(report.kind, kind, report.problem)
+        self.assertIn(phrase, report.problem)
+
+    @defer.inlineCallbacks
+    def test_intact_copy(self):
+        """
+        The copy, untouched, verifies: the tests below change only what they
+        say.
+        """
+        copy = yield self.tampered()
+        source = yield in_thread(source_for, copy)
+        report = yield in_thread(verification.verify_source, source, es.signing.Verifier.from_file(es.signing_key()[1]))
+        source.close()
+        self.assertTrue(report.ok, report.problem)
+        self.assertEqual(report.casts, 1)
+
+    @defer.inlineCallbacks
+    def test_edited(self):
+        """
+        A statement's text changed in its row: edited.
+        """
+        copy = yield self.tampered(
+            "UPDATE {s}.events SET line = replace(line, '41 + 1', '40 + 2') WHERE line LIKE '%%41 + 1%%'"
+        )
+        yield self.assertBroken(copy, verification.EDITED, "was edited")
+
+    @defer.inlineCallbacks
+    def test_reordered(self):
+        """
+        Two rows' contents swapped: reordered.
+        """
+        copy = yield self.tampered(
+            "UPDATE {s}.events e SET line = o.line FROM {s}.events o "
+            "WHERE (e.seq, o.seq) IN ((3, 4), (4, 3))"
+        )
+        yield self.assertBroken(copy, verification.REORDERED, "reordered")
+
+    @defer.inlineCallbacks
+    def test_removed_event(self):
+        """
+        A row deleted: removed.
+        """
+        copy = yield self.tampered("DELETE FROM {s}.events WHERE line LIKE '%%41 + 1%%' AND type = 'command'")
+        yield self.assertBroken(copy, verification.REMOVED, "was removed")
+
+    @defer.inlineCallbacks
+    def test_removed_session(self):
+        """
+        Every row of one session deleted: a whole session removed.
+        """
+        copy = yield self.tampered("DELETE FROM {s}.events WHERE session = '{session}'")
+        yield self.assertBroken(copy, verification.REMOVED_SESSION, "a whole session was removed")
+
+    @defer.inlineCallbacks
+    def test_unsigned_tail(self):
+        """
+        The closing checkpoint deleted: unsigned tail.
+        """
+        copy = yield self.tampered("DELETE FROM {s}.events WHERE seq = (SELECT max(seq) FROM {s}.events)")
+        yield self.assertBroken(copy, verification.UNSIGNED_TAIL, "unsigned tail")
+
+    @defer.inlineCallbacks
+    def test_wrong_key(self):
+        """
+        Verified with another key: wrong key.
+        """
+        copy = yield self.tampered()
+        yield self.assertBroken(copy, verification.WRONG_KEY, "not by the key you gave", key=es.signing_key("other")[1])
+
+    @defer.inlineCallbacks
+    def test_edited_cast(self):
+        """
+        The recording's bytes changed in the attachments table: named.
+        """
+        copy = yield self.tampered("UPDATE {s}.attachments SET data = data || '\\x0a'::bytea")
+        yield self.assertBroken(copy, verification.CAST_PROBLEM, "does not match the digest")
+
+
+class ReplayOnSharedStoreTests(unittest.TestCase):
+    """
+    The replay server over the PostgreSQL store records its views in the
+    shared chain (which takes several writers).
+    """
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_views_join_the_shared_chain(self):
+        """
+        An auditor signs in and lists the sessions of a PostgreSQL store;
+        the sign-in and the view are events of the shared chain, between
+        the replay server's own start and stop, and the chain verifies.
+        """
+        import treq
+        from twisted.web.client import HTTPConnectionPool
+        from urllib.parse import urlencode
+
+        from hoopgw.replay import tap
+
+        settings = yield in_thread(store_settings)
+        harness = es.SignedGateway(self, store=settings)
+        out, err, code = yield psql(harness.dsn(), "-c", "SELECT 1", password=token())
+        self.assertEqual(code, 0, err)
+        yield harness.stop()
+        port = free_port()
+        options = tap.Options()
+        options.parseOptions(["--config", harness.config_path, "--listen", "tcp:%d:interface=127.0.0.1" % (port,)])
+        service = yield in_thread(tap.build, options, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        base = "http://127.0.0.1:%d" % (port,)
+        response = yield treq.post(
+            base + "/signin",
+            data=urlencode({"token": token(subject="auditor-bob", groups=["auditors"])}).encode(),
+            headers={"content-type": ["application/x-www-form-urlencoded"]},
+            allow_redirects=False,
+            pool=pool,
+        )
+        yield response.content()
+        self.assertEqual(response.code, 303)
+        cookie = response.cookies()["hoopgw_replay"]
+        response = yield treq.get(base + "/sessions", cookies={"hoopgw_replay": cookie}, pool=pool)
+        body = yield response.text()
+        self.assertEqual(response.code, 200)
+        self.assertIn("ci-bot", body)
+        self.assertIn("Record verified.", body)
+        yield service.stopService()
+        source = yield in_thread(source_for, settings)
+        found = [event for _, _, event in (yield in_thread(lambda: list(source.entries())))]
+        kinds = [(event["type"], event.get("role"), event.get("auditor")) for event in found]
+        self.assertIn(("audit.signin", None, "auditor-bob"), kinds)
+        self.assertIn(("audit.view", None, "auditor-bob"), kinds)
+        self.assertIn(("gateway.stop", "replay", None), kinds)
+        report = yield in_thread(verification.verify_source, source, es.signing.Verifier.from_file(es.signing_key()[1]))
+        source.close()
+        self.assertTrue(report.ok, report.problem)
