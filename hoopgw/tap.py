@@ -19,6 +19,16 @@ class Options(usage.Options):
     optParameters = [["config", "c", "etc/hoopgw.yaml", "The gateway's YAML configuration file."]]
 
 
+class StartupError(SystemExit):
+    """
+    The gateway cannot start: twistd prints this sentence and exits 1,
+    without a traceback (a UsageError raised here would print one).
+    """
+
+    def __init__(self, message):
+        SystemExit.__init__(self, "hoopgw cannot start: %s" % (message,))
+
+
 def makeService(options):
     """
     Check the configuration, open the store and build the gateway service.
@@ -30,13 +40,13 @@ def makeService(options):
     try:
         config = configuration.load(options["config"])
     except ConfigError as error:
-        raise usage.UsageError("%s: %s" % (options["config"], error))
+        raise StartupError("%s: %s" % (options["config"], error))
     try:
         store = open_store(config.gateway.store, reactor)
     except StoreError as error:
-        raise usage.UsageError(str(error))
+        raise StartupError(str(error))
     try:
         return Gateway(config, reactor, store)
     except ConfigError as error:
         store.close()
-        raise usage.UsageError("%s: %s" % (options["config"], error))
+        raise StartupError("%s: %s" % (options["config"], error))

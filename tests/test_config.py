@@ -181,10 +181,10 @@ class TapTests(unittest.TestCase):
         self.assertIsInstance(gateway, service.MultiService)
         self.assertIsNotNone(gateway.getServiceNamed("connection:payments"))
 
-    def test_bad_file_is_a_usage_error(self):
+    def test_bad_file_stops_twistd(self):
         """
         A bad configuration stops twistd with the file, the key path and the
-        reason.
+        reason, as a sentence (SystemExit), not a traceback.
         """
         from hoopgw import tap
 
@@ -195,5 +195,6 @@ class TapTests(unittest.TestCase):
             handle.write("gateway: {}\nconnections: {}\n")
         options = tap.Options()
         options.parseOptions(["--config", path])
-        error = self.assertRaises(usage.UsageError, tap.makeService, options)
+        error = self.assertRaises(SystemExit, tap.makeService, options)
         self.assertIn("connections: is required", str(error))
+        self.assertIn("hoopgw cannot start", str(error))

@@ -351,7 +351,7 @@ class PostgresFrontend(protocol.Protocol):
         # Messages before a command that waits for its decision are held
         # back with it: they go out together, in one segment.
         if self._to_upstream and self.upstream is not None and self._waiting is None:
-            self.upstream.transport.writeSequence(self._to_upstream)
+            _send(self.upstream.transport, self._to_upstream)
             self._to_upstream = []
         if len(inbox) > INBOX_HIGH_WATER:
             self.valve.pause("inbox")
@@ -629,7 +629,7 @@ class PostgresFrontend(protocol.Protocol):
             self._up_pieces = [buffer[position:]]
             self._up_buffered = end - position
         if out:
-            self.transport.writeSequence(out)
+            _send(self.transport, out)
 
     def _suspend_relay(self, waiting, rest, out):
         """
@@ -988,6 +988,19 @@ def _then(outcome, callback, *arguments):
         return outcome.addCallback(callback, *arguments)
     callback(outcome, *arguments)
     return None
+
+
+def _send(transport, pieces):
+    """
+    Write a batch of messages now.  Twisted's TLS layer holds small writes
+    back until the next reactor iteration to aggregate them; the front end
+    already writes whole batches, so waiting only adds an iteration and a
+    timer to every statement.
+    """
+    transport.writeSequence(pieces)
+    aggregator = getattr(getattr(transport, "protocol", None), "_aggregator", None)
+    if aggregator is not None:
+        aggregator.flush()
 
 
 def _unregister(transport):

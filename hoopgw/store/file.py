@@ -127,20 +127,48 @@ def publish_key(directory, key_id, pem):
             handle.write(pem)
 
 
+_CHECKPOINT_MARK = b'"type":"checkpoint"'
+
+
+def _last_checkpoint_position(segments):
+    """
+    Where the chain's last checkpoint line starts: C{(segment index, byte
+    offset)}, or C{(0, 0)} when it has none.  Found by searching the raw
+    bytes backwards, so a long chain is not parsed to find its end.
+    """
+    for index in range(len(segments) - 1, -1, -1):
+        with open(segments[index], "rb") as handle:
+            data = handle.read()
+        end = len(data)
+        while True:
+            found = data.rfind(_CHECKPOINT_MARK, 0, end)
+            if found < 0:
+                break
+            line_start = data.rfind(b"\n", 0, found) + 1
+            line_end = data.find(b"\n", found)
+            try:
+                if json.loads(data[line_start : line_end if line_end >= 0 else None]).get("type") == events.CHECKPOINT:
+                    return index, line_start
+            except ValueError:
+                pass
+            end = line_start
+    return 0, 0
+
+
 def _tail_from_last_checkpoint(segments):
     """
     The chain's events from its last checkpoint to its end (all of them
-    when it has none), reading segments from the last one backwards.
+    when it has none), one at a time: memory stays flat however long the
+    chain is.
     """
-    tail = []
-    for path in reversed(segments):
-        with open(path, "rb") as handle:
-            parsed = [json.loads(line) for line in handle if line.strip()]
-        for index in range(len(parsed) - 1, -1, -1):
-            if parsed[index].get("type") == events.CHECKPOINT:
-                return parsed[index:] + tail
-        tail = parsed + tail
-    return tail
+    first, offset = _last_checkpoint_position(segments)
+    for index in range(first, len(segments)):
+        with open(segments[index], "rb") as handle:
+            if index == first:
+                handle.seek(offset)
+            for line in handle:
+                if line.strip():
+                    yield json.loads(line)
 
 
 @implementer(IStore)
