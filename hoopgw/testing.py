@@ -89,26 +89,14 @@ class FakeGateway:
         return self.store.append(event)
 
 
-@attr.s(frozen=True)
-class FakeContext:
-    connection = attr.ib(factory=FakeConnection)
-    gateway = attr.ib(factory=FakeGateway)
+def FakeContext(connection=None, gateway=None):
+    """
+    The context an addon is built with (L{hoopgw.gateway.AddonContext}),
+    around a L{FakeConnection} and a L{FakeGateway}.
+    """
+    from hoopgw.gateway import AddonContext
 
-    @property
-    def store(self):
-        return self.gateway.store
-
-    @property
-    def reactor(self):
-        return self.gateway.reactor
-
-    @property
-    def identity_providers(self):
-        return self.gateway.identity_providers
-
-    @property
-    def approvals(self):
-        return self.gateway.approvals
+    return AddonContext(connection=connection or FakeConnection(), gateway=gateway or FakeGateway())
 
 
 def build(factory, options=None, context=None):

@@ -47,19 +47,11 @@ class SignedGateway(support.GatewayHarness):
         self.port = port or free_port()
         if connections is None:
             connections = {"payments": support.postgres_connection(self.port)}
-        self.document = support.configuration_document(self.directory, connections)
-        self.document["gateway"]["store"].update(store or {})
+        document = support.configuration_document(self.directory, connections)
+        document["gateway"]["store"].update(store or {})
         if key is not None:
-            self.document["gateway"]["signing_key"] = {"file": signing_key(key)[0]}
-        self.config_path = os.path.join(self.directory, "hoopgw.yaml")
-        with open(self.config_path, "w") as handle:
-            yaml.safe_dump(self.document, handle)
-        self.config = configuration.load(self.config_path)
-        self.store_path = self.config.gateway.store.path
-        self.store = open_store(self.config.gateway.store, reactor)
-        self.gateway = Gateway(self.config, reactor, self.store)
-        self.gateway.startService()
-        test.addCleanup(self.stop)
+            document["gateway"]["signing_key"] = {"file": signing_key(key)[0]}
+        self.start(test, document)
 
     @property
     def public_key(self):

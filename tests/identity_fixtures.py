@@ -299,11 +299,6 @@ class IdentityGateway(support.GatewayHarness):
     """
 
     def __init__(self, test, providers=None, identity=None, connection=None, **connection_settings):
-        import yaml
-
-        from hoopgw import config as configuration
-        from hoopgw.gateway import Gateway
-        from hoopgw.store import open_store
         from hoopgw.throwaway import free_port
 
         self.directory = os.path.abspath(test.mktemp())
@@ -314,16 +309,7 @@ class IdentityGateway(support.GatewayHarness):
         settings.update(connection or {})
         all_providers = {"test": test_provider()}
         all_providers.update(providers or {})
-        self.document = support.configuration_document(self.directory, {"payments": settings}, providers=all_providers)
-        self.config_path = os.path.join(self.directory, "hoopgw.yaml")
-        with open(self.config_path, "w") as handle:
-            yaml.safe_dump(self.document, handle)
-        self.config = configuration.load(self.config_path)
-        self.store_path = self.config.gateway.store.path
-        self.store = open_store(self.config.gateway.store, reactor)
-        self.gateway = Gateway(self.config, reactor, self.store)
-        self.gateway.startService()
-        test.addCleanup(self.stop)
+        self.start(test, support.configuration_document(self.directory, {"payments": settings}, providers=all_providers))
 
     def provider(self, name):
         return self.gateway.identity_providers[name]

@@ -170,7 +170,14 @@ class GatewayHarness:
         self.port = free_port()
         if connections is None:
             connections = {"payments": postgres_connection(self.port, **connection_settings)}
-        self.document = configuration_document(self.directory, connections)
+        self.start(test, configuration_document(self.directory, connections))
+
+    def start(self, test, document):
+        """
+        Write C{document} as the configuration file, open its store and
+        start the gateway; it stops when the test ends.
+        """
+        self.document = document
         self.config_path = os.path.join(self.directory, "hoopgw.yaml")
         with open(self.config_path, "w") as handle:
             yaml.safe_dump(self.document, handle)

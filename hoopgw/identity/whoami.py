@@ -12,6 +12,7 @@ from twisted.internet import defer
 
 from hoopgw.identity.certificates import as_certificate
 from hoopgw.identity.errors import IdentityError
+from hoopgw.gateway import AddonContext
 from hoopgw.model import Credentials
 
 
@@ -26,28 +27,6 @@ class _Gateway:
     identity_providers = attr.ib()
     store = None
     approvals = None
-
-
-@attr.s(frozen=True)
-class _Context:
-    connection = attr.ib()
-    gateway = attr.ib()
-
-    @property
-    def store(self):
-        return None
-
-    @property
-    def reactor(self):
-        return self.gateway.reactor
-
-    @property
-    def identity_providers(self):
-        return self.gateway.identity_providers
-
-    @property
-    def approvals(self):
-        return None
 
 
 @defer.inlineCallbacks
@@ -71,7 +50,7 @@ def evaluate(config, reactor, token=None, certificate=None, only=None):
         if spec is None:
             entry.update(allowed=False, reason="its chain has no identity addon, so nobody gets in")
             continue
-        addon = spec.factory.build(spec.options, _Context(connection, gateway))
+        addon = spec.factory.build(spec.options, AddonContext(connection=connection, gateway=gateway))
         credentials = Credentials(
             password=token, client_certificate=as_certificate(certificate) if certificate is not None else None
         )

@@ -219,17 +219,13 @@ def parse_parse(payload):
     return name, sql, types
 
 
-def parse_bind(payload):
+def _values(payload, offset):
     """
-    @return: C{(portal, statement, parameter formats, parameter values,
-        result formats)}.
+    A count and that many length-prefixed values (-1 for NULL), as in Bind
+    and FunctionCall.
+
+    @return: C{(values, offset after them)}.
     """
-    portal, offset = read_cstring(payload, 0)
-    statement, offset = read_cstring(payload, offset)
-    count = _INT16.unpack_from(payload, offset)[0]
-    offset += 2
-    formats = struct.unpack_from("!%dH" % (count,), payload, offset)
-    offset += 2 * count
     count = _INT16.unpack_from(payload, offset)[0]
     offset += 2
     values = []
@@ -241,6 +237,21 @@ def parse_bind(payload):
         else:
             values.append(payload[offset : offset + length])
             offset += length
+    return values, offset
+
+
+def parse_bind(payload):
+    """
+    @return: C{(portal, statement, parameter formats, parameter values,
+        result formats)}.
+    """
+    portal, offset = read_cstring(payload, 0)
+    statement, offset = read_cstring(payload, offset)
+    count = _INT16.unpack_from(payload, offset)[0]
+    offset += 2
+    formats = struct.unpack_from("!%dH" % (count,), payload, offset)
+    offset += 2 * count
+    values, offset = _values(payload, offset)
     count = _INT16.unpack_from(payload, offset)[0]
     result_formats = struct.unpack_from("!%dH" % (count,), payload, offset + 2)
     return portal, statement, formats, values, result_formats
@@ -280,17 +291,7 @@ def parse_function_call(payload):
     offset += 2
     formats = struct.unpack_from("!%dH" % (count,), payload, offset)
     offset += 2 * count
-    count = _INT16.unpack_from(payload, offset)[0]
-    offset += 2
-    values = []
-    for _ in range(count):
-        length = _SIGNED32.unpack_from(payload, offset)[0]
-        offset += 4
-        if length < 0:
-            values.append(None)
-        else:
-            values.append(payload[offset : offset + length])
-            offset += length
+    values, _ = _values(payload, offset)
     return oid, formats, values
 
 
