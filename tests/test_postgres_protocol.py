@@ -36,6 +36,8 @@ DENY_ADDON = textwrap.dedent(
         def command_received(self, session, command):
             if "forbidden_table" in command.text:
                 return Decision.deny("forbidden_table is off limits", rule="test:forbidden", sqlstate="42501")
+            if "explode" in command.text:
+                raise RuntimeError("the addon blew up")
             return None
 
 
@@ -241,6 +243,28 @@ class ProtocolTests(unittest.TestCase):
         self.assertEqual(pipeline[-1], (b"Z", b"I"))
         self.assertEqual(self.ledger(), "0")
         self.assertIn((b"D", struct.pack("!HI", 1, 2) + b"42"), after)
+
+    @defer.inlineCallbacks
+    def test_failing_addon_denies(self):
+        """
+        An addon that raises denies the statement (fail closed): the client
+        is told which addon failed, the target never sees the statement, and
+        the record has the failure as the decision.
+        """
+
+        def run():
+            client = self.client()
+            client.startup()
+            return client.query("INSERT INTO ledger SELECT 1 WHERE 'explode' <> ''"), client.query("SELECT 1")
+
+        failed, after = yield in_thread(run)
+        error = errors(failed)[0]
+        self.assertEqual(error["code"], "42501")
+        self.assertIn("the deny_forbidden addon failed (RuntimeError: the addon blew up)", error["message"])
+        self.assertEqual(tags(after), ["SELECT 1"])
+        self.assertEqual(self.ledger(), "0")
+        (end,) = [e for e in self.gateway.events("command.end") if "explode" in e.get("text", "")]
+        self.assertEqual(end["decision"]["rule"], "deny_forbidden:error")
 
     @defer.inlineCallbacks
     def test_unknown_portal_refused(self):
