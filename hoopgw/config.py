@@ -45,7 +45,17 @@ class AddonSpec:
     path = attr.ib()
 
     def describe(self):
-        return {"name": self.name, "source": self.source}
+        """
+        What the record says of this step: which addon, from where, and a
+        digest of its options (they may name secrets' locations, never
+        secrets, but need not be spelled out to show that they changed).
+        """
+        options = repr(sorted(self.options.items(), key=lambda item: item[0]))
+        return {
+            "name": self.name,
+            "source": self.source,
+            "options_sha256": hashlib.sha256(options.encode("utf-8")).hexdigest(),
+        }
 
 
 @attr.s(frozen=True)

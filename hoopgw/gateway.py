@@ -6,6 +6,7 @@ service.
 
 import importlib
 import os
+import signal
 
 import attr
 from twisted.application import service, strports
@@ -53,8 +54,9 @@ class Gateway(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, config, reactor, store):
+    def __init__(self, config, reactor, store, reload_on_hangup=False):
         service.MultiService.__init__(self)
+        self._reload_on_hangup = reload_on_hangup
         self.config = config
         self.reactor = reactor
         self.store = store
@@ -92,6 +94,59 @@ class Gateway(service.MultiService):
         addons = [(spec.name, spec.factory.build(spec.options, context)) for spec in connection.addons]
         return AddonChain(addons, allowed_groups=connection.allowed_groups)
 
+    def reload(self):
+        """
+        Read the configuration file again and apply what can change while
+        the gateway runs: each connection's chain (its addons, their order
+        and options) and allowed groups.  New sessions get the new chain;
+        sessions already open keep theirs.  Each change is recorded with the
+        chain before and after; a file that is invalid, or that changes what
+        needs a restart (listeners, targets, identity providers, the store),
+        changes nothing and is recorded as refused.
+
+        @return: a L{Deferred} firing with the names of the connections whose
+            chain changed.
+        """
+        from hoopgw import config as configuration
+        from hoopgw.options import ConfigError
+
+        try:
+            new = configuration.load(self.config.path)
+            reason = _needs_restart(self.config, new)
+        except ConfigError as error:
+            reason = str(error)
+        if reason is not None:
+            self.log.error("Configuration not reloaded: {reason}", reason=reason)
+            return self.record({"type": "config.reload_refused", "gateway": self.instance, "reason": reason}).addCallback(
+                lambda _: []
+            )
+        changed = []
+        recorded = []
+        for name, connection in new.connections.items():
+            old = self.config.connections[name]
+            before = [spec.describe() for spec in old.addons]
+            after = [spec.describe() for spec in connection.addons]
+            if before == after and old.allowed_groups == connection.allowed_groups:
+                continue
+            chain = self.build_chain(connection)
+            self.chains[name] = chain
+            self.factories[name].chain = chain
+            changed.append(name)
+            recorded.append(
+                self.record(
+                    {
+                        "type": "chain.changed",
+                        "gateway": self.instance,
+                        "connection": name,
+                        "config_sha256": new.digest,
+                        "before": {"chain": before, "allowed_groups": sorted(old.allowed_groups)},
+                        "after": {"chain": after, "allowed_groups": sorted(connection.allowed_groups)},
+                    }
+                )
+            )
+        self.config = new
+        return defer.gatherResults(recorded, consumeErrors=True).addCallback(lambda _: changed)
+
     def record(self, event):
         """
         Append an event to the store.  @return: a L{Deferred} firing once it
@@ -128,6 +183,10 @@ class Gateway(service.MultiService):
             }
         ).addErrback(lambda failure: self.log.failure("Recording the gateway start failed", failure))
         service.MultiService.startService(self)
+        if self._reload_on_hangup:
+            # An operator turns addons on and off per connection by editing
+            # the file and sending SIGHUP; each change is recorded.
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -141,6 +200,22 @@ class Gateway(service.MultiService):
         except Exception:
             self.log.failure("Recording the gateway stop failed")
         yield self.store.close()
+
+
+def _needs_restart(old, new):
+    """
+    Why C{new} cannot be applied to a running gateway configured with
+    C{old}, or None if it can.
+    """
+    if old.gateway != new.gateway or old.identity_providers != new.identity_providers:
+        return "the gateway or identity provider settings changed: restart the gateway to apply them"
+    if set(old.connections) != set(new.connections):
+        return "connections were added or removed: restart the gateway to apply that"
+    for name, connection in new.connections.items():
+        before = old.connections[name]
+        if (before.protocol, before.listen, before.settings) != (connection.protocol, connection.listen, connection.settings):
+            return "the connection %r changed its listener or target: restart the gateway to apply that" % (name,)
+    return None
 
 
 def load_signer(secret):

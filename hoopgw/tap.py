@@ -46,7 +46,7 @@ def makeService(options):
     except StoreError as error:
         raise StartupError(str(error))
     try:
-        return Gateway(config, reactor, store)
+        return Gateway(config, reactor, store, reload_on_hangup=True)
     except ConfigError as error:
         store.close()
         raise StartupError("%s: %s" % (options["config"], error))

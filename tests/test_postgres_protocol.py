@@ -386,3 +386,69 @@ class ProtocolTests(unittest.TestCase):
                     return count
 
         self.assertEqual((yield in_thread(drain)), rows)
+
+
+class ReloadTests(unittest.TestCase):
+    """
+    Operators turn addons on and off per connection at run time (SIGHUP,
+    L{Gateway.reload}); every change is in the record.
+    """
+
+    @defer.inlineCallbacks
+    def test_chain_change_applies_to_new_sessions(self):
+        """
+        Adding an addon to the chain in the file and reloading: a new
+        session is held to it, a session already open keeps its chain, and
+        the record has the chain before and after.
+        """
+        import yaml
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        addon = os.path.join(directory, "deny_forbidden.py")
+        with open(addon, "w") as handle:
+            handle.write(DENY_ADDON)
+        gateway = GatewayHarness(self, allow_plaintext_password=True)
+        support.cluster().psql(
+            "CREATE TABLE IF NOT EXISTS forbidden_table(a int)", dbname="payments", user="app", password=support.APP_PASSWORD
+        )
+        bot = token()
+        old = RawClient(gateway.port, password=bot)
+        self.addCleanup(old.close)
+        yield in_thread(old.startup)
+
+        document = gateway.document
+        document["connections"]["payments"]["addons"] = ["identity", {"path": addon}, "record"]
+        with open(gateway.config_path, "w") as handle:
+            yaml.safe_dump(document, handle)
+        changed = yield gateway.gateway.reload()
+        self.assertEqual(changed, ["payments"])
+
+        new = RawClient(gateway.port, password=bot)
+        self.addCleanup(new.close)
+        yield in_thread(new.startup)
+        refused = yield in_thread(new.query, "SELECT * FROM forbidden_table")
+        self.assertEqual(errors(refused)[0]["code"], "42501")
+        allowed = yield in_thread(old.query, "SELECT * FROM forbidden_table")
+        self.assertEqual(errors(allowed), [])
+        (change,) = gateway.events("chain.changed")
+        self.assertEqual([step["name"] for step in change["before"]["chain"]], ["identity", "record"])
+        self.assertEqual([step["name"] for step in change["after"]["chain"]], ["identity", "deny_forbidden", "record"])
+
+    @defer.inlineCallbacks
+    def test_restart_only_changes_refused(self):
+        """
+        A reload that would move a listener changes nothing and is recorded
+        as refused, saying that a restart is needed.
+        """
+        import yaml
+
+        gateway = GatewayHarness(self)
+        document = gateway.document
+        document["connections"]["payments"]["listen"] = "tcp:%d:interface=127.0.0.1" % (support.free_port(),)
+        with open(gateway.config_path, "w") as handle:
+            yaml.safe_dump(document, handle)
+        changed = yield gateway.gateway.reload()
+        self.assertEqual(changed, [])
+        (refused,) = gateway.events("config.reload_refused")
+        self.assertIn("restart the gateway", refused["reason"])
