@@ -11,7 +11,6 @@ import time
 
 import yaml
 from twisted.internet import defer, reactor, task
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from hoopgw import pki
@@ -133,10 +132,8 @@ class Cluster:
             "KUBECONFIG": kubeconfig or self.kubeconfig,
         }
         args = ["--request-timeout=20s"] + list(arguments)
-        if stdin is not None:
-            d = support._run_with_stdin(KUBECTL, args, environment, stdin)
-        else:
-            d = getProcessOutputAndValue(KUBECTL, args, env=environment)
+        # stdin is closed unless given: kubectl asks for a password on a terminal otherwise.
+        d = support._run_with_stdin(KUBECTL, args, environment, stdin or b"")
         return d.addCallback(lambda result: (result[0].decode(), result[1].decode(), result[2]))
 
     def client(self, user_token=None):
@@ -271,3 +268,182 @@ class KubectlTests(unittest.TestCase):
         (created,) = [event for event in cluster.harness.events("command") if event["command"] == create["command"]]
         self.assertTrue(created["parameters"][0].startswith("<body, "))
         cluster.assert_token_kept(self, token())
+
+
+class PolicyTests(unittest.TestCase):
+    """
+    Denied and held requests as kubectl shows them.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.cluster = Cluster(self, addons=("identity", addon("deny-kubernetes"), addon("hold-deletes"), "record"))
+        yield self.cluster.ready()
+
+    @defer.inlineCallbacks
+    def test_denied(self):
+        """
+        A denied request never reaches the API server; kubectl prints the
+        gateway's Forbidden Status naming the rule, and the record has the
+        denial with code 403.
+        """
+        cluster = self.cluster
+        cluster.api.create(("", "v1", "namespaces"), None, {"metadata": {"name": "payments"}})
+        before = len(cluster.api.requests)
+        out, err, code = yield cluster.kubectl("delete", "namespace", "payments")
+        self.assertNotEqual(code, 0)
+        self.assertIn("Error from server (Forbidden): hoopgw denied this request: namespaces may not be deleted", err)
+        self.assertIn("(rule deny-delete-namespaces)", err)
+        self.assertIsNotNone(cluster.api.get(("", "v1", "namespaces"), None, "payments"))
+        self.assertNotIn(("DELETE", "/api/v1/namespaces/payments"), cluster.api.requests[before:])
+        (end,) = yield cluster.wait_for_end("delete", "namespaces")
+        self.assertEqual(end["decision"]["verdict"], "deny")
+        self.assertEqual(end["decision"]["rule"], "deny-delete-namespaces")
+        self.assertEqual(end["outcome"]["status"], "denied")
+        audit = end["outcome"]["audit"]
+        self.assertEqual(audit["responseStatus"]["code"], 403)
+        self.assertEqual(audit["responseStatus"]["reason"], "Forbidden")
+        self.assertEqual(audit["annotations"]["authorization.k8s.io/decision"], "forbid")
+        # As the API server's request info: a namespace is its own namespace.
+        self.assertEqual(
+            audit["objectRef"], {"resource": "namespaces", "namespace": "payments", "name": "payments", "apiVersion": "v1"}
+        )
+
+    @defer.inlineCallbacks
+    def test_exec_denied_in_prod(self):
+        """
+        kubectl exec (a WebSocket GET) is the verb create on pods/exec: the
+        rule for prod stops it before any process starts, and kubectl says
+        why.
+        """
+        cluster = self.cluster
+        cluster.api.create(("", "v1", "namespaces"), None, {"metadata": {"name": "prod"}})
+        cluster.api.create(("", "v1", "pods"), "prod", {"metadata": {"name": "db-0"}})
+        out, err, code = yield cluster.kubectl("exec", "-n", "prod", "db-0", "--", "touch", os.path.join(cluster.directory, "ran"))
+        self.assertNotEqual(code, 0)
+        self.assertIn("exec into pods of prod is not allowed", err)
+        self.assertFalse(os.path.exists(os.path.join(cluster.directory, "ran")))
+        # kubectl tries the WebSocket first, then falls back to SPDY (a POST): both are denied.
+        ends = yield cluster.wait_for_end("create", "pods")
+        self.assertIn(True, [end["facts"]["websocket"] for end in ends])
+        for end in ends:
+            self.assertEqual(end["decision"]["rule"], "deny-exec-prod")
+            self.assertEqual(end["outcome"]["audit"]["objectRef"]["subresource"], "exec")
+            self.assertEqual(end["facts"]["command"], ["touch", os.path.join(cluster.directory, "ran")])
+
+    @defer.inlineCallbacks
+    def test_held_then_approved(self):
+        """
+        A request whose decision is pending is held, unseen by the API
+        server, until the decision comes; approved, it runs and kubectl
+        reports success; the approval is in the record.
+        """
+        cluster = self.cluster
+        cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "old"}})
+        running = cluster.kubectl("delete", "configmap", "old", "--wait=false")
+        hold = cluster.addon("hold-deletes")
+        for _ in range(200):
+            if hold.pending:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        ((command, waiting),) = hold.pending
+        self.assertEqual((command.facts["verb"], command.facts["name"]), ("delete", "old"))
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(running.called)
+        self.assertNotIn("DELETE", [method for method, _ in cluster.api.requests])
+        waiting.callback(Decision.approved({"id": "ap-1", "approver": "alice"}, reason="change ticket 42"))
+        out, err, code = yield running
+        self.assertEqual((out.strip(), code), ('configmap "old" deleted', 0), err)
+        self.assertIsNone(cluster.api.get(("", "v1", "configmaps"), "default", "old"))
+        (end,) = yield cluster.wait_for_end("delete", "configmaps")
+        self.assertEqual(end["decision"]["verdict"], "approved")
+        self.assertIn("ap-1", end["outcome"]["audit"]["annotations"]["hoopgw.io/approval"])
+
+    @defer.inlineCallbacks
+    def test_held_then_refused(self):
+        """
+        A pending decision that ends in a denial answers kubectl with
+        Forbidden and leaves the object alone.
+        """
+        cluster = self.cluster
+        cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "keep"}})
+        running = cluster.kubectl("delete", "configmap", "keep")
+        hold = cluster.addon("hold-deletes")
+        for _ in range(200):
+            if hold.pending:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        ((_, waiting),) = hold.pending
+        waiting.callback(Decision.deny("nobody approved this in time", rule="approval-timeout"))
+        out, err, code = yield running
+        self.assertNotEqual(code, 0)
+        self.assertIn("Error from server (Forbidden): hoopgw denied this request: nobody approved this in time", err)
+        self.assertIsNotNone(cluster.api.get(("", "v1", "configmaps"), "default", "keep"))
+
+
+class IdentityTests(unittest.TestCase):
+    """
+    Who gets through: a valid token of an allowed group, nobody else.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.cluster = Cluster(self)
+        yield self.cluster.ready()
+
+    @defer.inlineCallbacks
+    def assertUnauthorized(self, user_token, reason, code_name="Unauthorized"):
+        cluster = self.cluster
+        config = cluster.write_kubeconfig("refused", user_token)
+        before = len(cluster.api.requests)
+        out, err, code = yield cluster.kubectl("get", "pods", kubeconfig=config)
+        self.assertNotEqual(code, 0)
+        self.assertEqual(cluster.api.requests[before:], [])
+        refused = yield cluster.harness.wait_for("session.refused")
+        self.assertIn(reason, refused[0]["refusal"]["reason"])
+        self.assertEqual(cluster.harness.events("session.start"), [])
+        if user_token:
+            self.assertNotIn(user_token.encode(), cluster.harness.raw_store())
+        return err
+
+    @defer.inlineCallbacks
+    def test_expired_token(self):
+        """
+        An expired token is refused with 401 (kubectl: you must be logged
+        in), recorded as a refused session, and nothing reaches the API
+        server.
+        """
+        err = yield self.assertUnauthorized(token(now=time.time() - 3600, lifetime=600), "the token has expired")
+        self.assertIn("You must be logged in to the server", err)
+
+    @defer.inlineCallbacks
+    def test_no_token(self):
+        """
+        A kubeconfig without a token gets nowhere.
+        """
+        # kubectl asks for a user name on a 401 when it has no credential; its stdin is closed.
+        yield self.assertUnauthorized(None, "no token was presented")
+
+    @defer.inlineCallbacks
+    def test_wrong_group(self):
+        """
+        A valid token of a group the connection does not allow is
+        Forbidden, with the reason.
+        """
+        err = yield self.assertUnauthorized(token(groups=["other-team"]), "is not in any group allowed")
+        self.assertIn("Forbidden", err)
+
+    @defer.inlineCallbacks
+    def test_client_impersonation_refused(self):
+        """
+        A client may not impersonate anyone through the gateway's
+        credential: kubectl --as is refused before the API server sees it.
+        """
+        cluster = self.cluster
+        out, err, code = yield cluster.kubectl("get", "pods", "--as", "system:admin")
+        self.assertNotEqual(code, 0)
+        self.assertIn("Forbidden", err)
+        self.assertEqual(cluster.api.impersonations, [])
+        ends = yield cluster.harness.wait_for("command.end")
+        self.assertEqual({end["decision"]["rule"] for end in ends}, {"gateway:impersonation"})
+        self.assertIn("may not carry Impersonate-* headers", ends[0]["decision"]["reason"])

@@ -293,7 +293,7 @@ class Frontend:
                 session.attributes["end_reason"] = reason
                 self._end(session)
             if handler is not None:
-                handler.close_connection(handler.client)
+                _close_client(handler)
         return defer.DeferredList(list(self.ending), consumeErrors=True)
 
     # Refusals.
@@ -417,7 +417,7 @@ class Frontend:
         exchange.broken = reason
         handler = self.engine.proxyserver.connections.get(flow.client_conn.id) if self.engine else None
         if handler is not None:
-            self.loop.call_soon(handler.close_connection, handler.client)
+            self.loop.call_soon(_close_client, handler)
 
     def error(self, flow):
         exchange = flow.metadata.get(KEY)
@@ -544,6 +544,15 @@ class Frontend:
             self.log.failure("Recording an exec session failed")
             command.outcome["asciicast_error"] = "the recording could not be stored"
         self._finish(flow, exchange)
+
+
+def _close_client(handler):
+    """
+    Close a client's connection through its mitmproxy connection handler
+    (unless it is closed already).
+    """
+    if handler.client in handler.transports:
+        handler.close_connection(handler.client)
 
 
 def _status_of(response):
