@@ -447,3 +447,284 @@ class IdentityTests(unittest.TestCase):
         ends = yield cluster.harness.wait_for("command.end")
         self.assertEqual({end["decision"]["rule"] for end in ends}, {"gateway:impersonation"})
         self.assertIn("may not carry Impersonate-* headers", ends[0]["decision"]["reason"])
+
+
+def _masked_everywhere(test, text):
+    test.assertNotIn(PAN, text)
+    test.assertNotIn(PAN.replace(" ", ""), text)
+
+
+class MaskingTests(unittest.TestCase):
+    """
+    A card number leaves the gateway masked wherever the API server puts
+    it: ConfigMaps, Secrets (inside base64), logs, followed logs, exec
+    output and the exec recording.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.cluster = Cluster(self, addons=("identity", addon("mask-cards"), "record"))
+        yield self.cluster.ready()
+        api = self.cluster.api
+        api.create(("", "v1", "pods"), "default", {"metadata": {"name": "web-1"}})
+
+    @defer.inlineCallbacks
+    def test_configmap(self):
+        """
+        A PAN in a ConfigMap's data is masked in kubectl's output; the API
+        server still holds it in full.
+        """
+        cluster = self.cluster
+        cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "cards"}, "data": {"pan": PAN}})
+        out, err, code = yield cluster.kubectl("get", "configmap", "cards", "-o", "jsonpath={.data.pan}")
+        self.assertEqual((out, code), (MASKED.replace("******", "** **** ").replace("411111", "4111 11"), 0), err)
+        self.assertEqual(cluster.api.get(("", "v1", "configmaps"), "default", "cards")["data"]["pan"], PAN)
+        (end,) = yield cluster.wait_for_end("get", "configmaps")
+        self.assertEqual(end["outcome"]["masked"], 1)
+
+    @defer.inlineCallbacks
+    def test_secret(self):
+        """
+        A PAN inside a Secret's base64 data (and inside the last-applied
+        annotation kubectl apply leaves) is opened, masked and encoded
+        again: the client decodes a masked number.
+        """
+        cluster = self.cluster
+        manifest = os.path.join(cluster.directory, "secret.yaml")
+        with open(manifest, "w") as handle:
+            yaml.safe_dump(
+                {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "card"},
+                 "data": {"pan": base64.b64encode(PAN.replace(" ", "").encode()).decode(), "user": base64.b64encode(b"app").decode()}},
+                handle,
+            )
+        out, err, code = yield cluster.kubectl("apply", "-f", manifest)
+        self.assertEqual(code, 0, err)
+        out, err, code = yield cluster.kubectl("get", "secret", "card", "-o", "json")
+        self.assertEqual(code, 0, err)
+        secret = json.loads(out)
+        self.assertEqual(base64.b64decode(secret["data"]["pan"]).decode(), MASKED)
+        self.assertEqual(base64.b64decode(secret["data"]["user"]).decode(), "app")
+        applied = json.loads(secret["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"])
+        self.assertEqual(base64.b64decode(applied["data"]["pan"]).decode(), MASKED)
+        _masked_everywhere(self, out)
+        self.assertNotIn(base64.b64encode(PAN.replace(" ", "").encode()).decode(), out)
+        stored = cluster.api.get(("", "v1", "secrets"), "default", "card")["data"]["pan"]
+        self.assertEqual(base64.b64decode(stored).decode(), PAN.replace(" ", ""))
+        out, err, code = yield cluster.kubectl("get", "secrets", "-o", "json")
+        self.assertEqual(base64.b64decode(json.loads(out)["items"][0]["data"]["pan"]).decode(), MASKED)
+
+    @defer.inlineCallbacks
+    def test_logs(self):
+        """
+        A PAN in a pod's log is masked in C{kubectl logs}.
+        """
+        cluster = self.cluster
+        cluster.api.add_log("default", "web-1", "charged %s ok" % (PAN,))
+        out, err, code = yield cluster.kubectl("logs", "web-1")
+        self.assertEqual((out, code), ("charged 4111 11** **** 1111 ok\n", 0), err)
+
+    @defer.inlineCallbacks
+    def test_logs_follow(self):
+        """
+        C{kubectl logs -f} streams: each line arrives as the pod writes it,
+        masked, until the container stops.
+        """
+        cluster = self.cluster
+        cluster.api.add_log("default", "web-1", "starting")
+        following = cluster.kubectl("logs", "-f", "web-1")
+        for _ in range(200):
+            if cluster.api.followers.get(("default", "web-1")):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        cluster.api.add_log("default", "web-1", "card %s" % (PAN.replace(" ", ""),))
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        cluster.api.add_log("default", "web-1", "done")
+        cluster.api.end_log("default", "web-1")
+        out, err, code = yield following
+        self.assertEqual((out, code), ("starting\ncard 411111******1111\ndone\n", 0), err)
+        ends = yield cluster.wait_for_end("get", "pods", count=2)
+        (end,) = [end for end in ends if end["outcome"]["audit"]["objectRef"].get("subresource") == "log"]
+        self.assertEqual(end["outcome"]["masked"], 1)
+
+    @defer.inlineCallbacks
+    def test_exec(self):
+        """
+        C{kubectl exec} (WebSocket, v5.channel.k8s.io) runs; its output is
+        masked on the way to the client; the session is recorded as an
+        asciicast v2 (masked) whose digest is in the record; the exit code
+        comes back.
+        """
+        cluster = self.cluster
+        out, err, code = yield cluster.kubectl("exec", "web-1", "--", "echo", "paid with", PAN)
+        self.assertEqual((out, code), ("paid with 4111 11** **** 1111\n", 0), err)
+        (end,) = yield cluster.wait_for_end("create", "pods")
+        outcome = end["outcome"]
+        self.assertEqual(outcome["exit"], 0)
+        self.assertEqual(outcome["masked"], 1)
+        (command,) = [event for event in cluster.harness.events("command") if event["command"] == end["command"]]
+        self.assertEqual(command["facts"]["command"], ["echo", "paid with", "4111 11** **** 1111"])
+        cast = outcome["asciicast"]
+        path = os.path.join(cluster.harness.store_path, "casts", cast["name"])
+        with open(path, "rb") as handle:
+            data = handle.read()
+        import hashlib
+
+        self.assertEqual(hashlib.sha256(data).hexdigest(), cast["sha256"])
+        lines = data.decode().splitlines()
+        header = json.loads(lines[0])
+        self.assertEqual(header["version"], 2)
+        self.assertEqual([json.loads(line)[1:] for line in lines[1:]], [["o", "paid with 4111 11** **** 1111\n"]])
+        _masked_everywhere(self, cluster.harness.raw_store().decode())
+        out, err, code = yield cluster.kubectl("exec", "web-1", "--", "sh", "-c", "exit 3")
+        self.assertEqual(code, 3, err)
+
+    @defer.inlineCallbacks
+    def test_exec_stdin(self):
+        """
+        C{kubectl exec -i} passes stdin to the command (and closes it, v5);
+        the recording keeps the input with card numbers redacted.
+        """
+        cluster = self.cluster
+        out, err, code = yield cluster.kubectl("exec", "-i", "web-1", "--", "cat", stdin=("pay %s\n" % (PAN,)).encode())
+        self.assertEqual((out, code), ("pay 4111 11** **** 1111\n", 0), err)
+        (end,) = yield cluster.wait_for_end("create", "pods")
+        path = os.path.join(cluster.harness.store_path, "casts", end["outcome"]["asciicast"]["name"])
+        with open(path) as handle:
+            events = [json.loads(line) for line in handle.read().splitlines()[1:]]
+        self.assertIn(["i", "pay 4111 11** **** 1111\n"], [event[1:] for event in events])
+        self.assertIn(["o", "pay 4111 11** **** 1111\n"], [event[1:] for event in events])
+
+
+class PythonClientTests(unittest.TestCase):
+    """
+    The Python kubernetes client through the gateway: get, list, create,
+    delete, watch and exec (v4.channel.k8s.io).
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.cluster = Cluster(self, addons=("identity", addon("mask-cards"), "record"))
+        yield self.cluster.ready()
+
+    @defer.inlineCallbacks
+    def test_crud(self):
+        """
+        create, read, list and delete a ConfigMap with the Python client;
+        the PAN it holds comes back masked.
+        """
+        from kubernetes import client
+
+        api_client = self.cluster.client()
+
+        def work():
+            core = client.CoreV1Api(api_client)
+            core.create_namespaced_config_map("default", {"metadata": {"name": "py"}, "data": {"pan": PAN}})
+            read = core.read_namespaced_config_map("py", "default")
+            listed = core.list_namespaced_config_map("default")
+            core.delete_namespaced_config_map("py", "default")
+            return read.data, [item.metadata.name for item in listed.items]
+
+        data, names = yield in_thread(work)
+        self.assertEqual(data, {"pan": "4111 11** **** 1111"})
+        self.assertEqual(names, ["py"])
+        self.assertIsNone(self.cluster.api.get(("", "v1", "configmaps"), "default", "py"))
+        for verb in ("create", "get", "list", "delete"):
+            yield self.cluster.wait_for_end(verb, "configmaps")
+        self.cluster.assert_token_kept(self, token())
+
+    @defer.inlineCallbacks
+    def test_watch(self):
+        """
+        A watch streams events as they happen, each masked, Secrets'
+        values included.
+        """
+        from kubernetes import client, watch
+
+        cluster = self.cluster
+        api_client = cluster.client()
+
+        def stream():
+            core = client.CoreV1Api(api_client)
+            seen = []
+            watcher = watch.Watch()
+            for event in watcher.stream(core.list_namespaced_secret, "default", timeout_seconds=5):
+                seen.append((event["type"], event["object"].metadata.name, event["object"].data))
+                if len(seen) == 2:
+                    watcher.stop()
+            return seen
+
+        watching = in_thread(stream)
+        for _ in range(200):
+            if cluster.api.watchers:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        encoded = base64.b64encode(PAN.encode()).decode()
+        cluster.api.create(("", "v1", "secrets"), "default", {"metadata": {"name": "a"}, "data": {"pan": encoded}})
+        cluster.api.create(("", "v1", "secrets"), "default", {"metadata": {"name": "b"}, "data": {"note": base64.b64encode(b"hi").decode()}})
+        seen = yield watching
+        self.assertEqual([(kind, name) for kind, name, _ in seen], [("ADDED", "a"), ("ADDED", "b")])
+        self.assertEqual(base64.b64decode(seen[0][2]["pan"]).decode(), "4111 11** **** 1111")
+        self.assertEqual(base64.b64decode(seen[1][2]["note"]).decode(), "hi")
+        (end,) = yield cluster.wait_for_end("watch", "secrets")
+        self.assertEqual(end["outcome"]["masked"], 1)
+
+    @defer.inlineCallbacks
+    def test_exec_v4(self):
+        """
+        The Python client's exec (v4.channel.k8s.io) works and is masked.
+        """
+        from kubernetes import client
+        from kubernetes.stream import stream
+
+        cluster = self.cluster
+        cluster.api.create(("", "v1", "pods"), "default", {"metadata": {"name": "job-1"}})
+        api_client = cluster.client()
+
+        def run():
+            core = client.CoreV1Api(api_client)
+            return stream(core.connect_get_namespaced_pod_exec, "job-1", "default",
+                          command=["echo", PAN], stderr=True, stdin=False, stdout=True, tty=False)
+
+        out = yield in_thread(run)
+        self.assertEqual(out.strip(), "4111 11** **** 1111")
+        (end,) = yield cluster.wait_for_end("create", "pods")
+        self.assertEqual(end["outcome"]["exit"], 0)
+        self.assertIn("asciicast", end["outcome"])
+
+
+class CredentialTests(unittest.TestCase):
+    """
+    The gateway's own credential towards the API server: a client
+    certificate instead of a token, and impersonation of the client's
+    identity.
+    """
+
+    @defer.inlineCallbacks
+    def test_client_certificate(self):
+        """
+        With a client certificate as its credential the gateway sends no
+        Authorization header at all; the API server accepts the certificate.
+        """
+        cluster = Cluster(self, credential="certificate")
+        yield cluster.ready()
+        out, err, code = yield cluster.kubectl("get", "namespaces", "-o", "name")
+        self.assertEqual(code, 0, err)
+        self.assertIn("namespace/default", out)
+        self.assertEqual(set(cluster.api.authorizations), {None})
+
+    @defer.inlineCallbacks
+    def test_impersonation(self):
+        """
+        With impersonate configured, every request names the client's
+        identity and groups in Impersonate-User / Impersonate-Group, and
+        the audit event shows the impersonated user.
+        """
+        cluster = Cluster(self, impersonate={"user_prefix": "hoopgw:"})
+        yield cluster.ready()
+        out, err, code = yield cluster.kubectl("get", "pods")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(set(map(lambda entry: (entry[0], tuple(entry[1])), cluster.api.impersonations)),
+                         {("hoopgw:ci-bot", ("payments-bots",))})
+        (end,) = yield cluster.wait_for_end("list", "pods")
+        self.assertEqual(end["outcome"]["audit"]["impersonatedUser"], {"username": "hoopgw:ci-bot", "groups": ["payments-bots"]})
+        cluster.assert_token_kept(self, token())
