@@ -1,7 +1,7 @@
 """
 Small real addons the Kubernetes gateway tests load by path: one denies by
 Kubernetes facts, one holds requests until the test decides (as an approval
-would), one masks card numbers with L{hoopgw.cards} in whatever result it
+would), one fails on results (as a broken step would), one masks card numbers with L{hoopgw.cards} in whatever result it
 is handed.
 """
 
@@ -74,6 +74,23 @@ class MaskCards:
             chunk.masked += count
 
 
+class Explode:
+    """
+    Fail on any result that says "explode", as a broken masking step would.
+    """
+
+    name = "explode"
+    options = ()
+
+    def __init__(self, options, context):
+        pass
+
+    def result_received(self, session, command, chunk):
+        if b"explode" in chunk.data:
+            raise RuntimeError("the masking step broke")
+
+
 deny = AddonFactory(DenyKubernetes)
+explode = AddonFactory(Explode)
 hold = AddonFactory(HoldDeletes)
 mask = AddonFactory(MaskCards)

@@ -728,3 +728,111 @@ class CredentialTests(unittest.TestCase):
         (end,) = yield cluster.wait_for_end("list", "pods")
         self.assertEqual(end["outcome"]["audit"]["impersonatedUser"], {"username": "hoopgw:ci-bot", "groups": ["payments-bots"]})
         cluster.assert_token_kept(self, token())
+
+
+class FailClosedTests(unittest.TestCase):
+    """
+    An addon that fails on a result stops that result from reaching the
+    client, whatever shape it has.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.cluster = Cluster(self, addons=("identity", addon("explode"), addon("hold-deletes"), "record"))
+        yield self.cluster.ready()
+        self.cluster.api.create(("", "v1", "pods"), "default", {"metadata": {"name": "web-1"}})
+
+    @defer.inlineCallbacks
+    def test_body_withheld(self):
+        """
+        A body the chain failed on is replaced by a 500 Status; the record
+        says it was withheld.
+        """
+        cluster = self.cluster
+        cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "x"}, "data": {"a": "explode"}})
+        out, err, code = yield cluster.kubectl("get", "configmap", "x", "-o", "yaml")
+        self.assertNotEqual(code, 0)
+        self.assertNotIn("explode", out)
+        self.assertIn("hoopgw withheld the response because the explode addon failed", err)
+        (end,) = yield cluster.wait_for_end("get", "configmaps")
+        self.assertEqual(end["outcome"]["status"], "withheld")
+        self.assertEqual(end["outcome"]["code"], 500)
+
+    @defer.inlineCallbacks
+    def test_watch_cut(self):
+        """
+        A watch event the chain failed on ends the stream: neither it nor
+        anything after it reaches the client.
+        """
+        cluster = self.cluster
+        from kubernetes import client, watch
+
+        api_client = cluster.client()
+
+        def stream():
+            seen = []
+            try:
+                for event in watch.Watch().stream(client.CoreV1Api(api_client).list_namespaced_config_map, "default",
+                                                  timeout_seconds=5):
+                    seen.append(event["object"].metadata.name)
+            except Exception as error:
+                seen.append(type(error).__name__)
+            return seen
+
+        watching = in_thread(stream)
+        for _ in range(200):
+            if cluster.api.watchers:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "fine"}})
+        cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "bad"}, "data": {"a": "explode"}})
+        cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "after"}})
+        seen = yield watching
+        self.assertEqual(seen[0], "fine")
+        self.assertNotIn("bad", seen)
+        self.assertNotIn("after", seen)
+        (end,) = yield cluster.wait_for_end("watch", "configmaps")
+        self.assertEqual(end["outcome"]["status"], "withheld")
+
+    @defer.inlineCallbacks
+    def test_exec_output_cut(self):
+        """
+        Exec output the chain failed on is dropped and the session closed.
+        """
+        cluster = self.cluster
+        out, err, code = yield cluster.kubectl("exec", "web-1", "--", "echo", "explode")
+        self.assertNotEqual(code, 0)
+        self.assertNotIn("explode", out)
+        self.assertIn("hoopgw withheld the output because the explode addon failed", err)
+        (end,) = yield cluster.wait_for_end("create", "pods")
+        self.assertEqual(end["outcome"]["status"], "withheld")
+
+    @defer.inlineCallbacks
+    def test_client_gives_up(self):
+        """
+        A client that disconnects while its request waits for a decision
+        calls the decision off; the request never runs, and the record
+        says the client gave up.
+        """
+        cluster = self.cluster
+        cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "keep"}})
+        from kubernetes import client
+
+        api_client = cluster.client()
+
+        def impatient():
+            try:
+                client.CoreV1Api(api_client).delete_namespaced_config_map("keep", "default", _request_timeout=1)
+            except Exception as error:
+                return type(error).__name__
+            return None
+
+        failed = yield in_thread(impatient)
+        self.assertIsNotNone(failed)
+        # The client retries its DELETE: each attempt is called off.
+        ends = yield cluster.wait_for_end("delete", "configmaps")
+        for end in ends:
+            self.assertEqual(end["decision"]["rule"], "hold-deletes:cancelled")
+            self.assertEqual(end["outcome"]["status"], "denied")
+        self.assertIsNotNone(cluster.api.get(("", "v1", "configmaps"), "default", "keep"))
+        self.assertNotIn("DELETE", [method for method, _ in cluster.api.requests])

@@ -118,6 +118,7 @@ class Engine:
             )
         self.loop = loop
         self.users = 0
+        self.limits = {}
         self.handler = TwistedLogHandler()
         mitmproxy_logger = logging.getLogger("mitmproxy")
         mitmproxy_logger.addHandler(self.handler)
@@ -139,7 +140,7 @@ class Engine:
         )
         self.master.addons.trigger(hooks.RunningHook())
 
-    def listen(self, mode, host, port, frontend):
+    def listen(self, mode, host, port, frontend, max_body_bytes=None):
         """
         Start a reverse-proxy mode listening on C{host:port} for
         C{frontend}.  The socket is bound at once, so a port in use fails
@@ -160,6 +161,11 @@ class Engine:
         sock.setblocking(False)
         instance = ServerInstance.make(mode, self.proxyserver)
         self.router.frontends[instance.mode.full_spec] = frontend
+        if max_body_bytes is not None:
+            # mitmproxy's limit is the master's: the largest any connection allows
+            # (each front end checks its own).
+            self.limits[instance.mode.full_spec] = max_body_bytes
+            self.master.options.update(body_size_limit=str(max(self.limits.values())))
 
         async def handle(reader, writer):
             # mitmproxy's connection handler takes the master from its
@@ -173,6 +179,7 @@ class Engine:
 
     def forget(self, mode):
         self.router.frontends.pop(mode, None)
+        self.limits.pop(mode, None)
 
     def shutdown(self):
         self.master.addons.trigger(hooks.DoneHook())

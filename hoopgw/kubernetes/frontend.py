@@ -87,13 +87,15 @@ def _address(peername):
 
 class _ClientState:
     """
-    The sessions of one client connection, one per token it presented.
+    The sessions of one client connection, one per token it presented,
+    and the decisions its requests wait for.
     """
 
-    __slots__ = ("sessions",)
+    __slots__ = ("sessions", "waiting")
 
     def __init__(self):
         self.sessions = {}
+        self.waiting = set()
 
 
 class Frontend:
@@ -159,13 +161,39 @@ class Frontend:
             )
             self._refuse(flow, exchange, 403, "hoopgw denied this request: %s" % (command.decision.reason,), info=info)
             return
+        body = request.raw_content or b""
+        if len(body) > self.settings.max_body_bytes:
+            command.decision = Decision.deny(
+                "the request body of %d bytes is larger than the %d this connection accepts"
+                % (len(body), self.settings.max_body_bytes),
+                rule="gateway:max-body-bytes",
+                addon="gateway",
+            )
+            self._refuse(flow, exchange, 413, "hoopgw refused this request: %s" % (command.decision.reason,), info=info)
+            return
         session.notifier = exchange.warnings.append
-        decision = await _wait(self.chain.submit(session, command), self.loop)
+        decision = self.chain.submit(session, command)
+        if isinstance(decision, defer.Deferred) and not decision.called:
+            # Should the client give up, the decision (an approval, say) is called off.
+            waiting = self.clients.get(flow.client_conn.id)
+            if waiting is not None:
+                waiting.waiting.add(decision)
+                decision.addBoth(lambda result: (waiting.waiting.discard(decision), result)[1])
+        decision = await _wait(decision, self.loop)
         if decision.verdict == DENY:
             message = "hoopgw denied this request: %s" % (decision.reason,)
             if decision.rule:
                 message += " (rule %s)" % (decision.rule,)
             self._refuse(flow, exchange, 403, message, info=info)
+            return
+        if "spdy" in request.headers.get("upgrade", "").lower():
+            command.decision = Decision.deny(
+                "exec, attach and port-forward pass through the gateway over WebSocket only (kubectl 1.30 "
+                "or later); SPDY streams cannot be inspected",
+                rule="gateway:spdy",
+                addon="gateway",
+            )
+            self._refuse(flow, exchange, 400, "hoopgw refused this request: %s" % (command.decision.reason,), info=info)
             return
         self._credential(request, session, exchange)
 
@@ -217,6 +245,10 @@ class Frontend:
             if groups:
                 headers.set_all("impersonate-group", groups)
             exchange.impersonated = {"username": user, "groups": groups}
+        info = exchange.info
+        if info.verb == "watch" or info.subresource in ("log", "exec", "attach"):
+            # A stream is masked as it passes: it must come uncompressed.
+            headers.pop("accept-encoding", None)
         accept = headers.get("accept")
         if accept and _PROTOBUF in accept:
             kept = [part for part in accept.split(",") if _PROTOBUF not in part]
@@ -276,6 +308,8 @@ class Frontend:
         state = self.clients.pop(client.id, None)
         if state is None:
             return
+        for waiting in list(state.waiting):
+            waiting.cancel()
         for session in state.sessions.values():
             session.attributes.setdefault("end_reason", "client disconnected")
             self._end(session)
@@ -289,6 +323,8 @@ class Frontend:
         for client_id in list(self.clients):
             handler = handlers.get(client_id)
             state = self.clients.pop(client_id)
+            for waiting in list(state.waiting):
+                waiting.cancel()
             for session in state.sessions.values():
                 session.attributes["end_reason"] = reason
                 self._end(session)
@@ -408,7 +444,7 @@ class Frontend:
             500, bodies.status(500, "hoopgw withheld the response because %s" % (reason,)), {"content-type": JSON}
         )
 
-    def _stream_broken(self, flow, exchange, reason):
+    def _stream_broken(self, flow, exchange, reason, delay=None):
         """
         A streamed response may not go on (an addon failed on it): close
         the client's connection.
@@ -417,7 +453,11 @@ class Frontend:
         exchange.broken = reason
         handler = self.engine.proxyserver.connections.get(flow.client_conn.id) if self.engine else None
         if handler is not None:
-            self.loop.call_soon(_close_client, handler)
+            # After what is on its way out (a status frame) has been written.
+            if delay is None:
+                self.loop.call_soon(_close_client, handler)
+            else:
+                self.loop.call_later(delay, _close_client, handler)
 
     def error(self, flow):
         exchange = flow.metadata.get(KEY)
@@ -431,7 +471,7 @@ class Frontend:
         exchange.finished = True
         command = exchange.command
         response = flow.response
-        code = response.status_code if response is not None and error is None else 502
+        code = response.status_code if response is not None else 502
         failure = None
         if code >= 400 and response is not None and len(response.raw_content or b"") < 65536:
             failure = _status_of(response)
@@ -440,6 +480,9 @@ class Frontend:
             outcome["status"] = "denied"
         elif exchange.broken:
             outcome.update(status="withheld", reason=exchange.broken)
+        elif error is not None and exchange.streamed and response is not None:
+            # A watch or a followed log ends when the client closes it.
+            outcome.update(status="ok", ended=redact.redact_text(error)[0])
         elif error is not None:
             outcome.update(status="error", error=redact.redact_text(error)[0])
         else:
@@ -456,7 +499,7 @@ class Frontend:
             exchange.info,
             command.redacted.partition(" ")[2],
             code,
-            "ResponseComplete" if error is None else "Panic",
+            "ResponseComplete" if response is not None else "Panic",
             exchange.received,
             time.time(),
             _address(flow.client_conn.peername).rpartition(":")[0],
@@ -489,6 +532,9 @@ class Frontend:
             return
         try:
             await self._terminal_message(flow, exchange, message)
+            # mitmproxy keeps every message of a flow; a long terminal
+            # session must not grow without bound.
+            del flow.websocket.messages[:-1]
         except Exception:
             self.log.failure("The Kubernetes front end failed on an exec message")
             message.drop()
@@ -509,8 +555,13 @@ class Frontend:
                 try:
                     await _wait(self.chain.result(exchange.session, exchange.command, chunk), self.loop)
                 except ChainBroken as error:
-                    message.drop()
-                    self._stream_broken(flow, exchange, str(error))
+                    # The output goes no further; the client learns why on the error channel.
+                    message.content = channels.Frame(
+                        channels.ERROR,
+                        bodies.status(500, "hoopgw withheld the output because %s; the session is closed" % (error,)),
+                        frame.base64,
+                    ).encode()
+                    self._stream_broken(flow, exchange, str(error), delay=0.2)
                     return
                 exchange.masked += chunk.masked + chunk.withheld
                 if chunk.data is not frame.data:
@@ -692,7 +743,9 @@ class KubernetesService(service.Service):
         engine = engines.acquire(self.reactor)
         settings = self.connection.settings
         try:
-            self.listening = engine.listen(settings.mode, settings.listen_host, settings.listen_port, self.frontend)
+            self.listening = engine.listen(
+                settings.mode, settings.listen_host, settings.listen_port, self.frontend, settings.max_body_bytes
+            )
         except OSError:
             engines.release(engine)
             raise
