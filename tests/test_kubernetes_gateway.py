@@ -7,6 +7,7 @@ in the chain, and the record it leaves.
 import base64
 import json
 import os
+import shutil
 import time
 
 import yaml
@@ -19,7 +20,7 @@ from hoopgw.model import Decision
 from tests import support
 from tests.support import GatewayHarness, in_thread, token
 
-KUBECTL = "/usr/bin/kubectl"
+KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 GATEWAY_TOKEN = "gateway-sa-token-do-not-leak"
 PAN = "4111 1111 1111 1111"
 MASKED = "411111******1111"

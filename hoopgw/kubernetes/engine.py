@@ -150,7 +150,10 @@ class Engine:
             L{Deferred}.
         """
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only
+        # when their protocol says TCP (without it, every answer waits for a
+        # delayed ACK).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
@@ -182,7 +185,11 @@ class Engine:
         self.limits.pop(mode, None)
 
     def shutdown(self):
-        self.master.addons.trigger(hooks.DoneHook())
+        """
+        Tell mitmproxy's addons it is done (which also takes its log
+        handler off the root logger) and unhook its log from Twisted's.
+        """
+        asyncio.ensure_future(self.master.done(), loop=self.loop)
         logging.getLogger("mitmproxy").removeHandler(self.handler)
 
 

@@ -8,7 +8,6 @@ through the chain's result hooks on their way back; every request leaves an
 audit event.
 """
 
-import asyncio
 import hashlib
 import json
 import time

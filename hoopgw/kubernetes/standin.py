@@ -741,3 +741,36 @@ class _ExecSession:
                 self.process.signalProcess("KILL")
             except Exception:
                 pass
+
+
+def main(argv=None):
+    """
+    Run the stand-in on its own: C{python -m hoopgw.kubernetes.standin
+    --port P --certificate C --key K --token-file F [--configmap NAME=KEY=VALUE]}.
+    """
+    import argparse
+
+    from twisted.internet import asyncioreactor
+
+    parser = argparse.ArgumentParser(description="A stand-in Kubernetes API server on loopback.")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--certificate", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--token-file", required=True, help="the bearer token clients must present")
+    parser.add_argument("--configmap", action="append", default=[], help="NAME=KEY=VALUE in the default namespace")
+    arguments = parser.parse_args(argv)
+    asyncioreactor.install()
+    from twisted.internet import reactor
+
+    with open(arguments.token_file) as handle:
+        token = handle.read().strip()
+    api = StandinAPIServer(reactor, token=token)
+    for entry in arguments.configmap:
+        name, key, value = entry.split("=", 2)
+        api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": name}, "data": {key: value}})
+    api.listen(arguments.certificate, arguments.key, port=arguments.port)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
