@@ -54,6 +54,7 @@ class HoldDeletes:
             return None
         waiting = defer.Deferred()
         self.pending.append((command, waiting))
+        session.notify("waiting for an approval of %s %s" % (command.facts["verb"], command.facts["resource"]))
         return waiting
 
 

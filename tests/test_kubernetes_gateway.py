@@ -271,6 +271,33 @@ class KubectlTests(unittest.TestCase):
         cluster.assert_token_kept(self, token())
 
 
+class KubectlWatchTests(unittest.TestCase):
+    """
+    kubectl get --watch through the gateway.
+    """
+
+    @defer.inlineCallbacks
+    def test_watch(self):
+        """
+        C{kubectl get --watch} lists, then prints each change as the API
+        server sends it, masked, until the request times out.
+        """
+        cluster = Cluster(self, addons=("identity", addon("mask-cards"), "record"))
+        yield cluster.ready()
+        cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "first"}})
+        watching = cluster.kubectl("get", "configmaps", "--watch", "-o", "jsonpath={.metadata.name}={.data.pan}{\"\\n\"}",
+                                   "--request-timeout=3s")
+        for _ in range(200):
+            if cluster.api.watchers:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "second"}, "data": {"pan": PAN}})
+        out, err, code = yield watching
+        self.assertEqual(out.split(), ["first=", "second=4111", "11**", "****", "1111"], err)
+        (end,) = yield cluster.wait_for_end("watch", "configmaps")
+        self.assertEqual(end["outcome"]["masked"], 1)
+
+
 class PolicyTests(unittest.TestCase):
     """
     Denied and held requests as kubectl shows them.
@@ -337,7 +364,8 @@ class PolicyTests(unittest.TestCase):
         """
         A request whose decision is pending is held, unseen by the API
         server, until the decision comes; approved, it runs and kubectl
-        reports success; the approval is in the record.
+        reports success (and prints what the chain told it meanwhile as a
+        warning); the approval is in the record.
         """
         cluster = self.cluster
         cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "old"}})
@@ -355,6 +383,7 @@ class PolicyTests(unittest.TestCase):
         waiting.callback(Decision.approved({"id": "ap-1", "approver": "alice"}, reason="change ticket 42"))
         out, err, code = yield running
         self.assertEqual((out.strip(), code), ('configmap "old" deleted', 0), err)
+        self.assertIn("Warning: waiting for an approval of delete configmaps", err)
         self.assertIsNone(cluster.api.get(("", "v1", "configmaps"), "default", "old"))
         (end,) = yield cluster.wait_for_end("delete", "configmaps")
         self.assertEqual(end["decision"]["verdict"], "approved")

@@ -209,6 +209,8 @@ class Frontend:
                 facts[flag] = (parsed.get(flag) or ["false"])[-1] in ("true", "1")
         if "dryRun" in parsed:
             facts["dryRun"] = parsed["dryRun"][-1]
+        if info.subresource == "log":
+            facts["follow"] = (parsed.get("follow") or ["false"])[-1] in ("true", "1")
         command = Command(kind="kubernetes", text=text, redacted=redact.redact_text(unquote(text))[0], facts=facts)
         body = request.raw_content
         if body:
@@ -339,6 +341,8 @@ class Frontend:
         flow.response = http.Response.make(
             code, bodies.status(code, message, details=details), {"content-type": JSON}
         )
+        for warning in exchange.warnings:
+            flow.response.headers.add("warning", _warning(warning))
 
     # Responses.
 
@@ -348,12 +352,11 @@ class Frontend:
             return
         response = flow.response
         for warning in exchange.warnings:
-            response.headers.add("warning", '299 - "%s"' % (warning.replace('"', "'"),))
+            response.headers.add("warning", _warning(warning))
         info = exchange.info
         if response.status_code == 101:
             return
-        follow = info.subresource == "log" and "follow=true" in flow.request.path
-        if info.verb == "watch" or follow:
+        if info.verb == "watch" or exchange.command.facts.get("follow"):
             exchange.streamed = True
             if not self.result_hooks:
                 response.stream = True
@@ -594,6 +597,14 @@ class Frontend:
             self.log.failure("Recording an exec session failed")
             command.outcome["asciicast_error"] = "the recording could not be stored"
         self._finish(flow, exchange)
+
+
+def _warning(text):
+    """
+    A C{Warning} header kubectl prints (C{Warning: text}): what the chain
+    told the client while its request waited (an approval, say).
+    """
+    return '299 - "%s"' % (text.replace("\\", "\\\\").replace('"', "'").replace("\n", " "),)
 
 
 def _close_client(handler):
