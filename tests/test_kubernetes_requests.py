@@ -126,6 +126,16 @@ class SecretTests(unittest.TestCase):
         configmaps = {"kind": "ConfigMapList", "items": [{"metadata": {"name": "a"}, "data": {"x": _b64("hello")}}]}
         self.assertEqual(bodies.open_secrets(configmaps), [])
 
+    def test_configmap_binary_data(self):
+        """
+        A ConfigMap's binaryData is base64 too: opened and closed; its
+        plain data is left alone.
+        """
+        configmap = {"kind": "ConfigMap", "data": {"a": "4111111111111111"}, "binaryData": {"b": _b64("4111111111111111")}}
+        opened, changed = self.roundtrip(configmap)
+        self.assertEqual(opened, [["binaryData", "b"]])
+        self.assertEqual(changed["binaryData"]["b"], _b64("411111******1111"))
+
     def test_last_applied(self):
         """
         The last-applied annotation kubectl apply leaves holds the Secret

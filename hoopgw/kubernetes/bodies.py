@@ -85,32 +85,43 @@ def _open_data(data, opened, where):
             opened.append(where + [key])
 
 
-def _open_secret(obj, opened, where):
-    _open_data(obj.get("data"), opened, where + ["data"])
+# The fields of each kind whose values are base64.
+BASE64_FIELDS = {"Secret": "data", "ConfigMap": "binaryData"}
+
+
+def _open_object(obj, field, opened, where):
+    _open_data(obj.get(field), opened, where + [field])
     annotations = (obj.get("metadata") or {}).get("annotations") or {}
     applied = annotations.get(LAST_APPLIED)
-    if isinstance(applied, str) and '"data"' in applied:
-        # kubectl apply keeps the whole Secret, base64 and all, in this annotation.
+    if isinstance(applied, str) and ('"%s"' % (field,)) in applied:
+        # kubectl apply keeps the whole object, base64 and all, in this annotation.
         try:
             document = json.loads(applied)
         except ValueError:
             return
         if isinstance(document, dict):
             inner = []
-            _open_data(document.get("data"), inner, ["data"])
+            _open_data(document.get(field), inner, [field])
             if inner:
                 annotations[LAST_APPLIED] = json.dumps(document)
                 opened.append(where + ["metadata", "annotations", LAST_APPLIED, inner])
 
 
-def _is_secret(obj, hint):
-    return isinstance(obj, dict) and (obj.get("kind") == "Secret" or (hint and "kind" not in obj))
+def _base64_field(obj, list_kind=None):
+    """
+    The base64 field of C{obj}, if it is a Secret or a ConfigMap (items of
+    a typed list carry no kind: C{list_kind} says it).
+    """
+    if not isinstance(obj, dict):
+        return None
+    return BASE64_FIELDS.get(obj.get("kind") or list_kind)
 
 
 def open_secrets(document):
     """
-    Replace, in place, the base64 values of every Secret in C{document} (an
-    object, a list, a watch event) by the text they encode.
+    Replace, in place, the base64 values of every Secret (and ConfigMap
+    binaryData) in C{document} (an object, a list, a watch event) by the
+    text they encode.
 
     @return: where the opened values are, for L{close_secrets}.
     """
@@ -118,16 +129,19 @@ def open_secrets(document):
     if not isinstance(document, dict):
         return opened
     if document.get("type") in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK") and isinstance(document.get("object"), dict):
-        if _is_secret(document["object"], False):
-            _open_secret(document["object"], opened, ["object"])
+        field = _base64_field(document["object"])
+        if field:
+            _open_object(document["object"], field, opened, ["object"])
         return opened
-    if _is_secret(document, False):
-        _open_secret(document, opened, [])
-    elif document.get("kind") == "SecretList" or (document.get("kind") or "").endswith("List"):
-        hint = document.get("kind") == "SecretList"
+    field = _base64_field(document)
+    if field:
+        _open_object(document, field, opened, [])
+    elif (document.get("kind") or "").endswith("List"):
+        list_kind = document["kind"][: -len("List")]
         for index, item in enumerate(document.get("items") or ()):
-            if _is_secret(item, hint):
-                _open_secret(item, opened, ["items", index])
+            field = _base64_field(item, list_kind)
+            if field:
+                _open_object(item, field, opened, ["items", index])
     return opened
 
 

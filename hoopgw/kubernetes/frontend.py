@@ -171,14 +171,13 @@ class Frontend:
             self._refuse(flow, exchange, 413, "hoopgw refused this request: %s" % (command.decision.reason,), info=info)
             return
         session.notifier = exchange.warnings.append
-        decision = self.chain.submit(session, command)
-        if isinstance(decision, defer.Deferred) and not decision.called:
+        pending = self.chain.submit(session, command)
+        state = self.clients.get(flow.client_conn.id)
+        if isinstance(pending, defer.Deferred) and not pending.called and state is not None:
             # Should the client give up, the decision (an approval, say) is called off.
-            waiting = self.clients.get(flow.client_conn.id)
-            if waiting is not None:
-                waiting.waiting.add(decision)
-                decision.addBoth(lambda result: (waiting.waiting.discard(decision), result)[1])
-        decision = await _wait(decision, self.loop)
+            state.waiting.add(pending)
+            pending.addBoth(lambda result: (state.waiting.discard(pending), result)[1])
+        decision = await _wait(pending, self.loop)
         if decision.verdict == DENY:
             message = "hoopgw denied this request: %s" % (decision.reason,)
             if decision.rule:
@@ -425,7 +424,7 @@ class Frontend:
         """
         opened = None
         data = content
-        if b'"Secret' in content:
+        if b'"Secret' in content or b'"binaryData"' in content:
             try:
                 document = json.loads(content)
             except ValueError:
