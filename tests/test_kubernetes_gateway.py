@@ -866,3 +866,50 @@ class FailClosedTests(unittest.TestCase):
             self.assertEqual(end["outcome"]["status"], "denied")
         self.assertIsNotNone(cluster.api.get(("", "v1", "configmaps"), "default", "keep"))
         self.assertNotIn("DELETE", [method for method, _ in cluster.api.requests])
+
+
+class StopTests(unittest.TestCase):
+    """
+    A stopping gateway ends its Kubernetes sessions.
+    """
+
+    @defer.inlineCallbacks
+    def test_stop_ends_watch(self):
+        """
+        Stopping the gateway closes an open watch and records the end of
+        its session, with the reason, before gateway.stop.
+        """
+        cluster = Cluster(self)
+        yield cluster.ready()
+        from kubernetes import client, watch
+
+        api_client = cluster.client()
+
+        def stream():
+            names = []
+            try:
+                for event in watch.Watch().stream(client.CoreV1Api(api_client).list_namespaced_config_map, "default",
+                                                  timeout_seconds=20, _request_timeout=20):
+                    names.append(event["object"].metadata.name)
+            except Exception as error:
+                names.append(type(error).__name__)
+            return names
+
+        watching = in_thread(stream)
+        for _ in range(200):
+            if cluster.api.watchers:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "seen"}})
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        began = time.time()
+        yield cluster.harness.stop()
+        names = yield watching
+        self.assertLess(time.time() - began, 10)
+        self.assertEqual(names[0], "seen")
+        types = [event["type"] for event in cluster.harness.events()]
+        self.assertEqual(types[-1], "gateway.stop")
+        ends = cluster.harness.events("session.end")
+        self.assertEqual([end["reason"] for end in ends], ["the gateway is stopping"])
+        (watch_end,) = cluster.ends("watch", "configmaps")
+        self.assertLess(watch_end["seq"], ends[0]["seq"])

@@ -41,7 +41,7 @@ class Exchange:
 
     __slots__ = (
         "received", "session", "command", "info", "refused", "streamed", "finished", "masked",
-        "warnings", "subprotocol", "cast", "exit", "broken", "impersonated",
+        "warnings", "subprotocol", "cast", "exit", "broken", "impersonated", "client",
     )
 
     def __init__(self, received):
@@ -59,6 +59,7 @@ class Exchange:
         self.exit = None
         self.broken = None
         self.impersonated = None
+        self.client = None
 
 
 async def _wait(value, loop):
@@ -84,17 +85,44 @@ def _address(peername):
     return "%s:%s" % (peername[0], peername[1])
 
 
+# How long a closing connection's requests get to finish before its
+# sessions end regardless.
+DRAIN_SECONDS = 2.0
+
+
 class _ClientState:
     """
     The sessions of one client connection, one per token it presented,
-    and the decisions its requests wait for.
+    the decisions its requests wait for, and its requests in flight.
     """
 
-    __slots__ = ("sessions", "waiting")
+    __slots__ = ("sessions", "waiting", "open", "drained")
 
     def __init__(self):
         self.sessions = {}
         self.waiting = set()
+        self.open = set()
+        self.drained = []
+
+    def finished(self, exchange):
+        self.open.discard(exchange)
+        if not self.open:
+            drained, self.drained = self.drained, []
+            for waiter in drained:
+                if not waiter.called:
+                    waiter.callback(None)
+
+    def drain(self, reactor):
+        """
+        @return: a L{Deferred} firing once no request is in flight, or after
+            L{DRAIN_SECONDS}.
+        """
+        if not self.open:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self.drained.append(waiter)
+        timeout = reactor.callLater(DRAIN_SECONDS, lambda: waiter.called or waiter.callback(None))
+        return waiter.addBoth(lambda result: (timeout.active() and timeout.cancel(), result)[1])
 
 
 class Frontend:
@@ -151,6 +179,9 @@ class Frontend:
         websocket = request.headers.get("upgrade", "").lower() == "websocket"
         info = exchange.info = request_info(request.method, path, query, websocket)
         command = exchange.command = self._command(flow, info, query, websocket)
+        state = exchange.client = self.clients.get(flow.client_conn.id)
+        if state is not None:
+            state.open.add(exchange)
         if any(name.lower().startswith("impersonate-") for name in request.headers.keys()):
             command.decision = Decision.deny(
                 "requests through the gateway may not carry Impersonate-* headers; the gateway acts "
@@ -172,7 +203,6 @@ class Frontend:
             return
         session.notifier = exchange.warnings.append
         pending = self.chain.submit(session, command)
-        state = self.clients.get(flow.client_conn.id)
         if isinstance(pending, defer.Deferred) and not pending.called and state is not None:
             # Should the client give up, the decision (an approval, say) is called off.
             state.waiting.add(pending)
@@ -304,33 +334,45 @@ class Frontend:
         ended.addBoth(lambda result: (self.ending.discard(ended), result)[1])
         return ended
 
-    def client_disconnected(self, client):
-        state = self.clients.pop(client.id, None)
-        if state is None:
-            return
+    def _leave(self, state, reason):
+        """
+        A client connection is over: call off what its requests wait for,
+        let them finish, then end its sessions (so a session's end follows
+        its commands' in the record).
+        """
         for waiting in list(state.waiting):
             waiting.cancel()
-        for session in state.sessions.values():
-            session.attributes.setdefault("end_reason", "client disconnected")
-            self._end(session)
+
+        def end(_):
+            for session in state.sessions.values():
+                session.attributes.setdefault("end_reason", reason)
+                self._end(session)
+
+        leaving = state.drain(self.reactor).addCallback(end)
+        self.ending.add(leaving)
+        leaving.addBoth(lambda result: (self.ending.discard(leaving), result)[1])
+        return leaving
+
+    def client_disconnected(self, client):
+        state = self.clients.pop(client.id, None)
+        if state is not None:
+            self._leave(state, "client disconnected")
 
     def close_sessions(self, reason):
         """
         End every session (the gateway is stopping): close the clients'
         connections and tell the chain.
+
+        @return: a L{Deferred} firing once every session has ended.
         """
         handlers = self.engine.proxyserver.connections if self.engine is not None else {}
         for client_id in list(self.clients):
             handler = handlers.get(client_id)
             state = self.clients.pop(client_id)
-            for waiting in list(state.waiting):
-                waiting.cancel()
-            for session in state.sessions.values():
-                session.attributes["end_reason"] = reason
-                self._end(session)
             if handler is not None:
                 _close_client(handler)
-        return defer.DeferredList(list(self.ending), consumeErrors=True)
+            self._leave(state, reason)
+        return _all_of(self.ending)
 
     # Refusals.
 
@@ -509,6 +551,9 @@ class Frontend:
             failure=failure,
         )
         self.chain.finish(exchange.session, command)
+        if exchange.client is not None:
+            # Last: the client's sessions may be waiting for this to end.
+            exchange.client.finished(exchange)
 
     # Exec and attach.
 
@@ -596,6 +641,16 @@ class Frontend:
             self.log.failure("Recording an exec session failed")
             command.outcome["asciicast_error"] = "the recording could not be stored"
         self._finish(flow, exchange)
+
+
+def _all_of(ending):
+    """
+    A L{Deferred} firing once every one of C{ending} (a set that may grow
+    meanwhile, as sessions end after their requests) has fired.
+    """
+    if not ending:
+        return defer.succeed(None)
+    return defer.DeferredList(list(ending), consumeErrors=True).addCallback(lambda _: _all_of(ending))
 
 
 def _warning(text):
