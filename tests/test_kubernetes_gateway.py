@@ -66,7 +66,8 @@ class Cluster:
     reactor, and a kubeconfig pointing kubectl at the gateway.
     """
 
-    def __init__(self, test, addons=("identity", "record"), credential="token", impersonate=None, subject="ci-bot"):
+    def __init__(self, test, addons=("identity", "record"), credential="token", impersonate=None, subject="ci-bot",
+                 target_ca=None):
         certificate, key, ca, client_certificate, client_key, token_path = api_certificates()
         self.api = StandinAPIServer(reactor, token=GATEWAY_TOKEN if credential == "token" else None,
                                     client_ca=ca if credential == "certificate" else None)
@@ -74,7 +75,7 @@ class Cluster:
         test.addCleanup(self.api.stop)
         self.api_port = self.api.port.getHost().port
         port = support.free_port()
-        target = {"server": "https://127.0.0.1:%d" % (self.api_port,), "ca": ca}
+        target = {"server": "https://127.0.0.1:%d" % (self.api_port,), "ca": target_ca or ca}
         if credential == "token":
             target["token"] = {"file": token_path}
         else:
@@ -913,3 +914,38 @@ class StopTests(unittest.TestCase):
         self.assertEqual([end["reason"] for end in ends], ["the gateway is stopping"])
         (watch_end,) = cluster.ends("watch", "configmaps")
         self.assertLess(watch_end["seq"], ends[0]["seq"])
+
+
+class UpstreamTLSTests(unittest.TestCase):
+    """
+    The API server's certificate is checked against the configured CA.
+    """
+
+    @defer.inlineCallbacks
+    def test_untrusted_api_server(self):
+        """
+        An API server whose certificate does not chain to the configured CA
+        gets no request (nor the gateway's token); kubectl gets an error,
+        mitmproxy's warning reaches Twisted's log, and the record has the
+        failure.
+        """
+        from twisted.logger import globalLogPublisher
+
+        directory = os.path.join(support.workspace(), "kubernetes")
+        api_certificates()
+        other, _ = pki.make_ca("some other CA").write(directory, "other-ca")
+        logged = []
+        observer = logged.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        cluster = Cluster(self, target_ca=other)
+        yield cluster.ready()
+        out, err, code = yield cluster.kubectl("get", "configmaps")
+        self.assertNotEqual(code, 0)
+        self.assertEqual(cluster.api.requests, [])
+        self.assertEqual(cluster.api.authorizations, [])
+        ends = yield cluster.harness.wait_for("command.end")
+        self.assertEqual(ends[0]["outcome"]["status"], "error")
+        self.assertIn("certificate verify failed", ends[0]["outcome"]["error"].lower())
+        warnings = [event for event in logged if event.get("log_namespace", "").startswith("mitmproxy")]
+        self.assertTrue(any("Server TLS handshake failed" in event.get("text", "") for event in warnings), warnings)

@@ -31,10 +31,9 @@ _LEVELS = {
 
 class TwistedLogHandler(logging.Handler):
     """
-    Hands mitmproxy's log records to Twisted's logger.
+    Hands mitmproxy's log records to Twisted's logger, in the namespace of
+    the mitmproxy logger that made them (C{mitmproxy.proxy.server}, ...).
     """
-
-    log = Logger(namespace="mitmproxy")
 
     def emit(self, record):
         try:
@@ -42,7 +41,8 @@ class TwistedLogHandler(logging.Handler):
         except Exception:
             message = str(record.msg)
         level = _LEVELS.get(record.levelno, LogLevel.warn if record.levelno >= logging.WARNING else LogLevel.debug)
-        self.log.emit(level, "{logger}: {message}", logger=record.name, message=message)
+        # Not "message": the legacy log system takes that key for itself.
+        Logger(namespace=record.name).emit(level, "{text}", text=message)
 
 
 class Router:
