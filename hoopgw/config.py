@@ -21,6 +21,7 @@ from hoopgw.options import ConfigError, join
 # listener; this table is the only place that names them.
 PROTOCOLS = {
     "postgres": "hoopgw.postgres",
+    "kubernetes": "hoopgw.kubernetes",
 }
 
 # Likewise for identity provider types.

@@ -82,7 +82,12 @@ class Gateway(service.MultiService):
             self.chains[connection.name] = chain
             factory = importlib.import_module(PROTOCOLS[connection.protocol]).make_factory(connection, self, chain)
             self.factories[connection.name] = factory
-            listener = strports.service(connection.listen, factory)
+            if service.IService.providedBy(factory):
+                # A protocol whose listener is not a Twisted factory (mitmproxy
+                # listens itself) hands back its own service.
+                listener = factory
+            else:
+                listener = strports.service(connection.listen, factory)
             listener.setName("connection:%s" % (connection.name,))
             listener.setServiceParent(self)
 

@@ -1,0 +1,214 @@
+"""
+The embedded mitmproxy: one master per process, on the asyncio loop the
+Twisted reactor runs on, for every Kubernetes connection of the gateway.
+Each connection is a reverse-proxy mode of that master, listening on its
+own address; one routing addon hands each flow to its connection's front
+end.  mitmproxy's console and dump output are never loaded, and its log
+goes to Twisted's logger.
+"""
+
+import asyncio
+import logging
+import socket
+
+from mitmproxy import ctx as mitmproxy_ctx
+from mitmproxy import hooks, options
+from mitmproxy.addons import next_layer, proxyserver
+from mitmproxy.master import Master
+from mitmproxy.proxy.mode_servers import ServerInstance
+from twisted.internet import defer
+from twisted.logger import LogLevel, Logger
+
+
+_LEVELS = {
+    logging.DEBUG: LogLevel.debug,
+    logging.INFO: LogLevel.info,
+    logging.WARNING: LogLevel.warn,
+    logging.ERROR: LogLevel.error,
+    logging.CRITICAL: LogLevel.critical,
+}
+
+
+class TwistedLogHandler(logging.Handler):
+    """
+    Hands mitmproxy's log records to Twisted's logger, in the namespace of
+    the mitmproxy logger that made them (C{mitmproxy.proxy.server}, ...).
+    """
+
+    def emit(self, record):
+        try:
+            message = self.format(record)
+        except Exception:
+            message = str(record.msg)
+        level = _LEVELS.get(record.levelno, LogLevel.warn if record.levelno >= logging.WARNING else LogLevel.debug)
+        # Not "message": the legacy log system takes that key for itself.
+        Logger(namespace=record.name).emit(level, "{text}", text=message)
+
+
+class Router:
+    """
+    The mitmproxy addon that sends each hook to the front end of the
+    connection the flow arrived on.  A flow of no known connection is
+    killed: nothing passes unexamined.
+    """
+
+    def __init__(self):
+        self.frontends = {}
+
+    def _frontend(self, client):
+        return self.frontends.get(client.proxy_mode.full_spec)
+
+    def _dispatch(self, name, flow):
+        frontend = self._frontend(flow.client_conn)
+        if frontend is None:
+            if flow.killable:
+                flow.kill()
+            return None
+        return getattr(frontend, name)(flow)
+
+    def request(self, flow):
+        return self._dispatch("request", flow)
+
+    def responseheaders(self, flow):
+        return self._dispatch("responseheaders", flow)
+
+    def response(self, flow):
+        return self._dispatch("response", flow)
+
+    def error(self, flow):
+        return self._dispatch("error", flow)
+
+    def websocket_message(self, flow):
+        return self._dispatch("websocket_message", flow)
+
+    def websocket_end(self, flow):
+        return self._dispatch("websocket_end", flow)
+
+    def client_disconnected(self, client):
+        frontend = self._frontend(client)
+        if frontend is not None:
+            frontend.client_disconnected(client)
+
+    def tls_start_client(self, data):
+        frontend = self._frontend(data.context.client)
+        if frontend is not None:
+            frontend.tls_start_client(data)
+
+    def tls_start_server(self, data):
+        frontend = self._frontend(data.context.client)
+        if frontend is not None:
+            frontend.tls_start_server(data)
+
+
+class Engine:
+    """
+    The process's mitmproxy master and what it serves.  Get it with
+    L{acquire} and give it back with L{release}: the last release shuts it
+    down.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        loop = getattr(reactor, "_asyncioEventloop", None)
+        if loop is None:
+            raise RuntimeError(
+                "the Kubernetes front end needs the asyncio reactor: run twistd --reactor=asyncio"
+            )
+        self.loop = loop
+        self.users = 0
+        self.limits = {}
+        self.handler = TwistedLogHandler()
+        mitmproxy_logger = logging.getLogger("mitmproxy")
+        mitmproxy_logger.addHandler(self.handler)
+        mitmproxy_logger.setLevel(logging.WARNING)
+        mitmproxy_logger.propagate = False
+        self.master = Master(options.Options(), event_loop=loop, with_termlog=False)
+        self.router = Router()
+        self.proxyserver = proxyserver.Proxyserver()
+        self.master.addons.add(self.router, self.proxyserver, next_layer.NextLayer())
+        self.master.options.update(
+            # Upstream connections open only once a request is allowed.
+            connection_strategy="lazy",
+            # kubectl exec needs HTTP/1.1 for its WebSocket upgrade; one
+            # protocol keeps the front end simple.
+            http2=False,
+            http3=False,
+            rawtcp=False,
+            websocket=True,
+        )
+        self.master.addons.trigger(hooks.RunningHook())
+
+    def listen(self, mode, host, port, frontend, max_body_bytes=None):
+        """
+        Start a reverse-proxy mode listening on C{host:port} for
+        C{frontend}.  The socket is bound at once, so a port in use fails
+        here.
+
+        @return: the listening C{asyncio.Server}, once serving, as a
+            L{Deferred}.
+        """
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only
+        # when their protocol says TCP (without it, every answer waits for a
+        # delayed ACK).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        instance = ServerInstance.make(mode, self.proxyserver)
+        self.router.frontends[instance.mode.full_spec] = frontend
+        if max_body_bytes is not None:
+            # mitmproxy's limit is the master's: the largest any connection allows
+            # (each front end checks its own).
+            self.limits[instance.mode.full_spec] = max_body_bytes
+            self.master.options.update(body_size_limit=str(max(self.limits.values())))
+
+        async def handle(reader, writer):
+            # mitmproxy's connection handler takes the master from its
+            # context: make sure it is this engine's.
+            mitmproxy_ctx.master = self.master
+            mitmproxy_ctx.options = self.master.options
+            await instance.handle_stream(reader, writer)
+
+        future = asyncio.ensure_future(asyncio.start_server(handle, sock=sock), loop=self.loop)
+        return defer.Deferred.fromFuture(future)
+
+    def forget(self, mode):
+        self.router.frontends.pop(mode, None)
+        self.limits.pop(mode, None)
+
+    def shutdown(self):
+        """
+        Tell mitmproxy's addons it is done (which also takes its log
+        handler off the root logger) and unhook its log from Twisted's.
+        """
+        asyncio.ensure_future(self.master.done(), loop=self.loop)
+        logging.getLogger("mitmproxy").removeHandler(self.handler)
+
+
+_engines = {}
+
+
+def acquire(reactor):
+    """
+    The engine of C{reactor}'s event loop, made on first use.
+    """
+    engine = _engines.get(id(reactor))
+    if engine is None:
+        engine = _engines[id(reactor)] = Engine(reactor)
+    engine.users += 1
+    return engine
+
+
+def release(engine):
+    engine.users -= 1
+    if engine.users <= 0:
+        _engines.pop(id(engine.reactor), None)
+        engine.shutdown()

@@ -1,0 +1,845 @@
+"""
+The Kubernetes front end: the mitmproxy hooks of one connection.  Every
+request becomes a L{Command} for the addon chain (with the facts of the API
+server's request info); an allowed request goes to the API server with the
+gateway's own credential, a denied one is answered with a Kubernetes
+C{Status}; responses, watch events, log streams and exec output pass
+through the chain's result hooks on their way back; every request leaves an
+audit event.
+"""
+
+import hashlib
+import json
+import time
+from urllib.parse import parse_qs, unquote
+
+from mitmproxy import http
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from hoopgw import redact
+from hoopgw.chain import ChainBroken, settled
+from hoopgw.kubernetes import bodies, channels, engine as engines, tls
+from hoopgw.kubernetes.requestinfo import request_info
+from hoopgw.model import DENY, Command, Credentials, Decision, ResultChunk, Session
+from hoopgw.options import ConfigError
+
+KEY = "hoopgw"
+JSON = "application/json"
+# Content types the gateway can read; a client asking for protobuf gets JSON.
+_PROTOBUF = "application/vnd.kubernetes.protobuf"
+# Refusals of the session that are about who the client is (401), as
+# opposed to what it may use (403).
+_IDENTITY_RULES = ("identity:", "no-identity")
+
+
+class Exchange:
+    """
+    What the front end knows about one request while it is in flight.
+    """
+
+    __slots__ = (
+        "received", "session", "command", "info", "refused", "streamed", "finished", "masked",
+        "warnings", "subprotocol", "cast", "exit", "broken", "impersonated", "client",
+    )
+
+    def __init__(self, received):
+        self.received = received
+        self.session = None
+        self.command = None
+        self.info = None
+        self.refused = False
+        self.streamed = False
+        self.finished = False
+        self.masked = 0
+        self.warnings = []
+        self.subprotocol = None
+        self.cast = None
+        self.exit = None
+        self.broken = None
+        self.impersonated = None
+        self.client = None
+
+
+async def _wait(value, loop):
+    """
+    The result of C{value}, waiting on the asyncio loop if it is a
+    L{Deferred} that has not fired.
+    """
+    done, result = settled(value)
+    if done:
+        return result
+    return await result.asFuture(loop)
+
+
+def _bearer(header):
+    if header and header[:7].lower() == "bearer ":
+        return header[7:].strip() or None
+    return None
+
+
+def _address(peername):
+    if not peername:
+        return "unknown"
+    return "%s:%s" % (peername[0], peername[1])
+
+
+# How long a closing connection's requests get to finish before its
+# sessions end regardless.
+DRAIN_SECONDS = 2.0
+
+
+class _ClientState:
+    """
+    The sessions of one client connection, one per token it presented,
+    the decisions its requests wait for, and its requests in flight.
+    """
+
+    __slots__ = ("sessions", "waiting", "open", "drained")
+
+    def __init__(self):
+        self.sessions = {}
+        self.waiting = set()
+        self.open = set()
+        self.drained = []
+
+    def finished(self, exchange):
+        self.open.discard(exchange)
+        if not self.open:
+            drained, self.drained = self.drained, []
+            for waiter in drained:
+                if not waiter.called:
+                    waiter.callback(None)
+
+    def drain(self, reactor):
+        """
+        @return: a L{Deferred} firing once no request is in flight, or after
+            L{DRAIN_SECONDS}.
+        """
+        if not self.open:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self.drained.append(waiter)
+        timeout = reactor.callLater(DRAIN_SECONDS, lambda: waiter.called or waiter.callback(None))
+        return waiter.addBoth(lambda result: (timeout.active() and timeout.cancel(), result)[1])
+
+
+class Frontend:
+    """
+    The hooks of one Kubernetes connection, called by the engine's router.
+    """
+
+    log = Logger()
+
+    def __init__(self, connection, gateway, chain, reactor, loop):
+        self.connection = connection
+        self.settings = connection.settings
+        self.gateway = gateway
+        self.chain = chain
+        self.reactor = reactor
+        self.loop = loop
+        self.engine = None
+        self.clients = {}
+        self.ending = set()
+        self.client_tls = tls.client_context(self.settings.tls)
+        self.upstream_tls = tls.upstream_context(self.settings.target)
+        self.result_hooks = chain.has("result_received")
+
+    # TLS.
+
+    def tls_start_client(self, data):
+        data.ssl_conn = tls.accept(self.client_tls)
+
+    def tls_start_server(self, data):
+        data.ssl_conn = tls.connect(self.upstream_tls, self.settings.target)
+
+    # Requests.
+
+    async def request(self, flow):
+        exchange = Exchange(time.time())
+        flow.metadata[KEY] = exchange
+        try:
+            await self._request(flow, exchange)
+        except Exception:
+            self.log.failure("The Kubernetes front end failed on a request")
+            if exchange.command is not None and (exchange.command.decision is None or not exchange.command.decision.denied):
+                exchange.command.decision = Decision.deny(
+                    "the gateway failed internally", rule="gateway:error", addon="gateway"
+                )
+            self._refuse(flow, exchange, 500, "hoopgw failed internally and refused this request; the failure is logged")
+
+    async def _request(self, flow, exchange):
+        request = flow.request
+        token = _bearer(request.headers.get("authorization"))
+        session = await self._session(flow, token, exchange)
+        if session is None:
+            return
+        path, _, query = request.path.partition("?")
+        websocket = request.headers.get("upgrade", "").lower() == "websocket"
+        info = exchange.info = request_info(request.method, path, query, websocket)
+        command = exchange.command = self._command(flow, info, query, websocket)
+        state = exchange.client = self.clients.get(flow.client_conn.id)
+        if state is not None:
+            state.open.add(exchange)
+        if any(name.lower().startswith("impersonate-") for name in request.headers.keys()):
+            command.decision = Decision.deny(
+                "requests through the gateway may not carry Impersonate-* headers; the gateway acts "
+                "for your own identity only",
+                rule="gateway:impersonation",
+                addon="gateway",
+            )
+            self._refuse(flow, exchange, 403, "hoopgw denied this request: %s" % (command.decision.reason,), info=info)
+            return
+        body = request.raw_content or b""
+        if len(body) > self.settings.max_body_bytes:
+            command.decision = Decision.deny(
+                "the request body of %d bytes is larger than the %d this connection accepts"
+                % (len(body), self.settings.max_body_bytes),
+                rule="gateway:max-body-bytes",
+                addon="gateway",
+            )
+            self._refuse(flow, exchange, 413, "hoopgw refused this request: %s" % (command.decision.reason,), info=info)
+            return
+        session.notifier = exchange.warnings.append
+        pending = self.chain.submit(session, command)
+        if isinstance(pending, defer.Deferred) and not pending.called and state is not None:
+            # Should the client give up, the decision (an approval, say) is called off.
+            state.waiting.add(pending)
+            pending.addBoth(lambda result: (state.waiting.discard(pending), result)[1])
+        decision = await _wait(pending, self.loop)
+        if decision.verdict == DENY:
+            message = "hoopgw denied this request: %s" % (decision.reason,)
+            if decision.rule:
+                message += " (rule %s)" % (decision.rule,)
+            self._refuse(flow, exchange, 403, message, info=info)
+            return
+        if "spdy" in request.headers.get("upgrade", "").lower():
+            command.decision = Decision.deny(
+                "exec, attach and port-forward pass through the gateway over WebSocket only (kubectl 1.30 "
+                "or later); SPDY streams cannot be inspected",
+                rule="gateway:spdy",
+                addon="gateway",
+            )
+            self._refuse(flow, exchange, 400, "hoopgw refused this request: %s" % (command.decision.reason,), info=info)
+            return
+        self._credential(request, session, exchange)
+
+    def _command(self, flow, info, query, websocket):
+        request = flow.request
+        text = "%s %s" % (request.method, request.path)
+        facts = info.facts()
+        facts.update(method=request.method, websocket=websocket, userAgent=request.headers.get("user-agent", ""))
+        parsed = parse_qs(query, keep_blank_values=True) if query else {}
+        if info.subresource in ("exec", "attach"):
+            facts["command"] = [redact.redact_text(part)[0] for part in parsed.get("command", [])]
+            facts["container"] = (parsed.get("container") or [""])[-1]
+            for flag in ("stdin", "stdout", "stderr", "tty"):
+                facts[flag] = (parsed.get(flag) or ["false"])[-1] in ("true", "1")
+        if "dryRun" in parsed:
+            facts["dryRun"] = parsed["dryRun"][-1]
+        if info.subresource == "log":
+            facts["follow"] = (parsed.get("follow") or ["false"])[-1] in ("true", "1")
+        command = Command(kind="kubernetes", text=text, redacted=redact.redact_text(unquote(text))[0], facts=facts)
+        body = request.raw_content
+        if body:
+            # An approval binds to the exact body; the record keeps only its size and digest.
+            command.parameters = (body,)
+            command.redacted_parameters = (
+                "<body, %d bytes, sha256 %s>" % (len(body), hashlib.sha256(body).hexdigest()),
+            )
+        return command
+
+    def _credential(self, request, session, exchange):
+        """
+        The client's token and any impersonation of its own never reach
+        the API server; the gateway's credential does.
+        """
+        headers = request.headers
+        for name in list(headers.keys()):
+            lowered = name.lower()
+            if lowered in ("authorization", "proxy-authorization") or lowered.startswith("impersonate-"):
+                del headers[name]
+        target = self.settings.target
+        if target.token is not None:
+            try:
+                token = target.token.read_text()
+            except ConfigError as error:
+                raise RuntimeError("the gateway's credential for the API server is unavailable: %s" % (error,))
+            headers["authorization"] = "Bearer %s" % (token,)
+        if target.impersonate is not None:
+            identity = session.identity
+            user = target.impersonate.user_prefix + identity.subject
+            headers["impersonate-user"] = user
+            groups = sorted(identity.groups) if target.impersonate.groups else []
+            if groups:
+                headers.set_all("impersonate-group", groups)
+            exchange.impersonated = {"username": user, "groups": groups}
+        info = exchange.info
+        if info.verb == "watch" or info.subresource in ("log", "exec", "attach"):
+            # A stream is masked as it passes: it must come uncompressed.
+            headers.pop("accept-encoding", None)
+        accept = headers.get("accept")
+        if accept and _PROTOBUF in accept:
+            kept = [part for part in accept.split(",") if _PROTOBUF not in part]
+            headers["accept"] = ",".join(kept) or JSON
+
+    # Sessions.
+
+    async def _session(self, flow, token, exchange):
+        client = flow.client_conn
+        state = self.clients.get(client.id)
+        if state is None:
+            state = self.clients[client.id] = _ClientState()
+        key = hashlib.sha256(token.encode("utf-8")).hexdigest() if token else ""
+        session = state.sessions.get(key)
+        if session is not None:
+            expires = session.identity.provenance.get("expires_at") if session.identity is not None else None
+            if expires is None or time.time() < expires:
+                exchange.session = session
+                return session
+            # The token ran out while the connection stayed open: it is checked anew.
+            del state.sessions[key]
+            session.attributes["end_reason"] = "the token expired"
+            self._end(session)
+        session = Session(
+            connection=self.connection.name,
+            protocol="kubernetes",
+            client_address=_address(client.peername),
+            target=self.settings.target_name,
+            credentials=Credentials(password=token, client_certificate=None),
+            attributes={
+                "user_agent": flow.request.headers.get("user-agent", ""),
+                "tls": client.tls_established,
+                "sni": client.sni or "",
+            },
+        )
+        decision = await _wait(self.chain.start_session(session), self.loop)
+        if decision.verdict == DENY:
+            code = 401 if (decision.rule or "").startswith(_IDENTITY_RULES) else 403
+            self._refuse(flow, exchange, code, "hoopgw refused the session: %s" % (decision.reason,))
+            return None
+        if client.id not in self.clients:
+            # The client went away while its token was checked.
+            session.attributes["end_reason"] = "client disconnected"
+            self._end(session)
+            return None
+        state.sessions[key] = session
+        exchange.session = session
+        return session
+
+    def _end(self, session):
+        ended = self.chain.end_session(session)
+        self.ending.add(ended)
+        ended.addBoth(lambda result: (self.ending.discard(ended), result)[1])
+        return ended
+
+    def _leave(self, state, reason):
+        """
+        A client connection is over: call off what its requests wait for,
+        let them finish, then end its sessions (so a session's end follows
+        its commands' in the record).
+        """
+        for waiting in list(state.waiting):
+            waiting.cancel()
+
+        def end(_):
+            for session in state.sessions.values():
+                session.attributes.setdefault("end_reason", reason)
+                self._end(session)
+
+        leaving = state.drain(self.reactor).addCallback(end)
+        self.ending.add(leaving)
+        leaving.addBoth(lambda result: (self.ending.discard(leaving), result)[1])
+        return leaving
+
+    def client_disconnected(self, client):
+        state = self.clients.pop(client.id, None)
+        if state is not None:
+            self._leave(state, "client disconnected")
+
+    def close_sessions(self, reason):
+        """
+        End every session (the gateway is stopping): close the clients'
+        connections and tell the chain.
+
+        @return: a L{Deferred} firing once every session has ended.
+        """
+        handlers = self.engine.proxyserver.connections if self.engine is not None else {}
+        for client_id in list(self.clients):
+            handler = handlers.get(client_id)
+            state = self.clients.pop(client_id)
+            if handler is not None:
+                _close_client(handler)
+            self._leave(state, reason)
+        return _all_of(self.ending)
+
+    # Refusals.
+
+    def _refuse(self, flow, exchange, code, message, info=None):
+        exchange.refused = True
+        details = bodies.denial_details(info) if info is not None and code == 403 else None
+        flow.response = http.Response.make(
+            code, bodies.status(code, message, details=details), {"content-type": JSON}
+        )
+        for warning in exchange.warnings:
+            flow.response.headers.add("warning", _warning(warning))
+
+    # Responses.
+
+    def responseheaders(self, flow):
+        exchange = flow.metadata.get(KEY)
+        if exchange is None or exchange.refused or exchange.command is None:
+            return
+        response = flow.response
+        for warning in exchange.warnings:
+            response.headers.add("warning", _warning(warning))
+        info = exchange.info
+        if response.status_code == 101:
+            return
+        if info.verb == "watch" or exchange.command.facts.get("follow"):
+            exchange.streamed = True
+            if not self.result_hooks:
+                response.stream = True
+            elif info.verb == "watch":
+                response.stream = _WatchStream(self, flow, exchange)
+            else:
+                response.stream = _LogStream(self, flow, exchange)
+
+    async def response(self, flow):
+        exchange = flow.metadata.get(KEY)
+        if exchange is None:
+            return
+        try:
+            if exchange.command is None:
+                return
+            if flow.response.status_code == 101 and not exchange.refused:
+                self._start_terminal(flow, exchange)
+                return
+            if not exchange.refused and not exchange.streamed and self.result_hooks:
+                await self._filter_body(flow, exchange)
+            self._finish(flow, exchange)
+        except Exception:
+            self.log.failure("The Kubernetes front end failed on a response")
+            exchange.broken = "internal error"
+            flow.response = http.Response.make(
+                500, bodies.status(500, "hoopgw failed internally and withheld the response; the failure is logged"),
+                {"content-type": JSON},
+            )
+            self._finish(flow, exchange)
+
+    async def _filter_body(self, flow, exchange):
+        response = flow.response
+        try:
+            content = response.content
+        except ValueError:
+            # An encoding the gateway cannot read cannot be checked either.
+            content = None
+        if content is None:
+            self._withhold(flow, exchange, "the response's content encoding is not one the gateway can read")
+            return
+        if not content:
+            return
+        content_type = response.headers.get("content-type", "")
+        if content_type.startswith("text/"):
+            chunk = ResultChunk("stream", data=content, stream="log", final=True)
+            opened = None
+        else:
+            chunk, opened = self._body_chunk(content, content_type)
+        original = chunk.data
+        try:
+            await _wait(self.chain.result(exchange.session, exchange.command, chunk), self.loop)
+        except ChainBroken as error:
+            self._withhold(flow, exchange, str(error))
+            return
+        exchange.masked += chunk.masked + chunk.withheld
+        if opened:
+            document = json.loads(chunk.data)
+            bodies.close_secrets(document, opened)
+            response.content = json.dumps(document, separators=(",", ":")).encode("utf-8")
+        elif chunk.data is not original:
+            response.content = chunk.data
+
+    def _body_chunk(self, content, content_type):
+        """
+        The chunk the chain sees for a JSON body: Secret values opened.
+        """
+        opened = None
+        data = content
+        if b'"Secret' in content or b'"binaryData"' in content:
+            try:
+                document = json.loads(content)
+            except ValueError:
+                document = None
+            if document is not None:
+                opened = bodies.open_secrets(document)
+                if opened:
+                    data = json.dumps(document, separators=(",", ":")).encode("utf-8")
+        fields = {"content_type": content_type}
+        if opened:
+            fields["base64_opened"] = bodies.describe_opened(opened)
+        return ResultChunk("body", data=data, fields=fields), opened
+
+    def _withhold(self, flow, exchange, reason):
+        self.log.error("Withholding a Kubernetes response: {reason}", reason=reason)
+        exchange.broken = reason
+        flow.response = http.Response.make(
+            500, bodies.status(500, "hoopgw withheld the response because %s" % (reason,)), {"content-type": JSON}
+        )
+
+    def _stream_broken(self, flow, exchange, reason, delay=None):
+        """
+        A streamed response may not go on (an addon failed on it): close
+        the client's connection.
+        """
+        self.log.error("Withholding the rest of a Kubernetes stream: {reason}", reason=reason)
+        exchange.broken = reason
+        handler = self.engine.proxyserver.connections.get(flow.client_conn.id) if self.engine else None
+        if handler is not None:
+            # After what is on its way out (a status frame) has been written.
+            if delay is None:
+                self.loop.call_soon(_close_client, handler)
+            else:
+                self.loop.call_later(delay, _close_client, handler)
+
+    def error(self, flow):
+        exchange = flow.metadata.get(KEY)
+        if exchange is None or exchange.command is None or exchange.finished:
+            return
+        self._finish(flow, exchange, error=flow.error.msg if flow.error else "the exchange failed")
+
+    def _finish(self, flow, exchange, error=None):
+        if exchange.finished or exchange.command is None:
+            return
+        exchange.finished = True
+        command = exchange.command
+        response = flow.response
+        code = response.status_code if response is not None else 502
+        failure = None
+        if code >= 400 and response is not None and len(response.raw_content or b"") < 65536:
+            failure = _status_of(response)
+        outcome = command.outcome
+        if command.decision is not None and command.decision.denied:
+            outcome["status"] = "denied"
+        elif exchange.broken:
+            outcome.update(status="withheld", reason=exchange.broken)
+        elif error is not None and exchange.streamed and response is not None:
+            # A watch or a followed log ends when the client closes it.
+            outcome.update(status="ok", ended=redact.redact_text(error)[0])
+        elif error is not None:
+            outcome.update(status="error", error=redact.redact_text(error)[0])
+        else:
+            outcome["status"] = "ok" if code < 400 else "error"
+        outcome["code"] = code
+        if exchange.masked:
+            outcome["masked"] = exchange.masked
+        if exchange.exit is not None:
+            outcome["exit"] = exchange.exit
+        request = flow.request
+        outcome["audit"] = bodies.audit_event(
+            exchange.session,
+            command,
+            exchange.info,
+            command.redacted.partition(" ")[2],
+            code,
+            "ResponseComplete" if response is not None else "Panic",
+            exchange.received,
+            time.time(),
+            _address(flow.client_conn.peername).rpartition(":")[0],
+            request.headers.get("user-agent", ""),
+            impersonated=exchange.impersonated,
+            failure=failure,
+        )
+        self.chain.finish(exchange.session, command)
+        if exchange.client is not None:
+            # Last: the client's sessions may be waiting for this to end.
+            exchange.client.finished(exchange)
+
+    # Exec and attach.
+
+    def _start_terminal(self, flow, exchange):
+        exchange.subprotocol = flow.response.headers.get("sec-websocket-protocol", "").strip()
+        facts = exchange.command.facts
+        exchange.cast = channels.Asciicast(facts.get("command") or [exchange.info.subresource])
+        if exchange.subprotocol not in channels.BINARY_PROTOCOLS + channels.BASE64_PROTOCOLS:
+            # Frames the gateway cannot read cannot be masked or recorded.
+            exchange.broken = "the API server chose the unknown subprotocol %r" % (exchange.subprotocol,)
+            flow.response = http.Response.make(
+                502, bodies.status(502, "hoopgw withheld the stream because %s" % (exchange.broken,)),
+                {"content-type": JSON},
+            )
+            self._finish(flow, exchange)
+
+    async def websocket_message(self, flow):
+        exchange = flow.metadata.get(KEY)
+        message = flow.websocket.messages[-1]
+        if exchange is None or exchange.cast is None or exchange.broken:
+            message.drop()
+            return
+        try:
+            await self._terminal_message(flow, exchange, message)
+            # mitmproxy keeps every message of a flow; a long terminal
+            # session must not grow without bound.
+            del flow.websocket.messages[:-1]
+        except Exception:
+            self.log.failure("The Kubernetes front end failed on an exec message")
+            message.drop()
+            self._stream_broken(flow, exchange, "internal error")
+
+    async def _terminal_message(self, flow, exchange, message):
+        frame = channels.decode(exchange.subprotocol, message.content)
+        cast = exchange.cast
+        if message.from_client:
+            if frame.channel == channels.STDIN:
+                cast.input(frame.data)
+            elif frame.channel == channels.RESIZE:
+                cast.resize(frame.data)
+            return
+        if frame.channel in (channels.STDOUT, channels.STDERR):
+            if self.result_hooks:
+                chunk = ResultChunk("stream", data=frame.data, stream=channels.STREAMS[frame.channel], final=True)
+                try:
+                    await _wait(self.chain.result(exchange.session, exchange.command, chunk), self.loop)
+                except ChainBroken as error:
+                    # The output goes no further; the client learns why on the error channel.
+                    message.content = channels.Frame(
+                        channels.ERROR,
+                        bodies.status(500, "hoopgw withheld the output because %s; the session is closed" % (error,)),
+                        frame.base64,
+                    ).encode()
+                    self._stream_broken(flow, exchange, str(error), delay=0.2)
+                    return
+                exchange.masked += chunk.masked + chunk.withheld
+                if chunk.data is not frame.data:
+                    frame.data = chunk.data
+                    message.content = frame.encode()
+            cast.output(frame.data)
+        elif frame.channel == channels.ERROR and frame.data:
+            try:
+                result = json.loads(frame.data)
+            except ValueError:
+                return
+            exchange.exit = _exit_code(result)
+
+    async def websocket_end(self, flow):
+        exchange = flow.metadata.get(KEY)
+        if exchange is None or exchange.cast is None or exchange.finished:
+            return
+        command = exchange.command
+        try:
+            name = "%s-%s.cast" % (exchange.session.id, command.id)
+            data = exchange.cast.render()
+            digest = await _wait(self.gateway.store.write_attachment(name, data), self.loop)
+            command.outcome["asciicast"] = {
+                "name": name,
+                "sha256": digest,
+                "bytes": len(data),
+                "output_bytes": exchange.cast.output_bytes,
+                "input_bytes": exchange.cast.input_bytes,
+            }
+        except Exception:
+            self.log.failure("Recording an exec session failed")
+            command.outcome["asciicast_error"] = "the recording could not be stored"
+        self._finish(flow, exchange)
+
+
+def _all_of(ending):
+    """
+    A L{Deferred} firing once every one of C{ending} (a set that may grow
+    meanwhile, as sessions end after their requests) has fired.
+    """
+    if not ending:
+        return defer.succeed(None)
+    return defer.DeferredList(list(ending), consumeErrors=True).addCallback(lambda _: _all_of(ending))
+
+
+def _warning(text):
+    """
+    A C{Warning} header kubectl prints (C{Warning: text}): what the chain
+    told the client while its request waited (an approval, say).
+    """
+    return '299 - "%s"' % (text.replace("\\", "\\\\").replace('"', "'").replace("\n", " "),)
+
+
+def _close_client(handler):
+    """
+    Close a client's connection through its mitmproxy connection handler
+    (unless it is closed already).
+    """
+    if handler.client in handler.transports:
+        handler.close_connection(handler.client)
+
+
+def _status_of(response):
+    try:
+        body = json.loads(response.content)
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(body, dict) or body.get("kind") != "Status":
+        return None
+    return {"reason": body.get("reason", ""), "message": redact.redact_text(body.get("message", ""))[0]}
+
+
+def _exit_code(result):
+    if result.get("status") == "Success":
+        return 0
+    for cause in (result.get("details") or {}).get("causes") or ():
+        if cause.get("reason") == "ExitCode":
+            try:
+                return int(cause.get("message"))
+            except (TypeError, ValueError):
+                pass
+    return None
+
+
+class _WatchStream:
+    """
+    A watch's events, one JSON object a line, each through the chain as it
+    arrives.  Result hooks on a stream must answer at once: mitmproxy
+    streams synchronously, so a hook that would make it wait stops it.
+    """
+
+    def __init__(self, frontend, flow, exchange):
+        self.frontend = frontend
+        self.flow = flow
+        self.exchange = exchange
+        self.pending = b""
+
+    def __call__(self, data):
+        exchange = self.exchange
+        if exchange.broken:
+            return b""
+        if data:
+            data = self.pending + data
+            cut = data.rfind(b"\n") + 1
+            self.pending, data = data[cut:], data[:cut]
+        else:
+            data, self.pending = self.pending, b""
+        if not data:
+            return b""
+        out = []
+        for line in data.splitlines(keepends=True):
+            filtered = self._event(line)
+            if filtered is None:
+                return b"".join(out)
+            out.append(filtered)
+        return b"".join(out)
+
+    def _event(self, line):
+        frontend, exchange = self.frontend, self.exchange
+        body, newline = (line[:-1], b"\n") if line.endswith(b"\n") else (line, b"")
+        if not body.strip():
+            return line
+        chunk, opened = frontend._body_chunk(body, JSON)
+        original = chunk.data
+        chunk.fields["watch_event"] = True
+        try:
+            waiting = frontend.chain.result(exchange.session, exchange.command, chunk)
+        except ChainBroken as error:
+            frontend._stream_broken(self.flow, exchange, str(error))
+            return None
+        if waiting is not None and not settled(waiting)[0]:
+            waiting.cancel()
+            frontend._stream_broken(self.flow, exchange, "an addon would make the watch stream wait")
+            return None
+        exchange.masked += chunk.masked + chunk.withheld
+        if opened:
+            document = json.loads(chunk.data)
+            bodies.close_secrets(document, opened)
+            return json.dumps(document, separators=(",", ":")).encode("utf-8") + newline
+        if chunk.data is original:
+            return line
+        return chunk.data + newline
+
+
+class _LogStream:
+    """
+    C{logs -f}: each piece of text through the chain as it arrives, the
+    last one marked final.
+    """
+
+    def __init__(self, frontend, flow, exchange):
+        self.frontend = frontend
+        self.flow = flow
+        self.exchange = exchange
+
+    def __call__(self, data):
+        frontend, exchange = self.frontend, self.exchange
+        if exchange.broken:
+            return b""
+        chunk = ResultChunk("stream", data=data, stream="log", final=not data)
+        try:
+            waiting = frontend.chain.result(exchange.session, exchange.command, chunk)
+        except ChainBroken as error:
+            frontend._stream_broken(self.flow, exchange, str(error))
+            return b""
+        if waiting is not None and not settled(waiting)[0]:
+            waiting.cancel()
+            frontend._stream_broken(self.flow, exchange, "an addon would make the log stream wait")
+            return b""
+        exchange.masked += chunk.masked + chunk.withheld
+        return chunk.data
+
+
+class KubernetesService(service.Service):
+    """
+    The listener of one Kubernetes connection: a reverse-proxy mode of the
+    process's mitmproxy master.  The gateway adds it as it is (it is its
+    own service, not a factory for C{strports}).
+
+    @ivar listening: a L{Deferred} firing once the mode serves.
+    """
+
+    log = Logger()
+
+    def __init__(self, connection, gateway, chain, reactor):
+        self.connection = connection
+        self.reactor = reactor
+        loop = getattr(reactor, "_asyncioEventloop", None)
+        self.frontend = Frontend(connection, gateway, chain, reactor, loop)
+        self.listening = None
+        self._server = None
+        self._stopped = None
+
+    def startService(self):
+        service.Service.startService(self)
+        self._stopped = None
+        engine = engines.acquire(self.reactor)
+        settings = self.connection.settings
+        try:
+            self.listening = engine.listen(
+                settings.mode, settings.listen_host, settings.listen_port, self.frontend, settings.max_body_bytes
+            )
+        except OSError:
+            engines.release(engine)
+            raise
+        self.frontend.engine = engine
+        self.listening.addCallback(self._serving)
+
+    def _serving(self, server):
+        self._server = server
+        return server
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self._stopped is not None:
+            return self._stopped
+        engine = self.frontend.engine
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        ending = self.frontend.close_sessions("the gateway is stopping")
+
+        def release(result):
+            engine.forget(self.connection.settings.mode)
+            engines.release(engine)
+            self.frontend.engine = None
+            return result
+
+        self._stopped = ending.addBoth(release)
+        return self._stopped
+
+    def close_sessions(self, reason):
+        if self.frontend.engine is None:
+            return self._stopped or defer.succeed(None)
+        return self.frontend.close_sessions(reason)
