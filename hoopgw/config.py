@@ -21,6 +21,7 @@ from hoopgw.options import ConfigError, join
 # listener; this table is the only place that names them.
 PROTOCOLS = {
     "postgres": "hoopgw.postgres",
+    "ssh": "hoopgw.ssh",
 }
 
 # Likewise for identity provider types.

@@ -34,6 +34,13 @@ class IdentityAddon:
             "Require the login name the client gives to equal the identity's subject, so a token issued "
             "to one bot cannot be presented under another name.",
         ),
+        o.Option(
+            "ssh_keys",
+            o.boolean,
+            True,
+            "Accept SSH public keys and OpenSSH certificates that the SSH front end verified against this "
+            "connection's registered keys and certificate authorities. Turn off to require tokens.",
+        ),
     )
 
     @staticmethod
@@ -44,13 +51,16 @@ class IdentityAddon:
                     o.join(o.join(path, "identity"), "providers"),
                     "there is no identity provider named %r; define it under identity_providers" % (name,),
                 )
-        if not providers:
+        # A front end that proves identities itself (SSH keys registered on
+        # the connection) can do without a token issuer.
+        if not providers and not getattr(connection.settings, "proves_identities", False):
             raise ConfigError(path, "the identity addon needs at least one entry under identity_providers")
 
     def __init__(self, options, context):
         self._context = context
         self._names = options["providers"]
         self._match_user = options["match_user"]
+        self._ssh_keys = options["ssh_keys"]
 
     def _providers(self):
         providers = self._context.identity_providers
@@ -60,6 +70,8 @@ class IdentityAddon:
     @defer.inlineCallbacks
     def session_started(self, session):
         credentials = session.credentials
+        if credentials.ssh_key is not None:
+            return self._ssh_key(session, credentials)
         token = credentials.password
         # The token is used once, here; it is not kept on the session.
         credentials.password = None
@@ -83,6 +95,22 @@ class IdentityAddon:
                 % (credentials.user, identity.subject, identity.subject),
                 "user-mismatch",
             )
+        session.identity = identity
+        return None
+
+    def _ssh_key(self, session, credentials):
+        """
+        A key or certificate the SSH front end proved the client holds, and
+        mapped to an identity from the connection's own registry: the proof
+        of possession is an SSH protocol matter, so it happens there, as a
+        client certificate's is in TLS.
+        """
+        claim, credentials.ssh_key = credentials.ssh_key, None
+        if not self._ssh_keys:
+            return _refuse("this connection accepts identity tokens only, not SSH keys", "ssh-key-not-accepted")
+        identity = getattr(claim, "identity", None)
+        if identity is None or identity.method not in ("ssh-key", "ssh-cert"):
+            return _refuse("the SSH key was not verified by the gateway", "ssh-key")
         session.identity = identity
         return None
 

@@ -147,6 +147,10 @@ class Record:
             event.update(type="session.end", reason=session.attributes.get("end_reason", ""))
         if session.identity is not None:
             event["identity"] = session.identity.to_json()
+        if session.attributes.get("attachments"):
+            # Terminal recordings stored beside the events: their digests
+            # are committed into the chain here.
+            event["attachments"] = session.attributes["attachments"]
         return self._append(event)
 
 
