@@ -101,6 +101,7 @@ def might_hold_pan(data):
 
 
 _MAY_CONTINUE = frozenset(b"0123456789 -")
+_SEPARATORS = frozenset(b" -")
 # The longest text a PAN can span: 19 digits with a separator between each.
 MAX_PAN_SPAN = 19 + 18
 
@@ -139,6 +140,10 @@ class StreamMasker:
             floor = max(0, cut - MAX_PAN_SPAN)
             while cut > floor and data[cut - 1] in _MAY_CONTINUE:
                 cut -= 1
+            # A PAN starts with a digit: separators before the first held
+            # digit can go.
+            while cut < len(data) and data[cut] in _SEPARATORS:
+                cut += 1
             if cut < len(data):
                 self._held = data[cut:]
                 data = data[:cut]

@@ -7,7 +7,6 @@ helpers running the real ssh, scp and sftp against it.
 
 import atexit
 import os
-import stat
 import subprocess
 
 from twisted.internet import defer, protocol, reactor
@@ -17,6 +16,7 @@ from tests import support
 from tests.support import GatewayHarness
 
 ADDONS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ssh_addons.py")
+ASKPASS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "hoopgw-askpass")
 SSH = "/usr/bin/ssh"
 SCP = "/usr/bin/scp"
 SFTP = "/usr/bin/sftp"
@@ -178,17 +178,13 @@ class SSHGateway(GatewayHarness):
 
     def token_ssh(self, command, token, method="password", login=None, extra=()):
         """
-        ssh with an identity token as the password (SSH_ASKPASS answers
-        the prompt, as in CI), or through keyboard-interactive.
+        ssh with an identity token as the password or the keyboard-interactive
+        answer, given by etc/hoopgw-askpass through SSH_ASKPASS, as in CI.
         """
-        askpass = os.path.join(self.directory, "askpass")
         token_file = os.path.join(self.directory, "token")
         with open(token_file, "w") as handle:
             handle.write(token)
-        with open(askpass, "w") as handle:
-            handle.write("#!/bin/sh\ncat '%s'\n" % (token_file,))
-        os.chmod(askpass, stat.S_IRWXU)
-        env = {"SSH_ASKPASS": askpass, "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"}
+        env = {"SSH_ASKPASS": ASKPASS, "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0", "HOOPGW_TOKEN_FILE": token_file}
         extra = [
             "-o", "PreferredAuthentications=" + method,
             "-o", "NumberOfPasswordPrompts=1",

@@ -8,6 +8,7 @@ import hashlib
 import os
 import pty
 import shutil
+import signal
 import struct
 import tempfile
 import termios
@@ -232,6 +233,31 @@ class TokenLoginTests(unittest.TestCase):
         self.assertEqual((out, code), (b"ok\n", 0), err)
         (start,) = yield self.gateway.wait_for("session.start")
         self.assertEqual(start["attributes"]["method"], "keyboard-interactive")
+
+    @defer.inlineCallbacks
+    def test_long_token_in_parts(self):
+        """
+        A token longer than the 1023 bytes OpenSSH passes in one answer
+        goes in parts through keyboard-interactive (etc/hoopgw-askpass).
+        """
+        token = support.token(subject="ci-bot", groups=["payments-bots"], extra={"claims": "x" * 2000})
+        self.assertGreater(len(token), 2500)
+        out, err, code = yield self.gateway.token_ssh("echo ok", token, method="keyboard-interactive")
+        self.assertEqual((out, code), (b"ok\n", 0), err)
+
+    @defer.inlineCallbacks
+    def test_long_token_as_password(self):
+        """
+        The same token as a password arrives cut by OpenSSH: the client is
+        told so and how to send it instead.
+        """
+        token = support.token(subject="ci-bot", groups=["payments-bots"], extra={"claims": "x" * 2000})
+        out, err, code = yield self.gateway.token_ssh("echo ok", token)
+        self.assertEqual(code, 255)
+        self.assertIn("the token arrived cut (OpenSSH passes at most 1023 bytes in one answer)", err)
+        (refused,) = yield self.gateway.wait_for("session.refused")
+        self.assertEqual(refused["refusal"]["rule"], "token-truncated")
+        self.assertNotIn(token[:1023].encode(), self.gateway.raw_store())
 
     @defer.inlineCallbacks
     def test_expired_token(self):
@@ -685,6 +711,30 @@ class TargetTests(unittest.TestCase):
         (end,) = yield gateway.wait_for("session.end")
         self.assertIn("target unavailable", end["reason"])
         self.assertEqual(gateway.commands(), [])
+
+    @defer.inlineCallbacks
+    def test_target_lost_mid_command(self):
+        """
+        When the target's side of a session dies mid-command, the client is
+        disconnected with the reason and the command is recorded as
+        interrupted.
+        """
+        gateway = SSHGateway(self)
+        process, collector = spawn(
+            [SSH] + gateway.options() + ["%s@127.0.0.1" % (gateway.login,), "echo $PPID; sleep 30"]
+        )
+        output = lambda: b"".join(collector.out)
+        yield eventually(lambda: output().endswith(b"\n"))
+        # The sshd process serving this session on the target, started by
+        # the test's own sshd.
+        os.kill(int(output()), signal.SIGKILL)
+        out, err, code = yield collector.done
+        self.assertEqual(code, 255)
+        self.assertIn("the target closed the connection", err)
+        (end,) = yield gateway.wait_for("session.end")
+        self.assertIn("the target closed the connection", end["reason"])
+        (command,) = gateway.commands("exec")
+        self.assertEqual(command["outcome"]["status"], "interrupted")
 
     @defer.inlineCallbacks
     def test_target_down(self):

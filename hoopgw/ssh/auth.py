@@ -34,6 +34,10 @@ MSG_USERAUTH_BANNER = 53
 MSG_USERAUTH_INFO_REQUEST = 60
 MSG_USERAUTH_INFO_RESPONSE = 61
 
+# OpenSSH's askpass and passphrase prompts return at most this many bytes.
+OPENSSH_ANSWER_LIMIT = 1023
+MAX_TOKEN_PARTS = 16
+
 
 class Refused(UnauthorizedLogin):
     """
@@ -103,27 +107,41 @@ class GatewayUserAuth(userauth.SSHUserAuthServer):
 
     def auth_keyboard_interactive(self, packet):
         """
-        Ask for the token with one hidden prompt.
+        Ask for the token with one hidden prompt.  OpenSSH passes at most
+        1023 bytes per answer, and identity tokens can be longer: an answer
+        ending in a backslash asks for the next part ("Token (part 2): "),
+        up to L{MAX_TOKEN_PARTS}.
         """
-        answers = self._answers = defer.Deferred()
-        self.transport.sendPacket(
-            MSG_USERAUTH_INFO_REQUEST,
-            NS(b"hoopgw")
-            + NS(b"Sign in with your identity token.")
-            + NS(b"")
-            + struct.pack(">L", 1)
-            + NS(b"Token: ")
-            + b"\x00",
-        )
+        parts = []
+
+        def ask():
+            prompt = "Token: " if not parts else "Token (part %d): " % (len(parts) + 1,)
+            answers = self._answers = defer.Deferred()
+            self.transport.sendPacket(
+                MSG_USERAUTH_INFO_REQUEST,
+                NS(b"hoopgw")
+                + NS(b"Sign in with your identity token." if not parts else b"")
+                + NS(b"")
+                + struct.pack(">L", 1)
+                + NS(prompt.encode("ascii"))
+                + b"\x00",
+            )
+            return answers.addCallback(answered)
 
         def answered(responses):
             if len(responses) != 1:
                 raise Refused("answer the one prompt with your identity token")
+            answer = responses[0]
+            if answer.endswith(b"\\"):
+                parts.append(answer[:-1])
+                if len(parts) >= MAX_TOKEN_PARTS:
+                    raise Refused("the token came in more than %d parts" % (MAX_TOKEN_PARTS,))
+                return ask()
             self.transport.auth_method = "keyboard-interactive"
-            offered = cred_credentials.UsernamePassword(self.user, responses[0])
+            offered = cred_credentials.UsernamePassword(self.user, b"".join(parts) + answer)
             return self.portal.login(offered, None, IConchUser)
 
-        return answers.addCallback(answered).addErrback(self._ebPassword)
+        return ask().addErrback(self._ebPassword)
 
     def auth_password(self, packet):
         self.transport.auth_method = "password"
@@ -278,6 +296,17 @@ class TokenChecker(_Checker):
         login = offered.username.decode("utf-8", "replace")
         token = offered.password.decode("utf-8", "replace").strip()
         session = self.new_session(login, Credentials(password=token), {"method": self.front.auth_method})
+        if len(offered.password) == OPENSSH_ANSWER_LIMIT or offered.password.endswith(b"\\"):
+            # Cut by the client, or the first of several parts: the identity
+            # addon would only see a bad token, so say why here.
+            session.credentials.password = None
+            return self.refuse(
+                session,
+                "the token arrived cut (OpenSSH passes at most %d bytes in one answer); use keyboard-interactive "
+                "and give it in parts, each but the last ending with a backslash (etc/hoopgw-askpass does)"
+                % (OPENSSH_ANSWER_LIMIT,),
+                "token-truncated",
+            )
         self.front.key_proof = None
         return self.admit(session, login)
 

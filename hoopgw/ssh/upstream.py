@@ -144,12 +144,15 @@ class _TargetTransport(transport.SSHClientTransport):
         transport.SSHClientTransport.receiveError(self, reasonCode, description)
 
     def connectionLost(self, reason=None):
-        transport.SSHClientTransport.connectionLost(self, reason)
         if self.attempt.ready.called:
+            # The owner hears first, so the channels about to close know
+            # their commands were cut short.
             conn = getattr(self, "_hoopgw_connection", None)
             if conn is not None:
                 conn.lost(self.attempt.disconnect_message)
+            transport.SSHClientTransport.connectionLost(self, reason)
         else:
+            transport.SSHClientTransport.connectionLost(self, reason)
             self.attempt.lost()
 
 
