@@ -15,6 +15,10 @@ C{md5_user} (md5) and the role C{trust_user} (trust)::
         cluster.create_role("app", "secret")
         psycopg2.connect(cluster.dsn("app", "secret"))
 
+L{SshServer} runs OpenSSH's C{sshd} in the foreground with its own host
+key and C{authorized_keys}, letting in only the keys given to
+L{SshServer.authorize}, as the user running this process.
+
 PostgreSQL refuses to run as root.  When this process is root, the cluster's
 programs run as the unprivileged user C{nobody} and its folder is handed
 over to that user.

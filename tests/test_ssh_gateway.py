@@ -844,6 +844,37 @@ class HostKeyTests(unittest.TestCase):
         self.assertTrue(os.path.exists(os.path.join(state, "ssh", "deploy", "ssh_host_ed25519_key")))
 
 
+class ThrowawaySshServerTests(unittest.TestCase):
+    """
+    hoopgw.throwaway.SshServer, the tests' target.
+    """
+
+    @defer.inlineCallbacks
+    def test_authorized_keys_only(self):
+        """
+        Only an authorized key logs in, and stop removes the server's folder.
+        """
+        from hoopgw.throwaway import SshServer
+
+        server = SshServer()
+        server.start()
+        self.addCleanup(server.stop)
+        server.authorize(key("alice")[1])
+        known_hosts = os.path.join(server.directory, "known_hosts")
+        with open(known_hosts, "w") as handle:
+            handle.write("[127.0.0.1]:%d %s\n" % (server.port, server.host_key))
+        base = [SSH, "-F", "/dev/null", "-p", str(server.port), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+                "-o", "IdentityAgent=none", "-o", "UserKnownHostsFile=" + known_hosts]
+        out, err, code = yield run(base + ["-i", key("alice")[0], "%s@127.0.0.1" % (server.login,), "echo in"])
+        self.assertEqual((out, code), (b"in\n", 0), err)
+        out, err, code = yield run(base + ["-i", key("stranger")[0], "%s@127.0.0.1" % (server.login,), "true"])
+        self.assertEqual(code, 255)
+        directory = server.directory
+        server.stop()
+        self.assertFalse(server.running)
+        self.assertFalse(os.path.exists(directory))
+
+
 class ShutdownTests(unittest.TestCase):
     """
     Stopping the gateway ends the sessions it carries.
