@@ -799,10 +799,10 @@ class ForwardingTests(unittest.TestCase):
         self.assertEqual(command["facts"]["request"], "remote-forwarding")
 
     @defer.inlineCallbacks
-    def test_agent_forwarding_refused(self):
+    def test_agent_and_x11_forwarding_refused(self):
         """
-        Agent forwarding is refused and recorded; the command still runs,
-        without an agent.
+        Agent and X11 forwarding are refused and recorded; the command still
+        runs, without an agent or a display.
         """
         gateway = SSHGateway(self)
         # A short path: Unix socket names are limited to about 100 bytes.
@@ -814,12 +814,15 @@ class ForwardingTests(unittest.TestCase):
         self.addCleanup(process.signalProcess, "TERM")
         yield eventually(lambda: os.path.exists(agent))
         out, err, code = yield gateway.ssh(
-            "echo ${SSH_AUTH_SOCK:-none}", extra=["-o", "ForwardAgent=yes"], env={"SSH_AUTH_SOCK": agent}, agent=agent
+            "echo ${SSH_AUTH_SOCK:-none} ${DISPLAY:-none}",
+            extra=["-o", "ForwardAgent=yes", "-o", "ForwardX11=yes"],
+            env={"SSH_AUTH_SOCK": agent, "DISPLAY": "127.0.0.1:0"},
+            agent=agent,
         )
-        self.assertEqual((out, code), (b"none\n", 0), err)
+        self.assertEqual((out, code), (b"none none\n", 0), err)
         yield gateway.wait_for("session.end")
-        (command,) = gateway.commands("ssh-request")
-        self.assertEqual(command["facts"]["request"], "agent-forwarding")
+        requests = sorted(command["facts"]["request"] for command in gateway.commands("ssh-request"))
+        self.assertEqual(requests, ["agent-forwarding", "x11-forwarding"])
 
 
 class HostKeyTests(unittest.TestCase):

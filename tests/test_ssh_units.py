@@ -604,6 +604,11 @@ class _Connection:
 
     def __init__(self):
         self.sent = []
+        self.channelsToRemoteChannel = {}
+
+    def open(self, channel):
+        channel.conn = self
+        self.channelsToRemoteChannel[channel] = 0
 
     def sendData(self, channel, data):
         self.sent.append(("data", data))
@@ -645,7 +650,7 @@ class RelayChannelTests(unittest.TestCase):
                 events.append("drained")
 
         channel = Channel(remoteWindow=10, remoteMaxPacket=4)
-        channel.conn = _Connection()
+        _Connection().open(channel)
         channel.send_data(b"0123456789abcdef")
         channel.send_stderr(b"err")
         channel.send_eof()
@@ -665,7 +670,7 @@ class RelayChannelTests(unittest.TestCase):
         A held channel gives no window back until every reason is released.
         """
         channel = relay.RelayChannel()
-        channel.conn = _Connection()
+        _Connection().open(channel)
         channel.hold("a")
         channel.hold("b")
         channel.release("a")

@@ -220,6 +220,8 @@ class _Checker:
         Record a refused attempt (a session.refused event) and refuse it.
         """
         session.refusal = Decision.deny(message, rule=rule, addon="gateway")
+        session.credentials.password = None
+        session.credentials.ssh_key = None
         ending = self.factory.chain.end_session(session)
         return ending.addCallback(lambda _: defer.fail(Refused(message)))
 
@@ -299,7 +301,6 @@ class TokenChecker(_Checker):
         if len(offered.password) == OPENSSH_ANSWER_LIMIT or offered.password.endswith(b"\\"):
             # Cut by the client, or the first of several parts: the identity
             # addon would only see a bad token, so say why here.
-            session.credentials.password = None
             return self.refuse(
                 session,
                 "the token arrived cut (OpenSSH passes at most %d bytes in one answer); use keyboard-interactive "

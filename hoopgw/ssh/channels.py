@@ -137,6 +137,7 @@ class SessionChannel(RelayChannel):
         self._target_done = False
         self._finals_sent = False
         self._after_reply = []
+        self._deciding = None
         self._hooks = self.chain.has("result_received")
         self._counts = {"stdin": 0, "stdout": 0, "stderr": 0}
         # Nothing the client sends is relayed before the command is allowed.
@@ -370,7 +371,10 @@ class SessionChannel(RelayChannel):
         )
         if not failure.check(ConchError):
             self.log.failure("Starting a command on the target failed", failure)
-        self.command.outcome.update(status="error", error=reason)
+        if self.localClosed or self.remoteClosed:
+            self.command.outcome.update(status="interrupted", reason="the client left before the command started")
+        else:
+            self.command.outcome.update(status="error", error=reason)
         self._finish()
         if self.target is not None:
             self.target.send_close()
@@ -416,19 +420,21 @@ class SessionChannel(RelayChannel):
     def closed(self):
         self.avatar.channels.discard(self)
         self.avatar.pending.discard(self)
-        deciding = getattr(self, "_deciding", None)
-        if deciding is not None:
-            deciding.cancel()
-        if self.target is not None and not self.target.localClosed and self.target.conn is not None:
+        if self._deciding is not None:
+            # Cancelling the decision finishes the command as interrupted.
+            self._deciding.cancel()
+        if self.target is not None and not self.target.localClosed:
             self.target.send_close()
         if self.sftp is not None:
             self.sftp.close("the channel closed")
-        if self.command is not None and not self.finished and self.command.decision is not None and (
-            self.started or self.command.outcome
-        ):
-            self.command.outcome.setdefault("status", "interrupted")
-            self.command.outcome.setdefault("reason", "the client disconnected")
-            self._finish()
+        if self.command is None or self.finished:
+            return
+        if self.target is not None and not self.started:
+            # Still starting on the target: that path finishes it.
+            return
+        self.command.outcome.setdefault("status", "interrupted")
+        self.command.outcome.setdefault("reason", "the client disconnected")
+        self._finish()
 
     def blocked(self):
         if self.target is not None:

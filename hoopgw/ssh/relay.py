@@ -95,10 +95,17 @@ class RelayChannel(channel.SSHChannel):
         self._outbox.append((kind, value))
         self._flush()
 
+    @property
+    def is_open(self):
+        """
+        Whether the peer confirmed this channel (and it is not closed yet).
+        """
+        return self.conn is not None and self in self.conn.channelsToRemoteChannel
+
     def _flush(self):
         outbox = self._outbox
         while outbox:
-            if self.localClosed or self.conn is None:
+            if self.localClosed or not self.is_open:
                 outbox.clear()
                 break
             kind, value = outbox[0]
