@@ -62,7 +62,8 @@ class Cast:
         line = _line([round(self._clock() - self.started, 6), code, text])
         if self._limit is not None and self._size + len(line) > self._limit:
             self.truncated = True
-            line = _line([round(self._clock() - self.started, 6), "m", "recording truncated at %d bytes" % (self._limit,)])
+            note = "recording truncated at %d bytes" % (self._limit,)
+            line = _line([round(self._clock() - self.started, 6), "m", note])
         self._lines.append(line)
         self._size += len(line)
 

@@ -20,6 +20,7 @@ from twisted.trial import unittest
 from hoopgw import cast as casts
 from hoopgw.gateway import Gateway
 from hoopgw.model import Decision
+from hoopgw.store.verify import verify_store
 from tests import ssh_support, support
 from tests.ssh_support import SCP, SFTP, SSH, SSHGateway, certificate, key, run, spawn, sshd
 
@@ -188,7 +189,9 @@ class CertificateLoginTests(unittest.TestCase):
         A certificate whose principals are no identity here is refused.
         """
         path = certificate("cert-user", ["mallory"], identity="mallory")
-        return self.assertCertificateRefused(path, "none of the certificate's principals (mallory)", "key:unknown-principal")
+        return self.assertCertificateRefused(
+            path, "none of the certificate's principals (mallory)", "key:unknown-principal"
+        )
 
     def test_forced_command_refused(self):
         """
@@ -196,7 +199,9 @@ class CertificateLoginTests(unittest.TestCase):
         (force-command) is refused rather than ignored.
         """
         path = certificate("cert-user", ["alice"], identity="forced", options=["force-command=/bin/true"])
-        return self.assertCertificateRefused(path, "critical options the gateway does not enforce", "key:critical-option")
+        return self.assertCertificateRefused(
+            path, "critical options the gateway does not enforce", "key:critical-option"
+        )
 
 
 class TokenLoginTests(unittest.TestCase):
@@ -461,7 +466,10 @@ class MaskingTests(unittest.TestCase):
         is still masked, on stdout and on stderr, and the record holds it
         masked only.
         """
-        script = "printf '4111 1111 '; sleep 0.3; printf '1111 1111\\n'; printf '4111111'>&2; sleep 0.3; printf '111111111\\n' >&2"
+        script = (
+            "printf '4111 1111 '; sleep 0.3; printf '1111 1111\\n'; "
+            "printf '4111111' >&2; sleep 0.3; printf '111111111\\n' >&2"
+        )
         out, err, code = yield self.gateway.ssh(script)
         self.assertEqual(code, 0, err)
         self.assertEqual(out, b"4111 11** **** 1111\n")
@@ -564,6 +572,7 @@ class ShellTests(unittest.TestCase):
         self.assertIn("120x40", [text for _, code, text in events if code == "r"])
         (command,) = self.gateway.commands("shell")
         self.assertEqual(command["outcome"]["cast"]["sha256"], attachment["sha256"])
+        self.assertTrue(verify_store(self.gateway.store_path).ok)
 
 
 class FileTransferTests(unittest.TestCase):
@@ -659,7 +668,11 @@ class FileTransferTests(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(remote, "denied", "x.bin")))
         yield self.gateway.wait_for("session.end")
         operations = [
-            (command["facts"]["operation"], (command["facts"].get("path") or "").rstrip("/"), command["decision"]["verdict"])
+            (
+                command["facts"]["operation"],
+                (command["facts"].get("path") or "").rstrip("/"),
+                command["decision"]["verdict"],
+            )
             for command in self.gateway.commands("sftp")
         ]
         self.assertIn(("mkdir", remote + "/dir", "allow"), operations)
@@ -681,7 +694,8 @@ class FileTransferTests(unittest.TestCase):
         A connection without sftp: true refuses the subsystem, and says so.
         """
         gateway = SSHGateway(self)
-        out, err, code = yield run([SFTP] + _scp_options(gateway) + ["-b", "/dev/null", "%s@127.0.0.1" % (gateway.login,)])
+        destination = "%s@127.0.0.1" % (gateway.login,)
+        out, err, code = yield run([SFTP] + _scp_options(gateway) + ["-b", "/dev/null", destination])
         self.assertNotEqual(code, 0)
         self.assertIn("sftp is not allowed on this connection", err)
 

@@ -12,6 +12,7 @@ import subprocess
 import time
 
 from twisted.conch.ssh import keys as conch_keys
+from twisted.conch.ssh.common import NS
 from twisted.internet import defer
 from twisted.trial import unittest
 
@@ -104,7 +105,9 @@ class CertificateTests(unittest.TestCase):
         """
         parsed, ca = self.check_ca("ed25519")
         tampered = certificates.Certificate(**dict(parsed.__dict__, signed=parsed.signed[:-3] + b"xyz"))
-        error = self.assertRaises(certificates.CertificateError, certificates.verify_signature, tampered, blob_of(key(ca)[0] + ".pub"))
+        error = self.assertRaises(
+            certificates.CertificateError, certificates.verify_signature, tampered, blob_of(key(ca)[0] + ".pub")
+        )
         self.assertEqual(error.reason, "signature")
 
     def test_other_ca(self):
@@ -225,8 +228,10 @@ class IdentifyTests(unittest.TestCase):
         """
         A certificate proves the identity its principal names here.
         """
-        proof = identify(settings(), "unit", blob_of(certificate("cert-user", ["alice"], identity="a1")), None, time.time())
-        self.assertEqual((proof.identity.subject, proof.identity.kind, proof.identity.method), ("alice", "human", "ssh-cert"))
+        blob = blob_of(certificate("cert-user", ["alice"], identity="a1"))
+        proof = identify(settings(), "unit", blob, None, time.time())
+        identity = proof.identity
+        self.assertEqual((identity.subject, identity.kind, identity.method), ("alice", "human", "ssh-cert"))
         self.assertEqual(proof.identity.provenance["certificate_id"], "a1")
 
     def test_ambiguous_principals(self):
@@ -426,8 +431,15 @@ class _Front:
         raise AssertionError(failure)
 
 
+def encode(*values):
+    """
+    SSH wire encoding of strings (bytes) and uint32s (ints).
+    """
+    return b"".join(struct.pack(">L", value) if isinstance(value, int) else NS(value) for value in values)
+
+
 def packet(kind, *values):
-    payload = bytes((kind,)) + relay.request_payload(*values)
+    payload = bytes((kind,)) + encode(*values)
     return struct.pack(">L", len(payload)) + payload
 
 
@@ -492,7 +504,7 @@ class SftpRelayTests(unittest.TestCase):
         self.relay.client_data(open_packet[5:])
         self.assertEqual(self.front.target.sent, [open_packet])
         self.relay.target_data(packet(sftp.HANDLE, 1, b"h1"))
-        read = bytes((sftp.READ,)) + relay.request_payload(2, b"h1") + struct.pack(">QL", 0, 4096)
+        read = bytes((sftp.READ,)) + encode(2, b"h1") + struct.pack(">QL", 0, 4096)
         self.relay.client_data(struct.pack(">L", len(read)) + read)
         self.relay.target_data(packet(sftp.DATA, 2, b"x" * 3000))
         self.relay.client_data(packet(sftp.CLOSE, 3, b"h1"))
@@ -551,7 +563,8 @@ class CastTests(unittest.TestCase):
         recording.input(b"1111 1111\r")
         recording.resize(100, 40)
         header, events = casts.read(recording.finish())
-        self.assertEqual((header["version"], header["width"], header["height"], header["env"]), (2, 80, 24, {"TERM": "xterm"}))
+        self.assertEqual((header["version"], header["width"], header["height"]), (2, 80, 24))
+        self.assertEqual(header["env"], {"TERM": "xterm"})
         self.assertEqual("".join(text for _, code, text in events if code == "o"), "café\n")
         self.assertEqual("".join(text for _, code, text in events if code == "i"), "4111 11** **** 1111\r")
         self.assertIn((1.5, "r", "100x40"), events)
@@ -661,7 +674,14 @@ class RelayChannelTests(unittest.TestCase):
         channel.addWindowBytes(100)
         self.assertEqual(
             channel.conn.sent[3:],
-            [("data", b"abcd"), ("data", b"ef"), ("stderr", b"err"), ("eof", None), ("request", b"exit-status"), ("close", None)],
+            [
+                ("data", b"abcd"),
+                ("data", b"ef"),
+                ("stderr", b"err"),
+                ("eof", None),
+                ("request", b"exit-status"),
+                ("close", None),
+            ],
         )
         self.assertEqual(events, ["blocked", "drained"])
 

@@ -209,7 +209,9 @@ class SessionChannel(RelayChannel):
         return 0
 
     def _x11(self, data):
-        self.avatar.refuse(refused_request("x11-forwarding", "x11-req"), "X11 forwarding is never allowed through hoopgw")
+        self.avatar.refuse(
+            refused_request("x11-forwarding", "x11-req"), "X11 forwarding is never allowed through hoopgw"
+        )
         return 0
 
     def _agent(self, data):
@@ -727,31 +729,27 @@ def open_forward(avatar, window, max_packet, data):
         avatar.refuse(command, "the certificate does not permit port forwarding", "certificate:permit-port-forwarding")
         raise ChannelRefused(connection.OPEN_ADMINISTRATIVELY_PROHIBITED, "your certificate does not permit forwarding")
     decision = avatar.chain.submit(avatar.session, command)
-    return defer.maybeDeferred(lambda: decision).addCallback(_forward_decided, avatar, command, window, max_packet, data)
+    deciding = defer.maybeDeferred(lambda: decision)
+    return deciding.addCallback(_forward_decided, avatar, command, window, max_packet, data)
 
 
 def _forward_decided(decision, avatar, command, window, max_packet, data):
     if decision.denied:
         command.outcome.update(status="denied")
         avatar.chain.finish(avatar.session, command)
-        raise ChannelRefused(connection.OPEN_ADMINISTRATIVELY_PROHIBITED, "hoopgw denied this forward: %s" % (decision.reason,))
+        raise ChannelRefused(
+            connection.OPEN_ADMINISTRATIVELY_PROHIBITED, "hoopgw denied this forward: %s" % (decision.reason,)
+        )
     front = ForwardChannel(avatar, command, remoteWindow=window, remoteMaxPacket=max_packet)
     front.target = TargetChannel(front, b"direct-tcpip")
-    front.target.front = front
 
-    def failed(failure):
-        command.outcome.update(status="error", error=failure.getErrorMessage())
+    def failed(reason):
+        command.outcome.update(status="error", error=reason)
         avatar.chain.finish(avatar.session, command)
-        raise ChannelRefused(connection.OPEN_CONNECT_FAILED, "the target could not open it: %s" % (failure.getErrorMessage(),))
+        raise ChannelRefused(connection.OPEN_CONNECT_FAILED, "the target could not open it: %s" % (reason,))
 
     if avatar.target is None or avatar.target.closed:
-        return failed(_Failure("the target connection is gone"))
-    return avatar.target.open(front.target, data).addCallbacks(lambda _: front, failed)
-
-
-class _Failure:
-    def __init__(self, message):
-        self._message = message
-
-    def getErrorMessage(self):
-        return self._message
+        failed("the target connection is gone")
+    return avatar.target.open(front.target, data).addCallbacks(
+        lambda _: front, lambda failure: failed(failure.getErrorMessage())
+    )

@@ -86,7 +86,8 @@ def _certificate(settings, blob, client_host, now):
         authority = settings.authorities.get(certificate.ca_fingerprint)
         if authority is None:
             raise KeyRefused(
-                "the certificate was signed by a CA this connection does not trust (%s)" % (certificate.ca_fingerprint,),
+                "the certificate was signed by a CA this connection does not trust (%s)"
+                % (certificate.ca_fingerprint,),
                 "unknown-ca",
             )
         certificates.verify_signature(certificate, authority.key)

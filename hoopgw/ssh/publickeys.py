@@ -150,11 +150,6 @@ def parse_public_key(text):
     return name, blob, parts[2] if len(parts) > 2 else ""
 
 
-def public_key_line(blob, comment=""):
-    line = "%s %s" % (key_type(blob), base64.b64encode(blob).decode("ascii"))
-    return line + (" " + comment if comment else "")
-
-
 def load_private_key(data, where):
     """
     A private key (OpenSSH or PEM format, not encrypted) as a Conch key.

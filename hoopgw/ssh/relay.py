@@ -9,7 +9,7 @@ decision is pending or an addon is busy with a result.
 import collections
 import struct
 
-from twisted.conch.ssh import channel, common, connection
+from twisted.conch.ssh import channel, connection
 
 
 # Generous windows keep a fast transfer from stalling on round trips;
@@ -72,13 +72,6 @@ class RelayChannel(channel.SSHChannel):
 
     def loseConnection(self):
         self.send_close()
-
-    @property
-    def backlog(self):
-        """
-        Bytes queued for the peer and not yet sent.
-        """
-        return sum(len(value) for kind, value in self._outbox if kind in (_DATA, _STDERR))
 
     def _send_now(self, kind, data):
         size = max(self.remoteMaxPacket, 1)
@@ -212,18 +205,3 @@ class FlowControl:
         if left < channel_.localWindowSize // 2:
             self.adjustWindow(channel_, channel_.localWindowSize - left)
 
-
-def request_payload(*values):
-    """
-    Encode a channel request's payload from strings (bytes) and integers
-    (uint32).
-    """
-    parts = []
-    for value in values:
-        if isinstance(value, bool):
-            parts.append(b"\x01" if value else b"\x00")
-        elif isinstance(value, int):
-            parts.append(struct.pack(">L", value))
-        else:
-            parts.append(common.NS(value))
-    return b"".join(parts)

@@ -57,7 +57,8 @@ class GatewayConnection(FlowControl, connection.SSHConnection):
         self.localToRemoteChannel[local] = sender
         self.transport.sendPacket(
             connection.MSG_CHANNEL_OPEN_CONFIRMATION,
-            struct.pack(">4L", sender, local, channel_.localWindowSize, channel_.localMaxPacket) + channel_.specificData,
+            struct.pack(">4L", sender, local, channel_.localWindowSize, channel_.localMaxPacket)
+            + channel_.specificData,
         )
         channel_.channelOpen(b"")
 
@@ -130,7 +131,8 @@ class GatewayAvatar(conch_avatar.ConchUser):
         if channel_type == b"direct-tcpip":
             return channels.open_forward(self, window, max_packet, data)
         raise channels.ChannelRefused(
-            connection.OPEN_UNKNOWN_CHANNEL_TYPE, "hoopgw does not open %s channels" % (channel_type.decode("ascii", "replace"),)
+            connection.OPEN_UNKNOWN_CHANNEL_TYPE,
+            "hoopgw does not open %s channels" % (channel_type.decode("ascii", "replace"),),
         )
 
     def gotGlobalRequest(self, request_type, data):
@@ -151,7 +153,8 @@ class GatewayAvatar(conch_avatar.ConchUser):
         """
         Record something the gateway refuses without asking the chain.
         """
-        command.decision = Decision.deny(reason, rule=rule or command.facts.get("request", command.kind), addon="gateway")
+        rule = rule or command.facts.get("request", command.kind)
+        command.decision = Decision.deny(reason, rule=rule, addon="gateway")
         command.outcome.update(status="denied")
         self.chain.finish(self.session, command)
 
