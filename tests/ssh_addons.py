@@ -1,8 +1,8 @@
 """
 Small real addons the SSH tests load by path, as an operator would: a
-stream masker that holds card digits back across chunks, and a policy
-that denies, approves later (a Deferred the test fires) or refuses sftp
-uploads by path.  The block, approve and mask built-ins come from other
+stream masker that holds card digits back across chunks, a policy that
+denies, approves later (a Deferred the test fires) or refuses sftp
+uploads by path, and a result hook that fails.  The block, approve and mask built-ins come from other
 work; these prove the SSH front end drives such addons correctly.
 """
 
@@ -83,5 +83,22 @@ class Policy:
         return None
 
 
+class ExplodingResults:
+    """
+    Fail on output that says "explode", as a broken masker would.
+    """
+
+    name = "test-exploding-results"
+    options = ()
+
+    def __init__(self, options, context):
+        pass
+
+    def result_received(self, session, command, chunk):
+        if b"explode" in chunk.data:
+            raise RuntimeError("the masker broke")
+
+
 stream_mask = AddonFactory(StreamMask)
+exploding_results = AddonFactory(ExplodingResults)
 policy = AddonFactory(Policy)

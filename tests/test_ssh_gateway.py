@@ -501,6 +501,30 @@ class MaskingTests(unittest.TestCase):
         self.assertEqual(out, b"x" * 5000000)
 
 
+class FailClosedTests(unittest.TestCase):
+    """
+    An addon failing on the output withholds the rest of it.
+    """
+
+    @defer.inlineCallbacks
+    def test_result_hook_fails(self):
+        """
+        When a result hook raises, nothing more of the command's output
+        reaches the client, the client is told why, and the command is
+        recorded as withheld.
+        """
+        gateway = SSHGateway(
+            self, addons=["identity", {"path": ssh_support.ADDONS_FILE, "name": "test-exploding-results"}, "record"]
+        )
+        out, err, code = yield gateway.ssh("echo safe; sleep 0.3; echo explode now; sleep 0.3; echo after")
+        self.assertEqual(out, b"safe\n")
+        self.assertIn("hoopgw withheld this command's output because the test-exploding-results addon failed", err)
+        self.assertNotEqual(code, 0)
+        yield gateway.wait_for("session.end")
+        (command,) = gateway.commands("exec")
+        self.assertEqual(command["outcome"]["status"], "withheld")
+
+
 class ShellTests(unittest.TestCase):
     """
     Interactive shells: refused for service identities by default, and
