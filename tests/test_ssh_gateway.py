@@ -79,6 +79,18 @@ class KeyLoginTests(unittest.TestCase):
             self.assertNotIn(handle.read(), self.gateway.raw_store())
 
     @defer.inlineCallbacks
+    def test_key_exchanges(self):
+        """
+        Group exchange with SHA-256 works (OpenSSH's moduli are loaded); a
+        SHA-1 key exchange is not offered.
+        """
+        out, err, code = yield self.gateway.ssh("true", extra=["-o", "KexAlgorithms=diffie-hellman-group-exchange-sha256"])
+        self.assertEqual(code, 0, err)
+        out, err, code = yield self.gateway.ssh("true", extra=["-o", "KexAlgorithms=diffie-hellman-group14-sha1"])
+        self.assertEqual(code, 255)
+        self.assertIn("no matching key exchange method found", err)
+
+    @defer.inlineCallbacks
     def test_unregistered_key(self):
         """
         A key nobody registered is refused, the client is told why, and the

@@ -10,6 +10,7 @@ import os
 import struct
 
 from twisted.conch import avatar as conch_avatar
+from twisted.conch.openssh_compat import primes
 from twisted.conch.ssh import common, connection, factory, transport
 from twisted.cred.portal import Portal
 from twisted.internet import defer
@@ -21,7 +22,7 @@ from hoopgw.ssh import auth, channels
 from hoopgw.ssh.commands import refused_request
 from hoopgw.ssh.publickeys import generated_host_key, load_private_key
 from hoopgw.ssh.relay import FlowControl
-from hoopgw.ssh.upstream import CIPHERS, MACS
+from hoopgw.ssh.upstream import CIPHERS, KEY_EXCHANGES, MACS
 
 
 class GatewayConnection(FlowControl, connection.SSHConnection):
@@ -211,6 +212,7 @@ class GatewayServerTransport(transport.SSHServerTransport):
     ourVersionString = ("SSH-2.0-hoopgw_%s" % (__version__,)).encode("ascii")
     supportedCiphers = CIPHERS
     supportedMACs = MACS
+    supportedKeyExchanges = KEY_EXCHANGES
 
     def connectionMade(self):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -261,8 +263,7 @@ class SSHGatewayFactory(factory.SSHFactory):
 
     protocol = GatewayServerTransport
     services = {b"ssh-userauth": auth.GatewayUserAuth, b"ssh-connection": GatewayConnection}
-    # No moduli file: only fixed-group and elliptic-curve key exchanges.
-    primes = None
+    moduli = "/etc/ssh/moduli"
 
     def __init__(self, connection_, gateway, chain, reactor=None):
         from twisted.internet import reactor as default_reactor
@@ -286,6 +287,22 @@ class SSHGatewayFactory(factory.SSHFactory):
             return found
         state = self.gateway.config.gateway.state_dir
         return [generated_host_key(os.path.join(state, "ssh", self.connection.name))]
+
+    def buildProtocol(self, address):
+        built = factory.SSHFactory.buildProtocol(self, address)
+        # SHA-1 host key signatures (ssh-rsa, ssh-dss) are not offered.
+        built.supportedPublicKeys = [name for name in built.supportedPublicKeys if name not in (b"ssh-rsa", b"ssh-dss")]
+        return built
+
+    def getPrimes(self):
+        """
+        OpenSSH's Diffie-Hellman groups, for clients that ask for group
+        exchange; without them, only fixed groups and elliptic curves.
+        """
+        try:
+            return primes.parseModuliFile(self.moduli)
+        except (OSError, ValueError):
+            return None
 
     def host_key_lines(self):
         """

@@ -13,10 +13,12 @@ from hoopgw.ssh.publickeys import fingerprint, load_private_key
 from hoopgw.ssh.relay import FlowControl
 
 
-# Algorithms fast in C on this side of the gateway (AES-CTR and HMAC-SHA-256
-# run in OpenSSL), and nothing weak (no CBC, 3DES, SHA-1 first or MD5).
+# Algorithms fast in C on both sides of the gateway (AES-CTR and HMAC-SHA-256
+# run in OpenSSL), and nothing weak: no CBC, 3DES or MD5, no SHA-1 key
+# exchange, SHA-1 MACs last.
 CIPHERS = [b"aes128-ctr", b"aes256-ctr", b"aes192-ctr"]
 MACS = [b"hmac-sha2-256", b"hmac-sha2-512", b"hmac-sha1"]
+KEY_EXCHANGES = [name for name in transport.SSHTransportBase.supportedKeyExchanges if not name.endswith(b"-sha1")]
 
 
 class TargetError(Exception):
@@ -102,6 +104,7 @@ class _TargetTransport(transport.SSHClientTransport):
     ourVersionString = ("SSH-2.0-hoopgw_%s" % (__version__,)).encode("ascii")
     supportedCiphers = CIPHERS
     supportedMACs = MACS
+    supportedKeyExchanges = KEY_EXCHANGES
     _log = Logger()
 
     def __init__(self, attempt):
