@@ -405,6 +405,7 @@ class SessionChannel(RelayChannel):
             self.target.send_data(data)
 
     def extReceived(self, code, data):
+        # A client has no stderr to send; nothing of this kind is relayed.
         pass
 
     def eofReceived(self):
@@ -678,6 +679,7 @@ class ForwardChannel(RelayChannel):
         self.send_eof()
 
     def target_exit(self, name, data):
+        # A forwarded connection has no exit status.
         pass
 
     def target_closed(self):
