@@ -98,3 +98,57 @@ def might_hold_pan(data):
     A fast test: False means C{data} (bytes) certainly holds no PAN.
     """
     return _PAN_BYTES.search(data) is not None
+
+
+_MAY_CONTINUE = frozenset(b"0123456789 -")
+_SEPARATORS = frozenset(b" -")
+# The longest text a PAN can span: 19 digits with a separator between each.
+MAX_PAN_SPAN = 19 + 18
+
+
+class StreamMasker:
+    """
+    Masks PANs in a byte stream that arrives in pieces: a PAN split across
+    two pieces is still caught.  Only the trailing digits, spaces and
+    dashes a PAN could still continue from (at most L{MAX_PAN_SPAN} bytes)
+    are held back, until the next piece or the end of the stream.
+
+    @ivar masked: how many PANs were masked so far.
+    """
+
+    def __init__(self, style=BIN_AND_LAST_FOUR):
+        self._style = style
+        self._held = b""
+        self.masked = 0
+
+    @property
+    def held(self):
+        return len(self._held)
+
+    def feed(self, data, final=False):
+        """
+        The next piece of the stream.
+
+        @param final: this is the end of the stream: release what is held.
+        @return: the bytes that can be passed on, masked.
+        """
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        if not final:
+            cut = len(data)
+            floor = max(0, cut - MAX_PAN_SPAN)
+            while cut > floor and data[cut - 1] in _MAY_CONTINUE:
+                cut -= 1
+            # A PAN starts with a digit: separators before the first held
+            # digit can go.
+            while cut < len(data) and data[cut] in _SEPARATORS:
+                cut += 1
+            if cut < len(data):
+                self._held = data[cut:]
+                data = data[:cut]
+        if not data:
+            return b""
+        masked, count = mask_bytes(data, self._style)
+        self.masked += count
+        return masked

@@ -22,6 +22,7 @@ from hoopgw.options import ConfigError, join
 PROTOCOLS = {
     "postgres": "hoopgw.postgres",
     "kubernetes": "hoopgw.kubernetes",
+    "ssh": "hoopgw.ssh",
 }
 
 # Likewise for identity provider types.

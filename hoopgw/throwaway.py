@@ -15,6 +15,10 @@ C{md5_user} (md5) and the role C{trust_user} (trust)::
         cluster.create_role("app", "secret")
         psycopg2.connect(cluster.dsn("app", "secret"))
 
+L{SshServer} runs OpenSSH's C{sshd} in the foreground with its own host
+key and C{authorized_keys}, letting in only the keys given to
+L{SshServer.authorize}, as the user running this process.
+
 PostgreSQL refuses to run as root.  When this process is root, the cluster's
 programs run as the unprivileged user C{nobody} and its folder is handed
 over to that user.
@@ -821,3 +825,178 @@ def _write_secret(path, text):
     # ldapadd -y takes the file's bytes as they are: no trailing newline.
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
         f.write(text)
+
+
+SSHD = "/usr/sbin/sshd"
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+_SSHD_READY_SECONDS = 10
+
+
+def ssh_keygen(path, key_type="ed25519", comment=""):
+    """
+    Generate an unencrypted key pair with the real C{ssh-keygen}.
+
+    @return: the public key line (C{path}.pub's content, stripped).
+    """
+    for name in (path, path + ".pub"):
+        if os.path.exists(name):
+            os.unlink(name)
+    arguments = ["ssh-keygen", "-q", "-t", key_type, "-N", "", "-C", comment, "-f", path]
+    if key_type == "rsa":
+        arguments[4:4] = ["-b", "2048"]
+    result = subprocess.run(arguments, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ThrowawayError("ssh-keygen failed: %s" % (result.stderr.strip(),))
+    with open(path + ".pub") as handle:
+        return handle.read().strip()
+
+
+class SshServer:
+    """
+    A private OpenSSH server on 127.0.0.1: the distribution's C{sshd} in the
+    foreground (C{sshd -D -e}) with its own configuration, host key and
+    C{authorized_keys}, so that only the keys given to L{authorize} log
+    in, as the user running this process.
+
+        with SshServer() as server:
+            server.authorize(public_key_line)
+            # ssh -p server.port -i key server.login@127.0.0.1
+
+    @ivar port: its TCP port.
+    @ivar login: the account clients log in as (this process's user).
+    @ivar host_key: the server's public host key line.
+    @ivar log_path: where sshd writes its log.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(self, directory=None, settings=None):
+        self.directory = directory
+        self.settings = dict(settings or {})
+        self.port = None
+        self.host_key = None
+        self.log_path = None
+        self.login = pwd.getpwuid(os.getuid()).pw_name
+        self._process = None
+        self._owns_directory = False
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+        return False
+
+    @property
+    def running(self):
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def authorized_keys_path(self):
+        return os.path.join(self.directory, "authorized_keys")
+
+    def start(self):
+        """
+        Write the configuration and start C{sshd}; return once it accepts
+        connections.
+
+        @raise ThrowawayError: when it does not start; with its log.
+        """
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix="hoopgw-sshd-")
+            self._owns_directory = True
+        os.makedirs(self.directory, exist_ok=True)
+        self.log_path = os.path.join(self.directory, "sshd.log")
+        key_path = os.path.join(self.directory, "ssh_host_ed25519_key")
+        self.host_key = ssh_keygen(key_path, comment="hoopgw-throwaway-sshd")
+        open(self.authorized_keys_path, "a").close()
+        if os.geteuid() == 0:
+            # sshd's privilege separation needs this folder to exist.
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        for attempt in range(_START_ATTEMPTS):
+            self.port = free_port(self.host)
+            config = self._write_configuration(key_path)
+            with open(self.log_path, "ab") as log:
+                self._process = subprocess.Popen(
+                    [SSHD, "-D", "-e", "-f", config], stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                )
+            if self._wait_until_ready():
+                return
+            self._kill()
+            if "Address already in use" in _tail(self.log_path) and attempt + 1 < _START_ATTEMPTS:
+                continue
+            raise ThrowawayError("sshd did not start\n--- %s ---\n%s" % (self.log_path, _tail(self.log_path)))
+
+    def _write_configuration(self, key_path):
+        settings = {
+            "Port": self.port,
+            "ListenAddress": self.host,
+            "HostKey": key_path,
+            "PidFile": "none",
+            "AuthorizedKeysFile": self.authorized_keys_path,
+            "PubkeyAuthentication": "yes",
+            "PasswordAuthentication": "no",
+            "KbdInteractiveAuthentication": "no",
+            "UsePAM": "no",
+            "StrictModes": "no",
+            "PermitRootLogin": "prohibit-password",
+            "AllowTcpForwarding": "yes",
+            "X11Forwarding": "no",
+            "PrintMotd": "no",
+            "PrintLastLog": "no",
+            "AcceptEnv": "LANG LC_*",
+            "Subsystem": "sftp %s" % (SFTP_SERVER,),
+            "MaxStartups": "200",
+            "MaxSessions": "100",
+            "LogLevel": "VERBOSE",
+        }
+        settings.update(self.settings)
+        path = os.path.join(self.directory, "sshd_config")
+        with open(path, "w") as handle:
+            for name, value in settings.items():
+                handle.write("%s %s\n" % (name, value))
+        return path
+
+    def _wait_until_ready(self):
+        deadline = time.monotonic() + _SSHD_READY_SECONDS
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                return False
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1) as probe:
+                    probe.settimeout(2)
+                    if probe.recv(4).startswith(b"SSH-"):
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.05)
+        return False
+
+    def authorize(self, public_key_line):
+        """
+        Let the holder of this key log in.
+        """
+        with open(self.authorized_keys_path, "a") as handle:
+            handle.write(public_key_line.strip() + "\n")
+
+    def _kill(self):
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.terminate()
+                try:
+                    self._process.wait(10)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait()
+            self._process = None
+
+    def stop(self):
+        """
+        Stop C{sshd} (its sessions end with it) and remove its folder if it
+        made it.  Safe to call more than once.
+        """
+        self._kill()
+        if self._owns_directory and self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self._owns_directory = False

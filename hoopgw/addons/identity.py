@@ -93,12 +93,21 @@ class IdentityAddon:
             "With groups_from: when the directory cannot be reached, go on with the credential's groups "
             "(recorded) instead of refusing the session.",
         ),
+        o.Option(
+            "ssh_keys",
+            o.boolean,
+            True,
+            "Accept SSH public keys and OpenSSH certificates that the SSH front end verified against this "
+            "connection's registered keys and certificate authorities. Turn off to require tokens.",
+        ),
     )
 
     @staticmethod
     def check_connection(options, connection, providers, path):
         where = o.join(path, "identity")
-        if not providers:
+        # A front end that proves identities itself (SSH keys registered on
+        # the connection) can do without a token issuer.
+        if not providers and not getattr(connection.settings, "proves_identities", False):
             raise ConfigError(path, "the identity addon needs at least one entry under identity_providers")
 
         def check(names, key, credentials, what):
@@ -122,9 +131,10 @@ class IdentityAddon:
         tokens = options["providers"]
         if tokens is None:
             tokens = [name for name, provider in providers.items() if _credential(provider) in TOKEN_CREDENTIALS]
-        if not tokens and not options["certificates"]:
+        proves_itself = options["ssh_keys"] and getattr(connection.settings, "proves_identities", False)
+        if not tokens and not options["certificates"] and not proves_itself:
             raise ConfigError(where, "no oidc, saml or certificate provider can prove an identity on this connection")
-        if not tokens and options["require_token"]:
+        if not tokens and options["require_token"] and not proves_itself:
             raise ConfigError(o.join(where, "require_token"), "must be false when no oidc or saml provider is configured")
         if options["require_certificate"] and not options["certificates"]:
             raise ConfigError(o.join(where, "require_certificate"), "needs certificates: the providers that map them")
@@ -134,6 +144,7 @@ class IdentityAddon:
         self._options = options
         self._names = options["providers"]
         self._match_user = options["match_user"]
+        self._ssh_keys = options["ssh_keys"]
 
     def _providers(self, credential):
         providers = self._context.identity_providers
@@ -232,6 +243,8 @@ class IdentityAddon:
     @defer.inlineCallbacks
     def session_started(self, session):
         credentials = session.credentials
+        if credentials.ssh_key is not None:
+            return self._ssh_key(session, credentials)
         try:
             identity = yield self.derive(credentials)
         except IdentityError as error:
@@ -248,6 +261,22 @@ class IdentityAddon:
                 % (credentials.user, identity.subject, identity.subject),
                 "user-mismatch",
             )
+        session.identity = identity
+        return None
+
+    def _ssh_key(self, session, credentials):
+        """
+        A key or certificate the SSH front end proved the client holds, and
+        mapped to an identity from the connection's own registry: the proof
+        of possession is an SSH protocol matter, so it happens there, as a
+        client certificate's is in TLS.
+        """
+        claim, credentials.ssh_key = credentials.ssh_key, None
+        if not self._ssh_keys:
+            return _refuse("this connection accepts identity tokens only, not SSH keys", "ssh-key-not-accepted")
+        identity = getattr(claim, "identity", None)
+        if identity is None or identity.method not in ("ssh-key", "ssh-cert"):
+            return _refuse("the SSH key was not verified by the gateway", "ssh-key")
         session.identity = identity
         return None
 

@@ -173,6 +173,10 @@ class Record:
         cast = session.attributes.get(CAST)
         if cast:
             event[CAST] = {"name": cast["name"], "sha256": cast["sha256"]}
+        if session.attributes.get("attachments"):
+            # Terminal recordings stored beside the events: their digests
+            # are committed into the chain here.
+            event["attachments"] = session.attributes["attachments"]
         return self._append(event)
 
 

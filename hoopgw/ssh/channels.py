@@ -1,0 +1,757 @@
+"""
+The channels of an admitted SSH session.  A client's session channel
+carries one command (exec, shell or the sftp subsystem): it goes through
+the chain, and only when allowed is a session channel opened on the
+target and the request replayed there.  The target's stdout and stderr
+come back through the chain's result hooks (masking holds bytes back
+across chunks and releases them on the final chunk), the exit status is
+passed through and recorded, and a terminal session is kept as an
+asciicast.
+"""
+
+import collections
+import struct
+
+from twisted.conch.error import ConchError
+from twisted.conch.ssh import connection
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from hoopgw import cast as casts
+from hoopgw.chain import ChainBroken
+from hoopgw.model import Decision, ResultChunk
+from hoopgw.ssh import certificates
+from hoopgw.ssh.commands import exec_command, forward_command, refused_request, sftp_command, shell_command
+from hoopgw.ssh.publickeys import Reader, WireError, string
+from hoopgw.ssh.relay import RelayChannel
+from hoopgw.ssh.sftp import SftpRelay
+
+
+# The exit status a client sees for a command the gateway denied, as a
+# shell reports a command it may not execute.
+DENIED_EXIT_STATUS = 126
+
+_STREAMS = ("stdout", "stderr")
+
+
+class ChannelRefused(Exception):
+    """
+    A channel open the gateway refuses; C{text} is shown to the client.
+    """
+
+    def __init__(self, code, text):
+        Exception.__init__(self, code, text)
+        self.code = code
+        self.text = text
+
+
+class TargetChannel(RelayChannel):
+    """
+    The target-facing half of a relayed channel: what arrives is handed
+    to the client-facing half (C{front}), and a full window on either side
+    holds the other.
+    """
+
+    def __init__(self, front, name, **kwargs):
+        RelayChannel.__init__(self, **kwargs)
+        self.name = name
+        self.front = front
+        self.opened = defer.Deferred()
+
+    def channelOpen(self, data):
+        self.opened.callback(self)
+
+    def openFailed(self, reason):
+        if isinstance(reason, ConchError):
+            text = reason.args[0]
+            text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+        else:
+            text = str(reason)
+        self.opened.errback(ConchError(text))
+
+    def dataReceived(self, data):
+        self.front.target_output("stdout", data)
+
+    def extReceived(self, code, data):
+        if code == connection.EXTENDED_DATA_STDERR:
+            self.front.target_output("stderr", data)
+
+    def eofReceived(self):
+        self.front.target_eof()
+
+    def requestReceived(self, name, data):
+        if name in (b"exit-status", b"exit-signal"):
+            self.front.target_exit(name, data)
+            return 1
+        return 0
+
+    def closed(self):
+        self.front.target_closed()
+
+    def blocked(self):
+        self.front.hold("target-full")
+
+    def drained(self):
+        self.front.release("target-full")
+
+
+class SessionChannel(RelayChannel):
+    """
+    A client's session channel: environment and pty requests are kept,
+    then one exec, shell or sftp request is decided by the chain and, if
+    allowed, replayed on a new session channel on the target.
+    """
+
+    log = Logger()
+
+    _REQUESTS = {
+        b"env": "_env",
+        b"pty-req": "_pty",
+        b"exec": "_exec",
+        b"shell": "_shell",
+        b"subsystem": "_subsystem",
+        b"window-change": "_window_change",
+        b"signal": "_signal",
+        b"x11-req": "_x11",
+        b"auth-agent-req@openssh.com": "_agent",
+    }
+
+    def __init__(self, avatar, **kwargs):
+        RelayChannel.__init__(self, avatar=avatar, **kwargs)
+        self.session = avatar.session
+        self.chain = avatar.chain
+        self.settings = avatar.settings
+        self.env = []
+        self.pty = None
+        self.command = None
+        self.target = None
+        self.sftp = None
+        self.cast = None
+        self.started = False
+        self.finished = False
+        self._early = []
+        self._client_eof = False
+        self._pipeline = collections.deque()
+        self._busy = None
+        self._withheld = False
+        self._target_done = False
+        self._finals_sent = False
+        self._after_reply = []
+        self._deciding = None
+        self._hooks = self.chain.has("result_received")
+        self._counts = {"stdin": 0, "stdout": 0, "stderr": 0}
+        # Nothing the client sends is relayed before the command is allowed.
+        self.hold("starting")
+
+    def channelOpen(self, data):
+        self.avatar.channels.add(self)
+
+    # Requests from the client.
+
+    def requestReceived(self, request_type, data):
+        method = self._REQUESTS.get(request_type)
+        if method is None:
+            return 0
+        try:
+            return getattr(self, method)(data)
+        except WireError:
+            return 0
+
+    def replied(self):
+        """
+        The reply to a request has gone out (see L{GatewayConnection}):
+        what must follow it can go now.
+        """
+        actions, self._after_reply = self._after_reply, []
+        for action in actions:
+            action()
+
+    def _env(self, data):
+        reader = Reader(data)
+        name = reader.string()
+        reader.string()
+        if self.command is not None or not self.settings.forwards_env(name.decode("utf-8", "replace")):
+            return 0
+        self.env.append(data)
+        return 1
+
+    def _pty(self, data):
+        if self.command is not None:
+            return 0
+        reader = Reader(data)
+        term = reader.text()
+        cols, rows = reader.uint32(), reader.uint32()
+        certificate = self.avatar.certificate
+        if certificate is not None and not certificates.permits(certificate, "permit-pty"):
+            self.avatar.refuse(
+                refused_request("pty", "pty-req", term=term),
+                "the certificate does not permit a pty (ssh-keygen -O permit-pty)",
+                "certificate:permit-pty",
+            )
+            return 0
+        self.pty = {"term": term, "cols": cols, "rows": rows, "raw": data}
+        return 1
+
+    def _window_change(self, data):
+        cols, rows = struct.unpack(">2L", data[:8])
+        if self.pty is not None:
+            self.pty["cols"], self.pty["rows"] = cols, rows
+        if self.cast is not None:
+            self.cast.resize(cols, rows)
+        if self.started and self.target is not None and not self.target.localClosed:
+            self.target.send_request(b"window-change", data)
+        return 1
+
+    def _signal(self, data):
+        if self.started and self.target is not None and not self.target.localClosed:
+            self.target.send_request(b"signal", data)
+            return 1
+        return 0
+
+    def _x11(self, data):
+        self.avatar.refuse(
+            refused_request("x11-forwarding", "x11-req"), "X11 forwarding is never allowed through hoopgw"
+        )
+        return 0
+
+    def _agent(self, data):
+        self.avatar.refuse(
+            refused_request("agent-forwarding", "auth-agent-req@openssh.com"),
+            "agent forwarding is never allowed through hoopgw",
+        )
+        return 0
+
+    def _exec(self, data):
+        if self.command is not None:
+            return 0
+        line = Reader(data).string()
+        command = exec_command(line.decode("utf-8", "surrogateescape"), self.avatar.login, self.pty is not None)
+        if self.env:
+            command.facts["env"] = sorted(Reader(raw).text() for raw in self.env)
+        return self._start(command, b"exec", string(line))
+
+    def _shell(self, data):
+        if self.command is not None:
+            return 0
+        command = shell_command(self.avatar.login, self.pty is not None, self.pty and self.pty["term"])
+        denial = None
+        identity = self.session.identity
+        if not self.settings.shell_allowed(identity):
+            denial = Decision.deny(
+                "interactive shells are not allowed for %s identities on this connection; "
+                "run a command instead (ssh %s@gateway COMMAND)" % (identity.kind, self.avatar.login),
+                rule="shell",
+                addon="gateway",
+            )
+        return self._start(command, b"shell", b"", denial)
+
+    def _subsystem(self, data):
+        if self.command is not None:
+            return 0
+        name = Reader(data).string()
+        if name != b"sftp":
+            self.command = refused_request("subsystem", "subsystem %s" % (name.decode("utf-8", "replace"),))
+            self.command.facts["login"] = self.avatar.login
+            self.command.decision = Decision.deny(
+                "only the sftp subsystem is relayed", rule="subsystem", addon="gateway"
+            )
+            self._refused(b"subsystem")
+            return 0
+        command = sftp_command("start")
+        denial = None
+        if not self.settings.sftp:
+            denial = Decision.deny("sftp is not allowed on this connection", rule="sftp", addon="gateway")
+        return self._start(command, b"subsystem", data, denial)
+
+    # Deciding and starting.
+
+    def _start(self, command, request, payload, denial=None):
+        self.command = command
+        command.facts.setdefault("login", self.avatar.login)
+        if denial is not None:
+            command.decision = denial
+            return self._refused(request)
+        self.avatar.pending.add(self)
+        decision = self.chain.submit(self.session, command)
+        if isinstance(decision, defer.Deferred):
+            self._deciding = decision
+            return decision.addCallback(self._decided, request, payload)
+        return self._decided(decision, request, payload)
+
+    def _decided(self, decision, request, payload):
+        self._deciding = None
+        self.avatar.pending.discard(self)
+        if self.localClosed or self.remoteClosed:
+            self.command.outcome.update(status="interrupted", reason="the client left before the decision")
+            self._finish()
+            return 0
+        if decision.denied:
+            return self._refused(request)
+        return self._open_target(request, payload)
+
+    def _refused(self, request):
+        decision = self.command.decision
+        self.command.outcome.update(status="denied")
+        self._finish()
+        what = {b"exec": "command", b"shell": "shell", b"subsystem": "subsystem"}[request]
+        message = "hoopgw denied this %s: %s" % (what, decision.reason)
+        if decision.rule:
+            message += " (rule %s)" % (decision.rule,)
+        message = (message + "\r\n").encode("utf-8")
+
+        if request == b"subsystem" and self.command.kind != "sftp":
+            self._after_reply.append(self.send_close)
+            return 0
+
+        def tell():
+            self.send_stderr(message)
+            self.send_request(b"exit-status", struct.pack(">L", DENIED_EXIT_STATUS))
+            self.send_eof()
+            self.send_close()
+
+        self._after_reply.append(tell)
+        return 1
+
+    def _open_target(self, request, payload):
+        target_conn = self.avatar.target
+        if target_conn is None or target_conn.closed:
+            self.command.outcome.update(status="error", error="the target connection is gone")
+            self._finish()
+            return 0
+        self.target = TargetChannel(self, b"session")
+        opening = target_conn.open(self.target)
+        opening.addCallback(self._replay, request, payload)
+        return opening.addCallbacks(self._target_started, self._target_refused, errbackArgs=(request,))
+
+    @defer.inlineCallbacks
+    def _replay(self, _, request, payload):
+        target = self.target
+        conn = target.conn
+        for raw in self.env:
+            conn.sendRequest(target, b"env", raw)
+        if self.pty is not None:
+            try:
+                yield conn.sendRequest(target, b"pty-req", self.pty["raw"], wantReply=1)
+            except ConchError:
+                raise ConchError("the target refused to allocate a pty")
+        try:
+            yield conn.sendRequest(target, request, payload, wantReply=1)
+        except ConchError:
+            raise ConchError("the target refused the %s request" % (request.decode("ascii"),))
+
+    def _target_started(self, _):
+        if self.localClosed or self.remoteClosed:
+            self.target.send_close()
+            self.command.outcome.update(status="interrupted", reason="the client left before the command started")
+            self._finish()
+            return 0
+        self.started = True
+        command = self.command
+        if command.kind == "sftp":
+            self.sftp = SftpRelay(self)
+        elif command.kind == "shell" or self.pty is not None:
+            pty = self.pty or {}
+            self.cast = casts.Cast(
+                pty.get("cols", 80),
+                pty.get("rows", 24),
+                term=pty.get("term"),
+                title="%s as %s on %s" % (self.session.identity.subject, self.avatar.login, self.settings.target_name),
+                command=command.redacted if command.kind == "exec" else None,
+                limit=self.settings.max_cast_bytes,
+            )
+        early, self._early = self._early, []
+        for data in early:
+            self.dataReceived(data)
+        if self._client_eof:
+            self.target.send_eof()
+        self.release("starting")
+        return 1
+
+    def _target_refused(self, failure, request):
+        reason = failure.getErrorMessage() if failure.check(ConchError) else "the target failed: %s" % (
+            failure.getErrorMessage(),
+        )
+        if not failure.check(ConchError):
+            self.log.failure("Starting a command on the target failed", failure)
+        if self.localClosed or self.remoteClosed:
+            self.command.outcome.update(status="interrupted", reason="the client left before the command started")
+        else:
+            self.command.outcome.update(status="error", error=reason)
+        self._finish()
+        if self.target is not None:
+            self.target.send_close()
+        message = ("hoopgw: %s\r\n" % (reason,)).encode("utf-8")
+
+        def tell():
+            self.send_stderr(message)
+            self.send_close()
+
+        self._after_reply.append(tell)
+        return 0
+
+    # Client to target.
+
+    def dataReceived(self, data):
+        if not self.started:
+            self._early.append(data)
+            return
+        if self.sftp is not None:
+            self.sftp.client_data(data)
+            return
+        self._counts["stdin"] += len(data)
+        if self.cast is not None:
+            self.cast.input(data)
+        if not self.target.localClosed:
+            self.target.send_data(data)
+
+    def extReceived(self, code, data):
+        # A client has no stderr to send; nothing of this kind is relayed.
+        pass
+
+    def eofReceived(self):
+        self._client_eof = True
+        if self.started and not self.target.localClosed:
+            self.target.send_eof()
+
+    def closeReceived(self):
+        if self.target is not None and not self.target.localClosed:
+            self.target.send_close()
+        if self.command is not None and not self.finished and not self._target_done:
+            self.command.outcome.update(status="interrupted", reason="the client closed the channel")
+        RelayChannel.closeReceived(self)
+
+    def closed(self):
+        self.avatar.channels.discard(self)
+        self.avatar.pending.discard(self)
+        if self._deciding is not None:
+            # Cancelling the decision finishes the command as interrupted.
+            self._deciding.cancel()
+        if self.target is not None and not self.target.localClosed:
+            self.target.send_close()
+        if self.sftp is not None:
+            self.sftp.close("the channel closed")
+        if self.command is None or self.finished:
+            return
+        if self.target is not None and not self.started:
+            # Still starting on the target: that path finishes it.
+            return
+        self.command.outcome.setdefault("status", "interrupted")
+        self.command.outcome.setdefault("reason", "the client disconnected")
+        self._finish()
+
+    def blocked(self):
+        if self.target is not None:
+            self.target.hold("client-full")
+
+    def drained(self):
+        if self.target is not None:
+            self.target.release("client-full")
+
+    # Target to client, through the chain.
+
+    def target_output(self, stream, data):
+        self._counts[stream] += len(data)
+        if self.sftp is not None and stream == "stdout":
+            self.sftp.target_data(data)
+            return
+        if not self._hooks and self._busy is None and not self._pipeline:
+            self._emit(stream, data)
+            return
+        self._queue(("chunk", ResultChunk("stream", data=data, stream=stream)))
+
+    def target_eof(self):
+        self._queue_finals()
+        self._queue(("eof", None))
+
+    def target_exit(self, name, data):
+        outcome = self.command.outcome
+        try:
+            reader = Reader(data)
+            if name == b"exit-status":
+                outcome.update(status="exited", exit_status=reader.uint32())
+            else:
+                outcome.update(status="signalled", signal=reader.text(), core_dumped=reader.boolean())
+                message = reader.text()
+                if message:
+                    outcome["error"] = message[:200]
+        except WireError:
+            outcome.update(status="exited", exit_status=None)
+        self._queue(("request", (name, data)))
+
+    def target_closed(self):
+        self._queue_finals()
+        self._queue(("close", None))
+
+    def _queue_finals(self):
+        if self._finals_sent or not self._hooks or self.sftp is not None:
+            return
+        self._finals_sent = True
+        for stream in _STREAMS:
+            self._queue(("chunk", ResultChunk("stream", data=b"", stream=stream, final=True)))
+
+    def _queue(self, action):
+        self._pipeline.append(action)
+        if self._busy is None:
+            self._drain()
+
+    def _drain(self):
+        pipeline = self._pipeline
+        while pipeline and self._busy is None and not self._withheld:
+            kind, value = pipeline.popleft()
+            if kind == "chunk":
+                self._through_chain(value)
+            elif kind == "eof":
+                self.send_eof()
+            elif kind == "request":
+                self.send_request(*value)
+            else:
+                self._target_finished()
+        if self._busy is None and self.target is not None:
+            self.target.release("addon")
+
+    def _through_chain(self, chunk):
+        try:
+            waiting = self.chain.result(self.session, self.command, chunk)
+        except ChainBroken as problem:
+            self._withhold(problem)
+            return
+        if waiting is None:
+            self._chunk_done(None, chunk)
+            return
+        self._busy = waiting
+        if self.target is not None:
+            self.target.hold("addon")
+        waiting.addCallbacks(self._chunk_done, self._chunk_failed, callbackArgs=(chunk,))
+        waiting.addCallback(self._resume_drain)
+
+    def _chunk_done(self, _, chunk):
+        self._busy = None
+        if chunk.masked or chunk.withheld:
+            outcome = self.command.outcome
+            outcome["masked"] = outcome.get("masked", 0) + chunk.masked + chunk.withheld
+        self._emit(chunk.stream, chunk.data)
+
+    def _chunk_failed(self, failure):
+        self._busy = None
+        if failure.check(ChainBroken):
+            self._withhold(failure.value)
+        else:
+            self.internal_error(failure)
+
+    def _resume_drain(self, _):
+        self._drain()
+
+    def _emit(self, stream, data):
+        if not data:
+            return
+        if stream == "stdout":
+            self.send_data(data)
+        else:
+            self.send_stderr(data)
+        if self.cast is not None:
+            self.cast.output(data)
+
+    def _withhold(self, problem):
+        """
+        An addon failed on the output: nothing more of it may reach the
+        client (fail closed).
+        """
+        self.log.error("Withholding a command's output: {problem}", problem=str(problem))
+        self._withheld = True
+        self._pipeline.clear()
+        self.command.outcome.update(status="withheld", error=str(problem))
+        if self.target is not None and not self.target.localClosed:
+            self.target.send_close()
+        self.send_stderr(("\r\nhoopgw withheld this command's output because %s\r\n" % (problem,)).encode("utf-8"))
+        self.send_close()
+        self._finish()
+
+    def _target_finished(self):
+        self._target_done = True
+        if not self.sent_eof:
+            self.send_eof()
+        self.send_close()
+        self.command.outcome.setdefault("status", "closed")
+        self._finish()
+
+    # Outcome.
+
+    def _finish(self):
+        if self.finished or self.command is None:
+            return
+        self.finished = True
+        command = self.command
+        if self.started:
+            if command.kind == "sftp":
+                command.outcome["operations"] = self.sftp.operations if self.sftp is not None else 0
+            else:
+                command.outcome.update(
+                    stdin_bytes=self._counts["stdin"],
+                    stdout_bytes=self._counts["stdout"],
+                    stderr_bytes=self._counts["stderr"],
+                )
+        if self.cast is None:
+            self.chain.finish(self.session, command)
+            return
+        recording = self.cast.finish()
+        name = "%s-%s.cast" % (self.session.id, command.id)
+        store = self.avatar.store
+        writing = defer.maybeDeferred(store.write_attachment, name, recording)
+
+        def written(digest):
+            attachment = {"name": name, "sha256": digest, "command": command.id, "bytes": len(recording)}
+            if self.cast.truncated:
+                attachment["truncated"] = True
+            command.outcome["cast"] = attachment
+            self.session.attributes.setdefault("attachments", []).append(attachment)
+
+        def failed(failure):
+            self.log.failure("Storing a terminal recording failed", failure)
+            command.outcome["cast_error"] = failure.getErrorMessage()
+
+        writing.addCallbacks(written, failed)
+        writing.addBoth(lambda _: self.chain.finish(self.session, command))
+        self.avatar.wait_for(writing)
+
+    def sftp_broken(self, reason):
+        self.log.warn("Closing an sftp channel: {reason}", reason=reason)
+        if self.command is not None:
+            self.command.outcome.update(status="error", error=reason)
+        if self.target is not None and not self.target.localClosed:
+            self.target.send_close()
+        self.send_close()
+        if self.sftp is not None:
+            self.sftp.close(reason)
+        self._finish()
+
+    def internal_error(self, failure):
+        self.log.failure("Internal error in an SSH channel", failure)
+        if self.command is not None:
+            self.command.outcome.update(status="error", error="internal error: %s" % (failure.getErrorMessage(),))
+        if self.target is not None and not self.target.localClosed:
+            self.target.send_close()
+        self.send_stderr(b"\r\nhoopgw failed internally and closed this channel; the failure is logged\r\n")
+        self.send_close()
+        self._finish()
+
+    def notify(self, text):
+        """
+        Tell the client something about its pending command (an approval it
+        waits for), on stderr.
+        """
+        if not self.localClosed:
+            self.send_stderr(("hoopgw: %s\r\n" % (text,)).encode("utf-8"))
+
+
+class ForwardChannel(RelayChannel):
+    """
+    A client's direct-tcpip channel (ssh -L, ssh -W), relayed to the same
+    channel type on the target once the chain allowed it.  Tunnelled bytes
+    are counted, not inspected.
+    """
+
+    def __init__(self, avatar, command, **kwargs):
+        RelayChannel.__init__(self, avatar=avatar, **kwargs)
+        self.session = avatar.session
+        self.chain = avatar.chain
+        self.command = command
+        self.target = None
+        self.finished = False
+        self._counts = {"stdout": 0, "stdin": 0}
+
+    def channelOpen(self, data):
+        self.avatar.channels.add(self)
+
+    def dataReceived(self, data):
+        self._counts["stdin"] += len(data)
+        if self.target is not None and not self.target.localClosed:
+            self.target.send_data(data)
+
+    def eofReceived(self):
+        if self.target is not None:
+            self.target.send_eof()
+
+    def target_output(self, stream, data):
+        self._counts["stdout"] += len(data)
+        self.send_data(data)
+
+    def target_eof(self):
+        self.send_eof()
+
+    def target_exit(self, name, data):
+        # A forwarded connection has no exit status.
+        pass
+
+    def target_closed(self):
+        self.send_close()
+        self._finish("closed")
+
+    def closed(self):
+        self.avatar.channels.discard(self)
+        if self.target is not None and not self.target.localClosed:
+            self.target.send_close()
+        self._finish("closed")
+
+    def blocked(self):
+        if self.target is not None:
+            self.target.hold("client-full")
+
+    def drained(self):
+        if self.target is not None:
+            self.target.release("client-full")
+
+    def _finish(self, status):
+        if self.finished:
+            return
+        self.finished = True
+        self.command.outcome.setdefault("status", status)
+        self.command.outcome.update(bytes_to_target=self._counts["stdin"], bytes_from_target=self._counts["stdout"])
+        self.chain.finish(self.session, self.command)
+
+
+def open_forward(avatar, window, max_packet, data):
+    """
+    A client asks for a direct-tcpip channel: refused (and recorded) unless
+    the connection allows forwarding and the chain allows this one.
+
+    @return: a L{Deferred} firing with a L{ForwardChannel} ready to
+        confirm, or failing with L{ChannelRefused}.
+    """
+    reader = Reader(data)
+    host = reader.text()
+    port = reader.uint32()
+    originator = reader.text()
+    originator_port = reader.uint32()
+    command = forward_command(host, port, originator, originator_port)
+    if not avatar.settings.port_forwarding:
+        avatar.refuse(command, "port forwarding is not allowed on this connection", "port_forwarding")
+        raise ChannelRefused(connection.OPEN_ADMINISTRATIVELY_PROHIBITED, "hoopgw does not allow port forwarding here")
+    certificate = avatar.certificate
+    if certificate is not None and not certificates.permits(certificate, "permit-port-forwarding"):
+        avatar.refuse(command, "the certificate does not permit port forwarding", "certificate:permit-port-forwarding")
+        raise ChannelRefused(connection.OPEN_ADMINISTRATIVELY_PROHIBITED, "your certificate does not permit forwarding")
+    decision = avatar.chain.submit(avatar.session, command)
+    deciding = defer.maybeDeferred(lambda: decision)
+    return deciding.addCallback(_forward_decided, avatar, command, window, max_packet, data)
+
+
+def _forward_decided(decision, avatar, command, window, max_packet, data):
+    if decision.denied:
+        command.outcome.update(status="denied")
+        avatar.chain.finish(avatar.session, command)
+        raise ChannelRefused(
+            connection.OPEN_ADMINISTRATIVELY_PROHIBITED, "hoopgw denied this forward: %s" % (decision.reason,)
+        )
+    front = ForwardChannel(avatar, command, remoteWindow=window, remoteMaxPacket=max_packet)
+    front.target = TargetChannel(front, b"direct-tcpip")
+
+    def failed(reason):
+        command.outcome.update(status="error", error=reason)
+        avatar.chain.finish(avatar.session, command)
+        raise ChannelRefused(connection.OPEN_CONNECT_FAILED, "the target could not open it: %s" % (reason,))
+
+    if avatar.target is None or avatar.target.closed:
+        failed("the target connection is gone")
+    return avatar.target.open(front.target, data).addCallbacks(
+        lambda _: front, lambda failure: failed(failure.getErrorMessage())
+    )

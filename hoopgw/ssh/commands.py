@@ -1,0 +1,126 @@
+"""
+What SSH clients ask for, as protocol-neutral L{Command}s with the facts
+policies match on: an exec command line split into argv (and into the
+simple commands of a pipeline), a shell, an sftp operation, a port
+forward, a refused request.  Every fact that could hold a secret or a
+card number is redacted, because facts are recorded.
+"""
+
+import os
+import shlex
+
+from hoopgw.model import Command
+from hoopgw.redact import redact_text
+
+
+# Shell operators that end one simple command and start the next.
+_SEPARATORS = frozenset(["|", "||", "&&", ";", "&", "|&", ";;", "(", ")"])
+
+
+def _clean(text):
+    return redact_text(text)[0]
+
+
+def _program_name(argv):
+    """
+    The program a simple command runs: its first word after any leading
+    C{NAME=value} assignments, without its folder.
+    """
+    for word in argv:
+        name, equals, _ = word.partition("=")
+        if equals and name.isidentifier():
+            continue
+        return os.path.basename(word) or word
+    return ""
+
+
+def split_commands(line):
+    """
+    The simple commands of a shell command line (split at C{|}, C{;},
+    C{&&}, C{||}, C{&}), each a list of words.
+
+    @raise ValueError: for unbalanced quotes.
+    """
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    lexer.commenters = ""
+    commands = [[]]
+    for token in lexer:
+        if token in _SEPARATORS or (token and set(token) <= set(";&|()")):
+            if commands[-1]:
+                commands.append([])
+            continue
+        commands[-1].append(token)
+    return [command for command in commands if command]
+
+
+def exec_command(line, login, pty):
+    """
+    An exec request: C{line} is the command line as the client sent it
+    (kept as L{Command.text}, never recorded); the facts give the argv
+    (shlex), the program, and every simple command of a pipeline, so a
+    rule can refuse C{sudo}, C{rm -rf /} or C{curl ... | sh}.
+    """
+    facts = {"login": login, "pty": pty}
+    try:
+        argv = shlex.split(line)
+        commands = split_commands(line)
+    except ValueError as error:
+        # Unbalanced quotes: the target's shell would refuse it too, but a
+        # rule can still match the raw text.
+        argv, commands = None, []
+        facts["parse_error"] = str(error)
+    facts["argv"] = [_clean(word) for word in argv] if argv is not None else None
+    facts["program"] = _clean(argv[0]) if argv else ""
+    facts["program_name"] = _program_name([_clean(word) for word in argv]) if argv else ""
+    facts["commands"] = [[_clean(word) for word in command] for command in commands]
+    facts["programs"] = [_program_name(command) for command in facts["commands"]]
+    return Command(kind="exec", text=line, redacted=_clean(line), facts=facts)
+
+
+def shell_command(login, pty, term=None):
+    facts = {"login": login, "pty": pty}
+    if term:
+        facts["term"] = term
+    return Command(kind="shell", text="shell", redacted="shell", facts=facts)
+
+
+def sftp_command(operation, path=None, **facts):
+    """
+    One sftp operation (the session itself is C{operation="start"}).
+    """
+    text = "sftp %s" % (operation,)
+    all_facts = {"operation": operation}
+    if path is not None:
+        all_facts["path"] = _clean(path)
+        text += " " + path
+    for name, value in facts.items():
+        all_facts[name] = _clean(value) if isinstance(value, str) else value
+        if name in ("target", "access") and isinstance(value, str):
+            text += " %s" % (value,)
+    return Command(kind="sftp", text=text, redacted=_clean(text), facts=all_facts)
+
+
+def forward_command(host, port, originator_host, originator_port):
+    text = "direct-tcpip %s:%d" % (host, port)
+    return Command(
+        kind="forward",
+        text=text,
+        redacted=_clean(text),
+        facts={
+            "direction": "local",
+            "host": host,
+            "port": port,
+            "originator": "%s:%d" % (originator_host, originator_port),
+        },
+    )
+
+
+def refused_request(request, text, **facts):
+    """
+    A request the gateway never allows (agent or X11 forwarding, remote
+    forwarding, another subsystem), recorded when tried.
+    """
+    all_facts = {"request": request}
+    all_facts.update(facts)
+    return Command(kind="ssh-request", text=text, redacted=_clean(text), facts=all_facts)

@@ -1,0 +1,323 @@
+"""
+The SSH front end's server side: the listening factory with the
+gateway's host keys, one transport per client connection (with its own
+portal), the connection service that opens channels (also after a
+decision) and flow-controls them, and the avatar that owns a session and
+its connection to the target.
+"""
+
+import os
+import struct
+
+from twisted.conch import avatar as conch_avatar
+from twisted.conch.openssh_compat import primes
+from twisted.conch.ssh import common, connection, factory, transport
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from hoopgw import __version__
+from hoopgw.model import Decision
+from hoopgw.ssh import auth, channels
+from hoopgw.ssh.commands import refused_request
+from hoopgw.ssh.publickeys import generated_host_key, load_private_key
+from hoopgw.ssh.relay import FlowControl
+from hoopgw.ssh.upstream import CIPHERS, KEY_EXCHANGES, MACS
+
+
+class GatewayConnection(FlowControl, connection.SSHConnection):
+    """
+    The ssh-connection service for an admitted client: a channel may be
+    confirmed only once the chain and the target have agreed (direct-tcpip),
+    and a channel learns when the reply to its request has gone out.
+    """
+
+    _stopped = False
+
+    def serviceStopped(self):
+        self._stopped = True
+        connection.SSHConnection.serviceStopped(self)
+
+    def ssh_CHANNEL_OPEN(self, packet):
+        channel_type, rest = common.getNS(packet)
+        sender, window, max_packet = struct.unpack(">3L", rest[:12])
+        data = rest[12:]
+        opening = defer.maybeDeferred(self.transport.avatar.open_channel, channel_type, window, max_packet, data)
+        opening.addCallbacks(self._opened, self._open_failed, callbackArgs=(sender,), errbackArgs=(sender,))
+
+    def _opened(self, channel_, sender):
+        if self._stopped:
+            channel_.closed()
+            return
+        channel_.conn = self
+        local = self.localChannelID
+        self.localChannelID += 1
+        channel_.id = local
+        self.channels[local] = channel_
+        self.channelsToRemoteChannel[channel_] = sender
+        self.localToRemoteChannel[local] = sender
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_CONFIRMATION,
+            struct.pack(">4L", sender, local, channel_.localWindowSize, channel_.localMaxPacket)
+            + channel_.specificData,
+        )
+        channel_.channelOpen(b"")
+
+    def _open_failed(self, failure, sender):
+        if self._stopped:
+            return
+        if failure.check(channels.ChannelRefused):
+            code, text = failure.value.code, failure.value.text
+        else:
+            self._log.failure("Opening a channel failed", failure)
+            code, text = connection.OPEN_CONNECT_FAILED, "the gateway could not open this channel"
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_FAILURE,
+            struct.pack(">2L", sender, code) + common.NS(text.encode("utf-8")) + common.NS(b""),
+        )
+
+    def _cbChannelRequest(self, result, localChannel):
+        # The channel may have closed while its request was being decided.
+        if localChannel not in self.localToRemoteChannel:
+            return None
+        return connection.SSHConnection._cbChannelRequest(self, result, localChannel)
+
+    def _ebChannelRequest(self, result, localChannel):
+        if localChannel not in self.localToRemoteChannel:
+            return None
+        return connection.SSHConnection._ebChannelRequest(self, result, localChannel)
+
+    def ssh_CHANNEL_REQUEST(self, packet):
+        channel_ = self.channels.get(struct.unpack(">L", packet[:4])[0])
+        replying = connection.SSHConnection.ssh_CHANNEL_REQUEST(self, packet)
+        replied = getattr(channel_, "replied", None)
+        if replied is None:
+            return replying
+        if replying is None:
+            replied()
+            return None
+        return replying.addBoth(lambda result: (replied(), result)[1])
+
+
+class GatewayAvatar(conch_avatar.ConchUser):
+    """
+    An admitted client: its session, its connection to the target, and
+    its open channels.
+    """
+
+    log = Logger()
+
+    def __init__(self, front, session, target, proof):
+        conch_avatar.ConchUser.__init__(self)
+        self.front = front
+        self.factory = front.factory
+        self.session = session
+        self.chain = front.factory.chain
+        self.settings = front.factory.settings
+        self.store = front.factory.gateway.store
+        self.login = session.attributes["login"]
+        self.certificate = proof.certificate if proof is not None else None
+        self.target = target
+        target.owner = self
+        self.channels = set()
+        self.pending = set()
+        self._waiting = []
+        self.ended = None
+        self.done = defer.Deferred()
+        self.factory.avatars.add(self)
+
+    def open_channel(self, channel_type, window, max_packet, data):
+        if channel_type == b"session":
+            return channels.SessionChannel(self, remoteWindow=window, remoteMaxPacket=max_packet)
+        if channel_type == b"direct-tcpip":
+            return channels.open_forward(self, window, max_packet, data)
+        raise channels.ChannelRefused(
+            connection.OPEN_UNKNOWN_CHANNEL_TYPE,
+            "hoopgw does not open %s channels" % (channel_type.decode("ascii", "replace"),),
+        )
+
+    def gotGlobalRequest(self, request_type, data):
+        if request_type == b"tcpip-forward":
+            try:
+                address, rest = common.getNS(data)
+                port = struct.unpack(">L", rest[:4])[0]
+                text = "tcpip-forward %s:%d" % (address.decode("utf-8", "replace"), port)
+            except (struct.error, IndexError):
+                text = "tcpip-forward"
+            self.refuse(
+                refused_request("remote-forwarding", text, direction="remote"),
+                "remote port forwarding is never allowed through hoopgw",
+            )
+        return 0
+
+    def refuse(self, command, reason, rule=None):
+        """
+        Record something the gateway refuses without asking the chain.
+        """
+        rule = rule or command.facts.get("request", command.kind)
+        command.decision = Decision.deny(reason, rule=rule, addon="gateway")
+        command.outcome.update(status="denied")
+        self.chain.finish(self.session, command)
+
+    def notify(self, text):
+        for channel_ in list(self.pending):
+            channel_.notify(text)
+
+    def wait_for(self, deferred):
+        """
+        The session ends only once C{deferred} (a recording being stored)
+        has fired.
+        """
+        self._waiting.append(deferred)
+
+    def target_lost(self, reason):
+        if self.ended is not None:
+            return
+        self.session.attributes.setdefault("end_reason", reason)
+        for channel_ in list(self.channels):
+            if channel_.command is not None and not channel_.finished:
+                channel_.command.outcome.setdefault("status", "interrupted")
+                channel_.command.outcome.setdefault("reason", reason)
+        self.front.disconnect("hoopgw: %s" % (reason,))
+
+    def logout(self):
+        self.end(self.session.attributes.get("end_reason", "client disconnected"))
+
+    def end(self, reason):
+        """
+        The client connection is gone: close the target's, wait for what
+        is still being recorded, then end the session.
+        """
+        if self.ended is not None:
+            return self.ended
+        self.session.attributes.setdefault("end_reason", reason)
+        self.target.close()
+        waiting = defer.DeferredList(self._waiting, consumeErrors=True) if self._waiting else defer.succeed(None)
+        self.ended = waiting.addCallback(lambda _: self.chain.end_session(self.session))
+        self.ended.addErrback(lambda failure: self.log.failure("Ending an SSH session failed", failure))
+        self.ended.addBoth(self._ended)
+        return self.ended
+
+    def _ended(self, result):
+        self.factory.avatars.discard(self)
+        self.done.callback(None)
+        return result
+
+
+class GatewayServerTransport(transport.SSHServerTransport):
+    """
+    One client connection.
+    """
+
+    ourVersionString = ("SSH-2.0-hoopgw_%s" % (__version__,)).encode("ascii")
+    supportedCiphers = CIPHERS
+    supportedMACs = MACS
+    supportedKeyExchanges = KEY_EXCHANGES
+
+    def connectionMade(self):
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        peer = self.transport.getPeer()
+        self.client_host = getattr(peer, "host", str(peer))
+        self.client_address = "%s:%s" % (self.client_host, getattr(peer, "port", ""))
+        self.lost = False
+        self.key_proof = None
+        self.auth_method = None
+        self.portal = Portal(auth.GatewayRealm(self), [auth.KeyChecker(self), auth.TokenChecker(self)])
+        self.factory.fronts.add(self)
+        transport.SSHServerTransport.connectionMade(self)
+
+    def connectionLost(self, reason=None):
+        self.lost = True
+        self.factory.fronts.discard(self)
+        transport.SSHServerTransport.connectionLost(self, reason)
+
+    def banner(self, text):
+        """
+        Show C{text} to the client during authentication.
+        """
+        if not hasattr(self, "avatar") and not self.lost:
+            self.sendPacket(auth.MSG_USERAUTH_BANNER, common.NS((text + "\n").encode("utf-8")) + common.NS(b""))
+
+    def notify(self, text):
+        """
+        The session's notifier: a banner while the client authenticates,
+        then the stderr of the channels waiting for a decision.
+        """
+        avatar = getattr(self, "avatar", None)
+        if avatar is None:
+            self.banner("hoopgw: %s" % (text,))
+        else:
+            avatar.notify(text)
+
+    def disconnect(self, message):
+        if not self.lost:
+            self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, message.encode("utf-8"))
+
+
+class SSHGatewayFactory(factory.SSHFactory):
+    """
+    The listener of one SSH connection.
+    """
+
+    protocol = GatewayServerTransport
+    services = {b"ssh-userauth": auth.GatewayUserAuth, b"ssh-connection": GatewayConnection}
+    moduli = "/etc/ssh/moduli"
+
+    def __init__(self, connection_, gateway, chain, reactor=None):
+        from twisted.internet import reactor as default_reactor
+
+        self.connection = connection_
+        self.settings = connection_.settings
+        self.gateway = gateway
+        self.chain = chain
+        self.reactor = reactor or default_reactor
+        host_keys = self._host_keys()
+        self.privateKeys = {key.sshType(): key for key in host_keys}
+        self.publicKeys = {name: key.public() for name, key in self.privateKeys.items()}
+        self.fronts = set()
+        self.avatars = set()
+
+    def _host_keys(self):
+        if self.settings.host_keys:
+            found = []
+            for reference in self.settings.host_keys:
+                found.append(load_private_key(reference.read_bytes(), reference.file or reference.env))
+            return found
+        state = self.gateway.config.gateway.state_dir
+        return [generated_host_key(os.path.join(state, "ssh", self.connection.name))]
+
+    def buildProtocol(self, address):
+        built = factory.SSHFactory.buildProtocol(self, address)
+        # SHA-1 host key signatures (ssh-rsa, ssh-dss) are not offered.
+        built.supportedPublicKeys = [name for name in built.supportedPublicKeys if name not in (b"ssh-rsa", b"ssh-dss")]
+        return built
+
+    def getPrimes(self):
+        """
+        OpenSSH's Diffie-Hellman groups, for clients that ask for group
+        exchange; without them, only fixed groups and elliptic curves.
+        """
+        try:
+            return primes.parseModuliFile(self.moduli)
+        except (OSError, ValueError):
+            return None
+
+    def host_key_lines(self):
+        """
+        The gateway's public host keys for this connection, as known_hosts
+        would list them.
+        """
+        return [key.toString("openssh").decode("ascii") for key in self.publicKeys.values()]
+
+    def close_sessions(self, reason):
+        """
+        End every session (the gateway is stopping).
+        """
+        avatars = list(self.avatars)
+        for avatar in avatars:
+            avatar.session.attributes["end_reason"] = reason
+        for front in list(self.fronts):
+            front.disconnect("hoopgw is shutting down: %s" % (reason,))
+        return defer.DeferredList([avatar.done for avatar in avatars], consumeErrors=True)

@@ -1,0 +1,951 @@
+"""
+The SSH gateway end to end: a throwaway OpenSSH sshd behind it, the real
+ssh, scp and sftp clients in front, and the record it leaves.
+"""
+
+import fcntl
+import hashlib
+import os
+import pty
+import shutil
+import signal
+import struct
+import tempfile
+import termios
+import time
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from hoopgw import cast as casts
+from hoopgw.gateway import Gateway
+from hoopgw.model import Decision
+from hoopgw.store.verify import verify_store
+from tests import ssh_support, support
+from tests.ssh_support import SCP, SFTP, SSH, SSHGateway, certificate, key, run, spawn, sshd
+
+PAN = "4111111111111111"
+MASKED_PAN = "411111******1111"
+
+
+@defer.inlineCallbacks
+def eventually(check, timeout=10.0):
+    """
+    Wait until C{check()} returns something true, and return it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("gave up waiting after %s seconds" % (timeout,))
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+
+class KeyLoginTests(unittest.TestCase):
+    """
+    Public keys registered per identity in the configuration.
+    """
+
+    def setUp(self):
+        self.gateway = SSHGateway(self)
+
+    @defer.inlineCallbacks
+    def test_registered_key(self):
+        """
+        A key registered for deploy-bot logs in as the target login, and the
+        session is recorded with the identity, the key's fingerprint, the
+        client address, the target and the login; the gateway's own key
+        never reaches the client.
+        """
+        out, err, code = yield self.gateway.ssh("id -un")
+        self.assertEqual((out.decode().strip(), code), (sshd().login, 0), err)
+        yield self.gateway.wait_for("session.end")
+        (start,) = self.gateway.events("session.start")
+        _, public = key("deploy-bot")
+        self.assertEqual(start["identity"]["subject"], "deploy-bot")
+        self.assertEqual(start["identity"]["method"], "ssh-key")
+        self.assertEqual(start["identity"]["groups"], ["deployers"])
+        fingerprint = subprocess_fingerprint(key("deploy-bot")[0] + ".pub")
+        self.assertEqual(start["attributes"]["key_fingerprint"], fingerprint)
+        self.assertEqual(start["identity"]["provenance"]["key_fingerprint"], fingerprint)
+        self.assertEqual(start["attributes"]["login"], sshd().login)
+        self.assertEqual(start["target"], "ssh://%s@127.0.0.1:%d" % (sshd().login, sshd().port))
+        self.assertTrue(start["client"].startswith("127.0.0.1:"))
+        (end,) = self.gateway.events("session.end")
+        self.assertEqual(end["reason"], "client disconnected")
+        with open(key("gateway")[0], "rb") as handle:
+            self.assertNotIn(handle.read(), self.gateway.raw_store())
+
+    @defer.inlineCallbacks
+    def test_key_exchanges(self):
+        """
+        Group exchange with SHA-256 works (OpenSSH's moduli are loaded); a
+        SHA-1 key exchange is not offered.
+        """
+        out, err, code = yield self.gateway.ssh("true", extra=["-o", "KexAlgorithms=diffie-hellman-group-exchange-sha256"])
+        self.assertEqual(code, 0, err)
+        out, err, code = yield self.gateway.ssh("true", extra=["-o", "KexAlgorithms=diffie-hellman-group14-sha1"])
+        self.assertEqual(code, 255)
+        self.assertIn("no matching key exchange method found", err)
+
+    @defer.inlineCallbacks
+    def test_unregistered_key(self):
+        """
+        A key nobody registered is refused, the client is told why, and the
+        attempt is recorded as a refused session.
+        """
+        key("stranger")
+        out, err, code = yield self.gateway.ssh("true", key_name="stranger")
+        self.assertEqual(code, 255)
+        self.assertIn("is not registered for any identity on this connection", err)
+        (refused,) = yield self.gateway.wait_for("session.refused")
+        self.assertEqual(refused["refusal"]["rule"], "key:unknown-key")
+        self.assertEqual(self.gateway.events("session.start"), [])
+
+    @defer.inlineCallbacks
+    def test_group_not_allowed(self):
+        """
+        A registered key whose identity is in no allowed group is refused by
+        the chain's groups check.
+        """
+        out, err, code = yield self.gateway.ssh("true", key_name="outsider")
+        self.assertEqual(code, 255)
+        self.assertIn("outsider is not in any group allowed to use this connection", err)
+        (refused,) = yield self.gateway.wait_for("session.refused")
+        self.assertEqual(refused["refusal"]["rule"], "allowed_groups")
+
+    @defer.inlineCallbacks
+    def test_login_not_allowed(self):
+        """
+        The SSH user name is the target login: one the connection does not
+        allow is refused, and the record names who tried.
+        """
+        out, err, code = yield self.gateway.ssh("true", login="nobody")
+        self.assertEqual(code, 255)
+        self.assertIn("the login 'nobody' is not allowed on this connection", err)
+        (refused,) = yield self.gateway.wait_for("session.refused")
+        self.assertEqual(refused["refusal"]["rule"], "allowed_logins")
+        self.assertEqual(refused["identity"]["subject"], "deploy-bot")
+        self.assertEqual(refused["attributes"]["login"], "nobody")
+
+
+def subprocess_fingerprint(path):
+    import subprocess
+
+    output = subprocess.run(["ssh-keygen", "-l", "-f", path], capture_output=True, text=True, check=True).stdout
+    return output.split()[1]
+
+
+class CertificateLoginTests(unittest.TestCase):
+    """
+    OpenSSH user certificates from a configured CA, made by the real
+    ssh-keygen -s: the principal names the identity.
+    """
+
+    def setUp(self):
+        self.gateway = SSHGateway(self)
+
+    @defer.inlineCallbacks
+    def test_valid_certificate(self):
+        """
+        A certificate for an unregistered key, signed by the CA for the
+        principal alice, logs in as alice (a human); the record keeps the
+        certificate's id, serial and CA.
+        """
+        path = certificate("cert-user", ["alice"], identity="alice@laptop", serial=4242)
+        out, err, code = yield self.gateway.ssh("echo in", key_name="cert-user", certificate_path=path)
+        self.assertEqual((out, code), (b"in\n", 0), err)
+        (start,) = yield self.gateway.wait_for("session.start")
+        identity = start["identity"]
+        self.assertEqual((identity["subject"], identity["method"], identity["kind"]), ("alice", "ssh-cert", "human"))
+        self.assertEqual(identity["token_id"], 4242)
+        self.assertEqual(identity["provenance"]["certificate_id"], "alice@laptop")
+        self.assertEqual(identity["provenance"]["ca"], "test-ca")
+        self.assertEqual(start["attributes"]["certificate"]["key_id"], "alice@laptop")
+
+    @defer.inlineCallbacks
+    def assertCertificateRefused(self, path, expected, rule):
+        out, err, code = yield self.gateway.ssh("true", key_name="cert-user", certificate_path=path)
+        self.assertEqual(code, 255)
+        self.assertIn(expected, err)
+        refused = yield self.gateway.wait_for("session.refused")
+        self.assertIn(rule, [event["refusal"]["rule"] for event in refused])
+        self.assertEqual(self.gateway.events("session.start"), [])
+
+    def test_expired(self):
+        """
+        A certificate whose validity window has passed is refused.
+        """
+        path = certificate("cert-user", ["alice"], identity="old", validity="20200101:20200102")
+        return self.assertCertificateRefused(path, "the certificate expired at 2020-01-02", "key:expired")
+
+    def test_not_yet_valid(self):
+        """
+        A certificate valid only from tomorrow is refused.
+        """
+        path = certificate("cert-user", ["alice"], identity="future", validity="+1d:+2d")
+        return self.assertCertificateRefused(path, "the certificate is not valid before", "key:not-yet-valid")
+
+    def test_untrusted_ca(self):
+        """
+        A certificate signed by a CA the connection does not list is refused.
+        """
+        key("rogue-ca")
+        path = certificate("cert-user", ["alice"], identity="rogue", ca="rogue-ca")
+        return self.assertCertificateRefused(path, "signed by a CA this connection does not trust", "key:unknown-ca")
+
+    def test_unknown_principal(self):
+        """
+        A certificate whose principals are no identity here is refused.
+        """
+        path = certificate("cert-user", ["mallory"], identity="mallory")
+        return self.assertCertificateRefused(
+            path, "none of the certificate's principals (mallory)", "key:unknown-principal"
+        )
+
+    def test_forced_command_refused(self):
+        """
+        A certificate with a critical option the gateway does not enforce
+        (force-command) is refused rather than ignored.
+        """
+        path = certificate("cert-user", ["alice"], identity="forced", options=["force-command=/bin/true"])
+        return self.assertCertificateRefused(
+            path, "critical options the gateway does not enforce", "key:critical-option"
+        )
+
+
+class TokenLoginTests(unittest.TestCase):
+    """
+    An OIDC token as the password or keyboard-interactive answer, verified
+    by the identity addon, for CI systems.
+    """
+
+    def setUp(self):
+        self.gateway = SSHGateway(self)
+
+    @defer.inlineCallbacks
+    def test_password(self):
+        """
+        A valid token given as the password (through SSH_ASKPASS) logs in as
+        its subject, whatever the target login; the token is not recorded.
+        """
+        token = support.token(subject="ci-bot", groups=["payments-bots"])
+        out, err, code = yield self.gateway.token_ssh("echo ok", token)
+        self.assertEqual((out, code), (b"ok\n", 0), err)
+        (start,) = yield self.gateway.wait_for("session.start")
+        self.assertEqual(start["identity"]["subject"], "ci-bot")
+        self.assertEqual(start["identity"]["method"], "oidc")
+        self.assertEqual(start["attributes"]["method"], "password")
+        self.assertNotIn(token.encode(), self.gateway.raw_store())
+
+    @defer.inlineCallbacks
+    def test_keyboard_interactive(self):
+        """
+        The same token answering the keyboard-interactive prompt logs in.
+        """
+        token = support.token(subject="ci-bot", groups=["payments-bots"])
+        out, err, code = yield self.gateway.token_ssh("echo ok", token, method="keyboard-interactive")
+        self.assertEqual((out, code), (b"ok\n", 0), err)
+        (start,) = yield self.gateway.wait_for("session.start")
+        self.assertEqual(start["attributes"]["method"], "keyboard-interactive")
+
+    @defer.inlineCallbacks
+    def test_long_token_in_parts(self):
+        """
+        A token longer than the 1023 bytes OpenSSH passes in one answer
+        goes in parts through keyboard-interactive (etc/hoopgw-askpass).
+        """
+        token = support.token(subject="ci-bot", groups=["payments-bots"], extra={"claims": "x" * 2000})
+        self.assertGreater(len(token), 2500)
+        out, err, code = yield self.gateway.token_ssh("echo ok", token, method="keyboard-interactive")
+        self.assertEqual((out, code), (b"ok\n", 0), err)
+
+    @defer.inlineCallbacks
+    def test_long_token_as_password(self):
+        """
+        The same token as a password arrives cut by OpenSSH: the client is
+        told so and how to send it instead.
+        """
+        token = support.token(subject="ci-bot", groups=["payments-bots"], extra={"claims": "x" * 2000})
+        out, err, code = yield self.gateway.token_ssh("echo ok", token)
+        self.assertEqual(code, 255)
+        self.assertIn("the token arrived cut (OpenSSH passes at most 1023 bytes in one answer)", err)
+        (refused,) = yield self.gateway.wait_for("session.refused")
+        self.assertEqual(refused["refusal"]["rule"], "token-truncated")
+        self.assertNotIn(token[:1023].encode(), self.gateway.raw_store())
+
+    @defer.inlineCallbacks
+    def test_expired_token(self):
+        """
+        An expired token is refused with the reason shown to the client, and
+        the refusal is recorded without the token.
+        """
+        token = support.token(now=time.time() - 3600, lifetime=600)
+        out, err, code = yield self.gateway.token_ssh("true", token)
+        self.assertEqual(code, 255)
+        self.assertIn("hoopgw refused the login: the token has expired", err)
+        (refused,) = yield self.gateway.wait_for("session.refused")
+        self.assertEqual(refused["refusal"]["rule"], "identity:expired")
+        self.assertNotIn(token.encode(), self.gateway.raw_store())
+
+    @defer.inlineCallbacks
+    def test_not_a_token(self):
+        """
+        A password that is not a token is refused with a sentence saying
+        what to send.
+        """
+        out, err, code = yield self.gateway.token_ssh("true", "hunter2", method="keyboard-interactive")
+        self.assertEqual(code, 255)
+        self.assertIn("the password is not a JSON Web Token", err)
+        yield self.gateway.wait_for("session.refused")
+        self.assertNotIn(b"hunter2", self.gateway.raw_store())
+
+
+class ExecTests(unittest.TestCase):
+    """
+    Exec requests are commands through the chain; output streams back
+    through the result hooks and the exit status through to the client.
+    """
+
+    def setUp(self):
+        self.gateway = SSHGateway(
+            self, policy={"deny_programs": ["sudo", "touch"], "approve_programs": ["date", "hostname"]}
+        )
+
+    @defer.inlineCallbacks
+    def test_allowed_with_streams_and_exit_code(self):
+        """
+        stdout, stderr and the exit status pass through, and the command is
+        recorded with its argv, its decision and its exit status.
+        """
+        out, err, code = yield self.gateway.ssh("echo to-out; echo to-err >&2; exit 7")
+        self.assertEqual((out, code), (b"to-out\n", 7))
+        self.assertIn("to-err", err)
+        yield self.gateway.wait_for("session.end")
+        (command,) = self.gateway.commands("exec")
+        self.assertEqual(command["decision"]["verdict"], "allow")
+        self.assertEqual(command["facts"]["programs"], ["echo", "echo", "exit"])
+        self.assertEqual(command["outcome"]["status"], "exited")
+        self.assertEqual(command["outcome"]["exit_status"], 7)
+        self.assertEqual(command["outcome"]["stdout_bytes"], 7)
+
+    @defer.inlineCallbacks
+    def test_exit_signal(self):
+        """
+        A command killed by a signal is recorded with the signal.
+        """
+        out, err, code = yield self.gateway.ssh("kill -TERM $$")
+        self.assertNotEqual(code, 0)
+        yield self.gateway.wait_for("session.end")
+        (command,) = self.gateway.commands("exec")
+        self.assertEqual((command["outcome"]["status"], command["outcome"]["signal"]), ("signalled", "TERM"))
+
+    @defer.inlineCallbacks
+    def test_blocked(self):
+        """
+        A denied command never reaches the target: the client gets the
+        reason on stderr and exit status 126; the record has the denial.
+        """
+        marker = os.path.abspath(self.mktemp())
+        out, err, code = yield self.gateway.ssh("touch %s" % (marker,))
+        self.assertEqual(code, 126)
+        self.assertIn("hoopgw denied this command: touch is not allowed (rule test:deny-program)", err)
+        self.assertFalse(os.path.exists(marker))
+        yield self.gateway.wait_for("session.end")
+        (command,) = self.gateway.commands("exec")
+        self.assertEqual(command["decision"]["verdict"], "deny")
+        self.assertEqual(command["decision"]["rule"], "test:deny-program")
+        self.assertEqual(command["outcome"]["status"], "denied")
+
+    @defer.inlineCallbacks
+    def test_blocked_in_pipeline(self):
+        """
+        A denied program anywhere in a pipeline denies the command line.
+        """
+        out, err, code = yield self.gateway.ssh("echo x | sudo -n true")
+        self.assertEqual(code, 126)
+        self.assertIn("sudo is not allowed", err)
+
+    @defer.inlineCallbacks
+    def test_approved(self):
+        """
+        A command held for approval waits (the client is told on stderr), then
+        runs once approved; the record keeps the approval.
+        """
+        running = self.gateway.ssh("hostname")
+        policy = self.gateway.addon("test-policy")
+        yield eventually(lambda: policy.waiting)
+        self.assertNoResult(running)
+        command, pending = policy.waiting[0]
+        pending.callback(Decision.approved({"id": "a-1", "approvers": ["carol"]}, reason="change 42"))
+        out, err, code = yield running
+        self.assertEqual((out.decode().strip(), code), (os.uname().nodename, 0), err)
+        self.assertIn("hoopgw: waiting for a human to approve 'hostname'", err)
+        yield self.gateway.wait_for("session.end")
+        (recorded,) = self.gateway.commands("exec")
+        self.assertEqual(recorded["decision"]["verdict"], "approved")
+        self.assertEqual(recorded["decision"]["approval"]["approvers"], ["carol"])
+
+    @defer.inlineCallbacks
+    def test_denied_after_waiting(self):
+        """
+        A command held for approval and then denied never runs.
+        """
+        running = self.gateway.ssh("date")
+        policy = self.gateway.addon("test-policy")
+        yield eventually(lambda: policy.waiting)
+        policy.waiting[0][1].callback(Decision.deny("nobody approved it", rule="approval:rejected"))
+        out, err, code = yield running
+        self.assertEqual((out, code), (b"", 126))
+        self.assertIn("hoopgw denied this command: nobody approved it", err)
+
+    @defer.inlineCallbacks
+    def test_client_gives_up_waiting(self):
+        """
+        A client that disconnects while its command waits for approval
+        cancels the wait; the command is recorded as not run.
+        """
+        process, collector = spawn([SSH] + self.gateway.options() + ["%s@127.0.0.1" % (self.gateway.login,), "date"])
+        policy = self.gateway.addon("test-policy")
+        yield eventually(lambda: policy.waiting)
+        process.signalProcess("KILL")
+        yield collector.done
+        yield self.gateway.wait_for("session.end")
+        (recorded,) = self.gateway.commands("exec")
+        self.assertEqual(recorded["outcome"]["status"], "interrupted")
+        self.assertTrue(policy.waiting[0][1].called)
+
+    @defer.inlineCallbacks
+    def test_redacted_command_line(self):
+        """
+        A token and a card number on the command line are redacted in the
+        record (the target still gets the command as sent).
+        """
+        token = support.token()
+        out, err, code = yield self.gateway.ssh("echo %s %s | wc -c" % (token, PAN))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(int(out), len(token) + 1 + len(PAN) + 1)
+        yield self.gateway.wait_for("session.end")
+        raw = self.gateway.raw_store()
+        self.assertNotIn(token.encode(), raw)
+        self.assertNotIn(PAN.encode(), raw)
+
+    @defer.inlineCallbacks
+    def test_client_disconnects_mid_command(self):
+        """
+        Killing the client while its command runs ends the target's channel
+        and records the command as interrupted and the session as ended.
+        """
+        process, collector = spawn(
+            [SSH] + self.gateway.options() + ["%s@127.0.0.1" % (self.gateway.login,), "echo started; sleep 30"]
+        )
+        yield eventually(lambda: b"started" in b"".join(collector.out))
+        process.signalProcess("KILL")
+        yield collector.done
+        (end,) = yield self.gateway.wait_for("session.end")
+        self.assertEqual(end["reason"], "client disconnected")
+        (recorded,) = self.gateway.commands("exec")
+        self.assertEqual(recorded["outcome"]["status"], "interrupted")
+        yield eventually(lambda: not self.gateway.gateway.factories["deploy"].avatars)
+
+    @defer.inlineCallbacks
+    def test_stdin_streams_to_target(self):
+        """
+        What the client sends on stdin reaches the command, with EOF.
+        """
+        data = os.urandom(300000)
+        out, err, code = yield self.gateway.ssh("sha256sum", stdin=data)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.split()[0].decode(), hashlib.sha256(data).hexdigest())
+
+
+class MaskingTests(unittest.TestCase):
+    """
+    Output goes through the chain's result hooks as a stream: a masking
+    addon may hold bytes back across chunks and release them on the final
+    chunk.
+    """
+
+    def setUp(self):
+        self.gateway = SSHGateway(self)
+
+    @defer.inlineCallbacks
+    def test_pan_split_across_writes(self):
+        """
+        A card number written in two pieces (two SSH packets, 300 ms apart)
+        is still masked, on stdout and on stderr, and the record holds it
+        masked only.
+        """
+        script = (
+            "printf '4111 1111 '; sleep 0.3; printf '1111 1111\\n'; "
+            "printf '4111111' >&2; sleep 0.3; printf '111111111\\n' >&2"
+        )
+        out, err, code = yield self.gateway.ssh(script)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, b"4111 11** **** 1111\n")
+        self.assertIn(MASKED_PAN + "\n", err)
+        self.assertNotIn(PAN, err)
+        self.assertGreater(self.gateway.addon("test-stream-mask").held_back, 0)
+        yield self.gateway.wait_for("session.end")
+        (command,) = self.gateway.commands("exec")
+        self.assertEqual(command["outcome"]["masked"], 2)
+        self.assertNotIn(b"1111 1111 1111", self.gateway.raw_store())
+
+    @defer.inlineCallbacks
+    def test_held_back_released_at_end(self):
+        """
+        Digits held back at the very end of the output are released (masked
+        or not) when the stream ends.
+        """
+        out, err, code = yield self.gateway.ssh("printf 'card %s'; printf ' order 12345'" % (PAN,))
+        self.assertEqual((out, code), (("card %s order 12345" % (MASKED_PAN,)).encode(), 0), err)
+
+    @defer.inlineCallbacks
+    def test_large_output(self):
+        """
+        Several megabytes of output pass through the result hooks intact
+        (only card numbers would change).
+        """
+        out, err, code = yield self.gateway.ssh("head -c 5000000 /dev/zero | tr '\\0' 'x'")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, b"x" * 5000000)
+
+
+class FailClosedTests(unittest.TestCase):
+    """
+    An addon failing on the output withholds the rest of it.
+    """
+
+    @defer.inlineCallbacks
+    def test_result_hook_fails(self):
+        """
+        When a result hook raises, nothing more of the command's output
+        reaches the client, the client is told why, and the command is
+        recorded as withheld.
+        """
+        gateway = SSHGateway(
+            self, addons=["identity", {"path": ssh_support.ADDONS_FILE, "name": "test-exploding-results"}, "record"]
+        )
+        out, err, code = yield gateway.ssh("echo safe; sleep 0.3; echo explode now; sleep 0.3; echo after")
+        self.assertEqual(out, b"safe\n")
+        self.assertIn("hoopgw withheld this command's output because the test-exploding-results addon failed", err)
+        self.assertNotEqual(code, 0)
+        yield gateway.wait_for("session.end")
+        (command,) = gateway.commands("exec")
+        self.assertEqual(command["outcome"]["status"], "withheld")
+
+
+class ShellTests(unittest.TestCase):
+    """
+    Interactive shells: refused for service identities by default, and
+    recorded as asciicast v2 when allowed.
+    """
+
+    def setUp(self):
+        self.gateway = SSHGateway(self)
+
+    @defer.inlineCallbacks
+    def test_refused_for_service_identity(self):
+        """
+        A service identity asking for a shell is refused (PCI DSS 8.6.1),
+        and the refusal is recorded.
+        """
+        out, err, code = yield self.gateway.ssh(None, extra=["-tt"], stdin=b"id\nexit\n")
+        self.assertEqual(code, 126)
+        self.assertIn("interactive shells are not allowed for service identities", err)
+        yield self.gateway.wait_for("session.end")
+        (command,) = self.gateway.commands("shell")
+        self.assertEqual((command["decision"]["verdict"], command["decision"]["rule"]), ("deny", "shell"))
+
+    @defer.inlineCallbacks
+    def test_recorded_shell(self):
+        """
+        A human's shell in a real terminal is recorded: output and input,
+        and a window change; the recording plays back exactly what the
+        client's terminal received, card numbers masked, and its digest is
+        committed into the chain at session end.
+        """
+        master, slave = pty.openpty()
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+        arguments = [SSH] + self.gateway.options(key_name="alice") + ["-tt", "%s@127.0.0.1" % (self.gateway.login,)]
+        environment = {"PATH": os.environ["PATH"], "HOME": ssh_support.directory(), "TERM": "xterm", "LANG": "C.UTF-8"}
+        collector = ssh_support._Collect(b"", defer.Deferred())
+        collector.connectionMade = lambda: None
+        process = reactor.spawnProcess(
+            collector, SSH, arguments, env=environment, usePTY=(master, slave, os.ttyname(slave))
+        )
+        output = lambda: b"".join(collector.out)
+        yield eventually(lambda: b"#" in output() or b"$" in output())
+        process.write(("echo card %s\r" % (PAN,)).encode())
+        yield eventually(lambda: output().count(MASKED_PAN.encode()) >= 2)
+        fcntl.ioctl(process.fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.kill(process.pid, 28)  # SIGWINCH
+        process.write(b"stty size\r")
+        yield eventually(lambda: b"40 120" in output())
+        process.write(b"exit\r")
+        yield collector.done
+        (end,) = yield self.gateway.wait_for("session.end")
+        received = output()
+        self.assertNotIn(PAN.encode(), received)
+        (attachment,) = end["attachments"]
+        with open(os.path.join(self.gateway.store_path, "casts", attachment["name"]), "rb") as handle:
+            recording = handle.read()
+        self.assertEqual(hashlib.sha256(recording).hexdigest(), attachment["sha256"])
+        header, events = casts.read(recording)
+        self.assertEqual((header["version"], header["width"], header["height"]), (2, 100, 30))
+        played = "".join(text for _, code, text in events if code == "o")
+        # The client's terminal is in raw mode: what ssh printed is what the
+        # gateway sent, then ssh's own "Connection ... closed" line.
+        text = received.decode("utf-8", "replace")
+        self.assertTrue(text.startswith(played), (text, played))
+        self.assertIn("Connection to 127.0.0.1 closed", text[len(played):])
+        self.assertIn(MASKED_PAN, played)
+        self.assertNotIn(PAN, recording.decode())
+        typed = "".join(text for _, code, text in events if code == "i")
+        self.assertIn("echo card %s" % (MASKED_PAN,), typed)
+        self.assertIn("120x40", [text for _, code, text in events if code == "r"])
+        (command,) = self.gateway.commands("shell")
+        self.assertEqual(command["outcome"]["cast"]["sha256"], attachment["sha256"])
+        self.assertTrue(verify_store(self.gateway.store_path).ok)
+
+
+class FileTransferTests(unittest.TestCase):
+    """
+    scp both ways (the legacy protocol runs as exec; OpenSSH 9's default
+    runs over sftp) and sftp operations, each recorded.
+    """
+
+    def setUp(self):
+        self.remote = os.path.abspath(self.mktemp())
+        os.makedirs(self.remote)
+        self.gateway = SSHGateway(self, sftp=True, policy={"deny_upload_prefix": os.path.join(self.remote, "denied")})
+        self.local = os.path.abspath(self.mktemp())
+        os.makedirs(self.local)
+        self.data = os.urandom(3 * 1024 * 1024 + 17)
+        with open(os.path.join(self.local, "upload.bin"), "wb") as handle:
+            handle.write(self.data)
+
+    def scp_options(self):
+        options = self.gateway.options()
+        options[options.index("-p")] = "-P"
+        return options
+
+    @defer.inlineCallbacks
+    def scp_both_ways(self, mode):
+        remote = "%s@127.0.0.1:%s" % (self.gateway.login, os.path.join(self.remote, "copy.bin"))
+        out, err, code = yield run([SCP] + mode + self.scp_options() + [os.path.join(self.local, "upload.bin"), remote])
+        self.assertEqual(code, 0, err)
+        with open(os.path.join(self.remote, "copy.bin"), "rb") as handle:
+            self.assertEqual(handle.read(), self.data)
+        back = os.path.join(self.local, "back.bin")
+        out, err, code = yield run([SCP] + mode + self.scp_options() + [remote, back])
+        self.assertEqual(code, 0, err)
+        with open(back, "rb") as handle:
+            self.assertEqual(handle.read(), self.data)
+        yield self.gateway.wait_for("session.end", 2)
+
+    @defer.inlineCallbacks
+    def test_scp_legacy_protocol(self):
+        """
+        scp -O runs scp -t / scp -f on the target as exec commands through
+        the chain; the file arrives intact both ways.
+        """
+        yield self.scp_both_ways(["-O"])
+        programs = [command["facts"]["argv"][:2] for command in self.gateway.commands("exec")]
+        self.assertEqual(programs, [["scp", "-t"], ["scp", "-f"]])
+
+    @defer.inlineCallbacks
+    def test_scp_over_sftp(self):
+        """
+        scp over sftp (OpenSSH 9's default): the upload and the download are
+        sftp opens, recorded with their byte counts.
+        """
+        yield self.scp_both_ways([])
+        opens = [command for command in self.gateway.commands("sftp") if command["facts"]["operation"] == "open"]
+        self.assertEqual([command["facts"]["transfer"] for command in opens], ["upload", "download"])
+        self.assertEqual(opens[0]["outcome"]["bytes_written"], len(self.data))
+        self.assertEqual(opens[1]["outcome"]["bytes_read"], len(self.data))
+
+    @defer.inlineCallbacks
+    def test_sftp_operations_recorded(self):
+        """
+        Each sftp operation (open for upload and download, list, mkdir,
+        rename, remove, rmdir) is a command with its paths, decision and
+        outcome; a denied upload fails at the client and leaves nothing on
+        the target.
+        """
+        batch = os.path.join(self.local, "batch")
+        remote = self.remote
+        with open(batch, "w") as handle:
+            handle.write(
+                "\n".join(
+                    [
+                        "mkdir %s/dir" % (remote,),
+                        "put %s/upload.bin %s/dir/a.bin" % (self.local, remote),
+                        "rename %s/dir/a.bin %s/dir/b.bin" % (remote, remote),
+                        "ls %s/dir" % (remote,),
+                        "get %s/dir/b.bin %s/got.bin" % (remote, self.local),
+                        "rm %s/dir/b.bin" % (remote,),
+                        "rmdir %s/dir" % (remote,),
+                        "mkdir %s/denied" % (remote,),
+                        "put %s/upload.bin %s/denied/x.bin" % (self.local, remote),
+                    ]
+                )
+                + "\n"
+            )
+        options = self.scp_options()
+        out, err, code = yield run([SFTP] + options + ["-b", batch, "%s@127.0.0.1" % (self.gateway.login,)])
+        self.assertNotEqual(code, 0)
+        self.assertIn("Permission denied", err)
+        with open(os.path.join(self.local, "got.bin"), "rb") as handle:
+            self.assertEqual(handle.read(), self.data)
+        self.assertFalse(os.path.exists(os.path.join(remote, "denied", "x.bin")))
+        yield self.gateway.wait_for("session.end")
+        operations = [
+            (
+                command["facts"]["operation"],
+                (command["facts"].get("path") or "").rstrip("/"),
+                command["decision"]["verdict"],
+            )
+            for command in self.gateway.commands("sftp")
+        ]
+        self.assertIn(("mkdir", remote + "/dir", "allow"), operations)
+        self.assertIn(("open", remote + "/dir/a.bin", "allow"), operations)
+        self.assertIn(("rename", remote + "/dir/a.bin", "allow"), operations)
+        self.assertIn(("list", remote + "/dir", "allow"), operations)
+        self.assertIn(("open", remote + "/dir/b.bin", "allow"), operations)
+        self.assertIn(("remove", remote + "/dir/b.bin", "allow"), operations)
+        self.assertIn(("rmdir", remote + "/dir", "allow"), operations)
+        self.assertIn(("open", remote + "/denied/x.bin", "deny"), operations)
+        byname = {(c["facts"]["operation"], c["facts"].get("path")): c for c in self.gateway.commands("sftp")}
+        self.assertEqual(byname[("open", remote + "/dir/a.bin")]["outcome"]["bytes_written"], len(self.data))
+        self.assertEqual(byname[("rename", remote + "/dir/a.bin")]["facts"]["target"], remote + "/dir/b.bin")
+        self.assertEqual(byname[("open", remote + "/denied/x.bin")]["decision"]["rule"], "test:deny-upload")
+
+    @defer.inlineCallbacks
+    def test_sftp_off_by_default(self):
+        """
+        A connection without sftp: true refuses the subsystem, and says so.
+        """
+        gateway = SSHGateway(self)
+        destination = "%s@127.0.0.1" % (gateway.login,)
+        out, err, code = yield run([SFTP] + _scp_options(gateway) + ["-b", "/dev/null", destination])
+        self.assertNotEqual(code, 0)
+        self.assertIn("sftp is not allowed on this connection", err)
+
+
+def _scp_options(gateway):
+    options = gateway.options()
+    options[options.index("-p")] = "-P"
+    return options
+
+
+class TargetTests(unittest.TestCase):
+    """
+    The target side: the pinned host key, and a target that is down.
+    """
+
+    @defer.inlineCallbacks
+    def test_host_key_mismatch(self):
+        """
+        A target presenting another host key than the pinned one is refused
+        with a clear error, and the session ends with that reason.
+        """
+        gateway = SSHGateway(self, target={"host_key": key("impostor-host")[1]})
+        out, err, code = yield gateway.ssh("true")
+        self.assertEqual(code, 255)
+        self.assertIn("is not the one pinned in the configuration", err)
+        self.assertIn("update connections.deploy.target", err)
+        (end,) = yield gateway.wait_for("session.end")
+        self.assertIn("target unavailable", end["reason"])
+        self.assertEqual(gateway.commands(), [])
+
+    @defer.inlineCallbacks
+    def test_target_lost_mid_command(self):
+        """
+        When the target's side of a session dies mid-command, the client is
+        disconnected with the reason and the command is recorded as
+        interrupted.
+        """
+        gateway = SSHGateway(self)
+        process, collector = spawn(
+            [SSH] + gateway.options() + ["%s@127.0.0.1" % (gateway.login,), "echo $PPID; sleep 30"]
+        )
+        output = lambda: b"".join(collector.out)
+        yield eventually(lambda: output().endswith(b"\n"))
+        # The sshd process serving this session on the target, started by
+        # the test's own sshd.
+        os.kill(int(output()), signal.SIGKILL)
+        out, err, code = yield collector.done
+        self.assertEqual(code, 255)
+        self.assertIn("the target closed the connection", err)
+        (end,) = yield gateway.wait_for("session.end")
+        self.assertIn("the target closed the connection", end["reason"])
+        (command,) = gateway.commands("exec")
+        self.assertEqual(command["outcome"]["status"], "interrupted")
+
+    @defer.inlineCallbacks
+    def test_target_down(self):
+        """
+        A target nobody listens on: the client is told the gateway could not
+        reach it.
+        """
+        gateway = SSHGateway(self, target={"port": support.free_port()})
+        out, err, code = yield gateway.ssh("true")
+        self.assertEqual(code, 255)
+        self.assertIn("hoopgw could not reach the target", err)
+        self.assertIn("the connection was refused", err)
+        (end,) = yield gateway.wait_for("session.end")
+        self.assertIn("could not reach the target", end["reason"])
+
+
+class ForwardingTests(unittest.TestCase):
+    """
+    Port, agent and X11 forwarding.
+    """
+
+    @defer.inlineCallbacks
+    def test_local_forwarding_refused_and_recorded(self):
+        """
+        ssh -W (a direct-tcpip channel) is refused by default and recorded.
+        """
+        gateway = SSHGateway(self)
+        out, err, code = yield gateway.ssh(None, extra=["-W", "127.0.0.1:%d" % (sshd().port,)])
+        self.assertNotEqual(code, 0)
+        self.assertIn("hoopgw does not allow port forwarding here", err)
+        yield gateway.wait_for("session.end")
+        (command,) = gateway.commands("forward")
+        self.assertEqual((command["decision"]["verdict"], command["decision"]["rule"]), ("deny", "port_forwarding"))
+        self.assertEqual((command["facts"]["host"], command["facts"]["port"]), ("127.0.0.1", sshd().port))
+
+    @defer.inlineCallbacks
+    def test_local_forwarding_allowed(self):
+        """
+        With port_forwarding on, ssh -W reaches the forwarded port through
+        the target, and the forward is a command with its byte counts.
+        """
+        gateway = SSHGateway(self, port_forwarding=True)
+        out, err, code = yield gateway.ssh(None, extra=["-W", "127.0.0.1:%d" % (sshd().port,)], stdin=b"bye\n")
+        self.assertTrue(out.startswith(b"SSH-2.0-OpenSSH"), (out, err))
+        yield gateway.wait_for("session.end")
+        (command,) = gateway.commands("forward")
+        self.assertEqual(command["decision"]["verdict"], "allow")
+        self.assertGreater(command["outcome"]["bytes_from_target"], 0)
+
+    @defer.inlineCallbacks
+    def test_remote_forwarding_refused(self):
+        """
+        ssh -R is refused (and recorded): the gateway never listens for the
+        client.
+        """
+        gateway = SSHGateway(self)
+        out, err, code = yield gateway.ssh("true", extra=["-R", "0:127.0.0.1:9", "-o", "ExitOnForwardFailure=yes"])
+        self.assertEqual(code, 255)
+        self.assertIn("remote port forwarding failed", err)
+        yield gateway.wait_for("session.end")
+        (command,) = gateway.commands("ssh-request")
+        self.assertEqual(command["facts"]["request"], "remote-forwarding")
+
+    @defer.inlineCallbacks
+    def test_agent_and_x11_forwarding_refused(self):
+        """
+        Agent and X11 forwarding are refused and recorded; the command still
+        runs, without an agent or a display.
+        """
+        gateway = SSHGateway(self)
+        # A short path: Unix socket names are limited to about 100 bytes.
+        folder = tempfile.mkdtemp(prefix="hoopgw-agent-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        agent = os.path.join(folder, "agent")
+        process, collector = spawn(["/usr/bin/ssh-agent", "-D", "-a", agent])
+        self.addCleanup(lambda: collector.done)
+        self.addCleanup(process.signalProcess, "TERM")
+        yield eventually(lambda: os.path.exists(agent))
+        out, err, code = yield gateway.ssh(
+            "echo ${SSH_AUTH_SOCK:-none} ${DISPLAY:-none}",
+            extra=["-o", "ForwardAgent=yes", "-o", "ForwardX11=yes"],
+            env={"SSH_AUTH_SOCK": agent, "DISPLAY": "127.0.0.1:0"},
+            agent=agent,
+        )
+        self.assertEqual((out, code), (b"none none\n", 0), err)
+        yield gateway.wait_for("session.end")
+        requests = sorted(command["facts"]["request"] for command in gateway.commands("ssh-request"))
+        self.assertEqual(requests, ["agent-forwarding", "x11-forwarding"])
+
+
+class HostKeyTests(unittest.TestCase):
+    """
+    The gateway's own host key, generated once into the state folder.
+    """
+
+    @defer.inlineCallbacks
+    def test_generated_once_and_reused(self):
+        """
+        Without host_keys in the configuration, the gateway generates a key
+        into its state folder and presents the same key after a restart.
+        """
+        gateway = SSHGateway(self, host_keys=[])
+        first = gateway.gateway.factories["deploy"].host_key_lines()
+        out, err, code = yield gateway.ssh("true")
+        self.assertEqual(code, 0, err)
+        yield gateway.stop()
+        restarted = Gateway(gateway.config, reactor, gateway.store)
+        self.assertEqual(restarted.factories["deploy"].host_key_lines(), first)
+        state = gateway.config.gateway.state_dir
+        self.assertTrue(os.path.exists(os.path.join(state, "ssh", "deploy", "ssh_host_ed25519_key")))
+
+
+class ThrowawaySshServerTests(unittest.TestCase):
+    """
+    hoopgw.throwaway.SshServer, the tests' target.
+    """
+
+    @defer.inlineCallbacks
+    def test_authorized_keys_only(self):
+        """
+        Only an authorized key logs in, and stop removes the server's folder.
+        """
+        from hoopgw.throwaway import SshServer
+
+        server = SshServer()
+        server.start()
+        self.addCleanup(server.stop)
+        server.authorize(key("alice")[1])
+        known_hosts = os.path.join(server.directory, "known_hosts")
+        with open(known_hosts, "w") as handle:
+            handle.write("[127.0.0.1]:%d %s\n" % (server.port, server.host_key))
+        base = [SSH, "-F", "/dev/null", "-p", str(server.port), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+                "-o", "IdentityAgent=none", "-o", "UserKnownHostsFile=" + known_hosts]
+        out, err, code = yield run(base + ["-i", key("alice")[0], "%s@127.0.0.1" % (server.login,), "echo in"])
+        self.assertEqual((out, code), (b"in\n", 0), err)
+        out, err, code = yield run(base + ["-i", key("stranger")[0], "%s@127.0.0.1" % (server.login,), "true"])
+        self.assertEqual(code, 255)
+        directory = server.directory
+        server.stop()
+        self.assertFalse(server.running)
+        self.assertFalse(os.path.exists(directory))
+
+
+class ShutdownTests(unittest.TestCase):
+    """
+    Stopping the gateway ends the sessions it carries.
+    """
+
+    @defer.inlineCallbacks
+    def test_stop_ends_sessions(self):
+        """
+        A session open when the gateway stops is disconnected with a reason
+        and its end is recorded before gateway.stop.
+        """
+        gateway = SSHGateway(self)
+        process, collector = spawn(
+            [SSH] + gateway.options() + ["%s@127.0.0.1" % (gateway.login,), "echo started; sleep 30"]
+        )
+        yield eventually(lambda: b"started" in b"".join(collector.out))
+        yield gateway.stop()
+        yield collector.done
+        self.assertIn("hoopgw is shutting down", b"".join(collector.err).decode())
+        types = [event["type"] for event in gateway.events()]
+        self.assertLess(types.index("session.end"), types.index("gateway.stop"))
