@@ -60,6 +60,9 @@ class Gateway(service.MultiService):
         self.identity_providers = {
             name: provider.build(reactor) for name, provider in config.identity_providers.items()
         }
+        from hoopgw.approvals import make_broker
+
+        self.approvals = make_broker(config, reactor, self.record)
         self.factories = {}
         self.chains = {}
         for connection in config.connections.values():
@@ -70,6 +73,10 @@ class Gateway(service.MultiService):
             listener = strports.service(connection.listen, factory)
             listener.setName("connection:%s" % (connection.name,))
             listener.setServiceParent(self)
+        if config.gateway.admin is not None:
+            from hoopgw.approvals.api import admin_service
+
+            admin_service(config.gateway.admin, self).setServiceParent(self)
 
     def build_chain(self, connection):
         """
