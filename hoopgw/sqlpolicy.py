@@ -305,10 +305,12 @@ class _Facts:
     def kind(self, kind, *extra):
         self.kinds.add(kind)
         self.labels.add(kind)
-        first = kind.split(" ", 1)[0]
+        first, _, rest = kind.partition(" ")
         self.labels.add(first)
         if first in _DDL_WORDS:
             self.labels.add("DDL")
+            if rest and first in ("CREATE", "ALTER", "DROP", "COMMENT") and _is_object_type(rest):
+                self.object_types.add(rest)
         if kind in _DML_KINDS:
             self.labels.add("DML")
         for label in extra:
