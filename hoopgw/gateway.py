@@ -121,6 +121,8 @@ class Gateway(service.MultiService):
             [factory.close_sessions("the gateway is stopping") for factory in self.factories.values()],
             consumeErrors=True,
         )
+        if self.approvals is not None:
+            self.approvals.close()
         try:
             yield self.record({"type": "gateway.stop", "version": __version__})
         except Exception:

@@ -60,7 +60,7 @@ class AdminAPI(resource.Resource):
 
     @defer.inlineCallbacks
     def _authenticate(self, request):
-        header = request.getHeader(b"authorization") or ""
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="hoopgw"')

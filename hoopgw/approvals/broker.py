@@ -187,6 +187,7 @@ class Broker:
         self.grants = {}
         self.rules = {}
         self.webhooks = {}
+        self._deliveries = set()
 
     def now(self):
         return self._clock()
@@ -464,6 +465,19 @@ class Broker:
             ),
         )
 
+    def close(self):
+        """
+        The gateway is stopping: stop the timers of requests still pending
+        (their sessions are being closed, which cancels them) and the
+        notifications still being delivered.
+        """
+        for request in self.requests.values():
+            if request.timer is not None and request.timer.active():
+                request.timer.cancel()
+            request.timer = None
+        for delivery in list(self._deliveries):
+            delivery.cancel()
+
     # Grants.
 
     def grant(self, approver, connection, rule_name, subject, duration, reason):
@@ -583,7 +597,15 @@ class Broker:
             if self.url:
                 payload["api"] = "%s/api/approvals/%s" % (self.url, request.id)
             payload["cli"] = "hoopgw approvals approve %s --reason '...'" % (request.id,)
-            webhook.send(payload).addCallback(self._delivered, request, kind, webhook)
+            delivery = webhook.send(payload)
+            self._deliveries.add(delivery)
+            delivery.addBoth(self._delivery_over, delivery)
+            delivery.addCallback(self._delivered, request, kind, webhook)
+            delivery.addErrback(lambda failure: failure.trap(defer.CancelledError))
+
+    def _delivery_over(self, result, delivery):
+        self._deliveries.discard(delivery)
+        return result
 
     def _delivered(self, outcome, request, kind, webhook):
         event = self._event(request, "approval.notified", webhook=webhook.name, notice=kind)

@@ -56,6 +56,12 @@ class Webhook:
         self.secret = secret
         self.reactor = reactor
 
+    def _pool(self, reactor):
+        # Notifications are rare: no connection is kept open between them.
+        from twisted.web.client import HTTPConnectionPool
+
+        return HTTPConnectionPool(reactor, persistent=False)
+
     @property
     def name(self):
         return self.url.split("?", 1)[0]
@@ -89,7 +95,9 @@ class Webhook:
         for attempt in range(1, self.attempts + 1):
             outcome["attempts"] = attempt
             try:
-                response = yield treq.post(self.url, data=body, headers=headers, timeout=self.timeout, reactor=reactor)
+                response = yield treq.post(
+                    self.url, data=body, headers=headers, timeout=self.timeout, reactor=reactor, pool=self._pool(reactor)
+                )
                 outcome["status"] = response.code
                 yield response.content()
                 if 200 <= response.code < 300:
