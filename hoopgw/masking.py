@@ -13,6 +13,8 @@ Nothing here knows a wire format: the front end says where values lie
 import re
 import struct
 
+import numpy
+
 from hoopgw import cards
 
 
@@ -37,13 +39,7 @@ SMALL_TYPES = frozenset({16, 21, 23, 26, 700, 1082, 1083, 1114, 1184, 1186, 1266
 REPLACEMENT = b"***"
 _REPLACEABLE = frozenset({25, 1043, 1042, 19, 705, 0})
 
-_STARS = [b"*" * count for count in range(cards.MAX_DIGITS + 1)]
-_DOUBLED = cards._DOUBLED
-# Digits and separators become "0", everything else "x": a run of 13 "0"
-# marks where a card number may be, found with a plain substring search
-# (the regular expression engine is far slower on every byte).
-_REGIONS = bytes(48 if (48 <= byte <= 57 or byte in (32, 45)) else 120 for byte in range(256))
-_WINDOW = b"0" * cards.MIN_DIGITS
+
 _RUN = cards._RUN_BYTES
 _INT32 = struct.Struct("!i")
 _UINT32 = struct.Struct("!I")
@@ -80,12 +76,18 @@ class Masker:
         self.style = style
         self.keep_front = 6 if style == cards.BIN_AND_LAST_FOUR else 0
         self.columns = [re.compile(pattern, re.I) if isinstance(pattern, str) else pattern for pattern in columns]
+        self._names = {}
 
     def sensitive(self, name):
         """
         Whether a column of this name is fully replaced.
         """
-        return bool(name) and any(pattern.search(name) for pattern in self.columns)
+        found = self._names.get(name)
+        if found is None:
+            found = bool(name) and any(pattern.search(name) for pattern in self.columns)
+            if len(self._names) < 10000:
+                self._names[name] = found
+        return found
 
     # Text.
 
@@ -93,7 +95,43 @@ class Masker:
         """
         Bytes of text with every PAN masked: C{(bytes, count)}.
         """
-        return cards.mask_bytes(data, self.style)
+        if len(data) < 512:
+            return cards.mask_bytes(data, self.style)
+        hidden, count = self._positions(data, len(data), True)
+        if not hidden:
+            return data, 0
+        out = bytearray(data)
+        for position in hidden:
+            out[position] = 42
+        return bytes(out), count
+
+    def _positions(self, data, cut, final):
+        """
+        The positions of C{data} to hide, and the PANs counted before
+        C{cut}.  Unless C{final}, a run that reaches the end of C{data}
+        may go on: candidates that include its last group are not decided.
+        """
+        found = scan(data)
+        if found is None:
+            return set(), 0
+        array, starts, ends, chains = found
+        size = len(data)
+        keep = self.keep_front
+        hidden = set()
+        count = 0
+        items = chains
+        if len(starts):
+            valid = _luhn(array, starts, ends - starts)
+            items = chains + [(int(first), int(last)) for first, last in zip(starts[valid], ends[valid])]
+        for start, end in items:
+            open_end = not final and (end == size or (end == size - 1 and data[end] in _SEPARATORS))
+            if open_end and start >= cut:
+                continue
+            positions, found_here = cards.run_positions(data[start:end], keep, open_end=open_end, count_before=cut - start)
+            if positions is not None:
+                hidden.update(start + position for position in positions)
+            count += found_here
+        return hidden, count
 
     def string(self, text):
         return cards.mask_text(text, self.style)
@@ -110,62 +148,70 @@ class Masker:
             of C{(start, end)} pieces that do.
         @return: C{(new data or None, count)}.
         """
-        plain = data.translate(_REGIONS)
-        position = plain.find(_WINDOW)
-        if position < 0:
+        found = scan(data)
+        if found is None:
             return None, 0
+        array, starts, ends, chains = found
+        keep = self.keep_front
         out = None
         count = 0
-        keep = self.keep_front
-        size = len(data)
-        while position >= 0:
-            stop = plain.find(b"x", position + cards.MIN_DIGITS)
-            if stop < 0:
-                stop = size
-            region = data[position:stop]
-            if region.isdigit():
-                runs = ((position, stop),)
-            elif len(region) - region.count(b" ") - region.count(b"-") < cards.MIN_DIGITS:
-                # Dates and times ("2024-01-01 12"): too few digits.
-                runs = ()
-            else:
-                runs = [match.span() for match in _RUN.finditer(data, position, stop)]
-            for start, end in runs:
-                spans = locate(start, end)
-                if spans is None:
-                    pieces = ((start, end),)
-                else:
-                    pieces = []
-                    for first, last in spans:
-                        while first < last and data[first] in _SEPARATORS:
-                            first += 1
-                        while last > first and data[last - 1] in _SEPARATORS:
-                            last -= 1
-                        if last - first >= cards.MIN_DIGITS:
-                            pieces.append((first, last))
-                for first, last in pieces:
-                    run = data[first:last]
-                    if run.isdigit():
-                        length = last - first
-                        if length > cards.MAX_DIGITS or length < cards.MIN_DIGITS:
-                            continue
-                        if (sum(run[-1::-2]) + sum(run[-2::-2].translate(_DOUBLED)) - 48 * length) % 10:
-                            continue
-                        if out is None:
-                            out = bytearray(data)
-                        out[first + keep : last - 4] = _STARS[length - 4 - keep]
-                        count += 1
-                        continue
-                    hidden, found = cards.run_positions(run, keep)
-                    if hidden is None:
-                        continue
-                    if out is None:
-                        out = bytearray(data)
-                    for offset in hidden:
-                        out[first + offset] = 42
-                    count += found
-            position = plain.find(_WINDOW, stop)
-        return (bytes(out) if out is not None else None), count
+        if len(starts):
+            lengths = ends - starts
+            size = len(array)
+            # Framing can only precede a value: a run whose three bytes
+            # before are all printable is inside one value.
+            safe = starts >= 3
+            safe[safe] &= (array[starts[safe] - 1] >= 32) & (array[starts[safe] - 2] >= 32) & (array[starts[safe] - 3] >= 32)
+            # A run that is exactly one value (a column holding a card
+            # number): the four bytes before it are its length, framing
+            # follows it (see wire.DataRowValues).
+            whole = ~safe & (starts >= 4) & (lengths <= cards.MAX_DIGITS)
+            if whole.any():
+                where = numpy.flatnonzero(whole)
+                first = starts[where]
+                length = (
+                    (array[first - 4].astype(numpy.int64) << 24)
+                    | (array[first - 3].astype(numpy.int64) << 16)
+                    | (array[first - 2].astype(numpy.int64) << 8)
+                    | array[first - 1]
+                )
+                last = ends[where]
+                after = numpy.minimum(last, size - 1)
+                following = numpy.minimum(last + 1, size - 1)
+                framed = (last == size) | (array[after] == 0) | ((array[after] == 68) & (array[following] == 0))
+                whole[where] = (length == lengths[where]) & framed
+            certain = safe | whole
+            valid = certain & (lengths <= cards.MAX_DIGITS) & _luhn(array, starts, lengths)
+            if valid.any():
+                out = array.copy()
+                count += int(valid.sum())
+                for length in numpy.unique(lengths[valid]):
+                    chosen = starts[valid & (lengths == length)]
+                    out[chosen[:, None] + numpy.arange(keep, length - 4)] = 42
+            # Runs that may start with framing bytes: located exactly.
+            chains = chains + [(int(first), int(last)) for first, last in zip(starts[~certain], ends[~certain])]
+        for start, end in chains:
+            spans = locate(start, end)
+            if spans is None:
+                spans = ((start, end),)
+            for first, last in spans:
+                while first < last and data[first] in _SEPARATORS:
+                    first += 1
+                while last > first and data[last - 1] in _SEPARATORS:
+                    last -= 1
+                if last - first < cards.MIN_DIGITS:
+                    continue
+                hidden, found_here = cards.run_positions(data[first:last], keep)
+                if hidden is None:
+                    continue
+                if out is None:
+                    out = array.copy()
+                for offset in hidden:
+                    out[first + offset] = 42
+                count += found_here
+        if out is None:
+            return None, 0
+        return out.tobytes(), count
 
     # Rows, value by value.
 
@@ -316,6 +362,67 @@ class Masker:
         return detail, 0
 
 
+_DOUBLE = numpy.array([0, 2, 4, 6, 8, 1, 3, 5, 7, 9], dtype=numpy.int64)
+
+
+def scan(data):
+    """
+    Where card numbers may be in C{data}, found with vectorised operations:
+    the runs of 13 to 22 digits that stand alone (no single separator joins
+    them to other digits), and the spans of digit groups joined by single
+    separators holding 13 digits or more, to be read group by group.
+
+    @return: None when there is nothing, else C{(bytes as an array, run
+        starts, run ends, [(start, end)] of joined spans)}.
+    """
+    array = numpy.frombuffer(data, dtype=numpy.uint8)
+    digit = (array - 48) < 10
+    edges = numpy.flatnonzero(numpy.diff(digit, prepend=False, append=False))
+    if len(edges) == 0:
+        return None
+    starts = edges[0::2]
+    ends = edges[1::2]
+    lengths = ends - starts
+    count = len(starts)
+    # Runs joined to the next by exactly one space or dash.
+    joined = numpy.zeros(count, dtype=bool)
+    if count > 1:
+        gap = starts[1:] - ends[:-1] == 1
+        between = array[numpy.minimum(ends[:-1], len(array) - 1)]
+        joined[:-1] = gap & ((between == 32) | (between == 45))
+    opens = numpy.ones(count, dtype=bool)
+    opens[1:] = ~joined[:-1]
+    chain = numpy.cumsum(opens) - 1
+    digits = numpy.bincount(chain, weights=lengths)
+    runs = numpy.bincount(chain)
+    alone = runs[chain] == 1
+    candidates = alone & (lengths >= cards.MIN_DIGITS) & (lengths <= cards.MAX_DIGITS + 3)
+    firsts = numpy.flatnonzero(opens)
+    lasts = numpy.append(firsts[1:] - 1, count - 1)
+    long_chains = (runs >= 2) & (digits >= cards.MIN_DIGITS)
+    chains = list(zip(starts[firsts[long_chains]].tolist(), ends[lasts[long_chains]].tolist()))
+    if not candidates.any() and not chains:
+        return None
+    return array, starts[candidates], ends[candidates], chains
+
+
+def _luhn(array, starts, lengths):
+    """
+    Whether each run of digits passes the Luhn check (runs longer than 19
+    digits do not).
+    """
+    valid = numpy.zeros(len(starts), dtype=bool)
+    for length in numpy.unique(lengths):
+        if length > cards.MAX_DIGITS:
+            continue
+        chosen = numpy.flatnonzero(lengths == length)
+        values = array[starts[chosen][:, None] + numpy.arange(length)].astype(numpy.int64) - 48
+        doubled = (length - 1 - numpy.arange(length)) % 2 == 1
+        total = values[:, ~doubled].sum(axis=1) + _DOUBLE[values[:, doubled]].sum(axis=1)
+        valid[chosen] = total % 10 == 0
+    return valid
+
+
 def _numeric_text(value):
     """
     The digits of a binary NUMERIC, as text ("12345.678").
@@ -409,20 +516,9 @@ class StreamMasker:
         @return: C{(bytes to send now, PANs masked)}.
         """
         data = self.held + data if self.held else data
-        size = len(data)
-        cut = size if final else _tail_start(data)
-        hide = set(self.forced)
-        count = 0
-        keep = self.masker.keep_front
-        for match in _RUN.finditer(data):
-            start, end = match.span()
-            open_end = not final and (end == size or (end == size - 1 and data[end] in _SEPARATORS))
-            if open_end and start >= cut:
-                continue
-            hidden, found = cards.run_positions(match.group(), keep, open_end=open_end, count_before=cut - start)
-            if hidden is not None:
-                hide.update(start + position for position in hidden)
-            count += found
+        cut = len(data) if final else _tail_start(data)
+        hide, count = self.masker._positions(data, cut, final)
+        hide.update(self.forced)
         # What is held back is kept as it came, to be read again with what
         # follows; positions already decided stay hidden.
         self.held = data[cut:]

@@ -150,6 +150,15 @@ class Block:
         @return: C{(Decision or None, explanation)}.
         """
         facts = sqlpolicy.for_command(session, command)
+        # The answer depends only on the facts, which are shared by every
+        # statement that differs only in its constants: work it out once.
+        key = ("block", id(self))
+        found = facts.memo.get(key)
+        if found is None:
+            found = facts.memo[key] = self._decide(facts)
+        return found
+
+    def _decide(self, facts):
         if facts.error:
             if self.allow_unparseable:
                 return None, "the SQL does not parse (%s); this connection lets it through" % (facts.error,)

@@ -155,11 +155,16 @@ class Mask:
         batch can be masked in place (every value text), and whether some
         values must be decoded to be checked at all.
         """
-        key = (tuple(chunk.columns), tuple(chunk.formats), tuple(chunk.type_oids))
-        cache = command.metadata if command is not None else session.metadata
-        found = cache.get("mask.plan")
-        if found is not None and found[0] == key:
-            return found[1]
+        key = ("mask.plan", id(self), tuple(chunk.columns), tuple(chunk.formats), tuple(chunk.type_oids))
+        # Statements that differ only in constants share their facts, and
+        # so their plan.
+        if command is not None and command.kind == "sql":
+            cache = sqlpolicy.for_command(session, command).memo
+        else:
+            cache = session.metadata
+        found = cache.get(key)
+        if found is not None:
+            return found
         replace = frozenset(self._sensitive_positions(session, command, chunk.columns))
         formats = [chunk.formats[index] if index < len(chunk.formats) else 0 for index in range(len(chunk.columns))]
         types = [chunk.type_oids[index] if index < len(chunk.type_oids) else 0 for index in range(len(chunk.columns))]
@@ -171,8 +176,7 @@ class Mask:
         ]
         in_place = bool(chunk.columns) and all(text)
         opaque = not all(text) or not chunk.columns
-        plan = (replace, in_place, opaque)
-        cache["mask.plan"] = (key, plan)
+        plan = cache[key] = (replace, in_place, opaque)
         return plan
 
     def _sensitive_positions(self, session, command, columns):
@@ -185,6 +189,14 @@ class Mask:
         facts = sqlpolicy.for_command(session, command)
         if facts.error:
             return positions
+        key = ("mask.positions", id(self.masker), tuple(columns))
+        found = facts.memo.get(key)
+        if found is not None:
+            return found
+        facts.memo[key] = positions = self._output_positions(facts, columns, positions)
+        return positions
+
+    def _output_positions(self, facts, columns, positions):
         names = self._sensitive_names(facts)
         if not names:
             return positions
