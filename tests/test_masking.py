@@ -99,9 +99,15 @@ class RowsTests(unittest.TestCase):
                     row.append(value.encode()[: generator.choice([len(value), 16, 45, 49, 57])])
                 rows.append(row)
             data = wire.encode_data_rows(rows)
-            masked, _ = self.masker.rows_in_place(data, wire.DataRowValues(data))
             expected = [[None if value is None else cards.mask_bytes(value)[0] for value in row] for row in rows]
-            self.assertEqual(wire.decode_data_rows(masked or data), expected)
+            # Both ways of scanning a batch: plain byte searches (small
+            # batches) and vectorised (large ones).
+            plain = data.translate(masking._REGIONS)
+            for masked, _ in (
+                self.masker._rows_in_place_small(data, plain, wire.DataRowValues(data)),
+                self.masker._rows_in_place_large(data, wire.DataRowValues(data)),
+            ):
+                self.assertEqual(wire.decode_data_rows(masked or data), expected)
 
     def test_binary_values(self):
         """
