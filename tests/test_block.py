@@ -306,3 +306,32 @@ class UnparseableAllowedTests(unittest.TestCase):
         self.assertNotEqual(code, 0)
         self.assertIn('syntax error at or near "SELEC"', err)
         self.assertNotIn("hoopgw", err)
+
+
+class ExampleConfigurationTests(unittest.TestCase):
+    """
+    The example configuration stays valid as the addons' options change.
+    """
+
+    def test_enforcement_example(self):
+        """
+        Every addon section of etc/enforcement.yaml passes its addon's
+        option checks (the file's certificate paths exist only on a real
+        gateway host, so the whole file is not loaded here).
+        """
+        import yaml
+
+        from hoopgw import config as configuration
+        from hoopgw import options
+
+        with open(os.path.join(ROOT, "etc", "enforcement.yaml")) as handle:
+            document = yaml.safe_load(handle)
+        known = configuration.builtin_addons()
+        checked = []
+        for entry in document["connections"]["payments"]["addons"]:
+            ((name, raw),) = entry.items()
+            options.parse_options(known[name].options, raw, name)
+            checked.append(name)
+        self.assertEqual(checked, ["identity", "block", "approve", "mask", "record"])
+        admin = {key: value for key, value in document["gateway"]["admin"].items() if not key.startswith("tls_")}
+        options.parse_options(configuration.ADMIN_OPTIONS, admin, "gateway.admin")
