@@ -26,6 +26,8 @@ from hoopgw.options import ConfigError, join
 
 
 CACHE_SIZE = 4096
+# Prepared statements and cursors remembered per session (oldest dropped).
+NAMED_KEPT = 1000
 # Longer statements (bulk INSERTs) are classified every time rather than
 # filling the cache.
 CACHE_KEY_LIMIT = 8192
@@ -840,7 +842,10 @@ def for_command(session, command):
     classification = classify(command.text)
     named = session.metadata.setdefault("sql.named", {}) if session is not None else {}
     for namespace, name, inner in classification.named:
+        named.pop((namespace, name), None)
         named[(namespace, name)] = inner
+        if len(named) > NAMED_KEPT:
+            del named[next(iter(named))]
     for namespace, name in classification.uses:
         inner = named.get((namespace, name))
         if inner is not None:

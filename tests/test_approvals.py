@@ -89,6 +89,16 @@ class BrokerTests(unittest.TestCase):
         self.assertEqual(len(self.store.of_type("approval.vote")), 2)
         self.assertEqual(len(self.store.of_type("approval.approved")), 1)
 
+    def test_reason_redacted(self):
+        """
+        A card number pasted into a reason is masked before it reaches the
+        decision and the record.
+        """
+        result_of(self.broker.deny(self.request.id, person("alice"), "card 4111 1111 1111 1111 is a test card"))
+        decision = self.successResultOf(self.waiting)
+        self.assertIn("4111 11** **** 1111", decision.reason)
+        self.assertNotIn("4111 1111 1111 1111", repr(self.store.events))
+
     def test_same_approver_twice(self):
         """
         One person cannot make a quorum of two alone.

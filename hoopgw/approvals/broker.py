@@ -15,6 +15,7 @@ import attr
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from hoopgw import redact
 from hoopgw.model import HUMAN, Decision
 
 
@@ -352,7 +353,8 @@ class Broker:
                 request.requester.subject,
                 "%%s cannot %s their own request; another approver must" % (action,),
             )
-            reason = (reason or "").strip()
+            # What approvers write goes into the record: no card number or token in clear.
+            reason = redact.redact_text((reason or "").strip())[0]
             if not reason:
                 raise ApprovalError("give a reason: it goes into the record with your %s" % ("approval" if approve else "denial"), 400)
             if request.status != "pending":
@@ -497,7 +499,7 @@ class Broker:
                     404,
                 )
             self._eligible(rule, approver, subject, "%s cannot grant themselves a window; another approver must")
-            reason = (reason or "").strip()
+            reason = redact.redact_text((reason or "").strip())[0]
             if not reason:
                 raise ApprovalError("give a reason: it goes into the record with the grant", 400)
             if not 0 < duration <= rule.max_grant:
@@ -534,7 +536,7 @@ class Broker:
                 raise ApprovalError("give a reason: it goes into the record with the revocation", 400)
         except ApprovalError as error:
             return self._refused(error, approver, action="revoke", grant=grant_id)
-        grant.revoked = {"by": _who(approver), "reason": reason.strip(), "at": self.now()}
+        grant.revoked = {"by": _who(approver), "reason": redact.redact_text(reason.strip())[0], "at": self.now()}
         event = {"type": "grant.revoke", "connection": grant.connection, "subject": grant.subject, "grant": grant.to_json()}
         return self.record(event).addCallback(lambda _: grant)
 

@@ -396,6 +396,10 @@ class PostgresFrontend(protocol.Protocol):
         elif kind == b"D":
             which, name = wire.parse_target(payload)
             self._expect(Pending("describe", target=(which, name)))
+            portal = self._portals.get(name) if which == b"P" else None
+            if portal is not None and portal.columns is None:
+                # Its RowDescription will come before its rows: nothing to inject.
+                portal.columns = []
         elif kind == b"C":
             which, name = wire.parse_target(payload)
             (self._statements if which == b"S" else self._portals).pop(name, None)
