@@ -557,3 +557,52 @@ class WebhookTests(unittest.TestCase):
         self.receiver.codes = [500, 500, 500]
         outcome = yield Webhook(self.url, attempts=3, backoff=0.01).send({"type": "approval.request"})
         self.assertEqual((outcome["delivered"], outcome["attempts"], outcome["status"]), (False, 3, 500))
+
+
+class ConfigurationTests(unittest.TestCase):
+    """
+    What the configuration refuses about approvals.
+    """
+
+    def document(self, admin, addons):
+        connection = support.postgres_connection(free_port(), addons=addons)
+        return support.configuration_document(self.mktemp(), {"payments": connection}, gateway={"admin": admin} if admin else None)
+
+    def test_approve_needs_admin(self):
+        """
+        The approve addon without an admin listener is refused: nobody could
+        approve anything.
+        """
+        from hoopgw import config as configuration
+        from hoopgw.options import ConfigError
+
+        rules = {"approve": {"rules": [{"name": "ddl", "kinds": ["DDL"], "approvers": ["dba"]}]}}
+        with self.assertRaises(ConfigError) as caught:
+            configuration.parse(self.document(None, ["identity", rules, "record"]))
+        self.assertIn("needs gateway.admin", str(caught.exception))
+        config = configuration.parse(self.document({"listen": "tcp:8443:interface=127.0.0.1"}, ["identity", rules, "record"]))
+        self.assertEqual([spec.name for spec in config.connections["payments"].addons], ["identity", "approve", "record"])
+
+    def test_admin_plaintext_off_loopback(self):
+        """
+        An admin listener without TLS that is reachable from the network is
+        refused: approvers' tokens would cross it in clear.
+        """
+        from hoopgw import config as configuration
+        from hoopgw.options import ConfigError
+
+        with self.assertRaises(ConfigError) as caught:
+            configuration.parse(self.document({"listen": "tcp:8443"}, ["identity", "record"]))
+        self.assertIn("gateway.admin.listen", str(caught.exception))
+
+    def test_bad_rule(self):
+        """
+        An approval rule without approver groups is refused with its path.
+        """
+        from hoopgw import config as configuration
+        from hoopgw.options import ConfigError
+
+        rules = {"approve": {"rules": [{"name": "ddl", "kinds": ["DDL"]}]}}
+        with self.assertRaises(ConfigError) as caught:
+            configuration.parse(self.document({"listen": "tcp:8443:interface=127.0.0.1"}, ["identity", rules, "record"]))
+        self.assertIn("approve.rules[0].approvers", str(caught.exception))
