@@ -321,6 +321,29 @@ class ApprovalsEndToEndTests(unittest.TestCase):
         self.assertIn("hoopgw approvals approve %s" % (request.id,), requests[1]["cli"])
 
     @defer.inlineCallbacks
+    def test_extended_protocol(self):
+        """
+        psycopg 3 (Parse/Bind/Execute with a bound parameter) waits the same
+        way; the request shows the redacted parameter, and the approval
+        releases exactly that statement.
+        """
+        import psycopg
+
+        def run():
+            with psycopg.connect(self.gateway.dsn(password=self.token), autocommit=True) as connection:
+                cursor = connection.execute("UPDATE approvals_t SET id = id + length(%s)", ("four",))
+                return cursor.rowcount
+
+        running = support.in_thread(run)
+        (request,) = yield self.pending()
+        self.assertEqual(request.text, "UPDATE approvals_t SET id = id + length($1)")
+        self.assertEqual(request.parameters, ("four",))
+        code, answer = yield self.api("POST", "/api/approvals/%s/approve" % (request.id,), human_token("alice"), {"reason": "CHG-8"})
+        self.assertEqual(code, 200, answer)
+        self.assertEqual((yield running), 3)
+        self.assertEqual(app_psql("SELECT sum(id) FROM approvals_t").strip(), "18")
+
+    @defer.inlineCallbacks
     def test_denied_through_cli(self):
         """
         An approver denies with the CLI (hoopgw approvals deny, calling the

@@ -279,10 +279,11 @@ class ExtendedWithoutDescribeTests(unittest.TestCase, LeakCheck):
         setUpModule()
         self.gateway = GatewayHarness(self, addons=["identity", "mask", "record"])
 
-    def converse(self, messages):
+    def converse(self, messages, *more):
         """
-        Log in over TLS and send C{messages}; return what comes back until
-        ReadyForQuery, as C{(type, payload)}.
+        Log in over TLS and send C{messages} (then each of C{more} in turn);
+        return what comes back until the last ReadyForQuery, as C{(type,
+        payload)}.
         """
         raw = socket.create_connection(("127.0.0.1", self.gateway.port), timeout=10)
         raw.sendall(wire.ssl_request())
@@ -313,8 +314,11 @@ class ExtendedWithoutDescribeTests(unittest.TestCase, LeakCheck):
             read_until(b"R")
             connection.sendall(wire.password_message(wire.cstring(token())))
             read_until(b"Z")
-            connection.sendall(b"".join(messages))
-            return read_until(b"Z")
+            answers = []
+            for group in (messages,) + more:
+                connection.sendall(b"".join(group))
+                answers = read_until(b"Z")
+            return answers
         finally:
             connection.close()
 
@@ -336,6 +340,26 @@ class ExtendedWithoutDescribeTests(unittest.TestCase, LeakCheck):
         (row,) = wire.decode_data_rows(wire.message(b"D", answer[2][1]))
         self.assertEqual(row, [b"411111******1111", None])
         self.assertNoPan(b"".join(payload for _, payload in answer))
+
+
+    @defer.inlineCallbacks
+    def test_statement_described_once(self):
+        """
+        The JDBC and pgx pattern: a named statement described once, then
+        Bind (binary results) and Execute without describing the portal:
+        the gateway takes the columns from the statement's description
+        (no Describe of its own) and masks the binary text value.
+        """
+        sql = b"SELECT note, pan FROM mask_cards WHERE id = 1"
+        parse = wire.message(b"P", b"s1\x00" + sql + b"\x00" + struct.pack("!H", 0))
+        describe = wire.message(b"D", b"Ss1\x00")
+        sync = wire.message(b"S")
+        bind = wire.message(b"B", b"\x00s1\x00" + struct.pack("!HHH", 0, 0, 1) + struct.pack("!H", 1))
+        execute = wire.message(b"E", b"\x00" + struct.pack("!I", 0))
+        answer = yield in_thread(self.converse, [parse, describe, sync], [bind, execute, sync])
+        self.assertEqual([kind for kind, _ in answer], [b"2", b"D", b"C", b"Z"])
+        (row,) = wire.decode_data_rows(wire.message(b"D", answer[1][1]))
+        self.assertEqual(row, [b"plain", b"411111******1111"])
 
 
 class ExemptTests(unittest.TestCase, LeakCheck):
