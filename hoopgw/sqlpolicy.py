@@ -800,6 +800,10 @@ class _Cache:
 
 
 _cache = _Cache(CACHE_SIZE)
+# Statements sent again with the very same text (prepared statements) skip
+# even the normalisation.
+_exact = _Cache(CACHE_SIZE)
+EXACT_KEY_LIMIT = 1024
 
 
 def classify(sql):
@@ -807,6 +811,18 @@ def classify(sql):
     The L{Classification} of C{sql}.  SQL that does not parse gets a
     classification with only C{error} set.
     """
+    short = len(sql) <= EXACT_KEY_LIMIT
+    if short:
+        found = _exact.get(sql)
+        if found is not None:
+            return found
+    classification = _classify(sql)
+    if short:
+        _exact.put(sql, classification)
+    return classification
+
+
+def _classify(sql):
     try:
         key = parser.normalize(sql)
     except Exception as error:
