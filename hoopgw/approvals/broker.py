@@ -477,6 +477,9 @@ class Broker:
             if request.timer is not None and request.timer.active():
                 request.timer.cancel()
             request.timer = None
+        for webhooks in self.webhooks.values():
+            for webhook in webhooks:
+                webhook.closed = True
         for delivery in list(self._deliveries):
             delivery.cancel()
 

@@ -55,6 +55,7 @@ class Webhook:
         self.timeout = timeout
         self.secret = secret
         self.reactor = reactor
+        self.closed = False
 
     def _pool(self, reactor):
         # Notifications are rare: no connection is kept open between them.
@@ -109,8 +110,14 @@ class Webhook:
                     # The receiver refuses this request: trying again will not help.
                     break
             except Exception as error:
+                if self.closed:
+                    # The gateway is stopping (a cancelled request fails in
+                    # several ways): no more attempts.
+                    raise defer.CancelledError()
                 outcome["error"] = "%s: %s" % (type(error).__name__, error)
             if attempt < self.attempts:
+                if self.closed:
+                    raise defer.CancelledError()
                 yield task.deferLater(reactor, pause, lambda: None)
                 pause *= 2
         self.log.warn(
