@@ -1004,7 +1004,23 @@ def _names(value, path):
     return tuple(Name.parse(item, join(path, index)) for index, item in enumerate(o.string_list(value, path)))
 
 
-MATCHER_KEYS = ("kinds", "object_types", "tables", "writes", "functions", "columns", "without_where")
+def _fact_patterns(value, path):
+    """
+    C{{name: pattern or [patterns]}}, for any command's facts.
+    """
+    value = o.mapping(value, path)
+    patterns = []
+    for name, raw in sorted(value.items()):
+        if isinstance(raw, str):
+            raw = [raw]
+        patterns.append((name, tuple(o.string_list(raw, join(path, name)))))
+    if not patterns:
+        raise ConfigError(path, "name at least one fact, e.g. {verb: delete}")
+    return tuple(patterns)
+
+
+MATCHER_KEYS = ("kinds", "object_types", "tables", "writes", "functions", "columns", "without_where", "facts")
+SQL_KEYS = MATCHER_KEYS[:-1]
 
 MATCHER_OPTIONS = (
     o.Option("kinds", _kinds, None, "Statement kinds, e.g. DROP, DROP TABLE, TRUNCATE, GRANT, DDL, DML."),
@@ -1014,6 +1030,14 @@ MATCHER_OPTIONS = (
     o.Option("functions", _names, None, "Functions called (NAME or SCHEMA.NAME, wildcards allowed)."),
     o.Option("columns", o.string_set, None, "Column names referenced."),
     o.Option("without_where", o.boolean, None, "An UPDATE or DELETE without a WHERE clause naming a column."),
+    o.Option(
+        "facts",
+        _fact_patterns,
+        None,
+        "Facts of any command, whatever its protocol, by name, each with shell-style patterns: "
+        "{verb: delete, resource: [secrets, pods/exec], namespace: prod-*} for a Kubernetes request, "
+        "{protocol: extended} for SQL.",
+    ),
 )
 
 
@@ -1031,6 +1055,35 @@ class Matcher:
     functions = attr.ib(default=None)
     columns = attr.ib(default=None)
     without_where = attr.ib(default=None)
+    facts = attr.ib(default=None)
+
+    @property
+    def sql(self):
+        """
+        Whether this matcher needs SQL facts (it matches SQL commands only).
+        """
+        return any(getattr(self, key) is not None for key in SQL_KEYS)
+
+    def match_command(self, command):
+        """
+        Match C{command.facts} alone (a command that is not SQL).
+
+        @return: a list of sentences saying what matched, or None.
+        """
+        if self.sql or self.facts is None:
+            return None
+        return self._match_facts(command)
+
+    def _match_facts(self, command):
+        why = []
+        for name, patterns in self.facts:
+            value = command.facts.get(name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            found = [str(item) for item in values if item is not None and any(fnmatch.fnmatchcase(str(item), p) for p in patterns)]
+            if not found:
+                return None
+            why.append("%s %s" % (name, ", ".join(found)))
+        return why
 
     @classmethod
     def parse(cls, raw, path, extra=()):
@@ -1084,6 +1137,21 @@ class Matcher:
             if facts.without_where != self.without_where:
                 return None
             why.append("no WHERE clause" if self.without_where else "a WHERE clause")
+        return why
+
+    def match_sql(self, facts, search_path, command):
+        """
+        Match a SQL command: its classification, and its facts if the
+        matcher names any.
+        """
+        why = self.match(facts, search_path) if self.sql else []
+        if why is None:
+            return None
+        if self.facts is not None:
+            more = self._match_facts(command)
+            if more is None:
+                return None
+            why = why + more
         return why
 
 

@@ -245,3 +245,43 @@ class AllowListTests(unittest.TestCase):
         self.assertIn("pg_authid", self.refuse("SELECT * FROM pg_authid"))
         self.assertIn("SET SEARCH_PATH", self.refuse("SET search_path = secret"))
         self.assertIn("INSERT", self.refuse("INSERT INTO orders VALUES (1)"))
+
+
+class FactsMatcherTests(unittest.TestCase):
+    """
+    Rules on command facts, for any protocol.
+    """
+
+    def test_other_protocols(self):
+        """
+        A rule naming facts matches a command of another protocol by them
+        (block denies a Kubernetes delete of a secret in production), while
+        SQL rules never match such a command.
+        """
+        from hoopgw.addons.block import factory as block
+        from hoopgw.model import Command
+        from hoopgw.testing import ChainHarness
+
+        harness = ChainHarness(
+            [(block, {"rules": [{"name": "no-prod-secret-deletes", "facts": {"verb": "delete", "resource": "secrets", "namespace": "prod-*"}}]})]
+        )
+
+        def request(verb, namespace):
+            return Command(kind="kubernetes", text="x", redacted="x", facts={"verb": verb, "resource": "secrets", "namespace": namespace})
+
+        decision = harness.submit(request("delete", "prod-eu"))
+        self.assertEqual((decision.verdict, decision.rule), ("deny", "block:no-prod-secret-deletes"))
+        self.assertFalse(harness.submit(request("get", "prod-eu")).denied)
+        self.assertFalse(harness.submit(request("delete", "staging")).denied)
+        self.assertFalse(harness.submit(sql_command("DELETE FROM secrets")).denied)
+
+    def test_sql_facts(self):
+        """
+        On a SQL command, facts narrow a SQL rule: here, DELETEs over the
+        extended protocol only.
+        """
+        matcher = sqlpolicy.Matcher.parse({"kinds": ["DELETE"], "facts": {"protocol": "extended"}}, "rule")[0]
+        simple = sql_command("DELETE FROM t WHERE id = 1")
+        extended = sql_command("DELETE FROM t WHERE id = $1", parameters=[b"1"])
+        self.assertIsNone(matcher.match_sql(facts(simple.text), [], simple))
+        self.assertIsNotNone(matcher.match_sql(facts(extended.text), [], extended))

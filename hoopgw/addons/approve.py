@@ -95,6 +95,8 @@ class Approve:
         self.search_path = tuple(options["search_path"])
         self.connection = context.connection.name
         self.broker = context.approvals
+        # Rules on command facts vary with more than the statement's text.
+        self._on_facts = any(matcher.facts is not None for _, matcher in self.rules)
         if self.broker is not None:
             for rule, _ in self.rules:
                 self.broker.register(self.connection, rule, options["notify"])
@@ -104,18 +106,28 @@ class Approve:
         The first rule C{command} matches: C{(rule, why)} or None.
         """
         if command.kind != "sql":
+            # Other protocols' commands meet the rules that name their facts.
+            for rule, matcher in self.rules:
+                why = matcher.match_command(command)
+                if why is not None:
+                    return rule, why
             return None
         facts = sqlpolicy.for_command(session, command)
+        if self._on_facts:
+            return self._match(facts, command)
         key = ("approve", id(self))
         if key not in facts.memo:
             facts.memo[key] = self._match(facts)
         return facts.memo[key]
 
-    def _match(self, facts):
+    def _match(self, facts, command=None):
         if facts.error:
             return None
         for rule, matcher in self.rules:
-            why = matcher.match(facts, self.search_path)
+            if command is not None:
+                why = matcher.match_sql(facts, self.search_path, command)
+            else:
+                why = matcher.match(facts, self.search_path)
             if why is not None:
                 return rule, why
         return None

@@ -141,15 +141,26 @@ class Block:
         self.search_path = tuple(options["search_path"])
 
     def command_received(self, session, command):
-        if command.kind != "sql":
-            return None
         return self.decide(session, command)[0]
 
     def decide(self, session, command):
         """
         @return: C{(Decision or None, explanation)}.
         """
+        if command.kind != "sql":
+            # Other protocols' commands meet the rules that name their facts.
+            for rule in self.rules:
+                why = rule.matcher.match_command(command)
+                if why is not None:
+                    reason = "rule %s matched (%s)" % (rule.name, "; ".join(why))
+                    if rule.reason:
+                        reason += ": " + rule.reason
+                    return _deny(reason, "block:%s" % (rule.name,)), reason
+            return None, "no rule for %s commands matched" % (command.kind,)
         facts = sqlpolicy.for_command(session, command)
+        if any(rule.matcher.facts is not None for rule in self.rules):
+            # Rules on command facts (protocol, ...) vary with more than the text.
+            return self._decide(facts, command)
         # The answer depends only on the facts, which are shared by every
         # statement that differs only in its constants: work it out once.
         key = ("block", id(self))
@@ -158,7 +169,7 @@ class Block:
             found = facts.memo[key] = self._decide(facts)
         return found
 
-    def _decide(self, facts):
+    def _decide(self, facts, command=None):
         if facts.error:
             if self.allow_unparseable:
                 return None, "the SQL does not parse (%s); this connection lets it through" % (facts.error,)
@@ -166,7 +177,12 @@ class Block:
                 "the gateway cannot parse this SQL (%s), so it cannot check it" % (facts.error,), "block:unparseable"
             ), "unparseable SQL is refused"
         for rule in self.rules:
-            why = rule.matcher.match(facts, self.search_path)
+            if command is not None:
+                why = rule.matcher.match_sql(facts, self.search_path, command)
+            elif rule.matcher.facts is not None:
+                continue
+            else:
+                why = rule.matcher.match(facts, self.search_path)
             if why is not None:
                 reason = "rule %s matched (%s)" % (rule.name, "; ".join(why))
                 if rule.reason:
@@ -180,9 +196,9 @@ class Block:
         return None, "no rule matched (%d rules)" % (len(self.rules),)
 
     def explain(self, session, command):
-        if command.kind != "sql":
-            return "no opinion: not SQL"
         decision, why = self.decide(session, command)
+        if command.kind != "sql":
+            return "%s: %s" % ("deny" if decision is not None else "allow", why)
         facts = sqlpolicy.for_command(session, command)
         verdict = "deny" if decision is not None else "allow"
         return "%s: %s; facts %s" % (verdict, why, facts.to_json())
