@@ -42,5 +42,13 @@ class AddonFactory:
     def check_connection(self):
         return getattr(self.addon_class, "check_connection", None)
 
+    @property
+    def check_gateway(self):
+        """
+        A static C{check_gateway(options, gateway, path)} the class may
+        define, to check its options against the gateway section.
+        """
+        return getattr(self.addon_class, "check_gateway", None)
+
     def build(self, options, context):
         return self.addon_class(options, context)

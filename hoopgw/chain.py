@@ -98,20 +98,25 @@ class _Decider:
     synchronously as long as the addons answer at once.
     """
 
-    __slots__ = ("hooks", "arguments", "sqlstate", "after_each", "result", "inflight")
+    __slots__ = ("hooks", "arguments", "sqlstate", "after_each", "result", "inflight", "track")
 
-    def __init__(self, hooks, arguments, sqlstate, after_each):
+    def __init__(self, hooks, arguments, sqlstate, after_each, track=None):
         self.hooks = hooks
         self.arguments = arguments
         self.sqlstate = sqlstate
         self.after_each = after_each
         self.result = None
         self.inflight = None
+        # Told each decision so far, so later addons see it (an approval
+        # reaches the record addon's event).
+        self.track = track
 
     def fold(self, decision, name, answer):
         decision = _combine(decision, answer, name)
         if self.after_each is not None and (decision is None or decision.verdict != DENY):
             decision = _combine(decision, self.after_each(), "gateway")
+        if self.track is not None and decision is not None:
+            self.track(decision)
         return decision
 
     def run(self, index, decision):
@@ -258,7 +263,7 @@ class AddonChain:
         hooks = self._hooks["command_received"]
         if not hooks:
             return command.decision
-        outcome = _Decider(hooks, (session, command), "42501", None).run(0, None)
+        outcome = _Decider(hooks, (session, command), "42501", None, lambda decision: setattr(command, "decision", decision)).run(0, None)
 
         def decided(decision):
             command.decision = decision or command.decision

@@ -183,6 +183,18 @@ def _whoami(arguments, out):
     return status[0] if status else 1
 
 
+def _explain(arguments, out):
+    from hoopgw import explain
+
+    return explain.run(arguments, out)
+
+
+def _approvals(arguments, out):
+    from hoopgw.approvals import client
+
+    return client.run(arguments, out)
+
+
 def parser():
     top = argparse.ArgumentParser(prog="hoopgw", description="The hoopgw access gateway's tools.")
     commands = top.add_subparsers(dest="command", metavar="COMMAND")
@@ -227,6 +239,21 @@ def parser():
     events.add_argument("--session", help="only this session's events")
     events.add_argument("--json", action="store_true", help="print the raw JSON lines")
     events.set_defaults(run=_events)
+
+    explain = commands.add_parser("explain", help="say what each addon of a connection would decide about SQL, and why")
+    explain.add_argument("--config", required=True, help="the configuration file")
+    explain.add_argument("--connection", required=True, help="the connection's name")
+    explain.add_argument("--subject", default="explain", help="the identity to explain for")
+    explain.add_argument("--groups", help="its groups, comma-separated (default: the connection's allowed groups)")
+    explain.add_argument("--kind", choices=("service", "human"), default="service")
+    explain.add_argument("sql", help="the SQL, one statement or several")
+    explain.set_defaults(run=_explain)
+
+    from hoopgw.approvals import client as approvals_client
+
+    approvals = commands.add_parser("approvals", help="list, show, approve and deny approval requests; manage grants")
+    approvals_client.add_arguments(approvals)
+    approvals.set_defaults(run=_approvals)
 
     keys = commands.add_parser("dev-keys", help="DEVELOPMENT ONLY: make a demo issuer key and its JWKS")
     keys.add_argument("directory")

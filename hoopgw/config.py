@@ -175,6 +175,12 @@ ADMIN_OPTIONS = (
         "The identity providers whose tokens approvers may sign in with (all when absent).",
     ),
     o.Option("approver_groups", o.string_list, [], "Groups allowed to act on approvals at all."),
+    o.Option(
+        "url",
+        o.string,
+        None,
+        "The URL approvers reach this listener at, given in notices and webhooks (derived from listen when absent).",
+    ),
 )
 
 
@@ -335,6 +341,12 @@ def _parse(document, path):
         admin = o.parse_options(ADMIN_OPTIONS, gateway_raw["admin"], "gateway.admin")
         if bool(admin["tls_certificate"]) != bool(admin["tls_key"]):
             raise ConfigError("gateway.admin", "give both tls_certificate and tls_key, or neither")
+        if not admin["tls_certificate"] and not _admin_on_loopback(admin["listen"]):
+            raise ConfigError(
+                "gateway.admin.listen",
+                "approvers' tokens must not cross the network in clear: give tls_certificate and tls_key, "
+                "or listen on loopback only (interface=127.0.0.1)",
+            )
     gateway = GatewayConfig(
         state_dir=gateway_raw["state_dir"],
         store=store,
@@ -357,6 +369,11 @@ def _parse(document, path):
         raise ConfigError("connections", "is required: define at least one connection")
     for name, raw in raw_connections.items():
         connections[name] = _parse_connection(name, raw, join("connections", name), known_addons, providers)
+    for connection in connections.values():
+        for spec in connection.addons:
+            check = getattr(spec.factory, "check_gateway", None)
+            if check is not None:
+                check(spec.options, gateway, spec.path)
     listens = {}
     for connection in connections.values():
         other = listens.setdefault(connection.listen, connection.name)
@@ -373,6 +390,10 @@ def _parse(document, path):
         connections=connections,
         digest=digest,
     )
+
+
+def _admin_on_loopback(listen):
+    return any(marker in listen for marker in ("interface=127.0.0.1", "interface=localhost", "interface=\\:\\:1"))
 
 
 def load(path):

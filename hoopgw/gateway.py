@@ -75,6 +75,9 @@ class Gateway(service.MultiService):
         self.identity_providers = {
             name: provider.build(reactor) for name, provider in config.identity_providers.items()
         }
+        from hoopgw.approvals import make_broker
+
+        self.approvals = make_broker(config, reactor, self.record)
         self.factories = {}
         self.chains = {}
         for connection in config.connections.values():
@@ -90,6 +93,10 @@ class Gateway(service.MultiService):
                 listener = strports.service(connection.listen, factory)
             listener.setName("connection:%s" % (connection.name,))
             listener.setServiceParent(self)
+        if config.gateway.admin is not None:
+            from hoopgw.approvals.api import admin_service
+
+            admin_service(config.gateway.admin, self).setServiceParent(self)
 
     def build_chain(self, connection):
         """
@@ -200,6 +207,8 @@ class Gateway(service.MultiService):
             [factory.close_sessions("the gateway is stopping") for factory in self.factories.values()],
             consumeErrors=True,
         )
+        if self.approvals is not None:
+            self.approvals.close()
         try:
             yield self.record({"type": "gateway.stop", "gateway": self.instance, "version": __version__})
         except Exception:

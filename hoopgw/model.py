@@ -233,15 +233,21 @@ class ResultChunk:
     @ivar final: for C{"stream"}, this is the stream's last chunk (possibly
         empty): a hook that held bytes back (a card number that may
         continue in the next chunk) must release them now.
+    @ivar locate: for C{"rows"}, if the front end offers it, a function
+        C{locate(start, end)} saying where the bytes C{data[start:end]}
+        lie: None when certainly inside one value, else the list of
+        C{(start, end)} pieces that are inside values.  A hook that
+        changes values without changing their lengths uses it to edit
+        L{data} in place (see L{replace_data}) instead of decoding rows.
     """
 
     __slots__ = (
         "kind", "data", "columns", "formats", "type_oids", "fields", "stream",
-        "masked", "_rows", "_decode", "rows_changed", "withheld", "final",
+        "masked", "_rows", "_decode", "rows_changed", "withheld", "final", "locate",
     )
 
     def __init__(self, kind, data=b"", columns=(), formats=(), type_oids=(), fields=None, stream=None,
-                 rows=None, decode=None, final=False):
+                 rows=None, decode=None, final=False, locate=None):
         self.kind = kind
         self.data = data
         self.columns = columns
@@ -255,6 +261,7 @@ class ResultChunk:
         self._decode = decode
         self.rows_changed = False
         self.final = final
+        self.locate = locate
 
     @property
     def rows(self):
@@ -272,6 +279,18 @@ class ResultChunk:
     def rows(self, rows):
         self._rows = rows
         self.rows_changed = True
+
+    def replace_data(self, data):
+        """
+        For C{"rows"}: replace the encoded batch with C{data}, the same
+        rows with some values changed in place (same framing, same
+        lengths).  Rows decoded earlier are decoded again from it.
+        """
+        if self.rows_changed:
+            raise ValueError("the rows were already replaced; change chunk.rows instead")
+        self.data = data
+        if self._decode is not None:
+            self._rows = None
 
     def __repr__(self):
         return "<ResultChunk %s %d bytes>" % (self.kind, len(self.data))

@@ -20,12 +20,16 @@ def statement_type(sql):
 
 def split_statements(sql):
     """
-    The statements of a simple query, as PostgreSQL's own scanner splits
-    them.  SQL the scanner cannot read is one statement, flagged.
+    The statements of a simple query, as PostgreSQL's own parser splits
+    them.  SQL the parser cannot read is one statement, flagged, so that
+    policies see all of it.  (The scanner alone is not used: it silently
+    drops statements that start with a word it does not know, such as
+    C{SELEC 1}, which would then reach the target unchecked and
+    unrecorded.)
 
     @return: C{(statements, error or None)}.
     """
     try:
-        return list(parser.split(sql, with_parser=False)), None
+        return list(parser.split(sql)), None
     except Exception as error:
         return [sql], str(error)

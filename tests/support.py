@@ -303,3 +303,78 @@ def in_thread(function, *args, **kwargs):
 
 def as_json(event):
     return json.dumps(event, sort_keys=True)
+
+
+PEOPLE_ISSUER = "https://people.test"
+
+
+def people_issuer():
+    """
+    A second demo issuer, for people (approvers): C{(private key PEM, JWKS
+    path)}.
+    """
+    if "people" not in _shared:
+        key_path, jwks_path = dev.generate_key(os.path.join(workspace(), "people"), kid="people-1", stem="people")
+        with open(key_path, "rb") as handle:
+            _shared["people"] = (handle.read(), jwks_path)
+    return _shared["people"]
+
+
+def human_token(subject="alice", groups=("dba",), **overrides):
+    """
+    A token for a person, from the people issuer.
+    """
+    pem, _ = people_issuer()
+    arguments = dict(subject=subject, issuer=PEOPLE_ISSUER, audience=AUDIENCE, groups=groups, kid="people-1")
+    arguments.update(overrides)
+    return dev.mint(pem, **arguments)
+
+
+def providers_with_people():
+    """
+    The test issuer for services, and the people issuer (kind: human).
+    """
+    _, jwks_path = issuer()
+    _, people_jwks = people_issuer()
+    return {
+        "test": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": jwks_path, "algorithms": ["ES256"]},
+        "people": {
+            "issuer": PEOPLE_ISSUER,
+            "audience": AUDIENCE,
+            "jwks_file": people_jwks,
+            "algorithms": ["ES256"],
+            "kind": "human",
+        },
+    }
+
+
+class AdminGatewayHarness(GatewayHarness):
+    """
+    A real gateway in the test's reactor with its admin listener on
+    (approvals API) and the people issuer besides the services' one.
+
+    @ivar admin_url: where the admin API listens.
+    """
+
+    def __init__(self, test, connections=None, admin=None, **connection_settings):
+        self.directory = os.path.abspath(test.mktemp())
+        os.makedirs(self.directory)
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.admin_url = "http://127.0.0.1:%d" % (self.admin_port,)
+        if connections is None:
+            connections = {"payments": postgres_connection(self.port, **connection_settings)}
+        settings = {"listen": "tcp:%d:interface=127.0.0.1" % (self.admin_port,)}
+        settings.update(admin or {})
+        self.document = configuration_document(
+            self.directory, connections, providers=providers_with_people(), gateway={"admin": settings}
+        )
+        self.config_path = os.path.join(self.directory, "hoopgw.yaml")
+        with open(self.config_path, "w") as handle:
+            yaml.safe_dump(self.document, handle)
+        self.config = configuration.load(self.config_path)
+        self.store_path = self.config.gateway.store.path
+        self.store = open_store(self.config.gateway.store, reactor)
+        self.gateway = Gateway(self.config, reactor, self.store)
+        self.gateway.startService()
+        test.addCleanup(self.stop)

@@ -94,6 +94,7 @@ class PostgresFrontend(protocol.Protocol):
         self._statements = {}
         self._portals = {}
         self._columns = ()
+        self._copy_format = 0
         self._up_pieces = []
         self._up_buffered = 0
         self._up_waiting = None
@@ -395,6 +396,10 @@ class PostgresFrontend(protocol.Protocol):
         elif kind == b"D":
             which, name = wire.parse_target(payload)
             self._expect(Pending("describe", target=(which, name)))
+            portal = self._portals.get(name) if which == b"P" else None
+            if portal is not None and portal.columns is None:
+                # Its RowDescription will come before its rows: nothing to inject.
+                portal.columns = []
         elif kind == b"C":
             which, name = wire.parse_target(payload)
             (self._statements if which == b"S" else self._portals).pop(name, None)
@@ -523,6 +528,12 @@ class PostgresFrontend(protocol.Protocol):
         if decision.verdict == DENY:
             self._deny([command], decision, extended=True)
         else:
+            if self._result_hooks and portal.columns is None:
+                # Result hooks need the columns' names and types; ask for
+                # them, and keep the answer from the client.
+                name = command.facts["portal"].encode("utf-8", "surrogateescape")
+                self._forward(wire.message(b"D", b"P" + wire.cstring(name)))
+                self._expect(Pending("describe", target=(b"P", name), decision="injected"))
             self._forward(raw)
             pending = Pending("execute", [command])
             pending.target = portal
@@ -597,7 +608,7 @@ class PostgresFrontend(protocol.Protocol):
                 if span < position:
                     out.append(buffer[span:position])
                 batch_end = stop
-                while kind == 68 and end - batch_end >= 5 and buffer[batch_end] == 68:
+                while end - batch_end >= 5 and buffer[batch_end] == kind:
                     following = batch_end + 1 + unpack(buffer, batch_end + 1)
                     if following > end:
                         break
@@ -663,18 +674,39 @@ class PostgresFrontend(protocol.Protocol):
         head = self._expected[0] if self._expected else None
         command = head.command if head is not None else None
         if kind == 68:
-            formats = [column[2] for column in self._columns]
+            names, formats, type_oids = self._row_columns(head)
+            data = buffer[start:stop]
             chunk = ResultChunk(
                 "rows",
-                data=buffer[start:stop],
-                columns=[column[0] for column in self._columns],
+                data=data,
+                columns=names,
                 formats=formats,
-                type_oids=[column[1] for column in self._columns],
+                type_oids=type_oids,
                 decode=wire.decode_data_rows,
+                locate=wire.DataRowValues(data, self.settings.max_message_bytes < 1 << 29),
             )
         else:
-            chunk = ResultChunk("stream", data=buffer[start + 5 : stop], stream="copy")
+            chunk = ResultChunk(
+                "stream", data=wire.copy_data_payloads(buffer, start, stop), stream="copy", formats=(self._copy_format,)
+            )
         return self._through_chain(command, chunk, out, lambda: self._encode_chunk(kind, chunk))
+
+    def _row_columns(self, head):
+        """
+        The names, formats and types of the columns of the rows now
+        arriving.  An Execute's rows follow no RowDescription unless the
+        client described the portal: its columns come from the portal's
+        (or its statement's) description, its formats from its Bind.
+        """
+        columns = self._columns
+        if head is not None and head.kind == "execute" and head.target is not None:
+            portal = head.target
+            columns = portal.columns or columns
+            count = len(columns)
+            formats = [wire.parameter_format(portal.result_formats, index) for index in range(count)]
+        else:
+            formats = [column[2] for column in columns]
+        return [column[0] for column in columns], formats, [column[1] for column in columns]
 
     def _encode_chunk(self, kind, chunk):
         if chunk.kind == "rows":
@@ -732,6 +764,8 @@ class PostgresFrontend(protocol.Protocol):
                 if head is not None and head.kind == "describe":
                     self._described(head, columns)
                     expected.popleft()
+                    if head.decision == "injected":
+                        return None
         elif kind == 67 or kind == 73:  # CommandComplete, EmptyQueryResponse
             tag = payload.rstrip(b"\x00").decode("utf-8", "replace") if kind == 67 else ""
             if head is not None and head.kind in ("query", "execute"):
@@ -754,6 +788,16 @@ class PostgresFrontend(protocol.Protocol):
         elif kind == 49 or kind == 50 or kind == 51 or kind == 110:  # Parse/Bind/CloseComplete, NoData
             if head is not None and head.kind in ("parse", "bind", "close", "describe"):
                 expected.popleft()
+                if kind == 110 and head.decision == "injected":
+                    self._described(head, [])
+                    return None
+        elif kind == 72:  # CopyOutResponse
+            self._copy_format = payload[0] if payload else 0
+        elif kind == 99 and self._result_hooks:  # CopyDone: the end of a copy stream
+            command = head.command if head is not None else None
+            chunk = ResultChunk("stream", stream="copy", formats=(self._copy_format,), final=True)
+            done = buffer[start:stop]
+            return self._through_chain(command, chunk, out, lambda: self._encode_chunk(100, chunk) + done)
         elif kind == 115:  # PortalSuspended
             if head is not None and head.kind == "execute":
                 command = head.command
@@ -761,11 +805,19 @@ class PostgresFrontend(protocol.Protocol):
                 self.chain.finish(self.session, command)
                 expected.popleft()
         elif kind == 86:  # FunctionCallResponse
+            command = None
             if head is not None and head.kind == "function":
                 command = head.command
                 command.outcome.update(status="ok")
                 self.chain.finish(self.session, command)
                 head.index += 1
+            if self._result_hooks:
+                # The result's format and type are not known here: it is
+                # checked as an opaque binary value.
+                length = wire.unpack_int32(payload)
+                value = None if length == 0xFFFFFFFF else payload[4 : 4 + length]
+                chunk = ResultChunk("rows", columns=["result"], formats=[1], type_oids=[0], rows=[[value]])
+                return self._through_chain(command, chunk, out, lambda: wire.function_call_response(chunk.rows[0][0]))
         elif kind == 78 or kind == 65:  # NoticeResponse, NotificationResponse
             if self._result_hooks:
                 if kind == 65:

@@ -3,6 +3,7 @@ The PostgreSQL v3 wire protocol: framing, and the few messages the gateway
 builds or looks inside.  Knows nothing of policy.
 """
 
+import bisect
 import struct
 
 SSL_REQUEST = 80877103
@@ -355,6 +356,106 @@ def encode_data_rows(rows):
         payload = b"".join(body)
         pieces.append(b"D" + _INT32.pack(len(payload) + 4) + payload)
     return b"".join(pieces)
+
+
+class DataRowValues:
+    """
+    Where the values of a run of DataRow messages lie, for a hook that
+    edits values in place (see L{hoopgw.model.ResultChunk.locate}).
+
+    A run of digits can include framing bytes only at its start: the low
+    bytes of the length before a value, whose top byte (below 0x20 for
+    values under 512 MB) is then among the three bytes before the run.
+    When none of those is below 0x20 the run is inside one value and no
+    index is needed.  When the run is exactly a whole value (the four
+    bytes before it say its length, and framing follows it), no index is
+    needed either: with k framing bytes at its start the real length
+    would be the run's read k bytes further on, which for a run under
+    64 KiB cannot match, and the real value would go on past the run
+    with text, never a NUL, after it.  Otherwise the batch is indexed
+    once.  Only values of text types may be located this way.
+    """
+
+    __slots__ = ("data", "fast", "starts", "ends")
+
+    def __init__(self, data, fast=True):
+        self.data = data
+        self.fast = fast
+        self.starts = None
+        self.ends = None
+
+    def __call__(self, start, end):
+        data = self.data
+        if self.fast and start >= 4:
+            if data[start - 3] >= 32 and data[start - 2] >= 32 and data[start - 1] >= 32:
+                return None
+            # The run is a whole value (the common case: a column holding
+            # a card number): the four bytes before it are its length, and
+            # what follows is framing.  Were the run's first bytes framing
+            # instead, the length read here could not be under 64 KiB and
+            # equal the run (see the class docstring).
+            length = end - start
+            if length < 65536 and _INT32.unpack_from(data, start - 4)[0] == length:
+                if end == len(data) or data[end] == 0 or (data[end] == 68 and data[end + 1] == 0):
+                    return None
+                if data[end : end + 4] == b"\xff\xff\xff\xff":
+                    return None
+        if self.starts is None:
+            self._index()
+        starts, ends = self.starts, self.ends
+        index = max(bisect.bisect_right(starts, start) - 1, 0)
+        pieces = []
+        while index < len(starts) and starts[index] < end:
+            first = max(start, starts[index])
+            last = min(end, ends[index])
+            if first < last:
+                pieces.append((first, last))
+            index += 1
+        return pieces
+
+    def _index(self):
+        data = self.data
+        starts = []
+        ends = []
+        offset = 0
+        size = len(data)
+        unpack_field = _SIGNED32.unpack_from
+        while offset < size:
+            message_end = offset + 1 + _INT32.unpack_from(data, offset + 1)[0]
+            count = _INT16.unpack_from(data, offset + 5)[0]
+            position = offset + 7
+            for _ in range(count):
+                length = unpack_field(data, position)[0]
+                position += 4
+                if length > 0:
+                    starts.append(position)
+                    ends.append(position + length)
+                    position += length
+            offset = message_end
+        self.starts = starts
+        self.ends = ends
+
+
+def copy_data_payloads(buffer, start, stop):
+    """
+    The bytes carried by a run of CopyData messages, joined.
+    """
+    pieces = []
+    offset = start
+    while offset < stop:
+        end = offset + 1 + _INT32.unpack_from(buffer, offset + 1)[0]
+        pieces.append(buffer[offset + 5 : end])
+        offset = end
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def function_call_response(value):
+    """
+    A FunctionCallResponse carrying C{value} (None for NULL).
+    """
+    if value is None:
+        return message(b"V", _SIGNED32.pack(-1))
+    return message(b"V", _SIGNED32.pack(len(value)) + bytes(value))
 
 
 def parse_notification(payload):

@@ -1,0 +1,211 @@
+"""
+The block addon: refuse statements by what they do, as the PostgreSQL
+parser reads them (never by patterns over the SQL text).  Deny rules match
+statement kinds, object types, tables, functions and columns; an
+allow-list mode lets a read-only bot run only SELECT on named tables; SQL
+that does not parse is refused (fail closed) unless the connection says
+otherwise.
+"""
+
+from twisted.logger import Logger
+
+from hoopgw import options as o
+from hoopgw import sqlpolicy
+from hoopgw.addon import AddonFactory
+from hoopgw.model import Decision
+from hoopgw.options import ConfigError
+
+
+# Functions that read or write the server's files, run SQL given as a
+# string (which the classifier cannot see into), reach other servers,
+# stop other sessions or change the server: refused by the baseline.
+DANGEROUS_FUNCTIONS = (
+    "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_ls_logdir", "pg_ls_waldir", "pg_ls_tmpdir",
+    "pg_ls_archive_statusdir", "pg_ls_logicalsnapdir", "pg_ls_logicalmapdir", "pg_ls_replslotdir", "pg_stat_file",
+    "lo_import", "lo_export", "pg_file_write", "pg_file_rename", "pg_file_unlink", "pg_file_sync", "pg_logdir_ls",
+    "dblink", "dblink_exec", "dblink_connect", "dblink_connect_u", "dblink_send_query", "dblink_open",
+    "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_rotate_logfile", "pg_promote",
+    "pg_switch_wal", "pg_create_restore_point", "pg_drop_replication_slot", "pg_replication_origin_drop",
+    "set_config", "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "table_to_xml",
+    "table_to_xmlschema", "table_to_xml_and_xmlschema", "cursor_to_xml", "cursor_to_xmlschema",
+    "schema_to_xml", "schema_to_xmlschema", "schema_to_xml_and_xmlschema", "database_to_xml",
+    "database_to_xmlschema", "database_to_xml_and_xmlschema", "ts_stat",
+)
+
+# The baseline: escapes from the database to the server, and privilege
+# changes, which no bot needs.
+BASELINE = (
+    ("baseline:server-files", {"kinds": ["COPY PROGRAM", "COPY FILE", "LOAD"]},
+     "reads or writes the server's files or runs a program on it"),
+    ("baseline:dangerous-functions", {"functions": list(DANGEROUS_FUNCTIONS)},
+     "calls a function that reaches outside the database, runs SQL hidden in a string or stops other sessions"),
+    ("baseline:server-settings", {"kinds": ["ALTER SYSTEM"]}, "changes the server's configuration"),
+    ("baseline:roles", {"kinds": ["CREATE ROLE", "ALTER ROLE", "DROP ROLE", "GRANT", "REVOKE", "REASSIGN OWNED"]},
+     "changes roles or privileges"),
+    ("baseline:identity-switch", {"kinds": ["SET ROLE", "SET SESSION AUTHORIZATION"]},
+     "switches the database identity the gateway logged in as"),
+    ("baseline:anonymous-code", {"kinds": ["DO"]}, "runs an anonymous code block the gateway cannot inspect"),
+)
+
+
+class Rule:
+    """
+    One deny rule: a name, what it matches, and why it exists.
+    """
+
+    OPTIONS = (
+        o.Option("name", o.string, o.REQUIRED, "The rule's name, shown to the client and recorded."),
+        o.Option("reason", o.string, None, "A sentence saying why the rule exists, shown to the client."),
+    )
+
+    def __init__(self, name, matcher, reason=None):
+        self.name = name
+        self.matcher = matcher
+        self.reason = reason
+
+    @classmethod
+    def parse(cls, raw, path):
+        matcher, extra = sqlpolicy.Matcher.parse(raw, path, cls.OPTIONS)
+        return cls(extra["name"], matcher, extra["reason"])
+
+
+def _rules(value, path):
+    rules = o.list_of(Rule.parse)(value, path)
+    names = [rule.name for rule in rules]
+    for index, name in enumerate(names):
+        if names.index(name) != index:
+            raise ConfigError(o.join(o.join(path, index), "name"), "another rule is already named %r" % (name,))
+    return rules
+
+
+def _allow_only(value, path):
+    return None if value is None else sqlpolicy.AllowList.parse(value, path)
+
+
+def baseline_rules():
+    return [
+        Rule(name, sqlpolicy.Matcher.parse(raw, name)[0], reason) for name, raw, reason in BASELINE
+    ]
+
+
+class Block:
+    """
+    Refuse SQL statements by kind, object type, table, function or column (parsed with pglast), or allow only a list.
+    """
+
+    name = "block"
+    log = Logger()
+    options = (
+        o.Option(
+            "rules",
+            _rules,
+            [],
+            "Deny rules, each a name and any of kinds, object_types, tables, writes, functions, columns "
+            "and without_where (all given must match); the first that matches denies.",
+        ),
+        o.Option(
+            "baseline",
+            o.boolean,
+            True,
+            "Also deny what no bot needs: COPY to or from programs and server files, LOAD, dangerous "
+            "functions (pg_read_file, lo_export, dblink, pg_terminate_backend, set_config, query_to_xml ...), "
+            "ALTER SYSTEM, role and privilege changes, SET ROLE / SESSION AUTHORIZATION and DO blocks.",
+        ),
+        o.Option(
+            "allow_only",
+            _allow_only,
+            None,
+            "Allow-list mode: {kinds: [SELECT], tables: [schema.table, ...]}.  Anything else is denied, "
+            "except transaction control and ordinary session settings.",
+        ),
+        o.Option(
+            "allow_unparseable",
+            o.boolean,
+            False,
+            "Let SQL the parser cannot read through (it is refused by default: what cannot be read "
+            "cannot be checked).",
+        ),
+        o.Option(
+            "search_path",
+            o.string_list,
+            ["public"],
+            "The schemas the target role's unqualified names resolve in, to match bare names against "
+            "SCHEMA.* rules and the allow-list.",
+        ),
+    )
+
+    def __init__(self, options, context):
+        self.rules = (baseline_rules() if options["baseline"] else []) + list(options["rules"])
+        self.allow_only = options["allow_only"]
+        self.allow_unparseable = options["allow_unparseable"]
+        self.search_path = tuple(options["search_path"])
+
+    def command_received(self, session, command):
+        return self.decide(session, command)[0]
+
+    def decide(self, session, command):
+        """
+        @return: C{(Decision or None, explanation)}.
+        """
+        if command.kind != "sql":
+            # Other protocols' commands meet the rules that name their facts.
+            for rule in self.rules:
+                why = rule.matcher.match_command(command)
+                if why is not None:
+                    reason = "rule %s matched (%s)" % (rule.name, "; ".join(why))
+                    if rule.reason:
+                        reason += ": " + rule.reason
+                    return _deny(reason, "block:%s" % (rule.name,)), reason
+            return None, "no rule for %s commands matched" % (command.kind,)
+        facts = sqlpolicy.for_command(session, command)
+        if any(rule.matcher.facts is not None for rule in self.rules):
+            # Rules on command facts (protocol, ...) vary with more than the text.
+            return self._decide(facts, command)
+        # The answer depends only on the facts, which are shared by every
+        # statement that differs only in its constants: work it out once.
+        key = ("block", id(self))
+        found = facts.memo.get(key)
+        if found is None:
+            found = facts.memo[key] = self._decide(facts)
+        return found
+
+    def _decide(self, facts, command=None):
+        if facts.error:
+            if self.allow_unparseable:
+                return None, "the SQL does not parse (%s); this connection lets it through" % (facts.error,)
+            return _deny(
+                "the gateway cannot parse this SQL (%s), so it cannot check it" % (facts.error,), "block:unparseable"
+            ), "unparseable SQL is refused"
+        for rule in self.rules:
+            if command is not None:
+                why = rule.matcher.match_sql(facts, self.search_path, command)
+            elif rule.matcher.facts is not None:
+                continue
+            else:
+                why = rule.matcher.match(facts, self.search_path)
+            if why is not None:
+                reason = "rule %s matched (%s)" % (rule.name, "; ".join(why))
+                if rule.reason:
+                    reason += ": " + rule.reason
+                return _deny(reason, "block:%s" % (rule.name,)), reason
+        if self.allow_only is not None:
+            refusal = self.allow_only.refuse(facts, self.search_path)
+            if refusal is not None:
+                return _deny(refusal, "block:allow-only"), refusal
+            return None, "allowed by the allow-list"
+        return None, "no rule matched (%d rules)" % (len(self.rules),)
+
+    def explain(self, session, command):
+        decision, why = self.decide(session, command)
+        if command.kind != "sql":
+            return "%s: %s" % ("deny" if decision is not None else "allow", why)
+        facts = sqlpolicy.for_command(session, command)
+        verdict = "deny" if decision is not None else "allow"
+        return "%s: %s; facts %s" % (verdict, why, facts.to_json())
+
+
+def _deny(reason, rule):
+    return Decision.deny(reason, rule=rule, sqlstate="42501")
+
+
+factory = AddonFactory(Block)

@@ -1,0 +1,264 @@
+"""
+The mask addon: card numbers never leave in clear text.  Every PAN in
+what a target sends back (rows, streams, error and notice fields,
+notifications, bodies) is shown as at most BIN and last four; values of
+sensitive columns (CVV, track data, PIN) are replaced whole; whatever
+cannot be checked is withheld.  Groups with a documented business need
+may be exempted; their unmasked results are counted and recorded as such.
+"""
+
+from twisted.logger import Logger
+
+from hoopgw import cards
+from hoopgw import masking
+from hoopgw import options as o
+from hoopgw import sqlpolicy
+from hoopgw.addon import AddonFactory
+from hoopgw.model import Decision
+
+
+class Mask:
+    """
+    Mask card numbers (PCI DSS 3.4.1) and sensitive columns (3.3.1) in everything a target returns.
+    """
+
+    name = "mask"
+    log = Logger()
+    options = (
+        o.Option(
+            "style",
+            o.choice(*cards.STYLES),
+            cards.BIN_AND_LAST_FOUR,
+            "How a card number is shown: bin+last4 (first six and last four digits) or last4.",
+        ),
+        o.Option(
+            "columns",
+            o.list_of(o.regex),
+            [masking.re.compile(pattern, masking.re.I) for pattern in masking.DEFAULT_COLUMNS],
+            "Regular expressions (case-insensitive) for the names of columns whose values are replaced "
+            "whole: card verification codes, track data, PINs.  Followed through aliases and subqueries.",
+        ),
+        o.Option(
+            "exempt_groups",
+            o.string_set,
+            frozenset(),
+            "Groups with a documented business need to see card numbers in clear.  Their results are not "
+            "masked; every such result is recorded as unmasked, with the number of card numbers it held.",
+        ),
+    )
+
+    def __init__(self, options, context):
+        columns = [
+            pattern if hasattr(pattern, "search") else masking.re.compile(pattern, masking.re.I)
+            for pattern in options["columns"]
+        ]
+        self.masker = masking.Masker(options["style"], columns)
+        self.exempt_groups = options["exempt_groups"]
+
+    def _exempt(self, session):
+        state = session.metadata.get("mask")
+        if state is None:
+            groups = session.identity.groups if session.identity is not None else frozenset()
+            found = sorted(groups & self.exempt_groups)
+            state = session.metadata["mask"] = {"exempt": found[0] if found else None}
+        return state["exempt"]
+
+    def session_started(self, session):
+        if session.identity is not None:
+            exempt = self._exempt(session)
+            if exempt:
+                session.attributes["mask_exempt"] = exempt
+        return None
+
+    def command_received(self, session, command):
+        # Binary COPY output carries no column types: it cannot be checked.
+        if command.kind != "sql" or self._exempt(session):
+            return None
+        facts = sqlpolicy.for_command(session, command)
+        if "COPY BINARY" in facts.labels and "COPY TO" in facts.kinds:
+            return Decision.deny(
+                "binary COPY output cannot be checked for card numbers; copy in text or CSV format",
+                rule="mask:binary-copy",
+                sqlstate="42501",
+            )
+        return None
+
+    def result_received(self, session, command, chunk):
+        exempt = self._exempt(session)
+        kind = chunk.kind
+        if kind == "rows":
+            self._rows(session, command, chunk, exempt)
+        elif kind == "stream" or kind == "body":
+            self._stream(session, command, chunk, exempt)
+        elif kind == "message":
+            if exempt:
+                self._count_unmasked(command, exempt, sum(cards.mask_text(str(value))[1] for value in chunk.fields.values()))
+            else:
+                chunk.masked += self.masker.fields(chunk.fields)
+
+    def _count_unmasked(self, command, exempt, count):
+        if command is not None and count:
+            command.outcome["unmasked"] = command.outcome.get("unmasked", 0) + count
+            command.outcome["mask_exempt"] = exempt
+
+    def explain(self, session, command):
+        exempt = self._exempt(session)
+        if exempt:
+            return "no masking: %s is in the exempt group %s; results are recorded as unmasked" % (
+                session.identity.subject,
+                exempt,
+            )
+        decision = self.command_received(session, command)
+        if decision is not None:
+            return "deny: %s" % (decision.reason,)
+        what = "masks card numbers in every result (%s)" % (self.masker.style,)
+        if command.kind == "sql":
+            facts = sqlpolicy.for_command(session, command)
+            if not facts.error:
+                names = self._sensitive_names(facts)
+                replaced = [
+                    name or "column %d" % (index + 1,)
+                    for index, (name, sources, star) in enumerate(facts.outputs)
+                    if not star and (sources & names or name in names)
+                ]
+                if replaced:
+                    what += "; replaces whole the values of %s" % (", ".join(replaced),)
+                if any(star for _, _, star in facts.outputs):
+                    what += "; columns from * are checked by name when the rows arrive"
+        return what
+
+    # Rows.
+
+    def _rows(self, session, command, chunk, exempt):
+        if exempt:
+            if cards.might_hold_pan(chunk.data):
+                self._count_unmasked(command, exempt, sum(self.masker.text(value)[1] for row in chunk.rows for value in row if value is not None))
+            return
+        replace, in_place, opaque = self._plan(session, command, chunk)
+        if in_place and not replace and chunk.locate is not None and not chunk.rows_changed:
+            data, count = self.masker.rows_in_place(chunk.data, chunk.locate)
+            if count:
+                chunk.replace_data(data)
+                chunk.masked += count
+            return
+        if not replace and not opaque and not cards.might_hold_pan(chunk.data):
+            return
+        changed, masked, withheld = self.masker.rows(chunk.rows, chunk.formats, chunk.type_oids, replace)
+        if changed:
+            chunk.rows_changed = True
+            chunk.masked += masked
+            chunk.withheld += withheld
+
+    def _plan(self, session, command, chunk):
+        """
+        For this result's columns: which are replaced whole, whether the
+        batch can be masked in place (every value text), and whether some
+        values must be decoded to be checked at all.
+        """
+        key = ("mask.plan", id(self), tuple(chunk.columns), tuple(chunk.formats), tuple(chunk.type_oids))
+        # Statements that differ only in constants share their facts, and
+        # so their plan.
+        if command is not None and command.kind == "sql":
+            cache = sqlpolicy.for_command(session, command).memo
+        else:
+            cache = session.metadata
+        found = cache.get(key)
+        if found is not None:
+            return found
+        replace = frozenset(self._sensitive_positions(session, command, chunk.columns))
+        formats = [chunk.formats[index] if index < len(chunk.formats) else 0 for index in range(len(chunk.columns))]
+        types = [chunk.type_oids[index] if index < len(chunk.type_oids) else 0 for index in range(len(chunk.columns))]
+        # Text values can be masked in place; binary numbers, arrays and
+        # records, and hex-encoded bytea, must be decoded to be checked.
+        text = [
+            (type_oid != masking.BYTEA) if format_code == 0 else (type_oid in masking.TEXT_TYPES)
+            for format_code, type_oid in zip(formats, types)
+        ]
+        in_place = bool(chunk.columns) and all(text)
+        opaque = not all(text) or not chunk.columns
+        plan = cache[key] = (replace, in_place, opaque)
+        return plan
+
+    def _sensitive_positions(self, session, command, columns):
+        masker = self.masker
+        if not masker.columns:
+            return ()
+        positions = {index for index, name in enumerate(columns) if masker.sensitive(name)}
+        if command is None or command.kind != "sql":
+            return positions
+        facts = sqlpolicy.for_command(session, command)
+        if facts.error:
+            return positions
+        key = ("mask.positions", id(self.masker), tuple(columns))
+        found = facts.memo.get(key)
+        if found is not None:
+            return found
+        facts.memo[key] = positions = self._output_positions(facts, columns, positions)
+        return positions
+
+    def _output_positions(self, facts, columns, positions):
+        names = self._sensitive_names(facts)
+        if not names:
+            return positions
+        positions.update(index for index, name in enumerate(columns) if name in names)
+        outputs = facts.outputs
+        stars = [index for index, entry in enumerate(outputs) if entry[2]]
+        for index, (name, sources, star) in enumerate(outputs):
+            if star:
+                continue
+            if stars and index > stars[0]:
+                if index < stars[-1]:
+                    continue
+                position = len(columns) - (len(outputs) - index)
+            else:
+                position = index
+            if 0 <= position < len(columns) and (sources & names or name in names):
+                positions.add(position)
+        return positions
+
+    def _sensitive_names(self, facts):
+        """
+        The names that carry a sensitive column's values: the columns
+        themselves and every alias they flow into.
+        """
+        memo = facts.memo.get(("mask", id(self.masker)))
+        if memo is not None:
+            return memo
+        masker = self.masker
+        names = {name for name in facts.columns if masker.sensitive(name)}
+        names.update(name for name, _ in facts.aliases if masker.sensitive(name))
+        changed = bool(names)
+        while changed:
+            changed = False
+            for name, sources in facts.aliases:
+                if name not in names and sources & names:
+                    names.add(name)
+                    changed = True
+        names = frozenset(names)
+        facts.memo[("mask", id(self.masker))] = names
+        return names
+
+    # Streams.
+
+    def _stream(self, session, command, chunk, exempt):
+        if chunk.formats and chunk.formats[0] == 1:
+            raise masking.MaskingError("a binary %s stream cannot be checked for card numbers" % (chunk.stream,))
+        if exempt:
+            self._count_unmasked(command, exempt, self.masker.text(chunk.data)[1])
+            return
+        if chunk.kind == "body":
+            chunk.data, count = self.masker.text(chunk.data)
+            chunk.masked += count
+            return
+        state = command.metadata if command is not None else session.metadata
+        key = "mask.stream.%s" % (chunk.stream,)
+        stream = state.get(key)
+        if stream is None:
+            stream = state[key] = masking.StreamMasker(self.masker)
+        chunk.data, count = stream.feed(chunk.data, chunk.final)
+        chunk.masked += count
+        if chunk.final:
+            del state[key]
+
+
+factory = AddonFactory(Mask)

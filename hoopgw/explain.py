@@ -1,0 +1,115 @@
+"""
+C{hoopgw explain}: what each addon of a connection's chain would decide
+about a statement, and why, without a network, a target or a store: the
+answer to "why was this allowed?".
+"""
+
+from hoopgw import config as configuration
+from hoopgw import redact
+from hoopgw.model import HUMAN, SERVICE, Command, Identity, Session
+from hoopgw.options import ConfigError
+from hoopgw.sql import split_statements, statement_type
+from hoopgw.testing import FakeContext
+
+
+# What built-in addons without an explain method do with a statement.
+_DESCRIPTIONS = {
+    "identity": "proves who the client is when the session starts; no opinion on statements",
+    "record": "records the statement (redacted) before it runs, and its outcome",
+}
+
+
+def explain(config, connection_name, sql, subject="explain", groups=None, kind=SERVICE):
+    """
+    @return: the lines of the explanation.
+    @raise ConfigError: for an unknown connection.
+    """
+    connection = config.connections.get(connection_name)
+    if connection is None:
+        raise ConfigError(
+            "--connection",
+            "there is no connection %r; this configuration has %s"
+            % (connection_name, ", ".join(sorted(config.connections))),
+        )
+    # Built with nothing that runs: a store in memory, no broker.
+    context = FakeContext(connection=connection)
+    addons = [(spec.name, spec.factory.build(spec.options, context)) for spec in connection.addons]
+    groups = frozenset(groups if groups is not None else connection.allowed_groups)
+    identity = Identity(subject=subject, issuer="(explain)", groups=groups, kind=kind)
+    session = Session(connection=connection.name, protocol=connection.protocol, client_address="(explain)", identity=identity)
+    lines = [
+        "connection %s (%s), chain: %s; as %s (%s) in %s"
+        % (
+            connection.name,
+            connection.protocol,
+            " -> ".join(name for name, _ in addons) or "(empty)",
+            subject,
+            kind,
+            ", ".join(sorted(groups)) or "no groups",
+        )
+    ]
+    if connection.allowed_groups and not groups & connection.allowed_groups:
+        lines.append(
+            "  the session itself would be refused: %s is in none of %s"
+            % (subject, ", ".join(sorted(connection.allowed_groups)))
+        )
+    statements, error = split_statements(sql)
+    denied = False
+    for text in statements:
+        command = Command(
+            kind="sql",
+            text=text,
+            redacted=redact.redact_sql(text)[0],
+            facts={"statement_type": statement_type(text), "protocol": "simple"},
+        )
+        if error:
+            command.facts["parse_error"] = error
+        lines.append("statement: %s" % (command.redacted,))
+        verdict = "allow"
+        for name, addon in addons:
+            if verdict.startswith("deny") and name != "record":
+                lines.append("  %-9s (not consulted: the statement is already denied)" % (name + ":",))
+                continue
+            explainer = getattr(addon, "explain", None)
+            if explainer is not None:
+                answer = explainer(session, command)
+                if answer.startswith("deny") and verdict != "deny":
+                    verdict = "deny (%s)" % (name,)
+                elif answer.startswith("needs approval") and verdict == "allow":
+                    verdict = "needs approval (%s)" % (name,)
+            elif name in _DESCRIPTIONS:
+                answer = _DESCRIPTIONS[name]
+            elif getattr(addon, "command_received", None) is not None:
+                answer = "decides on statements, but cannot explain itself without running"
+            else:
+                answer = "no opinion on statements"
+            lines.append("  %-9s %s" % (name + ":", answer))
+        lines.append("  => %s" % (verdict,))
+        denied = denied or verdict.startswith("deny")
+    if denied and len(statements) > 1:
+        lines.append("one statement is denied, so none of this query runs")
+    return lines
+
+
+def run(arguments, out):
+    try:
+        config = configuration.load(arguments.config)
+        groups = None
+        if arguments.groups is not None:
+            groups = [group for group in arguments.groups.split(",") if group]
+        lines = explain(
+            config,
+            arguments.connection,
+            arguments.sql,
+            subject=arguments.subject,
+            groups=groups,
+            kind=HUMAN if arguments.kind == HUMAN else SERVICE,
+        )
+    except ConfigError as error:
+        import sys
+
+        print("hoopgw explain: %s" % (error,), file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line, file=out)
+    return 0
