@@ -162,14 +162,15 @@ class SharedStoreTests(unittest.TestCase):
         second = GatewayProcess(self, settings)
         yield in_thread(first.wait_listening)
         yield in_thread(second.wait_listening)
-        runs = []
+        # Sessions alternate between the two processes, so their events
+        # must interleave in the one chain (concurrent sessions would make
+        # the order a matter of scheduling).
         for round_number in range(3):
             for process in (first, second):
-                runs.append(psql(process.dsn(), "-c", "SELECT %d AS round" % (round_number,), "-c", "SELECT 2",
-                                 password=token()))
-        results = yield defer.gatherResults(runs)
-        for out, err, code in results:
-            self.assertEqual(code, 0, err)
+                out, err, code = yield psql(
+                    process.dsn(), "-c", "SELECT %d AS round" % (round_number,), "-c", "SELECT 2", password=token()
+                )
+                self.assertEqual(code, 0, err)
         yield in_thread(first.stop)
         source = yield in_thread(source_for, settings)
         events = [event for _, _, event in (yield in_thread(lambda: list(source.entries())))]
