@@ -77,7 +77,9 @@ class Recorder:
                  clock=time.time):
         self._clock = clock
         self.started = clock() if started is None else started
-        self.header = {"version": 2, "width": int(width or 80), "height": int(height or 24), "timestamp": int(self.started)}
+        self.header = {
+            "version": 2, "width": int(width or 80), "height": int(height or 24), "timestamp": int(self.started)
+        }
         if term:
             self.header["env"] = {"TERM": term}
         if title:
@@ -135,7 +137,8 @@ class Recorder:
         line = _line([round(self._clock() - self.started, 6), code, text])
         if self._limit is not None and self._size + len(line) > self._limit:
             self.truncated = True
-            line = _line([round(self._clock() - self.started, 6), "m", "recording truncated at %d bytes" % (self._limit,)])
+            note = "recording truncated at %d bytes" % (self._limit,)
+            line = _line([round(self._clock() - self.started, 6), "m", note])
         self._lines.append(line)
         self._size += len(line)
 

@@ -10,14 +10,11 @@ import json
 import os
 import shutil
 
-import yaml
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
 from hoopgw import cast as casts
-from hoopgw import config as configuration
-from hoopgw.gateway import Gateway
 from hoopgw.model import Command, Credentials, Session
-from hoopgw.store import open_store, signing
+from hoopgw.store import signing
 from hoopgw.store.file import read_events, segment_paths
 from hoopgw.throwaway import free_port
 from tests import support

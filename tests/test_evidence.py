@@ -139,7 +139,10 @@ class SignedRecordTests(unittest.TestCase):
             data = source.attachment(recording["name"])
             self.assertEqual(hashlib.sha256(data).hexdigest(), recording["sha256"])
             self.assertEqual(recording["bytes"], len(data))
-        (end,) = [event for event in es.events(path) if event["type"] == "session.end" and event["session"] == _pristine["session"]]
+        (end,) = [
+            event for event in es.events(path)
+            if event["type"] == "session.end" and event["session"] == _pristine["session"]
+        ]
         self.assertNotIn("cast", end)
         self.assertNotIn("attachments", end)
         second = casts.parse(source.attachment(committed[1][1]["name"]))
@@ -528,7 +531,8 @@ class TerminalToolTests(unittest.TestCase):
         """
         path = yield pristine(self)
         out = io.StringIO()
-        self.assertEqual(cli.main(["replay", "--store", path, _pristine["session"], "--command", "2", "--speed", "1000"], out=out), 0)
+        arguments = ["replay", "--store", path, _pristine["session"], "--command", "2", "--speed", "1000"]
+        self.assertEqual(cli.main(arguments, out=out), 0)
         text = out.getvalue()
         self.assertNotIn("--- playing #1 ", text)
         self.assertIn("--- playing #2 ", text)

@@ -398,7 +398,8 @@ class TamperTests(unittest.TestCase):
         A recording's bytes changed in the attachments table: named.
         """
         copy = yield self.tampered(
-            "UPDATE {s}.attachments SET data = data || '\\x0a'::bytea WHERE name = (SELECT max(name) FROM {s}.attachments)"
+            "UPDATE {s}.attachments SET data = data || '\\x0a'::bytea "
+            "WHERE name = (SELECT max(name) FROM {s}.attachments)"
         )
         yield self.assertBroken(copy, verification.CAST_EDITED, "does not match the digest")
 

@@ -24,7 +24,9 @@ from hoopgw.gateway import Gateway
 from hoopgw.model import Decision
 from hoopgw.store.verify import verify_store
 from tests import ssh_support, support
+from tests.replay_support import ReplayServer, play_session
 from tests.ssh_support import SCP, SFTP, SSH, SSHGateway, certificate, key, run, spawn, sshd
+from tests.support import in_thread
 
 PAN = "4111111111111111"
 MASKED_PAN = "411111******1111"
@@ -587,7 +589,8 @@ class ShellTests(unittest.TestCase):
         @return: C{(exit status, what it printed)}.
         """
         out = io.StringIO()
-        status = cli.main(["replay", "--store", self.gateway.store_path, session, "--speed", "1000"] + list(extra), out=out)
+        arguments = ["replay", "--store", self.gateway.store_path, session, "--speed", "1000"] + list(extra)
+        status = cli.main(arguments, out=out)
         return status, out.getvalue()
 
     @defer.inlineCallbacks
@@ -649,9 +652,9 @@ class ShellTests(unittest.TestCase):
         Two terminals in one SSH session (ssh's connection sharing: a shell,
         then a command with a pty over the same connection) leave two
         recordings, each committed by its own command's end event; the
-        record verifies with both checked, C{hoopgw replay} plays each
-        under its command, and a recording edited or deleted afterwards is
-        named by verify.
+        record verifies with both checked, C{hoopgw replay} and the replay
+        web application (in Chromium) play each under its command, and a
+        recording edited or deleted afterwards is named by verify.
         """
         control = os.path.join(tempfile.mkdtemp(prefix="hoopgw-mux-"), "c")
         self.addCleanup(shutil.rmtree, os.path.dirname(control), True)
@@ -680,7 +683,8 @@ class ShellTests(unittest.TestCase):
         self.assertEqual(report.casts, 2)
         status, replayed = self.replay(end["session"])
         self.assertEqual(status, 0, replayed)
-        shell_at, exec_at = replayed.index("--- playing #1 %s" % (names[0],)), replayed.index("--- playing #2 %s" % (names[1],))
+        shell_at = replayed.index("--- playing #1 %s" % (names[0],))
+        exec_at = replayed.index("--- playing #2 %s" % (names[1],))
         self.assertIn("first terminal %s" % (MASKED_PAN,), replayed[shell_at:exec_at])
         self.assertIn("second terminal %s" % (MASKED_PAN,), replayed[exec_at:])
         self.assertNotIn(PAN, replayed)
@@ -688,6 +692,14 @@ class ShellTests(unittest.TestCase):
         self.assertEqual(status, 0, only)
         self.assertNotIn("--- playing #1", only)
         self.assertIn("--- playing #2", only)
+        server = ReplayServer(self, self.gateway.store_path, self.gateway.config_path)
+        screenshot = os.path.abspath(self.mktemp()) + "-ssh-session.png"
+        seen = yield in_thread(play_session, server.base, end["session"], screenshot)
+        yield server.stop()
+        self.assertEqual([player["command"] for player in seen["players"]], [shell["command"], second["command"]])
+        self.assertIn("first terminal %s" % (MASKED_PAN,), seen["players"][0]["screen"])
+        self.assertIn("second terminal %s" % (MASKED_PAN,), seen["players"][1]["screen"])
+        self.assertNotIn(PAN, seen["timeline"] + seen["players"][0]["screen"] + seen["players"][1]["screen"])
 
         casts_folder = os.path.join(self.gateway.store_path, "casts")
         with open(os.path.join(casts_folder, names[0]), "ab") as handle:

@@ -219,7 +219,8 @@ def replay(source, session_id, out, speed=1.0, sleep=time.sleep, command=None):
             print("#%d: %s" % (number, problem), file=out)
             status = 1
             continue
-        print("--- playing #%d %s (%.1fs at %gx) ---" % (number, each.cast.get("name"), parsed.duration, speed), file=out)
+        heading = "--- playing #%d %s (%.1fs at %gx) ---" % (number, each.cast.get("name"), parsed.duration, speed)
+        print(heading, file=out)
         play(parsed, out, speed=speed, sleep=sleep)
         print("\n--- end of recording #%d ---" % (number,), file=out)
     return status

@@ -459,7 +459,8 @@ class ReplayApp(resource.Resource):
             "<tr><th>Client</th><td>%s</td><th>Target</th><td>%s</td></tr></table>"
             "<h2>Identity and how it was proven</h2>%s"
             "<h2>Timeline</h2><table id=timeline><thead><tr><th>#</th><th>Time (UTC)</th><th>Command</th><th>Decision</th>"
-            "<th>Approval</th><th>Outcome</th><th>Masked</th><th>Results as recorded</th></tr></thead><tbody>%s</tbody></table>"
+            "<th>Approval</th><th>Outcome</th><th>Masked</th><th>Results as recorded</th></tr></thead>"
+            "<tbody>%s</tbody></table>"
             % (
                 _e(record.id),
                 _status_block(snapshot.report),
@@ -481,7 +482,8 @@ class ReplayApp(resource.Resource):
     def _cast(self, request, who, session_id, command_id):
         snapshot = yield self.reader.snapshot()
         record = snapshot.index.sessions.get(session_id)
-        command = next((each for each in record.commands if each.id == command_id), None) if record is not None else None
+        commands = record.commands if record is not None else ()
+        command = next((each for each in commands if each.id == command_id), None)
         cast = command.cast if command is not None else None
         if not cast:
             request.setResponseCode(404)
@@ -513,9 +515,10 @@ def _player(record, number, command):
     return (
         '<tr class="recording" data-command="%s"><td></td><td colspan=7>'
         '<div class="player" id="player-%d" data-cast="/sessions/%s/commands/%s/cast">'
-        '<div class="controls"><strong>Terminal recording of #%d</strong> <button class="play" type=button>Play</button>'
+        '<div class="controls"><strong>Terminal recording of #%d</strong>'
+        ' <button class="play" type=button>Play</button>'
         '<label>speed <select class="speed">%s</select></label><span class="status"></span></div>'
-        '<pre class="screen"></pre></div><small>%s</small></td></tr>'
+        '<pre class="screen"></pre></div><div><small>%s</small></div></td></tr>'
         % (
             _e(command.id),
             number,
@@ -523,7 +526,8 @@ def _player(record, number, command):
             quote(command.id),
             number,
             "".join(
-                '<option value="%s"%s>%sx</option>' % (speed, " selected" if speed == "1" else "", speed) for speed in _SPEEDS
+                '<option value="%s"%s>%sx</option>' % (speed, " selected" if speed == "1" else "", speed)
+                for speed in _SPEEDS
             ),
             _e(terminal.describe_recording(cast)),
         )

@@ -244,7 +244,9 @@ def pci_report(index, parsed, casts, view_events, manifest):
         kind = record.identity.get("kind", "unknown") if record.identity else "unknown"
         kinds[kind] = kinds.get(kind, 0) + 1
     interactive = sum(1 for record in sessions if record.recordings)
-    service_interactive = sum(1 for record in sessions if record.recordings and record.identity.get("kind") == "service")
+    service_interactive = sum(
+        1 for record in sessions if record.recordings and record.identity.get("kind") == "service"
+    )
     words = [command.text.strip().upper() for command in commands]
     privileged = sum(1 for text in words if text.startswith(_PRIVILEGED))
     credentials = sum(1 for text in words if text.startswith(_CREDENTIALS))

@@ -282,7 +282,8 @@ class _Walk:
     def _check_cast(self, event, recording, seq):
         name, expected = recording.get("name"), recording.get("sha256")
         data = self.source.attachment(name) if isinstance(name, str) and name else None
-        what = "the terminal recording %r of command %s (session %s)" % (name, event.get("command"), event.get("session"))
+        what = "the terminal recording %r of command %s (session %s)" % (
+            name, event.get("command"), event.get("session"))
         if data is None:
             raise Problem(
                 CAST_MISSING,
