@@ -60,7 +60,7 @@ class _Masking:
 
     @staticmethod
     def text(text):
-        return redact.redact_text(text)[0]
+        return redact.redact_secrets(text)
 
 
 class Recorder:

@@ -4,7 +4,7 @@ auditor.  It holds a slice of the chain that verifies on its own: it starts
 at the last signed checkpoint before the period (with the hash of the
 event before it, its anchor) and ends at the first signed checkpoint after
 it, so every event in it is covered by a signature.  Beside the events:
-the asciicasts their sessions committed, the public keys, the views of the
+the asciicasts its commands committed, the public keys, the views of the
 record over the same period, a README and a report mapping PCI DSS
 requirements to what the bundle shows.
 """
