@@ -221,10 +221,11 @@ def parser():
     evidence.add_filters(listing)
     listing.set_defaults(run=_evidence("sessions_list"))
 
-    replay = commands.add_parser("replay", help="a session's timeline, and its terminal recording played back")
+    replay = commands.add_parser("replay", help="a session's timeline, and its terminal recordings played back")
     evidence.add_store(replay)
     replay.add_argument("session", help="the session id (see 'hoopgw sessions list')")
-    replay.add_argument("--speed", type=float, default=1.0, help="play the recording this many times faster")
+    replay.add_argument("--speed", type=float, default=1.0, help="play the recordings this many times faster")
+    replay.add_argument("--command", help="play only this command's recording (its # in the timeline, or its id)")
     replay.set_defaults(run=_evidence("replay"))
 
     export = commands.add_parser("export", help="write a self-contained, verifiable evidence bundle")

@@ -338,7 +338,7 @@ class TamperTests(unittest.TestCase):
         report = yield in_thread(verification.verify_source, source, es.signing.Verifier.from_file(es.signing_key()[1]))
         source.close()
         self.assertTrue(report.ok, report.problem)
-        self.assertEqual(report.casts, 1)
+        self.assertEqual(report.casts, 2)
 
     @defer.inlineCallbacks
     def test_edited(self):
@@ -396,10 +396,22 @@ class TamperTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_edited_cast(self):
         """
-        The recording's bytes changed in the attachments table: named.
+        A recording's bytes changed in the attachments table: named.
         """
-        copy = yield self.tampered("UPDATE {s}.attachments SET data = data || '\\x0a'::bytea")
-        yield self.assertBroken(copy, verification.CAST_PROBLEM, "does not match the digest")
+        copy = yield self.tampered(
+            "UPDATE {s}.attachments SET data = data || '\\x0a'::bytea "
+            "WHERE name = (SELECT max(name) FROM {s}.attachments)"
+        )
+        yield self.assertBroken(copy, verification.CAST_EDITED, "does not match the digest")
+
+    @defer.inlineCallbacks
+    def test_deleted_cast(self):
+        """
+        A recording's row deleted from the attachments table: named as
+        missing.
+        """
+        copy = yield self.tampered("DELETE FROM {s}.attachments WHERE name = (SELECT min(name) FROM {s}.attachments)")
+        yield self.assertBroken(copy, verification.CAST_MISSING, "is missing from the record")
 
 
 class ReplayOnSharedStoreTests(unittest.TestCase):

@@ -1,8 +1,8 @@
 """
 The SSH front end's parts without a network: OpenSSH certificates made by
 the real ssh-keygen, the key registry, the connection settings, the facts
-of an exec command line, the sftp codec and relay, the asciicast
-recorder, the stream masker and the ordered output of a relayed channel.
+of an exec command line, the sftp codec and relay, the stream masker and
+the ordered output of a relayed channel.
 """
 
 import base64
@@ -17,7 +17,6 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from hoopgw import cards
-from hoopgw import cast as casts
 from hoopgw import config as configuration
 from hoopgw.addons import identity as identity_addon
 from hoopgw.chain import AddonChain
@@ -541,46 +540,6 @@ class SftpRelayTests(unittest.TestCase):
         self.relay.close("the channel closed")
         (command,) = self.finished
         self.assertEqual(command.outcome["status"], "interrupted")
-
-
-class CastTests(unittest.TestCase):
-    """
-    The asciicast v2 recorder.
-    """
-
-    def test_events(self):
-        """
-        Output, input and resizes are events with times; UTF-8 split across
-        chunks is kept whole; card numbers are masked in both directions,
-        also across chunks.
-        """
-        now = [1000.0]
-        recording = casts.Cast(80, 24, term="xterm", title="t", started=1000.0, clock=lambda: now[0])
-        recording.output("caf\xc3".encode("latin-1"))
-        recording.output(b"\xa9\n")
-        now[0] = 1001.5
-        recording.input(b"4111 1111 ")
-        recording.input(b"1111 1111\r")
-        recording.resize(100, 40)
-        header, events = casts.read(recording.finish())
-        self.assertEqual((header["version"], header["width"], header["height"]), (2, 80, 24))
-        self.assertEqual(header["env"], {"TERM": "xterm"})
-        self.assertEqual("".join(text for _, code, text in events if code == "o"), "café\n")
-        self.assertEqual("".join(text for _, code, text in events if code == "i"), "4111 11** **** 1111\r")
-        self.assertIn((1.5, "r", "100x40"), events)
-        self.assertEqual(recording.masked, 1)
-
-    def test_limit(self):
-        """
-        Past the size limit, the recording says it was cut and stops.
-        """
-        recording = casts.Cast(80, 24, limit=300)
-        for _ in range(50):
-            recording.output(b"x" * 20)
-        data = recording.finish()
-        self.assertLessEqual(len(data), 400)
-        self.assertTrue(recording.truncated)
-        self.assertEqual(casts.read(data)[1][-1][1], "m")
 
 
 class StreamMaskerTests(unittest.TestCase):

@@ -10,6 +10,7 @@ audit event.
 
 import hashlib
 import json
+import shlex
 import time
 from urllib.parse import parse_qs, unquote
 
@@ -18,6 +19,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from hoopgw import cast as casts
 from hoopgw import redact
 from hoopgw.chain import ChainBroken, settled
 from hoopgw.kubernetes import bodies, channels, engine as engines, tls
@@ -560,7 +562,13 @@ class Frontend:
     def _start_terminal(self, flow, exchange):
         exchange.subprotocol = flow.response.headers.get("sec-websocket-protocol", "").strip()
         facts = exchange.command.facts
-        exchange.cast = channels.Asciicast(facts.get("command") or [exchange.info.subresource])
+        info = exchange.info
+        exchange.cast = casts.Recorder(
+            term="xterm" if facts.get("tty") else None,
+            title="%s: kubectl %s %s/%s" % (exchange.session.identity.subject if exchange.session.identity else "?",
+                                            info.subresource, info.namespace, info.name),
+            command=shlex.join(facts.get("command") or []) or None,
+        )
         if exchange.subprotocol not in channels.BINARY_PROTOCOLS + channels.BASE64_PROTOCOLS:
             # Frames the gateway cannot read cannot be masked or recorded.
             exchange.broken = "the API server chose the unknown subprotocol %r" % (exchange.subprotocol,)
@@ -593,7 +601,9 @@ class Frontend:
             if frame.channel == channels.STDIN:
                 cast.input(frame.data)
             elif frame.channel == channels.RESIZE:
-                cast.resize(frame.data)
+                size = channels.terminal_size(frame.data)
+                if size is not None:
+                    cast.resize(*size)
             return
         if frame.channel in (channels.STDOUT, channels.STDERR):
             if self.result_hooks:
@@ -625,22 +635,12 @@ class Frontend:
         exchange = flow.metadata.get(KEY)
         if exchange is None or exchange.cast is None or exchange.finished:
             return
-        command = exchange.command
+        # The recording is durable, and its digest in the outcome, before
+        # the command's end event commits it.
         try:
-            name = "%s-%s.cast" % (exchange.session.id, command.id)
-            data = exchange.cast.render()
-            digest = await _wait(self.gateway.store.write_attachment(name, data), self.loop)
-            command.outcome["asciicast"] = {
-                "name": name,
-                "sha256": digest,
-                "bytes": len(data),
-                "output_bytes": exchange.cast.output_bytes,
-                "input_bytes": exchange.cast.input_bytes,
-            }
-        except Exception:
-            self.log.failure("Recording an exec session failed")
-            command.outcome["asciicast_error"] = "the recording could not be stored"
-        self._finish(flow, exchange)
+            await _wait(casts.commit(self.gateway.store, exchange.session, exchange.command, exchange.cast), self.loop)
+        finally:
+            self._finish(flow, exchange)
 
 
 def _all_of(ending):
