@@ -12,7 +12,7 @@ import hashlib
 import json
 import shlex
 import time
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, parse_qsl, unquote
 
 from mitmproxy import http
 from twisted.application import service
@@ -242,7 +242,7 @@ class Frontend:
             facts["dryRun"] = parsed["dryRun"][-1]
         if info.subresource == "log":
             facts["follow"] = (parsed.get("follow") or ["false"])[-1] in ("true", "1")
-        command = Command(kind="kubernetes", text=text, redacted=redact.redact_text(unquote(text))[0], facts=facts)
+        command = Command(kind="kubernetes", text=text, redacted=_redacted_request(request.method, request.path), facts=facts)
         body = request.raw_content
         if body:
             # An approval binds to the exact body; the record keeps only its size and digest.
@@ -843,3 +843,18 @@ class KubernetesService(service.Service):
         if self.frontend.engine is None:
             return self._stopped or defer.succeed(None)
         return self.frontend.close_sessions(reason)
+
+
+def _redacted_request(method, path):
+    """
+    The request line as the record may keep it: the path and every query
+    value decoded the way the API server decodes them ("+" is a space,
+    %XX escapes), then redacted, so no card number or token hides behind
+    URL encoding (an exec command's arguments travel in the query).
+    """
+    route, _, query = path.partition("?")
+    text = "%s %s" % (method, unquote(route))
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        text += "?" + "&".join("%s=%s" % (name, value) for name, value in pairs)
+    return redact.redact_text(text)[0]
