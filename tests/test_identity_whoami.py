@@ -204,7 +204,7 @@ class ConfigurationTests(unittest.TestCase):
         directory = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(directory, "etc"))
         pem = pki.make_ca("example").certificate_pem()
-        for name in ("corp-ca.crt", "adfs-signing.crt", "spire-ca.crt", "gateway.crt", "gateway.key", "db-ca.crt"):
+        for name in ("corp-ca.crt", "adfs-signing.crt", "spire-ca.crt", "gateway.crt", "gateway.key", "db-ca.crt", "cluster-ca.crt"):
             with open(os.path.join(directory, "etc", name), "wb") as handle:
                 handle.write(pem)
         with open(os.path.join(ROOT, "etc", "identity.yaml")) as handle:
@@ -214,3 +214,6 @@ class ConfigurationTests(unittest.TestCase):
             {name: provider.type for name, provider in config.identity_providers.items()},
             {"ci": "oidc", "corp": "oidc", "adfs": "saml", "workloads": "certificate", "corp-ldap": "ldap"},
         )
+        cluster = config.connections["cluster"].settings
+        self.assertEqual(cluster.tls.client_ca, os.path.join(directory, "etc", "spire-ca.crt"))
+        self.assertEqual(cluster.saml_header, "X-Hoopgw-Saml")
