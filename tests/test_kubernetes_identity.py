@@ -323,7 +323,8 @@ class CertificateTests(unittest.TestCase):
         gateway lists.  One from another CA (an unrelated one, or one that
         bears the trusted CA's name) is not verified by the connection's
         TLS: as the API server would, the gateway completes the handshake
-        and answers 401, here even with a valid token; the refusal is recorded
+        and answers 401, here even with a valid token; kubectl prints the
+        reason and what to do (a Warning header); the refusal is recorded
         with the certificate's fingerprint and OpenSSL's reason; nothing
         reaches the API server.
         """
@@ -334,6 +335,8 @@ class CertificateTests(unittest.TestCase):
             out, err, code = yield cluster.kubectl("get", "pods", kubeconfig=config)
             self.assertNotEqual(code, 0)
             self.assertIn("You must be logged in to the server", err)
+            self.assertIn("Warning: hoopgw refused the session: the client certificate was refused", err)
+            self.assertIn("present one issued by a CA this connection trusts", err)
             self.assertEqual(cluster.api.requests, [])
             yield cluster.harness.wait_for("session.refused")
             (refused, *_) = [

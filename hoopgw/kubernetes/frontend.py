@@ -342,7 +342,12 @@ class Frontend:
         decision = await _wait(self.chain.start_session(session), self.loop)
         if decision.verdict == DENY:
             code = 401 if (decision.rule or "").startswith(_IDENTITY_RULES) else 403
-            self._refuse(flow, exchange, code, "hoopgw refused the session: %s" % (decision.reason,))
+            message = "hoopgw refused the session: %s" % (decision.reason,)
+            # kubectl meets the refusal in its discovery request, whose
+            # errors it prints without the Status message ("You must be
+            # logged in to the server"); it does print Warning headers.
+            exchange.warnings.append(message)
+            self._refuse(flow, exchange, code, message)
             return None
         if client.id not in self.clients:
             # The client went away while its token was checked.
