@@ -15,6 +15,7 @@ import os
 import re
 
 import yaml
+from jose import jwt
 from twisted.internet import defer, reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
@@ -253,6 +254,8 @@ class CertificateTests(unittest.TestCase):
         self.assertEqual(provenance["certificate_fingerprint"], pki.fingerprint(issued.certificate))
         self.assertEqual(provenance["spiffe_id"], SPIFFE_ID)
         self.assertEqual(provenance["provider"], "bots")
+        # The session holds as long as the certificate does.
+        self.assertEqual(provenance["expires_at"], int(issued.certificate.not_valid_after_utc.timestamp()))
         (end,) = yield cluster.wait_for_end("list", "pods")
         user = end["outcome"]["audit"]["user"]
         self.assertEqual((user["username"], user["groups"]), ("ci-bot", ["k8s-payments", "payments-bots"]))
@@ -275,8 +278,9 @@ class CertificateTests(unittest.TestCase):
     def test_certificate_and_token_agree(self):
         """
         A certificate and a token for the same subject: the method says
-        both, the groups of both count, and the record names the
-        certificate beside the token's key id; the token is not in it.
+        both, the groups of both count, the record names the certificate
+        beside the token's key id, and the identity ends when the first of
+        the two does; the token is not in the record.
         """
         cluster = self.cluster
         issued, certificate, key = spiffe_certificate()
@@ -290,6 +294,10 @@ class CertificateTests(unittest.TestCase):
         self.assertEqual(identity["groups"], ["auditors", "k8s-payments", "payments-bots"])
         self.assertEqual(identity["provenance"]["kid"], "test-1")
         self.assertEqual(identity["provenance"]["certificate"]["certificate_fingerprint"], pki.fingerprint(issued.certificate))
+        # The identity holds while both credentials do: here the token ends first.
+        token_end = jwt.get_unverified_claims(user_token)["exp"]
+        self.assertLess(token_end, int(issued.certificate.not_valid_after_utc.timestamp()))
+        self.assertEqual(identity["provenance"]["expires_at"], token_end)
         cluster.assert_token_kept(self, user_token)
 
     @defer.inlineCallbacks
