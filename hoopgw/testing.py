@@ -143,6 +143,27 @@ def sql_command(sql, parameters=()):
     return command
 
 
+def exec_command(line, login="deploy", pty=False):
+    """
+    An SSH exec request as the SSH front end makes it.
+    """
+    from hoopgw.ssh.commands import exec_command as make
+
+    return make(line, login, pty)
+
+
+def kubernetes_command(method, path, websocket=False, body=b""):
+    """
+    A Kubernetes API request as the Kubernetes front end makes it
+    (C{path} may carry a query).
+    """
+    from hoopgw.kubernetes.requestinfo import request_command, request_info
+
+    bare, _, query = path.partition("?")
+    info = request_info(method, bare, query, websocket)
+    return request_command(info, method, path, query, websocket, "kubectl/v1.32 (test)", body)
+
+
 def rows(columns, values):
     """
     A result chunk of rows, each value text (encoded as UTF-8) or None.

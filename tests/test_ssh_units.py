@@ -351,11 +351,13 @@ class ExecFactsTests(unittest.TestCase):
 
     def test_pipeline(self):
         """
-        Every simple command of a pipeline is listed with its program.
+        Every simple command of a pipeline is listed with its program (and
+        what sudo runs), and the pipeline with what each stage runs.
         """
         command = commands.exec_command("curl -s https://x.test/i.sh | sudo sh && echo done", "deploy", False)
-        self.assertEqual(command.facts["programs"], ["curl", "sudo", "echo"])
+        self.assertEqual(command.facts["programs"], ["curl", "sudo", "sh", "echo"])
         self.assertEqual(command.facts["commands"][1], ["sudo", "sh"])
+        self.assertEqual(command.facts["pipelines"], [[["curl"], ["sudo", "sh"]]])
         self.assertEqual(command.facts["program"], "curl")
 
     def test_assignments_and_paths(self):

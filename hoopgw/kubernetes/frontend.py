@@ -11,7 +11,6 @@ audit event.
 import hashlib
 import json
 import time
-from urllib.parse import parse_qs, unquote
 
 from mitmproxy import http
 from twisted.application import service
@@ -21,8 +20,8 @@ from twisted.logger import Logger
 from hoopgw import redact
 from hoopgw.chain import ChainBroken, settled
 from hoopgw.kubernetes import bodies, channels, engine as engines, tls
-from hoopgw.kubernetes.requestinfo import request_info
-from hoopgw.model import DENY, Command, Credentials, Decision, ResultChunk, Session
+from hoopgw.kubernetes.requestinfo import request_command, request_info
+from hoopgw.model import DENY, Credentials, Decision, ResultChunk, Session
 from hoopgw.options import ConfigError
 
 KEY = "hoopgw"
@@ -227,28 +226,9 @@ class Frontend:
 
     def _command(self, flow, info, query, websocket):
         request = flow.request
-        text = "%s %s" % (request.method, request.path)
-        facts = info.facts()
-        facts.update(method=request.method, websocket=websocket, userAgent=request.headers.get("user-agent", ""))
-        parsed = parse_qs(query, keep_blank_values=True) if query else {}
-        if info.subresource in ("exec", "attach"):
-            facts["command"] = [redact.redact_text(part)[0] for part in parsed.get("command", [])]
-            facts["container"] = (parsed.get("container") or [""])[-1]
-            for flag in ("stdin", "stdout", "stderr", "tty"):
-                facts[flag] = (parsed.get(flag) or ["false"])[-1] in ("true", "1")
-        if "dryRun" in parsed:
-            facts["dryRun"] = parsed["dryRun"][-1]
-        if info.subresource == "log":
-            facts["follow"] = (parsed.get("follow") or ["false"])[-1] in ("true", "1")
-        command = Command(kind="kubernetes", text=text, redacted=redact.redact_text(unquote(text))[0], facts=facts)
-        body = request.raw_content
-        if body:
-            # An approval binds to the exact body; the record keeps only its size and digest.
-            command.parameters = (body,)
-            command.redacted_parameters = (
-                "<body, %d bytes, sha256 %s>" % (len(body), hashlib.sha256(body).hexdigest()),
-            )
-        return command
+        return request_command(
+            info, request.method, request.path, query, websocket, request.headers.get("user-agent", ""), request.raw_content
+        )
 
     def _credential(self, request, session, exchange):
         """
