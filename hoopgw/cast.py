@@ -9,7 +9,7 @@ import codecs
 import json
 import time
 
-from hoopgw import cards
+from hoopgw import masking
 
 
 class Cast:
@@ -32,7 +32,7 @@ class Cast:
         self._lines = [_line(header)]
         self._size = len(self._lines[0])
         self._limit = limit
-        self._maskers = {"o": cards.StreamMasker(), "i": cards.StreamMasker()}
+        self._maskers = {"o": masking.StreamMasker(), "i": masking.StreamMasker()}
         self._decoders = {code: codecs.getincrementaldecoder("utf-8")("replace") for code in ("o", "i")}
         self.truncated = False
         self.finished = False
@@ -51,7 +51,7 @@ class Cast:
         self._event("r", "%dx%d" % (width, height))
 
     def _stream(self, code, data, final=False):
-        data = self._maskers[code].feed(data, final=final)
+        data, _ = self._maskers[code].feed(data, final=final)
         text = self._decoders[code].decode(data, final)
         if text:
             self._event(code, text)

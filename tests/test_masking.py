@@ -193,6 +193,30 @@ class StreamTests(unittest.TestCase):
                 if hidden == 42:
                     self.assertEqual(got, 42, (whole, sent))
 
+    def test_every_split(self):
+        """
+        Wherever a PAN is split, it is masked, and nothing else changes.
+        """
+        text = b"order 12345: card 4111-1111-1111-1111 exp 12/30\n"
+        for cut in range(len(text)):
+            stream = masking.StreamMasker()
+            out = stream.feed(text[:cut])[0] + stream.feed(text[cut:])[0] + stream.feed(b"", final=True)[0]
+            self.assertEqual(out, b"order 12345: card 4111-11**-****-1111 exp 12/30\n", cut)
+            self.assertEqual(stream.masked, 1)
+
+    def test_holds_only_what_may_continue(self):
+        """
+        Only trailing digit groups that could still grow into a PAN are
+        held back: a run already too long for one is passed at once.
+        """
+        stream = masking.StreamMasker()
+        self.assertEqual(stream.feed(b"total: 42"), (b"total: ", 0))
+        self.assertEqual(stream.held, b"42")
+        self.assertEqual(stream.feed(b"1" * 100), (b"42" + b"1" * 100, 0))
+        self.assertEqual(stream.held, b"")
+        self.assertEqual(stream.feed(b"4111 1111 "), (b"", 0))
+        self.assertEqual(stream.feed(b"", final=True), (b"4111 1111 ", 0))
+
     def test_pan_split_in_two(self):
         """
         A PAN split between two chunks is masked, and counted once.

@@ -16,7 +16,6 @@ from twisted.conch.ssh.common import NS
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from hoopgw import cards
 from hoopgw import cast as casts
 from hoopgw import config as configuration
 from hoopgw.addons import identity as identity_addon
@@ -583,33 +582,6 @@ class CastTests(unittest.TestCase):
         self.assertLessEqual(len(data), 400)
         self.assertTrue(recording.truncated)
         self.assertEqual(casts.read(data)[1][-1][1], "m")
-
-
-class StreamMaskerTests(unittest.TestCase):
-    """
-    Card numbers in a stream that arrives in pieces.
-    """
-
-    def test_every_split(self):
-        """
-        Wherever a PAN is split, it is masked, and nothing else changes.
-        """
-        text = b"order 12345: card 4111-1111-1111-1111 exp 12/30\n"
-        for cut in range(len(text)):
-            masker = cards.StreamMasker()
-            out = masker.feed(text[:cut]) + masker.feed(text[cut:]) + masker.feed(b"", final=True)
-            self.assertEqual(out, b"order 12345: card 4111-11**-****-1111 exp 12/30\n", cut)
-
-    def test_holds_only_what_may_continue(self):
-        """
-        Only trailing digits, spaces and dashes are held back, and at most
-        the span of a PAN.
-        """
-        masker = cards.StreamMasker()
-        self.assertEqual(masker.feed(b"total: 42"), b"total: ")
-        self.assertEqual(masker.held, 2)
-        self.assertEqual(masker.feed(b"1" * 100), b"42" + b"1" * (100 - cards.MAX_PAN_SPAN))
-        self.assertEqual(masker.held, cards.MAX_PAN_SPAN)
 
 
 class _Connection:

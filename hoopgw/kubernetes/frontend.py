@@ -40,7 +40,7 @@ class Exchange:
 
     __slots__ = (
         "received", "session", "command", "info", "refused", "streamed", "finished", "masked",
-        "warnings", "subprotocol", "cast", "exit", "broken", "impersonated", "client",
+        "warnings", "subprotocol", "cast", "exit", "broken", "impersonated", "client", "released",
     )
 
     def __init__(self, received):
@@ -59,6 +59,7 @@ class Exchange:
         self.broken = None
         self.impersonated = None
         self.client = None
+        self.released = False
 
 
 async def _wait(value, loop):
@@ -577,35 +578,87 @@ class Frontend:
             return
         if frame.channel in (channels.STDOUT, channels.STDERR):
             if self.result_hooks:
-                chunk = ResultChunk("stream", data=frame.data, stream=channels.STREAMS[frame.channel], final=True)
                 try:
-                    await _wait(self.chain.result(exchange.session, exchange.command, chunk), self.loop)
+                    # A card number may go on in the stream's next frame:
+                    # the chain holds its start back until then.
+                    data = await self._terminal_output(exchange, frame.channel, frame.data, final=False)
                 except ChainBroken as error:
-                    # The output goes no further; the client learns why on the error channel.
-                    message.content = channels.Frame(
-                        channels.ERROR,
-                        bodies.status(500, "hoopgw withheld the output because %s; the session is closed" % (error,)),
-                        frame.base64,
-                    ).encode()
-                    self._stream_broken(flow, exchange, str(error), delay=0.2)
+                    self._terminal_broken(flow, exchange, message, frame, error)
                     return
-                exchange.masked += chunk.masked + chunk.withheld
-                if chunk.data is not frame.data:
-                    frame.data = chunk.data
+                if data is not frame.data:
+                    frame.data = data
                     message.content = frame.encode()
             cast.output(frame.data)
-        elif frame.channel == channels.ERROR and frame.data:
+        elif frame.channel == channels.ERROR:
+            # The status that ends the output: what was held back goes first.
+            try:
+                await self._release_output(flow, exchange, frame.base64, message.is_text)
+            except ChainBroken as error:
+                self._terminal_broken(flow, exchange, message, frame, error)
+                return
+            if not frame.data:
+                return
             try:
                 result = json.loads(frame.data)
             except ValueError:
                 return
             exchange.exit = _exit_code(result)
 
+    async def _terminal_output(self, exchange, channel, data, final):
+        """
+        One stream's output through the chain's result hooks.
+
+        @return: the bytes to send now.
+        @raise ChainBroken: an addon failed on it.
+        """
+        chunk = ResultChunk("stream", data=data, stream=channels.STREAMS[channel], final=final)
+        await _wait(self.chain.result(exchange.session, exchange.command, chunk), self.loop)
+        exchange.masked += chunk.masked + chunk.withheld
+        return chunk.data
+
+    async def _release_output(self, flow, exchange, base64_framing, is_text):
+        """
+        The end of the output: each stream's last chunk through the chain,
+        and what it releases sent (see L{engines.SEND_FIRST}).
+        """
+        if not self.result_hooks or exchange.released:
+            return
+        exchange.released = True
+        first = []
+        for channel in (channels.STDOUT, channels.STDERR):
+            data = await self._terminal_output(exchange, channel, b"", final=True)
+            if data:
+                exchange.cast.output(data)
+                first.append((channels.Frame(channel, data, base64_framing).encode(), is_text))
+        if first:
+            flow.metadata[engines.SEND_FIRST] = first
+
+    def _terminal_broken(self, flow, exchange, message, frame, error):
+        # The output goes no further; the client learns why on the error channel.
+        message.content = channels.Frame(
+            channels.ERROR,
+            bodies.status(500, "hoopgw withheld the output because %s; the session is closed" % (error,)),
+            frame.base64,
+        ).encode()
+        self._stream_broken(flow, exchange, str(error), delay=0.2)
+
     async def websocket_end(self, flow):
         exchange = flow.metadata.get(KEY)
         if exchange is None or exchange.cast is None or exchange.finished:
             return
         command = exchange.command
+        if self.result_hooks and not exchange.released and not exchange.broken:
+            # The stream closed without a status: what the chain still held
+            # back can no longer be sent (and is not recorded as sent).
+            exchange.released = True
+            unsent = 0
+            try:
+                for channel in (channels.STDOUT, channels.STDERR):
+                    unsent += len(await self._terminal_output(exchange, channel, b"", final=True))
+            except ChainBroken as error:
+                exchange.broken = str(error)
+            if unsent:
+                command.outcome["unsent_output_bytes"] = unsent
         try:
             name = "%s-%s.cast" % (exchange.session.id, command.id)
             data = exchange.cast.render()
