@@ -14,7 +14,7 @@ from hoopgw import cards, masking
 from hoopgw.addons.mask import factory as mask_factory
 from hoopgw.model import ResultChunk
 from hoopgw.postgres import wire
-from hoopgw.testing import ChainHarness, FakeContext, build, sql_command
+from hoopgw.testing import ChainHarness, FakeContext, build, exec_command, kubernetes_command, sql_command
 
 
 VISA = "4111111111111111"
@@ -321,3 +321,68 @@ class MaskAddonTests(unittest.TestCase):
         with self.assertRaises(ConfigError) as caught:
             build(mask_factory, {"columns": ["cvv("]}, FakeContext())
         self.assertIn("mask.columns[0]", str(caught.exception))
+
+
+class JsonDocumentTests(unittest.TestCase):
+    """
+    Card numbers in JSON documents (Kubernetes bodies and watch events).
+    """
+
+    def test_stays_json(self):
+        """
+        Card numbers in strings are masked in place; one held in a JSON
+        number becomes a masked string (a masked number would not parse);
+        other numbers are untouched.
+        """
+        masker = masking.Masker()
+        data = b'{"a":"card 4111 1111 1111 1111","n":4111111111111111,"f":[5500000000000004.0,12,4111111111111112]}'
+        masked, count = masker.json_document(data)
+        self.assertEqual(count, 3)
+        self.assertEqual(
+            json.loads(masked),
+            {"a": "card 4111 11** **** 1111", "n": "411111******1111", "f": ["550000******0004", 12, 4111111111111112]},
+        )
+        self.assertEqual(masker.json_document(b'{"a":"no card"}'), (b'{"a":"no card"}', 0))
+        self.assertEqual(masker.json_document(b"not json 4111111111111111"), (b"not json 411111******1111", 1))
+
+
+class MaskAddonStreamTests(unittest.TestCase):
+    """
+    The mask addon on the chunks the SSH and Kubernetes front ends hand
+    the chain: streams per name across chunks, JSON bodies.
+    """
+
+    def test_streams(self):
+        """
+        Each stream of a command is held back and released on its own: a
+        card number split across stdout chunks is masked, stderr in between
+        does not disturb it, and the final chunk releases what is held.
+        """
+        harness = ChainHarness([(mask_factory, {})])
+        command = exec_command("cat cards")
+        out = []
+        for stream, data, final in [
+            ("stdout", b"card 4111 1111", False),
+            ("stderr", b"warning 55", False),
+            ("stdout", b" 1111 1111 ok\ntotal 4111111111111111", False),
+            ("stderr", b"00000000000004\n", False),
+            ("stdout", b"", True),
+            ("stderr", b"", True),
+        ]:
+            chunk = harness.result(command, ResultChunk("stream", data=data, stream=stream, final=final))
+            out.append((stream, chunk.data, chunk.masked))
+        stdout = b"".join(data for stream, data, _ in out if stream == "stdout")
+        stderr = b"".join(data for stream, data, _ in out if stream == "stderr")
+        self.assertEqual(stdout, b"card 4111 11** **** 1111 ok\ntotal 411111******1111")
+        self.assertEqual(stderr, b"warning 550000******0004\n")
+        self.assertEqual(sum(masked for _, _, masked in out), 3)
+
+    def test_json_body(self):
+        """
+        A JSON body with a card number held in a number stays JSON.
+        """
+        harness = ChainHarness([(mask_factory, {})])
+        chunk = ResultChunk("body", data=b'{"spec":{"card":4111111111111111}}', fields={"content_type": "application/json"})
+        harness.result(kubernetes_command("GET", "/apis/x.test/v1/cards/a"), chunk)
+        self.assertEqual(json.loads(chunk.data), {"spec": {"card": "411111******1111"}})
+        self.assertEqual(chunk.masked, 1)
