@@ -8,6 +8,10 @@ look at what the record addon would have stored.
     harness = ChainHarness([(my_factory, {"limit": 3})])
     decision = harness.submit(sql_command("DROP TABLE cards"))
     assert decision.denied
+
+C{exec_command("sudo id")} and C{kubernetes_command("DELETE",
+"/api/v1/namespaces/prod")} make SSH and Kubernetes commands with the facts
+their front ends give.
 """
 
 import attr
