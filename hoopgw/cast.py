@@ -25,7 +25,7 @@ import attr
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from hoopgw import cards, redact
+from hoopgw import masking, redact
 
 # The key of a command's outcome that commits its recording.
 CAST = "cast"
@@ -46,7 +46,7 @@ class _Masking:
     """
 
     def __init__(self):
-        self._stream = cards.StreamMasker()
+        self._stream = masking.StreamMasker()
 
     @property
     def masked(self):
@@ -56,7 +56,7 @@ class _Masking:
         """
         @return: the bytes that can be kept now.
         """
-        return self._stream.feed(data, final=final)
+        return self._stream.feed(data, final=final)[0]
 
     @staticmethod
     def text(text):
@@ -125,11 +125,11 @@ class Recorder:
         self._event("r", "%dx%d" % (width, height))
 
     def _stream(self, code, data, final=False):
-        masking = self._masking[code]
-        data = masking.feed(data, final=final)
+        seam = self._masking[code]
+        data = seam.feed(data, final=final)
         text = self._decoders[code].decode(data, final)
         if text:
-            self._event(code, masking.text(text))
+            self._event(code, seam.text(text))
 
     def _event(self, code, text):
         if self.truncated or self.finished:

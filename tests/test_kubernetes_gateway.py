@@ -23,7 +23,7 @@ from hoopgw.model import Decision
 from hoopgw.store.verify import verify_store
 from tests import support
 from tests.replay_support import ReplayServer, play_session
-from tests.support import GatewayHarness, in_thread, token
+from tests.support import AdminGatewayHarness, GatewayHarness, in_thread, token
 
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 GATEWAY_TOKEN = "gateway-sa-token-do-not-leak"
@@ -72,7 +72,7 @@ class Cluster:
     """
 
     def __init__(self, test, addons=("identity", "record"), credential="token", impersonate=None, subject="ci-bot",
-                 target_ca=None):
+                 target_ca=None, admin=None):
         certificate, key, ca, client_certificate, client_key, token_path = api_certificates()
         self.api = StandinAPIServer(reactor, token=GATEWAY_TOKEN if credential == "token" else None,
                                     client_ca=ca if credential == "certificate" else None)
@@ -96,7 +96,11 @@ class Cluster:
             "allowed_groups": ["payments-bots"],
             "addons": list(addons),
         }
-        self.harness = GatewayHarness(test, connections={"cluster": connection})
+        if admin is None:
+            self.harness = GatewayHarness(test, connections={"cluster": connection})
+        else:
+            # The admin listener (approvals API) on, and the people issuer for approvers.
+            self.harness = AdminGatewayHarness(test, connections={"cluster": connection}, admin=admin)
         self.port = port
         self.service = self.harness.gateway.factories["cluster"]
         self.directory = self.harness.directory

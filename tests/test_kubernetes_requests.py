@@ -253,9 +253,9 @@ class RedactedRequestTests(unittest.TestCase):
         An exec command's arguments travel in the query, spaces as "+" or
         %20: a card number among them is masked either way.
         """
-        from hoopgw.kubernetes.frontend import _redacted_request
+        from hoopgw.kubernetes.requestinfo import redacted_request
 
-        text = _redacted_request(
+        text = redacted_request(
             "POST",
             "/api/v1/namespaces/prod/pods/web-1/exec?command=echo&command=4111+1111+1111+1111"
             "&command=4111%201111%201111%201111&stdout=true",

@@ -16,7 +16,6 @@ from twisted.conch.ssh.common import NS
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from hoopgw import cards
 from hoopgw import config as configuration
 from hoopgw.addons import identity as identity_addon
 from hoopgw.chain import AddonChain
@@ -350,11 +349,13 @@ class ExecFactsTests(unittest.TestCase):
 
     def test_pipeline(self):
         """
-        Every simple command of a pipeline is listed with its program.
+        Every simple command of a pipeline is listed with its program (and
+        what sudo runs), and the pipeline with what each stage runs.
         """
         command = commands.exec_command("curl -s https://x.test/i.sh | sudo sh && echo done", "deploy", False)
-        self.assertEqual(command.facts["programs"], ["curl", "sudo", "echo"])
+        self.assertEqual(command.facts["programs"], ["curl", "sudo", "sh", "echo"])
         self.assertEqual(command.facts["commands"][1], ["sudo", "sh"])
+        self.assertEqual(command.facts["pipelines"], [[["curl"], ["sudo", "sh"]]])
         self.assertEqual(command.facts["program"], "curl")
 
     def test_assignments_and_paths(self):
@@ -542,31 +543,6 @@ class SftpRelayTests(unittest.TestCase):
         self.assertEqual(command.outcome["status"], "interrupted")
 
 
-class StreamMaskerTests(unittest.TestCase):
-    """
-    Card numbers in a stream that arrives in pieces.
-    """
-
-    def test_every_split(self):
-        """
-        Wherever a PAN is split, it is masked, and nothing else changes.
-        """
-        text = b"order 12345: card 4111-1111-1111-1111 exp 12/30\n"
-        for cut in range(len(text)):
-            masker = cards.StreamMasker()
-            out = masker.feed(text[:cut]) + masker.feed(text[cut:]) + masker.feed(b"", final=True)
-            self.assertEqual(out, b"order 12345: card 4111-11**-****-1111 exp 12/30\n", cut)
-
-    def test_holds_only_what_may_continue(self):
-        """
-        Only trailing digits, spaces and dashes are held back, and at most
-        the span of a PAN.
-        """
-        masker = cards.StreamMasker()
-        self.assertEqual(masker.feed(b"total: 42"), b"total: ")
-        self.assertEqual(masker.held, 2)
-        self.assertEqual(masker.feed(b"1" * 100), b"42" + b"1" * (100 - cards.MAX_PAN_SPAN))
-        self.assertEqual(masker.held, cards.MAX_PAN_SPAN)
 
 
 class _Connection:

@@ -70,6 +70,10 @@ def approval_digest(command, identity, connection):
     return digest.hexdigest()
 
 
+def _noun(command):
+    return {"sql": "statement", "kubernetes": "request"}.get(command.kind, "command")
+
+
 def _new_id(prefix):
     return "%s-%s" % (prefix, os.urandom(6).hex())
 
@@ -101,6 +105,8 @@ class Request:
     outcome = attr.ib(default=None)
     deferred = attr.ib(default=None, repr=False)
     timer = attr.ib(default=None, repr=False)
+    # What the client calls what it asked for: a statement, a command, a request.
+    noun = attr.ib(default="statement")
 
     def to_json(self):
         result = {
@@ -232,6 +238,7 @@ class Broker:
             digest=approval_digest(command, session.identity, session.connection),
             created=now,
             expires=now + rule.timeout,
+            noun=_noun(command),
         )
         request.deferred = defer.Deferred(lambda _: self._cancelled(request))
         self.requests[request.id] = request
@@ -258,9 +265,10 @@ class Broker:
         """
         where = (" or POST %s/api/approvals/%s/approve" % (self.url, request.id)) if self.url else ""
         return (
-            "hoopgw: this statement needs approval (rule %s: %d approval%s from %s). Request %s is waiting; "
+            "hoopgw: this %s needs approval (rule %s: %d approval%s from %s). Request %s is waiting; "
             "an approver runs: hoopgw approvals approve %s --reason '...'%s. Waiting up to %s."
             % (
+                request.noun,
                 request.rule.name,
                 request.rule.approvals,
                 "" if request.rule.approvals == 1 else "s",
@@ -382,7 +390,7 @@ class Broker:
                 request,
                 "denied",
                 Decision.deny(
-                    "%s denied this statement: %s" % (approver.subject, reason),
+                    "%s denied this %s: %s" % (approver.subject, request.noun, reason),
                     rule="approve:%s:denied" % (request.rule.name,),
                     sqlstate="42501",
                 ),
@@ -434,7 +442,7 @@ class Broker:
             request,
             "expired",
             Decision.deny(
-                "nobody approved this statement within %s" % (_duration(request.rule.timeout),),
+                "nobody approved this %s within %s" % (request.noun, _duration(request.rule.timeout)),
                 rule="approve:%s:timeout" % (request.rule.name,),
                 sqlstate="42501",
             ),

@@ -12,7 +12,6 @@ import hashlib
 import json
 import shlex
 import time
-from urllib.parse import parse_qs, parse_qsl, unquote
 
 from mitmproxy import http
 from twisted.application import service
@@ -24,8 +23,8 @@ from hoopgw import redact
 from hoopgw.chain import ChainBroken, settled
 from hoopgw.identity.certificates import as_certificate, fingerprint
 from hoopgw.kubernetes import bodies, channels, engine as engines, tls
-from hoopgw.kubernetes.requestinfo import request_info
-from hoopgw.model import DENY, Command, Credentials, Decision, ResultChunk, Session
+from hoopgw.kubernetes.requestinfo import request_command, request_info
+from hoopgw.model import DENY, Credentials, Decision, ResultChunk, Session
 from hoopgw.options import ConfigError
 
 KEY = "hoopgw"
@@ -44,7 +43,7 @@ class Exchange:
 
     __slots__ = (
         "received", "session", "command", "info", "refused", "streamed", "finished", "masked",
-        "warnings", "subprotocol", "cast", "exit", "broken", "impersonated", "client",
+        "warnings", "subprotocol", "cast", "exit", "broken", "impersonated", "client", "released",
     )
 
     def __init__(self, received):
@@ -63,6 +62,7 @@ class Exchange:
         self.broken = None
         self.impersonated = None
         self.client = None
+        self.released = False
 
 
 async def _wait(value, loop):
@@ -235,28 +235,9 @@ class Frontend:
 
     def _command(self, flow, info, query, websocket):
         request = flow.request
-        text = "%s %s" % (request.method, request.path)
-        facts = info.facts()
-        facts.update(method=request.method, websocket=websocket, userAgent=request.headers.get("user-agent", ""))
-        parsed = parse_qs(query, keep_blank_values=True) if query else {}
-        if info.subresource in ("exec", "attach"):
-            facts["command"] = [redact.redact_text(part)[0] for part in parsed.get("command", [])]
-            facts["container"] = (parsed.get("container") or [""])[-1]
-            for flag in ("stdin", "stdout", "stderr", "tty"):
-                facts[flag] = (parsed.get(flag) or ["false"])[-1] in ("true", "1")
-        if "dryRun" in parsed:
-            facts["dryRun"] = parsed["dryRun"][-1]
-        if info.subresource == "log":
-            facts["follow"] = (parsed.get("follow") or ["false"])[-1] in ("true", "1")
-        command = Command(kind="kubernetes", text=text, redacted=_redacted_request(request.method, request.path), facts=facts)
-        body = request.raw_content
-        if body:
-            # An approval binds to the exact body; the record keeps only its size and digest.
-            command.parameters = (body,)
-            command.redacted_parameters = (
-                "<body, %d bytes, sha256 %s>" % (len(body), hashlib.sha256(body).hexdigest()),
-            )
-        return command
+        return request_command(
+            info, request.method, request.path, query, websocket, request.headers.get("user-agent", ""), request.raw_content
+        )
 
     def _credential(self, request, session, exchange):
         """
@@ -660,34 +641,87 @@ class Frontend:
             return
         if frame.channel in (channels.STDOUT, channels.STDERR):
             if self.result_hooks:
-                chunk = ResultChunk("stream", data=frame.data, stream=channels.STREAMS[frame.channel], final=True)
                 try:
-                    await _wait(self.chain.result(exchange.session, exchange.command, chunk), self.loop)
+                    # A card number may go on in the stream's next frame:
+                    # the chain holds its start back until then.
+                    data = await self._terminal_output(exchange, frame.channel, frame.data, final=False)
                 except ChainBroken as error:
-                    # The output goes no further; the client learns why on the error channel.
-                    message.content = channels.Frame(
-                        channels.ERROR,
-                        bodies.status(500, "hoopgw withheld the output because %s; the session is closed" % (error,)),
-                        frame.base64,
-                    ).encode()
-                    self._stream_broken(flow, exchange, str(error), delay=0.2)
+                    self._terminal_broken(flow, exchange, message, frame, error)
                     return
-                exchange.masked += chunk.masked + chunk.withheld
-                if chunk.data is not frame.data:
-                    frame.data = chunk.data
+                if data is not frame.data:
+                    frame.data = data
                     message.content = frame.encode()
             cast.output(frame.data)
-        elif frame.channel == channels.ERROR and frame.data:
+        elif frame.channel == channels.ERROR:
+            # The status that ends the output: what was held back goes first.
+            try:
+                await self._release_output(flow, exchange, frame.base64, message.is_text)
+            except ChainBroken as error:
+                self._terminal_broken(flow, exchange, message, frame, error)
+                return
+            if not frame.data:
+                return
             try:
                 result = json.loads(frame.data)
             except ValueError:
                 return
             exchange.exit = _exit_code(result)
 
+    async def _terminal_output(self, exchange, channel, data, final):
+        """
+        One stream's output through the chain's result hooks.
+
+        @return: the bytes to send now.
+        @raise ChainBroken: an addon failed on it.
+        """
+        chunk = ResultChunk("stream", data=data, stream=channels.STREAMS[channel], final=final)
+        await _wait(self.chain.result(exchange.session, exchange.command, chunk), self.loop)
+        exchange.masked += chunk.masked + chunk.withheld
+        return chunk.data
+
+    async def _release_output(self, flow, exchange, base64_framing, is_text):
+        """
+        The end of the output: each stream's last chunk through the chain,
+        and what it releases sent (see L{engines.SEND_FIRST}).
+        """
+        if not self.result_hooks or exchange.released:
+            return
+        exchange.released = True
+        first = []
+        for channel in (channels.STDOUT, channels.STDERR):
+            data = await self._terminal_output(exchange, channel, b"", final=True)
+            if data:
+                exchange.cast.output(data)
+                first.append((channels.Frame(channel, data, base64_framing).encode(), is_text))
+        if first:
+            flow.metadata[engines.SEND_FIRST] = first
+
+    def _terminal_broken(self, flow, exchange, message, frame, error):
+        # The output goes no further; the client learns why on the error channel.
+        message.content = channels.Frame(
+            channels.ERROR,
+            bodies.status(500, "hoopgw withheld the output because %s; the session is closed" % (error,)),
+            frame.base64,
+        ).encode()
+        self._stream_broken(flow, exchange, str(error), delay=0.2)
+
     async def websocket_end(self, flow):
         exchange = flow.metadata.get(KEY)
         if exchange is None or exchange.cast is None or exchange.finished:
             return
+        command = exchange.command
+        if self.result_hooks and not exchange.released and not exchange.broken:
+            # The stream closed without a status: what the chain still held
+            # back can no longer be sent (and is not recorded as sent).
+            exchange.released = True
+            unsent = 0
+            try:
+                for channel in (channels.STDOUT, channels.STDERR):
+                    unsent += len(await self._terminal_output(exchange, channel, b"", final=True))
+            except ChainBroken as error:
+                exchange.broken = str(error)
+            if unsent:
+                command.outcome["unsent_output_bytes"] = unsent
         # The recording is durable, and its digest in the outcome, before
         # the command's end event commits it.
         try:
@@ -897,17 +931,3 @@ class KubernetesService(service.Service):
             return self._stopped or defer.succeed(None)
         return self.frontend.close_sessions(reason)
 
-
-def _redacted_request(method, path):
-    """
-    The request line as the record may keep it: the path and every query
-    value decoded the way the API server decodes them ("+" is a space,
-    %XX escapes), then redacted, so no card number or token hides behind
-    URL encoding (an exec command's arguments travel in the query).
-    """
-    route, _, query = path.partition("?")
-    text = "%s %s" % (method, unquote(route))
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        text += "?" + "&".join("%s=%s" % (name, value) for name, value in pairs)
-    return redact.redact_text(text)[0]

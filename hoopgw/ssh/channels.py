@@ -626,7 +626,9 @@ class SessionChannel(RelayChannel):
         waits for), on stderr.
         """
         if not self.localClosed:
-            self.send_stderr(("hoopgw: %s\r\n" % (text,)).encode("utf-8"))
+            if not text.startswith("hoopgw:"):
+                text = "hoopgw: " + text
+            self.send_stderr(("%s\r\n" % (text,)).encode("utf-8"))
 
 
 class ForwardChannel(RelayChannel):
