@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from hoopgw import cast as casts
 from hoopgw import redact
 from hoopgw.chain import ChainBroken, settled
+from hoopgw.identity.certificates import as_certificate, fingerprint
 from hoopgw.kubernetes import bodies, channels, engine as engines, tls
 from hoopgw.kubernetes.requestinfo import request_command, request_info
 from hoopgw.model import DENY, Credentials, Decision, ResultChunk, Session
@@ -145,6 +146,7 @@ class Frontend:
         self.clients = {}
         self.ending = set()
         self.client_tls = tls.client_context(self.settings.tls)
+        self.tls_connections = {}
         self.upstream_tls = tls.upstream_context(self.settings.target)
         self.result_hooks = chain.has("result_received")
 
@@ -152,6 +154,10 @@ class Frontend:
 
     def tls_start_client(self, data):
         data.ssl_conn = tls.accept(self.client_tls)
+        if self.settings.tls.client_ca is not None:
+            # Read again once a request comes: what OpenSSL made of the
+            # client's certificate.
+            self.tls_connections[data.context.client.id] = data.ssl_conn
 
     def tls_start_server(self, data):
         data.ssl_conn = tls.connect(self.upstream_tls, self.settings.target)
@@ -243,6 +249,8 @@ class Frontend:
             lowered = name.lower()
             if lowered in ("authorization", "proxy-authorization") or lowered.startswith("impersonate-"):
                 del headers[name]
+        if self.settings.saml_header:
+            headers.pop(self.settings.saml_header, None)
         target = self.settings.target
         if target.token is not None:
             try:
@@ -271,6 +279,21 @@ class Frontend:
 
     async def _session(self, flow, token, exchange):
         client = flow.client_conn
+        saml_header = self.settings.saml_header
+        assertion = flow.request.headers.get(saml_header, "").strip() if saml_header else ""
+        if assertion:
+            if token:
+                self._refuse(
+                    flow,
+                    exchange,
+                    400,
+                    "hoopgw refused the request: it carries both a bearer token and a %s header; send one "
+                    "credential, the SAML assertion in %s or the token as the bearer token" % (saml_header, saml_header),
+                )
+                return None
+            # The identity addon tells a SAML assertion from a JWT itself,
+            # as it does for a PostgreSQL password.
+            token = assertion
         state = self.clients.get(client.id)
         if state is None:
             state = self.clients[client.id] = _ClientState()
@@ -290,7 +313,7 @@ class Frontend:
             protocol="kubernetes",
             client_address=_address(client.peername),
             target=self.settings.target_name,
-            credentials=Credentials(password=token, client_certificate=None),
+            credentials=self._credentials(client, token),
             attributes={
                 "user_agent": flow.request.headers.get("user-agent", ""),
                 "tls": client.tls_established,
@@ -300,7 +323,12 @@ class Frontend:
         decision = await _wait(self.chain.start_session(session), self.loop)
         if decision.verdict == DENY:
             code = 401 if (decision.rule or "").startswith(_IDENTITY_RULES) else 403
-            self._refuse(flow, exchange, code, "hoopgw refused the session: %s" % (decision.reason,))
+            message = "hoopgw refused the session: %s" % (decision.reason,)
+            # kubectl meets the refusal in its discovery request, whose
+            # errors it prints without the Status message ("You must be
+            # logged in to the server"); it does print Warning headers.
+            exchange.warnings.append(message)
+            self._refuse(flow, exchange, code, message)
             return None
         if client.id not in self.clients:
             # The client went away while its token was checked.
@@ -310,6 +338,30 @@ class Frontend:
         state.sessions[key] = session
         exchange.session = session
         return session
+
+    def _credentials(self, client, token):
+        """
+        What the client presented: its token, and the certificate it
+        proved it holds in the TLS handshake (asked for only with
+        C{tls.client_ca}).  A certificate OpenSSL could not verify against
+        C{tls.client_ca} is not handed over as one: the identity addon
+        learns why, and refuses.
+        """
+        certificate, problem = tls.client_certificate(self.tls_connections.get(client.id))
+        credentials = Credentials(password=token, client_certificate=certificate)
+        if problem is not None:
+            credentials.client_certificate = None
+            evidence = {"reason": problem}
+            try:
+                parsed = as_certificate(certificate)
+                evidence.update(
+                    certificate_fingerprint=fingerprint(parsed), certificate_subject=parsed.subject.rfc4514_string()
+                )
+            except ValueError:
+                # What cryptography cannot read is still named in the record.
+                evidence["certificate_fingerprint"] = certificate.digest("sha256").decode("ascii").lower()
+            credentials.extra["client_certificate_refused"] = evidence
+        return credentials
 
     def _end(self, session):
         ended = self.chain.end_session(session)
@@ -337,6 +389,7 @@ class Frontend:
         return leaving
 
     def client_disconnected(self, client):
+        self.tls_connections.pop(client.id, None)
         state = self.clients.pop(client.id, None)
         if state is not None:
             self._leave(state, "client disconnected")
