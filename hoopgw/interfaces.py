@@ -81,10 +81,15 @@ class IStore(Interface):
     The append-only, hash-chained evidence store.
     """
 
-    def append(event):
+    def append(event, urgent=True):
         """
         Chain and persist C{event} (a JSON-serialisable mapping with at
         least C{"type"}).
+
+        @param urgent: something waits for this event to be durable (a
+            command about to run: write-ahead).  When C{False} (a command's
+            end, which nothing waits on), the store may make it durable
+            with the next urgent event's sync, within a short delay.
 
         @return: a L{Deferred} that fires with the chained event (with its
             C{seq}, C{prev} and C{hash}) once it is durable, or fails if it

@@ -43,7 +43,7 @@ class MemoryStore:
         self.head = chaining.GENESIS
         self.fail_with = None
 
-    def append(self, event):
+    def append(self, event, urgent=True):
         if self.fail_with is not None:
             return defer.fail(self.fail_with)
         chaining.seal(event, len(self.events) + 1, self.head)

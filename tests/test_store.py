@@ -6,11 +6,11 @@ tampering named.
 import json
 import os
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from hoopgw import cli
-from hoopgw.store.file import FileStore, StoreError, segment_paths
+from hoopgw.store.file import LAZY_SYNC, FileStore, StoreError, segment_paths
 from hoopgw.store.verify import verify_store
 
 
@@ -70,6 +70,40 @@ class StoreTests(unittest.TestCase):
             return store.close().addCallback(lambda _: self.assertFalse(writer.is_alive()))
 
         return defer.gatherResults(appended).addCallback(check)
+
+    def test_end_events_ride_the_next_sync(self):
+        """
+        An event nobody waits on (C{urgent=False}: a command's end) does not
+        cost a sync of its own: it becomes durable with the next urgent
+        event's sync, or after L{LAZY_SYNC} seconds when none comes, or at
+        close.
+        """
+        clock = task.Clock()
+        syncs = []
+        real = os.fdatasync
+        self.patch(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd))[1])
+        store = FileStore(self.path, clock)
+        store.open()
+        ended = store.append({"type": "command.end", "n": 1}, urgent=False)
+        clock.advance(0)
+        self.assertEqual((ended.called, len(syncs)), (False, 0))
+        started = store.append({"type": "command", "n": 2})
+        clock.advance(0)
+        self.assertEqual((ended.called, started.called, len(syncs)), (True, True, 1))
+        self.assertEqual(clock.getDelayedCalls(), [])
+        alone = store.append({"type": "command.end", "n": 3}, urgent=False)
+        clock.advance(LAZY_SYNC / 2)
+        self.assertFalse(alone.called)
+        clock.advance(LAZY_SYNC / 2)
+        self.assertEqual((alone.called, len(syncs)), (True, 2))
+        last = store.append({"type": "command.end", "n": 4}, urgent=False)
+        closed = store.close()
+        clock.advance(0)
+        # One sync for the waiting event, one as the file closes.
+        self.assertEqual((last.called, closed.called, len(syncs)), (True, True, 4))
+        self.assertEqual(clock.getDelayedCalls(), [])
+        _, lines = self.lines()
+        self.assertEqual([json.loads(line)["n"] for line in lines if b'"n"' in line], [1, 2, 3, 4])
 
     def test_chain_continues_after_reopen(self):
         """

@@ -70,8 +70,8 @@ class Record:
             # Nobody needs the results decoded: let the front end relay them untouched.
             self.result_received = None
 
-    def _append(self, event):
-        return self._store.append(event)
+    def _append(self, event, urgent=True):
+        return self._store.append(event, urgent=urgent)
 
     def session_started(self, session):
         state = session.metadata["record"] = {"commands": 0, "started": True}
@@ -143,9 +143,10 @@ class Record:
                 "rows": sample["rows"],
                 "text": cards.mask_text(sample["bytes"].decode("utf-8", "replace"))[0],
             }
-        # The outcome is not waited for: the client has its answer already.
-        # Should the store fail, it refuses every later command.
-        self._append(event).addErrback(self._lost)
+        # The outcome is not waited for: the client has its answer already,
+        # so it rides with the next command's write-ahead sync (or a short
+        # delay).  Should the store fail, it refuses every later command.
+        self._append(event, urgent=False).addErrback(self._lost)
 
     def _lost(self, failure):
         self.log.failure("An outcome could not be recorded", failure)

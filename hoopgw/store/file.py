@@ -128,6 +128,9 @@ def publish_key(directory, key_id, pem):
 
 
 _CHECKPOINT_MARK = b'"type":"checkpoint"'
+# How long an event nobody waits on (a command's end) may wait for a sync
+# that an urgent, write-ahead event would bring anyway.
+LAZY_SYNC = 0.05
 
 
 def _last_checkpoint_position(segments):
@@ -196,6 +199,8 @@ class FileStore:
         self._size = 0
         self._waiting = []
         self._syncing = False
+        # The sync that events nobody waits on get if no urgent one comes.
+        self._lazy = None
         self._broken = None
         self._queue = queue.SimpleQueue()
         self._writer = None
@@ -343,7 +348,7 @@ class FileStore:
         event.update(self.state.checkpoint_fields())
         return self.append(event)
 
-    def append(self, event):
+    def append(self, event, urgent=True):
         if self._broken is not None:
             return defer.fail(StoreError("the store failed earlier and takes no more events: %s" % (self._broken,)))
         if self._fd is None:
@@ -369,8 +374,12 @@ class FileStore:
             return defer.succeed(event)
         d = defer.Deferred()
         self._waiting.append((d, event))
-        if not self._syncing:
+        if self._syncing:
+            pass
+        elif urgent:
             self._sync()
+        elif self._lazy is None:
+            self._lazy = self._reactor.callLater(LAZY_SYNC, self._sync)
         return d
 
     def _sync(self):
@@ -383,6 +392,10 @@ class FileStore:
         70 us of CPU a statement on a fast disk).
         """
         self._syncing = True
+        if self._lazy is not None:
+            if self._lazy.active():
+                self._lazy.cancel()
+            self._lazy = None
         if self._writer is not None:
             batch, self._waiting = self._waiting, []
             self._queue.put((self._fd, batch))
@@ -435,6 +448,9 @@ class FileStore:
         """
         self._broken = reason
         self.log.critical("Audit store failure: {reason}", reason=reason)
+        if self._lazy is not None and self._lazy.active():
+            self._lazy.cancel()
+        self._lazy = None
         waiting, self._waiting = self._waiting, []
         for d, _ in waiting:
             d.errback(StoreError(reason))
@@ -550,6 +566,9 @@ class FileStore:
             schedule.stop()
             if self.signer is not None and self.state.since_checkpoint and self._broken is None and self._fd is not None:
                 self.checkpoint("stop").addErrback(lambda failure: self.log.failure("The closing checkpoint failed", failure))
+        if self._waiting and not self._syncing:
+            # Events nobody waited on are made durable now, not later.
+            self._sync()
         if self._syncing:
             done = defer.Deferred()
             self._waiting.append((done, None))

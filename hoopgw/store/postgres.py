@@ -236,7 +236,8 @@ class PostgresStore:
             self._broken = reason
             self.log.critical("Audit store failure: {reason}", reason=reason)
 
-    def append(self, event):
+    def append(self, event, urgent=True):
+        # Every batch is one transaction: urgent or not, events go with the next.
         if self._broken is not None:
             return defer.fail(StoreError("the store failed earlier and takes no more events: %s" % (self._broken,)))
         if self._closed:
