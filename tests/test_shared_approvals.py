@@ -25,7 +25,8 @@ from hoopgw.approvals import ApprovalError, ApprovalRule
 from hoopgw.approvals.shared import SharedBroker, channel
 from hoopgw.model import HUMAN
 from hoopgw.store import postgres as pgstore
-from hoopgw.store.file import StoreError
+from hoopgw.store import verify as verification
+from hoopgw.store.file import FileStore, StoreError
 from hoopgw.testing import identity, session, sql_command
 from hoopgw.throwaway import free_port
 from tests import evidence_support as es
@@ -156,6 +157,85 @@ class Member:
 
 
 RULE = ApprovalRule(name="ddl", approvers={"dba"}, approvals=1, timeout=60)
+
+
+class ApprovalsEvidenceTests(unittest.TestCase):
+    """
+    verify checks what the record says of approvals, whoever wrote it: a
+    chain intact but showing an approval the rules forbid is refused.
+    """
+
+    REQUEST = {
+        "type": "approval.request",
+        "approval": "apr-1",
+        "session": "s-1",
+        "subject": "ci-bot",
+        "digest": "d" * 64,
+        "approvals_required": 2,
+    }
+
+    def vote(self, subject, verdict="approve", kind=HUMAN):
+        return {"type": "approval.vote", "approval": "apr-1", "approver": {"subject": subject, "kind": kind}, "verdict": verdict}
+
+    def approved(self, digest="d" * 64):
+        return {"type": "approval.approved", "approval": "apr-1", "outcome": {"verdict": "approved", "approval": {"id": "apr-1", "digest": digest}}}
+
+    def statement(self, digest="d" * 64):
+        return {
+            "type": "command",
+            "session": "s-1",
+            "text": "DROP TABLE orders",
+            "decision": {"verdict": "approved", "approval": {"id": "apr-1", "digest": digest}},
+        }
+
+    @defer.inlineCallbacks
+    def verify(self, *events):
+        """
+        Write C{events} to a new file store, properly chained, and verify it.
+        """
+        directory = self.mktemp()
+        store = FileStore(directory, reactor, fsync=False)
+        store.open()
+        for event in events:
+            yield store.append(dict(event))
+        yield store.close()
+        return verification.verify_store(directory)
+
+    @defer.inlineCallbacks
+    def test_approved_statement(self):
+        """
+        A request approved by two people other than the requester, then the
+        statement it is bound to: verified, and summed up.
+        """
+        report = yield self.verify(self.REQUEST, self.vote("alice"), self.vote("bob"), self.approved(), self.statement())
+        self.assertTrue(report.ok, report.problem)
+        self.assertIn("approvals: 1 request(s) (1 approved), each decided at most once; 1 statement(s) ran approved", report.summary())
+
+    @defer.inlineCallbacks
+    def test_refused_approvals(self):
+        """
+        Decided twice, approved without the votes its rule requires, a vote
+        by the requester or by a service, a statement run under another
+        statement's approval or under a denial: each is named.
+        """
+        cases = [
+            ((self.vote("alice"), self.vote("bob"), self.approved(), {"type": "approval.denied", "approval": "apr-1"}),
+             "was decided twice"),
+            ((self.vote("alice"), self.approved()), "with 1 approval(s) of the 2 its rule requires"),
+            ((self.vote("ci-bot"),), "who may not approve it"),
+            ((self.vote("deploy-bot", kind="service"),), "who may not approve it"),
+            ((self.vote("alice"), self.vote("bob"), self.approved(), self.statement(digest="e" * 64)),
+             "does not show approved for it"),
+            ((self.vote("alice", verdict="deny"), {"type": "approval.denied", "approval": "apr-1"}, self.statement()),
+             "does not show approved for it"),
+            ((self.statement(),), "which is not in the record before it"),
+        ]
+        for events, phrase in cases:
+            if events[0]["type"] != "command":
+                events = (self.REQUEST,) + events
+            report = yield self.verify(*events)
+            self.assertEqual(report.kind, verification.APPROVAL, (phrase, report.problem))
+            self.assertIn(phrase, report.problem)
 
 
 class BrokersOnOneStoreTests(unittest.TestCase):
@@ -473,6 +553,11 @@ class SharedApprovalsTests(unittest.TestCase):
         status, out = yield in_thread(run_cli, "verify", store_dsn(self.settings), "--key", es.signing_key()[1])
         self.assertEqual(status, 0, out)
         self.assertIn("OK: %d events" % (len(events),), out)
+        self.assertIn(
+            "approvals: 3 request(s) (1 approved, 2 denied), each decided at most once; 1 statement(s) ran approved "
+            "and 1 under a grant, each after its approval",
+            out,
+        )
         status, out = yield in_thread(run_cli, "replay", "--store", store_dsn(self.settings), ran["session"])
         self.assertEqual(status, 0, out)
         self.assertIn("UPDATE %s SET id = id + 10 RETURNING id" % (table,), out)

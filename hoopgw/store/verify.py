@@ -4,7 +4,7 @@ first problem: an event edited, reordered or removed, a whole session
 removed, a checkpoint whose signature fails or that a key other than the
 expected one signed, an unsigned tail (the signed end cut off), a session
 or a gateway run without its end, an asciicast that does not match the
-digest committed for it.
+digest committed for it, an approval the rules would not have allowed.
 """
 
 import hashlib
@@ -12,6 +12,7 @@ import os
 
 import attr
 
+from hoopgw.approvals.evidence import ApprovalsCheck, ApprovalsProblem
 from hoopgw.store import events as chaining
 from hoopgw.store.checkpoints import GATEWAY_RECOVERED, GATEWAY_START, GATEWAY_STOP
 from hoopgw.store.signing import SigningKeyError, Verifier
@@ -30,6 +31,7 @@ UNSIGNED = "unsigned"
 UNENDED = "unended"
 CAST_PROBLEM = "cast"
 UNREADABLE = "unreadable"
+APPROVAL = "approval"
 
 
 class Problem(Exception):
@@ -65,6 +67,7 @@ class Report:
     casts = attr.ib(default=0)
     notes = attr.ib(factory=list)
     views = attr.ib(default=None)
+    approvals = attr.ib(default=None)
 
     @property
     def ok(self):
@@ -84,6 +87,8 @@ class Report:
                 ", ".join(sorted(self.key_ids)),
             )
         text += "\n  sessions: %d, each with its end; asciicasts checked: %d" % (self.sessions, self.casts)
+        if self.approvals:
+            text += "\n  " + self.approvals
         for note in self.notes:
             text += "\n  note: %s" % (note,)
         if self.views is not None:
@@ -119,6 +124,7 @@ class _Walk:
         self.purged = None
         self.start_gap = None
         self.from_genesis = False
+        self.approvals = None
 
     def _learn_key(self, pem, where):
         try:
@@ -155,6 +161,12 @@ class _Walk:
         elif self.counts is not None:
             self.counts[kind] = self.counts.get(kind, 0) + 1
         self._lifecycle(kind, event, where)
+        if self.approvals is None:
+            self.approvals = ApprovalsCheck(whole=self.from_genesis)
+        try:
+            self.approvals.see(event)
+        except ApprovalsProblem as problem:
+            raise Problem(APPROVAL, "%s (%s)" % (problem, where))
         report.head = event["hash"]
         report.last_seq = seq
         report.events += 1
@@ -294,6 +306,8 @@ class _Walk:
 
     def _finish(self):
         report = self.report
+        if self.approvals is not None:
+            report.approvals = self.approvals.summary()
         live = self.source.live()
         running = self.source.running_gateways()
         if self.start_gap is not None:
