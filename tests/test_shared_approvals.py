@@ -695,6 +695,32 @@ class SharedApprovalsTests(unittest.TestCase):
         self.assertIn("is cancelled", answer["error"])
         self.assertEqual((yield in_thread(app_psql, "SELECT count(*) FROM %s" % (self.table,))).strip(), "3")
 
+    @defer.inlineCallbacks
+    def test_holding_gateway_stops(self):
+        """
+        A statement waiting on gateway 1 when it is stopped cleanly (SIGTERM)
+        is refused to its client and its request is cancelled in the record
+        by gateway 1 itself as it stops, without waiting for anyone's sweep:
+        gateway 2 lists it as cancelled at once and refuses to approve it.
+        """
+        waiting = psql(self.first.dsn(), "-c", "DELETE FROM %s" % (self.table,), password=token())
+        (request,) = yield self.pending(self.second)
+        yield in_thread(self.first.stop)
+        out, err, code = yield waiting
+        self.assertNotEqual(code, 0)
+        code, answer = yield self.api(self.second, "GET", "/api/approvals/%s" % (request["id"],), human_token("alice"))
+        self.assertEqual((code, answer["status"]), (200, "cancelled"), answer)
+        code, answer = yield self.api(
+            self.second, "POST", "/api/approvals/%s/approve" % (request["id"],), human_token("alice"), {"reason": "late"}
+        )
+        self.assertEqual(code, 409, answer)
+        events = yield self.events()
+        # Cancelled by the stopping gateway itself (gateway 2 sweeps only
+        # hourly here, and would say the holder stopped without deciding).
+        (cancelled,) = [event for event in events if event["type"] == "approval.cancelled" and event["approval"] == request["id"]]
+        self.assertEqual(cancelled["outcome"]["reason"], "the client gave up waiting")
+        self.assertEqual((yield in_thread(app_psql, "SELECT count(*) FROM %s" % (self.table,))).strip(), "3")
+
 
 def _wait_port(process, port, timeout=30):
     import socket
