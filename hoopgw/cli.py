@@ -221,10 +221,11 @@ def parser():
     evidence.add_filters(listing)
     listing.set_defaults(run=_evidence("sessions_list"))
 
-    replay = commands.add_parser("replay", help="a session's timeline, and its terminal recording played back")
+    replay = commands.add_parser("replay", help="a session's timeline, and its terminal recordings played back")
     evidence.add_store(replay)
     replay.add_argument("session", help="the session id (see 'hoopgw sessions list')")
-    replay.add_argument("--speed", type=float, default=1.0, help="play the recording this many times faster")
+    replay.add_argument("--speed", type=float, default=1.0, help="play the recordings this many times faster")
+    replay.add_argument("--command", help="play only this command's recording (its # in the timeline, or its id)")
     replay.set_defaults(run=_evidence("replay"))
 
     export = commands.add_parser("export", help="write a self-contained, verifiable evidence bundle")
@@ -240,13 +241,17 @@ def parser():
     events.add_argument("--json", action="store_true", help="print the raw JSON lines")
     events.set_defaults(run=_events)
 
-    explain = commands.add_parser("explain", help="say what each addon of a connection would decide about SQL, and why")
+    explain = commands.add_parser(
+        "explain", help="say what each addon of a connection would decide about SQL, a command line or an API request, and why"
+    )
     explain.add_argument("--config", required=True, help="the configuration file")
     explain.add_argument("--connection", required=True, help="the connection's name")
     explain.add_argument("--subject", default="explain", help="the identity to explain for")
     explain.add_argument("--groups", help="its groups, comma-separated (default: the connection's allowed groups)")
     explain.add_argument("--kind", choices=("service", "human"), default="service")
-    explain.add_argument("sql", help="the SQL, one statement or several")
+    explain.add_argument(
+        "sql", help="the SQL (one statement or several), the SSH command line, or the Kubernetes request (METHOD /path)"
+    )
     explain.set_defaults(run=_explain)
 
     from hoopgw.approvals import client as approvals_client

@@ -91,6 +91,7 @@ class StoreConfig:
     checkpoint_interval = attr.ib(default=60.0)
     retention = attr.ib(default=None)
     postgres = attr.ib(default=None)
+    sync_thread = attr.ib(default=False)
 
 
 @attr.s(frozen=True)
@@ -128,6 +129,13 @@ STORE_OPTIONS = (
         o.boolean,
         True,
         "Wait for the disk before a command runs (write-ahead). Turn off only for throwaway demos.",
+    ),
+    o.Option(
+        "sync_thread",
+        o.boolean,
+        False,
+        "Sync the store in a thread of its own instead of at the end of each turn of the event loop: "
+        "for disks whose fsync takes milliseconds, so other sessions go on meanwhile. Costs CPU on fast disks.",
     ),
     o.Option(
         "segment_bytes",

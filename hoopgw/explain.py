@@ -1,7 +1,8 @@
 """
 C{hoopgw explain}: what each addon of a connection's chain would decide
-about a statement, and why, without a network, a target or a store: the
-answer to "why was this allowed?".
+about a statement (PostgreSQL), a command line (SSH) or an API request
+(Kubernetes, written C{METHOD /path}), and why, without a network, a
+target or a store: the answer to "why was this allowed?".
 """
 
 from hoopgw import config as configuration
@@ -53,22 +54,14 @@ def explain(config, connection_name, sql, subject="explain", groups=None, kind=S
             "  the session itself would be refused: %s is in none of %s"
             % (subject, ", ".join(sorted(connection.allowed_groups)))
         )
-    statements, error = split_statements(sql)
+    commands, noun = _commands(connection, sql)
     denied = False
-    for text in statements:
-        command = Command(
-            kind="sql",
-            text=text,
-            redacted=redact.redact_sql(text)[0],
-            facts={"statement_type": statement_type(text), "protocol": "simple"},
-        )
-        if error:
-            command.facts["parse_error"] = error
-        lines.append("statement: %s" % (command.redacted,))
+    for command in commands:
+        lines.append("%s: %s" % (noun, command.redacted))
         verdict = "allow"
         for name, addon in addons:
             if verdict.startswith("deny") and name != "record":
-                lines.append("  %-9s (not consulted: the statement is already denied)" % (name + ":",))
+                lines.append("  %-9s (not consulted: the %s is already denied)" % (name + ":", noun))
                 continue
             explainer = getattr(addon, "explain", None)
             if explainer is not None:
@@ -86,9 +79,51 @@ def explain(config, connection_name, sql, subject="explain", groups=None, kind=S
             lines.append("  %-9s %s" % (name + ":", answer))
         lines.append("  => %s" % (verdict,))
         denied = denied or verdict.startswith("deny")
-    if denied and len(statements) > 1:
+    if denied and len(commands) > 1:
         lines.append("one statement is denied, so none of this query runs")
     return lines
+
+
+def _commands(connection, text):
+    """
+    The commands C{text} is on this connection, as its front end would
+    make them, and what to call them.
+    """
+    if connection.protocol == "ssh":
+        from hoopgw.ssh.commands import exec_command
+
+        logins = sorted(getattr(connection.settings, "allowed_logins", None) or ["explain"])
+        return [exec_command(text, logins[0], False)], "command"
+    if connection.protocol == "kubernetes":
+        from hoopgw.kubernetes.requestinfo import request_command, request_info
+
+        method, _, path = text.strip().partition(" ")
+        path = path.strip()
+        if not method.isalpha() or not path.startswith("/"):
+            raise ConfigError(
+                "request",
+                "for a Kubernetes connection, give the API request as METHOD /path, e.g. "
+                "\"DELETE /api/v1/namespaces/prod\" or \"GET /api/v1/namespaces/prod/pods/db-0/exec?command=sh\"",
+            )
+        method = method.upper()
+        bare, _, query = path.partition("?")
+        # A GET of exec, attach or portforward is kubectl's WebSocket upgrade.
+        websocket = method == "GET" and bare.rstrip("/").rpartition("/")[2] in ("exec", "attach", "portforward")
+        info = request_info(method, bare, query, websocket)
+        return [request_command(info, method, path, query, websocket)], "request"
+    statements, error = split_statements(text)
+    commands = []
+    for statement in statements:
+        command = Command(
+            kind="sql",
+            text=statement,
+            redacted=redact.redact_sql(statement)[0],
+            facts={"statement_type": statement_type(statement), "protocol": "simple"},
+        )
+        if error:
+            command.facts["parse_error"] = error
+        commands.append(command)
+    return commands, "statement"
 
 
 def run(arguments, out):

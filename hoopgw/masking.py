@@ -10,6 +10,7 @@ Nothing here knows a wire format: the front end says where values lie
 (L{hoopgw.model.ResultChunk.locate}) and which type each column has.
 """
 
+import json
 import re
 import struct
 
@@ -135,6 +136,55 @@ class Masker:
 
     def string(self, text):
         return cards.mask_text(text, self.style)
+
+    def json_document(self, data):
+        """
+        The bytes of a JSON document with every card number masked, still
+        JSON: in strings masked in place; a number that is a card number
+        becomes a string holding it masked (a masked number would not
+        parse).  Bytes that are not JSON are masked as text.
+
+        @return: C{(bytes, count)}.
+        """
+        masked, count = self.text(data)
+        if not count:
+            return data, 0
+        try:
+            json.loads(masked)
+            return masked, count
+        except ValueError:
+            pass
+        try:
+            document = json.loads(data)
+        except ValueError:
+            return masked, count
+        document, count = self._json_value(document, 0)
+        return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8"), count
+
+    def _json_value(self, value, depth):
+        if depth > 256:
+            raise MaskingError("a JSON document nests too deeply to be checked")
+        if isinstance(value, str):
+            return cards.mask_text(value, self.style)
+        if isinstance(value, bool) or value is None:
+            return value, 0
+        if isinstance(value, (int, float)):
+            if isinstance(value, float) and not (value == value and abs(value) < 1e20 and value == int(value)):
+                return value, 0
+            digits = str(abs(int(value)))
+            if cards.MIN_DIGITS <= len(digits) <= cards.MAX_DIGITS and cards.luhn_valid(digits):
+                return cards.mask_text(digits, self.style)[0], 1
+            return value, 0
+        count = 0
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                value[index], found = self._json_value(item, depth + 1)
+                count += found
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                value[key], found = self._json_value(item, depth + 1)
+                count += found
+        return value, count
 
     # Rows, in place.
 
@@ -569,23 +619,35 @@ def _read_record(value):
 
 class StreamMasker:
     """
-    Masks a byte stream that arrives in chunks cut anywhere.  Bytes that
-    might be the start of a card number continuing in the next chunk are
-    held back (at most about L{cards.MAX_SPAN} bytes) until it arrives or
-    the stream ends.
+    Masks a byte stream that arrives in chunks cut anywhere (SSH output,
+    logs, exec frames, a terminal recording): a card number split across
+    two chunks is still caught.  Only the trailing digit groups that might
+    still grow into a card number with what follows are held back (at most
+    about L{cards.MAX_SPAN} bytes), until the next chunk or the end of the
+    stream.  The one stream masker: the mask addon and the recordings use
+    it alike.
+
+    @ivar held: the bytes held back.
+    @ivar masked: how many card numbers were masked so far.
     """
 
-    def __init__(self, masker):
-        self.masker = masker
+    def __init__(self, masker=None):
+        self.masker = masker if masker is not None else _default_masker()
         self.held = b""
         # Positions in held that an earlier decision already hides.
         self.forced = ()
+        self.masked = 0
 
     def feed(self, data, final=False):
         """
-        @return: C{(bytes to send now, PANs masked)}.
+        The next chunk of the stream.
+
+        @param final: this is the end of the stream: release what is held.
+        @return: C{(bytes to send now, PANs masked in them)}.
         """
         data = self.held + data if self.held else data
+        if not data:
+            return b"", 0
         cut = len(data) if final else _tail_start(data)
         hide, count = self.masker._positions(data, cut, final)
         hide.update(self.forced)
@@ -600,7 +662,17 @@ class StreamMasker:
                 if position < cut:
                     out[position] = 42
             out = bytes(out)
+        self.masked += count
         return out, count
+
+
+_shared = []
+
+
+def _default_masker():
+    if not _shared:
+        _shared.append(Masker())
+    return _shared[0]
 
 
 def _tail_start(data):

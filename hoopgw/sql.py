@@ -29,6 +29,11 @@ def split_statements(sql):
 
     @return: C{(statements, error or None)}.
     """
+    body = sql.rstrip().rstrip(";").rstrip()
+    if ";" not in body:
+        # One statement (the common case): nothing to split, and the
+        # addons that need its parse tree parse it themselves.
+        return ([body.lstrip()] if body.strip() else []), None
     try:
         return list(parser.split(sql)), None
     except Exception as error:

@@ -21,6 +21,7 @@ import attr
 import orjson
 from pglast import parser
 
+from hoopgw import commandpolicy
 from hoopgw import options as o
 from hoopgw.options import ConfigError, join
 
@@ -1004,23 +1005,8 @@ def _names(value, path):
     return tuple(Name.parse(item, join(path, index)) for index, item in enumerate(o.string_list(value, path)))
 
 
-def _fact_patterns(value, path):
-    """
-    C{{name: pattern or [patterns]}}, for any command's facts.
-    """
-    value = o.mapping(value, path)
-    patterns = []
-    for name, raw in sorted(value.items()):
-        if isinstance(raw, str):
-            raw = [raw]
-        patterns.append((name, tuple(o.string_list(raw, join(path, name)))))
-    if not patterns:
-        raise ConfigError(path, "name at least one fact, e.g. {verb: delete}")
-    return tuple(patterns)
-
-
-MATCHER_KEYS = ("kinds", "object_types", "tables", "writes", "functions", "columns", "without_where", "facts")
-SQL_KEYS = MATCHER_KEYS[:-1]
+SQL_KEYS = ("kinds", "object_types", "tables", "writes", "functions", "columns", "without_where")
+MATCHER_KEYS = SQL_KEYS + commandpolicy.KEYS
 
 MATCHER_OPTIONS = (
     o.Option("kinds", _kinds, None, "Statement kinds, e.g. DROP, DROP TABLE, TRUNCATE, GRANT, DDL, DML."),
@@ -1030,22 +1016,16 @@ MATCHER_OPTIONS = (
     o.Option("functions", _names, None, "Functions called (NAME or SCHEMA.NAME, wildcards allowed)."),
     o.Option("columns", o.string_set, None, "Column names referenced."),
     o.Option("without_where", o.boolean, None, "An UPDATE or DELETE without a WHERE clause naming a column."),
-    o.Option(
-        "facts",
-        _fact_patterns,
-        None,
-        "Facts of any command, whatever its protocol, by name, each with shell-style patterns: "
-        "{verb: delete, resource: [secrets, pods/exec], namespace: prod-*} for a Kubernetes request, "
-        "{protocol: extended} for SQL.",
-    ),
-)
+) + commandpolicy.OPTIONS
 
 
 @attr.s(frozen=True)
 class Matcher:
     """
     Facts a rule requires: every field given must match (and within a
-    field, any entry).
+    field, any entry).  SQL statements meet the SQL fields; other commands
+    (SSH, Kubernetes) meet L{command}, a
+    L{hoopgw.commandpolicy.CommandMatcher}.
     """
 
     kinds = attr.ib(default=None)
@@ -1055,7 +1035,7 @@ class Matcher:
     functions = attr.ib(default=None)
     columns = attr.ib(default=None)
     without_where = attr.ib(default=None)
-    facts = attr.ib(default=None)
+    command = attr.ib(default=None)
 
     @property
     def sql(self):
@@ -1064,26 +1044,23 @@ class Matcher:
         """
         return any(getattr(self, key) is not None for key in SQL_KEYS)
 
+    @property
+    def on_facts(self):
+        """
+        Whether the answer depends on a command's facts, not only on its
+        SQL text.
+        """
+        return self.command is not None
+
     def match_command(self, command):
         """
-        Match C{command.facts} alone (a command that is not SQL).
+        Match a command that is not SQL by its facts.
 
         @return: a list of sentences saying what matched, or None.
         """
-        if self.sql or self.facts is None:
+        if self.sql or self.command is None:
             return None
-        return self._match_facts(command)
-
-    def _match_facts(self, command):
-        why = []
-        for name, patterns in self.facts:
-            value = command.facts.get(name)
-            values = value if isinstance(value, (list, tuple)) else [value]
-            found = [str(item) for item in values if item is not None and any(fnmatch.fnmatchcase(str(item), p) for p in patterns)]
-            if not found:
-                return None
-            why.append("%s %s" % (name, ", ".join(found)))
-        return why
+        return self.command.match(command)
 
     @classmethod
     def parse(cls, raw, path, extra=()):
@@ -1094,10 +1071,19 @@ class Matcher:
         @return: C{(Matcher, dict of the extra options)}.
         """
         values = o.parse_options(MATCHER_OPTIONS + tuple(extra), raw, path)
-        fields = {key: values.pop(key) for key in MATCHER_KEYS}
-        if all(value is None for value in fields.values()):
+        fields = {key: values.pop(key) for key in SQL_KEYS}
+        command = commandpolicy.CommandMatcher.from_values({key: values.pop(key) for key in commandpolicy.KEYS})
+        if command is None and all(value is None for value in fields.values()):
             raise ConfigError(path, "a rule needs at least one of %s" % (", ".join(MATCHER_KEYS),))
-        return cls(**fields), values
+        if command is not None and command.commands_only and any(value is not None for value in fields.values()):
+            sql = sorted(key for key in SQL_KEYS if fields[key] is not None)
+            other = sorted(key for key in commandpolicy.COMMAND_KEYS if getattr(command, key) is not None)
+            raise ConfigError(
+                path,
+                "this rule names SQL facts (%s) and facts of SSH or Kubernetes commands (%s), which no "
+                "command has together; make them two rules" % (", ".join(sql), ", ".join(other)),
+            )
+        return cls(command=command, **fields), values
 
     def match(self, facts, search_path):
         """
@@ -1147,8 +1133,8 @@ class Matcher:
         why = self.match(facts, search_path) if self.sql else []
         if why is None:
             return None
-        if self.facts is not None:
-            more = self._match_facts(command)
+        if self.command is not None:
+            more = self.command.match(command)
             if more is None:
                 return None
             why = why + more

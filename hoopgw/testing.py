@@ -8,6 +8,10 @@ look at what the record addon would have stored.
     harness = ChainHarness([(my_factory, {"limit": 3})])
     decision = harness.submit(sql_command("DROP TABLE cards"))
     assert decision.denied
+
+C{exec_command("sudo id")} and C{kubernetes_command("DELETE",
+"/api/v1/namespaces/prod")} make SSH and Kubernetes commands with the facts
+their front ends give.
 """
 
 import attr
@@ -141,6 +145,27 @@ def sql_command(sql, parameters=()):
         command.parameters = tuple(parameters)
         command.redacted_parameters = tuple(redact.redact_parameter(value) for value in parameters)
     return command
+
+
+def exec_command(line, login="deploy", pty=False):
+    """
+    An SSH exec request as the SSH front end makes it.
+    """
+    from hoopgw.ssh.commands import exec_command as make
+
+    return make(line, login, pty)
+
+
+def kubernetes_command(method, path, websocket=False, body=b""):
+    """
+    A Kubernetes API request as the Kubernetes front end makes it
+    (C{path} may carry a query).
+    """
+    from hoopgw.kubernetes.requestinfo import request_command, request_info
+
+    bare, _, query = path.partition("?")
+    info = request_info(method, bare, query, websocket)
+    return request_command(info, method, path, query, websocket, "kubectl/v1.32 (test)", body)
 
 
 def rows(columns, values):

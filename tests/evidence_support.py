@@ -1,22 +1,20 @@
 """
 What the evidence tests share: a gateway (the real one, with the real
 PostgreSQL behind it, from L{tests.support}) whose record is signed, a
-terminal session recorded the way the SSH and Kubernetes front ends record
-theirs, and ways to reach into a finished store to tamper with it.
+terminal session with two recordings made and committed the way the SSH
+and Kubernetes front ends make and commit theirs, and ways to reach into a
+finished store to tamper with it.
 """
 
 import json
 import os
 import shutil
 
-import yaml
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
-from hoopgw import config as configuration
-from hoopgw.gateway import Gateway
+from hoopgw import cast as casts
 from hoopgw.model import Command, Credentials, Session
-from hoopgw.replay import asciicast
-from hoopgw.store import open_store, signing
+from hoopgw.store import signing
 from hoopgw.store.file import read_events, segment_paths
 from hoopgw.throwaway import free_port
 from tests import support
@@ -64,15 +62,40 @@ CAST_OUTPUT = [
     (1.1, "o", " count \r\n-------\r\n     3\r\n"),
     (1.6, "o", "$ exit\r\n"),
 ]
+# A second shell in the same session (as ssh's connection sharing opens
+# one): what was typed is recorded too, and a card number it printed is
+# kept masked.
+SECOND_OUTPUT = [
+    (0.0, "o", "$ "),
+    (0.3, "i", "tail -1 app.log\r"),
+    (0.5, "o", "tail -1 app.log\r\npaid with 4111 1111 1111 1111\r\n"),
+    (0.9, "o", "$ "),
+]
+SECOND_MASKED = "paid with 4111 11** **** 1111"
+
+
+def recorder(frames, started, title="ops-bot on bastion"):
+    """
+    The recording a terminal front end makes of C{frames} (C{(seconds,
+    "o" or "i", text)}), with its clock following their times.
+    """
+    now = [started]
+    recording = casts.Recorder(80, 24, term="xterm", title=title, started=started, clock=lambda: now[0])
+    for when, code, text in frames:
+        now[0] = started + when
+        (recording.output if code == "o" else recording.input)(text.encode("utf-8"))
+    now[0] = started + frames[-1][0]
+    return recording
 
 
 @defer.inlineCallbacks
-def terminal_session(harness, subject="ops-bot", groups=("payments-bots",), output=CAST_OUTPUT, name=None):
+def terminal_session(harness, subject="ops-bot", groups=("payments-bots",), recordings=(CAST_OUTPUT, SECOND_OUTPUT)):
     """
     Run one terminal session through the gateway's real chain (its
-    identity and record addons, its store) as the SSH front end will: a
-    token as the credential, a shell command, the asciicast written with
-    the store's C{write_attachment}, its digest committed at the end.
+    identity and record addons, its store) as the SSH front end does: a
+    token as the credential, one shell command per recording, each
+    recording stored and committed with L{hoopgw.cast.commit} before its
+    command ends.
 
     @return: a Deferred firing with the L{Session}.
     """
@@ -86,17 +109,22 @@ def terminal_session(harness, subject="ops-bot", groups=("payments-bots",), outp
     )
     decision = yield chain.start_session(session)
     assert not decision.denied, decision
-    command = Command(kind="shell", text="shell", redacted="shell", facts={"pty": True, "term": "xterm"})
-    yield defer.maybeDeferred(chain.submit, session, command)
-    data = asciicast.write(80, 24, output, timestamp=session.started, title="ops-bot on bastion")
-    name = name or "%s.cast" % (session.id,)
-    digest = yield harness.store.write_attachment(name, data)
-    command.outcome = {"status": "ok", "exit_status": 0}
-    yield defer.maybeDeferred(chain.finish, session, command)
-    session.attributes["cast"] = {"name": name, "sha256": digest}
-    session.attributes["end_reason"] = "the client closed the channel"
+    for frames in recordings:
+        command = Command(kind="shell", text="shell", redacted="shell", facts={"pty": True, "term": "xterm"})
+        yield defer.maybeDeferred(chain.submit, session, command)
+        command.outcome = {"status": "exited", "exit_status": 0}
+        yield casts.commit(harness.store, session, command, recorder(frames, session.started))
+        yield defer.maybeDeferred(chain.finish, session, command)
+    session.attributes["end_reason"] = "the client closed the connection"
     yield chain.end_session(session)
     return session
+
+
+def recordings(store_path):
+    """
+    The C{(command.end event, committed recording)} of a store, in order.
+    """
+    return [(event, casts.committed(event)) for event in events(store_path) if casts.committed(event)]
 
 
 def lines(store_path):

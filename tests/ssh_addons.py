@@ -8,7 +8,7 @@ work; these prove the SSH front end drives such addons correctly.
 
 from twisted.internet import defer
 
-from hoopgw import cards
+from hoopgw import masking
 from hoopgw import options as o
 from hoopgw.addon import AddonFactory
 from hoopgw.model import Decision
@@ -31,11 +31,10 @@ class StreamMask:
         maskers = command.metadata.setdefault("test-stream-mask", {})
         masker = maskers.get(chunk.stream)
         if masker is None:
-            masker = maskers[chunk.stream] = cards.StreamMasker()
-        before = masker.masked
-        chunk.data = masker.feed(chunk.data, final=chunk.final)
-        chunk.masked += masker.masked - before
-        self.held_back = max(self.held_back, masker.held)
+            masker = maskers[chunk.stream] = masking.StreamMasker()
+        chunk.data, count = masker.feed(chunk.data, final=chunk.final)
+        chunk.masked += count
+        self.held_back = max(self.held_back, len(masker.held))
 
 
 class Policy:

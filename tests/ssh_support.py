@@ -130,9 +130,23 @@ class SSHGateway(GatewayHarness):
     C{deploy}.
     """
 
-    def __init__(self, test, **settings):
+    def __init__(self, test, admin=None, **settings):
         self.ssh_port = free_port()
-        GatewayHarness.__init__(self, test, connections={"deploy": ssh_connection(self.ssh_port, **settings)})
+        connections = {"deploy": ssh_connection(self.ssh_port, **settings)}
+        if admin is None:
+            GatewayHarness.__init__(self, test, connections=connections)
+        else:
+            # The admin listener (approvals API) on, and the people issuer
+            # for approvers.
+            self.directory = os.path.abspath(test.mktemp())
+            os.makedirs(self.directory)
+            self.port = free_port()
+            self.admin_url = "http://127.0.0.1:%d" % (free_port(),)
+            listen = {"listen": "tcp:%s:interface=127.0.0.1" % (self.admin_url.rpartition(":")[2],)}
+            document = support.configuration_document(
+                self.directory, connections, providers=support.providers_with_people(), gateway={"admin": dict(listen, **admin)}
+            )
+            self.start(test, document)
         self.known_hosts = os.path.join(self.directory, "known_hosts")
         factory = self.gateway.factories["deploy"]
         with open(self.known_hosts, "w") as handle:

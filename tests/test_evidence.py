@@ -3,10 +3,11 @@ The signed record on the file store: a real gateway (real PostgreSQL, real
 psql) writes it, with checkpoints signed by its Ed25519 key, and verify
 accepts it untouched and names every kind of tampering: an edited,
 reordered or removed event, a whole session removed, the signed tail cut
-off, a signature by another key, an edited recording.  Also a crash and the
+off, a signature by another key, an edited or a deleted recording.  Also a crash and the
 next start's recovery, and the terminal tools (sessions list, replay).
 """
 
+import hashlib
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import os
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from hoopgw import cast as casts
 from hoopgw import cli
 from hoopgw.replay import terminal
 from hoopgw.store import events as chaining
@@ -31,7 +33,7 @@ _pristine = {}
 def run_gateway(test, directory, **settings):
     """
     A gateway run: a psql session with two statements, a refused session, a
-    terminal session with its recording; then a clean stop.
+    terminal session with two recordings; then a clean stop.
     """
     harness = es.SignedGateway(test, directory=directory, **settings)
     out, err, code = yield psql(
@@ -61,15 +63,16 @@ def pristine(test):
 class SignedRecordTests(unittest.TestCase):
     """
     What a clean run leaves: a chain signed by checkpoints, every session
-    ended, the recording's digest committed.
+    ended, each recording's digest committed by its command.
     """
 
     @defer.inlineCallbacks
     def test_clean_run_verifies(self):
         """
         The record of a clean run verifies with the auditor's copy of the
-        public key: signed to its last event, every session ended, the
-        recording checked; logging's own start and stop are in it.
+        public key: signed to its last event, every session ended, both
+        recordings of the terminal session checked; logging's own start and
+        stop are in it.
         """
         path = yield pristine(self)
         report = verify_store(path, es.signing_key()[1])
@@ -82,7 +85,7 @@ class SignedRecordTests(unittest.TestCase):
         self.assertEqual(found[0]["type"], "gateway.start")
         self.assertEqual(found[0]["signing_key"]["key_id"], report.key_ids.pop())
         self.assertGreater(report.checkpoints, 2)
-        self.assertEqual((report.sessions, report.casts), (2, 1))
+        self.assertEqual((report.sessions, report.casts), (2, 2))
         self.assertIn("signatures checked with the key you gave", report.summary())
         self.assertTrue(os.path.exists(os.path.join(path, "keys", found[0]["signing_key"]["key_id"] + ".pem")))
 
@@ -117,7 +120,35 @@ class SignedRecordTests(unittest.TestCase):
         out = io.StringIO()
         self.assertEqual(cli.main(["verify", path, "--key", es.signing_key()[1]], out=out), 0)
         self.assertIn("OK: ", out.getvalue())
-        self.assertIn("asciicasts checked: 1", out.getvalue())
+        self.assertIn("asciicasts checked: 2", out.getvalue())
+
+    @defer.inlineCallbacks
+    def test_recordings_committed_per_command(self):
+        """
+        A session with two terminal recordings: each is committed in the
+        end event of the command that made it (name, digest, size), is in
+        the store with that digest, and the session's end carries none.
+        """
+        path = yield pristine(self)
+        committed = es.recordings(path)
+        self.assertEqual([event["session"] for event, _ in committed], [_pristine["session"]] * 2)
+        self.assertEqual(len({event["command"] for event, _ in committed}), 2)
+        source = FileSource(path)
+        for event, recording in committed:
+            self.assertEqual(recording["name"], "%s-%s.cast" % (event["session"], event["command"]))
+            data = source.attachment(recording["name"])
+            self.assertEqual(hashlib.sha256(data).hexdigest(), recording["sha256"])
+            self.assertEqual(recording["bytes"], len(data))
+        (end,) = [
+            event for event in es.events(path)
+            if event["type"] == "session.end" and event["session"] == _pristine["session"]
+        ]
+        self.assertNotIn("cast", end)
+        self.assertNotIn("attachments", end)
+        second = casts.parse(source.attachment(committed[1][1]["name"]))
+        self.assertIn(es.SECOND_MASKED, second.text())
+        self.assertEqual(second.text("i"), "tail -1 app.log\r")
+        self.assertNotIn(b"4111 1111 1111 1111", source.attachment(committed[1][1]["name"]))
 
     @defer.inlineCallbacks
     def test_no_card_number_in_record(self):
@@ -264,7 +295,11 @@ class TamperTests(unittest.TestCase):
             es.rewrite(segment, lines[:-1])
 
         path = yield self.tampered(drop_last_checkpoint)
-        self.assertBroken(path, verification.UNSIGNED_TAIL, "unsigned tail", "event 16 comes after")
+        found = es.events(path)
+        signed = [event["seq"] for event in found if event["type"] == "checkpoint"][-1]
+        span = "event %d comes" % (found[-1]["seq"],) if signed + 1 == found[-1]["seq"] else (
+            "events %d to %d come" % (signed + 1, found[-1]["seq"]))
+        self.assertBroken(path, verification.UNSIGNED_TAIL, "unsigned tail", span + " after")
 
         def drop_signed_end(path, segment, lines):
             (end,) = es.index_of(path, lambda event: event.get("type") == "session.end" and event.get("protocol") == "ssh")
@@ -333,16 +368,36 @@ class TamperTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_edited_cast(self):
         """
-        A recording changed after its digest was committed: named.
+        The second recording of a session changed after its command's end
+        committed its digest: named, with its command.
         """
+        path = yield pristine(self)
+        event, recording = es.recordings(path)[1]
 
         def change(path, segment, lines):
-            (name,) = os.listdir(os.path.join(path, "casts"))
-            with open(os.path.join(path, "casts", name), "ab") as handle:
+            with open(os.path.join(path, "casts", recording["name"]), "ab") as handle:
                 handle.write(b'[9.0, "o", "nothing to see"]\n')
 
         path = yield self.tampered(change)
-        self.assertBroken(path, verification.CAST_PROBLEM, "does not match the digest")
+        self.assertBroken(
+            path, verification.CAST_EDITED, repr(recording["name"]), event["command"], "does not match the digest",
+            "seq %d" % (event["seq"],),
+        )
+
+    @defer.inlineCallbacks
+    def test_deleted_cast(self):
+        """
+        The first recording of a session deleted from the store: named as
+        missing, with its command.
+        """
+        path = yield pristine(self)
+        event, recording = es.recordings(path)[0]
+
+        def change(path, segment, lines):
+            os.unlink(os.path.join(path, "casts", recording["name"]))
+
+        path = yield self.tampered(change)
+        self.assertBroken(path, verification.CAST_MISSING, repr(recording["name"]), event["command"], "is missing")
 
 
 class RecoveryTests(unittest.TestCase):
@@ -411,7 +466,7 @@ class TerminalToolTests(unittest.TestCase):
         out = io.StringIO()
         cli.main(["sessions", "list", "--store", path, "--protocol", "ssh"], out=out)
         self.assertIn("1 session(s)", out.getvalue())
-        self.assertIn("cast", out.getvalue())
+        self.assertIn("casts:2", out.getvalue())
         out = io.StringIO()
         cli.main(["sessions", "list", "--store", path, "--decision", "refused"], out=out)
         self.assertIn("intruder", out.getvalue())
@@ -448,33 +503,57 @@ class TerminalToolTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_replay_cast_with_timing(self):
         """
-        The terminal session's recording is played with its timing, scaled
-        by --speed: the pauses asked for add up to its duration / speed,
-        and its output is printed.
+        Both recordings of the terminal session are listed under their
+        commands in the timeline and played in order with their timing,
+        scaled by --speed: the pauses asked for add up to their durations /
+        speed, and their output (masked) is printed.
         """
         path = yield pristine(self)
         pauses = []
         out = io.StringIO()
         status = terminal.replay(FileSource(path), _pristine["session"], out, speed=4.0, sleep=pauses.append)
         self.assertEqual(status, 0)
-        self.assertAlmostEqual(sum(pauses), es.CAST_OUTPUT[-1][0] / 4.0, places=5)
-        self.assertEqual(len(pauses), 3)
+        self.assertAlmostEqual(sum(pauses), (es.CAST_OUTPUT[-1][0] + es.SECOND_OUTPUT[-1][0]) / 4.0, places=5)
+        self.assertEqual(len(pauses), 5)
         text = out.getvalue()
-        self.assertIn("terminal recording: %s.cast" % (_pristine["session"],), text)
+        for event, recording in es.recordings(path):
+            self.assertIn("   terminal recording: %s (sha256 %s" % (recording["name"], recording["sha256"]), text)
         self.assertIn(" count \r\n-------\r\n     3", text)
-        self.assertIn("--- end of recording ---", text)
+        self.assertIn(es.SECOND_MASKED, text)
+        self.assertLess(text.index("--- end of recording #1 ---"), text.index("--- playing #2 "))
+        self.assertIn("--- end of recording #2 ---", text)
+
+    @defer.inlineCallbacks
+    def test_replay_one_command(self):
+        """
+        C{hoopgw replay SESSION --command 2} plays only the second
+        command's recording; a command without one is said so (exit 2).
+        """
+        path = yield pristine(self)
+        out = io.StringIO()
+        arguments = ["replay", "--store", path, _pristine["session"], "--command", "2", "--speed", "1000"]
+        self.assertEqual(cli.main(arguments, out=out), 0)
+        text = out.getvalue()
+        self.assertNotIn("--- playing #1 ", text)
+        self.assertIn("--- playing #2 ", text)
+        self.assertIn(es.SECOND_MASKED, text)
+        out = io.StringIO()
+        self.assertEqual(cli.main(["replay", "--store", path, _pristine["session"], "--command", "3"], out=out), 2)
+        self.assertIn("left no terminal recording", out.getvalue())
 
     @defer.inlineCallbacks
     def test_replay_refuses_edited_cast(self):
         """
         A recording that no longer matches its committed digest is not
-        played.
+        played (the other one still is), and replay exits 1.
         """
         path = es.copy_store((yield pristine(self)), self)
-        (name,) = os.listdir(os.path.join(path, "casts"))
-        with open(os.path.join(path, "casts", name), "ab") as handle:
+        _, first = es.recordings(path)[0]
+        with open(os.path.join(path, "casts", first["name"]), "ab") as handle:
             handle.write(b'[9.0, "o", "forged"]\n')
         out = io.StringIO()
         self.assertEqual(terminal.replay(FileSource(path), _pristine["session"], out, sleep=lambda _: None), 1)
-        self.assertIn("it was edited", out.getvalue())
+        self.assertIn("#1: the recording %s does not match the digest in the record: it was edited" % (first["name"],),
+                      out.getvalue())
         self.assertNotIn("forged", out.getvalue())
+        self.assertIn(es.SECOND_MASKED, out.getvalue())

@@ -60,17 +60,19 @@ class ExportTests(unittest.TestCase):
         )
         self.assertEqual(code, 0, out + err)
         self.assertIn(b"OK: ", out)
-        self.assertIn(b"asciicasts checked: 1", out)
+        self.assertIn(b"asciicasts checked: 2", out)
         self.assertEqual(sorted(os.listdir(elsewhere)), ["evidence.tar.gz", "gateway.pub"])
 
     @defer.inlineCallbacks
     def test_contents(self):
         """
-        The bundle holds the events, the recording, the public key, a README
-        saying how to check it, and a report mapping PCI DSS requirements to
-        counts from the bundle; SHA256SUMS lists every file.
+        The bundle holds the events, every recording its commands committed,
+        the public key, a README saying how to check it, and a report
+        mapping PCI DSS requirements to counts from the bundle; SHA256SUMS
+        lists every file.
         """
         bundle = yield self.export()
+        committed = es.recordings((yield pristine(self)))
         with tarfile.open(bundle) as archive:
             names = set(archive.getnames())
             report = archive.extractfile("evidence/REPORT.md").read().decode()
@@ -79,11 +81,17 @@ class ExportTests(unittest.TestCase):
             sums = archive.extractfile("evidence/SHA256SUMS").read().decode()
         key_id = es.signing.Verifier.from_file(es.signing_key()[1]).key_id
         self.assertIn("evidence/keys/%s.pem" % (key_id,), names)
-        self.assertIn("evidence/casts/%s.cast" % (_pristine["session"],), names)
+        self.assertEqual(len(committed), 2)
+        for _, recording in committed:
+            self.assertIn("evidence/casts/" + recording["name"], names)
+            self.assertEqual(manifest["casts"][recording["name"]], recording["sha256"])
+        self.assertEqual(len(manifest["casts"]), 2)
         self.assertEqual(manifest["anchor"]["seq"], 0)
         for requirement in ("3.3.1", "3.4.1", "8.2.2", "8.6.1", "10.2.1.3", "10.2.1.4", "10.2.1.6", "10.2.2", "10.3.2"):
             self.assertIn("| %s |" % (requirement,), report)
-        self.assertIn("Totals: 2 sessions, 1 refused, 3 commands, 0 blocked, 0 approved", report)
+        self.assertIn("Totals: 2 sessions, 1 refused, 4 commands, 0 blocked, 0 approved", report)
+        self.assertIn("2 recordings.", report)
+        self.assertIn("1 sessions with terminal use, 1 of them by service accounts, 2 terminal recordings", report)
         self.assertIn("0 card numbers in clear", report)
         self.assertIn("1 refused sessions", report)
         self.assertIn("1 gateway starts, 1 stops", report)
@@ -109,30 +117,38 @@ class ExportTests(unittest.TestCase):
         report = verification.verify(bundle, es.signing_key()[1])
         self.assertTrue(report.ok, report.problem)
         self.assertEqual(report.sessions, 1)
-        self.assertEqual(report.casts, 1)
+        self.assertEqual(report.casts, 2)
 
     @defer.inlineCallbacks
     def test_tampered_bundle(self):
         """
-        A bundle whose events were edited, or whose recording was replaced,
-        fails verify, naming the problem.
+        A bundle whose events were edited, whose recording was replaced, or
+        that lacks a recording, fails verify, naming the problem.
         """
+        committed = es.recordings((yield pristine(self)))
         bundle = yield self.export()
         edited = self.rewrite(bundle, "evidence/events.jsonl", lambda data: data.replace(b"41 + 1", b"40 + 2"))
         report = verification.verify(edited, es.signing_key()[1])
         self.assertEqual(report.kind, verification.EDITED, report.problem)
-        cast = "evidence/casts/%s.cast" % (_pristine["session"],)
+        cast = "evidence/casts/" + committed[0][1]["name"]
         replaced = self.rewrite(bundle, cast, lambda data: data.replace(b"     3", b"     0"))
         report = verification.verify(replaced, es.signing_key()[1])
-        self.assertEqual(report.kind, verification.CAST_PROBLEM, report.problem)
+        self.assertEqual(report.kind, verification.CAST_EDITED, report.problem)
+        self.assertIn(committed[0][1]["name"], report.problem)
         out = io.StringIO()
         self.assertEqual(cli.main(["verify", replaced, "--key", es.signing_key()[1]], out=out), 1)
+        dropped = self.rewrite(bundle, "evidence/casts/" + committed[1][1]["name"], None)
+        report = verification.verify(dropped, es.signing_key()[1])
+        self.assertEqual(report.kind, verification.CAST_MISSING, report.problem)
+        self.assertIn(committed[1][1]["name"], report.problem)
 
     def rewrite(self, bundle, member, change):
         target = os.path.abspath(self.mktemp()) + ".tar.gz"
         with tarfile.open(bundle) as source, tarfile.open(target, "w:gz") as copy:
             for info in source.getmembers():
                 data = source.extractfile(info).read()
+                if info.name == member and change is None:
+                    continue
                 if info.name == member:
                     data = change(data)
                     info.size = len(data)

@@ -49,6 +49,15 @@ def whoami(*arguments):
     return d.addCallback(lambda result: (result[0].decode(), result[1].decode(), result[2]))
 
 
+def mtls(settings):
+    """
+    A connection's settings with client certificates asked for.
+    """
+    _, ca_path = fixtures.client_ca()
+    settings["tls"] = dict(settings["tls"], client_ca=ca_path)
+    return settings
+
+
 class WhoamiTests(unittest.TestCase):
     """
     What C{hoopgw whoami} prints.
@@ -63,7 +72,8 @@ class WhoamiTests(unittest.TestCase):
                 "admin": connection(
                     15002, {"providers": ["test"], "groups_from": "corp-ldap", "groups_combine": "directory"}, ["db-admins"]
                 ),
-                "workloads": connection(15003, {"certificates": ["bots"], "require_token": False}, ["k8s-payments"]),
+                "workloads": mtls(connection(15003, {"certificates": ["bots"], "require_token": False}, ["k8s-payments"])),
+                "unasked": connection(15005, {"certificates": ["bots"], "require_token": False}, ["k8s-payments"]),
             },
             {"corp-ldap": fixtures.ldap_provider(), "bots": certificate_provider()},
         )
@@ -119,6 +129,26 @@ class WhoamiTests(unittest.TestCase):
         self.assertIn("workloads (postgres): may connect: ci-bot is in k8s-payments", out)
         self.assertIn("proven by mtls", out)
         self.assertIn("payments (postgres): may NOT connect: no token was presented", out)
+        # Without tls.client_ca the gateway never asks for the certificate.
+        self.assertIn("unasked (postgres): may NOT connect", out)
+        self.assertIn("certificate not considered: this connection does not ask clients for certificates", out)
+
+    @defer.inlineCallbacks
+    def test_certificate_from_another_ca(self):
+        """
+        A certificate no CA of a connection's tls.client_ca issued would
+        not be verified by its TLS: whoami says so and decides without it.
+        """
+        from hoopgw import pki
+
+        _, certificate_path, _ = fixtures.client_certificate(
+            "whoami-impostor", "x", authority=pki.make_ca("another client CA"),
+            uris=["spiffe://example.org/ns/payments/sa/ci-bot"],
+        )
+        out, err, code = yield whoami("--config", self.config, "--certificate", certificate_path, "--connection", "workloads")
+        self.assertEqual(code, 1, err)
+        self.assertIn("workloads (postgres): may NOT connect", out)
+        self.assertIn("this connection's TLS would not verify it", out)
 
 
 class ConfigurationTests(unittest.TestCase):
@@ -174,7 +204,7 @@ class ConfigurationTests(unittest.TestCase):
         directory = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(directory, "etc"))
         pem = pki.make_ca("example").certificate_pem()
-        for name in ("corp-ca.crt", "adfs-signing.crt", "spire-ca.crt", "gateway.crt", "gateway.key", "db-ca.crt"):
+        for name in ("corp-ca.crt", "adfs-signing.crt", "spire-ca.crt", "gateway.crt", "gateway.key", "db-ca.crt", "cluster-ca.crt"):
             with open(os.path.join(directory, "etc", name), "wb") as handle:
                 handle.write(pem)
         with open(os.path.join(ROOT, "etc", "identity.yaml")) as handle:
@@ -184,3 +214,6 @@ class ConfigurationTests(unittest.TestCase):
             {name: provider.type for name, provider in config.identity_providers.items()},
             {"ci": "oidc", "corp": "oidc", "adfs": "saml", "workloads": "certificate", "corp-ldap": "ldap"},
         )
+        cluster = config.connections["cluster"].settings
+        self.assertEqual(cluster.tls.client_ca, os.path.join(directory, "etc", "spire-ca.crt"))
+        self.assertEqual(cluster.saml_header, "X-Hoopgw-Saml")

@@ -5,6 +5,8 @@ in the chain, and the record it leaves.
 """
 
 import base64
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -14,11 +16,14 @@ import yaml
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from hoopgw import pki
+from hoopgw import cast as casts
+from hoopgw import cli, pki
 from hoopgw.kubernetes.standin import StandinAPIServer
 from hoopgw.model import Decision
+from hoopgw.store.verify import verify_store
 from tests import support
-from tests.support import GatewayHarness, in_thread, token
+from tests.replay_support import ReplayServer, play_session
+from tests.support import AdminGatewayHarness, GatewayHarness, in_thread, token
 
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 GATEWAY_TOKEN = "gateway-sa-token-do-not-leak"
@@ -67,7 +72,7 @@ class Cluster:
     """
 
     def __init__(self, test, addons=("identity", "record"), credential="token", impersonate=None, subject="ci-bot",
-                 target_ca=None):
+                 target_ca=None, admin=None):
         certificate, key, ca, client_certificate, client_key, token_path = api_certificates()
         self.api = StandinAPIServer(reactor, token=GATEWAY_TOKEN if credential == "token" else None,
                                     client_ca=ca if credential == "certificate" else None)
@@ -91,7 +96,11 @@ class Cluster:
             "allowed_groups": ["payments-bots"],
             "addons": list(addons),
         }
-        self.harness = GatewayHarness(test, connections={"cluster": connection})
+        if admin is None:
+            self.harness = GatewayHarness(test, connections={"cluster": connection})
+        else:
+            # The admin listener (approvals API) on, and the people issuer for approvers.
+            self.harness = AdminGatewayHarness(test, connections={"cluster": connection}, admin=admin)
         self.port = port
         self.service = self.harness.gateway.factories["cluster"]
         self.directory = self.harness.directory
@@ -481,8 +490,13 @@ class IdentityTests(unittest.TestCase):
 
 
 def _masked_everywhere(test, text):
-    test.assertNotIn(PAN, text)
-    test.assertNotIn(PAN.replace(" ", ""), text)
+    """
+    The card number is nowhere in C{text}, whatever separates its groups
+    (spaces, nothing, dashes, or URL encodings of a space).
+    """
+    groups = PAN.split(" ")
+    for separator in (" ", "", "-", "+", "%20"):
+        test.assertNotIn(separator.join(groups), text)
 
 
 class MaskingTests(unittest.TestCase):
@@ -582,8 +596,11 @@ class MaskingTests(unittest.TestCase):
         """
         C{kubectl exec} (WebSocket, v5.channel.k8s.io) runs; its output is
         masked on the way to the client; the session is recorded as an
-        asciicast v2 (masked) whose digest is in the record; the exit code
-        comes back.
+        asciicast v2 (masked) whose digest the exec's end event commits;
+        the exit code comes back.  Each exec (a connection, so a session,
+        of its own) leaves its recording; the record verifies with both
+        checked, and C{hoopgw replay} and the replay web application (in
+        Chromium) play each under its command.
         """
         cluster = self.cluster
         out, err, code = yield cluster.kubectl("exec", "web-1", "--", "echo", "paid with", PAN)
@@ -594,20 +611,42 @@ class MaskingTests(unittest.TestCase):
         self.assertEqual(outcome["masked"], 1)
         (command,) = [event for event in cluster.harness.events("command") if event["command"] == end["command"]]
         self.assertEqual(command["facts"]["command"], ["echo", "paid with", "4111 11** **** 1111"])
-        cast = outcome["asciicast"]
+        cast = outcome["cast"]
         path = os.path.join(cluster.harness.store_path, "casts", cast["name"])
         with open(path, "rb") as handle:
             data = handle.read()
-        import hashlib
-
         self.assertEqual(hashlib.sha256(data).hexdigest(), cast["sha256"])
-        lines = data.decode().splitlines()
-        header = json.loads(lines[0])
-        self.assertEqual(header["version"], 2)
-        self.assertEqual([json.loads(line)[1:] for line in lines[1:]], [["o", "paid with 4111 11** **** 1111\n"]])
+        recording = casts.parse(data)
+        self.assertEqual(recording.header["command"], "echo 'paid with' '4111 11** **** 1111'")
+        self.assertEqual([frame[1:] for frame in recording.frames], [("o", "paid with 4111 11** **** 1111\n")])
         _masked_everywhere(self, cluster.harness.raw_store().decode())
-        out, err, code = yield cluster.kubectl("exec", "web-1", "--", "sh", "-c", "exit 3")
-        self.assertEqual(code, 3, err)
+        out, err, code = yield cluster.kubectl("exec", "web-1", "--", "sh", "-c", "echo second; exit 3")
+        self.assertEqual((out, code), ("second\n", 3), err)
+        first, second = yield cluster.wait_for_end("create", "pods", count=2)
+        self.assertNotEqual(first["outcome"]["cast"]["name"], second["outcome"]["cast"]["name"])
+        yield cluster.harness.stop()
+        report = verify_store(cluster.harness.store_path)
+        self.assertTrue(report.ok, report.problem)
+        self.assertEqual(report.casts, 2)
+        for end, shown in ((first, "paid with 4111 11** **** 1111\n"), (second, "second\n")):
+            replayed = io.StringIO()
+            status = cli.main(["replay", "--store", cluster.harness.store_path, end["session"], "--speed", "1000"],
+                              out=replayed)
+            self.assertEqual(status, 0, replayed.getvalue())
+            text = replayed.getvalue()
+            recording = end["outcome"]["cast"]
+            self.assertIn("   terminal recording: %s (sha256 %s" % (recording["name"], recording["sha256"]), text)
+            played = text[text.index("--- playing #1 %s" % (end["outcome"]["cast"]["name"],)):]
+            self.assertIn(shown, played)
+            self.assertNotIn(PAN, text)
+        server = ReplayServer(self, cluster.harness.store_path, cluster.harness.config_path)
+        screenshot = os.path.abspath(self.mktemp()) + "-exec-session.png"
+        seen = yield in_thread(play_session, server.base, first["session"], screenshot)
+        yield server.stop()
+        (player,) = seen["players"]
+        self.assertEqual(player["command"], first["command"])
+        self.assertEqual(player["screen"], "paid with 4111 11** **** 1111")
+        self.assertIn("Record verified.", seen["verification"])
 
     @defer.inlineCallbacks
     def test_exec_stdin(self):
@@ -619,11 +658,11 @@ class MaskingTests(unittest.TestCase):
         out, err, code = yield cluster.kubectl("exec", "-i", "web-1", "--", "cat", stdin=("pay %s\n" % (PAN,)).encode())
         self.assertEqual((out, code), ("pay 4111 11** **** 1111\n", 0), err)
         (end,) = yield cluster.wait_for_end("create", "pods")
-        path = os.path.join(cluster.harness.store_path, "casts", end["outcome"]["asciicast"]["name"])
-        with open(path) as handle:
-            events = [json.loads(line) for line in handle.read().splitlines()[1:]]
-        self.assertIn(["i", "pay 4111 11** **** 1111\n"], [event[1:] for event in events])
-        self.assertIn(["o", "pay 4111 11** **** 1111\n"], [event[1:] for event in events])
+        path = os.path.join(cluster.harness.store_path, "casts", end["outcome"]["cast"]["name"])
+        with open(path, "rb") as handle:
+            recording = casts.parse(handle.read())
+        self.assertEqual(recording.text("i"), "pay 4111 11** **** 1111\n")
+        self.assertEqual(recording.text("o"), "pay 4111 11** **** 1111\n")
 
 
 class PythonClientTests(unittest.TestCase):
@@ -720,7 +759,7 @@ class PythonClientTests(unittest.TestCase):
         self.assertEqual(out.strip(), "4111 11** **** 1111")
         (end,) = yield cluster.wait_for_end("create", "pods")
         self.assertEqual(end["outcome"]["exit"], 0)
-        self.assertIn("asciicast", end["outcome"])
+        self.assertIn("cast", end["outcome"])
 
 
 class CredentialTests(unittest.TestCase):

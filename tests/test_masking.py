@@ -14,7 +14,7 @@ from hoopgw import cards, masking
 from hoopgw.addons.mask import factory as mask_factory
 from hoopgw.model import ResultChunk
 from hoopgw.postgres import wire
-from hoopgw.testing import ChainHarness, FakeContext, build, sql_command
+from hoopgw.testing import ChainHarness, FakeContext, build, exec_command, kubernetes_command, sql_command
 
 
 VISA = "4111111111111111"
@@ -193,6 +193,30 @@ class StreamTests(unittest.TestCase):
                 if hidden == 42:
                     self.assertEqual(got, 42, (whole, sent))
 
+    def test_every_split(self):
+        """
+        Wherever a PAN is split, it is masked, and nothing else changes.
+        """
+        text = b"order 12345: card 4111-1111-1111-1111 exp 12/30\n"
+        for cut in range(len(text)):
+            stream = masking.StreamMasker()
+            out = stream.feed(text[:cut])[0] + stream.feed(text[cut:])[0] + stream.feed(b"", final=True)[0]
+            self.assertEqual(out, b"order 12345: card 4111-11**-****-1111 exp 12/30\n", cut)
+            self.assertEqual(stream.masked, 1)
+
+    def test_holds_only_what_may_continue(self):
+        """
+        Only trailing digit groups that could still grow into a PAN are
+        held back: a run already too long for one is passed at once.
+        """
+        stream = masking.StreamMasker()
+        self.assertEqual(stream.feed(b"total: 42"), (b"total: ", 0))
+        self.assertEqual(stream.held, b"42")
+        self.assertEqual(stream.feed(b"1" * 100), (b"42" + b"1" * 100, 0))
+        self.assertEqual(stream.held, b"")
+        self.assertEqual(stream.feed(b"4111 1111 "), (b"", 0))
+        self.assertEqual(stream.feed(b"", final=True), (b"4111 1111 ", 0))
+
     def test_pan_split_in_two(self):
         """
         A PAN split between two chunks is masked, and counted once.
@@ -297,3 +321,68 @@ class MaskAddonTests(unittest.TestCase):
         with self.assertRaises(ConfigError) as caught:
             build(mask_factory, {"columns": ["cvv("]}, FakeContext())
         self.assertIn("mask.columns[0]", str(caught.exception))
+
+
+class JsonDocumentTests(unittest.TestCase):
+    """
+    Card numbers in JSON documents (Kubernetes bodies and watch events).
+    """
+
+    def test_stays_json(self):
+        """
+        Card numbers in strings are masked in place; one held in a JSON
+        number becomes a masked string (a masked number would not parse);
+        other numbers are untouched.
+        """
+        masker = masking.Masker()
+        data = b'{"a":"card 4111 1111 1111 1111","n":4111111111111111,"f":[5500000000000004.0,12,4111111111111112]}'
+        masked, count = masker.json_document(data)
+        self.assertEqual(count, 3)
+        self.assertEqual(
+            json.loads(masked),
+            {"a": "card 4111 11** **** 1111", "n": "411111******1111", "f": ["550000******0004", 12, 4111111111111112]},
+        )
+        self.assertEqual(masker.json_document(b'{"a":"no card"}'), (b'{"a":"no card"}', 0))
+        self.assertEqual(masker.json_document(b"not json 4111111111111111"), (b"not json 411111******1111", 1))
+
+
+class MaskAddonStreamTests(unittest.TestCase):
+    """
+    The mask addon on the chunks the SSH and Kubernetes front ends hand
+    the chain: streams per name across chunks, JSON bodies.
+    """
+
+    def test_streams(self):
+        """
+        Each stream of a command is held back and released on its own: a
+        card number split across stdout chunks is masked, stderr in between
+        does not disturb it, and the final chunk releases what is held.
+        """
+        harness = ChainHarness([(mask_factory, {})])
+        command = exec_command("cat cards")
+        out = []
+        for stream, data, final in [
+            ("stdout", b"card 4111 1111", False),
+            ("stderr", b"warning 55", False),
+            ("stdout", b" 1111 1111 ok\ntotal 4111111111111111", False),
+            ("stderr", b"00000000000004\n", False),
+            ("stdout", b"", True),
+            ("stderr", b"", True),
+        ]:
+            chunk = harness.result(command, ResultChunk("stream", data=data, stream=stream, final=final))
+            out.append((stream, chunk.data, chunk.masked))
+        stdout = b"".join(data for stream, data, _ in out if stream == "stdout")
+        stderr = b"".join(data for stream, data, _ in out if stream == "stderr")
+        self.assertEqual(stdout, b"card 4111 11** **** 1111 ok\ntotal 411111******1111")
+        self.assertEqual(stderr, b"warning 550000******0004\n")
+        self.assertEqual(sum(masked for _, _, masked in out), 3)
+
+    def test_json_body(self):
+        """
+        A JSON body with a card number held in a number stays JSON.
+        """
+        harness = ChainHarness([(mask_factory, {})])
+        chunk = ResultChunk("body", data=b'{"spec":{"card":4111111111111111}}', fields={"content_type": "application/json"})
+        harness.result(kubernetes_command("GET", "/apis/x.test/v1/cards/a"), chunk)
+        self.assertEqual(json.loads(chunk.data), {"spec": {"card": "411111******1111"}})
+        self.assertEqual(chunk.masked, 1)

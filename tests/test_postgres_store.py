@@ -166,14 +166,15 @@ class SharedStoreTests(unittest.TestCase):
         second = GatewayProcess(self, settings)
         yield in_thread(first.wait_listening)
         yield in_thread(second.wait_listening)
-        runs = []
+        # Sessions alternate between the two processes, so their events
+        # must interleave in the one chain (concurrent sessions would make
+        # the order a matter of scheduling).
         for round_number in range(3):
             for process in (first, second):
-                runs.append(psql(process.dsn(), "-c", "SELECT %d AS round" % (round_number,), "-c", "SELECT 2",
-                                 password=token()))
-        results = yield defer.gatherResults(runs)
-        for out, err, code in results:
-            self.assertEqual(code, 0, err)
+                out, err, code = yield psql(
+                    process.dsn(), "-c", "SELECT %d AS round" % (round_number,), "-c", "SELECT 2", password=token()
+                )
+                self.assertEqual(code, 0, err)
         yield in_thread(first.stop)
         source = yield in_thread(source_for, settings)
         events = [event for _, _, event in (yield in_thread(lambda: list(source.entries())))]
@@ -341,7 +342,7 @@ class TamperTests(unittest.TestCase):
         report = yield in_thread(verification.verify_source, source, es.signing.Verifier.from_file(es.signing_key()[1]))
         source.close()
         self.assertTrue(report.ok, report.problem)
-        self.assertEqual(report.casts, 1)
+        self.assertEqual(report.casts, 2)
 
     @defer.inlineCallbacks
     def test_edited(self):
@@ -399,10 +400,22 @@ class TamperTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_edited_cast(self):
         """
-        The recording's bytes changed in the attachments table: named.
+        A recording's bytes changed in the attachments table: named.
         """
-        copy = yield self.tampered("UPDATE {s}.attachments SET data = data || '\\x0a'::bytea")
-        yield self.assertBroken(copy, verification.CAST_PROBLEM, "does not match the digest")
+        copy = yield self.tampered(
+            "UPDATE {s}.attachments SET data = data || '\\x0a'::bytea "
+            "WHERE name = (SELECT max(name) FROM {s}.attachments)"
+        )
+        yield self.assertBroken(copy, verification.CAST_EDITED, "does not match the digest")
+
+    @defer.inlineCallbacks
+    def test_deleted_cast(self):
+        """
+        A recording's row deleted from the attachments table: named as
+        missing.
+        """
+        copy = yield self.tampered("DELETE FROM {s}.attachments WHERE name = (SELECT min(name) FROM {s}.attachments)")
+        yield self.assertBroken(copy, verification.CAST_MISSING, "is missing from the record")
 
 
 class ReplayOnSharedStoreTests(unittest.TestCase):

@@ -2,8 +2,9 @@
 The replay web server (C{twistd hoopgw-replay}) over a record a real
 gateway wrote, opened in a real headless Chromium: sign in with an
 auditor's token, the sessions list and its filters, a session's identity
-provenance and timeline, its terminal recording played with play, pause
-and speed; every view recorded in the signed views chain.
+provenance and timeline, each of its terminal recordings played under its
+command with play, pause and speed; every view recorded in the signed
+views chain.
 """
 
 import os
@@ -20,6 +21,7 @@ from hoopgw.throwaway import free_port
 from tests import evidence_support as es
 from tests import support
 from tests.browser import Chromium
+from tests.replay_support import play_all, sign_in
 from tests.support import in_thread, psql, token
 
 
@@ -27,7 +29,7 @@ from tests.support import in_thread, psql, token
 def make_record(test):
     """
     A finished, signed record: a psql session that read a card number, a
-    refused session, a terminal session with its recording.
+    refused session, a terminal session with two recordings.
     """
     harness = es.SignedGateway(test)
     out, err, code = yield psql(
@@ -93,7 +95,11 @@ class ReplayServerTests(unittest.TestCase):
         refused = [event for event in self.views() if event["type"] == "audit.signin.refused"]
         self.assertEqual(len(refused), 1)
         self.assertEqual(refused[0]["code"], "not-auditor")
-        response = yield treq.get(self.base + "/sessions/%s/cast" % (self.terminal.id,), allow_redirects=False, pool=self.pool)
+        (end, recording), _ = es.recordings(self.harness.store_path)
+        response = yield treq.get(
+            self.base + "/sessions/%s/commands/%s/cast" % (self.terminal.id, end["command"]), allow_redirects=False,
+            pool=self.pool,
+        )
         self.assertEqual(response.code, 303)
         yield response.content()
 
@@ -102,10 +108,11 @@ class ReplayServerTests(unittest.TestCase):
         """
         In Chromium: sign in, see the sessions and that the record
         verified, filter to the SSH session, open it (identity provenance,
-        timeline, signed coverage), play its recording fast to the end and
-        read the terminal screen, pause a slow replay midway; then the psql
+        timeline, signed coverage), play its first recording fast to the
+        end and read the terminal screen, pause a slow replay midway, play
+        its second recording (a card number in it masked); then the psql
         session with its card number masked as recorded.  Every page and
-        the recording were recorded as views by the auditor, and the views
+        both recordings were recorded as views by the auditor, and the views
         chain verifies.  A screenshot of the session page is kept.
         """
         screenshot = os.path.abspath(self.mktemp()) + "-session.png"
@@ -128,6 +135,12 @@ class ReplayServerTests(unittest.TestCase):
         self.assertIn("$ exit", seen["screen"])
         self.assertEqual(seen["paused"]["state"], "paused")
         self.assertLess(int(seen["paused"]["frame"]), len(es.CAST_OUTPUT))
+        committed = es.recordings(self.harness.store_path)
+        self.assertEqual(seen["commands"], [end["command"] for end, _ in committed])
+        self.assertIn(es.SECOND_MASKED, seen["second"])
+        self.assertNotIn("4111 1111 1111 1111", seen["second"])
+        for _, recording in committed:
+            self.assertIn(recording["name"], seen["timeline"])
         self.assertIn("411111******1111", seen["psql"])
         self.assertNotIn("4111111111111111", seen["psql"])
         self.assertIn("refused", seen["refused"])
@@ -136,7 +149,10 @@ class ReplayServerTests(unittest.TestCase):
         kinds = [(event["type"], event.get("what"), event.get("viewed_session")) for event in views]
         self.assertIn(("audit.signin", None, None), kinds)
         self.assertIn(("audit.view", "session", self.terminal.id), kinds)
-        self.assertIn(("audit.view", "recording", self.terminal.id), kinds)
+        self.assertEqual(
+            sorted(event.get("viewed_command") for event in views if event.get("what") == "recording"),
+            sorted(end["command"] for end, _ in committed),
+        )
         self.assertGreaterEqual(kinds.count(("audit.view", "sessions", None)), 2)
         self.assertEqual({event.get("auditor") for event in views if event["type"] == "audit.view"}, {"auditor-alice"})
         yield self.service.stopService()
@@ -149,11 +165,7 @@ class ReplayServerTests(unittest.TestCase):
         browser = Chromium()
         seen = {}
         try:
-            browser.open(self.base + "/sessions")
-            browser.wait_for("location.pathname === '/signin'")
-            browser.evaluate("document.querySelector('textarea[name=token]').value = %s" % (_js(auditor),))
-            browser.evaluate("document.forms[0].submit()")
-            browser.wait_for("location.pathname === '/sessions' && document.readyState === 'complete'")
+            sign_in(browser, self.base, auditor)
             seen["count"] = browser.wait_for("document.getElementById('count') && document.getElementById('count').textContent")
             seen["verification"] = browser.evaluate("document.getElementById('verification').textContent")
             browser.evaluate("document.querySelector('select[name=protocol]').value = 'ssh'")
@@ -162,23 +174,28 @@ class ReplayServerTests(unittest.TestCase):
             seen["filtered"] = browser.evaluate(
                 "Array.from(document.querySelectorAll('tr.session')).map(function (row) { return row.dataset.session; })")
             browser.evaluate("document.querySelector('tr.session a').click()")
-            browser.wait_for("document.getElementById('player') && document.getElementById('player').dataset.state === 'paused'")
+            first, second = "document.getElementById('player-1')", "document.getElementById('player-2')"
+            browser.wait_for(
+                "%s && %s.dataset.state === 'paused' && %s.dataset.state === 'paused'" % (second, first, second))
             seen["identity"] = browser.evaluate("document.getElementById('identity').textContent")
             seen["coverage"] = browser.evaluate("document.getElementById('coverage').textContent")
             seen["timeline"] = browser.evaluate("document.getElementById('timeline').textContent")
-            browser.evaluate("document.querySelector('#player .speed').value = '16'")
-            browser.evaluate("document.querySelector('#player .play').click()")
-            seen["ended"] = browser.wait_for(
-                "document.getElementById('player').dataset.state === 'ended' && 'ended'")
-            seen["screen"] = browser.evaluate("document.querySelector('#player .screen').textContent")
+            seen["commands"] = browser.evaluate(
+                "Array.from(document.querySelectorAll('#timeline tr.recording'))"
+                ".map(function (row) { return row.dataset.command; })")
+            browser.evaluate("%s.querySelector('.speed').value = '16'" % (first,))
+            browser.evaluate("%s.querySelector('.play').click()" % (first,))
+            seen["ended"] = browser.wait_for("%s.dataset.state === 'ended' && 'ended'" % (first,))
+            seen["screen"] = browser.evaluate("%s.querySelector('.screen').textContent" % (first,))
             browser.evaluate("document.getElementById('timeline').scrollIntoView()")
             browser.screenshot(screenshot)
-            browser.evaluate("document.querySelector('#player .speed').value = '0.5'")
-            browser.evaluate("document.querySelector('#player .play').click()")
-            browser.wait_for("document.getElementById('player').dataset.frame === '2'", timeout=10)
-            browser.evaluate("document.querySelector('#player .play').click()")
-            seen["paused"] = browser.evaluate(
-                "({state: document.getElementById('player').dataset.state, frame: document.getElementById('player').dataset.frame})")
+            browser.evaluate("%s.querySelector('.speed').value = '0.5'" % (first,))
+            browser.evaluate("%s.querySelector('.play').click()" % (first,))
+            browser.wait_for("%s.dataset.frame === '2'" % (first,), timeout=10)
+            browser.evaluate("%s.querySelector('.play').click()" % (first,))
+            seen["paused"] = browser.evaluate("({state: %s.dataset.state, frame: %s.dataset.frame})" % (first, first))
+            (played,) = [each for each in play_all(browser) if each["id"] == "player-2"]
+            seen["second"] = played["screen"]
             browser.open(self.base + "/sessions?identity=ci-bot")
             browser.evaluate("document.querySelector('tr.session a').click()")
             browser.wait_for("document.getElementById('timeline') !== null")
@@ -188,9 +205,3 @@ class ReplayServerTests(unittest.TestCase):
         finally:
             browser.close()
         return seen
-
-
-def _js(text):
-    import json
-
-    return json.dumps(text)

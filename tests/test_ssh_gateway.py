@@ -5,6 +5,7 @@ ssh, scp and sftp clients in front, and the record it leaves.
 
 import fcntl
 import hashlib
+import io
 import os
 import pty
 import shutil
@@ -18,11 +19,14 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from hoopgw import cast as casts
+from hoopgw import cli
 from hoopgw.gateway import Gateway
 from hoopgw.model import Decision
 from hoopgw.store.verify import verify_store
 from tests import ssh_support, support
+from tests.replay_support import ReplayServer, play_session
 from tests.ssh_support import SCP, SFTP, SSH, SSHGateway, certificate, key, run, spawn, sshd
+from tests.support import in_thread
 
 PAN = "4111111111111111"
 MASKED_PAN = "411111******1111"
@@ -559,24 +563,46 @@ class ShellTests(unittest.TestCase):
         (command,) = self.gateway.commands("shell")
         self.assertEqual((command["decision"]["verdict"], command["decision"]["rule"]), ("deny", "shell"))
 
-    @defer.inlineCallbacks
-    def test_recorded_shell(self):
+    def interactive(self, *extra):
         """
-        A human's shell in a real terminal is recorded: output and input,
-        and a window change; the recording plays back exactly what the
-        client's terminal received, card numbers masked, and its digest is
-        committed into the chain at session end.
+        The real ssh -tt with a real terminal (a pty, 100x30) as alice.
+
+        @return: C{(process, collector, output)}: C{output()} is what the
+            terminal received so far.
         """
         master, slave = pty.openpty()
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
-        arguments = [SSH] + self.gateway.options(key_name="alice") + ["-tt", "%s@127.0.0.1" % (self.gateway.login,)]
+        arguments = [SSH] + self.gateway.options(key_name="alice") + list(extra) + [
+            "-tt", "%s@127.0.0.1" % (self.gateway.login,)]
         environment = {"PATH": os.environ["PATH"], "HOME": ssh_support.directory(), "TERM": "xterm", "LANG": "C.UTF-8"}
         collector = ssh_support._Collect(b"", defer.Deferred())
         collector.connectionMade = lambda: None
         process = reactor.spawnProcess(
             collector, SSH, arguments, env=environment, usePTY=(master, slave, os.ttyname(slave))
         )
-        output = lambda: b"".join(collector.out)
+        return process, collector, lambda: b"".join(collector.out)
+
+    def replay(self, session, *extra):
+        """
+        C{hoopgw replay} of a session of the gateway's store, played fast.
+
+        @return: C{(exit status, what it printed)}.
+        """
+        out = io.StringIO()
+        arguments = ["replay", "--store", self.gateway.store_path, session, "--speed", "1000"] + list(extra)
+        status = cli.main(arguments, out=out)
+        return status, out.getvalue()
+
+    @defer.inlineCallbacks
+    def test_recorded_shell(self):
+        """
+        A human's shell in a real terminal is recorded: output and input,
+        and a window change; the recording plays back exactly what the
+        client's terminal received, card numbers masked, and its digest is
+        committed into the chain by the shell command's end event, before
+        the session ends.  C{hoopgw replay} plays it back.
+        """
+        process, collector, output = self.interactive()
         yield eventually(lambda: b"#" in output() or b"$" in output())
         process.write(("echo card %s\r" % (PAN,)).encode())
         yield eventually(lambda: output().count(MASKED_PAN.encode()) >= 2)
@@ -589,13 +615,18 @@ class ShellTests(unittest.TestCase):
         (end,) = yield self.gateway.wait_for("session.end")
         received = output()
         self.assertNotIn(PAN.encode(), received)
-        (attachment,) = end["attachments"]
+        self.assertNotIn("cast", end)
+        self.assertNotIn("attachments", end)
+        (command,) = self.gateway.commands("shell")
+        attachment = command["outcome"]["cast"]
+        self.assertLess(command["seq"], end["seq"])
         with open(os.path.join(self.gateway.store_path, "casts", attachment["name"]), "rb") as handle:
             recording = handle.read()
         self.assertEqual(hashlib.sha256(recording).hexdigest(), attachment["sha256"])
-        header, events = casts.read(recording)
-        self.assertEqual((header["version"], header["width"], header["height"]), (2, 100, 30))
-        played = "".join(text for _, code, text in events if code == "o")
+        self.assertEqual(attachment["bytes"], len(recording))
+        parsed = casts.parse(recording)
+        self.assertEqual((parsed.header["version"], parsed.width, parsed.height), (2, 100, 30))
+        played = parsed.text()
         # The client's terminal is in raw mode: what ssh printed is what the
         # gateway sent, then ssh's own "Connection ... closed" line.
         text = received.decode("utf-8", "replace")
@@ -603,12 +634,89 @@ class ShellTests(unittest.TestCase):
         self.assertIn("Connection to 127.0.0.1 closed", text[len(played):])
         self.assertIn(MASKED_PAN, played)
         self.assertNotIn(PAN, recording.decode())
-        typed = "".join(text for _, code, text in events if code == "i")
-        self.assertIn("echo card %s" % (MASKED_PAN,), typed)
-        self.assertIn("120x40", [text for _, code, text in events if code == "r"])
-        (command,) = self.gateway.commands("shell")
-        self.assertEqual(command["outcome"]["cast"]["sha256"], attachment["sha256"])
-        self.assertTrue(verify_store(self.gateway.store_path).ok)
+        self.assertIn("echo card %s" % (MASKED_PAN,), parsed.text("i"))
+        self.assertIn("120x40", [text for _, code, text in parsed.frames if code == "r"])
+        report = verify_store(self.gateway.store_path)
+        self.assertTrue(report.ok, report.problem)
+        self.assertEqual(report.casts, 1)
+        status, replayed = self.replay(end["session"])
+        self.assertEqual(status, 0, replayed)
+        self.assertIn("#1 ", replayed)
+        self.assertIn("   terminal recording: %s (sha256 %s" % (attachment["name"], attachment["sha256"]), replayed)
+        self.assertIn("--- playing #1 %s" % (attachment["name"],), replayed)
+        self.assertIn(played, replayed)
+
+    @defer.inlineCallbacks
+    def test_two_recordings_in_one_session(self):
+        """
+        Two terminals in one SSH session (ssh's connection sharing: a shell,
+        then a command with a pty over the same connection) leave two
+        recordings, each committed by its own command's end event; the
+        record verifies with both checked, C{hoopgw replay} and the replay
+        web application (in Chromium) play each under its command, and a
+        recording edited or deleted afterwards is named by verify.
+        """
+        control = os.path.join(tempfile.mkdtemp(prefix="hoopgw-mux-"), "c")
+        self.addCleanup(shutil.rmtree, os.path.dirname(control), True)
+        process, collector, output = self.interactive("-o", "ControlMaster=yes", "-o", "ControlPath=" + control)
+        yield eventually(lambda: b"#" in output() or b"$" in output())
+        yield eventually(lambda: os.path.exists(control))
+        arguments = [SSH] + self.gateway.options(key_name="alice") + [
+            "-o", "ControlMaster=no", "-o", "ControlPath=" + control, "-tt", "%s@127.0.0.1" % (self.gateway.login,),
+            "echo second terminal %s" % (PAN,)]
+        out, err, code = yield run(arguments)
+        self.assertEqual(code, 0, err)
+        self.assertIn(("second terminal %s" % (MASKED_PAN,)).encode(), out)
+        process.write(("echo first terminal %s\r" % (PAN,)).encode())
+        yield eventually(lambda: output().count(MASKED_PAN.encode()) >= 2)
+        process.write(b"exit\r")
+        yield collector.done
+        (end,) = yield self.gateway.wait_for("session.end")
+        # In the order they started: the shell (#1 in the timeline), then the command.
+        (shell,) = self.gateway.commands("shell")
+        (second,) = self.gateway.commands("exec")
+        self.assertEqual({shell["session"], second["session"]}, {end["session"]})
+        names = [shell["outcome"]["cast"]["name"], second["outcome"]["cast"]["name"]]
+        self.assertEqual(len(set(names)), 2)
+        report = verify_store(self.gateway.store_path)
+        self.assertTrue(report.ok, report.problem)
+        self.assertEqual(report.casts, 2)
+        status, replayed = self.replay(end["session"])
+        self.assertEqual(status, 0, replayed)
+        shell_at = replayed.index("--- playing #1 %s" % (names[0],))
+        exec_at = replayed.index("--- playing #2 %s" % (names[1],))
+        self.assertIn("first terminal %s" % (MASKED_PAN,), replayed[shell_at:exec_at])
+        self.assertIn("second terminal %s" % (MASKED_PAN,), replayed[exec_at:])
+        self.assertNotIn(PAN, replayed)
+        status, only = self.replay(end["session"], "--command", second["command"])
+        self.assertEqual(status, 0, only)
+        self.assertNotIn("--- playing #1", only)
+        self.assertIn("--- playing #2", only)
+        server = ReplayServer(self, self.gateway.store_path, self.gateway.config_path)
+        screenshot = os.path.abspath(self.mktemp()) + "-ssh-session.png"
+        seen = yield in_thread(play_session, server.base, end["session"], screenshot)
+        yield server.stop()
+        self.assertEqual([player["command"] for player in seen["players"]], [shell["command"], second["command"]])
+        self.assertIn("first terminal %s" % (MASKED_PAN,), seen["players"][0]["screen"])
+        self.assertIn("second terminal %s" % (MASKED_PAN,), seen["players"][1]["screen"])
+        self.assertNotIn(PAN, seen["timeline"] + seen["players"][0]["screen"] + seen["players"][1]["screen"])
+
+        casts_folder = os.path.join(self.gateway.store_path, "casts")
+        with open(os.path.join(casts_folder, names[0]), "ab") as handle:
+            handle.write(b'[99.0, "o", "forged"]\n')
+        report = verify_store(self.gateway.store_path)
+        self.assertEqual(report.kind, "cast-edited", report.problem)
+        self.assertIn(names[0], report.problem)
+        # The command's recording was committed first (it ended first): named first.
+        os.unlink(os.path.join(casts_folder, names[1]))
+        report = verify_store(self.gateway.store_path)
+        self.assertEqual(report.kind, "cast-missing", report.problem)
+        self.assertIn(names[1], report.problem)
+        status, replayed = self.replay(end["session"])
+        self.assertEqual(status, 1)
+        self.assertIn("#1: the recording %s does not match the digest" % (names[0],), replayed)
+        self.assertIn("#2: the recording %s is missing from the record" % (names[1],), replayed)
+        self.assertNotIn("forged", replayed)
 
 
 class FileTransferTests(unittest.TestCase):

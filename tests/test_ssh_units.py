@@ -1,8 +1,8 @@
 """
 The SSH front end's parts without a network: OpenSSH certificates made by
 the real ssh-keygen, the key registry, the connection settings, the facts
-of an exec command line, the sftp codec and relay, the asciicast
-recorder, the stream masker and the ordered output of a relayed channel.
+of an exec command line, the sftp codec and relay, the stream masker and
+the ordered output of a relayed channel.
 """
 
 import base64
@@ -16,8 +16,6 @@ from twisted.conch.ssh.common import NS
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from hoopgw import cards
-from hoopgw import cast as casts
 from hoopgw import config as configuration
 from hoopgw.addons import identity as identity_addon
 from hoopgw.chain import AddonChain
@@ -351,11 +349,13 @@ class ExecFactsTests(unittest.TestCase):
 
     def test_pipeline(self):
         """
-        Every simple command of a pipeline is listed with its program.
+        Every simple command of a pipeline is listed with its program (and
+        what sudo runs), and the pipeline with what each stage runs.
         """
         command = commands.exec_command("curl -s https://x.test/i.sh | sudo sh && echo done", "deploy", False)
-        self.assertEqual(command.facts["programs"], ["curl", "sudo", "echo"])
+        self.assertEqual(command.facts["programs"], ["curl", "sudo", "sh", "echo"])
         self.assertEqual(command.facts["commands"][1], ["sudo", "sh"])
+        self.assertEqual(command.facts["pipelines"], [[["curl"], ["sudo", "sh"]]])
         self.assertEqual(command.facts["program"], "curl")
 
     def test_assignments_and_paths(self):
@@ -543,71 +543,6 @@ class SftpRelayTests(unittest.TestCase):
         self.assertEqual(command.outcome["status"], "interrupted")
 
 
-class CastTests(unittest.TestCase):
-    """
-    The asciicast v2 recorder.
-    """
-
-    def test_events(self):
-        """
-        Output, input and resizes are events with times; UTF-8 split across
-        chunks is kept whole; card numbers are masked in both directions,
-        also across chunks.
-        """
-        now = [1000.0]
-        recording = casts.Cast(80, 24, term="xterm", title="t", started=1000.0, clock=lambda: now[0])
-        recording.output("caf\xc3".encode("latin-1"))
-        recording.output(b"\xa9\n")
-        now[0] = 1001.5
-        recording.input(b"4111 1111 ")
-        recording.input(b"1111 1111\r")
-        recording.resize(100, 40)
-        header, events = casts.read(recording.finish())
-        self.assertEqual((header["version"], header["width"], header["height"]), (2, 80, 24))
-        self.assertEqual(header["env"], {"TERM": "xterm"})
-        self.assertEqual("".join(text for _, code, text in events if code == "o"), "café\n")
-        self.assertEqual("".join(text for _, code, text in events if code == "i"), "4111 11** **** 1111\r")
-        self.assertIn((1.5, "r", "100x40"), events)
-        self.assertEqual(recording.masked, 1)
-
-    def test_limit(self):
-        """
-        Past the size limit, the recording says it was cut and stops.
-        """
-        recording = casts.Cast(80, 24, limit=300)
-        for _ in range(50):
-            recording.output(b"x" * 20)
-        data = recording.finish()
-        self.assertLessEqual(len(data), 400)
-        self.assertTrue(recording.truncated)
-        self.assertEqual(casts.read(data)[1][-1][1], "m")
-
-
-class StreamMaskerTests(unittest.TestCase):
-    """
-    Card numbers in a stream that arrives in pieces.
-    """
-
-    def test_every_split(self):
-        """
-        Wherever a PAN is split, it is masked, and nothing else changes.
-        """
-        text = b"order 12345: card 4111-1111-1111-1111 exp 12/30\n"
-        for cut in range(len(text)):
-            masker = cards.StreamMasker()
-            out = masker.feed(text[:cut]) + masker.feed(text[cut:]) + masker.feed(b"", final=True)
-            self.assertEqual(out, b"order 12345: card 4111-11**-****-1111 exp 12/30\n", cut)
-
-    def test_holds_only_what_may_continue(self):
-        """
-        Only trailing digits, spaces and dashes are held back, and at most
-        the span of a PAN.
-        """
-        masker = cards.StreamMasker()
-        self.assertEqual(masker.feed(b"total: 42"), b"total: ")
-        self.assertEqual(masker.held, 2)
-        self.assertEqual(masker.feed(b"1" * 100), b"42" + b"1" * (100 - cards.MAX_PAN_SPAN))
-        self.assertEqual(masker.held, cards.MAX_PAN_SPAN)
 
 
 class _Connection:

@@ -6,7 +6,7 @@ tampering named.
 import json
 import os
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from hoopgw import cli
@@ -54,6 +54,22 @@ class StoreTests(unittest.TestCase):
             self.assertEqual(event["seq"], 1)
 
         return d.addCallback(check)
+
+    def test_sync_thread(self):
+        """
+        With C{sync_thread}, appends are synced by the writer thread and
+        fire in order once durable; closing stops the thread.
+        """
+        store = self.open(sync_thread=True)
+        self.assertTrue(store._writer.is_alive())
+        appended = [store.append({"type": "test", "n": index}) for index in range(5)]
+
+        def check(events):
+            self.assertEqual([event["seq"] for event in events], [1, 2, 3, 4, 5])
+            writer = store._writer
+            return store.close().addCallback(lambda _: self.assertFalse(writer.is_alive()))
+
+        return defer.gatherResults(appended).addCallback(check)
 
     def test_chain_continues_after_reopen(self):
         """

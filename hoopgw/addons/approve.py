@@ -1,8 +1,9 @@
 """
 The approve addon: statements that match a rule (an UPDATE or DELETE
-without WHERE, any DDL, writes to given tables ...) wait inside the live
-session for a person's approval through the approvals broker, bound to
-the exact statement, the requesting identity and the connection.  An
+without WHERE, any DDL, writes to given tables ...), SSH commands and
+Kubernetes requests that match one (a restart, any delete) wait inside
+the live session for a person's approval through the approvals broker,
+bound to the exact command, the requesting identity and the connection.  An
 identity pre-approved by a time-boxed grant goes through, and the use of
 the grant is recorded.
 """
@@ -65,7 +66,9 @@ class Approve:
             _rules,
             o.REQUIRED,
             "Rules, each a name, approvers (groups), approvals (how many), timeout, max_grant and what it "
-            "matches: kinds, object_types, tables, writes, functions, columns, without_where (as block's).",
+            "matches, as block's rules: SQL kinds, object_types, tables, writes, functions, columns, "
+            "without_where; SSH programs, commands, pipelines, logins, sftp operations, transfers, paths; "
+            "Kubernetes verbs, resources, api_groups, namespaces, resource_names; any command's facts.",
         ),
         o.Option(
             "notify",
@@ -96,7 +99,7 @@ class Approve:
         self.connection = context.connection.name
         self.broker = context.approvals
         # Rules on command facts vary with more than the statement's text.
-        self._on_facts = any(matcher.facts is not None for _, matcher in self.rules)
+        self._on_facts = any(matcher.on_facts for _, matcher in self.rules)
         if self.broker is not None:
             for rule, _ in self.rules:
                 self.broker.register(self.connection, rule, options["notify"])

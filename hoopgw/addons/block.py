@@ -1,10 +1,12 @@
 """
-The block addon: refuse statements by what they do, as the PostgreSQL
-parser reads them (never by patterns over the SQL text).  Deny rules match
-statement kinds, object types, tables, functions and columns; an
-allow-list mode lets a read-only bot run only SELECT on named tables; SQL
-that does not parse is refused (fail closed) unless the connection says
-otherwise.
+The block addon: refuse commands by what they do.  SQL statements as the
+PostgreSQL parser reads them (never by patterns over the SQL text): deny
+rules match statement kinds, object types, tables, functions and columns,
+and an allow-list mode lets a read-only bot run only SELECT on named
+tables.  SSH and Kubernetes commands by their facts: the programs,
+commands and pipelines a command line runs, sftp operations, Kubernetes
+verbs, resources and namespaces (L{hoopgw.commandpolicy}).  What cannot be
+read is refused (fail closed) unless the connection says otherwise.
 """
 
 from twisted.logger import Logger
@@ -45,7 +47,26 @@ BASELINE = (
     ("baseline:identity-switch", {"kinds": ["SET ROLE", "SET SESSION AUTHORIZATION"]},
      "switches the database identity the gateway logged in as"),
     ("baseline:anonymous-code", {"kinds": ["DO"]}, "runs an anonymous code block the gateway cannot inspect"),
+    # SSH exec (and kubectl exec) command lines.
+    ("baseline:other-user", {"programs": ["sudo", "su", "doas", "pkexec", "runuser"]},
+     "runs commands as another user; the login the gateway uses is all this identity may act as"),
+    ("baseline:remove-root", {"commands": ["rm -*[rR]* {/,/[*],//,/.,/..}"]}, "deletes the whole file system"),
+    ("baseline:download-and-run",
+     {"pipelines": ["{curl,wget,fetch,nc,ncat,socat} | {sh,bash,dash,zsh,ksh,ash,mksh,fish,python*,perl,ruby,node,php}"]},
+     "runs code fetched from the network, which nobody reviewed"),
+    # Kubernetes requests.
+    ("baseline:delete-namespaces", {"verbs": ["delete", "deletecollection"], "resources": ["namespaces"]},
+     "deletes a namespace and everything in it"),
+    ("baseline:cluster-privileges",
+     {"verbs": ["create", "update", "patch", "delete", "deletecollection"], "api_groups": ["rbac.authorization.k8s.io"],
+      "resources": ["clusterroles", "clusterrolebindings"]},
+     "changes cluster-wide privileges"),
+    ("baseline:node-proxy", {"resources": ["nodes/proxy"]}, "reaches the kubelet API, which runs commands in any pod of its node"),
+    ("baseline:credentials",
+     {"verbs": ["create", "update", "patch"], "resources": ["serviceaccounts/token", "certificatesigningrequests/approval"]},
+     "mints credentials for another identity"),
 )
+BASELINE_NAMES = tuple(name for name, _, _ in BASELINE)
 
 
 class Rule:
@@ -82,15 +103,25 @@ def _allow_only(value, path):
     return None if value is None else sqlpolicy.AllowList.parse(value, path)
 
 
-def baseline_rules():
+def baseline_rules(leave_out=()):
     return [
-        Rule(name, sqlpolicy.Matcher.parse(raw, name)[0], reason) for name, raw, reason in BASELINE
+        Rule(name, sqlpolicy.Matcher.parse(raw, name)[0], reason)
+        for name, raw, reason in BASELINE
+        if name not in leave_out
     ]
+
+
+def _baseline_names(value, path):
+    names = o.string_set(value, path)
+    unknown = sorted(names - set(BASELINE_NAMES))
+    if unknown:
+        raise ConfigError(path, "%s is not a baseline rule; they are %s" % (", ".join(unknown), ", ".join(BASELINE_NAMES)))
+    return names
 
 
 class Block:
     """
-    Refuse SQL statements by kind, object type, table, function or column (parsed with pglast), or allow only a list.
+    Refuse SQL statements by kind, object type, table, function or column (parsed with pglast), or allow only a list; refuse SSH and Kubernetes commands by their facts.
     """
 
     name = "block"
@@ -100,16 +131,27 @@ class Block:
             "rules",
             _rules,
             [],
-            "Deny rules, each a name and any of kinds, object_types, tables, writes, functions, columns "
-            "and without_where (all given must match); the first that matches denies.",
+            "Deny rules, each a name and what it matches (all given must match); the first that matches "
+            "denies.  SQL: kinds, object_types, tables, writes, functions, columns, without_where.  SSH and "
+            "kubectl exec: programs, commands, pipelines; sftp: operations, transfers, paths; SSH: logins.  "
+            "Kubernetes: verbs, resources, api_groups, namespaces, resource_names.  Any command: facts.",
         ),
         o.Option(
             "baseline",
             o.boolean,
             True,
-            "Also deny what no bot needs: COPY to or from programs and server files, LOAD, dangerous "
+            "Also deny what no bot needs.  SQL: COPY to or from programs and server files, LOAD, dangerous "
             "functions (pg_read_file, lo_export, dblink, pg_terminate_backend, set_config, query_to_xml ...), "
-            "ALTER SYSTEM, role and privilege changes, SET ROLE / SESSION AUTHORIZATION and DO blocks.",
+            "ALTER SYSTEM, role and privilege changes, SET ROLE / SESSION AUTHORIZATION and DO blocks.  SSH "
+            "and kubectl exec: sudo, su, doas, pkexec, runuser; rm -r of /; a download piped into a shell or "
+            "interpreter.  Kubernetes: deleting namespaces, changing cluster roles and their bindings, "
+            "nodes/proxy, minting service account tokens and approving certificate requests.",
+        ),
+        o.Option(
+            "baseline_except",
+            _baseline_names,
+            frozenset(),
+            "Baseline rules to leave out, by name (baseline:other-user for a bot that must use sudo, say).",
         ),
         o.Option(
             "allow_only",
@@ -122,8 +164,8 @@ class Block:
             "allow_unparseable",
             o.boolean,
             False,
-            "Let SQL the parser cannot read through (it is refused by default: what cannot be read "
-            "cannot be checked).",
+            "Let SQL the parser cannot read, and command lines the gateway cannot split (unbalanced quotes), "
+            "through (they are refused by default: what cannot be read cannot be checked).",
         ),
         o.Option(
             "search_path",
@@ -135,7 +177,7 @@ class Block:
     )
 
     def __init__(self, options, context):
-        self.rules = (baseline_rules() if options["baseline"] else []) + list(options["rules"])
+        self.rules = (baseline_rules(options["baseline_except"]) if options["baseline"] else []) + list(options["rules"])
         self.allow_only = options["allow_only"]
         self.allow_unparseable = options["allow_unparseable"]
         self.search_path = tuple(options["search_path"])
@@ -149,6 +191,10 @@ class Block:
         """
         if command.kind != "sql":
             # Other protocols' commands meet the rules that name their facts.
+            error = command.facts.get("parse_error")
+            if error and not self.allow_unparseable:
+                reason = "the gateway cannot read this command line (%s), so it cannot check it" % (error,)
+                return _deny(reason, "block:unparseable"), reason
             for rule in self.rules:
                 why = rule.matcher.match_command(command)
                 if why is not None:
@@ -158,7 +204,7 @@ class Block:
                     return _deny(reason, "block:%s" % (rule.name,)), reason
             return None, "no rule for %s commands matched" % (command.kind,)
         facts = sqlpolicy.for_command(session, command)
-        if any(rule.matcher.facts is not None for rule in self.rules):
+        if any(rule.matcher.on_facts for rule in self.rules):
             # Rules on command facts (protocol, ...) vary with more than the text.
             return self._decide(facts, command)
         # The answer depends only on the facts, which are shared by every
@@ -179,7 +225,7 @@ class Block:
         for rule in self.rules:
             if command is not None:
                 why = rule.matcher.match_sql(facts, self.search_path, command)
-            elif rule.matcher.facts is not None:
+            elif rule.matcher.on_facts:
                 continue
             else:
                 why = rule.matcher.match(facts, self.search_path)

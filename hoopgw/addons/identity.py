@@ -165,19 +165,34 @@ class IdentityAddon:
             L{IdentityError}.
         """
         options = self._options
+        refused = credentials.extra.get("client_certificate_refused")
+        if refused is not None:
+            # The front end's TLS could not verify the certificate the
+            # client presented: whatever else it brings, it is refused.
+            raise IdentityError(
+                "the client certificate was refused (%s); present one issued by a CA this connection trusts"
+                % (refused["reason"],),
+                "certificate-untrusted",
+                dict(refused),
+            )
         certified = None
         if credentials.client_certificate is not None and options["certificates"]:
             certified = self._from_certificate(credentials.client_certificate)
         if options["require_certificate"] and certified is None:
             raise IdentityError(
-                "this connection requires a client certificate; connect with sslcert and sslkey", "no-certificate"
+                "this connection requires a client certificate; connect with sslcert and sslkey (libpq) or "
+                "client-certificate and client-key (kubeconfig)",
+                "no-certificate",
             )
         token = credentials.password
         identity = None
         if token:
             identity = yield self._from_token(token, consume, quiet=certified is not None and not options["require_token"])
         elif certified is None or options["require_token"]:
-            raise IdentityError("no token was presented; give your identity token as the password", "no-token")
+            raise IdentityError(
+                "no token was presented; give your identity token as the password (or over HTTP as the bearer token)",
+                "no-token",
+            )
         if identity is None:
             identity = certified
         elif certified is not None:
@@ -299,6 +314,10 @@ def _agree(token_identity, certified):
         )
     provenance = dict(token_identity.provenance)
     provenance["certificate"] = {key: value for key, value in certified.provenance.items() if key != "groups"}
+    # The identity holds while both credentials do.
+    ends = [value for value in (token_identity.provenance.get("expires_at"), certified.provenance.get("expires_at")) if value]
+    if ends:
+        provenance["expires_at"] = min(ends)
     groups_record = dict(provenance.get("groups") or {})
     groups_record.update(certified.provenance.get("groups") or {})
     provenance["groups"] = groups_record

@@ -247,7 +247,10 @@ class Mask:
             self._count_unmasked(command, exempt, self.masker.text(chunk.data)[1])
             return
         if chunk.kind == "body":
-            chunk.data, count = self.masker.text(chunk.data)
+            if "json" in (chunk.fields or {}).get("content_type", ""):
+                chunk.data, count = self.masker.json_document(chunk.data)
+            else:
+                chunk.data, count = self.masker.text(chunk.data)
             chunk.masked += count
             return
         state = command.metadata if command is not None else session.metadata

@@ -3,10 +3,9 @@ The record addon: every session and command goes into the evidence store,
 and a command's event is durable before the command reaches the target.
 If the store cannot take it, the command is refused (fail closed).
 
-A front end that records a terminal session as an asciicast writes it with
-the store's C{write_attachment} and puts C{{"name": NAME, "sha256": HEX}}
-in C{session.attributes["cast"]}: the session's end event then commits the
-digest to the chain (L{hoopgw.store.events.CAST}), and verify checks it.
+A terminal recording is committed by the C{command.end} event of the
+command that produced it: the front end stores it and puts its digest in
+the command's outcome before finishing the command (L{hoopgw.cast.commit}).
 """
 
 import time
@@ -16,7 +15,6 @@ from twisted.logger import Logger
 from hoopgw import cards
 from hoopgw import options as o
 from hoopgw.addon import AddonFactory
-from hoopgw.store.events import CAST
 
 
 def session_fields(session):
@@ -170,13 +168,6 @@ class Record:
             event["identity"] = session.identity.to_json()
         if self._gateway:
             event["gateway"] = self._gateway
-        cast = session.attributes.get(CAST)
-        if cast:
-            event[CAST] = {"name": cast["name"], "sha256": cast["sha256"]}
-        if session.attributes.get("attachments"):
-            # Terminal recordings stored beside the events: their digests
-            # are committed into the chain here.
-            event["attachments"] = session.attributes["attachments"]
         return self._append(event)
 
 

@@ -70,6 +70,10 @@ def approval_digest(command, identity, connection):
     return digest.hexdigest()
 
 
+def _noun(command):
+    return {"sql": "statement", "kubernetes": "request"}.get(command.kind, "command")
+
+
 def _new_id(prefix):
     return "%s-%s" % (prefix, os.urandom(6).hex())
 
@@ -102,6 +106,8 @@ class Request:
     gateway = attr.ib(default=None)
     deferred = attr.ib(default=None, repr=False)
     timer = attr.ib(default=None, repr=False)
+    # What the client calls what it asked for: a statement, a command, a request.
+    noun = attr.ib(default="statement")
 
     def to_json(self):
         result = {
@@ -268,6 +274,7 @@ class Broker:
             created=now,
             expires=now + rule.timeout,
             gateway=self.instance,
+            noun=_noun(command),
         )
 
     def _request_event(self, request):
@@ -292,6 +299,9 @@ class Broker:
             event["parameters"] = list(request.parameters)
         if request.gateway:
             event["gateway"] = request.gateway
+        if request.noun != "statement":
+            # What another gateway's refusal calls it (a command, a request).
+            event["noun"] = request.noun
         return event
 
     def notice(self, request):
@@ -300,9 +310,10 @@ class Broker:
         """
         where = (" or POST %s/api/approvals/%s/approve" % (self.url, request.id)) if self.url else ""
         return (
-            "hoopgw: this statement needs approval (rule %s: %d approval%s from %s). Request %s is waiting; "
+            "hoopgw: this %s needs approval (rule %s: %d approval%s from %s). Request %s is waiting; "
             "an approver runs: hoopgw approvals approve %s --reason '...'%s. Waiting up to %s."
             % (
+                request.noun,
                 request.rule.name,
                 request.rule.approvals,
                 "" if request.rule.approvals == 1 else "s",
@@ -458,7 +469,7 @@ class Broker:
             return (
                 "denied",
                 Decision.deny(
-                    "%s denied this statement: %s" % (approver.subject, reason),
+                    "%s denied this %s: %s" % (approver.subject, request.noun, reason),
                     rule="approve:%s:denied" % (request.rule.name,),
                     sqlstate="42501",
                 ),
@@ -702,7 +713,7 @@ class Broker:
 
 def _timed_out(request):
     return Decision.deny(
-        "nobody approved this statement within %s" % (_duration(request.rule.timeout),),
+        "nobody approved this %s within %s" % (request.noun, _duration(request.rule.timeout)),
         rule="approve:%s:timeout" % (request.rule.name,),
         sqlstate="42501",
     )

@@ -166,6 +166,7 @@ def _request(row, lines):
         created=event.get("created"),
         expires=event["expires"],
         gateway=event.get("gateway"),
+        noun=event.get("noun", "statement"),
     )
     for seq in votes:
         vote = _chained(lines, seq, ("approval.vote",), request_id)

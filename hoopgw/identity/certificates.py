@@ -254,6 +254,9 @@ class CertificateProvider:
                     "certificate_subject": evidence["certificate_subject"],
                     "certificate_serial": "%x" % (certificate.serial_number,),
                     "certificate_not_after": certificate.not_valid_after_utc.isoformat(),
+                    # As tokens have it: a front end that keeps a session
+                    # across requests checks the certificate anew after it.
+                    "expires_at": int(certificate.not_valid_after_utc.timestamp()),
                     "ca_fingerprint": fingerprint(authority),
                     "rule": rule.name,
                     "spiffe_id": (facts["spiffe"] or [None])[0],

@@ -8,6 +8,8 @@ why.  A dry run: single-use tokens are not marked used.
 import json
 
 import attr
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from twisted.internet import defer
 
 from hoopgw.identity.certificates import as_certificate
@@ -51,9 +53,14 @@ def evaluate(config, reactor, token=None, certificate=None, only=None):
             entry.update(allowed=False, reason="its chain has no identity addon, so nobody gets in")
             continue
         addon = spec.factory.build(spec.options, AddonContext(connection=connection, gateway=gateway))
-        credentials = Credentials(
-            password=token, client_certificate=as_certificate(certificate) if certificate is not None else None
-        )
+        presented = as_certificate(certificate) if certificate is not None else None
+        if presented is not None:
+            unheard = _certificate_unheard(connection, presented)
+            if unheard is not None:
+                # The gateway would never see it: decide as it would.
+                entry["certificate_ignored"] = unheard
+                presented = None
+        credentials = Credentials(password=token, client_certificate=presented)
         try:
             identity = yield addon.derive(credentials, consume=False)
         except IdentityError as error:
@@ -63,7 +70,8 @@ def evaluate(config, reactor, token=None, certificate=None, only=None):
         granted = sorted(identity.groups & connection.allowed_groups)
         if granted:
             entry.update(allowed=True, reason="%s is in %s" % (identity.subject, ", ".join(granted)))
-            if spec.options.get("match_user"):
+            # A Kubernetes client gives no login name, only its credential.
+            if spec.options.get("match_user") and connection.protocol != "kubernetes":
                 entry["login_as"] = identity.subject
         else:
             entry.update(
@@ -74,6 +82,30 @@ def evaluate(config, reactor, token=None, certificate=None, only=None):
     return results
 
 
+def _certificate_unheard(connection, certificate):
+    """
+    Why a client certificate would not reach this connection's identity
+    addon (its TLS does not ask for one, or would refuse this one), or
+    C{None}.
+    """
+    tls = getattr(connection.settings, "tls", None)
+    if tls is None or not hasattr(tls, "client_ca"):
+        return "this connection does not take TLS client certificates"
+    if tls.client_ca is None:
+        return "this connection does not ask clients for certificates (its tls.client_ca is not set)"
+    with open(tls.client_ca, "rb") as handle:
+        authorities = x509.load_pem_x509_certificates(handle.read())
+    for authority in authorities:
+        if authority.subject != certificate.issuer:
+            continue
+        try:
+            certificate.verify_directly_issued_by(authority)
+        except (InvalidSignature, ValueError, TypeError):
+            continue
+        return None
+    return "this connection's TLS would not verify it: no CA in its tls.client_ca issued it"
+
+
 def describe(results):
     """
     The results as text for a person.
@@ -82,6 +114,8 @@ def describe(results):
     for entry in results:
         verdict = "may connect" if entry["allowed"] else "may NOT connect"
         lines.append("%s (%s): %s: %s" % (entry["connection"], entry["protocol"], verdict, entry["reason"]))
+        if entry.get("certificate_ignored"):
+            lines.append("  certificate not considered: %s" % (entry["certificate_ignored"],))
         identity = entry.get("identity")
         if identity is not None:
             provenance = identity["provenance"]

@@ -2,16 +2,12 @@
 The channel protocols of C{kubectl exec} and C{attach} over WebSocket
 (C{v5.channel.k8s.io} that kubectl 1.30+ speaks, C{v4.channel.k8s.io},
 C{channel.k8s.io} and C{base64.channel.k8s.io}): each message is one
-channel's bytes behind a channel byte; and the asciicast v2 recording a
-terminal session leaves in the evidence store.
+channel's bytes behind a channel byte.
 """
 
 import base64
 import binascii
 import json
-import time
-
-from hoopgw import redact
 
 STDIN, STDOUT, STDERR, ERROR, RESIZE = 0, 1, 2, 3, 4
 CLOSE = 255
@@ -62,54 +58,14 @@ def decode(subprotocol, content):
     return Frame(content[0], content[1:])
 
 
-class Asciicast:
+def terminal_size(data):
     """
-    A terminal session as asciicast v2: a header line, then one
-    C{[seconds, "o"|"i", text]} line per output or input.  Input is kept
-    with card numbers, tokens and key=value secrets redacted; output is
-    kept as the client saw it (after the chain masked it).
+    The size a resize message (C{{"Width": w, "Height": h}}) asks for.
+
+    @return: C{(width, height)}, or None if the message does not parse.
     """
-
-    def __init__(self, command, width=80, height=24, now=None):
-        self.started = now if now is not None else time.time()
-        self.header = {
-            "version": 2,
-            "width": width,
-            "height": height,
-            "timestamp": int(self.started),
-            "command": command,
-            "env": {"TERM": "xterm"},
-        }
-        self.lines = []
-        self.output_bytes = 0
-        self.input_bytes = 0
-
-    def _offset(self, now):
-        return round((now if now is not None else time.time()) - self.started, 6)
-
-    def output(self, data, now=None):
-        if data:
-            self.output_bytes += len(data)
-            self.lines.append(json.dumps([self._offset(now), "o", data.decode("utf-8", "replace")]))
-
-    def input(self, data, now=None):
-        if data:
-            self.input_bytes += len(data)
-            text, _ = redact.redact_text(data.decode("utf-8", "replace"))
-            self.lines.append(json.dumps([self._offset(now), "i", text]))
-
-    def resize(self, data):
-        """
-        A resize message ({"Width": w, "Height": h}): the first one sets
-        the terminal size of the recording.
-        """
-        try:
-            size = json.loads(data)
-            width, height = int(size["Width"]), int(size["Height"])
-        except (ValueError, KeyError, TypeError):
-            return
-        if not self.lines:
-            self.header["width"], self.header["height"] = width, height
-
-    def render(self):
-        return ("\n".join([json.dumps(self.header)] + self.lines) + "\n").encode("utf-8")
+    try:
+        size = json.loads(data)
+        return int(size["Width"]), int(size["Height"])
+    except (ValueError, KeyError, TypeError):
+        return None

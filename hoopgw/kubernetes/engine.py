@@ -11,11 +11,15 @@ import asyncio
 import logging
 import socket
 
+import wsproto.events
 from mitmproxy import ctx as mitmproxy_ctx
 from mitmproxy import hooks, options
 from mitmproxy.addons import next_layer, proxyserver
 from mitmproxy.master import Master
+from mitmproxy.proxy import events
+from mitmproxy.proxy.layers import websocket as websocket_layers
 from mitmproxy.proxy.mode_servers import ServerInstance
+from mitmproxy.proxy.utils import expect
 from twisted.internet import defer
 from twisted.logger import LogLevel, Logger
 
@@ -43,6 +47,40 @@ class TwistedLogHandler(logging.Handler):
         level = _LEVELS.get(record.levelno, LogLevel.warn if record.levelno >= logging.WARNING else LogLevel.debug)
         # Not "message": the legacy log system takes that key for itself.
         Logger(namespace=record.name).emit(level, "{text}", text=message)
+
+
+# Where a websocket_message hook puts messages to send before the one it
+# was given: a list of C{(content, is_text)}.
+SEND_FIRST = "hoopgw.send_first"
+
+
+class WebsocketLayer(websocket_layers.WebsocketLayer):
+    """
+    mitmproxy's WebSocket relay, with one addition: a C{websocket_message}
+    hook may list messages in C{flow.metadata[SEND_FIRST]}, sent to the same
+    side just before the message it was given.  The front end releases what
+    the masker held back of an exec's output this way, ahead of the status
+    message that ends it: mitmproxy's own injection would come after the
+    close that often follows in the same read, and be lost.
+    """
+
+    @expect(events.DataReceived, events.ConnectionClosed, websocket_layers.WebSocketMessageInjected)
+    def relay_messages(self, event):
+        relaying = super().relay_messages(event)
+        reply = None
+        while True:
+            try:
+                command = relaying.send(reply)
+            except StopIteration:
+                return
+            reply = yield command
+            if isinstance(command, websocket_layers.WebsocketMessageHook):
+                first = self.flow.metadata.pop(SEND_FIRST, None)
+                if first:
+                    towards = self.server_ws if self.flow.websocket.messages[-1].from_client else self.client_ws
+                    for content, is_text in first:
+                        message = wsproto.events.TextMessage(content.decode()) if is_text else wsproto.events.BytesMessage(content)
+                        yield towards.send2(message)
 
 
 class Router:
@@ -124,6 +162,8 @@ class Engine:
         mitmproxy_logger.addHandler(self.handler)
         mitmproxy_logger.setLevel(logging.WARNING)
         mitmproxy_logger.propagate = False
+        # The HTTP layer makes its WebSocket relays from this name.
+        websocket_layers.WebsocketLayer = WebsocketLayer
         self.master = Master(options.Options(), event_loop=loop, with_termlog=False)
         self.router = Router()
         self.proxyserver = proxyserver.Proxyserver()

@@ -10,19 +10,21 @@ audit event.
 
 import hashlib
 import json
+import shlex
 import time
-from urllib.parse import parse_qs, unquote
 
 from mitmproxy import http
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from hoopgw import cast as casts
 from hoopgw import redact
 from hoopgw.chain import ChainBroken, settled
+from hoopgw.identity.certificates import as_certificate, fingerprint
 from hoopgw.kubernetes import bodies, channels, engine as engines, tls
-from hoopgw.kubernetes.requestinfo import request_info
-from hoopgw.model import DENY, Command, Credentials, Decision, ResultChunk, Session
+from hoopgw.kubernetes.requestinfo import request_command, request_info
+from hoopgw.model import DENY, Credentials, Decision, ResultChunk, Session
 from hoopgw.options import ConfigError
 
 KEY = "hoopgw"
@@ -41,7 +43,7 @@ class Exchange:
 
     __slots__ = (
         "received", "session", "command", "info", "refused", "streamed", "finished", "masked",
-        "warnings", "subprotocol", "cast", "exit", "broken", "impersonated", "client",
+        "warnings", "subprotocol", "cast", "exit", "broken", "impersonated", "client", "released",
     )
 
     def __init__(self, received):
@@ -60,6 +62,7 @@ class Exchange:
         self.broken = None
         self.impersonated = None
         self.client = None
+        self.released = False
 
 
 async def _wait(value, loop):
@@ -143,6 +146,7 @@ class Frontend:
         self.clients = {}
         self.ending = set()
         self.client_tls = tls.client_context(self.settings.tls)
+        self.tls_connections = {}
         self.upstream_tls = tls.upstream_context(self.settings.target)
         self.result_hooks = chain.has("result_received")
 
@@ -150,6 +154,10 @@ class Frontend:
 
     def tls_start_client(self, data):
         data.ssl_conn = tls.accept(self.client_tls)
+        if self.settings.tls.client_ca is not None:
+            # Read again once a request comes: what OpenSSL made of the
+            # client's certificate.
+            self.tls_connections[data.context.client.id] = data.ssl_conn
 
     def tls_start_server(self, data):
         data.ssl_conn = tls.connect(self.upstream_tls, self.settings.target)
@@ -227,28 +235,9 @@ class Frontend:
 
     def _command(self, flow, info, query, websocket):
         request = flow.request
-        text = "%s %s" % (request.method, request.path)
-        facts = info.facts()
-        facts.update(method=request.method, websocket=websocket, userAgent=request.headers.get("user-agent", ""))
-        parsed = parse_qs(query, keep_blank_values=True) if query else {}
-        if info.subresource in ("exec", "attach"):
-            facts["command"] = [redact.redact_text(part)[0] for part in parsed.get("command", [])]
-            facts["container"] = (parsed.get("container") or [""])[-1]
-            for flag in ("stdin", "stdout", "stderr", "tty"):
-                facts[flag] = (parsed.get(flag) or ["false"])[-1] in ("true", "1")
-        if "dryRun" in parsed:
-            facts["dryRun"] = parsed["dryRun"][-1]
-        if info.subresource == "log":
-            facts["follow"] = (parsed.get("follow") or ["false"])[-1] in ("true", "1")
-        command = Command(kind="kubernetes", text=text, redacted=redact.redact_text(unquote(text))[0], facts=facts)
-        body = request.raw_content
-        if body:
-            # An approval binds to the exact body; the record keeps only its size and digest.
-            command.parameters = (body,)
-            command.redacted_parameters = (
-                "<body, %d bytes, sha256 %s>" % (len(body), hashlib.sha256(body).hexdigest()),
-            )
-        return command
+        return request_command(
+            info, request.method, request.path, query, websocket, request.headers.get("user-agent", ""), request.raw_content
+        )
 
     def _credential(self, request, session, exchange):
         """
@@ -260,6 +249,8 @@ class Frontend:
             lowered = name.lower()
             if lowered in ("authorization", "proxy-authorization") or lowered.startswith("impersonate-"):
                 del headers[name]
+        if self.settings.saml_header:
+            headers.pop(self.settings.saml_header, None)
         target = self.settings.target
         if target.token is not None:
             try:
@@ -288,6 +279,21 @@ class Frontend:
 
     async def _session(self, flow, token, exchange):
         client = flow.client_conn
+        saml_header = self.settings.saml_header
+        assertion = flow.request.headers.get(saml_header, "").strip() if saml_header else ""
+        if assertion:
+            if token:
+                self._refuse(
+                    flow,
+                    exchange,
+                    400,
+                    "hoopgw refused the request: it carries both a bearer token and a %s header; send one "
+                    "credential, the SAML assertion in %s or the token as the bearer token" % (saml_header, saml_header),
+                )
+                return None
+            # The identity addon tells a SAML assertion from a JWT itself,
+            # as it does for a PostgreSQL password.
+            token = assertion
         state = self.clients.get(client.id)
         if state is None:
             state = self.clients[client.id] = _ClientState()
@@ -307,7 +313,7 @@ class Frontend:
             protocol="kubernetes",
             client_address=_address(client.peername),
             target=self.settings.target_name,
-            credentials=Credentials(password=token, client_certificate=None),
+            credentials=self._credentials(client, token),
             attributes={
                 "user_agent": flow.request.headers.get("user-agent", ""),
                 "tls": client.tls_established,
@@ -317,7 +323,12 @@ class Frontend:
         decision = await _wait(self.chain.start_session(session), self.loop)
         if decision.verdict == DENY:
             code = 401 if (decision.rule or "").startswith(_IDENTITY_RULES) else 403
-            self._refuse(flow, exchange, code, "hoopgw refused the session: %s" % (decision.reason,))
+            message = "hoopgw refused the session: %s" % (decision.reason,)
+            # kubectl meets the refusal in its discovery request, whose
+            # errors it prints without the Status message ("You must be
+            # logged in to the server"); it does print Warning headers.
+            exchange.warnings.append(message)
+            self._refuse(flow, exchange, code, message)
             return None
         if client.id not in self.clients:
             # The client went away while its token was checked.
@@ -327,6 +338,30 @@ class Frontend:
         state.sessions[key] = session
         exchange.session = session
         return session
+
+    def _credentials(self, client, token):
+        """
+        What the client presented: its token, and the certificate it
+        proved it holds in the TLS handshake (asked for only with
+        C{tls.client_ca}).  A certificate OpenSSL could not verify against
+        C{tls.client_ca} is not handed over as one: the identity addon
+        learns why, and refuses.
+        """
+        certificate, problem = tls.client_certificate(self.tls_connections.get(client.id))
+        credentials = Credentials(password=token, client_certificate=certificate)
+        if problem is not None:
+            credentials.client_certificate = None
+            evidence = {"reason": problem}
+            try:
+                parsed = as_certificate(certificate)
+                evidence.update(
+                    certificate_fingerprint=fingerprint(parsed), certificate_subject=parsed.subject.rfc4514_string()
+                )
+            except ValueError:
+                # What cryptography cannot read is still named in the record.
+                evidence["certificate_fingerprint"] = certificate.digest("sha256").decode("ascii").lower()
+            credentials.extra["client_certificate_refused"] = evidence
+        return credentials
 
     def _end(self, session):
         ended = self.chain.end_session(session)
@@ -354,6 +389,7 @@ class Frontend:
         return leaving
 
     def client_disconnected(self, client):
+        self.tls_connections.pop(client.id, None)
         state = self.clients.pop(client.id, None)
         if state is not None:
             self._leave(state, "client disconnected")
@@ -560,7 +596,13 @@ class Frontend:
     def _start_terminal(self, flow, exchange):
         exchange.subprotocol = flow.response.headers.get("sec-websocket-protocol", "").strip()
         facts = exchange.command.facts
-        exchange.cast = channels.Asciicast(facts.get("command") or [exchange.info.subresource])
+        info = exchange.info
+        exchange.cast = casts.Recorder(
+            term="xterm" if facts.get("tty") else None,
+            title="%s: kubectl %s %s/%s" % (exchange.session.identity.subject if exchange.session.identity else "?",
+                                            info.subresource, info.namespace, info.name),
+            command=shlex.join(facts.get("command") or []) or None,
+        )
         if exchange.subprotocol not in channels.BINARY_PROTOCOLS + channels.BASE64_PROTOCOLS:
             # Frames the gateway cannot read cannot be masked or recorded.
             exchange.broken = "the API server chose the unknown subprotocol %r" % (exchange.subprotocol,)
@@ -593,54 +635,99 @@ class Frontend:
             if frame.channel == channels.STDIN:
                 cast.input(frame.data)
             elif frame.channel == channels.RESIZE:
-                cast.resize(frame.data)
+                size = channels.terminal_size(frame.data)
+                if size is not None:
+                    cast.resize(*size)
             return
         if frame.channel in (channels.STDOUT, channels.STDERR):
             if self.result_hooks:
-                chunk = ResultChunk("stream", data=frame.data, stream=channels.STREAMS[frame.channel], final=True)
                 try:
-                    await _wait(self.chain.result(exchange.session, exchange.command, chunk), self.loop)
+                    # A card number may go on in the stream's next frame:
+                    # the chain holds its start back until then.
+                    data = await self._terminal_output(exchange, frame.channel, frame.data, final=False)
                 except ChainBroken as error:
-                    # The output goes no further; the client learns why on the error channel.
-                    message.content = channels.Frame(
-                        channels.ERROR,
-                        bodies.status(500, "hoopgw withheld the output because %s; the session is closed" % (error,)),
-                        frame.base64,
-                    ).encode()
-                    self._stream_broken(flow, exchange, str(error), delay=0.2)
+                    self._terminal_broken(flow, exchange, message, frame, error)
                     return
-                exchange.masked += chunk.masked + chunk.withheld
-                if chunk.data is not frame.data:
-                    frame.data = chunk.data
+                if data is not frame.data:
+                    frame.data = data
                     message.content = frame.encode()
             cast.output(frame.data)
-        elif frame.channel == channels.ERROR and frame.data:
+        elif frame.channel == channels.ERROR:
+            # The status that ends the output: what was held back goes first.
+            try:
+                await self._release_output(flow, exchange, frame.base64, message.is_text)
+            except ChainBroken as error:
+                self._terminal_broken(flow, exchange, message, frame, error)
+                return
+            if not frame.data:
+                return
             try:
                 result = json.loads(frame.data)
             except ValueError:
                 return
             exchange.exit = _exit_code(result)
 
+    async def _terminal_output(self, exchange, channel, data, final):
+        """
+        One stream's output through the chain's result hooks.
+
+        @return: the bytes to send now.
+        @raise ChainBroken: an addon failed on it.
+        """
+        chunk = ResultChunk("stream", data=data, stream=channels.STREAMS[channel], final=final)
+        await _wait(self.chain.result(exchange.session, exchange.command, chunk), self.loop)
+        exchange.masked += chunk.masked + chunk.withheld
+        return chunk.data
+
+    async def _release_output(self, flow, exchange, base64_framing, is_text):
+        """
+        The end of the output: each stream's last chunk through the chain,
+        and what it releases sent (see L{engines.SEND_FIRST}).
+        """
+        if not self.result_hooks or exchange.released:
+            return
+        exchange.released = True
+        first = []
+        for channel in (channels.STDOUT, channels.STDERR):
+            data = await self._terminal_output(exchange, channel, b"", final=True)
+            if data:
+                exchange.cast.output(data)
+                first.append((channels.Frame(channel, data, base64_framing).encode(), is_text))
+        if first:
+            flow.metadata[engines.SEND_FIRST] = first
+
+    def _terminal_broken(self, flow, exchange, message, frame, error):
+        # The output goes no further; the client learns why on the error channel.
+        message.content = channels.Frame(
+            channels.ERROR,
+            bodies.status(500, "hoopgw withheld the output because %s; the session is closed" % (error,)),
+            frame.base64,
+        ).encode()
+        self._stream_broken(flow, exchange, str(error), delay=0.2)
+
     async def websocket_end(self, flow):
         exchange = flow.metadata.get(KEY)
         if exchange is None or exchange.cast is None or exchange.finished:
             return
         command = exchange.command
+        if self.result_hooks and not exchange.released and not exchange.broken:
+            # The stream closed without a status: what the chain still held
+            # back can no longer be sent (and is not recorded as sent).
+            exchange.released = True
+            unsent = 0
+            try:
+                for channel in (channels.STDOUT, channels.STDERR):
+                    unsent += len(await self._terminal_output(exchange, channel, b"", final=True))
+            except ChainBroken as error:
+                exchange.broken = str(error)
+            if unsent:
+                command.outcome["unsent_output_bytes"] = unsent
+        # The recording is durable, and its digest in the outcome, before
+        # the command's end event commits it.
         try:
-            name = "%s-%s.cast" % (exchange.session.id, command.id)
-            data = exchange.cast.render()
-            digest = await _wait(self.gateway.store.write_attachment(name, data), self.loop)
-            command.outcome["asciicast"] = {
-                "name": name,
-                "sha256": digest,
-                "bytes": len(data),
-                "output_bytes": exchange.cast.output_bytes,
-                "input_bytes": exchange.cast.input_bytes,
-            }
-        except Exception:
-            self.log.failure("Recording an exec session failed")
-            command.outcome["asciicast_error"] = "the recording could not be stored"
-        self._finish(flow, exchange)
+            await _wait(casts.commit(self.gateway.store, exchange.session, exchange.command, exchange.cast), self.loop)
+        finally:
+            self._finish(flow, exchange)
 
 
 def _all_of(ending):
@@ -843,3 +930,4 @@ class KubernetesService(service.Service):
         if self.frontend.engine is None:
             return self._stopped or defer.succeed(None)
         return self.frontend.close_sessions(reason)
+

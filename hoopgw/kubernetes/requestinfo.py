@@ -2,12 +2,17 @@
 What a Kubernetes API request asks for (verb, API group and version,
 resource, subresource, namespace, name), derived from its method, path and
 query the way the API server's C{RequestInfoFactory} derives it, so that
-policies written against Kubernetes RBAC read the same here.
+policies written against Kubernetes RBAC read the same here; and the
+L{Command} a request becomes, with those facts.
 """
 
-from urllib.parse import parse_qs, unquote
+import hashlib
+from urllib.parse import parse_qs, parse_qsl, unquote
 
 import attr
+
+from hoopgw import commandline, redact
+from hoopgw.model import Command
 
 
 # HTTP methods and the verbs the API server gives them on resource requests.
@@ -173,3 +178,57 @@ def request_info(method, path, query="", websocket=False):
         subresource=subresource,
         name=name,
     )
+
+
+def _clean(word):
+    return redact.redact_text(word)[0]
+
+
+def request_command(info, method, path, query="", websocket=False, user_agent="", body=b""):
+    """
+    The L{Command} of one request: its facts are the request info, and for
+    exec and attach the argv (and what it runs: L{hoopgw.commandline}),
+    container and streams, for logs whether they follow.  Every fact that
+    could hold a secret or a card number is redacted.
+
+    @param info: the request's L{RequestInfo}.
+    @param path: the URL path with its query, as the client sent it.
+    @param body: the request body: an approval binds to it; the record
+        keeps only its size and digest.
+    """
+    text = "%s %s" % (method, path)
+    facts = info.facts()
+    facts.update(method=method, websocket=websocket, userAgent=user_agent)
+    parsed = parse_qs(query, keep_blank_values=True) if query else {}
+    if info.subresource in ("exec", "attach"):
+        argv = parsed.get("command", [])
+        facts["command"] = [_clean(part) for part in argv]
+        if argv:
+            facts.update(commandline.parse_argv(argv).facts(_clean))
+        facts["container"] = (parsed.get("container") or [""])[-1]
+        for flag in ("stdin", "stdout", "stderr", "tty"):
+            facts[flag] = (parsed.get(flag) or ["false"])[-1] in ("true", "1")
+    if "dryRun" in parsed:
+        facts["dryRun"] = parsed["dryRun"][-1]
+    if info.subresource == "log":
+        facts["follow"] = (parsed.get("follow") or ["false"])[-1] in ("true", "1")
+    command = Command(kind="kubernetes", text=text, redacted=redacted_request(method, path), facts=facts)
+    if body:
+        command.parameters = (body,)
+        command.redacted_parameters = ("<body, %d bytes, sha256 %s>" % (len(body), hashlib.sha256(body).hexdigest()),)
+    return command
+
+
+def redacted_request(method, path):
+    """
+    The request line as the record may keep it: the path and every query
+    value decoded the way the API server decodes them ("+" is a space,
+    %XX escapes), then redacted, so no card number or token hides behind
+    URL encoding (an exec command's arguments travel in the query).
+    """
+    route, _, query = path.partition("?")
+    text = "%s %s" % (method, unquote(route))
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        text += "?" + "&".join("%s=%s" % (name, value) for name, value in pairs)
+    return _clean(text)

@@ -16,6 +16,13 @@ from hoopgw.options import ConfigError, join
 TLS_OPTIONS = (
     o.Option("certificate", o.file_path, o.REQUIRED, "The gateway's PEM certificate (chain) for clients."),
     o.Option("key", o.file_path, o.REQUIRED, "The PEM private key of that certificate."),
+    o.Option(
+        "client_ca",
+        o.file_path,
+        None,
+        "A CA (PEM, one or several) whose client certificates the gateway asks for and checks in the TLS "
+        "handshake (mutual TLS); the identity addon's certificates providers then map them to identities.",
+    ),
 )
 
 IMPERSONATE_OPTIONS = (
@@ -69,14 +76,25 @@ TARGET_OPTIONS = (
 
 CONNECTION_OPTIONS = (
     o.Option("target", o.mapping, o.REQUIRED, "The Kubernetes API server behind this connection."),
-    o.Option("tls", o.mapping, o.REQUIRED, "TLS for clients: certificate and key."),
+    o.Option("tls", o.mapping, o.REQUIRED, "TLS for clients: certificate, key and optionally client_ca."),
     o.Option(
         "max_body_bytes",
         o.integer(minimum=1024),
         64 * 1024 * 1024,
         "The largest request or (non-streamed) response body the gateway accepts.",
     ),
+    o.Option(
+        "saml_header",
+        o.optional_string,
+        "X-Hoopgw-Saml",
+        "The request header a client may carry a base64 SAML assertion in, for the identity addon's SAML "
+        "providers (an assertion also works as the bearer token). Never forwarded to the API server. "
+        "null turns the header off.",
+    ),
 )
+
+# An HTTP field name (RFC 9110 token).
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 _LISTEN = re.compile(r"^tcp:(?P<port>\d+)(?::interface=(?P<interface>[^:]+))?$")
 
@@ -108,6 +126,7 @@ class Target:
 class ClientTLS:
     certificate = attr.ib()
     key = attr.ib()
+    client_ca = attr.ib(default=None)
 
 
 @attr.s(frozen=True)
@@ -122,6 +141,7 @@ class KubernetesSettings:
     listen_host = attr.ib()
     listen_port = attr.ib()
     max_body_bytes = attr.ib()
+    saml_header = attr.ib(default=None)
 
     @property
     def target_name(self):
@@ -208,10 +228,17 @@ def parse_connection(raw, path, listen):
     )
     tls = ClientTLS(**o.parse_options(TLS_OPTIONS, values["tls"], join(path, "tls")))
     host, port = parse_listen(listen, path)
+    saml_header = values["saml_header"]
+    if saml_header is not None and not _HEADER_NAME.match(saml_header):
+        raise ConfigError(join(path, "saml_header"), "%r is not an HTTP header name; use letters, digits and dashes" % (saml_header,))
+    if saml_header is not None and (saml_header.lower() in ("authorization", "proxy-authorization", "cookie")
+                                    or saml_header.lower().startswith("impersonate-")):
+        raise ConfigError(join(path, "saml_header"), "choose a header of its own, such as X-Hoopgw-Saml, not %r" % (saml_header,))
     return KubernetesSettings(
         target=target,
         tls=tls,
         listen_host=host,
         listen_port=port,
         max_body_bytes=values["max_body_bytes"],
+        saml_header=saml_header,
     )

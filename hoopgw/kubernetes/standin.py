@@ -136,6 +136,8 @@ class StandinAPIServer:
     @ivar impersonations: every request's C{Impersonate-User} and
         C{Impersonate-Group} headers, as C{(user, [groups])}.
     @ivar requests: C{(method, path)} of every request received.
+    @ivar header_names: the (lower-case) header names of every request
+        received, a set per request.
     """
 
     log = Logger()
@@ -147,6 +149,7 @@ class StandinAPIServer:
         self.authorizations = []
         self.impersonations = []
         self.requests = []
+        self.header_names = []
         self.objects = {key: {} for key in RESOURCES}
         self.revision = 1
         self.watchers = []
@@ -308,6 +311,7 @@ class _Root(resource.Resource):
         method = request.method.decode()
         path = request.path.decode("utf-8", "replace")
         api.requests.append((method, path))
+        api.header_names.append({name.decode("latin-1").lower() for name, _ in request.requestHeaders.getAllRawHeaders()})
         authorization = request.getHeader(b"authorization")
         api.authorizations.append(authorization.decode("latin-1") if authorization is not None else None)
         user = request.getHeader(b"impersonate-user")

@@ -296,10 +296,26 @@ def parse_function_call(payload):
     return oid, formats, values
 
 
+_descriptions = {}
+
+
 def parse_row_description(payload):
     """
-    @return: a list of C{(name, type OID, format code)}.
+    @return: a list of C{(name, type OID, format code)}.  Clients send the
+        same few statements again and again, so answers are kept by the
+        message's bytes (up to a bound).
     """
+    known = _descriptions.get(payload)
+    if known is not None:
+        return known
+    columns = tuple(_parse_row_description(payload))
+    if len(_descriptions) >= 1024:
+        _descriptions.clear()
+    _descriptions[payload] = columns
+    return columns
+
+
+def _parse_row_description(payload):
     count = _INT16.unpack_from(payload, 0)[0]
     offset = 2
     columns = []

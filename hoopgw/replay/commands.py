@@ -76,7 +76,7 @@ def replay(arguments, out):
     except SourceError as error:
         print(error, file=sys.stderr)
         return 2
-    return play(source, arguments.session, out, speed=arguments.speed)
+    return play(source, arguments.session, out, speed=arguments.speed, command=arguments.command)
 
 
 def export(arguments, out):

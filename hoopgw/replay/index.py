@@ -1,7 +1,8 @@
 """
 A record read back as sessions: which identity, from where, the commands
 with their decisions, approvals and outcomes, the masked results as
-recorded, and the terminal recording, with the filters auditors search by.
+recorded, and the terminal recordings (each with the command that made
+it), with the filters auditors search by.
 """
 
 import calendar
@@ -10,6 +11,7 @@ import time
 
 import attr
 
+from hoopgw.cast import committed
 from hoopgw.options import ConfigError, duration
 from hoopgw.store import events as chaining
 
@@ -57,6 +59,14 @@ class CommandRecord:
     @property
     def masked(self):
         return (self.ended or {}).get("masked", 0)
+
+    @property
+    def cast(self):
+        """
+        The terminal recording this command committed (C{name},
+        C{sha256}, ...), or None.
+        """
+        return committed(self.ended)
 
     @property
     def ts(self):
@@ -120,8 +130,12 @@ class SessionRecord:
         return (self.end or {}).get("ts", "")
 
     @property
-    def cast(self):
-        return (self.end or {}).get(chaining.CAST)
+    def recordings(self):
+        """
+        C{(number in the timeline, command)} of each command that left a
+        terminal recording.
+        """
+        return [(number, command) for number, command in enumerate(self.commands, 1) if command.cast]
 
     @property
     def blocked(self):
@@ -159,8 +173,9 @@ class SessionRecord:
             flags.append("approved:%d" % (self.approved,))
         if self.masked:
             flags.append("masked:%d" % (self.masked,))
-        if self.cast:
-            flags.append("cast")
+        recordings = len(self.recordings)
+        if recordings:
+            flags.append("casts:%d" % (recordings,))
         return flags
 
 

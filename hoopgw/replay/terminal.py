@@ -1,14 +1,15 @@
 """
 The record in a terminal: C{hoopgw sessions list} (one line a session,
 with filters) and C{hoopgw replay SESSION} (its identity, the timeline of
-its commands with decisions, approvals and outcomes, and its terminal
-recording played back with its timing).
+its commands with decisions, approvals and outcomes, and each of its
+terminal recordings played back with its timing).
 """
 
+import hashlib
 import json
 import time
 
-from hoopgw.replay import asciicast
+from hoopgw import cast as casts
 from hoopgw.replay.index import Index, to_epoch
 
 
@@ -133,11 +134,38 @@ def timeline(record):
                 lines.append("     %s" % (" | ".join("NULL" if value is None else str(value) for value in row),))
             if results.get("text"):
                 lines.append("   output (as recorded): %s" % (results["text"].rstrip(),))
-    cast = record.cast
-    if cast:
-        lines.append("")
-        lines.append("terminal recording: %s (sha256 %s)" % (cast.get("name"), cast.get("sha256")))
+        if command.cast:
+            lines.append("   terminal recording: %s" % (describe_recording(command.cast),))
     return lines
+
+
+def describe_recording(recording):
+    text = "%s (sha256 %s" % (recording.get("name"), recording.get("sha256"))
+    if isinstance(recording.get("bytes"), int):
+        text += ", %d bytes" % (recording["bytes"],)
+    if recording.get("truncated"):
+        text += ", truncated at the size limit"
+    return text + ")"
+
+
+def load(source, recording):
+    """
+    A committed recording read from C{source} and checked against its
+    digest.
+
+    @return: C{(parsed recording, None)}, or C{(None, why it cannot be
+        played)}.
+    """
+    name = recording.get("name")
+    data = source.attachment(name) if isinstance(name, str) and name else None
+    if data is None:
+        return None, "the recording %s is missing from the record" % (name,)
+    if hashlib.sha256(data).hexdigest() != recording.get("sha256"):
+        return None, "the recording %s does not match the digest in the record: it was edited; not playing it" % (name,)
+    try:
+        return casts.parse(data), None
+    except casts.CastError as error:
+        return None, "the recording %s cannot be played: %s" % (name, error)
 
 
 def play(cast, out, speed=1.0, sleep=time.sleep, max_pause=5.0):
@@ -159,15 +187,17 @@ def play(cast, out, speed=1.0, sleep=time.sleep, max_pause=5.0):
     out.flush()
 
 
-def replay(source, session_id, out, speed=1.0, sleep=time.sleep):
+def replay(source, session_id, out, speed=1.0, sleep=time.sleep, command=None):
     """
-    Print a session's timeline and play its terminal recording.
+    Print a session's timeline and play its terminal recordings, in the
+    order of its commands.
 
-    @return: the exit status: 0, or 1 if there is no such session or its
-        recording does not match the record.
+    @param command: play only the recording of this command (its number in
+        the timeline, or its id).
+    @return: the exit status: 0, 1 if there is no such session or a
+        recording is missing or does not match the record, 2 if the
+        command asked for left no recording.
     """
-    import hashlib
-
     index = Index(source.entries())
     record = index.sessions.get(session_id)
     if record is None:
@@ -175,21 +205,22 @@ def replay(source, session_id, out, speed=1.0, sleep=time.sleep):
         return 1
     for line in timeline(record):
         print(line, file=out)
-    cast = record.cast
-    if cast:
-        data = source.attachment(cast.get("name", ""))
-        if data is None:
-            print("the recording %s is missing from the record" % (cast.get("name"),), file=out)
-            return 1
-        if hashlib.sha256(data).hexdigest() != cast.get("sha256"):
-            print("the recording %s does not match the digest in the record: it was edited; not playing it" % (cast.get("name"),), file=out)
-            return 1
-        try:
-            parsed = asciicast.parse(data)
-        except asciicast.CastError as error:
-            print("the recording cannot be played: %s" % (error,), file=out)
-            return 1
-        print("--- playing %s (%.1fs at %gx) ---" % (cast.get("name"), parsed.duration, speed), file=out)
+    recordings = record.recordings
+    if command is not None:
+        recordings = [(number, each) for number, each in recordings if command in (str(number), each.id)]
+        if not recordings:
+            print("command %s of session %s left no terminal recording" % (command, session_id), file=out)
+            return 2
+    status = 0
+    for number, each in recordings:
+        parsed, problem = load(source, each.cast)
+        print("", file=out)
+        if parsed is None:
+            print("#%d: %s" % (number, problem), file=out)
+            status = 1
+            continue
+        heading = "--- playing #%d %s (%.1fs at %gx) ---" % (number, each.cast.get("name"), parsed.duration, speed)
+        print(heading, file=out)
         play(parsed, out, speed=speed, sleep=sleep)
-        print("\n--- end of recording ---", file=out)
-    return 0
+        print("\n--- end of recording #%d ---" % (number,), file=out)
+    return status

@@ -7,10 +7,12 @@ be recorded is not shown.
 
 Pages: the sessions list with filters; a session with its identity's
 provenance, its timeline of commands with decisions, approvals and
-outcomes, the masked results as recorded, its terminal recording played in
-the browser; and the verification status of what is shown.
+outcomes, the masked results as recorded, and each terminal recording
+played in the browser under the command that made it; and the
+verification status of what is shown.
 """
 
+import hashlib
 import html
 import json
 import os
@@ -236,8 +238,8 @@ class ReplayApp(resource.Resource):
         parts = path.strip("/").split("/")
         if len(parts) == 2 and parts[0] == "sessions":
             return self._finish(request, self._session(request, who, parts[1]))
-        if len(parts) == 3 and parts[0] == "sessions" and parts[2] == "cast":
-            return self._finish(request, self._cast(request, who, parts[1]))
+        if len(parts) == 5 and parts[0] == "sessions" and parts[2] == "commands" and parts[4] == "cast":
+            return self._finish(request, self._cast(request, who, parts[1], parts[3]))
         request.setResponseCode(404)
         return _page("Not found", "<p>There is no such page.</p>", who)
 
@@ -445,24 +447,8 @@ class ReplayApp(resource.Resource):
                     shown or "-",
                 )
             )
-        cast = record.cast
-        player = ""
-        if cast:
-            player = (
-                '<h2>Terminal recording</h2><div class="player" id="player" data-cast="/sessions/%s/cast">'
-                '<div class="controls"><button class="play" type=button>Play</button>'
-                '<label>speed <select class="speed">%s</select></label><span class="status"></span></div>'
-                '<pre class="screen"></pre></div><p><small>%s, sha256 <code>%s</code></small></p>'
-                % (
-                    quote(record.id),
-                    "".join(
-                        '<option value="%s"%s>%sx</option>' % (speed, " selected" if speed == "1" else "", speed)
-                        for speed in ("0.5", "1", "2", "4", "8", "16")
-                    ),
-                    _e(cast.get("name")),
-                    _e(cast.get("sha256")),
-                )
-            )
+            if command.cast:
+                rows.append(_player(record, number, command))
         refusal = ""
         if record.refused:
             refusal = '<p class="deny" id="refusal">Refused: %s</p>' % (_e((record.end.get("refusal") or {}).get("reason")),)
@@ -473,7 +459,8 @@ class ReplayApp(resource.Resource):
             "<tr><th>Client</th><td>%s</td><th>Target</th><td>%s</td></tr></table>"
             "<h2>Identity and how it was proven</h2>%s"
             "<h2>Timeline</h2><table id=timeline><thead><tr><th>#</th><th>Time (UTC)</th><th>Command</th><th>Decision</th>"
-            "<th>Approval</th><th>Outcome</th><th>Masked</th><th>Results as recorded</th></tr></thead><tbody>%s</tbody></table>%s"
+            "<th>Approval</th><th>Outcome</th><th>Masked</th><th>Results as recorded</th></tr></thead>"
+            "<tbody>%s</tbody></table>"
             % (
                 _e(record.id),
                 _status_block(snapshot.report),
@@ -487,28 +474,64 @@ class ReplayApp(resource.Resource):
                 _e(record.target),
                 identity_html + refusal,
                 "".join(rows) or "<tr><td colspan=8>No commands.</td></tr>",
-                player,
             )
         )
         return _page("Session %s" % (record.id,), body, who)
 
     @defer.inlineCallbacks
-    def _cast(self, request, who, session_id):
-        import hashlib
-
+    def _cast(self, request, who, session_id, command_id):
         snapshot = yield self.reader.snapshot()
         record = snapshot.index.sessions.get(session_id)
-        cast = record.cast if record is not None else None
+        commands = record.commands if record is not None else ()
+        command = next((each for each in commands if each.id == command_id), None)
+        cast = command.cast if command is not None else None
         if not cast:
             request.setResponseCode(404)
-            return b"this session has no terminal recording"
-        data = yield self.reader.attachment(cast.get("name", ""))
-        if data is None or hashlib.sha256(data).hexdigest() != cast.get("sha256"):
+            return b"this command has no terminal recording"
+        name = cast.get("name")
+        data = (yield self.reader.attachment(name)) if isinstance(name, str) and name else None
+        if data is None:
+            request.setResponseCode(409)
+            return b"the recording is missing from the record"
+        if hashlib.sha256(data).hexdigest() != cast.get("sha256"):
             request.setResponseCode(409)
             return b"the recording does not match the digest in the record; it is not served"
-        yield self._record_view(request, who, "recording", viewed_session=session_id, recording=cast.get("name"))
+        yield self._record_view(
+            request, who, "recording", viewed_session=session_id, viewed_command=command_id, recording=name
+        )
         request.setHeader(b"content-type", b"application/x-asciicast; charset=utf-8")
         return data
+
+
+_SPEEDS = ("0.5", "1", "2", "4", "8", "16")
+
+
+def _player(record, number, command):
+    """
+    The timeline row under a command that holds its terminal recording's
+    player (C{static/player.js} fetches and plays it).
+    """
+    cast = command.cast
+    return (
+        '<tr class="recording" data-command="%s"><td></td><td colspan=7>'
+        '<div class="player" id="player-%d" data-cast="/sessions/%s/commands/%s/cast">'
+        '<div class="controls"><strong>Terminal recording of #%d</strong>'
+        ' <button class="play" type=button>Play</button>'
+        '<label>speed <select class="speed">%s</select></label><span class="status"></span></div>'
+        '<pre class="screen"></pre></div><div><small>%s</small></div></td></tr>'
+        % (
+            _e(command.id),
+            number,
+            quote(record.id),
+            quote(command.id),
+            number,
+            "".join(
+                '<option value="%s"%s>%sx</option>' % (speed, " selected" if speed == "1" else "", speed)
+                for speed in _SPEEDS
+            ),
+            _e(terminal.describe_recording(cast)),
+        )
+    )
 
 
 def _when(key, value):

@@ -351,7 +351,7 @@ class SessionChannel(RelayChannel):
             self.sftp = SftpRelay(self)
         elif command.kind == "shell" or self.pty is not None:
             pty = self.pty or {}
-            self.cast = casts.Cast(
+            self.cast = casts.Recorder(
                 pty.get("cols", 80),
                 pty.get("rows", 24),
                 term=pty.get("term"),
@@ -593,24 +593,10 @@ class SessionChannel(RelayChannel):
         if self.cast is None:
             self.chain.finish(self.session, command)
             return
-        recording = self.cast.finish()
-        name = "%s-%s.cast" % (self.session.id, command.id)
-        store = self.avatar.store
-        writing = defer.maybeDeferred(store.write_attachment, name, recording)
-
-        def written(digest):
-            attachment = {"name": name, "sha256": digest, "command": command.id, "bytes": len(recording)}
-            if self.cast.truncated:
-                attachment["truncated"] = True
-            command.outcome["cast"] = attachment
-            self.session.attributes.setdefault("attachments", []).append(attachment)
-
-        def failed(failure):
-            self.log.failure("Storing a terminal recording failed", failure)
-            command.outcome["cast_error"] = failure.getErrorMessage()
-
-        writing.addCallbacks(written, failed)
-        writing.addBoth(lambda _: self.chain.finish(self.session, command))
+        # The recording is durable, and its digest in the outcome, before
+        # the command's end event commits it.
+        writing = casts.commit(self.avatar.store, self.session, command, self.cast)
+        writing.addCallback(lambda _: self.chain.finish(self.session, command))
         self.avatar.wait_for(writing)
 
     def sftp_broken(self, reason):
@@ -640,7 +626,9 @@ class SessionChannel(RelayChannel):
         waits for), on stderr.
         """
         if not self.localClosed:
-            self.send_stderr(("hoopgw: %s\r\n" % (text,)).encode("utf-8"))
+            if not text.startswith("hoopgw:"):
+                text = "hoopgw: " + text
+            self.send_stderr(("%s\r\n" % (text,)).encode("utf-8"))
 
 
 class ForwardChannel(RelayChannel):

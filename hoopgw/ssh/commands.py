@@ -1,20 +1,16 @@
 """
 What SSH clients ask for, as protocol-neutral L{Command}s with the facts
-policies match on: an exec command line split into argv (and into the
-simple commands of a pipeline), a shell, an sftp operation, a port
-forward, a refused request.  Every fact that could hold a secret or a
+policies match on: an exec command line split into argv and read as a
+shell would (its simple commands, programs and pipelines), a shell, an
+sftp operation, a port forward, a refused request.  Every fact that could hold a secret or a
 card number is redacted, because facts are recorded.
 """
 
-import os
 import shlex
 
+from hoopgw import commandline
 from hoopgw.model import Command
 from hoopgw.redact import redact_text
-
-
-# Shell operators that end one simple command and start the next.
-_SEPARATORS = frozenset(["|", "||", "&&", ";", "&", "|&", ";;", "(", ")"])
 
 
 def _clean(text):
@@ -30,51 +26,31 @@ def _program_name(argv):
         name, equals, _ = word.partition("=")
         if equals and name.isidentifier():
             continue
-        return os.path.basename(word) or word
+        return commandline.program_name(word)
     return ""
-
-
-def split_commands(line):
-    """
-    The simple commands of a shell command line (split at C{|}, C{;},
-    C{&&}, C{||}, C{&}), each a list of words.
-
-    @raise ValueError: for unbalanced quotes.
-    """
-    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
-    lexer.whitespace_split = True
-    lexer.commenters = ""
-    commands = [[]]
-    for token in lexer:
-        if token in _SEPARATORS or (token and set(token) <= set(";&|()")):
-            if commands[-1]:
-                commands.append([])
-            continue
-        commands[-1].append(token)
-    return [command for command in commands if command]
 
 
 def exec_command(line, login, pty):
     """
     An exec request: C{line} is the command line as the client sent it
     (kept as L{Command.text}, never recorded); the facts give the argv
-    (shlex), the program, and every simple command of a pipeline, so a
-    rule can refuse C{sudo}, C{rm -rf /} or C{curl ... | sh}.
+    (shlex), the program, and what the line runs as a shell reads it
+    (L{hoopgw.commandline}: every simple command, program and pipeline,
+    also behind sudo or inside sh -c), so a rule can refuse C{sudo},
+    C{rm -rf /} or C{curl ... | sh}.
     """
     facts = {"login": login, "pty": pty}
     try:
         argv = shlex.split(line)
-        commands = split_commands(line)
-    except ValueError as error:
-        # Unbalanced quotes: the target's shell would refuse it too, but a
-        # rule can still match the raw text.
-        argv, commands = None, []
-        facts["parse_error"] = str(error)
+    except ValueError:
+        argv = None
+    read = commandline.parse(line)
     facts["argv"] = [_clean(word) for word in argv] if argv is not None else None
     facts["program"] = _clean(argv[0]) if argv else ""
     facts["program_name"] = _program_name([_clean(word) for word in argv]) if argv else ""
-    facts["commands"] = [[_clean(word) for word in command] for command in commands]
-    facts["programs"] = [_program_name(command) for command in facts["commands"]]
+    # Unbalanced quotes: the target's shell would refuse the line too; it
+    # says why in parse_error, and block refuses it.
+    facts.update(read.facts(_clean))
     return Command(kind="exec", text=line, redacted=_clean(line), facts=facts)
 
 

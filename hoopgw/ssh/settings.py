@@ -9,6 +9,7 @@ import fnmatch
 
 import attr
 
+from hoopgw import cast
 from hoopgw import options as o
 from hoopgw.model import HUMAN, SERVICE
 from hoopgw.options import ConfigError, join
@@ -153,7 +154,7 @@ CONNECTION_OPTIONS = (
     o.Option(
         "max_cast_bytes",
         o.integer(minimum=0),
-        64 * 1024 * 1024,
+        cast.DEFAULT_LIMIT,
         "The most terminal output and input one shell recording keeps; beyond it the recording notes the cut.",
     ),
 )

@@ -21,7 +21,9 @@ def open_store(config, reactor):
             )
         store = PostgresStore(config.postgres, reactor)
     else:
-        store = FileStore(config.path, reactor, fsync=config.fsync, segment_bytes=config.segment_bytes)
+        store = FileStore(
+            config.path, reactor, fsync=config.fsync, segment_bytes=config.segment_bytes, sync_thread=config.sync_thread
+        )
         if config.retention is not None:
             store.use_retention(config.retention)
     store.open()

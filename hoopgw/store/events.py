@@ -17,11 +17,6 @@ GENESIS = "0" * 64
 # went missing when some did.
 CHECKPOINT = "checkpoint"
 
-# The convention every front end follows to commit a terminal recording:
-# the session's end event carries C{"cast": {"name": NAME, "sha256": HEX}},
-# NAME being the file given to the store's C{write_attachment}.
-CAST = "cast"
-
 
 def canonical(event):
     """

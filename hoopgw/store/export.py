@@ -4,7 +4,7 @@ auditor.  It holds a slice of the chain that verifies on its own: it starts
 at the last signed checkpoint before the period (with the hash of the
 event before it, its anchor) and ends at the first signed checkpoint after
 it, so every event in it is covered by a signature.  Beside the events:
-the asciicasts their sessions committed, the public keys, the views of the
+the asciicasts its commands committed, the public keys, the views of the
 record over the same period, a README and a report mapping PCI DSS
 requirements to what the bundle shows.
 """
@@ -17,6 +17,7 @@ import tarfile
 import time
 
 from hoopgw import __version__, cards
+from hoopgw.cast import committed
 from hoopgw.replay.index import Index, to_epoch
 from hoopgw.store import events as chaining
 from hoopgw.store.sources import BUNDLE_FORMAT
@@ -93,13 +94,17 @@ def export(source, output, since=None, until=None, now=None):
             keys.setdefault(declared["key_id"], declared["public_key"])
     index = Index(("", raw, event) for raw, event in zip(lines, parsed))
     casts = {}
-    for record in index.order:
-        cast = record.cast
-        if cast and cast.get("name") not in casts:
-            data = source.attachment(cast["name"])
+    for event in parsed:
+        recording = committed(event)
+        name = recording.get("name") if recording else None
+        if name and name not in casts:
+            data = source.attachment(name) if isinstance(name, str) else None
             if data is None:
-                raise ExportError("the asciicast %s of session %s is missing from the store" % (cast["name"], record.id))
-            casts[cast["name"]] = data
+                raise ExportError(
+                    "the terminal recording %r of command %s (session %s) is missing from the store: "
+                    "run 'hoopgw verify' on the store" % (name, event.get("command"), event.get("session"))
+                )
+            casts[name] = data
     views = source.views()
     view_part = None
     view_lines = []
@@ -179,7 +184,8 @@ SHA-256 of the raw key); compare them with the copy you received from the
 operator.
 
 casts/ holds the terminal recordings (asciicast v2); each one's SHA-256 is
-committed in its session's end event ("cast": {{"name", "sha256"}}).
+committed in the end event of the command that produced it (a
+"command.end" whose "outcome" holds "cast": {{"name", "sha256"}}).
 views.jsonl (when present) is the separate, signed chain in which the
 replay server records who looked at the record (PCI DSS 10.2.1.3).
 
@@ -237,8 +243,10 @@ def pci_report(index, parsed, casts, view_events, manifest):
     for record in sessions:
         kind = record.identity.get("kind", "unknown") if record.identity else "unknown"
         kinds[kind] = kinds.get(kind, 0) + 1
-    interactive = sum(1 for record in sessions if record.cast)
-    service_interactive = sum(1 for record in sessions if record.cast and record.identity.get("kind") == "service")
+    interactive = sum(1 for record in sessions if record.recordings)
+    service_interactive = sum(
+        1 for record in sessions if record.recordings and record.identity.get("kind") == "service"
+    )
     words = [command.text.strip().upper() for command in commands]
     privileged = sum(1 for text in words if text.startswith(_PRIVILEGED))
     credentials = sum(1 for text in words if text.startswith(_CREDENTIALS))
@@ -261,8 +269,10 @@ def pci_report(index, parsed, casts, view_events, manifest):
          "%d sessions by %d distinct identities (issuer + subject); %d sessions without an identity; "
          "the target's credentials never left the gateway" % (len(sessions), len(identities), anonymous)),
         ("8.6.1", "System and application accounts used interactively are managed and every use is attributable",
-         "identities by kind: %s; %d interactive terminal sessions, %d of them by service accounts, each recorded "
-         "(asciicast)" % (", ".join("%s %d" % item for item in sorted(kinds.items())) or "none", interactive, service_interactive)),
+         "identities by kind: %s; %d sessions with terminal use, %d of them by service accounts, %d terminal "
+         "recordings (asciicast), each committed in its command's end event"
+         % (", ".join("%s %d" % item for item in sorted(kinds.items())) or "none", interactive, service_interactive,
+            len(casts))),
         ("10.2.1.1", "All individual user access to cardholder data is logged",
          "%d sessions, %d commands, each with its identity and outcome" % (len(sessions), len(commands))),
         ("10.2.1.2", "All actions by administrative/privileged access are logged",

@@ -183,8 +183,10 @@ class FileStore:
 
     log = Logger()
 
-    def __init__(self, directory, reactor, fsync=True, segment_bytes=64 * 1024 * 1024, clock=None):
+    def __init__(self, directory, reactor, fsync=True, segment_bytes=64 * 1024 * 1024, clock=None,
+                 sync_thread=False):
         self.directory = directory
+        self._sync_thread = sync_thread
         self.casts = os.path.join(directory, "casts")
         self._reactor = reactor
         self._fsync = fsync
@@ -264,8 +266,9 @@ class FileStore:
         else:
             path = os.path.join(self.directory, "events-%012d.jsonl" % (1,))
         self._open_segment(path)
-        self._writer = threading.Thread(target=self._sync_batches, name="hoopgw-store-writer", daemon=True)
-        self._writer.start()
+        if self._sync_thread:
+            self._writer = threading.Thread(target=self._sync_batches, name="hoopgw-store-writer", daemon=True)
+            self._writer.start()
 
     def _recover_torn_tail(self, path, torn_at):
         """
@@ -372,12 +375,28 @@ class FileStore:
 
     def _sync(self):
         """
-        One fdatasync, in the writer thread, for everything written since
-        the last one (group commit).
+        One fdatasync for everything written since the last one (group
+        commit): at the end of this turn of the event loop, so that every
+        command received in it shares the sync; or, with C{sync_thread}, in
+        the writer thread, which keeps the loop running during a slow sync
+        at the price of handing the interpreter lock back and forth (about
+        70 us of CPU a statement on a fast disk).
         """
         self._syncing = True
+        if self._writer is not None:
+            batch, self._waiting = self._waiting, []
+            self._queue.put((self._fd, batch))
+        else:
+            self._reactor.callLater(0, self._sync_now)
+
+    def _sync_now(self):
         batch, self._waiting = self._waiting, []
-        self._queue.put((self._fd, batch))
+        try:
+            os.fdatasync(self._fd)
+            error = None
+        except OSError as failure:
+            error = failure
+        self._synced(batch, error)
 
     def _sync_batches(self):
         """

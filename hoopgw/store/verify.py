@@ -3,8 +3,9 @@ Walk a record's chain and say whether an auditor can trust it, or name the
 first problem: an event edited, reordered or removed, a whole session
 removed, a checkpoint whose signature fails or that a key other than the
 expected one signed, an unsigned tail (the signed end cut off), a session
-or a gateway run without its end, an asciicast that does not match the
-digest committed for it, an approval the rules would not have allowed.
+or a gateway run without its end, a terminal recording (asciicast) missing
+or not matching the digest its command's end event committed, an approval
+the rules would not have allowed.
 """
 
 import hashlib
@@ -12,6 +13,7 @@ import os
 
 import attr
 
+from hoopgw import cast as casts
 from hoopgw.approvals.evidence import ApprovalsCheck, ApprovalsProblem
 from hoopgw.store import events as chaining
 from hoopgw.store.checkpoints import GATEWAY_RECOVERED, GATEWAY_START, GATEWAY_STOP
@@ -29,7 +31,8 @@ WRONG_KEY = "wrong-key"
 BAD_SIGNATURE = "bad-signature"
 UNSIGNED = "unsigned"
 UNENDED = "unended"
-CAST_PROBLEM = "cast"
+CAST_MISSING = "cast-missing"
+CAST_EDITED = "cast-edited"
 UNREADABLE = "unreadable"
 APPROVAL = "approval"
 
@@ -284,23 +287,25 @@ class _Walk:
                         "its start event was removed" % (session, seq, where),
                     )
             self.ended.add(session)
-            cast = event.get(chaining.CAST)
-            if cast:
-                self._check_cast(session, cast, seq)
+        elif kind == "command.end":
+            recording = casts.committed(event)
+            if recording is not None:
+                self._check_cast(event, recording, seq)
 
-    def _check_cast(self, session, cast, seq):
-        name, expected = cast.get("name"), cast.get("sha256")
-        data = self.source.attachment(name) if isinstance(name, str) else None
+    def _check_cast(self, event, recording, seq):
+        name, expected = recording.get("name"), recording.get("sha256")
+        data = self.source.attachment(name) if isinstance(name, str) and name else None
+        what = "the terminal recording %r of command %s (session %s)" % (
+            name, event.get("command"), event.get("session"))
         if data is None:
             raise Problem(
-                CAST_PROBLEM,
-                "the asciicast %r of session %s (committed at seq %d) is missing from the record" % (name, session, seq),
+                CAST_MISSING,
+                "%s, committed at seq %d, is missing from the record: it was deleted" % (what, seq),
             )
         if hashlib.sha256(data).hexdigest() != expected:
             raise Problem(
-                CAST_PROBLEM,
-                "the asciicast %r of session %s does not match the digest committed at seq %d: it was edited"
-                % (name, session, seq),
+                CAST_EDITED,
+                "%s does not match the digest committed at seq %d: it was edited" % (what, seq),
             )
         self.report.casts += 1
 
