@@ -27,7 +27,7 @@ from hoopgw.model import HUMAN
 from hoopgw.store import postgres as pgstore
 from hoopgw.store import verify as verification
 from hoopgw.store.file import FileStore, StoreError
-from hoopgw.testing import identity, session, sql_command
+from hoopgw.testing import exec_command, identity, session, sql_command
 from hoopgw.throwaway import free_port
 from tests import evidence_support as es
 from tests import support
@@ -297,6 +297,26 @@ class BrokersOnOneStoreTests(unittest.TestCase):
         self.first.timers.advance(61)
         self.assertEqual(len((yield self.events("approval.expired"))), 1)
         self.assertEqual([event["error"] for event in (yield self.events("approval.refused"))], [str(error)])
+
+    @defer.inlineCallbacks
+    def test_command_named_as_such_across_gateways(self):
+        """
+        An SSH command held on one gateway and denied through the other is
+        refused as "this command", not "this statement": what the client
+        asked for is carried in the request's record to the deciding
+        gateway.
+        """
+        waiting = self.first.broker.decide(session(connection="test", protocol="ssh"), exec_command("rm -rf /srv"), RULE)
+        for _ in range(200):
+            found = yield self.second.broker.list()
+            if found:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        (request,) = found
+        self.assertEqual(request.noun, "command")
+        yield self.second.broker.deny(request.id, person("alice"), "not on a Friday")
+        decision = yield waiting
+        self.assertEqual(decision.reason, "alice denied this command: not on a Friday")
 
     @defer.inlineCallbacks
     def test_lost_wake_up(self):
