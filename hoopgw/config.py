@@ -172,6 +172,13 @@ STORE_OPTIONS = (
 )
 
 
+def _positive_duration(value, path):
+    seconds = o.duration(value, path)
+    if seconds <= 0:
+        raise ConfigError(path, "give a duration above zero, such as 30s")
+    return seconds
+
+
 ADMIN_OPTIONS = (
     o.Option("listen", o.string, o.REQUIRED, "A Twisted endpoint string for the admin and approvals HTTP API."),
     o.Option("tls_certificate", o.file_path, None, "PEM certificate for HTTPS on the admin listener."),
@@ -188,6 +195,14 @@ ADMIN_OPTIONS = (
         o.string,
         None,
         "The URL approvers reach this listener at, given in notices and webhooks (derived from listen when absent).",
+    ),
+    o.Option(
+        "reconcile_interval",
+        _positive_duration,
+        30.0,
+        "With a PostgreSQL store: how often this gateway sweeps the shared approvals, a safety net behind "
+        "LISTEN/NOTIFY (decisions whose wake-up was lost, requests of gateways that died or are long past "
+        "their timeout).",
     ),
 )
 

@@ -77,7 +77,7 @@ class Gateway(service.MultiService):
         }
         from hoopgw.approvals import make_broker
 
-        self.approvals = make_broker(config, reactor, self.record)
+        self.approvals = make_broker(config, reactor, self.record, store=store, instance=self.instance)
         self.factories = {}
         self.chains = {}
         for connection in config.connections.values():
@@ -194,6 +194,8 @@ class Gateway(service.MultiService):
                 },
             }
         ).addErrback(lambda failure: self.log.failure("Recording the gateway start failed", failure))
+        if self.approvals is not None:
+            self.approvals.start()
         service.MultiService.startService(self)
         if self._reload_on_hangup:
             # An operator turns addons on and off per connection by editing

@@ -50,3 +50,7 @@ def makeService(options):
     except ConfigError as error:
         store.close()
         raise StartupError("%s: %s" % (options["config"], error))
+    except StoreError as error:
+        # The shared approvals broker prepares its index in the store.
+        store.close()
+        raise StartupError(str(error))

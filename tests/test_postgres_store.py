@@ -88,11 +88,15 @@ class GatewayProcess:
     configuration the test writes.
     """
 
-    def __init__(self, test, store):
+    def __init__(self, test, store, document=None):
         self.directory = os.path.abspath(test.mktemp())
         os.makedirs(self.directory)
         self.port = free_port()
-        document = support.configuration_document(self.directory, {"payments": support.postgres_connection(self.port)})
+        if document is None:
+            document = support.configuration_document(self.directory, {"payments": support.postgres_connection(self.port)})
+        else:
+            # The caller's configuration for this process (its folder and port are known now).
+            document = document(self)
         document["gateway"]["store"] = dict(store, checkpoint_events=5)
         document["gateway"]["signing_key"] = {"file": es.signing_key()[0]}
         self.config = os.path.join(self.directory, "hoopgw.yaml")

@@ -147,10 +147,7 @@ class Approve:
                 rule="approve:%s" % (rule.name,),
                 sqlstate="42501",
             )
-        grant = broker.active_grant(self.connection, rule.name, session.identity)
-        if grant is not None:
-            return broker.use_grant(grant, session, command)
-        return broker.submit(session, command, rule)
+        return broker.decide(session, command, rule)
 
     def explain(self, session, command):
         found = self.match(session, command)

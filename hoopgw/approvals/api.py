@@ -107,9 +107,11 @@ class AdminAPI(resource.Resource):
         if path[:1] == ["approvals"]:
             if len(path) == 1 and method == "GET":
                 status = _argument(request, "status", "pending")
-                return {"approvals": [item.to_json() for item in broker.list(None if status == "all" else status)]}
+                # A broker on a shared store answers from the database: a Deferred.
+                listed = defer.maybeDeferred(broker.list, None if status == "all" else status)
+                return listed.addCallback(lambda items: {"approvals": [item.to_json() for item in items]})
             if len(path) == 2 and method == "GET":
-                return broker.get(path[1]).to_json()
+                return defer.maybeDeferred(broker.get, path[1]).addCallback(lambda item: item.to_json())
             if len(path) == 3 and method == "POST" and path[2] in ("approve", "deny"):
                 body = self._body(request)
                 if path[2] == "approve":
@@ -120,7 +122,8 @@ class AdminAPI(resource.Resource):
         if path[:1] == ["grants"]:
             if len(path) == 1 and method == "GET":
                 everything = _argument(request, "all", "") in ("1", "true", "yes")
-                return {"grants": [grant.to_json() for grant in broker.grants_list(everything)]}
+                listed = defer.maybeDeferred(broker.grants_list, everything)
+                return listed.addCallback(lambda grants: {"grants": [grant.to_json() for grant in grants]})
             if len(path) == 1 and method == "POST":
                 body = self._body(request)
                 try:

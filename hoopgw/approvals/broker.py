@@ -103,6 +103,7 @@ class Request:
     approvals = attr.ib(factory=list)
     status = attr.ib(default="pending")
     outcome = attr.ib(default=None)
+    gateway = attr.ib(default=None)
     deferred = attr.ib(default=None, repr=False)
     timer = attr.ib(default=None, repr=False)
     # What the client calls what it asked for: a statement, a command, a request.
@@ -130,6 +131,8 @@ class Request:
             result["parameters"] = list(self.parameters)
         if self.outcome:
             result["outcome"] = self.outcome
+        if self.gateway:
+            result["gateway"] = self.gateway
         return result
 
 
@@ -149,6 +152,7 @@ class Grant:
     expires = attr.ib()
     uses = attr.ib(default=0)
     revoked = attr.ib(default=None)
+    approvers = attr.ib(default=())
 
     def active(self, now):
         return self.revoked is None and self.created <= now < self.expires
@@ -167,6 +171,8 @@ class Grant:
         }
         if self.revoked:
             result["revoked"] = self.revoked
+        if self.approvers:
+            result["approver_groups"] = sorted(self.approvers)
         return result
 
 
@@ -179,15 +185,18 @@ class Broker:
     @param approver_groups: groups an approver must be in at all, besides
         the rule's own (empty: only the rule's).
     @param url: where approvers reach the admin API, for notices.
+    @param instance: the gateway run (L{hoopgw.gateway.Gateway.instance})
+        whose sessions wait here, named in the record.
     """
 
     log = Logger()
 
-    def __init__(self, reactor, record, approver_groups=frozenset(), url=None, clock=time.time):
+    def __init__(self, reactor, record, approver_groups=frozenset(), url=None, clock=time.time, instance=None):
         self.reactor = reactor
         self._record = record
         self.approver_groups = frozenset(approver_groups or ())
         self.url = url
+        self.instance = instance
         self._clock = clock
         self.requests = {}
         self._finished = collections.deque()
@@ -214,6 +223,23 @@ class Broker:
         if webhooks:
             self.webhooks[connection] = list(webhooks)
 
+    def start(self):
+        """
+        The gateway has started (nothing to do for a broker in memory).
+        """
+
+    def decide(self, session, command, rule):
+        """
+        What C{rule} decides about C{command}: approved at once under an
+        active grant (the use is recorded), else held for approvers.
+
+        @return: a L{Decision} or a L{Deferred} firing with one.
+        """
+        grant = self.active_grant(session.connection, rule.name, session.identity)
+        if grant is not None:
+            return self.use_grant(grant, session, command)
+        return self.submit(session, command, rule)
+
     # Requests.
 
     def submit(self, session, command, rule):
@@ -224,8 +250,17 @@ class Broker:
         @return: a L{Deferred} firing with the L{Decision}; cancelling it
             (the client went away) cancels the request.
         """
-        now = self.now()
-        request = Request(
+        request = self._new_request(session, command, rule, self.now())
+        request.deferred = defer.Deferred(lambda _: self._cancelled(request))
+        self.requests[request.id] = request
+        request.timer = self.reactor.callLater(rule.timeout, self._expired, request)
+        self.record(self._request_event(request)).addErrback(lambda failure: self._fail(request, failure))
+        session.notify(self.notice(request))
+        self._notify_webhooks(request, "approval.request")
+        return request.deferred
+
+    def _new_request(self, session, command, rule, now):
+        return Request(
             id=_new_id("apr"),
             connection=session.connection,
             session=session.id,
@@ -238,26 +273,36 @@ class Broker:
             digest=approval_digest(command, session.identity, session.connection),
             created=now,
             expires=now + rule.timeout,
+            gateway=self.instance,
             noun=_noun(command),
         )
-        request.deferred = defer.Deferred(lambda _: self._cancelled(request))
-        self.requests[request.id] = request
-        request.timer = self.reactor.callLater(rule.timeout, self._expired, request)
+
+    def _request_event(self, request):
+        """
+        The record of a new request: everything an approver on any gateway
+        needs to judge it, and every gateway to check a vote on it.
+        """
+        rule = request.rule
         event = self._event(request, "approval.request")
         event.update(
             text=request.text,
             digest=request.digest,
             facts=request.facts,
+            requester=_who(request.requester),
             approvals_required=rule.approvals,
             approver_groups=sorted(rule.approvers),
+            created=request.created,
+            timeout=rule.timeout,
             expires=request.expires,
         )
         if request.parameters:
             event["parameters"] = list(request.parameters)
-        self.record(event).addErrback(lambda failure: self._fail(request, failure))
-        session.notify(self.notice(request))
-        self._notify_webhooks(request, "approval.request")
-        return request.deferred
+        if request.gateway:
+            event["gateway"] = request.gateway
+        if request.noun != "statement":
+            # What another gateway's refusal calls it (a command, a request).
+            event["noun"] = request.noun
+        return event
 
     def notice(self, request):
         """
@@ -355,39 +400,73 @@ class Broker:
         action = "approve" if approve else "deny"
         try:
             request = self.get(request_id)
-            self._eligible(
-                request.rule,
-                approver,
-                request.requester.subject,
-                "%%s cannot %s their own request; another approver must" % (action,),
-            )
-            # What approvers write goes into the record: no card number or token in clear.
-            reason = redact.redact_text((reason or "").strip())[0]
-            if not reason:
-                raise ApprovalError("give a reason: it goes into the record with your %s" % ("approval" if approve else "denial"), 400)
-            if request.status != "pending":
-                raise ApprovalError("request %s is %s; it can no longer be %sd" % (request.id, request.status, action), 409)
-            if digest is not None and digest != request.digest:
-                raise ApprovalError(
-                    "the digest %s is not this request's: an approval is bound to one statement, from one identity, "
-                    "on one connection" % (digest,),
-                    409,
-                )
-            if any(vote["subject"] == approver.subject for vote in request.approvals):
-                raise ApprovalError(
-                    "%s has already voted on %s; it needs approvals from %d different people"
-                    % (approver.subject, request.id, request.rule.approvals),
-                    409,
-                )
+            reason = self._check_vote(request, approver, reason, digest, approve)
         except ApprovalError as error:
             return self._refused(error, approver, approval=request_id, action=action)
-        vote = {"subject": approver.subject, "issuer": approver.issuer, "verdict": action, "reason": reason, "at": self.now()}
-        request.approvals.append(vote)
-        event = self._event(request, "approval.vote", approver=_who(approver), verdict=action, reason=reason)
-        done = self.record(event)
+        done = self.record(self._vote_event(request, approver, reason, approve))
+        settled = self._tally(request, approver, reason, approve)
+        if settled is not None:
+            self._finish(request, *settled)
+        return done.addCallback(lambda _: request)
+
+    def _check_vote(self, request, approver, reason, digest, approve):
+        """
+        Refuse a vote the rules do not allow: from someone who may not
+        approve, without a reason, on a request already decided, naming
+        another statement's digest, or a second vote of one person.
+
+        @return: the reason, redacted for the record.
+        @raise ApprovalError: saying why the vote is refused.
+        """
+        action = "approve" if approve else "deny"
+        self._eligible(
+            request.rule,
+            approver,
+            request.requester.subject,
+            "%%s cannot %s their own request; another approver must" % (action,),
+        )
+        # What approvers write goes into the record: no card number or token in clear.
+        reason = redact.redact_text((reason or "").strip())[0]
+        if not reason:
+            raise ApprovalError("give a reason: it goes into the record with your %s" % ("approval" if approve else "denial"), 400)
+        if request.status != "pending":
+            raise ApprovalError("request %s is %s; it can no longer be %sd" % (request.id, request.status, action), 409)
+        if digest is not None and digest != request.digest:
+            raise ApprovalError(
+                "the digest %s is not this request's: an approval is bound to one statement, from one identity, "
+                "on one connection" % (digest,),
+                409,
+            )
+        if any(vote["subject"] == approver.subject for vote in request.approvals):
+            raise ApprovalError(
+                "%s has already voted on %s; it needs approvals from %d different people"
+                % (approver.subject, request.id, request.rule.approvals),
+                409,
+            )
+        return reason
+
+    def _vote_event(self, request, approver, reason, approve):
+        """
+        Count the vote on C{request}; @return: its record.
+        """
+        action = "approve" if approve else "deny"
+        now = self.now()
+        request.approvals.append(
+            {"subject": approver.subject, "issuer": approver.issuer, "verdict": action, "reason": reason, "at": now}
+        )
+        event = self._event(request, "approval.vote", approver=_who(approver), verdict=action, reason=reason, at=now)
+        if self.instance:
+            # Which gateway's API the approver acted through.
+            event["gateway"] = self.instance
+        return event
+
+    def _tally(self, request, approver, reason, approve):
+        """
+        What the votes so far decide: C{(status, decision)}, or None while
+        more approvals are needed.
+        """
         if not approve:
-            self._finish(
-                request,
+            return (
                 "denied",
                 Decision.deny(
                     "%s denied this %s: %s" % (approver.subject, request.noun, reason),
@@ -395,9 +474,8 @@ class Broker:
                     sqlstate="42501",
                 ),
             )
-        elif len([v for v in request.approvals if v["verdict"] == "approve"]) >= request.rule.approvals:
-            self._finish(
-                request,
+        if len([v for v in request.approvals if v["verdict"] == "approve"]) >= request.rule.approvals:
+            return (
                 "approved",
                 Decision.approved(
                     self.approval_json(request),
@@ -405,7 +483,7 @@ class Broker:
                     rule="approve:%s" % (request.rule.name,),
                 ),
             )
-        return done.addCallback(lambda _: request)
+        return None
 
     def approval_json(self, request):
         """
@@ -438,15 +516,7 @@ class Broker:
 
     def _expired(self, request):
         request.timer = None
-        self._finish(
-            request,
-            "expired",
-            Decision.deny(
-                "nobody approved this %s within %s" % (request.noun, _duration(request.rule.timeout)),
-                rule="approve:%s:timeout" % (request.rule.name,),
-                sqlstate="42501",
-            ),
-        )
+        self._finish(request, "expired", _timed_out(request))
 
     def _cancelled(self, request):
         """
@@ -455,12 +525,12 @@ class Broker:
         if request.status != "pending":
             return
         request.status = "cancelled"
-        request.outcome = {"verdict": "deny", "reason": "the client gave up waiting"}
+        request.outcome = _gave_up(request).to_json()
         if request.timer is not None and request.timer.active():
             request.timer.cancel()
         request.timer = None
         self._finished.append(request.id)
-        self.record(self._event(request, "approval.cancelled"))
+        self.record(self._event(request, "approval.cancelled", outcome=request.outcome))
         self._notify_webhooks(request, "approval.cancelled")
 
     def _fail(self, request, failure):
@@ -501,28 +571,39 @@ class Broker:
         @return: a L{Deferred} firing with the L{Grant} once recorded.
         """
         try:
-            rule = self.rules.get((connection, rule_name))
-            if rule is None:
-                known = sorted("%s/%s" % key for key in self.rules)
-                raise ApprovalError(
-                    "there is no approval rule %r on connection %r (known: %s)"
-                    % (rule_name, connection, ", ".join(known) or "none"),
-                    404,
-                )
-            self._eligible(rule, approver, subject, "%s cannot grant themselves a window; another approver must")
-            reason = redact.redact_text((reason or "").strip())[0]
-            if not reason:
-                raise ApprovalError("give a reason: it goes into the record with the grant", 400)
-            if not 0 < duration <= rule.max_grant:
-                raise ApprovalError(
-                    "a grant for rule %s may last at most %s; ask for a shorter window"
-                    % (rule.name, _duration(rule.max_grant)),
-                    400,
-                )
+            grant = self._new_grant(approver, connection, rule_name, subject, duration, reason)
         except ApprovalError as error:
             return self._refused(error, approver, action="grant", connection=connection, rule=rule_name, grantee=subject)
+        self.grants[grant.id] = grant
+        return self.record(_grant_event(grant)).addCallback(lambda _: grant)
+
+    def _new_grant(self, approver, connection, rule_name, subject, duration, reason):
+        """
+        A grant, once the rule, the approver, the reason and the window
+        are checked.
+
+        @raise ApprovalError: saying why the grant is refused.
+        """
+        rule = self.rules.get((connection, rule_name))
+        if rule is None:
+            known = sorted("%s/%s" % key for key in self.rules)
+            raise ApprovalError(
+                "there is no approval rule %r on connection %r (known: %s)"
+                % (rule_name, connection, ", ".join(known) or "none"),
+                404,
+            )
+        self._eligible(rule, approver, subject, "%s cannot grant themselves a window; another approver must")
+        reason = redact.redact_text((reason or "").strip())[0]
+        if not reason:
+            raise ApprovalError("give a reason: it goes into the record with the grant", 400)
+        if not 0 < duration <= rule.max_grant:
+            raise ApprovalError(
+                "a grant for rule %s may last at most %s; ask for a shorter window"
+                % (rule.name, _duration(rule.max_grant)),
+                400,
+            )
         now = self.now()
-        grant = Grant(
+        return Grant(
             id=_new_id("grant"),
             connection=connection,
             rule=rule.name,
@@ -531,25 +612,37 @@ class Broker:
             reason=reason,
             created=now,
             expires=now + duration,
+            approvers=tuple(sorted(rule.approvers)),
         )
-        self.grants[grant.id] = grant
-        event = {"type": "grant.create", "connection": connection, "subject": subject}
-        event.update(grant=grant.to_json())
-        return self.record(event).addCallback(lambda _: grant)
 
     def revoke(self, grant_id, approver, reason):
         grant = self.grants.get(grant_id)
         try:
             if grant is None:
                 raise ApprovalError("there is no grant %s" % (grant_id,), 404)
-            self._eligible(self.rules[(grant.connection, grant.rule)], approver, None, "")
-            if not (reason or "").strip():
-                raise ApprovalError("give a reason: it goes into the record with the revocation", 400)
+            reason = self._check_revoke(grant, approver, reason)
         except ApprovalError as error:
             return self._refused(error, approver, action="revoke", grant=grant_id)
-        grant.revoked = {"by": _who(approver), "reason": redact.redact_text(reason.strip())[0], "at": self.now()}
-        event = {"type": "grant.revoke", "connection": grant.connection, "subject": grant.subject, "grant": grant.to_json()}
-        return self.record(event).addCallback(lambda _: grant)
+        self._revoked(grant, approver, reason)
+        return self.record(_revoke_event(grant)).addCallback(lambda _: grant)
+
+    def _check_revoke(self, grant, approver, reason):
+        """
+        @return: the reason, redacted for the record.
+        @raise ApprovalError: if C{approver} may not end C{grant} now.
+        """
+        # The rule as this gateway knows it, else the approver groups the
+        # grant recorded (a grant made on another gateway sharing the store).
+        rule = self.rules.get((grant.connection, grant.rule)) or ApprovalRule(grant.rule, grant.approvers)
+        self._eligible(rule, approver, None, "")
+        if not (reason or "").strip():
+            raise ApprovalError("give a reason: it goes into the record with the revocation", 400)
+        if grant.revoked is not None:
+            raise ApprovalError("grant %s is already revoked" % (grant.id,), 409)
+        return redact.redact_text(reason.strip())[0]
+
+    def _revoked(self, grant, approver, reason):
+        grant.revoked = {"by": _who(approver), "reason": reason, "at": self.now()}
 
     def active_grant(self, connection, rule_name, identity):
         now = self.now()
@@ -571,6 +664,10 @@ class Broker:
             recorded.
         """
         grant.uses += 1
+        event = self._grant_use_event(grant, session, command)
+        return self.record(event).addCallback(lambda _: _grant_decision(grant, event["digest"]))
+
+    def _grant_use_event(self, grant, session, command):
         event = {
             "type": "grant.use",
             "grant": grant.id,
@@ -582,21 +679,9 @@ class Broker:
             "digest": approval_digest(command, session.identity, session.connection),
             "use": grant.uses,
         }
-        approval = {
-            "grant": grant.id,
-            "rule": grant.rule,
-            "granted_by": grant.granted_by,
-            "reason": grant.reason,
-            "expires": grant.expires,
-            "digest": event["digest"],
-        }
-        return self.record(event).addCallback(
-            lambda _: Decision.approved(
-                approval,
-                reason="pre-approved by %s until %s (grant %s)" % (grant.granted_by["subject"], _when(grant.expires), grant.id),
-                rule="approve:%s" % (grant.rule,),
-            )
-        )
+        if self.instance:
+            event["gateway"] = self.instance
+        return event
 
     def grants_list(self, include_inactive=False):
         now = self.now()
@@ -624,6 +709,42 @@ class Broker:
         event = self._event(request, "approval.notified", webhook=webhook.name, notice=kind)
         event.update(outcome)
         return self.record(event)
+
+
+def _timed_out(request):
+    return Decision.deny(
+        "nobody approved this %s within %s" % (request.noun, _duration(request.rule.timeout)),
+        rule="approve:%s:timeout" % (request.rule.name,),
+        sqlstate="42501",
+    )
+
+
+def _gave_up(request, reason="the client gave up waiting"):
+    return Decision.deny(reason, rule="approve:%s:cancelled" % (request.rule.name,), sqlstate="42501")
+
+
+def _grant_event(grant):
+    return {"type": "grant.create", "connection": grant.connection, "subject": grant.subject, "grant": grant.to_json()}
+
+
+def _revoke_event(grant):
+    return {"type": "grant.revoke", "connection": grant.connection, "subject": grant.subject, "grant": grant.to_json()}
+
+
+def _grant_decision(grant, digest):
+    approval = {
+        "grant": grant.id,
+        "rule": grant.rule,
+        "granted_by": grant.granted_by,
+        "reason": grant.reason,
+        "expires": grant.expires,
+        "digest": digest,
+    }
+    return Decision.approved(
+        approval,
+        reason="pre-approved by %s until %s (grant %s)" % (grant.granted_by["subject"], _when(grant.expires), grant.id),
+        rule="approve:%s" % (grant.rule,),
+    )
 
 
 def _duration(seconds):

@@ -21,6 +21,10 @@ checkpoints, exactly as the file store does in a folder.
   L{PostgresStore.notify} / L{PostgresStore.listen} carry any other
   channel on the same connection: the approvals broker shares approvals
   between gateways this way.
+- L{PostgresStore.append_checked} runs a caller's reads and appends inside
+  the batch's transaction, under the chain's lock, so that what it checked
+  cannot change before what it appends commits (the approvals broker
+  decides each request exactly once across gateways with it).
 """
 
 import hashlib
@@ -31,6 +35,7 @@ import attr
 import psycopg2
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hoopgw import options as o
@@ -149,6 +154,21 @@ def prepare_schema(config):
 
     @raise StoreError: if the database cannot be reached or changed.
     """
+    run_schema(
+        config,
+        schema_sql(config.schema),
+        "the schema %s of the PostgreSQL store" % (config.schema,),
+        "create it as its owner (see 'hoopgw.store.postgres.schema_sql') and grant this role SELECT and INSERT",
+    )
+
+
+def run_schema(config, sql, what, hint):
+    """
+    Run idempotent DDL in the store's database (blocking; at start-up),
+    serialised with other gateways starting at the same time.
+
+    @raise StoreError: if the database cannot be reached or changed.
+    """
     try:
         connection = psycopg2.connect(**_connect_arguments(config))
     except psycopg2.Error as error:
@@ -157,12 +177,9 @@ def prepare_schema(config):
         with connection, connection.cursor() as cursor:
             # Two gateways starting at once must not race on CREATE.
             cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, APPEND_LOCK))
-            cursor.execute(schema_sql(config.schema))
+            cursor.execute(sql)
     except psycopg2.Error as error:
-        raise StoreError(
-            "cannot prepare the schema %s of the PostgreSQL store: %s; create it as its owner "
-            "(see 'hoopgw.store.postgres.schema_sql') and grant this role SELECT and INSERT" % (config.schema, str(error).strip())
-        )
+        raise StoreError("cannot prepare %s: %s; %s" % (what, str(error).strip(), hint))
     finally:
         connection.close()
 
@@ -219,7 +236,13 @@ class PostgresStore:
 
             def connected(_):
                 self._connection = connection
-                return connection.runOperation("SET synchronous_commit = on").addCallback(lambda _: connection)
+                # Each statement of a batch must see what the batch before it
+                # committed (it reads the head, and checked work reads state,
+                # only once it holds the lock): read committed, whatever the
+                # database's default.
+                return connection.runOperation(
+                    "SET synchronous_commit = on; SET default_transaction_isolation = 'read committed'"
+                ).addCallback(lambda _: connection)
 
             def failed(failure):
                 self._connecting = None
@@ -238,15 +261,47 @@ class PostgresStore:
 
     def append(self, event, urgent=True):
         # Every batch is one transaction: urgent or not, events go with the next.
+        return self._enqueue(event)
+
+    def append_checked(self, work):
+        """
+        Run C{work(cursor, append)} inside the transaction that extends the
+        chain, once the chain's lock is held: what it reads (with the
+        txpostgres C{cursor}) cannot change until what it appends commits.
+        C{append(event)} seals and inserts one event there and returns a
+        L{Deferred} firing with it sealed; C{work} may also write tables of
+        its own in the same transaction, and may return a L{Deferred}.
+
+        Whatever C{work} raises undoes what it did (a savepoint) and fails
+        the returned L{Deferred} with that error, without touching the other
+        events committed with it.
+
+        @return: a L{Deferred} firing with what C{work} returned, once it is
+            committed.
+        """
+        return self._enqueue(_Checked(work))
+
+    def _enqueue(self, item):
         if self._broken is not None:
             return defer.fail(StoreError("the store failed earlier and takes no more events: %s" % (self._broken,)))
         if self._closed:
             return defer.fail(StoreError("the store is closed"))
         d = defer.Deferred()
-        self._queue.append((d, event))
+        self._queue.append((d, item))
         if not self._writing:
             self._write()
         return d
+
+    def read(self, work):
+        """
+        Run C{work(cursor)} in a transaction of its own, outside the chain's
+        lock (it sees what is committed).
+
+        @return: a L{Deferred} firing with what C{work} returned.
+        """
+        if self._closed:
+            return defer.fail(StoreError("the store is closed"))
+        return self._connect().addCallback(lambda connection: connection.runInteraction(work))
 
     def unsigned_events(self):
         return self.unsigned
@@ -262,15 +317,18 @@ class PostgresStore:
                 batch, self._queue = self._queue, []
                 try:
                     connection = yield self._connect()
-                    sealed = yield connection.runInteraction(self._append_batch, [event for _, event in batch])
+                    results = yield connection.runInteraction(self._append_batch, [item for _, item in batch])
                 except Exception as error:
                     self._fail("writing to the PostgreSQL store failed: %s" % (str(error).strip() or type(error).__name__,))
                     for d, _ in batch + self._queue:
                         d.errback(StoreError(self._broken))
                     self._queue = []
                     return
-                for (d, _), event in zip(batch, sealed):
-                    d.callback(event)
+                for (d, _), result in zip(batch, results):
+                    if isinstance(result, Failure):
+                        d.errback(result)
+                    else:
+                        d.callback(result)
                 if self._schedule is not None:
                     self._schedule.appended(self.unsigned)
         finally:
@@ -280,50 +338,74 @@ class PostgresStore:
     def _append_batch(self, cursor, batch):
         """
         In one transaction: lock the chain, read its head, seal and insert
-        the batch, tell listeners.  The first batch of this process first
-        records gateways found crashed.
+        the batch (running checked work where it stands in it), tell
+        listeners.  The first batch of this process first records gateways
+        found crashed.
+
+        @return: for each item of C{batch}, the sealed event, what its work
+            returned, or the L{Failure} its work raised.
         """
         yield cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, APPEND_LOCK))
         yield cursor.execute("SELECT seq, hash FROM {t} ORDER BY seq DESC LIMIT 1".format(t=self._table))
         row = cursor.fetchone()
-        seq, head = (row[0], row[1]) if row else (0, chaining.GENESIS)
-        sealed = []
-        wanted = len(batch)
+        chain = _Head(*(row if row else (0, chaining.GENESIS)), unsigned=self.unsigned)
         if self._first_batch:
             recovered = yield self._recovery(cursor)
             if recovered is not None:
-                batch = [recovered] + ([{"type": chaining.CHECKPOINT, "reason": "recovered"}] if self.signer else []) + batch
-        unsigned = self.unsigned
-        for event in batch:
-            if event.get("type") == chaining.CHECKPOINT:
-                state = yield self._state(cursor)
-                event.update(state.checkpoint_fields())
-            line = chaining.seal(event, seq + 1, head, signer=self.signer)
-            seq, head = event["seq"], event["hash"]
-            yield cursor.execute(
-                "INSERT INTO {t} (seq, ts, type, session, hash, line) VALUES (%s, %s, %s, %s, %s, %s)".format(t=self._table),
-                (seq, event["ts"], event["type"], event.get("session"), head, line.decode("utf-8").rstrip("\n")),
-            )
-            kind = event["type"]
-            if kind == GATEWAY_START and event.get("gateway"):
-                # Held for as long as this process's connection lives: a crash frees it.
-                yield cursor.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, gateway_lock(event["gateway"])))
-                declared = event.get("signing_key")
-                if declared:
-                    yield cursor.execute(
-                        "INSERT INTO {s}.keys (key_id, public_key) VALUES (%s, %s) ON CONFLICT (key_id) DO NOTHING".format(
-                            s=self.config.schema),
-                        (declared["key_id"], declared["public_key"]),
-                    )
-            elif kind == GATEWAY_STOP and event.get("gateway"):
-                yield cursor.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, gateway_lock(event["gateway"])))
-            unsigned = 0 if kind == chaining.CHECKPOINT else unsigned + 1
-            sealed.append(event)
-        yield cursor.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, str(seq)))
+                yield self._insert(cursor, chain, recovered)
+                if self.signer:
+                    yield self._insert(cursor, chain, {"type": chaining.CHECKPOINT, "reason": "recovered"})
+        results = []
+        for item in batch:
+            if not isinstance(item, _Checked):
+                results.append((yield self._insert(cursor, chain, item)))
+                continue
+            before = (chain.seq, chain.head, chain.unsigned)
+            yield cursor.execute("SAVEPOINT hoopgw_checked")
+            try:
+                result = yield defer.maybeDeferred(item.work, cursor, lambda event: self._insert(cursor, chain, event))
+            except Exception:
+                results.append(Failure())
+                yield cursor.execute("ROLLBACK TO SAVEPOINT hoopgw_checked")
+                chain.seq, chain.head, chain.unsigned = before
+            else:
+                results.append(result)
+                yield cursor.execute("RELEASE SAVEPOINT hoopgw_checked")
+        yield cursor.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, str(chain.seq)))
         self._first_batch = False
-        self.seq, self.head, self.unsigned = seq, head, unsigned
-        # The caller's events, without the recovery this batch may have led with.
-        return sealed[len(sealed) - wanted :]
+        self.seq, self.head, self.unsigned = chain.seq, chain.head, chain.unsigned
+        return results
+
+    @defer.inlineCallbacks
+    def _insert(self, cursor, chain, event):
+        """
+        Seal C{event} after C{chain}'s head and insert it; a gateway's start
+        and stop take and free its lock.
+        """
+        if event.get("type") == chaining.CHECKPOINT:
+            state = yield self._state(cursor)
+            event.update(state.checkpoint_fields())
+        line = chaining.seal(event, chain.seq + 1, chain.head, signer=self.signer)
+        chain.seq, chain.head = event["seq"], event["hash"]
+        yield cursor.execute(
+            "INSERT INTO {t} (seq, ts, type, session, hash, line) VALUES (%s, %s, %s, %s, %s, %s)".format(t=self._table),
+            (chain.seq, event["ts"], event["type"], event.get("session"), chain.head, line.decode("utf-8").rstrip("\n")),
+        )
+        kind = event["type"]
+        if kind == GATEWAY_START and event.get("gateway"):
+            # Held for as long as this process's connection lives: a crash frees it.
+            yield cursor.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, gateway_lock(event["gateway"])))
+            declared = event.get("signing_key")
+            if declared:
+                yield cursor.execute(
+                    "INSERT INTO {s}.keys (key_id, public_key) VALUES (%s, %s) ON CONFLICT (key_id) DO NOTHING".format(
+                        s=self.config.schema),
+                    (declared["key_id"], declared["public_key"]),
+                )
+        elif kind == GATEWAY_STOP and event.get("gateway"):
+            yield cursor.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, gateway_lock(event["gateway"])))
+        chain.unsigned = 0 if kind == chaining.CHECKPOINT else chain.unsigned + 1
+        return event
 
     @defer.inlineCallbacks
     def _state(self, cursor):
@@ -423,6 +505,26 @@ class PostgresStore:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+@attr.s
+class _Head:
+    """
+    The chain's head as a transaction extends it.
+    """
+
+    seq = attr.ib()
+    head = attr.ib()
+    unsigned = attr.ib()
+
+
+@attr.s(frozen=True)
+class _Checked:
+    """
+    Work to run under the chain's lock (L{PostgresStore.append_checked}).
+    """
+
+    work = attr.ib()
 
 
 def _later(reactor, delay=0.01):

@@ -4,7 +4,8 @@ first problem: an event edited, reordered or removed, a whole session
 removed, a checkpoint whose signature fails or that a key other than the
 expected one signed, an unsigned tail (the signed end cut off), a session
 or a gateway run without its end, a terminal recording (asciicast) missing
-or not matching the digest its command's end event committed.
+or not matching the digest its command's end event committed, an approval
+the rules would not have allowed.
 """
 
 import hashlib
@@ -13,6 +14,7 @@ import os
 import attr
 
 from hoopgw import cast as casts
+from hoopgw.approvals.evidence import ApprovalsCheck, ApprovalsProblem
 from hoopgw.store import events as chaining
 from hoopgw.store.checkpoints import GATEWAY_RECOVERED, GATEWAY_START, GATEWAY_STOP
 from hoopgw.store.signing import SigningKeyError, Verifier
@@ -32,6 +34,7 @@ UNENDED = "unended"
 CAST_MISSING = "cast-missing"
 CAST_EDITED = "cast-edited"
 UNREADABLE = "unreadable"
+APPROVAL = "approval"
 
 
 class Problem(Exception):
@@ -67,6 +70,7 @@ class Report:
     casts = attr.ib(default=0)
     notes = attr.ib(factory=list)
     views = attr.ib(default=None)
+    approvals = attr.ib(default=None)
 
     @property
     def ok(self):
@@ -86,6 +90,8 @@ class Report:
                 ", ".join(sorted(self.key_ids)),
             )
         text += "\n  sessions: %d, each with its end; asciicasts checked: %d" % (self.sessions, self.casts)
+        if self.approvals:
+            text += "\n  " + self.approvals
         for note in self.notes:
             text += "\n  note: %s" % (note,)
         if self.views is not None:
@@ -121,6 +127,7 @@ class _Walk:
         self.purged = None
         self.start_gap = None
         self.from_genesis = False
+        self.approvals = None
 
     def _learn_key(self, pem, where):
         try:
@@ -157,6 +164,12 @@ class _Walk:
         elif self.counts is not None:
             self.counts[kind] = self.counts.get(kind, 0) + 1
         self._lifecycle(kind, event, where)
+        if self.approvals is None:
+            self.approvals = ApprovalsCheck(whole=self.from_genesis)
+        try:
+            self.approvals.see(event)
+        except ApprovalsProblem as problem:
+            raise Problem(APPROVAL, "%s (%s)" % (problem, where))
         report.head = event["hash"]
         report.last_seq = seq
         report.events += 1
@@ -298,6 +311,8 @@ class _Walk:
 
     def _finish(self):
         report = self.report
+        if self.approvals is not None:
+            report.approvals = self.approvals.summary()
         live = self.source.live()
         running = self.source.running_gateways()
         if self.start_gap is not None:
