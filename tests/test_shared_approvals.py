@@ -740,6 +740,11 @@ class SharedApprovalsTests(unittest.TestCase):
         (cancelled,) = [event for event in events if event["type"] == "approval.cancelled" and event["approval"] == request["id"]]
         self.assertEqual(cancelled["outcome"]["reason"], "the client gave up waiting")
         self.assertEqual((yield in_thread(app_psql, "SELECT count(*) FROM %s" % (self.table,))).strip(), "3")
+        # The stopping gateway recorded its sessions' ends before its stop.
+        (stop,) = [event for event in events if event["type"] == "gateway.stop"]
+        ended = [event for event in events if event["type"] == "session.end" and event.get("gateway") == stop["gateway"]]
+        self.assertTrue(ended)
+        self.assertLess(max(event["seq"] for event in ended + [cancelled]), stop["seq"])
 
 
 def _wait_port(process, port, timeout=30):

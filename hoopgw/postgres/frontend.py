@@ -32,6 +32,9 @@ FORWARDED_PARAMETERS = ("client_encoding", "DateStyle", "TimeZone", "IntervalSty
 
 MAX_STARTUP_BYTES = 10000
 INBOX_HIGH_WATER = 256
+# How long a stopping gateway lets a client read its goodbye before
+# closing the connection regardless.
+CLOSE_GRACE = 5.0
 
 _STARTUP, _PASSWORD, _OPENING, _READY, _CLOSED = range(5)
 
@@ -102,6 +105,9 @@ class PostgresFrontend(protocol.Protocol):
         self._ended = None
         self._admitting = False
         self._to_upstream = []
+        # Who waits for this connection to close and its session's end to
+        # be recorded (a stopping gateway).
+        self._closing = []
 
     # Connection and framing.
 
@@ -964,6 +970,21 @@ class PostgresFrontend(protocol.Protocol):
         if self.session is not None and self.session.identity is not None and not self._admitting:
             self.session.attributes.setdefault("end_reason", "client disconnected")
             self._end_session(self.session.attributes["end_reason"])
+        closing, self._closing = self._closing, []
+        for waiter in closing:
+            if self._ended is None:
+                waiter.callback(None)
+            else:
+                self._ended.addBoth(lambda result, waiter=waiter: (waiter.callback(None), result)[1])
+
+    def closed(self):
+        """
+        @return: a L{Deferred} firing once the client's connection is closed
+            and its session's end recorded.
+        """
+        waiter = defer.Deferred()
+        self._closing.append(waiter)
+        return waiter
 
     def _end_session(self, reason):
         if self._ended is not None:
@@ -1019,16 +1040,24 @@ class PostgresFactory(protocol.ServerFactory):
         self.ending.add(ended)
         ended.addBoth(lambda result: (self.ending.discard(ended), result)[1])
 
-    def close_sessions(self, reason):
+    def close_sessions(self, reason, grace=CLOSE_GRACE):
         """
-        End every open session (the gateway is stopping).
+        End every open session (the gateway is stopping): each client gets
+        a FATAL error saying so; its connection closes (aborted after
+        C{grace} seconds if the client does not read it) and its session's
+        end is recorded before the returned L{Deferred} fires, so the
+        record's C{gateway.stop} comes after every session's end.
         """
+        closing = []
         for frontend in list(self.open):
+            closing.append(frontend.closed())
             if frontend._state != _CLOSED:
                 if frontend.session is not None:
                     frontend.session.attributes["end_reason"] = reason
                 frontend._fatal("57P01", "hoopgw is shutting down: %s" % (reason,))
-        return defer.DeferredList(list(self.ending), consumeErrors=True)
+            abort = self.reactor.callLater(grace, frontend.transport.abortConnection)
+            closing[-1].addBoth(lambda result, abort=abort: (abort.active() and abort.cancel(), result)[1])
+        return defer.DeferredList(closing + list(self.ending), consumeErrors=True)
 
 
 def _then(outcome, callback, *arguments):
