@@ -153,6 +153,14 @@ class CertificateAuthority:
         """
         return _key_pem(self.key)
 
+    def intermediate(self, common_name):
+        """
+        A new certificate authority signed by this one.
+
+        @rtype: L{CertificateAuthority}
+        """
+        return make_ca(common_name, issuer=self)
+
     def write(self, directory, stem="ca"):
         """
         Write C{<stem>.crt} (the CA certificate) and C{<stem>.key} (its key,
@@ -264,21 +272,25 @@ class CertificateAuthority:
         return Issued(key, certificate)
 
 
-def make_ca(common_name="hoopgw test CA"):
+def make_ca(common_name="hoopgw test CA", issuer=None):
     """
-    Mint a new self-signed certificate authority: an EC P-256 key and a
-    certificate valid from an hour ago for L{DEFAULT_DAYS} days.
+    Mint a new certificate authority: an EC P-256 key and a certificate
+    valid from an hour ago for L{DEFAULT_DAYS} days, self-signed, or
+    signed by C{issuer} (an intermediate CA).
 
     @param common_name: the CA's subject CN.
+    @param issuer: the L{CertificateAuthority} that signs this one, or
+        C{None} for a root.
     @rtype: L{CertificateAuthority}
     """
     key = _new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    signer = issuer.key if issuer is not None else key
     not_before = _now() - _BACKDATE
-    certificate = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(name)
+        .issuer_name(issuer.certificate.subject if issuer is not None else name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
@@ -304,6 +316,10 @@ def make_ca(common_name="hoopgw test CA"):
             x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
             critical=False,
         )
-        .sign(key, hashes.SHA256())
     )
-    return CertificateAuthority(key, certificate)
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
+            critical=False,
+        )
+    return CertificateAuthority(key, builder.sign(signer, hashes.SHA256()))

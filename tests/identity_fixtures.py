@@ -244,6 +244,36 @@ def client_certificate(stem, common_name, authority=None, **options):
     return issued, certificate_path, key_path
 
 
+def issuing_cas():
+    """
+    The run's intermediate CA under the client CA, and a file with both
+    (what a certificate provider's C{ca} lists: every CA that signs client
+    certificates directly): C{(intermediate, bundle path)}.
+    """
+    if "issuing_cas" not in _shared:
+        root, root_path = client_ca()
+        intermediate = root.intermediate("hoopgw test issuing CA")
+        path = os.path.join(os.path.dirname(root_path), "issuing-cas.crt")
+        with open(path, "wb") as handle:
+            handle.write(root.certificate_pem() + intermediate.certificate_pem())
+        _shared["issuing_cas"] = (intermediate, path)
+    return _shared["issuing_cas"]
+
+
+def chained_client_certificate(stem, common_name, **options):
+    """
+    A client certificate from the run's intermediate CA, written as a
+    client sends it (libpq's sslcert, kubectl's client-certificate): the
+    certificate, then the intermediate's.  C{(Issued, bundle path, key
+    path)}.
+    """
+    intermediate = issuing_cas()[0]
+    issued, certificate_path, key_path = client_certificate(stem, common_name, authority=intermediate, **options)
+    with open(certificate_path, "ab") as handle:
+        handle.write(intermediate.certificate_pem())
+    return issued, certificate_path, key_path
+
+
 IDP_ENTITY = "https://idp.example.org/saml"
 RECIPIENT = "https://gateway.example.org/"
 

@@ -37,7 +37,8 @@ CN_RULE = {
 
 
 def provider_config(**overrides):
-    _, ca_path = fixtures.client_ca()
+    # The CAs that sign client certificates: the client CA and an intermediate under it.
+    _, ca_path = fixtures.issuing_cas()
     raw = {"type": "certificate", "ca": ca_path, "rules": [SPIFFE_RULE, CN_RULE]}
     raw.update(overrides)
     return raw
@@ -188,6 +189,25 @@ class GatewayTests(unittest.TestCase):
         self.assertEqual((identity["subject"], identity["method"]), ("ci-bot", "mtls"))
         self.assertEqual(identity["provenance"]["certificate_fingerprint"], pki.fingerprint(issued.certificate))
         self.assertEqual(identity["groups"], ["k8s-payments", "payments-bots"])
+
+    @defer.inlineCallbacks
+    def test_certificate_through_intermediate(self):
+        """
+        A certificate issued by an intermediate CA is accepted when the
+        client sends the intermediate with it (psql's sslcert holding both):
+        TLS verifies the chain up to tls.client_ca (the root alone), the
+        provider checks that a CA of its ca list (the intermediate) issued
+        it.
+        """
+        gateway = self.gateway()
+        issued, certificate, key = fixtures.chained_client_certificate(
+            "ci-bot-chained", "client", uris=["spiffe://example.org/ns/payments/sa/ci-bot"]
+        )
+        out, err, code = yield psql(gateway.dsn(sslcert=certificate, sslkey=key), "-c", "SELECT current_user", password="mtls")
+        self.assertEqual((out.strip(), code), ("app", 0), err)
+        (start,) = yield gateway.wait_for("session.start")
+        self.assertEqual(start["identity"]["subject"], "ci-bot")
+        self.assertEqual(start["identity"]["provenance"]["certificate_fingerprint"], pki.fingerprint(issued.certificate))
 
     @defer.inlineCallbacks
     def test_certificate_and_token_agree(self):

@@ -150,6 +150,30 @@ class WhoamiTests(unittest.TestCase):
         self.assertIn("workloads (postgres): may NOT connect", out)
         self.assertIn("this connection's TLS would not verify it", out)
 
+    @defer.inlineCallbacks
+    def test_certificate_through_intermediate(self):
+        """
+        A certificate from an intermediate CA, with the intermediate in the
+        file as a client sends it, is verified as TLS verifies it and
+        admitted; an expired one is not considered, and whoami says why.
+        """
+        import datetime
+
+        _, bundle, _ = fixtures.chained_client_certificate(
+            "whoami-chained", "x", uris=["spiffe://example.org/ns/payments/sa/ci-bot"]
+        )
+        out, err, code = yield whoami("--config", self.config, "--certificate", bundle, "--connection", "workloads")
+        self.assertEqual(code, 0, err)
+        self.assertIn("workloads (postgres): may connect: ci-bot is in k8s-payments", out)
+        past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=10)
+        _, expired, _ = fixtures.client_certificate(
+            "whoami-expired", "x", uris=["spiffe://example.org/ns/payments/sa/ci-bot"],
+            not_before=past, not_after=past + datetime.timedelta(days=1),
+        )
+        out, err, code = yield whoami("--config", self.config, "--certificate", expired, "--connection", "workloads")
+        self.assertEqual(code, 1, err)
+        self.assertIn("this connection's TLS would not verify it: certificate has expired", out)
+
 
 class ConfigurationTests(unittest.TestCase):
     """

@@ -219,7 +219,9 @@ class CertificateProvider:
         authority = self._issuer(certificate)
         if authority is None:
             raise IdentityError(
-                "the client certificate was not issued by a CA this gateway trusts for %s" % (config.name,),
+                "the client certificate was not issued by a CA this gateway trusts for %s (its issuer is %s; the"
+                " provider's ca must list the CA that signs client certificates, an intermediate included)"
+                % (config.name, certificate.issuer.rfc4514_string()),
                 "certificate-untrusted",
                 evidence,
             )

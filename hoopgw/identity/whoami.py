@@ -9,7 +9,7 @@ import json
 
 import attr
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from OpenSSL import crypto
 from twisted.internet import defer
 
 from hoopgw.identity.certificates import as_certificate
@@ -53,9 +53,9 @@ def evaluate(config, reactor, token=None, certificate=None, only=None):
             entry.update(allowed=False, reason="its chain has no identity addon, so nobody gets in")
             continue
         addon = spec.factory.build(spec.options, AddonContext(connection=connection, gateway=gateway))
-        presented = as_certificate(certificate) if certificate is not None else None
+        presented, chain = _presented(certificate)
         if presented is not None:
-            unheard = _certificate_unheard(connection, presented)
+            unheard = _certificate_unheard(connection, presented, chain)
             if unheard is not None:
                 # The gateway would never see it: decide as it would.
                 entry["certificate_ignored"] = unheard
@@ -82,11 +82,27 @@ def evaluate(config, reactor, token=None, certificate=None, only=None):
     return results
 
 
-def _certificate_unheard(connection, certificate):
+def _presented(certificate):
+    """
+    The client certificate and the intermediates after it, from what
+    C{--certificate} read (a PEM file may hold the chain a client sends,
+    as libpq's sslcert and kubectl's client-certificate do).
+    """
+    if certificate is None:
+        return None, ()
+    if isinstance(certificate, bytes) and certificate.count(b"-----BEGIN CERTIFICATE-----") > 1:
+        leaf, *chain = x509.load_pem_x509_certificates(certificate)
+        return leaf, tuple(chain)
+    return as_certificate(certificate), ()
+
+
+def _certificate_unheard(connection, certificate, chain=()):
     """
     Why a client certificate would not reach this connection's identity
     addon (its TLS does not ask for one, or would refuse this one), or
-    C{None}.
+    C{None}.  The certificate is verified as the TLS layer verifies it
+    (OpenSSL, against C{tls.client_ca}, with the intermediates C{chain}
+    the client would send, validity dates included).
     """
     tls = getattr(connection.settings, "tls", None)
     if tls is None or not hasattr(tls, "client_ca"):
@@ -95,15 +111,17 @@ def _certificate_unheard(connection, certificate):
         return "this connection does not ask clients for certificates (its tls.client_ca is not set)"
     with open(tls.client_ca, "rb") as handle:
         authorities = x509.load_pem_x509_certificates(handle.read())
+    store = crypto.X509Store()
     for authority in authorities:
-        if authority.subject != certificate.issuer:
-            continue
-        try:
-            certificate.verify_directly_issued_by(authority)
-        except (InvalidSignature, ValueError, TypeError):
-            continue
-        return None
-    return "this connection's TLS would not verify it: no CA in its tls.client_ca issued it"
+        store.add_cert(crypto.X509.from_cryptography(authority))
+    context = crypto.X509StoreContext(
+        store, crypto.X509.from_cryptography(certificate), chain=[crypto.X509.from_cryptography(c) for c in chain]
+    )
+    try:
+        context.verify_certificate()
+    except crypto.X509StoreContextError as error:
+        return "this connection's TLS would not verify it: %s" % (error,)
+    return None
 
 
 def describe(results):
