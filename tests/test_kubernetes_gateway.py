@@ -114,9 +114,14 @@ class Cluster:
     def addon(self, name):
         return dict(self.harness.gateway.chains["cluster"].addons)[name]
 
-    def write_kubeconfig(self, name, user_token):
+    def write_kubeconfig(self, name, user_token, **credentials):
+        """
+        A kubeconfig for the gateway with C{user_token} (if any) and other
+        kubeconfig user fields (C{client-certificate}, C{client-key}).
+        """
         _, _, gateway_ca = support.gateway_certificate()
         user = {"token": user_token} if user_token else {}
+        user.update(credentials)
         document = {
             "apiVersion": "v1",
             "kind": "Config",

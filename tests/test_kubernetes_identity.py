@@ -14,7 +14,6 @@ import logging
 import os
 import re
 
-import yaml
 from jose import jwt
 from twisted.internet import defer, reactor
 from twisted.logger import formatEvent, globalLogPublisher
@@ -142,26 +141,9 @@ class MutualCluster(Cluster):
         A kubeconfig for the gateway with a token, a client certificate,
         or both.
         """
-        _, _, gateway_ca = support.gateway_certificate()
-        user = {}
-        if user_token:
-            user["token"] = user_token
         if certificate:
-            user.update({"client-certificate": certificate, "client-key": key})
-        document = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {"name": "gw", "cluster": {"server": "https://127.0.0.1:%d" % (self.port,), "certificate-authority": gateway_ca}}
-            ],
-            "users": [{"name": "bot", "user": user}],
-            "contexts": [{"name": "gw", "context": {"cluster": "gw", "user": "bot", "namespace": "default"}}],
-            "current-context": "gw",
-        }
-        path = os.path.join(self.directory, name)
-        with open(path, "w") as handle:
-            yaml.safe_dump(document, handle)
-        return path
+            return self.write_kubeconfig(name, user_token, **{"client-certificate": certificate, "client-key": key})
+        return self.write_kubeconfig(name, user_token)
 
     def python_client(self, certificate=None, key=None, user_token=None, headers=None):
         """
