@@ -292,3 +292,32 @@ def directory_path(value, path):
     A folder, relative to the configuration file; created when first used.
     """
     return resolve(string(value, path))
+
+
+# The TLS a listener offers its clients (PostgreSQL after SSLRequest, the
+# Kubernetes API front end): one definition for every front end.
+CLIENT_TLS_OPTIONS = (
+    Option("certificate", file_path, REQUIRED, "The gateway's PEM certificate (chain) for clients."),
+    Option("key", file_path, REQUIRED, "The PEM private key of that certificate."),
+    Option(
+        "client_ca",
+        file_path,
+        None,
+        "A CA (PEM, one or several) whose client certificates the gateway asks for and checks in the TLS "
+        "handshake (mutual TLS); the identity addon's certificates providers then map them to identities.",
+    ),
+)
+
+
+@attr.s(frozen=True)
+class ClientTLS:
+    certificate = attr.ib()
+    key = attr.ib()
+    client_ca = attr.ib(default=None)
+
+
+def client_tls(raw, path):
+    """
+    A connection's C{tls} mapping, checked: a L{ClientTLS}.
+    """
+    return ClientTLS(**parse_options(CLIENT_TLS_OPTIONS, raw, join(path, "tls")))

@@ -686,7 +686,7 @@ class VerdictTests(unittest.TestCase):
 
     def setUp(self):
         from hoopgw.kubernetes import tls
-        from hoopgw.kubernetes.settings import ClientTLS
+        from hoopgw.options import ClientTLS
 
         certificate, key, _ = support.gateway_certificate()
         self.authority, ca_path = fixtures.client_ca()

@@ -13,18 +13,6 @@ from hoopgw import options as o
 from hoopgw.options import ConfigError, join
 
 
-TLS_OPTIONS = (
-    o.Option("certificate", o.file_path, o.REQUIRED, "The gateway's PEM certificate (chain) for clients."),
-    o.Option("key", o.file_path, o.REQUIRED, "The PEM private key of that certificate."),
-    o.Option(
-        "client_ca",
-        o.file_path,
-        None,
-        "A CA (PEM, one or several) whose client certificates the gateway asks for and checks in the TLS "
-        "handshake (mutual TLS); the identity addon's certificates providers then map them to identities.",
-    ),
-)
-
 IMPERSONATE_OPTIONS = (
     o.Option(
         "user_prefix",
@@ -120,13 +108,6 @@ class Target:
 
     def __repr__(self):
         return "<Target %s>" % (self.server,)
-
-
-@attr.s(frozen=True)
-class ClientTLS:
-    certificate = attr.ib()
-    key = attr.ib()
-    client_ca = attr.ib(default=None)
 
 
 @attr.s(frozen=True)
@@ -226,7 +207,7 @@ def parse_connection(raw, path, listen):
         insecure_skip_verify=target_values["insecure_skip_verify"],
         impersonate=impersonate,
     )
-    tls = ClientTLS(**o.parse_options(TLS_OPTIONS, values["tls"], join(path, "tls")))
+    tls = o.client_tls(values["tls"], path)
     host, port = parse_listen(listen, path)
     saml_header = values["saml_header"]
     if saml_header is not None and not _HEADER_NAME.match(saml_header):

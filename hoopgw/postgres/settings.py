@@ -11,17 +11,6 @@ from hoopgw.options import ConfigError, join
 
 TLS_MODES = ("disable", "require", "verify-ca", "verify-full")
 
-TLS_OPTIONS = (
-    o.Option("certificate", o.file_path, o.REQUIRED, "The gateway's PEM certificate (chain) for clients."),
-    o.Option("key", o.file_path, o.REQUIRED, "The PEM private key of that certificate."),
-    o.Option(
-        "client_ca",
-        o.file_path,
-        None,
-        "A CA whose client certificates the gateway asks for and checks (mutual TLS).",
-    ),
-)
-
 TARGET_OPTIONS = (
     o.Option("host", o.string, o.REQUIRED, "The target database server's host name or address."),
     o.Option("port", o.integer(1, 65535), 5432, "Its port."),
@@ -77,13 +66,6 @@ class Target:
 
 
 @attr.s(frozen=True)
-class ClientTLS:
-    certificate = attr.ib()
-    key = attr.ib()
-    client_ca = attr.ib()
-
-
-@attr.s(frozen=True)
 class PostgresSettings:
     target = attr.ib()
     tls = attr.ib()
@@ -116,7 +98,7 @@ def parse_connection(raw, path, listen):
         )
     tls = None
     if values["tls"] is not None:
-        tls = ClientTLS(**o.parse_options(TLS_OPTIONS, values["tls"], join(path, "tls")))
+        tls = o.client_tls(values["tls"], path)
     if tls is None and not values["allow_plaintext_password"]:
         raise ConfigError(
             join(path, "tls"),
