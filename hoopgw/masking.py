@@ -251,24 +251,12 @@ class Masker:
             # Runs that may start with framing bytes: located exactly.
             chains = chains + [(int(first), int(last)) for first, last in zip(starts[~certain], ends[~certain])]
         for start, end in chains:
-            spans = locate(start, end)
-            if spans is None:
-                spans = ((start, end),)
-            for first, last in spans:
-                while first < last and data[first] in _SEPARATORS:
-                    first += 1
-                while last > first and data[last - 1] in _SEPARATORS:
-                    last -= 1
-                if last - first < cards.MIN_DIGITS:
-                    continue
-                hidden, found_here = cards.run_positions(data[first:last], keep)
-                if hidden is None:
-                    continue
+            hidden, found = _located_positions(data, start, end, locate, keep)
+            if hidden:
                 if out is None:
                     out = array.copy()
-                for offset in hidden:
-                    out[first + offset] = 42
-                count += found_here
+                out[hidden] = 42
+                count += found
         if out is None:
             return None, 0
         return out.tobytes(), count
@@ -292,23 +280,12 @@ class Masker:
             else:
                 runs = [match.span() for match in _RUN.finditer(data, position, stop)]
             for start, end in runs:
-                spans = locate(start, end)
-                if spans is None:
-                    spans = ((start, end),)
-                for first, last in spans:
-                    while first < last and data[first] in _SEPARATORS:
-                        first += 1
-                    while last > first and data[last - 1] in _SEPARATORS:
-                        last -= 1
-                    if last - first < cards.MIN_DIGITS:
-                        continue
-                    hidden, found = cards.run_positions(data[first:last], keep)
-                    if hidden is None:
-                        continue
+                hidden, found = _located_positions(data, start, end, locate, keep)
+                if hidden:
                     if out is None:
                         out = bytearray(data)
-                    for offset in hidden:
-                        out[first + offset] = 42
+                    for index in hidden:
+                        out[index] = 42
                     count += found
             position = plain.find(_WINDOW, stop)
         return (bytes(out) if out is not None else None), count
@@ -468,6 +445,34 @@ _DOUBLE = numpy.array([0, 2, 4, 6, 8, 1, 3, 5, 7, 9], dtype=numpy.int64)
 # expression engine is far slower on every byte).
 _REGIONS = bytes(48 if (48 <= byte <= 57 or byte in (32, 45)) else 120 for byte in range(256))
 _WINDOW = b"0" * cards.MIN_DIGITS
+
+
+def _located_positions(data, start, end, locate, keep):
+    """
+    The card numbers in the digit run C{data[start:end]} of encoded rows,
+    read within each value it spans (C{locate}: see
+    L{Masker.rows_in_place}), separators at a value's edges left out.
+
+    @return: C{(positions in data to hide, card numbers found)}.
+    """
+    spans = locate(start, end)
+    if spans is None:
+        spans = ((start, end),)
+    positions = []
+    count = 0
+    for first, last in spans:
+        while first < last and data[first] in _SEPARATORS:
+            first += 1
+        while last > first and data[last - 1] in _SEPARATORS:
+            last -= 1
+        if last - first < cards.MIN_DIGITS:
+            continue
+        hidden, found = cards.run_positions(data[first:last], keep)
+        if hidden is None:
+            continue
+        positions.extend(first + offset for offset in hidden)
+        count += found
+    return positions, count
 # From this size on, a batch is scanned with vectorised operations.
 VECTOR_THRESHOLD = 2048
 
