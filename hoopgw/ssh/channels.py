@@ -95,7 +95,24 @@ class TargetChannel(RelayChannel):
         self.front.release("target-full")
 
 
-class SessionChannel(RelayChannel):
+class _ClientSide(RelayChannel):
+    """
+    A channel to the client fed by a channel to the target
+    (C{self.target}, once open): a full client window holds the target.
+    """
+
+    target = None
+
+    def blocked(self):
+        if self.target is not None:
+            self.target.hold("client-full")
+
+    def drained(self):
+        if self.target is not None:
+            self.target.release("client-full")
+
+
+class SessionChannel(_ClientSide):
     """
     A client's session channel: environment and pty requests are kept,
     then one exec, shell or sftp request is decided by the chain and, if
@@ -439,13 +456,6 @@ class SessionChannel(RelayChannel):
         self.command.outcome.setdefault("reason", "the client disconnected")
         self._finish()
 
-    def blocked(self):
-        if self.target is not None:
-            self.target.hold("client-full")
-
-    def drained(self):
-        if self.target is not None:
-            self.target.release("client-full")
 
     # Target to client, through the chain.
 
@@ -631,7 +641,7 @@ class SessionChannel(RelayChannel):
             self.send_stderr(("%s\r\n" % (text,)).encode("utf-8"))
 
 
-class ForwardChannel(RelayChannel):
+class ForwardChannel(_ClientSide):
     """
     A client's direct-tcpip channel (ssh -L, ssh -W), relayed to the same
     channel type on the target once the chain allowed it.  Tunnelled bytes
@@ -680,13 +690,6 @@ class ForwardChannel(RelayChannel):
             self.target.send_close()
         self._finish("closed")
 
-    def blocked(self):
-        if self.target is not None:
-            self.target.hold("client-full")
-
-    def drained(self):
-        if self.target is not None:
-            self.target.release("client-full")
 
     def _finish(self, status):
         if self.finished:

@@ -41,20 +41,18 @@ class RelayChannel(channel.SSHChannel):
     # Output, in order.
 
     def send_data(self, data):
-        if not data or self.localClosed:
-            return
-        if not self._outbox and len(data) <= self.remoteWindowLeft:
-            self._send_now(_DATA, data)
-        else:
-            self._enqueue(_DATA, data)
+        self._send_bytes(_DATA, data)
 
     def send_stderr(self, data):
+        self._send_bytes(_STDERR, data)
+
+    def _send_bytes(self, kind, data):
         if not data or self.localClosed:
             return
         if not self._outbox and len(data) <= self.remoteWindowLeft:
-            self._send_now(_STDERR, data)
+            self._send_now(kind, data)
         else:
-            self._enqueue(_STDERR, data)
+            self._enqueue(kind, data)
 
     def send_eof(self):
         if not self.sent_eof:
