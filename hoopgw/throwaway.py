@@ -612,7 +612,52 @@ LDAP_SCHEMA_DIR = "/etc/ldap/schema"
 LDAP_MODULE_DIR = "/usr/lib/ldap"
 
 
-class LdapServer:
+class _Daemon:
+    """
+    A server process run in the foreground for as long as it is needed, in
+    a folder of its own (made and removed by it unless given): a context
+    manager, stopped with L{stop}.
+    """
+
+    _process = None
+    _owns_directory = False
+    directory = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+        return False
+
+    @property
+    def running(self):
+        return self._process is not None and self._process.poll() is None
+
+    def _stop_process(self):
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.terminate()
+                try:
+                    self._process.wait(10)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait()
+            self._process = None
+
+    def stop(self):
+        """
+        Stop the server (its sessions end with it) and remove its folder if
+        it made it.  Safe to call more than once.
+        """
+        self._stop_process()
+        if self._owns_directory and self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self._owns_directory = False
+
+
+class LdapServer(_Daemon):
     """
     A private OpenLDAP C{slapd} on 127.0.0.1, for as long as it is needed:
     an MDB database under L{suffix} with the C{memberof} overlay, plain
@@ -658,17 +703,6 @@ class LdapServer:
             self.host, self.port, self.directory, "" if self.running else " (stopped)",
         )
 
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop()
-        return False
-
-    @property
-    def running(self):
-        return self._process is not None and self._process.poll() is None
 
     @property
     def url(self):
@@ -791,26 +825,6 @@ class LdapServer:
             _write_secret(path, self.root_password)
         return path
 
-    def _stop_process(self):
-        if self._process is not None:
-            if self._process.poll() is None:
-                self._process.terminate()
-                try:
-                    self._process.wait(10)
-                except subprocess.TimeoutExpired:
-                    self._process.kill()
-                    self._process.wait()
-            self._process = None
-
-    def stop(self):
-        """
-        Stop slapd and, if the server made its own folder, remove it.
-        Safe to call more than once.
-        """
-        self._stop_process()
-        if self._owns_directory and self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self._owns_directory = False
 
 
 def _answers(host, port):
@@ -851,7 +865,7 @@ def ssh_keygen(path, key_type="ed25519", comment=""):
         return handle.read().strip()
 
 
-class SshServer:
+class SshServer(_Daemon):
     """
     A private OpenSSH server on 127.0.0.1: the distribution's C{sshd} in the
     foreground (C{sshd -D -e}) with its own configuration, host key and
@@ -880,17 +894,6 @@ class SshServer:
         self._process = None
         self._owns_directory = False
 
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop()
-        return False
-
-    @property
-    def running(self):
-        return self._process is not None and self._process.poll() is None
 
     @property
     def authorized_keys_path(self):
@@ -923,7 +926,7 @@ class SshServer:
                 )
             if self._wait_until_ready():
                 return
-            self._kill()
+            self._stop_process()
             if "Address already in use" in _tail(self.log_path) and attempt + 1 < _START_ATTEMPTS:
                 continue
             raise ThrowawayError("sshd did not start\n--- %s ---\n%s" % (self.log_path, _tail(self.log_path)))
@@ -980,23 +983,3 @@ class SshServer:
         with open(self.authorized_keys_path, "a") as handle:
             handle.write(public_key_line.strip() + "\n")
 
-    def _kill(self):
-        if self._process is not None:
-            if self._process.poll() is None:
-                self._process.terminate()
-                try:
-                    self._process.wait(10)
-                except subprocess.TimeoutExpired:
-                    self._process.kill()
-                    self._process.wait()
-            self._process = None
-
-    def stop(self):
-        """
-        Stop C{sshd} (its sessions end with it) and remove its folder if it
-        made it.  Safe to call more than once.
-        """
-        self._kill()
-        if self._owns_directory and self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self._owns_directory = False
