@@ -366,15 +366,7 @@ class AdminGatewayHarness(GatewayHarness):
             connections = {"payments": postgres_connection(self.port, **connection_settings)}
         settings = {"listen": "tcp:%d:interface=127.0.0.1" % (self.admin_port,)}
         settings.update(admin or {})
-        self.document = configuration_document(
-            self.directory, connections, providers=providers_with_people(), gateway={"admin": settings}
+        self.start(
+            test,
+            configuration_document(self.directory, connections, providers=providers_with_people(), gateway={"admin": settings}),
         )
-        self.config_path = os.path.join(self.directory, "hoopgw.yaml")
-        with open(self.config_path, "w") as handle:
-            yaml.safe_dump(self.document, handle)
-        self.config = configuration.load(self.config_path)
-        self.store_path = self.config.gateway.store.path
-        self.store = open_store(self.config.gateway.store, reactor)
-        self.gateway = Gateway(self.config, reactor, self.store)
-        self.gateway.startService()
-        test.addCleanup(self.stop)
