@@ -271,6 +271,22 @@ class TargetAuthenticationTests(unittest.TestCase):
         out, err, code = yield psql(gateway.dsn(), "-c", "SELECT 1", password=token())
         self.assertNotEqual(code, 0)
         self.assertIn("could not open the target session", err)
+        self.assertIn("certificate verify failed", err)
+
+    @defer.inlineCallbacks
+    def test_target_name_checked(self):
+        """
+        verify-full also checks the name in the target's certificate;
+        verify-ca checks only that it chains to the CA.
+        """
+        gateway = GatewayHarness(self, target={"server_name": "elsewhere.example"})
+        out, err, code = yield psql(gateway.dsn(), "-c", "SELECT 1", password=token())
+        self.assertNotEqual(code, 0)
+        self.assertIn("certificate verify failed", err)
+        self.assertIn("elsewhere.example", err)
+        gateway = GatewayHarness(self, target={"server_name": "elsewhere.example", "tls": "verify-ca"})
+        out, err, code = yield psql(gateway.dsn(), "-A", "-t", "-c", "SELECT 1", password=token())
+        self.assertEqual((out.strip(), code), ("1", 0), err)
 
 
 class QueryTests(unittest.TestCase):

@@ -4,11 +4,13 @@ and password authentication with the credentials from the configuration,
 then a plain relay of the target's messages to the front end.
 """
 
+import os
 import struct
 
-from twisted.internet import defer, endpoints, protocol, ssl
+from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 
+from hoopgw.memorytls import MemoryTLS, TLSFailed, client_context
 from hoopgw.options import ConfigError
 from hoopgw.postgres import wire
 from hoopgw.postgres.auth import AuthenticationFailed, ScramClient, md5_response
@@ -50,6 +52,7 @@ class UpstreamProtocol(protocol.Protocol):
         self._state = _STARTUP
         self._buffer = b""
         self._scram = None
+        self._tls = None
 
     def connectionMade(self):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -65,17 +68,35 @@ class UpstreamProtocol(protocol.Protocol):
         self._state = _AUTH
         self.transport.write(wire.startup_message(self._parameters))
 
-    def _tls_options(self):
+    def _start_tls(self):
+        """
+        Switch to TLS: from here on the transport is a L{MemoryTLS} over
+        the TCP connection, and what arrives is decrypted before it is
+        read.
+        """
         target = self.target
-        if target.tls == "require":
-            return ssl.CertificateOptions(verify=False)
-        with open(target.ca, "rb") as handle:
-            authority = ssl.Certificate.loadPEM(handle.read())
-        if target.tls == "verify-full":
-            return ssl.optionsForClientTLS(target.server_name or target.host, trustRoot=authority)
-        return ssl.CertificateOptions(verify=True, caCerts=[authority.original], requireCertificate=True)
+        try:
+            context = _context(target)
+        except (OSError, ValueError) as error:
+            self._fail(TargetError("the gateway cannot use the target's CA (%s): %s" % (target.ca, error)))
+            return
+        self._tls = MemoryTLS(self.transport, context, target.server_name or target.host if target.tls == "verify-full" else None)
+        self.transport = self._tls
+        self._start()
+        try:
+            self._tls.start()
+        except TLSFailed as error:
+            self._fail(TargetError("TLS with the target failed: %s" % (error,)))
 
     def dataReceived(self, data):
+        if self._tls is not None:
+            try:
+                data = self._tls.receive(data)
+            except TLSFailed as error:
+                self._fail(TargetError("TLS with the target failed: %s" % (error,)))
+                return
+            if not data:
+                return
         if self._state == _READY:
             self.receiver.upstream_data(data)
             return
@@ -83,8 +104,7 @@ class UpstreamProtocol(protocol.Protocol):
         if self._state == _TLS:
             answer, self._buffer = self._buffer[:1], self._buffer[1:]
             if answer == b"S" and not self._buffer:
-                self.transport.startTLS(self._tls_options())
-                self._start()
+                self._start_tls()
             elif answer == b"S":
                 self._fail(TargetError("the target sent data before TLS started; refusing it"))
             else:
@@ -181,6 +201,28 @@ class UpstreamProtocol(protocol.Protocol):
             self.ready.errback(TargetError("the target closed the connection during startup"))
         elif self.receiver is not None:
             self.receiver.upstream_lost(reason)
+
+
+_contexts = {}
+
+
+def _context(target):
+    """
+    The TLS context for a target's settings, made once per mode, CA file
+    and version of that file.
+    """
+    version = os.stat(target.ca).st_mtime_ns if target.ca is not None and target.tls != "require" else None
+    key = (target.tls, target.ca, version)
+    context = _contexts.get(key)
+    if context is None:
+        if target.tls == "require":
+            context = client_context(verify=False)
+        else:
+            context = client_context(verify=True, ca_file=target.ca, check_hostname=target.tls == "verify-full")
+        if len(_contexts) >= 64:
+            _contexts.clear()
+        _contexts[key] = context
+    return context
 
 
 def connect(reactor, target, parameters, max_message_bytes):
