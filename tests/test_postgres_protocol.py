@@ -388,6 +388,63 @@ class ProtocolTests(unittest.TestCase):
         self.assertEqual((yield in_thread(drain)), rows)
 
 
+class RunEndTests(unittest.TestCase):
+    """
+    L{wire.run_end} finds where a run of rows ends, vectorised or not, as a
+    walk one message at a time would.
+    """
+
+    def walk(self, buffer, position, end, maximum):
+        kind = buffer[position]
+        while end - position >= 5 and buffer[position] == kind:
+            length = struct.unpack_from("!I", buffer, position + 1)[0]
+            if position + 1 + length > end or not 4 <= length <= maximum:
+                break
+            position += 1 + length
+        return position
+
+    def row(self, generator):
+        """
+        A DataRow whose values are sometimes made of bytes that look like
+        the start of a DataRow.
+        """
+        values = []
+        for _ in range(generator.randrange(1, 5)):
+            if generator.random() < 0.3:
+                fake = wire.message(b"D", struct.pack("!H", 1) + struct.pack("!I", generator.randrange(0, 40)))
+                values.append(fake * generator.randrange(1, 3))
+            else:
+                values.append(bytes(generator.randrange(32, 127) for _ in range(generator.randrange(0, 30))))
+        return wire.message(b"D", struct.pack("!H", len(values)) + b"".join(struct.pack("!I", len(v)) + v for v in values))
+
+    def test_matches_a_walk(self):
+        """
+        Runs of rows long enough to be vectorised, followed by another
+        message, a torn message, a message of an impossible length, or
+        nothing: the end is the one a plain walk finds.
+        """
+        import random
+
+        generator = random.Random(7)
+        for case in range(300):
+            buffer = b"".join(self.row(generator) for _ in range(generator.randrange(1, 200)))
+            tail = generator.choice(
+                [b"", wire.message(b"C", b"SELECT 3\x00"), b"D\x00\x00", b"D\x00\x00\x00\x02xx", b"D\xff\xff\xff\xffabcd"]
+            )
+            buffer = b"Z" * (case % 3) + buffer + tail + self.row(generator)
+            start = case % 3
+            end = len(buffer) - generator.randrange(0, 3)
+            expected = self.walk(buffer, start, end, 1 << 20)
+            self.assertEqual(wire.run_end(buffer, start, end, 1 << 20), expected, case)
+            self.assertEqual(wire.run_end(buffer, start, end, 64), self.walk(buffer, start, end, 64), case)
+
+    def test_vectorised(self):
+        """
+        The runs above are long enough to take the vectorised path.
+        """
+        self.assertGreater(len(b"".join(self.row(__import__("random").Random(1)) for _ in range(400))), wire.VECTOR_RUN)
+
+
 class ReloadTests(unittest.TestCase):
     """
     Operators turn addons on and off per connection at run time (SIGHUP,

@@ -608,17 +608,12 @@ class PostgresFrontend(protocol.Protocol):
             if stop > end:
                 break
             if kind == 68 or kind == 100:  # DataRow, CopyData
+                batch_end = wire.run_end(buffer, position, end, maximum)
                 if not hooks:
-                    position = stop
+                    position = batch_end
                     continue
                 if span < position:
                     out.append(buffer[span:position])
-                batch_end = stop
-                while end - batch_end >= 5 and buffer[batch_end] == kind:
-                    following = batch_end + 1 + unpack(buffer, batch_end + 1)
-                    if following > end:
-                        break
-                    batch_end = following
                 waiting = self._result(kind, buffer, position, batch_end, out)
                 position = span = batch_end
                 if waiting is not None:

@@ -6,6 +6,8 @@ builds or looks inside.  Knows nothing of policy.
 import bisect
 import struct
 
+import numpy
+
 SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
 CANCEL_REQUEST = 80877102
@@ -72,6 +74,60 @@ def int32(value):
 
 def unpack_int32(data, offset=0):
     return _INT32.unpack_from(data, offset)[0]
+
+
+# From this many bytes on, a run of messages is walked with vectorised
+# operations first.
+VECTOR_RUN = 4096
+
+
+def run_end(buffer, position, end, maximum):
+    """
+    Where the run of whole messages of one type (rows, copy data) that
+    starts at C{position} ends: at the first message of another type, the
+    first that is not whole before C{end}, or the first whose length is
+    out of bounds (4 to C{maximum}), which the caller then reads alone.
+    """
+    kind = buffer[position]
+    if end - position >= VECTOR_RUN:
+        position = _vector_run_end(buffer, position, end, maximum)
+    unpack = _INT32.unpack_from
+    while end - position >= 5 and buffer[position] == kind:
+        length = unpack(buffer, position + 1)[0]
+        following = position + 1 + length
+        if following > end or length < 4 or length > maximum:
+            break
+        position = following
+    return position
+
+
+def _vector_run_end(buffer, position, end, maximum):
+    """
+    Most of L{run_end}'s walk at once: every byte of the message type that
+    could start a message whole within bounds is a candidate; while each
+    candidate's successor is the next candidate, they are the run.  Where
+    that stops holding (the run ends, or a value holds bytes that look like
+    a message), return the last position known to start a message of the
+    run, for the caller to go on one message at a time.
+    """
+    size = end - position
+    array = numpy.frombuffer(buffer, dtype=numpy.uint8, count=size, offset=position)
+    starts = numpy.flatnonzero(array[: size - 4] == buffer[position])
+    lengths = (
+        (array[starts + 1].astype(numpy.int64) << 24)
+        | (array[starts + 2].astype(numpy.int64) << 16)
+        | (array[starts + 3].astype(numpy.int64) << 8)
+        | array[starts + 4]
+    )
+    following = starts + 1 + lengths
+    whole = (lengths >= 4) & (lengths <= maximum) & (following <= size)
+    starts = starts[whole]
+    following = following[whole]
+    if not len(starts) or starts[0] != 0:
+        return position
+    broken = numpy.flatnonzero(following[:-1] != starts[1:])
+    last = int(broken[0]) if len(broken) else len(starts) - 1
+    return position + int(following[last])
 
 
 # Messages the gateway sends to clients.
