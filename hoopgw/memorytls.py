@@ -22,6 +22,7 @@ its transport from then on.
 
 import ssl
 
+from OpenSSL import crypto
 from zope.interface import implementer
 
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
@@ -56,20 +57,38 @@ def client_context(verify, ca_file=None, check_hostname=True):
     return context
 
 
+def server_context(certificate, key, client_ca=None):
+    """
+    An L{ssl.SSLContext} for serving clients: the certificate file (with
+    any intermediates after it) and its key; with C{client_ca}, clients
+    may present a certificate, which must then chain to it.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certificate, key)
+    if client_ca is not None:
+        context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
 @implementer(ITransport, IConsumer, IPushProducer)
 class MemoryTLS:
     """
-    The TLS client side of an open TCP transport.
+    TLS over an open TCP transport, as the client (call L{start}) or as the
+    server (the client's hello arrives through L{receive}).
 
     @ivar handshake_done: whether the handshake has finished; until it has,
         writes are held and sent after it.
     """
 
-    def __init__(self, transport, context, server_hostname=None):
+    def __init__(self, transport, context, server_side=False, server_hostname=None):
         self.transport = transport
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=False, server_hostname=server_hostname)
+        self._tls = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
+        )
         self._held = []
         self.handshake_done = False
         self._closing = False
@@ -79,6 +98,19 @@ class MemoryTLS:
         Send the ClientHello.
         """
         self._handshake()
+
+    def getPeerCertificate(self):
+        """
+        The certificate the peer presented and the handshake verified, as
+        pyOpenSSL's C{X509} (what Twisted's TLS transports return), or
+        None.
+        """
+        if not self.handshake_done:
+            return None
+        der = self._tls.getpeercert(binary_form=True)
+        if der is None:
+            return None
+        return crypto.load_certificate(crypto.FILETYPE_ASN1, der)
 
     def _handshake(self):
         try:
@@ -122,6 +154,7 @@ class MemoryTLS:
         except ssl.SSLZeroReturnError:
             pass
         except ssl.SSLError as error:
+            self._flush()
             raise TLSFailed(_describe(error))
         if self._outgoing.pending:
             # Answers the peer asked for (a key update).

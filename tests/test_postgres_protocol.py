@@ -339,6 +339,35 @@ class ProtocolTests(unittest.TestCase):
         self.assertIn("unencrypted data after the SSL request", wire.parse_fields(messages[-1][1])["message"])
 
     @defer.inlineCallbacks
+    def test_failed_handshake_closes(self):
+        """
+        A client that answers the gateway's "S" with something other than a
+        TLS handshake is disconnected without an answer, and the gateway
+        goes on serving others.
+        """
+        self.gateway.gateway.stopService()
+        gateway = GatewayHarness(self)
+
+        def run():
+            client = RawClient(gateway.port)
+            self.addCleanup(client.close)
+            client.send(struct.pack("!II", 8, wire.SSL_REQUEST))
+            answer = client.read_raw(1)
+            client.send(b"GET / HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            received = b""
+            while True:
+                piece = client.socket.recv(4096)
+                if not piece:
+                    return answer, received
+                received += piece
+
+        answer, received = yield in_thread(run)
+        self.assertEqual(answer, b"S")
+        self.assertEqual(received, b"")
+        out, err, code = yield psql(gateway.dsn(), "-A", "-t", "-c", "SELECT 41 + 1", password=token())
+        self.assertEqual((out.strip(), code), ("42", 0), err)
+
+    @defer.inlineCallbacks
     def test_function_call(self):
         """
         libpq's large-object API uses the FunctionCall message: psql's

@@ -8,12 +8,13 @@ import collections
 import os
 import struct
 
-from twisted.internet import defer, protocol, ssl
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from hoopgw import redact
 from hoopgw.chain import ChainBroken
 from hoopgw.flow import Valve
+from hoopgw.memorytls import MemoryTLS, TLSFailed, server_context
 from hoopgw.model import DENY, Command, Credentials, Decision, ResultChunk, Session
 from hoopgw.sql import split_statements, statement_type
 from hoopgw.postgres import upstream as upstream_module
@@ -89,6 +90,7 @@ class PostgresFrontend(protocol.Protocol):
         self._pieces = []
         self._buffered = 0
         self._tls = False
+        self._tls_layer = None
         self._startup = {}
         self._inbox = collections.deque()
         self._waiting = None
@@ -120,6 +122,16 @@ class PostgresFrontend(protocol.Protocol):
     def dataReceived(self, data):
         if self._state == _CLOSED:
             return
+        if self._tls_layer is not None:
+            try:
+                data = self._tls_layer.receive(data)
+            except TLSFailed as error:
+                self.log.info("TLS with client {client} failed: {error}", client=self.client_address, error=str(error))
+                self._tls_layer.transport.loseConnection()
+                self._state = _CLOSED
+                return
+            if not data:
+                return
         self._pieces.append(data)
         self._buffered += len(data)
         if self._state == _STARTUP:
@@ -158,9 +170,10 @@ class PostgresFrontend(protocol.Protocol):
                 # someone in the middle (CVE-2021-23214): refuse them.
                 self._fatal("08P01", "received unencrypted data after the SSL request")
                 return
-            if self.factory.tls_options is not None and not self._tls:
+            if self.factory.tls_context is not None and not self._tls:
                 self.transport.write(b"S")
-                self.transport.startTLS(self.factory.tls_options)
+                self._tls_layer = MemoryTLS(self.transport, self.factory.tls_context, server_side=True)
+                self.transport = self._tls_layer
                 self._tls = True
             else:
                 self.transport.write(b"N")
@@ -1003,7 +1016,8 @@ class PostgresFactory(protocol.ServerFactory):
         self.gateway = gateway
         self.chain = chain
         self.reactor = reactor or default_reactor
-        self.tls_options = _server_tls(self.settings.tls)
+        tls = self.settings.tls
+        self.tls_context = None if tls is None else server_context(tls.certificate, tls.key, tls.client_ca)
         self.active = {}
         self.ending = set()
         self.open = set()
@@ -1098,26 +1112,3 @@ def _no_delay(transport):
     set_no_delay = getattr(transport, "setTcpNoDelay", None)
     if set_no_delay is not None:
         set_no_delay(True)
-
-
-def _server_tls(settings):
-    if settings is None:
-        return None
-    with open(settings.certificate, "rb") as handle:
-        certificate_pem = handle.read()
-    with open(settings.key, "rb") as handle:
-        key_pem = handle.read()
-    certificate = ssl.PrivateCertificate.loadPEM(certificate_pem + b"\n" + key_pem)
-    chain = ssl.Certificate.loadPEM(certificate_pem)
-    extra = []
-    if settings.client_ca is not None:
-        with open(settings.client_ca, "rb") as handle:
-            extra = [ssl.Certificate.loadPEM(handle.read()).original]
-    return ssl.CertificateOptions(
-        privateKey=certificate.privateKey.original,
-        certificate=chain.original,
-        verify=bool(extra),
-        caCerts=extra or None,
-        requireCertificate=False,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )

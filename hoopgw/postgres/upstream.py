@@ -80,7 +80,8 @@ class UpstreamProtocol(protocol.Protocol):
         except (OSError, ValueError) as error:
             self._fail(TargetError("the gateway cannot use the target's CA (%s): %s" % (target.ca, error)))
             return
-        self._tls = MemoryTLS(self.transport, context, target.server_name or target.host if target.tls == "verify-full" else None)
+        name = target.server_name or target.host if target.tls == "verify-full" else None
+        self._tls = MemoryTLS(self.transport, context, server_hostname=name)
         self.transport = self._tls
         self._start()
         try:
