@@ -15,12 +15,13 @@ import time
 
 import psycopg2
 import yaml
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from hoopgw import cli
 from hoopgw.store import postgres as pgstore
 from hoopgw.store import verify as verification
+from hoopgw.store.file import StoreError
 from hoopgw.store.postgres import PostgresSource, PostgresStore, parse_options
 from hoopgw.throwaway import free_port
 from tests import evidence_support as es
@@ -257,6 +258,95 @@ class SharedStoreTests(unittest.TestCase):
         yield sender.notify("hoopgw_approvals", '{"approval": "a-1", "verdict": "approved"}')
         payload = yield received
         self.assertEqual(payload, '{"approval": "a-1", "verdict": "approved"}')
+
+
+class OutageTests(unittest.TestCase):
+    """
+    The store's database goes away and comes back while a gateway runs.
+    """
+
+    timeout = 120
+
+    def set_login(self, allowed):
+        superuser("ALTER ROLE audit_writer %s" % ("LOGIN" if allowed else "NOLOGIN",))
+
+    @defer.inlineCallbacks
+    def test_outage_refuses_then_resumes(self):
+        """
+        While the store is unreachable every statement is refused (fail
+        closed) with a sentence saying why; the store reconnects by itself,
+        a session that stayed open goes on, and the record says what
+        happened (store.reconnected: refused events, the session that ended
+        meanwhile, the one still open), and verifies.
+        """
+        settings = yield in_thread(store_settings)
+        gateway = es.SignedGateway(self, store=settings)
+        kept = yield in_thread(psycopg2.connect, gateway.dsn(password=token()))
+        self.addCleanup(kept.close)
+        ended = yield in_thread(psycopg2.connect, gateway.dsn(password=token()))
+        for connection in (kept, ended):
+            connection.autocommit = True
+            yield in_thread(_query, connection, "SELECT 1")
+
+        yield in_thread(self.set_login, False)
+        self.addCleanup(self.set_login, True)
+        yield in_thread(
+            superuser,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'audit_writer' AND datname = 'audit'",
+        )
+        error = yield in_thread(_query_error, kept, "SELECT 2")
+        self.assertIn("store", error)
+        out, err, code = yield psql(gateway.dsn(), "-c", "SELECT 3", password=token())
+        self.assertNotEqual(code, 0)
+        self.assertIn("PostgreSQL store is unreachable", err)
+        yield in_thread(ended.close)
+        # Long enough for reconnection attempts to fail.
+        yield task.deferLater(reactor, 1.5, lambda: None)
+
+        yield in_thread(self.set_login, True)
+        deadline = time.monotonic() + 60
+        while True:
+            out, err, code = yield psql(gateway.dsn(), "-A", "-t", "-c", "SELECT 4", password=token())
+            if code == 0 or time.monotonic() > deadline:
+                break
+            yield task.deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual((out.strip(), code), ("4", 0), err)
+        self.assertEqual((yield in_thread(_query, kept, "SELECT 5")), [(5,)])
+        yield in_thread(kept.close)
+        yield gateway.stop()
+
+        source = yield in_thread(source_for, settings)
+        events = [event for _, _, event in (yield in_thread(lambda: list(source.entries())))]
+        (back,) = [event for event in events if event["type"] == "store.reconnected"]
+        self.assertGreaterEqual(back["refused"], 2)
+        self.assertGreaterEqual(back["seconds"], 1.5)
+        self.assertIn("the connection to the store was lost", back["reason"])
+        self.assertEqual(len(back["sessions_ended"]), 1)
+        self.assertEqual(len(back["sessions_open"]), 1)
+        (start,) = [event for event in events if event["type"] == "gateway.start"]
+        self.assertEqual(back["gateway"], start["gateway"])
+        # The kept session's end is recorded after the outage; the other's is not.
+        ends = {event["session"] for event in events if event["type"] == "session.end"}
+        self.assertIn(back["sessions_open"][0], ends)
+        self.assertNotIn(back["sessions_ended"][0], ends)
+        report = yield in_thread(verification.verify_source, source, es.signing.Verifier.from_file(es.signing_key()[1]))
+        self.assertTrue(report.ok, report.problem)
+        # The addons said, in the log, each time they could not record.
+        self.assertTrue(self.flushLoggedErrors(StoreError))
+
+
+def _query(connection, sql):
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        return cursor.fetchall()
+
+
+def _query_error(connection, sql):
+    try:
+        _query(connection, sql)
+    except psycopg2.Error as error:
+        return str(error)
+    raise AssertionError("%s was not refused" % (sql,))
 
 
 def _cli_verify(settings):

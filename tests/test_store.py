@@ -139,6 +139,52 @@ class StoreTests(unittest.TestCase):
 
         return self.fill().addCallback(check)
 
+    def outage_chain(self, reconnected):
+        """
+        Gateway A's store loses its connection; gateway B starts meanwhile
+        and, finding A's lock free, records A as crashed; A comes back
+        (store.reconnected, if C{reconnected}) and ends its session.
+        """
+        store = self.open()
+        events = [
+            {"type": "gateway.start", "gateway": "A"},
+            {"type": "session.start", "session": "s1", "gateway": "A"},
+            {"type": "session.start", "session": "s2", "gateway": "A"},
+            {"type": "gateway.start", "gateway": "B"},
+            {"type": "gateway.recovered", "crashed": ["A"], "unsigned": None},
+        ]
+        if reconnected:
+            events.append({"type": "store.reconnected", "gateway": "A", "refused": 3,
+                           "sessions_ended": ["s2"], "sessions_open": ["s1"]})
+        events += [
+            {"type": "session.end", "session": "s1", "gateway": "A"},
+            {"type": "gateway.stop", "gateway": "A"},
+            {"type": "gateway.stop", "gateway": "B"},
+        ]
+        for event in events:
+            store.append(event)
+        return store.close()
+
+    @defer.inlineCallbacks
+    def test_outage_verifies(self):
+        """
+        A gateway that ran on through its store's outage is not a crash:
+        with its store.reconnected event the record verifies, and the
+        session that ended unrecorded meanwhile is not a removed end.
+        """
+        yield self.outage_chain(reconnected=True)
+        report = verify_store(self.path)
+        self.assertTrue(report.ok, report.problem)
+
+    @defer.inlineCallbacks
+    def test_outage_unexplained(self):
+        """
+        Without it, the end of a session of a gateway recorded as crashed
+        reads as a removed start.
+        """
+        yield self.outage_chain(reconnected=False)
+        self.assertIn("its start event was removed", verify_store(self.path).problem)
+
     def test_edited(self):
         """
         An edited event is named as edited.

@@ -15,6 +15,9 @@ from hoopgw.store import events as chaining
 GATEWAY_START = "gateway.start"
 GATEWAY_STOP = "gateway.stop"
 GATEWAY_RECOVERED = "gateway.recovered"
+# A gateway's store connection came back after an outage: the gateway runs
+# on (see the PostgreSQL store).
+STORE_RECONNECTED = "store.reconnected"
 
 
 class ChainState:
@@ -58,6 +61,8 @@ class ChainState:
             self.running.discard(gateway)
         elif kind == GATEWAY_RECOVERED:
             self.running.difference_update(event.get("crashed") or ())
+        elif kind == STORE_RECONNECTED and gateway:
+            self.running.add(gateway)
 
     def checkpoint_fields(self):
         """

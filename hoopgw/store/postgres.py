@@ -25,11 +25,20 @@ checkpoints, exactly as the file store does in a folder.
   the batch's transaction, under the chain's lock, so that what it checked
   cannot change before what it appends commits (the approvals broker
   decides each request exactly once across gateways with it).
+- A lost connection is an outage, not the end: every append is refused
+  while it lasts (so commands are refused: fail closed), the store
+  reconnects with a growing delay, takes its gateway's lock again, listens
+  again, and records C{store.reconnected} (when the outage began, why, how
+  many events it refused, the sessions that ended unrecorded and those
+  still open) before it takes events again.  An error the database gives
+  on a live connection (a trigger refusing a write) still stops the store
+  for good.
 """
 
 import hashlib
 import json
 import re
+import time
 
 import attr
 import psycopg2
@@ -42,7 +51,14 @@ from hoopgw import options as o
 from hoopgw.interfaces import IStore
 from hoopgw.options import ConfigError
 from hoopgw.store import events as chaining
-from hoopgw.store.checkpoints import GATEWAY_RECOVERED, GATEWAY_START, GATEWAY_STOP, ChainState, CheckpointSchedule
+from hoopgw.store.checkpoints import (
+    GATEWAY_RECOVERED,
+    GATEWAY_START,
+    GATEWAY_STOP,
+    STORE_RECONNECTED,
+    ChainState,
+    CheckpointSchedule,
+)
 from hoopgw.store.file import StoreError
 
 # The advisory lock namespace (pg_advisory_lock(int, int)'s first key):
@@ -50,6 +66,9 @@ from hoopgw.store.file import StoreError
 LOCK_CLASS = 0x686F6F70
 APPEND_LOCK = 0
 EVENTS_CHANNEL = "hoopgw_events"
+# Reconnecting after an outage: the first retry, and the longest wait.
+RETRY_FIRST = 0.5
+RETRY_MOST = 10.0
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -199,6 +218,7 @@ class PostgresStore:
         self._table = config.schema + ".events"
         self._connection = None
         self._connecting = None
+        self._waiters = []
         self._queue = []
         self._writing = False
         self._broken = None
@@ -209,6 +229,13 @@ class PostgresStore:
         self.unsigned = 0
         self.seq = 0
         self.head = chaining.GENESIS
+        # What an outage needs to resume: this process's gateway (its lock),
+        # its open sessions, the channels it listens on.
+        self._gateway = None
+        self._sessions = set()
+        self._observers = []
+        self.outage = None
+        self._retry = None
 
     def open(self):
         prepare_schema(self.config)
@@ -226,12 +253,17 @@ class PostgresStore:
         return self._connect().addCallback(lambda _: None)
 
     def _connect(self):
+        if self._connection is not None and self._connection.closed:
+            self._lost("the connection to the store closed")
+        if self.outage is not None and self._retry is not None:
+            return defer.fail(self._unreachable())
         if self._connection is not None:
             return defer.succeed(self._connection)
+        waiting = defer.Deferred()
+        self._waiters.append(waiting)
         if self._connecting is None:
-            from txpostgres import txpostgres
-
-            connection = txpostgres.Connection(reactor=self._reactor)
+            connection = _connection_class()(reactor=self._reactor)
+            connection.on_lost = self._connection_lost
             self._connecting = connection.connect(**_connect_arguments(self.config))
 
             def connected(_):
@@ -246,18 +278,105 @@ class PostgresStore:
 
             def failed(failure):
                 self._connecting = None
-                self._fail("connecting to the PostgreSQL store failed: %s" % (failure.getErrorMessage().strip(),))
+                reason = "connecting to the PostgreSQL store failed: %s" % (failure.getErrorMessage().strip(),)
+                if self.seq:
+                    # It was there before: an outage, retried.
+                    self._lost(reason)
+                else:
+                    self._fail(reason)
                 return failure
 
-            self._connecting.addCallbacks(connected, failed)
-        waiting = defer.Deferred()
-        self._connecting.addBoth(lambda result: (waiting.callback(result), result)[1])
+            def settle(result):
+                waiters, self._waiters = self._waiters, []
+                for waiting in waiters:
+                    if isinstance(result, Failure):
+                        waiting.errback(result)
+                    else:
+                        waiting.callback(result)
+
+            self._connecting.addCallbacks(connected, failed).addBoth(settle)
         return waiting
 
     def _fail(self, reason):
         if self._broken is None:
             self._broken = reason
             self.log.critical("Audit store failure: {reason}", reason=reason)
+
+    # Outages.
+
+    def _connection_lost(self, connection, reason):
+        if connection is self._connection and not self._closed:
+            self._lost(reason)
+
+    def _unreachable(self):
+        return StoreError(
+            "the PostgreSQL store is unreachable (%s); nothing is let through until it is back" % (self.outage["reason"],)
+        )
+
+    def _lost(self, reason):
+        """
+        The connection is gone: refuse appends from now on, and try again
+        later.
+        """
+        connection, self._connection = self._connection, None
+        self._connecting = None
+        if connection is not None and not connection.closed:
+            connection.close()
+        if self.outage is None:
+            self.log.critical("The audit store is unreachable: {reason}; refusing every event until it is back", reason=reason)
+            self.outage = {"since": chaining.timestamp(), "began": time.monotonic(), "reason": reason, "refused": 0,
+                           "ended": [], "delay": RETRY_FIRST}
+        if self._retry is None and not self._closed:
+            self._retry = self._reactor.callLater(self.outage["delay"], self._reconnect)
+            self.outage["delay"] = min(self.outage["delay"] * 2, RETRY_MOST)
+
+    def _refuse(self, item):
+        """
+        Count an event refused during an outage; a session's end is named
+        in the C{store.reconnected} event, so the record knows it ended.
+        """
+        self.outage["refused"] += 1
+        if isinstance(item, dict) and item.get("type") == "session.end" and item.get("session") in self._sessions:
+            self.outage["ended"].append(item["session"])
+            self._sessions.discard(item["session"])
+
+    @defer.inlineCallbacks
+    def _reconnect(self):
+        self._retry = None
+        if self._closed:
+            return
+        try:
+            connection = yield self._connect()
+            if self._gateway is not None:
+                yield connection.runOperation("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, gateway_lock(self._gateway)))
+            for channel, observer in self._observers:
+                connection.addNotifyObserver(observer)
+                yield connection.runOperation('LISTEN "%s"' % (channel,))
+        except Exception as error:
+            if self._connection is not None:
+                self._lost("reconnecting failed: %s" % (str(error).strip() or type(error).__name__,))
+            elif self._retry is None:
+                self._lost(self.outage["reason"])
+            return
+        outage, self.outage = self.outage, None
+        seconds = round(time.monotonic() - outage["began"], 3)
+        self.log.warn("The audit store is back after {seconds} s; {refused} event(s) were refused meanwhile",
+                      seconds=seconds, refused=outage["refused"])
+        event = {
+            "type": STORE_RECONNECTED,
+            "gateway": self._gateway,
+            "since": outage["since"],
+            "seconds": seconds,
+            "reason": outage["reason"],
+            "refused": outage["refused"],
+            "sessions_ended": sorted(set(outage["ended"])),
+            "sessions_open": sorted(self._sessions),
+        }
+        try:
+            yield self._enqueue(event)
+        except Exception:
+            # Lost again before it was written: the next reconnection says it.
+            pass
 
     def append(self, event, urgent=True):
         # Every batch is one transaction: urgent or not, events go with the next.
@@ -286,6 +405,9 @@ class PostgresStore:
             return defer.fail(StoreError("the store failed earlier and takes no more events: %s" % (self._broken,)))
         if self._closed:
             return defer.fail(StoreError("the store is closed"))
+        if self.outage is not None:
+            self._refuse(item)
+            return defer.fail(self._unreachable())
         d = defer.Deferred()
         self._queue.append((d, item))
         if not self._writing:
@@ -319,9 +441,17 @@ class PostgresStore:
                     connection = yield self._connect()
                     results = yield connection.runInteraction(self._append_batch, [item for _, item in batch])
                 except Exception as error:
-                    self._fail("writing to the PostgreSQL store failed: %s" % (str(error).strip() or type(error).__name__,))
+                    reason = "writing to the PostgreSQL store failed: %s" % (str(error).strip() or type(error).__name__,)
+                    if self.outage is not None or _connection_gone(error, self._connection):
+                        self._lost(reason)
+                        failed = self._unreachable()
+                        for _, item in batch + self._queue:
+                            self._refuse(item)
+                    else:
+                        self._fail(reason)
+                        failed = StoreError(self._broken)
                     for d, _ in batch + self._queue:
-                        d.errback(StoreError(self._broken))
+                        d.errback(failed)
                     self._queue = []
                     return
                 for (d, _), result in zip(batch, results):
@@ -392,7 +522,12 @@ class PostgresStore:
             (chain.seq, event["ts"], event["type"], event.get("session"), chain.head, line.decode("utf-8").rstrip("\n")),
         )
         kind = event["type"]
+        if kind == "session.start":
+            self._sessions.add(event.get("session"))
+        elif kind in ("session.end", "session.refused"):
+            self._sessions.discard(event.get("session"))
         if kind == GATEWAY_START and event.get("gateway"):
+            self._gateway = event["gateway"]
             # Held for as long as this process's connection lives: a crash frees it.
             yield cursor.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, gateway_lock(event["gateway"])))
             declared = event.get("signing_key")
@@ -476,13 +611,17 @@ class PostgresStore:
         @return: a Deferred firing once listening.
         """
 
+        channel = channel.replace('"', "")
+
         def observer(notify):
             if notify.channel == channel:
                 return callback(notify.payload)
 
+        self._observers.append((channel, observer))
+
         def start(connection):
             connection.addNotifyObserver(observer)
-            return connection.runOperation('LISTEN "%s"' % (channel.replace('"', ""),))
+            return connection.runOperation('LISTEN "%s"' % (channel,))
 
         return self._connect().addCallback(start)
 
@@ -502,9 +641,53 @@ class PostgresStore:
         while self._writing:
             yield _later(self._reactor)
         self._closed = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+_connection_classes = []
+
+
+def _connection_class():
+    """
+    txpostgres's connection, telling its store when the server goes away
+    while it is idle (listening), instead of raising into the reactor.
+    """
+    if not _connection_classes:
+        from twisted.internet import error as internet_error
+        from txpostgres import txpostgres
+
+        class Connection(txpostgres.Connection):
+            on_lost = None
+
+            def doRead(self):
+                try:
+                    txpostgres.Connection.doRead(self)
+                except psycopg2.Error as error:
+                    reason = "the connection to the store was lost: %s" % (str(error).strip(),)
+                    if self.on_lost is not None:
+                        self.on_lost(self, reason)
+                    return internet_error.ConnectionLost(reason)
+
+        _connection_classes.append(Connection)
+    return _connection_classes[0]
+
+
+def _connection_gone(error, connection):
+    """
+    Whether C{error} means the connection to the store is gone (the
+    server went away, the network failed), not that the database refused
+    what was written on a live one.
+    """
+    from txpostgres import txpostgres
+
+    if connection is None or connection.closed:
+        return True
+    return isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError, txpostgres.RollbackFailed))
 
 
 @attr.s

@@ -16,7 +16,7 @@ import attr
 from hoopgw import cast as casts
 from hoopgw.approvals.evidence import ApprovalsCheck, ApprovalsProblem
 from hoopgw.store import events as chaining
-from hoopgw.store.checkpoints import GATEWAY_RECOVERED, GATEWAY_START, GATEWAY_STOP
+from hoopgw.store.checkpoints import GATEWAY_RECOVERED, GATEWAY_START, GATEWAY_STOP, STORE_RECONNECTED
 from hoopgw.store.signing import SigningKeyError, Verifier
 from hoopgw.store.sources import SourceError, open_source
 
@@ -272,6 +272,18 @@ class _Walk:
             unsigned = event.get("unsigned")
             if unsigned:
                 self.late_signed.append((unsigned.get("from"), unsigned.get("to"), seq))
+        elif kind == STORE_RECONNECTED:
+            # The gateway ran on through its store's outage (even if another
+            # gateway recorded it as crashed meanwhile): the sessions that
+            # ended then could not be recorded, those still open go on.
+            if gateway and gateway not in self.gateways:
+                self.gateways[gateway] = seq
+            for session in event.get("sessions_ended") or ():
+                self.sessions.pop(session, None)
+                self.ended.add(session)
+            for session in event.get("sessions_open") or ():
+                if session not in self.ended:
+                    self.sessions.setdefault(session, (seq, gateway))
         elif kind == "store.purged":
             self.purged = event.get("up_to")
         elif kind == "session.start":
