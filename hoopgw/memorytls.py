@@ -13,7 +13,8 @@ costs less and delivers more at once:
       delivery, such as scanning rows for card numbers, is done per
       socket read and not per record;
     - a write is encrypted when it is made, without the timer Twisted's TLS
-      layer starts to gather small writes (callers here already gather).
+      layer starts to gather small writes (callers here already gather),
+      and sent at once when nothing is waiting before it (L{send_now}).
 
 The protocol keeps its TCP transport: it passes what it receives through
 L{MemoryTLS.receive} and writes through the L{MemoryTLS}, which it uses as
@@ -174,7 +175,7 @@ class MemoryTLS:
         if self._closing:
             return
         self._tls.write(data)
-        self.transport.write(self._outgoing.read())
+        send_now(self.transport, self._outgoing.read())
 
     def writeSequence(self, data):
         self.write(b"".join(data))
@@ -232,3 +233,29 @@ def _describe(error):
     if isinstance(error, ssl.SSLCertVerificationError):
         return "certificate verify failed: %s" % (reason,)
     return "TLS failed: %s" % (reason,)
+
+
+def send_now(transport, data):
+    """
+    Write C{data} to a TCP transport, sending what the socket takes at once
+    when nothing is buffered before it.
+
+    Twisted's C{write} always buffers and sends on the next writable event:
+    an answer of a few hundred bytes then costs two changes of the poll set
+    and a turn of the loop.  What the socket does not take, and anything
+    written while data is buffered, goes through C{write} as usual (order,
+    back-pressure and error handling are Twisted's).  A transport without
+    the attributes this reads is simply written to.
+    """
+    if (
+        getattr(transport, "_tempDataLen", None) == 0
+        and getattr(transport, "dataBuffer", None) == b""
+        and transport.connected
+        and not transport.disconnecting
+        and not getattr(transport, "_writeDisconnected", True)
+    ):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int) and sent > 0:
+            data = data[sent:]
+    if data:
+        transport.write(data)
