@@ -200,12 +200,12 @@ class Masker:
             of C{(start, end)} pieces that do.
         @return: C{(new data or None, count)}.
         """
+        if len(data) >= VECTOR_THRESHOLD:
+            return self._rows_in_place_large(data, locate)
         plain = data.translate(_REGIONS)
         if plain.find(_WINDOW) < 0:
             return None, 0
-        if len(data) < VECTOR_THRESHOLD:
-            return self._rows_in_place_small(data, plain, locate)
-        return self._rows_in_place_large(data, locate)
+        return self._rows_in_place_small(data, plain, locate)
 
     def _rows_in_place_large(self, data, locate):
         found = scan(data)

@@ -28,6 +28,8 @@ class TargetError(Exception):
 
 
 _STARTUP, _TLS, _AUTH, _READY = range(4)
+# How much one read from the target's socket may take.
+READ_BYTES = 1 << 18
 
 
 class UpstreamProtocol(protocol.Protocol):
@@ -58,6 +60,9 @@ class UpstreamProtocol(protocol.Protocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        # Larger reads of a large result: the costs paid per delivery
+        # (decrypting, the relay's walk, scanning rows) are paid less often.
+        self.transport.bufferSize = READ_BYTES
         if self.target.tls == "disable":
             self._start()
         else:
