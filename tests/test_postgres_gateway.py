@@ -273,6 +273,22 @@ class TargetAuthenticationTests(unittest.TestCase):
         self.assertIn("could not open the target session", err)
         self.assertIn("certificate verify failed", err)
 
+    def test_unusable_certificate_refused_at_start(self):
+        """
+        A certificate whose key does not match it stops the gateway from
+        starting, with the connection and the files named.
+        """
+        from hoopgw.options import ConfigError
+        from hoopgw.pki import make_ca
+
+        certificate, _, _ = support.gateway_certificate()
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        _, other_key = make_ca("another").issue("localhost").write(directory, "other")
+        error = self.assertRaises(ConfigError, GatewayHarness, self, tls={"certificate": certificate, "key": other_key})
+        self.assertIn("connections.payments.tls: the gateway cannot use %s, %s" % (certificate, other_key), str(error))
+        self.assertIn("KEY_VALUES_MISMATCH", str(error))
+
     @defer.inlineCallbacks
     def test_target_name_checked(self):
         """

@@ -16,6 +16,7 @@ from hoopgw.chain import ChainBroken
 from hoopgw.flow import Valve
 from hoopgw.memorytls import MemoryTLS, TLSFailed, server_context
 from hoopgw.model import DENY, Command, Credentials, Decision, ResultChunk, Session
+from hoopgw.options import ConfigError
 from hoopgw.sql import split_statements, statement_type
 from hoopgw.postgres import upstream as upstream_module
 from hoopgw.postgres import wire
@@ -1016,8 +1017,7 @@ class PostgresFactory(protocol.ServerFactory):
         self.gateway = gateway
         self.chain = chain
         self.reactor = reactor or default_reactor
-        tls = self.settings.tls
-        self.tls_context = None if tls is None else server_context(tls.certificate, tls.key, tls.client_ca)
+        self.tls_context = _server_context(connection.name, self.settings.tls)
         self.active = {}
         self.ending = set()
         self.open = set()
@@ -1112,3 +1112,17 @@ def _no_delay(transport):
     set_no_delay = getattr(transport, "setTcpNoDelay", None)
     if set_no_delay is not None:
         set_no_delay(True)
+
+
+def _server_context(name, tls):
+    """
+    The TLS context a connection offers its clients, or None; a certificate,
+    key or CA file it cannot use is a configuration error naming them.
+    """
+    if tls is None:
+        return None
+    try:
+        return server_context(tls.certificate, tls.key, tls.client_ca)
+    except OSError as error:  # ssl.SSLError included
+        files = ", ".join(path for path in (tls.certificate, tls.key, tls.client_ca) if path)
+        raise ConfigError("connections.%s.tls" % (name,), "the gateway cannot use %s: %s" % (files, error.strerror or error))
