@@ -211,6 +211,11 @@ class Gateway(service.MultiService):
         )
         if self.approvals is not None:
             self.approvals.close()
+        for provider in self.identity_providers.values():
+            # Pooled directory connections.
+            close = getattr(provider, "close", None)
+            if close is not None:
+                close()
         try:
             yield self.record({"type": "gateway.stop", "gateway": self.instance, "version": __version__})
         except Exception:

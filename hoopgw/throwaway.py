@@ -683,9 +683,11 @@ class LdapServer(_Daemon):
 
     host = "127.0.0.1"
 
-    def __init__(self, suffix="dc=example,dc=org", directory=None, slapd=SLAPD, access=()):
+    def __init__(self, suffix="dc=example,dc=org", directory=None, slapd=SLAPD, access=(), idle_timeout=None):
         self.suffix = suffix
         self.access = list(access)
+        # slapd closes connections idle this many seconds (idletimeout).
+        self.idle_timeout = idle_timeout
         self.root_dn = "cn=admin," + suffix
         self.root_password = secrets.token_urlsafe(18)
         self.directory = directory
@@ -764,6 +766,10 @@ class LdapServer(_Daemon):
             "moduleload back_mdb",
             "moduleload memberof",
             "pidfile %s" % (os.path.join(self.directory, "slapd.pid"),),
+        ]
+        if self.idle_timeout:
+            lines.append("idletimeout %d" % (self.idle_timeout,))
+        lines += [
             "TLSCertificateFile %s" % (self._certificate,),
             "TLSCertificateKeyFile %s" % (self._key,),
             "TLSCACertificateFile %s" % (self.ca_path,),

@@ -8,7 +8,7 @@ gateway.
 
 import os
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from hoopgw.identity import ldap
@@ -93,6 +93,49 @@ class DirectoryTests(unittest.TestCase):
         second = yield directory.groups_for("ci-bot")
         self.assertEqual((directory.lookups, first.cached, second.cached), (1, False, True))
         self.assertEqual(first.groups, second.groups)
+
+    @defer.inlineCallbacks
+    def test_connections_pooled(self):
+        """
+        Lookups that miss the cache share bound connections instead of
+        opening, upgrading and binding one each; stopping closes them.
+        """
+        directory = make_directory()
+        for _ in range(3):
+            directory.forget()
+            answer = yield directory.groups_for("ci-bot")
+            self.assertIn("payments-bots", answer.groups)
+        self.assertEqual((directory.lookups, directory.opened), (3, 1))
+        directory.close()
+        self.assertEqual(directory._idle, [])
+
+    @defer.inlineCallbacks
+    def test_stale_pooled_connection(self):
+        """
+        A pooled connection the directory has closed meanwhile (slapd's
+        idletimeout) is replaced at once: the lookup still answers.
+        """
+        from hoopgw.throwaway import LdapServer
+
+        server = LdapServer(idle_timeout=1)
+        server.start()
+        self.addCleanup(server.stop)
+        server.add_ldif(
+            "dn: ou=people,dc=example,dc=org\nobjectClass: organizationalUnit\nou: people\n\n"
+            "dn: uid=bot,ou=people,dc=example,dc=org\nobjectClass: inetOrgPerson\nuid: bot\ncn: bot\nsn: bot\n\n"
+            "dn: cn=g,dc=example,dc=org\nobjectClass: groupOfNames\ncn: g\nmember: uid=bot,ou=people,dc=example,dc=org\n"
+        )
+        directory = make_directory(
+            url=server.url, ca=server.ca_path, bind_dn=None, bind_password=None,
+            user_base="ou=people,dc=example,dc=org", group_base="dc=example,dc=org",
+        )
+        self.addCleanup(directory.close)
+        first = yield directory.groups_for("bot")
+        yield task.deferLater(reactor, 2.5, lambda: None)
+        directory.forget()
+        second = yield directory.groups_for("bot")
+        self.assertEqual((first.groups, second.groups), ({"g"}, {"g"}))
+        self.assertEqual(directory.opened, 2)
 
     @defer.inlineCallbacks
     def test_ldaps(self):

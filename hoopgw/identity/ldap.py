@@ -8,6 +8,7 @@ refuses (fail closed) unless the connection says token groups suffice.
 """
 
 import ssl
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -177,6 +178,10 @@ class LDAPDirectory:
     credential = "directory"
     log = Logger()
     cache_limit = 10000
+    # Bound connections kept for the next lookups, and how long one may
+    # sit unused before it is closed rather than reused.
+    pool_size = 4
+    pool_idle = 60.0
 
     def __init__(self, config, reactor):
         self.config = config
@@ -184,6 +189,10 @@ class LDAPDirectory:
         self._reactor = reactor
         self._cache = {}
         self.lookups = 0
+        self.opened = 0
+        self._idle = []
+        self._lock = threading.Lock()
+        self._closed = False
 
     def groups_for(self, subject):
         """
@@ -216,7 +225,38 @@ class LDAPDirectory:
         """
         self._cache.clear()
 
+    def close(self):
+        """
+        Close the pooled connections (the gateway is stopping).
+        """
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for connection, _ in idle:
+            _close(connection)
+
     # Everything below runs in a thread.
+
+    def _take(self):
+        """
+        A bound connection: a pooled one not idle too long, else a new one.
+
+        @return: C{(connection, whether it was pooled)}.
+        """
+        with self._lock:
+            while self._idle:
+                connection, used = self._idle.pop()
+                if time.monotonic() - used < self.pool_idle:
+                    return connection, True
+                _close(connection)
+        return self._connection(), False
+
+    def _give_back(self, connection):
+        with self._lock:
+            if not self._closed and len(self._idle) < self.pool_size:
+                self._idle.append((connection, time.monotonic()))
+                return
+        _close(connection)
 
     def _connection(self):
         import ldap3
@@ -241,6 +281,7 @@ class LDAPDirectory:
             raise_exceptions=True,
             read_only=True,
         )
+        self.opened += 1
         connection.open()
         if start_tls and not connection.server.ssl:
             connection.start_tls()
@@ -248,9 +289,7 @@ class LDAPDirectory:
         return connection
 
     def _lookup(self, subject):
-        import ldap3
         from ldap3.core.exceptions import LDAPException, LDAPSizeLimitExceededResult
-        from ldap3.utils.conv import escape_filter_chars
 
         config = self.config
         self.lookups += 1
@@ -258,49 +297,23 @@ class LDAPDirectory:
         started = time.time()
         connection = None
         try:
-            connection = self._connection()
-            evidence["server"] = _server_url(connection.server)
-            user_filter = config.user_filter.replace("{subject}", escape_filter_chars(subject))
-            attributes = [config.memberof_attribute] if config.membership == "memberof" else []
-            connection.search(config.user_base, user_filter, ldap3.SUBTREE, attributes=attributes, size_limit=2)
-            entries = [entry for entry in connection.response if entry.get("type") == "searchResEntry"]
-            if len(entries) > 1:
-                raise IdentityError(
-                    "the directory %s holds several entries for %r, so its groups cannot be trusted" % (config.name, subject),
-                    "directory-ambiguous",
-                    evidence,
-                )
-            if not entries:
-                return DirectoryGroups(groups=(), dn=None, server=evidence["server"], looked_up_at=started)
-            dn = entries[0]["dn"]
-            if config.membership == "memberof":
-                group_dns = list(entries[0]["attributes"].get(config.memberof_attribute) or [])
-                names = self._names_of(connection, group_dns)
-            else:
-                names = set()
-                group_dns = []
-            seen = set(group_dns)
-            frontier = [dn] if config.membership == "search" else list(group_dns)
-            depth = 0
-            limit = config.nested_depth + 1 if config.nested else 1
-            if config.membership == "memberof":
-                limit = config.nested_depth if config.nested else 0
-            while frontier and depth < limit:
-                depth += 1
-                found = []
-                for member in frontier:
-                    group_filter = config.group_filter.replace("{dn}", escape_filter_chars(member))
-                    connection.search(
-                        config.group_base, group_filter, ldap3.SUBTREE, attributes=[config.group_name_attribute]
-                    )
-                    for entry in connection.response:
-                        if entry.get("type") != "searchResEntry" or entry["dn"] in seen:
-                            continue
-                        seen.add(entry["dn"])
-                        found.append(entry["dn"])
-                        names.update(_values(entry["attributes"].get(config.group_name_attribute)))
-                frontier = found
-            return DirectoryGroups(groups=names, dn=dn, server=evidence["server"], looked_up_at=started)
+            connection, pooled = self._take()
+            try:
+                answer = self._ask(connection, subject, evidence, started)
+            except LDAPSizeLimitExceededResult:
+                raise
+            except LDAPException:
+                if not pooled:
+                    raise
+                # The directory may have closed a pooled connection while it
+                # sat idle: once more, on a new one.
+                _close(connection)
+                connection = None
+                connection = self._connection()
+                answer = self._ask(connection, subject, evidence, started)
+            self._give_back(connection)
+            connection = None
+            return answer
         except LDAPSizeLimitExceededResult:
             raise IdentityError(
                 "the directory %s holds several entries for %r, so its groups cannot be trusted" % (config.name, subject),
@@ -317,10 +330,56 @@ class LDAPDirectory:
             )
         finally:
             if connection is not None:
-                try:
-                    connection.unbind()
-                except Exception:
-                    pass
+                _close(connection)
+
+    def _ask(self, connection, subject, evidence, started):
+        """
+        The groups of C{subject}, asked on C{connection}.
+        """
+        import ldap3
+        from ldap3.utils.conv import escape_filter_chars
+
+        config = self.config
+        evidence["server"] = _server_url(connection.server)
+        user_filter = config.user_filter.replace("{subject}", escape_filter_chars(subject))
+        attributes = [config.memberof_attribute] if config.membership == "memberof" else []
+        connection.search(config.user_base, user_filter, ldap3.SUBTREE, attributes=attributes, size_limit=2)
+        entries = [entry for entry in connection.response if entry.get("type") == "searchResEntry"]
+        if len(entries) > 1:
+            raise IdentityError(
+                "the directory %s holds several entries for %r, so its groups cannot be trusted" % (config.name, subject),
+                "directory-ambiguous",
+                evidence,
+            )
+        if not entries:
+            return DirectoryGroups(groups=(), dn=None, server=evidence["server"], looked_up_at=started)
+        dn = entries[0]["dn"]
+        if config.membership == "memberof":
+            group_dns = list(entries[0]["attributes"].get(config.memberof_attribute) or [])
+            names = self._names_of(connection, group_dns)
+        else:
+            names = set()
+            group_dns = []
+        seen = set(group_dns)
+        frontier = [dn] if config.membership == "search" else list(group_dns)
+        depth = 0
+        limit = config.nested_depth + 1 if config.nested else 1
+        if config.membership == "memberof":
+            limit = config.nested_depth if config.nested else 0
+        while frontier and depth < limit:
+            depth += 1
+            found = []
+            for member in frontier:
+                group_filter = config.group_filter.replace("{dn}", escape_filter_chars(member))
+                connection.search(config.group_base, group_filter, ldap3.SUBTREE, attributes=[config.group_name_attribute])
+                for entry in connection.response:
+                    if entry.get("type") != "searchResEntry" or entry["dn"] in seen:
+                        continue
+                    seen.add(entry["dn"])
+                    found.append(entry["dn"])
+                    names.update(_values(entry["attributes"].get(config.group_name_attribute)))
+            frontier = found
+        return DirectoryGroups(groups=names, dn=dn, server=evidence["server"], looked_up_at=started)
 
     def _names_of(self, connection, group_dns):
         import ldap3
@@ -332,6 +391,13 @@ class LDAPDirectory:
                 if entry.get("type") == "searchResEntry":
                     names.update(_values(entry["attributes"].get(self.config.group_name_attribute)))
         return names
+
+
+def _close(connection):
+    try:
+        connection.unbind()
+    except Exception:
+        pass
 
 
 def _values(value):
