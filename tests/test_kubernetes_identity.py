@@ -560,11 +560,19 @@ class SAMLTests(unittest.TestCase):
         credential too many: 400, with what to do, and nothing forwarded.
         """
         cluster = self.cluster
-        client = cluster.python_client(user_token=token(), headers={SAML_HEADER: fixtures.assertion()})
+        bearer, assertion = token(), fixtures.assertion()
+        client = cluster.python_client(user_token=bearer, headers={SAML_HEADER: assertion})
         status, body = yield in_thread(list_namespaces, client)
         self.assertEqual(status, 400, body)
         self.assertIn("send one credential", body)
         self.assertEqual(cluster.api.requests, [])
+        # A failed access attempt, in the record without either credential.
+        refused = (yield cluster.harness.wait_for("session.refused"))[0]
+        self.assertEqual(refused["attributes"]["identity_refused"], "ambiguous-credentials")
+        self.assertEqual(refused["refusal"]["rule"], "identity:ambiguous-credentials")
+        raw = cluster.harness.raw_store()
+        self.assertNotIn(bearer.encode(), raw)
+        self.assertNotIn(assertion[:64].encode(), raw)
 
     @defer.inlineCallbacks
     def test_secrets_not_logged(self):

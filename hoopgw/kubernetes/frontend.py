@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from hoopgw import cast as casts
 from hoopgw import redact
+from hoopgw.addons.record import session_fields
 from hoopgw.chain import ChainBroken, settled
 from hoopgw.identity.certificates import as_certificate, fingerprint
 from hoopgw.kubernetes import bodies, channels, engine as engines, tls
@@ -283,13 +284,12 @@ class Frontend:
         assertion = flow.request.headers.get(saml_header, "").strip() if saml_header else ""
         if assertion:
             if token:
-                self._refuse(
-                    flow,
-                    exchange,
-                    400,
+                message = (
                     "hoopgw refused the request: it carries both a bearer token and a %s header; send one "
-                    "credential, the SAML assertion in %s or the token as the bearer token" % (saml_header, saml_header),
+                    "credential, the SAML assertion in %s or the token as the bearer token" % (saml_header, saml_header)
                 )
+                await self._record_ambiguous(flow, message)
+                self._refuse(flow, exchange, 400, message)
                 return None
             # The identity addon tells a SAML assertion from a JWT itself,
             # as it does for a PostgreSQL password.
@@ -338,6 +338,37 @@ class Frontend:
         state.sessions[key] = session
         exchange.session = session
         return session
+
+    async def _record_ambiguous(self, flow, message):
+        """
+        Record a request refused for carrying two credentials as a refused
+        session (an access attempt that failed, PCI DSS 10.2.1.4), without
+        either credential.
+        """
+        client = flow.client_conn
+        session = Session(
+            connection=self.connection.name,
+            protocol="kubernetes",
+            client_address=_address(client.peername),
+            target=self.settings.target_name,
+            credentials=Credentials(),
+            attributes={
+                "user_agent": flow.request.headers.get("user-agent", ""),
+                "tls": client.tls_established,
+                "sni": client.sni or "",
+                "identity_refused": "ambiguous-credentials",
+            },
+        )
+        refusal = Decision(DENY, rule="identity:ambiguous-credentials", reason=message, addon="gateway")
+        event = dict(
+            session_fields(session), type="session.refused", attributes=session.attributes, refusal=refusal.to_json()
+        )
+        if getattr(self.gateway, "instance", None):
+            event["gateway"] = self.gateway.instance
+        try:
+            await _wait(self.gateway.record(event), self.loop)
+        except Exception:
+            self.log.failure("Recording a refused request failed")
 
     def _credentials(self, client, token):
         """
