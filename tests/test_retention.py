@@ -12,6 +12,7 @@ import time
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from hoopgw.cast import CAST
 from hoopgw.options import ConfigError
 from hoopgw.store.file import ARCHIVE, FileStore, segment_paths
 from hoopgw.store.retention import DAY, RetentionPolicy, parse_retention
@@ -45,10 +46,12 @@ class PolicyTests(unittest.TestCase):
 
 class ArchiveTests(unittest.TestCase):
     @defer.inlineCallbacks
-    def fill(self, policy):
+    def fill(self, policy, recordings=False):
         """
         A signed store with small segments: 60 events 400 days old, 60 events
-        200 days old, 30 of today.
+        200 days old, 30 of today.  With C{recordings}, the fifth event of
+        each age is a command's end committing a terminal recording
+        C{AGE.cast}.
         """
         self.path = os.path.abspath(self.mktemp())
         now = time.time()
@@ -60,9 +63,38 @@ class ArchiveTests(unittest.TestCase):
         for age, count in ((400, 60), (200, 60), (0, 30)):
             for number in range(count):
                 clock[0] = now - age * DAY + number
+                if recordings and number == 5:
+                    data = b'{"version": 2}\n[0.1, "o", "age %d"]\n' % (age,)
+                    name = "%d.cast" % (age,)
+                    digest = yield store.write_attachment(name, data)
+                    yield store.append({
+                        "type": "command.end", "session": "s-%d" % (age,), "command": 1, "age": age,
+                        "outcome": {CAST: {"name": name, "sha256": digest, "bytes": len(data)}},
+                    })
+                    continue
                 yield store.append({"type": "test", "age": age, "n": number})
         clock[0] = now
         return store, now
+
+    @defer.inlineCallbacks
+    def test_purge_takes_recordings(self):
+        """
+        A terminal recording goes with the events that commit it: purged
+        with its 400-day-old segment (the store.purged event counts it),
+        kept while its 200-day-old segment is only archived; what remains
+        verifies, the kept recording checked against its digest.
+        """
+        store, now = yield self.fill(RetentionPolicy(online=90 * DAY, keep=365 * DAY, purge=True), recordings=True)
+        casts = os.path.join(self.path, "casts")
+        self.assertEqual(sorted(os.listdir(casts)), ["0.cast", "200.cast", "400.cast"])
+        archived, purged = yield store.archive(now)
+        yield store.close()
+        self.assertEqual(sorted(os.listdir(casts)), ["0.cast", "200.cast"])
+        counted = sum(event.get("casts", 0) for event in es.events(self.path) if event["type"] == "store.purged")
+        self.assertEqual(counted, 1)
+        report = verify_store(self.path, es.signing_key()[1])
+        self.assertTrue(report.ok, report.problem)
+        self.assertEqual(report.casts, 2)
 
     @defer.inlineCallbacks
     def test_archive_and_purge(self):

@@ -520,15 +520,22 @@ class FileStore:
                 first, last = yield threads.deferToThread(retention.bounds, path)
                 if last is None or now - events.epoch(last["ts"]) < policy.keep:
                     break
+                recordings = yield threads.deferToThread(retention.committed_casts, path)
                 yield self.append({
                     "type": "store.purged",
                     "archive": os.path.join(ARCHIVE, os.path.basename(path)),
                     "first_seq": first["seq"],
                     "up_to": {"seq": last["seq"], "hash": last["hash"]},
+                    "casts": len(recordings),
                     "reason": "older than %d days kept (%s)" % (policy.keep / 86400, policy.describe()),
                 })
                 purged.append(os.path.basename(path))
                 removals.append(path)
+                removals.extend(
+                    os.path.join(self.casts, name)
+                    for name in recordings
+                    if os.sep not in name and not name.startswith(".") and os.path.exists(os.path.join(self.casts, name))
+                )
         if removals:
             if self.signer is not None:
                 yield self.checkpoint("retention")

@@ -1,8 +1,10 @@
 """
 Retention of a file store: segments older than the online period are
 compressed into C{archive/} (moved, never edited: the same lines, gzip'd);
-with C{purge}, archived segments older than the keep period are removed.
-Each step is an event in the chain (C{store.archived}, C{store.purged})
+with C{purge}, archived segments older than the keep period are removed,
+and with them the terminal recordings their events commit (a recording
+lives as long as the events that vouch for it).  Each step is an event in
+the chain (C{store.archived}, C{store.purged})
 followed by a signed checkpoint, written before any file goes, so verify
 passes across archives and can tell a purge from a deletion.
 
@@ -107,6 +109,24 @@ def compress(path, directory):
     with open(target, "rb") as handle:
         digest = hashlib.sha256(handle.read()).hexdigest()
     return target, digest, os.path.getsize(target)
+
+
+def committed_casts(path):
+    """
+    The names of the terminal recordings the events of a segment (plain
+    or gzip'd) commit.
+    """
+    from hoopgw import cast
+
+    opener = gzip.open if path.endswith(".gz") else open
+    names = []
+    with opener(path, "rb") as handle:
+        for line in handle:
+            if b'"cast"' in line:
+                entry = cast.committed(json.loads(line))
+                if entry is not None and isinstance(entry.get("name"), str):
+                    names.append(entry["name"])
+    return names
 
 
 def bounds(path):
