@@ -335,6 +335,43 @@ class OutageTests(unittest.TestCase):
         self.assertTrue(self.flushLoggedErrors(StoreError))
 
 
+class ListenOutageTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_listening_resumes(self):
+        """
+        A store whose connection is killed while it only listens (the
+        approvals channel between gateways) notices at once, reconnects,
+        listens again, and records that it did: notifications reach it
+        again.
+        """
+        settings = yield in_thread(store_settings)
+        config = parse_options(settings["postgres"], "gateway.store.postgres")
+        yield in_thread(pgstore.prepare_schema, config)
+        listener, sender = PostgresStore(config, reactor), PostgresStore(config, reactor)
+        self.addCleanup(listener.close)
+        self.addCleanup(sender.close)
+        received = []
+        yield listener.listen("hoopgw_approvals", received.append)
+        before = listener._connection.get_backend_pid()
+        yield in_thread(superuser, "SELECT pg_terminate_backend(%s)", (before,))
+        for _ in range(200):
+            if listener.outage is None and listener._connection is not None and listener.seq:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertNotEqual(listener._connection.get_backend_pid(), before)
+        yield sender.notify("hoopgw_approvals", "after the outage")
+        for _ in range(100):
+            if received:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(received, ["after the outage"])
+        source = yield in_thread(source_for, settings)
+        kinds = [event["type"] for _, _, event in (yield in_thread(lambda: list(source.entries())))]
+        self.assertEqual(kinds, ["store.reconnected"])
+
+
 def _query(connection, sql):
     with connection.cursor() as cursor:
         cursor.execute(sql)
