@@ -304,6 +304,20 @@ class TargetAuthenticationTests(unittest.TestCase):
         out, err, code = yield psql(gateway.dsn(), "-A", "-t", "-c", "SELECT 1", password=token())
         self.assertEqual((out.strip(), code), ("1", 0), err)
 
+    @defer.inlineCallbacks
+    def test_target_tls_require(self):
+        """
+        tls: require encrypts without checking the target's certificate
+        (libpq's sslmode=require): another CA's server is accepted, and the
+        session is encrypted on the target's side too.
+        """
+        _, _, other_ca = support.gateway_certificate()
+        gateway = GatewayHarness(self, target={"tls": "require", "ca": other_ca})
+        out, err, code = yield psql(
+            gateway.dsn(), "-A", "-t", "-c", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", password=token()
+        )
+        self.assertEqual((out.strip(), code), ("t", 0), err)
+
 
 class QueryTests(unittest.TestCase):
     """
