@@ -244,11 +244,24 @@ class AddonChain:
                 else:
                     decision = self._check_groups(session, checked) or decision or Decision.allow()
             if decision.verdict == DENY:
-                session.refusal = decision
-                return defer.maybeDeferred(self.end_session, session).addCallback(lambda _: decision)
+                return self.refuse_session(session, decision)
             return decision
 
         return defer.maybeDeferred(decider.run, 0, None).addCallback(decided)
+
+    def refuse_session(self, session, decision):
+        """
+        End C{session} as refused by C{decision}: C{session_ended} runs on
+        every addon with C{session.refusal} set (the record addon writes
+        C{session.refused}).  L{start_session} ends its refusals this way;
+        so does a front end that refuses before any addon could (a request
+        carrying two credentials).
+
+        @return: a L{Deferred} firing with C{decision} once every addon has
+            finished.
+        """
+        session.refusal = decision
+        return defer.maybeDeferred(self.end_session, session).addCallback(lambda _: decision)
 
     def submit(self, session, command):
         """

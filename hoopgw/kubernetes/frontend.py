@@ -20,7 +20,6 @@ from twisted.logger import Logger
 
 from hoopgw import cast as casts
 from hoopgw import redact
-from hoopgw.addons.record import session_fields
 from hoopgw.chain import ChainBroken, settled
 from hoopgw.identity.certificates import as_certificate, fingerprint
 from hoopgw.kubernetes import bodies, channels, engine as engines, tls
@@ -288,7 +287,12 @@ class Frontend:
                     "hoopgw refused the request: it carries both a bearer token and a %s header; send one "
                     "credential, the SAML assertion in %s or the token as the bearer token" % (saml_header, saml_header)
                 )
-                await self._record_ambiguous(flow, message)
+                # A failed access attempt (PCI DSS 10.2.1.4): recorded as a
+                # refused session, without either credential.
+                session = self._new_session(flow, None)
+                session.attributes["identity_refused"] = "ambiguous-credentials"
+                refusal = Decision.deny(message, rule="identity:ambiguous-credentials", addon="gateway")
+                await _wait(self.chain.refuse_session(session, refusal), self.loop)
                 self._refuse(flow, exchange, 400, message)
                 return None
             # The identity addon tells a SAML assertion from a JWT itself,
@@ -308,18 +312,7 @@ class Frontend:
             del state.sessions[key]
             session.attributes["end_reason"] = "the token expired"
             self._end(session)
-        session = Session(
-            connection=self.connection.name,
-            protocol="kubernetes",
-            client_address=_address(client.peername),
-            target=self.settings.target_name,
-            credentials=self._credentials(client, token),
-            attributes={
-                "user_agent": flow.request.headers.get("user-agent", ""),
-                "tls": client.tls_established,
-                "sni": client.sni or "",
-            },
-        )
+        session = self._new_session(flow, token)
         decision = await _wait(self.chain.start_session(session), self.loop)
         if decision.verdict == DENY:
             code = 401 if (decision.rule or "").startswith(_IDENTITY_RULES) else 403
@@ -339,36 +332,20 @@ class Frontend:
         exchange.session = session
         return session
 
-    async def _record_ambiguous(self, flow, message):
-        """
-        Record a request refused for carrying two credentials as a refused
-        session (an access attempt that failed, PCI DSS 10.2.1.4), without
-        either credential.
-        """
+    def _new_session(self, flow, token):
         client = flow.client_conn
-        session = Session(
+        return Session(
             connection=self.connection.name,
             protocol="kubernetes",
             client_address=_address(client.peername),
             target=self.settings.target_name,
-            credentials=Credentials(),
+            credentials=self._credentials(client, token),
             attributes={
                 "user_agent": flow.request.headers.get("user-agent", ""),
                 "tls": client.tls_established,
                 "sni": client.sni or "",
-                "identity_refused": "ambiguous-credentials",
             },
         )
-        refusal = Decision(DENY, rule="identity:ambiguous-credentials", reason=message, addon="gateway")
-        event = dict(
-            session_fields(session), type="session.refused", attributes=session.attributes, refusal=refusal.to_json()
-        )
-        if getattr(self.gateway, "instance", None):
-            event["gateway"] = self.gateway.instance
-        try:
-            await _wait(self.gateway.record(event), self.loop)
-        except Exception:
-            self.log.failure("Recording a refused request failed")
 
     def _credentials(self, client, token):
         """
