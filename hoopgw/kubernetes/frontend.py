@@ -191,23 +191,19 @@ class Frontend:
         if state is not None:
             state.open.add(exchange)
         if any(name.lower().startswith("impersonate-") for name in request.headers.keys()):
-            command.decision = Decision.deny(
+            self._gateway_denies(
+                flow, exchange, 403, "gateway:impersonation",
                 "requests through the gateway may not carry Impersonate-* headers; the gateway acts "
                 "for your own identity only",
-                rule="gateway:impersonation",
-                addon="gateway",
             )
-            self._refuse(flow, exchange, 403, "hoopgw denied this request: %s" % (command.decision.reason,), info=info)
             return
         body = request.raw_content or b""
         if len(body) > self.settings.max_body_bytes:
-            command.decision = Decision.deny(
+            self._gateway_denies(
+                flow, exchange, 413, "gateway:max-body-bytes",
                 "the request body of %d bytes is larger than the %d this connection accepts"
                 % (len(body), self.settings.max_body_bytes),
-                rule="gateway:max-body-bytes",
-                addon="gateway",
             )
-            self._refuse(flow, exchange, 413, "hoopgw refused this request: %s" % (command.decision.reason,), info=info)
             return
         session.notifier = exchange.warnings.append
         pending = self.chain.submit(session, command)
@@ -223,13 +219,11 @@ class Frontend:
             self._refuse(flow, exchange, 403, message, info=info)
             return
         if "spdy" in request.headers.get("upgrade", "").lower():
-            command.decision = Decision.deny(
+            self._gateway_denies(
+                flow, exchange, 400, "gateway:spdy",
                 "exec, attach and port-forward pass through the gateway over WebSocket only (kubectl 1.30 "
                 "or later); SPDY streams cannot be inspected",
-                rule="gateway:spdy",
-                addon="gateway",
             )
-            self._refuse(flow, exchange, 400, "hoopgw refused this request: %s" % (command.decision.reason,), info=info)
             return
         self._credential(request, session, exchange)
 
@@ -419,6 +413,15 @@ class Frontend:
         return _all_of(self.ending)
 
     # Refusals.
+
+    def _gateway_denies(self, flow, exchange, code, rule, reason):
+        """
+        Refuse a request the gateway itself will not pass, whatever the
+        chain says; the command's end records the decision.
+        """
+        exchange.command.decision = Decision.deny(reason, rule=rule, addon="gateway")
+        verb = "denied" if code == 403 else "refused"
+        self._refuse(flow, exchange, code, "hoopgw %s this request: %s" % (verb, reason), info=exchange.info)
 
     def _refuse(self, flow, exchange, code, message, info=None):
         exchange.refused = True
