@@ -90,7 +90,6 @@ class PostgresFrontend(protocol.Protocol):
         self._state = _STARTUP
         self._pieces = []
         self._buffered = 0
-        self._tls = False
         self._tls_layer = None
         self._startup = {}
         self._inbox = collections.deque()
@@ -171,11 +170,10 @@ class PostgresFrontend(protocol.Protocol):
                 # someone in the middle (CVE-2021-23214): refuse them.
                 self._fatal("08P01", "received unencrypted data after the SSL request")
                 return
-            if self.factory.tls_context is not None and not self._tls:
+            if self.factory.tls_context is not None and self._tls_layer is None:
                 self.transport.write(b"S")
                 self._tls_layer = MemoryTLS(self.transport, self.factory.tls_context, server_side=True)
                 self.transport = self._tls_layer
-                self._tls = True
             else:
                 self.transport.write(b"N")
         elif code == wire.GSSENC_REQUEST:
@@ -225,7 +223,7 @@ class PostgresFrontend(protocol.Protocol):
                 % (target.database, target.database),
             )
             return
-        if not self._tls and not self.settings.allow_plaintext_password:
+        if self._tls_layer is None and not self.settings.allow_plaintext_password:
             self._fatal(
                 "28000",
                 "this gateway accepts tokens over TLS only; connect with sslmode=require or verify-full",
@@ -274,8 +272,8 @@ class PostgresFrontend(protocol.Protocol):
         token = buffer[start + 5 : stop].rstrip(b"\x00").decode("utf-8", "replace")
         self._state = _OPENING
         certificate = None
-        if self._tls:
-            certificate = self.transport.getPeerCertificate()
+        if self._tls_layer is not None:
+            certificate = self._tls_layer.getPeerCertificate()
         self.session = Session(
             connection=self.factory.connection.name,
             protocol="postgres",
@@ -286,7 +284,7 @@ class PostgresFrontend(protocol.Protocol):
                 "user": self._startup["user"],
                 "database": self._startup.get("database") or self._startup["user"],
                 "application_name": self._startup.get("application_name", ""),
-                "tls": self._tls,
+                "tls": self._tls_layer is not None,
             },
             notifier=self._notify,
         )
