@@ -35,6 +35,7 @@ checkpoints, exactly as the file store does in a folder.
   for good.
 """
 
+import functools
 import hashlib
 import json
 import re
@@ -649,32 +650,28 @@ class PostgresStore:
             self._connection = None
 
 
-_connection_classes = []
-
-
+@functools.lru_cache(maxsize=None)
 def _connection_class():
     """
     txpostgres's connection, telling its store when the server goes away
     while it is idle (listening), instead of raising into the reactor.
     """
-    if not _connection_classes:
-        from twisted.internet import error as internet_error
-        from txpostgres import txpostgres
+    from twisted.internet import error as internet_error
+    from txpostgres import txpostgres
 
-        class Connection(txpostgres.Connection):
-            on_lost = None
+    class Connection(txpostgres.Connection):
+        on_lost = None
 
-            def doRead(self):
-                try:
-                    txpostgres.Connection.doRead(self)
-                except psycopg2.Error as error:
-                    reason = "the connection to the store was lost: %s" % (str(error).strip(),)
-                    if self.on_lost is not None:
-                        self.on_lost(self, reason)
-                    return internet_error.ConnectionLost(reason)
+        def doRead(self):
+            try:
+                txpostgres.Connection.doRead(self)
+            except psycopg2.Error as error:
+                reason = "the connection to the store was lost: %s" % (str(error).strip(),)
+                if self.on_lost is not None:
+                    self.on_lost(self, reason)
+                return internet_error.ConnectionLost(reason)
 
-        _connection_classes.append(Connection)
-    return _connection_classes[0]
+    return Connection
 
 
 def _connection_gone(error, connection):
