@@ -145,6 +145,21 @@ class GatewayProcess:
         return "host=127.0.0.1 port=%d dbname=payments user=%s sslmode=require connect_timeout=10" % (self.port, user)
 
 
+@defer.inlineCallbacks
+def two_stores(test):
+    """
+    C{(settings, listener, sender)}: two stores of one fresh schema, as two
+    gateway processes would have, closed when C{test} ends.
+    """
+    settings = yield in_thread(store_settings)
+    config = parse_options(settings["postgres"], "gateway.store.postgres")
+    yield in_thread(pgstore.prepare_schema, config)
+    listener, sender = PostgresStore(config, reactor), PostgresStore(config, reactor)
+    test.addCleanup(listener.close)
+    test.addCleanup(sender.close)
+    return settings, listener, sender
+
+
 class SharedStoreTests(unittest.TestCase):
     """
     Several gateway processes, one chain.
@@ -247,12 +262,7 @@ class SharedStoreTests(unittest.TestCase):
         that L{PostgresStore.listen}s on the channel: the path approvals take
         between gateways.
         """
-        settings = yield in_thread(store_settings)
-        config = parse_options(settings["postgres"], "gateway.store.postgres")
-        yield in_thread(pgstore.prepare_schema, config)
-        listener, sender = PostgresStore(config, reactor), PostgresStore(config, reactor)
-        self.addCleanup(listener.close)
-        self.addCleanup(sender.close)
+        settings, listener, sender = yield two_stores(self)
         received = defer.Deferred()
         yield listener.listen("hoopgw_approvals", received.callback)
         yield sender.notify("hoopgw_approvals", '{"approval": "a-1", "verdict": "approved"}')
@@ -346,12 +356,7 @@ class ListenOutageTests(unittest.TestCase):
         listens again, and records that it did: notifications reach it
         again.
         """
-        settings = yield in_thread(store_settings)
-        config = parse_options(settings["postgres"], "gateway.store.postgres")
-        yield in_thread(pgstore.prepare_schema, config)
-        listener, sender = PostgresStore(config, reactor), PostgresStore(config, reactor)
-        self.addCleanup(listener.close)
-        self.addCleanup(sender.close)
+        settings, listener, sender = yield two_stores(self)
         received = []
         yield listener.listen("hoopgw_approvals", received.append)
         before = listener._connection.get_backend_pid()
