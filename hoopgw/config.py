@@ -91,7 +91,7 @@ class StoreConfig:
     checkpoint_interval = attr.ib(default=60.0)
     retention = attr.ib(default=None)
     postgres = attr.ib(default=None)
-    sync_thread = attr.ib(default=False)
+    sync_process = attr.ib(default=True)
 
 
 @attr.s(frozen=True)
@@ -131,11 +131,11 @@ STORE_OPTIONS = (
         "Wait for the disk before a command runs (write-ahead). Turn off only for throwaway demos.",
     ),
     o.Option(
-        "sync_thread",
+        "sync_process",
         o.boolean,
-        False,
-        "Sync the store in a thread of its own instead of at the end of each turn of the event loop: "
-        "for disks whose fsync takes milliseconds, so other sessions go on meanwhile. Costs CPU on fast disks.",
+        True,
+        "Make events durable in a small process of the store's own, so that the event loop goes on with "
+        "other sessions while the disk syncs; off, each group commit's fdatasync is made in the loop.",
     ),
     o.Option(
         "segment_bytes",

@@ -184,7 +184,12 @@ class GatewayHarness:
         self.config = configuration.load(self.config_path)
         self.store_path = self.config.gateway.store.path
         self.store = open_store(self.config.gateway.store, reactor)
-        self.gateway = Gateway(self.config, reactor, self.store)
+        try:
+            self.gateway = Gateway(self.config, reactor, self.store)
+        except Exception:
+            # As twistd's start does (hoopgw.tap): the store closes.
+            self.store.close()
+            raise
         self.gateway.startService()
         test.addCleanup(self.stop)
 

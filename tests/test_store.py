@@ -11,6 +11,7 @@ from twisted.trial import unittest
 
 from hoopgw import cli
 from hoopgw.store.file import LAZY_SYNC, FileStore, StoreError, segment_paths
+from hoopgw.store.sync import SyncFailed
 from hoopgw.store.verify import verify_store
 
 
@@ -55,21 +56,119 @@ class StoreTests(unittest.TestCase):
 
         return d.addCallback(check)
 
-    def test_sync_thread(self):
+    def test_sync_process(self):
         """
-        With C{sync_thread}, appends are synced by the writer thread and
-        fire in order once durable; closing stops the thread.
+        With C{sync_process}, appends are synced by the store's sync process
+        and fire in order once durable; closing ends the process.
         """
-        store = self.open(sync_thread=True)
-        self.assertTrue(store._writer.is_alive())
+        store = self.open(sync_process=True)
+        process = store._syncer._process
+        self.assertIsNone(process.poll())
         appended = [store.append({"type": "test", "n": index}) for index in range(5)]
 
         def check(events):
             self.assertEqual([event["seq"] for event in events], [1, 2, 3, 4, 5])
-            writer = store._writer
-            return store.close().addCallback(lambda _: self.assertFalse(writer.is_alive()))
+            self.assertIsNotNone(store._syncer)
+            return store.close().addCallback(lambda _: self.assertEqual(process.poll(), 0))
 
         return defer.gatherResults(appended).addCallback(check)
+
+    def test_sync_process_rotates(self):
+        """
+        Segments rotate under the sync process: every event is acknowledged,
+        the chain spans several segments and verifies, and the process ends
+        up following the last segment.
+        """
+        store = self.open(sync_process=True, segment_bytes=2048)
+
+        @defer.inlineCallbacks
+        def append():
+            acknowledged = []
+            for batch in range(10):
+                # Segments rotate after a sync: one sync a batch.
+                acknowledged.extend((yield defer.gatherResults(
+                    [store.append({"type": "test", "n": batch * 4 + index, "pad": "x" * 200}) for index in range(4)]
+                )))
+            return acknowledged
+
+        def check(events):
+            self.assertEqual([event["n"] for event in events], list(range(40)))
+            following = os.readlink("/proc/%d/fd/3" % (store._syncer.pid,))
+            self.assertEqual(following, segment_paths(self.path)[-1])
+            return store.close()
+
+        def verified(_):
+            self.assertGreater(len(segment_paths(self.path)), 3)
+            self.assertTrue(verify_store(self.path).ok)
+
+        return append().addCallback(check).addCallback(verified)
+
+    def test_rotation_syncs_what_waits(self):
+        """
+        Events written while the sync process syncs are in the segment being
+        left when it answers: the store syncs that segment itself before it
+        moves to the next, so they are not left behind unsynced.
+        """
+        store = self.open(sync_process=True, segment_bytes=1024)
+        synced = []
+        real = os.fdatasync
+        self.patch(os, "fdatasync", lambda fd: (synced.append(os.readlink("/proc/self/fd/%d" % (fd,))), real(fd))[1])
+        first = [store.append({"type": "test", "n": index, "pad": "x" * 300}) for index in range(4)]
+        (segment,) = segment_paths(self.path)
+        second = []
+        # After the first sync was asked for, before its answer can be read.
+        reactor.callLater(0, lambda: second.extend(store.append({"type": "test", "n": 4 + index}) for index in range(2)))
+
+        def check(events):
+            self.assertEqual([event["n"] for event in events], [0, 1, 2, 3, 4, 5])
+            self.assertEqual(synced, [segment])
+            self.assertEqual(len(segment_paths(self.path)), 2)
+
+        return defer.gatherResults(first).addCallback(lambda head: defer.gatherResults(second).addCallback(
+            lambda tail: check(head + tail)))
+
+    def test_sync_process_lost(self):
+        """
+        If the sync process dies, the store says so and syncs in the event
+        loop from then on: nothing appended is lost or left unsynced.
+        """
+        store = self.open(sync_process=True)
+        syncs = []
+        real = os.fdatasync
+        self.patch(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd))[1])
+        first = store.append({"type": "test", "n": 1})
+
+        def kill(_):
+            store._syncer._process.kill()
+            store._syncer._process.wait()
+            return store.append({"type": "test", "n": 2})
+
+        def check(event):
+            self.assertEqual(event["seq"], 2)
+            self.assertIsNone(store._syncer)
+            self.assertEqual(syncs, [store._fd])
+            return store.append({"type": "test", "n": 3})
+
+        def loop(event):
+            self.assertEqual((event["seq"], len(syncs)), (3, 2))
+
+        return first.addCallback(kill).addCallback(check).addCallback(loop)
+
+    def test_sync_process_failure_fails_closed(self):
+        """
+        A sync the process reports as failed breaks the store: the appends
+        it covered fail, and later ones are refused.
+        """
+        store = self.open(sync_process=True)
+        appended = store.append({"type": "test", "n": 1})
+        # The process loses its segment before the append's sync reaches it.
+        lost = self.assertFailure(store._syncer.open("/nonexistent/segment"), SyncFailed)
+
+        def check(_):
+            self.assertIn("no segment is open", store._broken)
+            return self.assertFailure(store.append({"type": "test", "n": 2}), StoreError)
+
+        return defer.gatherResults([lost, self.assertFailure(appended, StoreError)]).addCallback(check)
 
     def test_end_events_ride_the_next_sync(self):
         """

@@ -22,7 +22,7 @@ def open_store(config, reactor):
         store = PostgresStore(config.postgres, reactor)
     else:
         store = FileStore(
-            config.path, reactor, fsync=config.fsync, segment_bytes=config.segment_bytes, sync_thread=config.sync_thread
+            config.path, reactor, fsync=config.fsync, segment_bytes=config.segment_bytes, sync_process=config.sync_process
         )
         if config.retention is not None:
             store.use_retention(config.retention)

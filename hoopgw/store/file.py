@@ -11,9 +11,7 @@ import gzip
 import hashlib
 import json
 import os
-import queue
 import re
-import threading
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -22,6 +20,7 @@ from zope.interface import implementer
 from hoopgw.interfaces import IStore
 from hoopgw.store import events
 from hoopgw.store.checkpoints import GATEWAY_RECOVERED, ChainState, CheckpointSchedule
+from hoopgw.store.sync import SyncProcess, SyncProcessLost
 
 
 SEGMENT = re.compile(r"^events-(\d{12})\.jsonl$")
@@ -187,9 +186,9 @@ class FileStore:
     log = Logger()
 
     def __init__(self, directory, reactor, fsync=True, segment_bytes=64 * 1024 * 1024, clock=None,
-                 sync_thread=False):
+                 sync_process=False):
         self.directory = directory
-        self._sync_thread = sync_thread
+        self._sync_process = sync_process and fsync
         self.casts = os.path.join(directory, "casts")
         self._reactor = reactor
         self._fsync = fsync
@@ -202,8 +201,7 @@ class FileStore:
         # The sync that events nobody waits on get if no urgent one comes.
         self._lazy = None
         self._broken = None
-        self._queue = queue.SimpleQueue()
-        self._writer = None
+        self._syncer = None
         self._recovered = None
         self._unclean = None
         self.state = ChainState()
@@ -271,9 +269,9 @@ class FileStore:
         else:
             path = os.path.join(self.directory, "events-%012d.jsonl" % (1,))
         self._open_segment(path)
-        if self._sync_thread:
-            self._writer = threading.Thread(target=self._sync_batches, name="hoopgw-store-writer", daemon=True)
-            self._writer.start()
+        if self._sync_process:
+            self._syncer = SyncProcess(self._reactor)
+            self._syncer.open(self._segment).addErrback(self._sync_process_failed)
 
     def _recover_torn_tail(self, path, torn_at):
         """
@@ -385,25 +383,25 @@ class FileStore:
     def _sync(self):
         """
         One fdatasync for everything written since the last one (group
-        commit): at the end of this turn of the event loop, so that every
-        command received in it shares the sync; or, with C{sync_thread}, in
-        the writer thread, which keeps the loop running during a slow sync
-        at the price of handing the interpreter lock back and forth (about
-        70 us of CPU a statement on a fast disk).
+        commit), asked at the end of this turn of the event loop so that
+        every command received in it shares the sync.  With a sync process
+        the loop goes on meanwhile and what is appended until it answers
+        shares the next sync; without one the loop waits on the disk.
         """
         self._syncing = True
         if self._lazy is not None:
             if self._lazy.active():
                 self._lazy.cancel()
             self._lazy = None
-        if self._writer is not None:
-            batch, self._waiting = self._waiting, []
-            self._queue.put((self._fd, batch))
-        else:
-            self._reactor.callLater(0, self._sync_now)
+        self._reactor.callLater(0, self._sync_now)
 
     def _sync_now(self):
         batch, self._waiting = self._waiting, []
+        if self._syncer is not None:
+            self._syncer.sync().addCallbacks(
+                lambda _: self._synced(batch, None), self._sync_process_failed, errbackArgs=(batch,)
+            )
+            return
         try:
             os.fdatasync(self._fd)
             error = None
@@ -411,24 +409,29 @@ class FileStore:
             error = failure
         self._synced(batch, error)
 
-    def _sync_batches(self):
+    def _sync_process_failed(self, failure, batch=()):
         """
-        The writer thread: sync, then report back to the reactor thread.
+        The sync process could not sync, or went away.  Gone, it is
+        replaced by syncing in the loop, which then covers what it was
+        asked; a failed sync fails the store.
         """
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            fd, batch = item
-            try:
-                os.fdatasync(fd)
-                error = None
-            except OSError as failure:
-                error = failure
-            self._reactor.callFromThread(self._synced, batch, error)
+        if batch:
+            self._syncing = False
+        if failure.check(SyncProcessLost) and self._broken is None and self._fd is not None:
+            self.log.warn("{why}; the store syncs in the event loop from now on", why=failure.getErrorMessage())
+            self._syncer = None
+            if batch:
+                self._waiting[:0] = batch
+                self._sync_now()
+            return
+        self._fail("syncing %s failed: %s" % (self._segment, failure.getErrorMessage()))
+        for d, _ in batch:
+            d.errback(StoreError(self._broken))
 
     def _synced(self, batch, error):
         self._syncing = False
+        if error is None and self._broken is not None:
+            error = OSError(0, self._broken)
         if error is not None:
             self._fail("fdatasync of %s failed: %s" % (self._segment, error.strerror))
             for d, _ in batch:
@@ -456,8 +459,28 @@ class FileStore:
             d.errback(StoreError(reason))
 
     def _rotate(self):
+        """
+        Start the next segment.  What was written to this one after the
+        last sync was asked for is made durable first (a rare sync in the
+        loop: once a segment).
+        """
+        try:
+            if self._fsync and self._waiting:
+                os.fdatasync(self._fd)
+        except OSError as error:
+            self._fail("fdatasync of %s failed: %s" % (self._segment, error.strerror))
+            return
         os.close(self._fd)
         self._open_segment(os.path.join(self.directory, "events-%012d.jsonl" % (self.seq + 1,)))
+        if self._syncer is not None:
+            self._syncer.open(self._segment).addErrback(self._sync_process_failed)
+        elif self._fsync:
+            # The new segment's entry in the folder is part of what is durable.
+            folder = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
 
     def use_retention(self, policy):
         """
@@ -580,10 +603,9 @@ class FileStore:
             done = defer.Deferred()
             self._waiting.append((done, None))
             return done.addBoth(lambda _: self.close())
-        if self._writer is not None:
-            self._queue.put(None)
-            self._writer.join()
-            self._writer = None
+        if self._syncer is not None:
+            syncer, self._syncer = self._syncer, None
+            syncer.stop()
         if self._fd is not None:
             if self._fsync and self._broken is None:
                 os.fdatasync(self._fd)
