@@ -133,9 +133,10 @@ class StoreTests(unittest.TestCase):
         loop from then on: nothing appended is lost or left unsynced.
         """
         store = self.open(sync_process=True)
-        syncs = []
-        real = os.fdatasync
+        syncs, folders = [], []
+        real, real_fsync = os.fdatasync, os.fsync
         self.patch(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd))[1])
+        self.patch(os, "fsync", lambda fd: (folders.append(os.readlink("/proc/self/fd/%d" % (fd,))), real_fsync(fd))[1])
         first = store.append({"type": "test", "n": 1})
 
         def kill(_):
@@ -147,6 +148,8 @@ class StoreTests(unittest.TestCase):
             self.assertEqual(event["seq"], 2)
             self.assertIsNone(store._syncer)
             self.assertEqual(syncs, [store._fd])
+            # What the process may not have done for the segment it followed.
+            self.assertEqual(folders, [self.path])
             return store.append({"type": "test", "n": 3})
 
         def loop(event):

@@ -417,14 +417,24 @@ class FileStore:
         """
         if batch:
             self._syncing = False
+        reason = "syncing %s failed: %s" % (self._segment, failure.getErrorMessage())
         if failure.check(SyncProcessLost) and self._broken is None and self._fd is not None:
-            self.log.warn("{why}; the store syncs in the event loop from now on", why=failure.getErrorMessage())
-            self._syncer = None
-            if batch:
-                self._waiting[:0] = batch
-                self._sync_now()
-            return
-        self._fail("syncing %s failed: %s" % (self._segment, failure.getErrorMessage()))
+            reason = None
+            if self._syncer is not None:
+                self.log.warn("{why}; the store syncs in the event loop from now on", why=failure.getErrorMessage())
+                self._syncer = None
+                try:
+                    # It may not have made the current segment's folder entry durable.
+                    self._sync_folder()
+                except OSError as error:
+                    reason = "syncing %s failed: %s" % (self.directory, error.strerror)
+            if reason is None:
+                if batch:
+                    self._waiting[:0] = batch
+                    self._sync_now()
+                return
+        if self._broken is None:
+            self._fail(reason)
         for d, _ in batch:
             d.errback(StoreError(self._broken))
 
@@ -475,12 +485,15 @@ class FileStore:
         if self._syncer is not None:
             self._syncer.open(self._segment).addErrback(self._sync_process_failed)
         elif self._fsync:
-            # The new segment's entry in the folder is part of what is durable.
-            folder = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+            self._sync_folder()
+
+    def _sync_folder(self):
+        # A new segment's entry in the folder is part of what is durable.
+        folder = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
     def use_retention(self, policy):
         """
