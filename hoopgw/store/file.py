@@ -440,10 +440,10 @@ class FileStore:
 
     def _synced(self, batch, error):
         self._syncing = False
-        if error is None and self._broken is not None:
-            error = OSError(0, self._broken)
         if error is not None:
             self._fail("fdatasync of %s failed: %s" % (self._segment, error.strerror))
+        if self._broken is not None:
+            # Failed by this sync, or earlier while it was under way.
             for d, _ in batch:
                 d.errback(StoreError(self._broken))
             return

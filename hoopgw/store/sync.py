@@ -32,14 +32,9 @@ class SyncProcessLost(Exception):
 
 class SyncFailed(Exception):
     """
-    The sync process could not make a segment durable.
-
-    @ivar strerror: its reason.
+    The sync process could not make a segment durable (its reason is the
+    message).
     """
-
-    def __init__(self, strerror):
-        Exception.__init__(self, strerror)
-        self.strerror = strerror
 
 
 class SyncProcess:
