@@ -126,7 +126,21 @@ def _clean_environment():
     return env
 
 
-class PostgresCluster:
+class _Started:
+    """
+    A context manager that starts the server on entry and stops it on exit.
+    """
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+        return False
+
+
+class PostgresCluster(_Started):
     """
     A private PostgreSQL cluster on 127.0.0.1, for as long as it is needed.
 
@@ -177,14 +191,6 @@ class PostgresCluster:
             self.host, self.port, self.directory,
             "" if self._running else " (stopped)",
         )
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop()
-        return False
 
     @property
     def data_directory(self):
@@ -612,7 +618,7 @@ LDAP_SCHEMA_DIR = "/etc/ldap/schema"
 LDAP_MODULE_DIR = "/usr/lib/ldap"
 
 
-class _Daemon:
+class _Daemon(_Started):
     """
     A server process run in the foreground for as long as it is needed, in
     a folder of its own (made and removed by it unless given): a context
@@ -622,14 +628,6 @@ class _Daemon:
     _process = None
     _owns_directory = False
     directory = None
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop()
-        return False
 
     @property
     def running(self):
