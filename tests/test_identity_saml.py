@@ -183,8 +183,10 @@ class AssertionTests(unittest.TestCase):
 
     def test_comment_in_name_id(self):
         """
-        A comment inside a NameID (not covered by exclusive c14n) cannot
-        cut the name short: 'ci-bot<!---->.evil.example' is read whole.
+        A comment inside a NameID (not covered by exclusive c14n, so the
+        signature still holds) is refused as the attack it is:
+        'ci-bot<!---->.evil.example' reads as 'ci-bot' to a reader that
+        stops at the comment.  The refusal names the IdP and the assertion.
         """
         signed = fixtures.assertion(subject="ci-bot.evil.example", encode=False)
         name_id = signed.find(".//saml:NameID", NS)
@@ -192,7 +194,57 @@ class AssertionTests(unittest.TestCase):
         comment = etree.Comment("")
         comment.tail = ".evil.example"
         name_id.append(comment)
-        self.assertEqual(self.verify(encode(signed)).subject, "ci-bot.evil.example")
+        error = self.refused(encode(signed), "saml-comment")
+        self.assertEqual(error.evidence["idp"], fixtures.IDP_ENTITY)
+        self.assertEqual(error.evidence["assertion_id"], signed.get("ID"))
+
+    def test_comment_in_attribute_value(self):
+        """
+        The same trick in a group value ('payments-bots<!---->-admins') is
+        refused too.
+        """
+        signed = fixtures.assertion(groups=["payments-bots-admins"], encode=False)
+        value = signed.find(".//saml:AttributeValue", NS)
+        value.text = "payments-bots"
+        comment = etree.Comment("x")
+        comment.tail = "-admins"
+        value.append(comment)
+        self.refused(encode(signed), "saml-comment")
+
+    def test_wrapping_in_response_extensions(self):
+        """
+        The genuine signed assertion moved under the response's
+        Extensions, an unsigned one for 'admin' where the response keeps
+        its assertion: refused as wrapping, naming the IdP claimed and both
+        assertion IDs.
+        """
+        signed = fixtures.assertion(encode=False)
+        evil = copy.deepcopy(signed)
+        evil.set("ID", "_evil")
+        evil.remove(evil.find("ds:Signature", NS))
+        evil.find(".//saml:NameID", NS).text = "admin"
+        root = response(evil)
+        extensions = etree.Element(etree.QName(saml.SAMLP, "Extensions"))
+        extensions.append(signed)
+        root.insert(0, extensions)
+        error = self.refused(encode(root), "saml-wrapping")
+        self.assertEqual(error.evidence["idp"], fixtures.IDP_ENTITY)
+        self.assertEqual(sorted(error.evidence["assertion_ids"]), sorted(["_evil", signed.get("ID")]))
+
+    def test_wrapping_in_advice(self):
+        """
+        The genuine signed assertion hidden in the Advice of an unsigned
+        one for 'admin': refused as wrapping, naming the IdP claimed.
+        """
+        signed = fixtures.assertion(encode=False)
+        evil = copy.deepcopy(signed)
+        evil.set("ID", "_evil")
+        evil.remove(evil.find("ds:Signature", NS))
+        evil.find(".//saml:NameID", NS).text = "admin"
+        advice = etree.SubElement(evil, etree.QName(saml.SAML, "Advice"))
+        advice.append(signed)
+        error = self.refused(encode(response(evil)), "saml-wrapping")
+        self.assertEqual(error.evidence["idp"], fixtures.IDP_ENTITY)
 
     def test_doctype_refused(self):
         """
@@ -248,3 +300,76 @@ class GatewayTests(unittest.TestCase):
         (refused,) = yield gateway.wait_for("session.refused")
         self.assertEqual(refused["attributes"]["identity_refused"], "saml-signature")
         self.assertEqual(refused["refusal"]["sqlstate"], "28P01")
+
+    @defer.inlineCallbacks
+    def test_attacks_recorded_as_attacks(self):
+        """
+        Each SAML attack, sent as psql's password, is recorded with a
+        refusal code naming the attack and the IdP it claimed: wrapping
+        under a response's Extensions, wrapping inside an assertion's
+        Advice, wrapping with the unsigned assertion claiming another IdP,
+        and a comment inside the NameID.
+        """
+        gateway = IdentityGateway(self, providers={"corp-idp": fixtures.saml_provider()})
+
+        def wrapped(where, evil_issuer=None):
+            signed = fixtures.assertion(encode=False)
+            evil = copy.deepcopy(signed)
+            evil.set("ID", "_evil")
+            evil.remove(evil.find("ds:Signature", NS))
+            evil.find(".//saml:NameID", NS).text = "admin"
+            if evil_issuer is not None:
+                evil.find("saml:Issuer", NS).text = evil_issuer
+            if where == "advice":
+                etree.SubElement(evil, etree.QName(saml.SAML, "Advice")).append(signed)
+                return encode(response(evil))
+            root = response(evil)
+            extensions = etree.Element(etree.QName(saml.SAMLP, "Extensions"))
+            extensions.append(signed)
+            root.insert(0, extensions)
+            return encode(root)
+
+        commented = fixtures.assertion(subject="ci-bot.evil.example", encode=False)
+        name_id = commented.find(".//saml:NameID", NS)
+        name_id.text = "ci-bot"
+        comment = etree.Comment("")
+        comment.tail = ".evil.example"
+        name_id.append(comment)
+
+        attempts = [
+            (wrapped("extensions"), "saml-wrapping", fixtures.IDP_ENTITY),
+            (wrapped("advice"), "saml-wrapping", fixtures.IDP_ENTITY),
+            (wrapped("extensions", evil_issuer="https://evil.example"), "saml-wrapping", None),
+            (encode(commented), "saml-comment", fixtures.IDP_ENTITY),
+        ]
+        for credential, _, _ in attempts:
+            out, err, code = yield psql(gateway.dsn(user="ci-bot"), "-c", "SELECT 1", password=credential)
+            self.assertNotEqual(code, 0, out)
+        refusals = yield gateway.wait_for("session.refused", count=len(attempts))
+        for refused, (_, reason, idp) in zip(refusals, attempts):
+            self.assertEqual(refused["attributes"]["identity_refused"], reason)
+            evidence = refused["attributes"]["identity_evidence"]
+            if idp is not None:
+                self.assertEqual(evidence["idp"], idp)
+            else:
+                self.assertEqual(evidence["idps_claimed"], sorted(["https://evil.example", fixtures.IDP_ENTITY]))
+            self.assertIn("assertion_ids" if reason == "saml-wrapping" else "assertion_id", evidence)
+
+    @defer.inlineCallbacks
+    def test_login_name_mismatch_names_the_assertion(self):
+        """
+        A valid assertion for another name than the login is refused as
+        user-mismatch, and the refusal records the IdP, the assertion id
+        and the subject proven, as the other SAML refusals do.
+        """
+        gateway = IdentityGateway(self, providers={"corp-idp": fixtures.saml_provider()})
+        signed = fixtures.assertion(subject="ci-bot.evil.example", encode=False)
+        out, err, code = yield psql(gateway.dsn(user="ci-bot"), "-c", "SELECT 1", password=encode(signed))
+        self.assertNotEqual(code, 0, out)
+        (refused,) = yield gateway.wait_for("session.refused")
+        self.assertEqual(refused["attributes"]["identity_refused"], "user-mismatch")
+        evidence = refused["attributes"]["identity_evidence"]
+        self.assertEqual(
+            (evidence["idp"], evidence["assertion_id"], evidence["subject"]),
+            (fixtures.IDP_ENTITY, signed.get("ID"), "ci-bot.evil.example"),
+        )

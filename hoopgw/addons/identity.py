@@ -248,6 +248,15 @@ class IdentityAddon:
         issuer = saml.unverified_issuer(root)
         providers = [provider for provider in self._providers("saml") if provider.accepts(issuer)]
         if not providers:
+            wrapping = saml.wrapping_evidence(root)
+            if wrapping is not None:
+                # Several assertions claiming different IdPs: an attack,
+                # not a misconfigured IdP, whichever IdP it names.
+                raise IdentityError(
+                    "the SAML message holds %d assertions; exactly one is accepted" % (len(wrapping["assertion_ids"]),),
+                    "saml-wrapping",
+                    dict(wrapping, idp=issuer),
+                )
             raise IdentityError(
                 "SAML assertions from the IdP %r are not accepted on this connection" % (issuer,),
                 "issuer",
@@ -271,6 +280,8 @@ class IdentityAddon:
             # The token is used once, here; it is not kept on the session.
             credentials.password = None
         if self._match_user and credentials.user and credentials.user != identity.subject:
+            session.attributes["identity_refused"] = "user-mismatch"
+            session.attributes["identity_evidence"] = _evidence_of(identity)
             return _refuse(
                 "the login name %r is not the token's subject %r; log in as %r"
                 % (credentials.user, identity.subject, identity.subject),
@@ -327,6 +338,22 @@ def _agree(token_identity, certified):
         method="%s+mtls" % (token_identity.method,),
         provenance=provenance,
     )
+
+
+def _evidence_of(identity):
+    """
+    What a refusal after the credential was verified records of it: the
+    provider, the IdP or issuer, the token or assertion id and the subject
+    proven, as the refusals during verification do.
+    """
+    provenance = identity.provenance
+    evidence = {"subject": identity.subject, "issuer": identity.issuer, "method": identity.method}
+    for key in ("provider", "idp", "kid"):
+        if provenance.get(key) is not None:
+            evidence[key] = provenance[key]
+    if identity.token_id is not None:
+        evidence["assertion_id" if identity.method == "saml" else "token_id"] = identity.token_id
+    return evidence
 
 
 def _refuse(reason, code):

@@ -41,6 +41,10 @@ def _q(name):
     return "{%s}%s" % (SAML, name)
 
 
+# The elements whose text becomes a fact of the identity.
+_READ_VALUES = tuple(_q(name) for name in ("Issuer", "NameID", "AttributeValue", "Audience"))
+
+
 def _audience(value, path):
     if isinstance(value, list):
         return tuple(o.string_list(value, path))
@@ -161,18 +165,59 @@ def decode(credential, max_bytes=262144):
 
 def unverified_issuer(root):
     """
-    The Issuer of the (only) assertion, not yet trusted: only to pick a
-    provider.
+    The IdP a SAML message claims to come from, not yet trusted: only to
+    pick the provider that will verify it (and refuse it, naming itself,
+    when the message is an attack).
+
+    A message that holds several assertions is a signature-wrapping
+    attempt (one signed assertion hidden under Extensions, Advice or a
+    signature beside the one to be read): it names the IdP that the
+    assertions (or the response) claim, when they agree on one.
+
+    @return: the IdP's entity ID, or C{None} when the message names none
+        or several.
+    """
+    claimed = [_text(issuer) for issuer in _claimed_issuers(root)]
+    claimed = set(issuer for issuer in claimed if issuer)
+    return claimed.pop() if len(claimed) == 1 else None
+
+
+def _claimed_issuers(root):
+    if root.tag == RESPONSE:
+        issuer = root.find(_q("Issuer"))
+        if issuer is not None:
+            yield issuer
+    for assertion in root.iter(ASSERTION):
+        issuer = assertion.find(_q("Issuer"))
+        if issuer is not None:
+            yield issuer
+
+
+def wrapping_evidence(root):
+    """
+    What an auditor needs to tell a wrapping attack from a misconfigured
+    IdP when a message holds several assertions: the IdPs and assertion
+    IDs it claims.
+
+    @return: C{None} when the message holds at most one assertion.
     """
     assertions = list(root.iter(ASSERTION))
-    if root.tag == ASSERTION:
-        assertion = root
-    elif len(assertions) == 1:
-        assertion = assertions[0]
-    else:
+    if len(assertions) < 2:
         return None
-    issuer = assertion.find(_q("Issuer"))
-    return _text(issuer) if issuer is not None else None
+    issuers = sorted(set(_text(issuer) for issuer in _claimed_issuers(root)) - {""})
+    return {
+        "idps_claimed": issuers,
+        "assertion_ids": [assertion.get("ID") for assertion in assertions],
+    }
+
+
+def _comment_inside(element):
+    """
+    Whether a comment or processing instruction sits inside an element
+    whose text is read: exclusive c14n leaves comments out of the digest,
+    so a signed C{ci-bot} can be made to read C{ci-bot<!---->.evil}.
+    """
+    return any(not isinstance(node.tag, str) for node in element.iter() if node is not element)
 
 
 def _text(element):
@@ -226,6 +271,16 @@ class SAMLProvider:
             raise IdentityError("the SAML assertion has no ID", "saml-malformed", evidence)
         evidence["assertion_id"] = assertion_id
         signed, certificate = self._verify_signature(assertion, assertion_id, evidence)
+        if any(_comment_inside(element) for element in assertion.iter(*_READ_VALUES)):
+            # No IdP writes comments into the values it signs, and the
+            # digest does not cover them: one there is an attempt to change
+            # a name the IdP signed, which readers that stop at the comment
+            # would take for another.
+            raise IdentityError(
+                "the SAML assertion has an XML comment inside a signed value (a known way to alter a signed name)",
+                "saml-comment",
+                evidence,
+            )
         return self._identity(signed, certificate, now, consume, evidence)
 
     def _the_assertion(self, root, evidence):
@@ -241,6 +296,7 @@ class SAMLProvider:
         if len(assertions) != 1:
             # Signature wrapping hides a second assertion beside, around or
             # inside the signed one: there must be exactly one.
+            evidence.update(wrapping_evidence(root) or {})
             raise IdentityError(
                 "the SAML message holds %d assertions; exactly one is accepted" % (len(assertions),),
                 "saml-wrapping",
