@@ -7,6 +7,7 @@ service.
 import importlib
 import os
 import signal
+import socket
 
 import attr
 from twisted.application import service, strports
@@ -176,6 +177,8 @@ class Gateway(service.MultiService):
             {
                 "type": "gateway.start",
                 "gateway": self.instance,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
                 "signing_key": {"key_id": self.signer.key_id, "public_key": self.signer.public_pem}
                 if self.signer is not None
                 else None,

@@ -565,6 +565,15 @@ class SharedApprovalsTests(unittest.TestCase):
         self.assertEqual(len(starts), 2)
         self.assertIn(request["gateway"], starts)
         self.assertIn(vote["gateway"], starts - {request["gateway"]})
+        # Each approval event says which replica wrote it, by host and
+        # process, not only by the run id that changes at every restart.
+        by_run = {event["gateway"]: event for event in events if event["type"] == "gateway.start"}
+        for event in (request, vote):
+            replica = event["replica"]
+            start = by_run[replica["run"]]
+            self.assertEqual((replica["host"], replica["pid"]), (start["host"], start["pid"]))
+        self.assertEqual(vote["replica"]["run"], vote["gateway"])
+        self.assertNotEqual(request["replica"]["pid"], vote["replica"]["pid"])
         outcomes = [event["type"] for event in events if event["type"] in ("approval.approved", "approval.denied")]
         self.assertEqual(sorted(outcomes), ["approval.approved", "approval.denied", "approval.denied"])
         (use,) = [event for event in events if event["type"] == "grant.use"]

@@ -9,6 +9,7 @@ outcome, grant and use of a grant goes into the record.
 import collections
 import hashlib
 import os
+import socket
 import time
 
 import attr
@@ -209,7 +210,16 @@ class Broker:
         return self._clock()
 
     def record(self, event):
-        return self._record(event).addErrback(self._unrecorded, event.get("type"))
+        return self._record(self.stamp(event)).addErrback(self._unrecorded, event.get("type"))
+
+    def stamp(self, event):
+        """
+        Say in C{event} which replica wrote it: the run id changes at every
+        restart, the host and the process say where it ran.
+        """
+        if self.instance:
+            event.setdefault("replica", {"host": socket.gethostname(), "pid": os.getpid(), "run": self.instance})
+        return event
 
     def _unrecorded(self, failure, kind):
         self.log.failure("An approvals event ({kind}) could not be recorded", failure, kind=kind)
@@ -336,7 +346,7 @@ class Broker:
             "rule": request.rule.name,
         }
         event.update(fields)
-        return event
+        return self.stamp(event)
 
     def get(self, request_id):
         request = self.requests.get(request_id)
@@ -681,7 +691,7 @@ class Broker:
         }
         if self.instance:
             event["gateway"] = self.instance
-        return event
+        return self.stamp(event)
 
     def grants_list(self, include_inactive=False):
         now = self.now()

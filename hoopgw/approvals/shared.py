@@ -672,7 +672,7 @@ class SharedBroker(Broker):
             yield self._open(
                 cursor,
                 append,
-                _grant_event(grant),
+                self.stamp(_grant_event(grant)),
                 (grant.id, "grant", "active", grant.connection, grant.rule, grant.subject, None, grant.expires),
             )
             yield self._wake(cursor, grant.id, "grant.create")
@@ -688,7 +688,7 @@ class SharedBroker(Broker):
                 raise ApprovalError("there is no grant %s" % (grant_id,), 404)
             grant = found[0]
             self._revoked(grant, approver, self._check_revoke(grant, approver, reason))
-            event = yield append(_revoke_event(grant))
+            event = yield append(self.stamp(_revoke_event(grant)))
             yield self._update(
                 cursor,
                 "UPDATE {s}.approvals SET status = 'revoked', closed = %s WHERE closed IS NULL AND id = %s",
