@@ -195,6 +195,41 @@ def _approvals(arguments, out):
     return client.run(arguments, out)
 
 
+def _store_init(arguments, out):
+    import psycopg2
+
+    from hoopgw.store.postgres import least_privilege_sql
+
+    try:
+        sql = least_privilege_sql(arguments.schema, arguments.gateway_role, arguments.auditor_role or ())
+    except ValueError as error:
+        print("hoopgw store-init: %s" % (error,), file=sys.stderr)
+        return 2
+    if arguments.print_sql:
+        print(sql, file=out)
+        return 0
+    try:
+        connection = psycopg2.connect(arguments.dsn)
+    except psycopg2.Error as error:
+        print("hoopgw store-init: cannot connect (%s): %s" % (arguments.dsn, str(error).strip()), file=sys.stderr)
+        return 1
+    try:
+        with connection, connection.cursor() as cursor:
+            cursor.execute(sql)
+    except psycopg2.Error as error:
+        print("hoopgw store-init: %s" % (str(error).strip(),), file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    auditors = ", ".join(arguments.auditor_role or ()) or "none"
+    print(
+        "the store's schema %s is ready: the gateway role %s may write the record, auditor roles (%s) may read it"
+        % (arguments.schema, arguments.gateway_role, auditors),
+        file=out,
+    )
+    return 0
+
+
 def parser():
     top = argparse.ArgumentParser(prog="hoopgw", description="The hoopgw access gateway's tools.")
     commands = top.add_subparsers(dest="command", metavar="COMMAND")
@@ -210,6 +245,22 @@ def parser():
     verify.add_argument("store", help="a store folder, an evidence bundle (.tar.gz) or a PostgreSQL store's DSN")
     verify.add_argument("--key", help="your copy of the record's public signing key (PEM)")
     verify.set_defaults(run=_verify)
+
+    init = commands.add_parser(
+        "store-init",
+        help="create a PostgreSQL store's schema as the role that will own it, and grant a gateway role and "
+        "auditor roles what they need",
+    )
+    init.add_argument(
+        "dsn", help="a connection string for the owning role (its password from PGPASSWORD or ~/.pgpass)"
+    )
+    init.add_argument("--schema", default="hoopgw", help="the store's schema (gateway.store.postgres.schema)")
+    init.add_argument("--gateway-role", required=True, help="the role the gateways connect as: SELECT and INSERT")
+    init.add_argument(
+        "--auditor-role", action="append", help="a role that may only read the record (verify, events); repeatable"
+    )
+    init.add_argument("--print", dest="print_sql", action="store_true", help="print the SQL instead of running it")
+    init.set_defaults(run=_store_init)
 
     from hoopgw.replay import commands as evidence
 

@@ -48,7 +48,7 @@ from hoopgw.approvals.broker import (
 )
 from hoopgw.model import SERVICE, Decision, Identity
 from hoopgw.store.file import StoreError
-from hoopgw.store.postgres import LOCK_CLASS, gateway_lock, run_schema
+from hoopgw.store.postgres import APPROVALS_PRIVILEGES, LOCK_CLASS, gateway_lock, run_schema
 
 # How often a gateway looks for what a lost wake-up or a dead gateway left
 # pending; and how long after its timeout another gateway's request is
@@ -256,8 +256,9 @@ class SharedBroker(Broker):
             store.config,
             schema_sql(self._schema),
             "the approvals index %s.approvals of the PostgreSQL store" % (self._schema,),
-            "create it as the schema's owner (see 'hoopgw.approvals.shared.schema_sql') and grant this role "
-            "SELECT, INSERT and UPDATE on it",
+            "create it as the schema's owner with 'hoopgw store-init' (it grants this role SELECT, INSERT and "
+            "UPDATE on it)",
+            APPROVALS_PRIVILEGES,
         )
 
     def start(self):

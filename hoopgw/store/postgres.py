@@ -43,6 +43,7 @@ import time
 
 import attr
 import psycopg2
+import psycopg2.errors
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -178,15 +179,53 @@ def prepare_schema(config):
         config,
         schema_sql(config.schema),
         "the schema %s of the PostgreSQL store" % (config.schema,),
-        "create it as its owner (see 'hoopgw.store.postgres.schema_sql') and grant this role SELECT and INSERT",
+        "create it as its owner with 'hoopgw store-init' (it grants this role SELECT and INSERT)",
+        GATEWAY_PRIVILEGES,
     )
 
 
-def run_schema(config, sql, what, hint):
+# What the gateway's role needs on each table of a schema another role
+# owns (the approvals index is updated as requests are decided), and what
+# an auditor's role needs to verify and read the record.
+GATEWAY_PRIVILEGES = {"events": "SELECT, INSERT", "attachments": "SELECT, INSERT", "keys": "SELECT, INSERT"}
+APPROVALS_PRIVILEGES = {"approvals": "SELECT, INSERT, UPDATE"}
+AUDITOR_TABLES = ("events", "attachments", "keys", "approvals")
+
+
+def least_privilege_sql(schema, gateway_role, auditor_roles=()):
+    """
+    The DDL of the whole store (events, attachments, keys, the approvals
+    index) for the role that owns it to run, and the grants that let
+    C{gateway_role} write the record and C{auditor_roles} only read it.
+    """
+    from hoopgw.approvals.shared import schema_sql as approvals_sql
+
+    quoted = _identifier(gateway_role)
+    grants = ["GRANT USAGE ON SCHEMA {s} TO %s;" % (quoted,)]
+    for table, privileges in sorted({**GATEWAY_PRIVILEGES, **APPROVALS_PRIVILEGES}.items()):
+        grants.append("GRANT %s ON {s}.%s TO %s;" % (privileges, table, quoted))
+    for auditor in auditor_roles:
+        quoted = _identifier(auditor)
+        grants.append("GRANT USAGE ON SCHEMA {s} TO %s;" % (quoted,))
+        grants.append("GRANT SELECT ON %s TO %s;" % (", ".join("{s}." + table for table in AUDITOR_TABLES), quoted))
+    return schema_sql(schema) + approvals_sql(schema) + "\n".join(grants).format(s=schema) + "\n"
+
+
+def _identifier(name):
+    if not name or not all(character.isalnum() or character in "_-" for character in name):
+        raise ValueError("%r is not a role name this command quotes (letters, digits, _ and -)" % (name,))
+    return '"%s"' % (name,)
+
+
+def run_schema(config, sql, what, hint, privileges):
     """
     Run idempotent DDL in the store's database (blocking; at start-up),
-    serialised with other gateways starting at the same time.
+    serialised with other gateways starting at the same time.  A role that
+    may not run it (the schema belongs to another role, as in a
+    least-privilege setup) goes on when every table is there and the role
+    holds C{privileges} on it.
 
+    @param privileges: table name -> the privileges the gateway needs.
     @raise StoreError: if the database cannot be reached or changed.
     """
     try:
@@ -194,14 +233,45 @@ def run_schema(config, sql, what, hint):
     except psycopg2.Error as error:
         raise StoreError("cannot connect to the PostgreSQL store (%s): %s" % (config.dsn, str(error).strip()))
     try:
-        with connection, connection.cursor() as cursor:
-            # Two gateways starting at once must not race on CREATE.
-            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, APPEND_LOCK))
-            cursor.execute(sql)
+        try:
+            with connection, connection.cursor() as cursor:
+                # Two gateways starting at once must not race on CREATE.
+                cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, APPEND_LOCK))
+                cursor.execute(sql)
+        except psycopg2.errors.InsufficientPrivilege as error:
+            missing = _missing_privileges(connection, config.schema, privileges)
+            if missing:
+                raise StoreError("cannot prepare %s: %s; %s (missing: %s)" % (what, str(error).strip(), hint, missing))
     except psycopg2.Error as error:
         raise StoreError("cannot prepare %s: %s; %s" % (what, str(error).strip(), hint))
     finally:
         connection.close()
+
+
+def _missing_privileges(connection, schema, privileges):
+    """
+    What this role lacks of C{privileges} on the schema's tables, as a
+    sentence; empty when it has them all.
+    """
+    missing = []
+    with connection, connection.cursor() as cursor:
+        cursor.execute("SELECT to_regnamespace(%s) IS NOT NULL", (schema,))
+        if not cursor.fetchone()[0]:
+            return "the schema %s does not exist" % (schema,)
+        cursor.execute("SELECT has_schema_privilege(%s, 'USAGE')", (schema,))
+        if not cursor.fetchone()[0]:
+            return "USAGE on the schema %s" % (schema,)
+        for table, wanted in sorted(privileges.items()):
+            name = "%s.%s" % (schema, table)
+            cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (name,))
+            if not cursor.fetchone()[0]:
+                missing.append("the table %s does not exist" % (name,))
+                continue
+            for privilege in wanted.split(", "):
+                cursor.execute("SELECT has_table_privilege(%s, %s)", (name, privilege))
+                if not cursor.fetchone()[0]:
+                    missing.append("%s on %s" % (privilege, name))
+    return "; ".join(missing)
 
 
 @implementer(IStore)
