@@ -11,15 +11,15 @@ commands inside a window of the day (a change freeze outside office hours).
 
 import time
 
-from hoopgw import AddonFactory, ConfigError, Decision, Option
-from hoopgw import options as o
+from hoopgw import SERVICE, AddonFactory, ConfigError, Decision, Option
+from hoopgw import validators as v
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 def _window(value, path):
     try:
-        start, end = (part.strip() for part in o.string(value, path).split("-"))
+        start, end = (part.strip() for part in v.string(value, path).split("-"))
         return tuple(int(h) * 60 + int(m) for h, m in (start.split(":"), end.split(":")))
     except ValueError:
         raise ConfigError(path, "expected a window such as 07:00-19:00, got %r" % (value,))
@@ -33,8 +33,8 @@ class BusinessHours:
     name = "business_hours"
     options = (
         Option("hours", _window, (7 * 60, 19 * 60), "The window, as HH:MM-HH:MM in UTC."),
-        Option("days", o.list_of(o.choice(*DAYS)), list(DAYS[:5]), "The days the window applies to."),
-        Option("humans_too", o.boolean, False, "Apply the window to human identities as well."),
+        Option("days", v.list_of(v.choice(*DAYS)), list(DAYS[:5]), "The days the window applies to."),
+        Option("humans_too", v.boolean, False, "Apply the window to human identities as well."),
     )
 
     def __init__(self, options, context):
@@ -44,7 +44,7 @@ class BusinessHours:
         self._clock = context.reactor
 
     def command_received(self, session, command):
-        if session.identity.kind != "service" and not self._humans_too:
+        if session.identity.kind != SERVICE and not self._humans_too:
             return None
         now = time.gmtime(self._clock.seconds())
         minute = now.tm_hour * 60 + now.tm_min

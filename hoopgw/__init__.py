@@ -5,7 +5,7 @@ audited addon chain for PostgreSQL, SSH and the Kubernetes API.
 
 from hoopgw._version import __version__
 from hoopgw.addon import AddonFactory
-from hoopgw.model import Command, Decision, Identity, ResultChunk, Session
+from hoopgw.model import HUMAN, SERVICE, Command, Decision, Identity, ResultChunk, Session
 from hoopgw.options import ConfigError, Option
 
 __all__ = [
@@ -16,6 +16,8 @@ __all__ = [
     "Decision",
     "Identity",
     "Option",
+    "HUMAN",
     "ResultChunk",
+    "SERVICE",
     "Session",
 ]

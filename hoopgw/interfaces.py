@@ -1,6 +1,7 @@
 """
 The interfaces hoopgw's parts meet at: addon factories (the plugin
-interface), addons (found by method name, as in mitmproxy) and stores.
+interface), addons (found by method name, as in mitmproxy), protocol front
+ends and stores.
 """
 
 from zope.interface import Attribute, Interface
@@ -16,6 +17,29 @@ class IAddonFactory(Interface):
     name = Attribute("The name the configuration uses for this addon.")
     description = Attribute("One sentence saying what the addon does.")
     options = Attribute("A sequence of L{hoopgw.options.Option}: what the addon accepts.")
+
+    def check_connection(options, connection, providers, path):
+        """
+        Optional: check this addon's options against the connection they
+        are given for, when the configuration is loaded (before anything
+        listens).
+
+        @param options: the validated options.
+        @param connection: the L{hoopgw.config.ConnectionConfig}.
+        @param providers: the configured identity providers, by name.
+        @param path: the key path of these options, for errors.
+        @raise hoopgw.options.ConfigError: naming the key path and what to
+            change.
+        """
+
+    def check_gateway(options, gateway, path):
+        """
+        Optional: check this addon's options against the gateway's own
+        settings (the approvals listener, the store).
+
+        @param gateway: the L{hoopgw.config.GatewayConfig}.
+        @raise hoopgw.options.ConfigError: as for L{check_connection}.
+        """
 
     def build(options, context):
         """
@@ -73,6 +97,52 @@ class IAddon(Interface):
         """
         The session is over (also when it was refused:
         C{session.refusal} then holds the decision).
+        """
+
+    def explain(session, command):
+        """
+        Optional, for C{hoopgw explain}: what this addon would decide about
+        C{command} and why, without side effects (no approval requested,
+        no single-use token spent).
+
+        @return: a list of lines for the explanation.
+        """
+
+
+class IFrontend(Interface):
+    """
+    A protocol front end: a package under C{hoopgw} (C{postgres}, C{ssh},
+    C{kubernetes}) whose module provides these, found by the connection's
+    C{protocol}.  It turns its wire traffic into L{hoopgw.model.Session}
+    and L{hoopgw.model.Command} objects for the chain and maps the chain's
+    decisions back onto its wire.
+    """
+
+    def parse_connection(raw, path, listen):
+        """
+        Check and read the protocol's own settings of one connection
+        (target, TLS, limits) when the configuration is loaded.
+
+        @param raw: the connection's mapping from the file.
+        @param path: its key path, for errors.
+        @param listen: its listen endpoint string.
+        @return: the settings object (C{ConnectionConfig.settings}).
+        @raise hoopgw.options.ConfigError: naming the key path.
+        """
+
+    def make_factory(connection, gateway, chain):
+        """
+        The listening factory of one connection.
+
+        @param connection: the L{hoopgw.config.ConnectionConfig}.
+        @param gateway: the running L{hoopgw.gateway.Gateway}.
+        @param chain: a callable returning the connection's current
+            L{hoopgw.chain.AddonChain} (it changes on reload; a session
+            keeps the chain it started with).
+        @return: an object with C{close_sessions(reason)}: end every open
+            session (the gateway is stopping), each with C{reason} told to
+            its client and recorded; returns a L{Deferred} that fires when
+            they are closed.
         """
 
 

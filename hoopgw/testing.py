@@ -11,12 +11,18 @@ look at what the record addon would have stored.
 
 C{exec_command("sudo id")} and C{kubernetes_command("DELETE",
 "/api/v1/namespaces/prod")} make SSH and Kubernetes commands with the facts
-their front ends give.
+their front ends give.  C{load("addons/my_addon.py")} loads an addon file
+as the configuration does.  The harness fails loudly when a hook leaves a
+Deferred that has not fired (pass C{pending=True} where waiting is the
+point, as for an approval), and keeps what the addons logged in
+C{harness.logs}.
 """
 
 import attr
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hoopgw import options as o
@@ -113,6 +119,25 @@ def build(factory, options=None, context=None):
     return factory.build(checked, context or FakeContext())
 
 
+def load(path, name=None):
+    """
+    The addon factory a Python file defines, loaded as the configuration
+    loads C{- path: FILE} (a bad file raises L{hoopgw.options.ConfigError}).
+
+    @param name: which factory, when the file defines several.
+    """
+    from hoopgw.config import load_addon_file
+
+    found = load_addon_file(path, path)
+    if name is not None:
+        if name not in found:
+            raise o.ConfigError(path, "defines no addon named %r (it has: %s)" % (name, ", ".join(sorted(found))))
+        return found[name]
+    if len(found) > 1:
+        raise o.ConfigError(path, "defines several addons (%s): say which with name=" % (", ".join(sorted(found)),))
+    return next(iter(found.values()))
+
+
 def identity(subject="ci-bot", groups=("payments-bots",), kind=SERVICE, issuer="https://issuer.test", **extra):
     return Identity(subject=subject, issuer=issuer, groups=frozenset(groups), kind=kind, **extra)
 
@@ -187,6 +212,7 @@ class ChainHarness:
 
     def __init__(self, addons, context=None, allowed_groups=("payments-bots",)):
         self.context = context or FakeContext()
+        self.logs = []
         built = []
         for entry in addons:
             if isinstance(entry, tuple):
@@ -201,30 +227,52 @@ class ChainHarness:
     def store(self):
         return self.context.store
 
-    def start(self, session=None):
-        return _resolved(self.chain.start_session(session or self.session))
+    def start(self, session=None, pending=False):
+        return self._call("start_session", pending, session or self.session)
 
-    def submit(self, command, session=None):
-        return _resolved(self.chain.submit(session or self.session, command))
+    def submit(self, command, session=None, pending=False):
+        """
+        The chain's decision on C{command}.  With C{pending=True} a
+        decision still to come (an approval) is returned as its Deferred.
+        """
+        return self._call("submit", pending, session or self.session, command)
 
     def result(self, command, chunk, session=None):
-        _resolved(self.chain.result(session or self.session, command, chunk))
+        self._call("result", False, session or self.session, command, chunk)
         return chunk
 
     def finish(self, command, session=None, **outcome):
         command.outcome.update(outcome or {"status": "ok"})
-        return _resolved(self.chain.finish(session or self.session, command))
+        return self._call("finish", False, session or self.session, command)
 
     def end(self, session=None):
-        return _resolved(self.chain.end_session(session or self.session))
+        return self._call("end_session", False, session or self.session)
+
+    def _call(self, hook, pending, *arguments):
+        with capturedLogs() as logged:
+            value = getattr(self.chain, hook)(*arguments)
+        self.logs.extend(logged)
+        return _resolved(value, pending, hook)
+
+    def logged(self, text):
+        """
+        Whether an addon logged a message containing C{text}.
+        """
+        return any(text in formatEvent(event) for event in self.logs)
 
 
-def _resolved(value):
-    if isinstance(value, defer.Deferred) and value.called:
-        results = []
-        value.addBoth(results.append)
-        if results and not isinstance(results[0], Exception) and not hasattr(results[0], "raiseException"):
-            return results[0]
-        if results:
-            results[0].raiseException()
-    return value
+def _resolved(value, pending=False, hook="the hook"):
+    if not isinstance(value, defer.Deferred):
+        return value
+    if not value.called:
+        if pending:
+            return value
+        raise AssertionError(
+            "%s returned a Deferred that has not fired: an addon is waiting on something the test did not "
+            "provide (advance harness.context.reactor, or pass pending=True where waiting is the point)" % (hook,)
+        )
+    results = []
+    value.addBoth(results.append)
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]

@@ -5,6 +5,9 @@ request into a command for the addon chain and forward what the chain
 allows with the gateway's own credential.
 """
 
+from zope.interface import moduleProvides
+
+from hoopgw.interfaces import IFrontend
 from hoopgw.kubernetes.settings import parse_connection
 
 
@@ -17,5 +20,7 @@ def make_factory(connection, gateway, chain):
 
     return KubernetesService(connection, gateway, chain, gateway.reactor)
 
+
+moduleProvides(IFrontend)
 
 __all__ = ["make_factory", "parse_connection"]

@@ -3,6 +3,9 @@ The PostgreSQL front end: clients speak the wire protocol to the gateway,
 the gateway speaks it to the target with its own credentials.
 """
 
+from zope.interface import moduleProvides
+
+from hoopgw.interfaces import IFrontend
 from hoopgw.postgres.frontend import PostgresFactory
 from hoopgw.postgres.settings import parse_connection
 
@@ -13,5 +16,7 @@ def make_factory(connection, gateway, chain):
     """
     return PostgresFactory(connection, gateway, chain, reactor=gateway.reactor)
 
+
+moduleProvides(IFrontend)
 
 __all__ = ["PostgresFactory", "make_factory", "parse_connection"]

@@ -8,10 +8,12 @@ chain; the gateway logs in to the target with its own key.
 import warnings
 
 from cryptography.utils import CryptographyDeprecationWarning
+from zope.interface import moduleProvides
 
 # Conch names TripleDES among its (unused here) ciphers at import time.
 warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, module=r"twisted\.conch\.ssh\.transport")
 
+from hoopgw.interfaces import IFrontend  # noqa: E402
 from hoopgw.ssh.server import SSHGatewayFactory  # noqa: E402
 from hoopgw.ssh.settings import parse_connection  # noqa: E402
 
@@ -22,5 +24,7 @@ def make_factory(connection, gateway, chain):
     """
     return SSHGatewayFactory(connection, gateway, chain, reactor=gateway.reactor)
 
+
+moduleProvides(IFrontend)
 
 __all__ = ["SSHGatewayFactory", "make_factory", "parse_connection"]
