@@ -491,10 +491,12 @@ class FileStore:
             os.ftruncate(self._fd, self._size)
         except OSError as error:
             self._fail("cutting a torn write from %s failed: %s" % (self._segment, error.strerror))
-        if self._stalled is None and not self._resuming:
-            self.log.critical(
-                "The audit store cannot write: {reason}; every event is refused until space is freed, "
-                "then the store resumes by itself", reason=reason)
+        if self._stalled is None:
+            if not self._resuming:
+                self.log.critical(
+                    "The audit store cannot write: {reason}; every event is refused until space is freed, "
+                    "then the store resumes by itself", reason=reason)
+            # (While resuming, L{_resume} puts back what it stalled with.)
             self._stalled = {"since": events.timestamp(), "reason": reason, "refused": 1}
 
     def _give_up_reserve(self):
