@@ -22,7 +22,7 @@ from hoopgw import cli
 from hoopgw.store import events as chaining
 from hoopgw.store import signing
 from hoopgw.store import verify as verification
-from hoopgw.store.file import FileStore, segment_paths
+from hoopgw.store.file import FileStore, StoreError, segment_paths
 from hoopgw.store.verify import verify_store
 from hoopgw.store.witness import FileWitness
 from hoopgw.throwaway import free_port
@@ -94,8 +94,12 @@ def record(test, name):
         yield a_session(first)
         yield psql(first.dsn(user="intruder"), "-c", "SELECT 1", password=token(subject="intruder", groups=["marketing"]))
         yield first.wait_for("session.refused")
+        slow = None
         if name == "crash":
             yield first.wait_for("session.end")
+            # A session still open when the run is killed: its end is the crash.
+            slow = psql(first.dsn(), "-c", "SELECT pg_sleep(2)", password=token())
+            yield first.wait_for("command", 3)
             yield crash(first)
         else:
             yield first.stop()
@@ -103,6 +107,11 @@ def record(test, name):
         yield a_session(second)
         yield second.wait_for("session.end", 2)
         yield second.stop()
+        if slow is not None:
+            yield slow
+            # What the killed run's session did after the kill was not written
+            # (its store is gone), and was logged as such.
+            test.flushLoggedErrors(StoreError)
         _records[name] = (first.store_path, witness)
     return _records[name]
 
@@ -253,10 +262,14 @@ class TamperTests(unittest.TestCase):
     def test_crash(self):
         """
         A record with a crash (a session open when its run was killed) and
-        the next run's recovery: every change is caught too.
+        the next run's recovery: verify counts that session as ended by the
+        crash, and every change is caught too.
         """
         path, witness = yield record(self, "crash")
         self.assertIntact(path, witness)
+        summary = verify_store(path, es.signing_key()[1]).summary()
+        (run,) = [event["crashed"][0] for event in events_of(path) if event["type"] == "gateway.recovered"]
+        self.assertIn("sessions: 3: 2 ended, 1 ended by the recorded crash of run %s" % (run,), summary)
         Tampering(self, path, witness).assert_every_change_caught()
 
     def test_full_disk(self):
