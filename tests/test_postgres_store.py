@@ -207,7 +207,15 @@ class SharedStoreTests(unittest.TestCase):
         self.assertTrue(report.ok, report.problem)
         self.assertIn("is running", report.summary())
 
+        # A session still open on the second when it is killed: its end is the crash.
+        slow = psql(second.dsn(), "-c", "SELECT pg_sleep(30)", password=token())
+        for _ in range(200):
+            events = [event for _, _, event in (yield in_thread(lambda: list(source.entries())))]
+            if any("pg_sleep" in (event.get("text") or "") for event in events):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
         yield in_thread(second.stop, signal.SIGKILL)
+        yield slow
         report = yield in_thread(verification.verify_source, source, es.signing.Verifier.from_file(es.signing_key()[1]))
         self.assertIn(report.kind, (verification.UNSIGNED_TAIL, verification.UNENDED), report.problem)
 
@@ -219,9 +227,16 @@ class SharedStoreTests(unittest.TestCase):
         (recovered,) = [event for event in events if event["type"] == "gateway.recovered"]
         self.assertEqual(len(recovered["crashed"]), 1)
         self.assertIn(recovered["crashed"][0], gateways)
+        # It names the run recovering, and the events nobody had signed.
+        self.assertEqual(recovered["by"], third.gateway.instance)
+        self.assertEqual(recovered["unsigned"]["to"], recovered["seq"] - 1)
+        self.assertLessEqual(recovered["unsigned"]["from"], recovered["unsigned"]["to"])
         report = yield in_thread(verification.verify_source, source, es.signing.Verifier.from_file(es.signing_key()[1]))
         self.assertTrue(report.ok, report.problem)
-        self.assertEqual(report.sessions, 7)
+        self.assertEqual(report.sessions, 8)
+        self.assertIn(
+            "sessions: 8: 7 ended, 1 ended by the recorded crash of run %s" % (recovered["crashed"][0],), report.summary()
+        )
         out = yield in_thread(_cli_verify, settings)
         self.assertIn("OK: %d events" % (len(events),), out)
 
