@@ -10,12 +10,15 @@ import json
 import os
 import subprocess
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from hoopgw.store import space
 from hoopgw.store.file import FileStore, StoreError, read_events
 from hoopgw.store.verify import verify_store
+from hoopgw.throwaway import free_port
+from tests import support
+from tests.support import psql, token
 
 
 def small_volume(test, size="2m"):
@@ -161,4 +164,57 @@ class SpaceTests(unittest.TestCase):
         self.assertEqual(events[-1]["type"], "session.end")
         self.successResultOf(store.close())
         report = verify_store(store.directory)
+        self.assertTrue(report.ok, report.problem)
+
+
+class GatewaySpaceTests(unittest.TestCase):
+    """
+    A real gateway whose store is on a small volume.
+    """
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_login_refused_while_low_then_admitted(self):
+        """
+        While the store's volume is below its low-water mark, psql is
+        refused with a sentence saying why, and nothing is written for the
+        attempt but the one C{store.low-space}; once space is freed the
+        next login is admitted without a restart, and the record verifies.
+        """
+        volume = small_volume(self)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        harness = support.GatewayHarness.__new__(support.GatewayHarness)
+        harness.directory = directory
+        harness.port = free_port()
+        document = support.configuration_document(directory, {"payments": support.postgres_connection(harness.port)})
+        document["gateway"]["store"].update(
+            path=os.path.join(volume, "audit"), low_water="512KiB", low_water_percent=100, reserve="128KiB",
+            space_check_interval="3600s",
+        )
+        harness.start(self, document)
+        out, err, code = yield psql(harness.dsn(), "-c", "SELECT 1", password=token())
+        self.assertEqual(code, 0, err)
+        yield harness.wait_for("session.end")
+        filler = fill(volume, 256 * 1024)
+
+        for _ in range(3):
+            out, err, code = yield psql(harness.dsn(), "-c", "SELECT 2", password=token())
+            self.assertNotEqual(code, 0)
+            self.assertIn("the audit store is low on space", err)
+            self.assertIn("new sessions are refused until space is freed", err)
+        self.assertEqual(harness.store.state(), space.LOW_SPACE)
+        kinds = [event["type"] for event in harness.events()]
+        self.assertEqual(kinds.count("store.low-space"), 1)
+        self.assertEqual(kinds.count("session.start"), 1)
+
+        os.unlink(filler)
+        out, err, code = yield psql(harness.dsn(), "-c", "SELECT 3", password=token())
+        self.assertEqual(code, 0, err)
+        yield harness.wait_for("session.end", 2)
+        (ok,) = harness.events("store.space-ok")
+        self.assertEqual(ok["refused_sessions"], 3)
+        yield harness.stop()
+        report = verify_store(harness.store_path)
         self.assertTrue(report.ok, report.problem)
