@@ -624,3 +624,50 @@ class ReplayOnSharedStoreTests(unittest.TestCase):
         report = yield in_thread(verification.verify_source, source, es.signing.Verifier.from_file(es.signing_key()[1]))
         source.close()
         self.assertTrue(report.ok, report.problem)
+
+
+class SpaceTests(unittest.TestCase):
+    """
+    The PostgreSQL store against its configured maximum size.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_low_room_refuses_new_sessions_then_admits(self):
+        """
+        With C{max_bytes} just above the database's size, the room left is
+        below the low-water mark: C{store.low-space} is written once, a new
+        session's start is refused (and its end not written) while a
+        session in flight goes on; with a larger maximum the store admits
+        sessions again and C{store.space-ok} counts what it refused.
+        """
+        import attr
+
+        settings = yield in_thread(store_settings)
+        config = parse_options(settings["postgres"], "gateway.store.postgres")
+        yield in_thread(pgstore.prepare_schema, config)
+        used = yield in_thread(superuser, "SELECT pg_database_size('audit')")
+        store = PostgresStore(
+            attr.evolve(config, max_bytes=used[0][0] + 64 * 1024), reactor, low_water=1024 * 1024,
+            low_water_percent=100, space_check_interval=0,
+        )
+        self.addCleanup(store.close)
+        yield store.start()
+        self.assertEqual(store.state(), "low-space")
+        yield store.append({"type": "command", "session": "s-in-flight"})
+        refused = yield self.assertFailure(store.append({"type": "session.start", "session": "s-new"}), StoreError)
+        self.assertIn("low on space", str(refused))
+        yield store.append({"type": "session.end", "session": "s-new"})
+        yield store.append({"type": "session.refused", "session": "s-login"})
+        store.config = attr.evolve(store.config, max_bytes=used[0][0] * 100)
+        yield store.check_space()
+        self.assertEqual(store.state(), "ok")
+        yield store.append({"type": "session.start", "session": "s-later"})
+        source = yield in_thread(source_for, settings)
+        events = [event for _, _, event in (yield in_thread(lambda: list(source.entries())))]
+        self.assertEqual(
+            [event["type"] for event in events], ["store.low-space", "command", "store.space-ok", "session.start"]
+        )
+        self.assertEqual((events[2]["refused_sessions"], events[2]["refused_attempts"]), (1, 1))
+        self.assertGreater(events[0]["database_bytes"], 0)

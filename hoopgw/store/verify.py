@@ -93,6 +93,8 @@ class Report:
 
     def summary(self):
         if self.problem is not None:
+            if self.last_seq:
+                return "BROKEN: %s\n  intact up to head %s:%s" % (self.problem, self.last_seq, self.head)
             return "BROKEN: %s" % (self.problem,)
         if self.views is not None and not self.views.ok:
             return "BROKEN: the chain of views of the record: %s" % (self.views.problem,)
