@@ -109,6 +109,9 @@ def record(test, name):
         yield second.stop()
         if slow is not None:
             yield slow
+            # Until the killed run's front end has tried to record the end.
+            closing = [frontend.closed() for frontend in list(first.gateway.factories["payments"].open)]
+            yield defer.DeferredList(closing, consumeErrors=True)
             # What the killed run's session did after the kill was not written
             # (its store is gone), and was logged as such.
             test.flushLoggedErrors(StoreError)

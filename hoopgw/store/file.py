@@ -228,9 +228,6 @@ class FileStore:
         self._stalled = None
         self._last_resume = None
         self._resuming = False
-        # Sessions whose start was refused for want of space: their ends
-        # are not written either (bounded: a flood cannot grow it).
-        self._turned_away = {}
         self._witness = None
 
     @property
@@ -413,14 +410,11 @@ class FileStore:
                 return defer.fail(StoreError(
                     "the audit store cannot write (%s); nothing is let through until space is freed, and the "
                     "store resumes by itself then" % (self._stalled["reason"],)))
-        kind = event.get("type")
-        if kind in space.ADMITTING:
+        if event.get("type") in space.ADMITTING:
             self.check_space()
-            if self._guard.low:
-                return self._turn_away(event)
-        elif kind == "session.end" and self._turned_away.pop(event.get("session"), False):
-            # Its start was refused for want of space and never written.
-            return defer.succeed(event)
+        screened = self._guard.screen(event, StoreError)
+        if screened is not None:
+            return screened
         return self._write_event(event, urgent)
 
     def _write_event(self, event, urgent=True):
@@ -563,20 +557,6 @@ class FileStore:
             self._write_event(change).addErrback(lambda failure: None)
         if not self._guard.low:
             self._keep_reserve()
-
-    def _turn_away(self, event):
-        """
-        Space is low: a new session is refused (its end will not be written
-        either), a refused login is counted; both are told in the
-        C{store.space-ok} event.
-        """
-        if event.get("type") == "session.start":
-            self._guard.refused_sessions += 1
-            if len(self._turned_away) < 10000:
-                self._turned_away[event.get("session")] = True
-            return defer.fail(StoreError(self._guard.refusal()))
-        self._guard.refused_attempts += 1
-        return defer.succeed(event)
 
     def _resume(self, throttle=False):
         """

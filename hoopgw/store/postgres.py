@@ -258,7 +258,6 @@ class PostgresStore:
         self._guard = space.LowWater(low_water, low_water_percent)
         self._space_interval = space_check_interval
         self._space_timer = None
-        self._turned_away = {}
 
     def state(self):
         """
@@ -457,18 +456,9 @@ class PostgresStore:
 
     def append(self, event, urgent=True):
         # Every batch is one transaction: urgent or not, events go with the next.
-        kind = event.get("type")
-        if kind in space.ADMITTING and self._guard.low:
-            if kind == "session.start":
-                self._guard.refused_sessions += 1
-                if len(self._turned_away) < 10000:
-                    self._turned_away[event.get("session")] = True
-                return defer.fail(StoreError(self._guard.refusal()))
-            self._guard.refused_attempts += 1
-            return defer.succeed(event)
-        if kind == "session.end" and self._turned_away.pop(event.get("session"), False):
-            # Its start was refused for want of room and never written.
-            return defer.succeed(event)
+        screened = self._guard.screen(event, StoreError)
+        if screened is not None:
+            return screened
         return self._enqueue(event)
 
     def append_checked(self, work):

@@ -8,6 +8,8 @@ gateway's stop; it admits them again by itself once space returns.
 
 import re
 
+from twisted.internet import defer
+
 from hoopgw import options as o
 from hoopgw.options import ConfigError
 
@@ -75,6 +77,9 @@ class LowWater:
         self.refused_attempts = 0
         self.free = None
         self.total = None
+        # Sessions whose start was refused: their ends are not written
+        # either (bounded: a flood cannot grow it).
+        self._turned_away = {}
 
     def mark(self, total):
         return min(self.low_water, int(total * self.percent / 100.0))
@@ -118,16 +123,27 @@ class LowWater:
             return event
         return None
 
+    def screen(self, event, refused_by):
+        """
+        What becomes of C{event} while space is low: None when it is to be
+        written; else the L{Deferred} to answer with - a new session's
+        start fails with C{refused_by(sentence)} (and its end is not
+        written), a refused login is counted, not written.
+        """
+        kind = event.get("type")
+        if kind == "session.end" and self._turned_away.pop(event.get("session"), False):
+            return defer.succeed(event)
+        if kind not in ADMITTING or not self.low:
+            return None
+        if kind == "session.start":
+            self.refused_sessions += 1
+            if len(self._turned_away) < 10000:
+                self._turned_away[event.get("session")] = True
+            return defer.fail(refused_by(self.refusal()))
+        self.refused_attempts += 1
+        return defer.succeed(event)
+
     def refusal(self):
         return "the audit store is low on space (%s free, below the low-water mark of %s): new sessions are refused " \
                "until space is freed" % (mebibytes(self.free or 0), mebibytes(self.mark(self.total or 0)))
 
-
-OPTIONS_HELP = {
-    "low_water": "Below this much free space (or low_water_percent of the volume, whichever is smaller) the store "
-    "refuses new sessions, records store.low-space once, and admits them again by itself when space returns.",
-    "low_water_percent": "The low-water mark as a percentage of the volume (or of postgres.max_bytes).",
-    "reserve": "Room the file store keeps set aside (the file STORE/reserve) and gives up when the disk is full, so "
-    "the events of sessions in flight and gateway.stop still fit.",
-    "space_check_interval": "How often the store measures its space (and, after a full disk, tries to resume).",
-}
