@@ -326,6 +326,11 @@ class TamperTests(unittest.TestCase):
         # The last run and everything after it: the tail of the record.
         second_start = [index for index, event in enumerate(tampering.events) if event.get("gateway") == runs[1]][0]
         tampering.assert_caught(tampering.lines[:second_start], "deleting the last run")
+        out = io.StringIO()
+        code = cli.main(["verify", tampering.copy, "--key", es.signing_key()[1], "--expect-head", tampering.head], out=out)
+        self.assertEqual(code, 1)
+        self.assertIn("but --expect-head says it held event %s" % (tampering.head.split(":")[0],), out.getvalue())
+        self.assertIn("the end of the record was removed", out.getvalue())
 
     @defer.inlineCallbacks
     def test_torn_write_named(self):
@@ -348,8 +353,9 @@ class TamperTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_witness_edited(self):
         """
-        A witness whose line was changed is refused as edited, and a head
-        given in the wrong form is refused with what to write.
+        A witness whose line was changed is refused as edited, one signed
+        by another key than the one given is refused, and a head given in
+        the wrong form is refused with what to write.
         """
         path, witness = yield record(self, "restarts")
         copy = os.path.join(os.path.abspath(self.mktemp()), "heads.jsonl")
@@ -360,6 +366,17 @@ class TamperTests(unittest.TestCase):
         event["seq"] += 1
         with open(copy, "wb") as handle:
             handle.writelines(lines[:-1] + [as_line(event)])
+        report = verify_store(path, es.signing_key()[1], witness=copy)
+        self.assertEqual(report.kind, verification.WITNESS, report.problem)
+        # A witness line re-signed by another key is refused with yours.
+        other = signing.Signer.from_pem(open(es.signing_key("other")[0], "rb").read())
+        event = json.loads(lines[-1])
+        event.pop("hash")
+        forged = dict(event, key_id=other.key_id)
+        forged["signature"] = other.sign(chaining.checkpoint_message(forged))
+        forged["hash"] = chaining.digest(forged)
+        with open(copy, "wb") as handle:
+            handle.writelines(lines[:-1] + [as_line(forged)])
         report = verify_store(path, es.signing_key()[1], witness=copy)
         self.assertEqual(report.kind, verification.WITNESS, report.problem)
         report = verify_store(path, es.signing_key()[1], expect_head="12")

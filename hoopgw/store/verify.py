@@ -182,9 +182,11 @@ def read_witness(path, trusted=None):
             or chaining.digest(event) != event.get("hash")
         ):
             raise Problem(WITNESS, "the witness %s is not an intact signed checkpoint: the witness was edited" % (where,))
-        if trusted is not None and event.get("key_id") == trusted.key_id:
-            if not trusted.check(chaining.checkpoint_message(event), event.get("signature") or ""):
-                raise Problem(WITNESS, "the signature of the witness %s does not verify with the key you gave" % (where,))
+        if trusted is not None and not (
+            event.get("key_id") == trusted.key_id
+            and trusted.check(chaining.checkpoint_message(event), event.get("signature") or "")
+        ):
+            raise Problem(WITNESS, "the signature of the witness %s does not verify with the key you gave" % (where,))
         heads.append((event["seq"], event["hash"], "the witness (%s)" % (where,)))
     return heads
 
