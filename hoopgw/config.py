@@ -408,6 +408,8 @@ def _parse(document, path):
                 "approvers' tokens must not cross the network in clear: give tls_certificate and tls_key, "
                 "or listen on loopback only (interface=127.0.0.1)",
             )
+    if gateway_raw["witness"] is not None and gateway_raw["signing_key"] is None:
+        raise ConfigError("gateway.witness", "needs gateway.signing_key: the witness keeps the signed checkpoints")
     gateway = GatewayConfig(
         state_dir=gateway_raw["state_dir"],
         store=store,

@@ -218,3 +218,61 @@ class GatewaySpaceTests(unittest.TestCase):
         yield harness.stop()
         report = verify_store(harness.store_path)
         self.assertTrue(report.ok, report.problem)
+
+
+class ConfigTests(unittest.TestCase):
+    """
+    The space and witness options, as the configuration file gives them.
+    """
+
+    def document(self, store=None, **gateway):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        document = support.configuration_document(
+            directory, {"payments": support.postgres_connection(15432)}, gateway=gateway
+        )
+        document["gateway"]["store"].update(store or {})
+        return document
+
+    def test_sizes(self):
+        """
+        Sizes take units; the defaults are 256 MiB and 5 %, a 4 MiB reserve
+        and a check every 5 seconds.
+        """
+        from hoopgw import config as configuration
+
+        store = configuration.parse(self.document()).gateway.store
+        self.assertEqual(
+            (store.low_water, store.low_water_percent, store.reserve, store.space_check_interval),
+            (256 * 1024 * 1024, 5.0, 4 * 1024 * 1024, 5.0),
+        )
+        store = configuration.parse(self.document({"low_water": "1GiB", "reserve": "512KiB"})).gateway.store
+        self.assertEqual((store.low_water, store.reserve), (1024**3, 512 * 1024))
+
+    def test_bad_size(self):
+        """
+        A size that is not one is refused, naming the option and the form.
+        """
+        from hoopgw import config as configuration
+        from hoopgw.options import ConfigError
+
+        error = self.assertRaises(ConfigError, configuration.parse, self.document({"low_water": "lots"}))
+        self.assertEqual(error.path, "gateway.store.low_water")
+        self.assertIn("256MiB", str(error))
+
+    def test_witness_needs_a_signing_key_and_a_folder(self):
+        """
+        A witness without a signing key has nothing to keep, and one in a
+        folder that does not exist could never be written: both refused.
+        """
+        from hoopgw import config as configuration
+        from hoopgw.options import ConfigError
+
+        witness = os.path.join(os.path.abspath(self.mktemp()), "heads.jsonl")
+        error = self.assertRaises(ConfigError, configuration.parse, self.document(witness={"file": witness}))
+        self.assertEqual(error.path, "gateway.witness.file")
+        self.assertIn("does not exist", str(error))
+        os.makedirs(os.path.dirname(witness))
+        error = self.assertRaises(ConfigError, configuration.parse, self.document(witness={"file": witness}))
+        self.assertEqual(error.path, "gateway.witness")
+        self.assertIn("needs gateway.signing_key", str(error))
