@@ -3,6 +3,12 @@ The embedded evidence store: a folder of JSON-lines segments, one event a
 line, hash-chained across the whole store.  Appends are group-committed:
 every event written in the meantime shares one fdatasync, and an append's
 Deferred fires only once its event is on disk (write-ahead).
+
+It guards its volume's space (L{hoopgw.store.space}): below the low-water
+mark it refuses new sessions; when a write fails for want of space it cuts
+the write back to the last complete event, gives up the room it set aside,
+and failing that refuses every event until it can write again, then
+resumes by itself.
 """
 
 import errno
