@@ -671,3 +671,47 @@ class SpaceTests(unittest.TestCase):
         )
         self.assertEqual((events[2]["refused_sessions"], events[2]["refused_attempts"]), (1, 1))
         self.assertGreater(events[0]["database_bytes"], 0)
+
+
+class WitnessTests(unittest.TestCase):
+    """
+    The PostgreSQL store publishes its signed checkpoints to a witness.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_witness_catches_rows_cut_off(self):
+        """
+        Every checkpoint a store commits goes to the witness file; verify
+        with the witness passes on the store, and fails on a copy whose
+        last rows someone who can disable the triggers deleted.
+        """
+        from hoopgw.store.witness import FileWitness
+
+        settings = yield in_thread(store_settings)
+        config = parse_options(settings["postgres"], "gateway.store.postgres")
+        yield in_thread(pgstore.prepare_schema, config)
+        witness = os.path.join(os.path.abspath(self.mktemp()), "heads.jsonl")
+        os.makedirs(os.path.dirname(witness))
+        store = PostgresStore(config, reactor)
+        store.use_signer(es.signing.Signer.from_pem(open(es.signing_key()[0], "rb").read()), every_events=3,
+                         every_seconds=0)
+        store.use_witness(FileWitness(witness))
+        yield store.start()
+        for number in range(7):
+            yield store.append({"type": "test", "n": number})
+        yield store.close()
+        heads = verification.read_witness(witness)
+        self.assertEqual(len(heads), 3)
+        key = es.signing.Verifier.from_file(es.signing_key()[1])
+        source = yield in_thread(source_for, settings)
+        report = yield in_thread(verification.verify_source, source, key, verification.read_witness(witness, key))
+        self.assertTrue(report.ok, report.problem)
+        self.assertEqual(report.heads_checked, 3)
+
+        copy = yield in_thread(copy_schema, settings)
+        yield in_thread(superuser, "DELETE FROM {s}.events WHERE seq > 4".format(s=copy["postgres"]["schema"]))
+        source = yield in_thread(source_for, copy)
+        report = yield in_thread(verification.verify_source, source, key, verification.read_witness(witness, key))
+        self.assertEqual(report.kind, verification.TRUNCATED, report.problem)
