@@ -244,6 +244,17 @@ def parser():
     )
     verify.add_argument("store", help="a store folder, an evidence bundle (.tar.gz) or a PostgreSQL store's DSN")
     verify.add_argument("--key", help="your copy of the record's public signing key (PEM)")
+    verify.add_argument(
+        "--expect-head",
+        metavar="SEQ:HASH",
+        help="a head an earlier verify printed (after 'head'): fail if the record no longer holds it",
+    )
+    verify.add_argument(
+        "--witness",
+        metavar="FILE",
+        help="the witness file the gateway published its signed checkpoints to (gateway.witness): "
+        "fail if the record no longer holds any of them",
+    )
     verify.set_defaults(run=_verify)
 
     init = commands.add_parser(

@@ -92,6 +92,10 @@ class StoreConfig:
     retention = attr.ib(default=None)
     postgres = attr.ib(default=None)
     sync_process = attr.ib(default=True)
+    low_water = attr.ib(default=256 * 1024 * 1024)
+    low_water_percent = attr.ib(default=5.0)
+    reserve = attr.ib(default=4 * 1024 * 1024)
+    space_check_interval = attr.ib(default=5.0)
 
 
 @attr.s(frozen=True)
@@ -101,6 +105,7 @@ class GatewayConfig:
     admin = attr.ib()
     signing_key = attr.ib()
     options = attr.ib(factory=dict)
+    witness = attr.ib(default=None)
 
 
 @attr.s(frozen=True)
@@ -169,6 +174,32 @@ STORE_OPTIONS = (
         "How long the record is kept online and in all: 'pci-dss-10.5.1' (3 months online, 12 months kept) "
         "or {online: 90d, keep: 365d, purge: false}.",
     ),
+    o.Option(
+        "low_water",
+        lambda value, path: _load_module("hoopgw.store.space").size(value, path),
+        256 * 1024 * 1024,
+        "Below this much free space (or low_water_percent of the volume, whichever is smaller; for backend "
+        "postgres, room left under postgres.max_bytes) new sessions are refused until space returns.",
+    ),
+    o.Option(
+        "low_water_percent",
+        lambda value, path: _load_module("hoopgw.store.space").percent(value, path),
+        5.0,
+        "The low-water mark as a percentage of the volume (or of postgres.max_bytes).",
+    ),
+    o.Option(
+        "reserve",
+        lambda value, path: _load_module("hoopgw.store.space").size(value, path),
+        4 * 1024 * 1024,
+        "Room the file store sets aside (STORE/reserve) and gives up when the volume is full, so the events "
+        "of sessions in flight and gateway.stop still fit.",
+    ),
+    o.Option(
+        "space_check_interval",
+        lambda value, path: _positive_duration(value, path),
+        5.0,
+        "How often the store measures its space, and after a full disk tries to write again.",
+    ),
 )
 
 
@@ -212,6 +243,13 @@ GATEWAY_OPTIONS = (
     o.Option("store", o.mapping, {}, "The evidence store: backend, path, fsync, segment_bytes."),
     o.Option("admin", o.mapping, None, "The admin HTTP listener (approvals API); off when absent."),
     o.Option("signing_key", o.secret, None, "The Ed25519 key signing the record's checkpoints."),
+    o.Option(
+        "witness",
+        lambda value, path: _load_module("hoopgw.store.witness").parse_options(value, path),
+        None,
+        "{file: PATH}: append every signed checkpoint to PATH, on another volume than the store, for "
+        "'hoopgw verify --witness PATH'.",
+    ),
 )
 
 
@@ -370,11 +408,14 @@ def _parse(document, path):
                 "approvers' tokens must not cross the network in clear: give tls_certificate and tls_key, "
                 "or listen on loopback only (interface=127.0.0.1)",
             )
+    if gateway_raw["witness"] is not None and gateway_raw["signing_key"] is None:
+        raise ConfigError("gateway.witness", "needs gateway.signing_key: the witness keeps the signed checkpoints")
     gateway = GatewayConfig(
         state_dir=gateway_raw["state_dir"],
         store=store,
         admin=admin,
         signing_key=gateway_raw["signing_key"],
+        witness=gateway_raw["witness"],
     )
 
     providers = {}

@@ -73,6 +73,8 @@ class Gateway(service.MultiService):
                 every_events=config.gateway.store.checkpoint_events,
                 every_seconds=config.gateway.store.checkpoint_interval,
             )
+            if config.gateway.witness is not None:
+                store.use_witness(config.gateway.witness)
         self.identity_providers = {
             name: provider.build(reactor) for name, provider in config.identity_providers.items()
         }
@@ -172,7 +174,7 @@ class Gateway(service.MultiService):
         if starting is not None:
             # What the store found on opening (a crash, a torn line) goes in
             # before this run's start.
-            starting().addErrback(lambda failure: self.log.failure("Recording the store's recovery failed", failure))
+            starting(self.instance).addErrback(lambda failure: self.log.failure("Recording the store's recovery failed", failure))
         self.record(
             {
                 "type": "gateway.start",

@@ -422,6 +422,7 @@ class RecoveryTests(unittest.TestCase):
         # The crash: the process is gone, its lock with it; nothing more is written.
         harness.gateway.running = False
         harness.store._schedule.stop()
+        harness.store._space_timer.stop()
         harness.store._syncer.stop()
         harness.store._syncer = None
         os.close(harness.store._lock_fd)

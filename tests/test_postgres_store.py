@@ -207,7 +207,15 @@ class SharedStoreTests(unittest.TestCase):
         self.assertTrue(report.ok, report.problem)
         self.assertIn("is running", report.summary())
 
+        # A session still open on the second when it is killed: its end is the crash.
+        slow = psql(second.dsn(), "-c", "SELECT pg_sleep(30)", password=token())
+        for _ in range(200):
+            events = [event for _, _, event in (yield in_thread(lambda: list(source.entries())))]
+            if any("pg_sleep" in (event.get("text") or "") for event in events):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
         yield in_thread(second.stop, signal.SIGKILL)
+        yield slow
         report = yield in_thread(verification.verify_source, source, es.signing.Verifier.from_file(es.signing_key()[1]))
         self.assertIn(report.kind, (verification.UNSIGNED_TAIL, verification.UNENDED), report.problem)
 
@@ -219,9 +227,16 @@ class SharedStoreTests(unittest.TestCase):
         (recovered,) = [event for event in events if event["type"] == "gateway.recovered"]
         self.assertEqual(len(recovered["crashed"]), 1)
         self.assertIn(recovered["crashed"][0], gateways)
+        # It names the run recovering, and the events nobody had signed.
+        self.assertEqual(recovered["by"], third.gateway.instance)
+        self.assertEqual(recovered["unsigned"]["to"], recovered["seq"] - 1)
+        self.assertLessEqual(recovered["unsigned"]["from"], recovered["unsigned"]["to"])
         report = yield in_thread(verification.verify_source, source, es.signing.Verifier.from_file(es.signing_key()[1]))
         self.assertTrue(report.ok, report.problem)
-        self.assertEqual(report.sessions, 7)
+        self.assertEqual(report.sessions, 8)
+        self.assertIn(
+            "sessions: 8: 7 ended, 1 ended by the recorded crash of run %s" % (recovered["crashed"][0],), report.summary()
+        )
         out = yield in_thread(_cli_verify, settings)
         self.assertIn("OK: %d events" % (len(events),), out)
 
@@ -609,3 +624,94 @@ class ReplayOnSharedStoreTests(unittest.TestCase):
         report = yield in_thread(verification.verify_source, source, es.signing.Verifier.from_file(es.signing_key()[1]))
         source.close()
         self.assertTrue(report.ok, report.problem)
+
+
+class SpaceTests(unittest.TestCase):
+    """
+    The PostgreSQL store against its configured maximum size.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_low_room_refuses_new_sessions_then_admits(self):
+        """
+        With C{max_bytes} just above the database's size, the room left is
+        below the low-water mark: C{store.low-space} is written once, a new
+        session's start is refused (and its end not written) while a
+        session in flight goes on; with a larger maximum the store admits
+        sessions again and C{store.space-ok} counts what it refused.
+        """
+        import attr
+
+        settings = yield in_thread(store_settings)
+        config = parse_options(settings["postgres"], "gateway.store.postgres")
+        yield in_thread(pgstore.prepare_schema, config)
+        used = yield in_thread(superuser, "SELECT pg_database_size('audit')")
+        store = PostgresStore(
+            attr.evolve(config, max_bytes=used[0][0] + 64 * 1024), reactor, low_water=1024 * 1024,
+            low_water_percent=100, space_check_interval=0,
+        )
+        self.addCleanup(store.close)
+        yield store.start()
+        self.assertEqual(store.state(), "low-space")
+        yield store.append({"type": "command", "session": "s-in-flight"})
+        refused = yield self.assertFailure(store.append({"type": "session.start", "session": "s-new"}), StoreError)
+        self.assertIn("low on space", str(refused))
+        yield store.append({"type": "session.end", "session": "s-new"})
+        yield store.append({"type": "session.refused", "session": "s-login"})
+        store.config = attr.evolve(store.config, max_bytes=used[0][0] * 100)
+        yield store.check_space()
+        self.assertEqual(store.state(), "ok")
+        yield store.append({"type": "session.start", "session": "s-later"})
+        source = yield in_thread(source_for, settings)
+        events = [event for _, _, event in (yield in_thread(lambda: list(source.entries())))]
+        self.assertEqual(
+            [event["type"] for event in events], ["store.low-space", "command", "store.space-ok", "session.start"]
+        )
+        self.assertEqual((events[2]["refused_sessions"], events[2]["refused_attempts"]), (1, 1))
+        self.assertGreater(events[0]["database_bytes"], 0)
+
+
+class WitnessTests(unittest.TestCase):
+    """
+    The PostgreSQL store publishes its signed checkpoints to a witness.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_witness_catches_rows_cut_off(self):
+        """
+        Every checkpoint a store commits goes to the witness file; verify
+        with the witness passes on the store, and fails on a copy whose
+        last rows someone who can disable the triggers deleted.
+        """
+        from hoopgw.store.witness import FileWitness
+
+        settings = yield in_thread(store_settings)
+        config = parse_options(settings["postgres"], "gateway.store.postgres")
+        yield in_thread(pgstore.prepare_schema, config)
+        witness = os.path.join(os.path.abspath(self.mktemp()), "heads.jsonl")
+        os.makedirs(os.path.dirname(witness))
+        store = PostgresStore(config, reactor)
+        store.use_signer(es.signing.Signer.from_pem(open(es.signing_key()[0], "rb").read()), every_events=3,
+                         every_seconds=0)
+        store.use_witness(FileWitness(witness))
+        yield store.start()
+        for number in range(7):
+            yield store.append({"type": "test", "n": number})
+        yield store.close()
+        heads = verification.read_witness(witness)
+        self.assertEqual(len(heads), 3)
+        key = es.signing.Verifier.from_file(es.signing_key()[1])
+        source = yield in_thread(source_for, settings)
+        report = yield in_thread(verification.verify_source, source, key, verification.read_witness(witness, key))
+        self.assertTrue(report.ok, report.problem)
+        self.assertEqual(report.heads_checked, 3)
+
+        copy = yield in_thread(copy_schema, settings)
+        yield in_thread(superuser, "DELETE FROM {s}.events WHERE seq > 4".format(s=copy["postgres"]["schema"]))
+        source = yield in_thread(source_for, copy)
+        report = yield in_thread(verification.verify_source, source, key, verification.read_witness(witness, key))
+        self.assertEqual(report.kind, verification.TRUNCATED, report.problem)

@@ -49,7 +49,7 @@ def _filters(arguments):
 def verify(arguments, out):
     from hoopgw.store.verify import verify as check
 
-    report = check(arguments.store, arguments.key)
+    report = check(arguments.store, arguments.key, expect_head=arguments.expect_head, witness=arguments.witness)
     print(report.summary(), file=out)
     return 0 if report.ok else 1
 

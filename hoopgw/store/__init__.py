@@ -19,10 +19,15 @@ def open_store(config, reactor):
                 "gateway.store.retention applies to the file backend; a PostgreSQL store keeps every row: "
                 "export bundles on a schedule (hoopgw export) and archive them instead"
             )
-        store = PostgresStore(config.postgres, reactor)
+        store = PostgresStore(
+            config.postgres, reactor, low_water=config.low_water, low_water_percent=config.low_water_percent,
+            space_check_interval=config.space_check_interval,
+        )
     else:
         store = FileStore(
-            config.path, reactor, fsync=config.fsync, segment_bytes=config.segment_bytes, sync_process=config.sync_process
+            config.path, reactor, fsync=config.fsync, segment_bytes=config.segment_bytes, sync_process=config.sync_process,
+            low_water=config.low_water, low_water_percent=config.low_water_percent, reserve=config.reserve,
+            space_check_interval=config.space_check_interval,
         )
         if config.retention is not None:
             store.use_retention(config.retention)

@@ -61,6 +61,10 @@ class ChainState:
             self.running.discard(gateway)
         elif kind == GATEWAY_RECOVERED:
             self.running.difference_update(event.get("crashed") or ())
+            # The run recovering is named running from here, so the
+            # checkpoint that signs the recovery names it too.
+            if event.get("by"):
+                self.running.add(event["by"])
         elif kind == STORE_RECONNECTED and gateway:
             self.running.add(gateway)
 

@@ -3,6 +3,12 @@ The embedded evidence store: a folder of JSON-lines segments, one event a
 line, hash-chained across the whole store.  Appends are group-committed:
 every event written in the meantime shares one fdatasync, and an append's
 Deferred fires only once its event is on disk (write-ahead).
+
+It guards its volume's space (L{hoopgw.store.space}): below the low-water
+mark it refuses new sessions; when a write fails for want of space it cuts
+the write back to the last complete event, gives up the room it set aside,
+and failing that refuses every event until it can write again, then
+resumes by itself.
 """
 
 import errno
@@ -18,7 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from hoopgw.interfaces import IStore
-from hoopgw.store import events
+from hoopgw.store import events, space
 from hoopgw.store.checkpoints import GATEWAY_RECOVERED, ChainState, CheckpointSchedule
 from hoopgw.store.sync import SyncProcess, SyncProcessLost
 
@@ -130,6 +136,12 @@ _CHECKPOINT_MARK = b'"type":"checkpoint"'
 # How long an event nobody waits on (a command's end) may wait for a sync
 # that an urgent, write-ahead event would bring anyway.
 LAZY_SYNC = 0.05
+# A lost sync process is replaced this many times in a row (without a sync
+# answered in between) before the store syncs in its event loop instead.
+SYNC_RESTARTS = 3
+# A full disk: the errors of a write that may succeed once space is freed.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+RESERVE = "reserve"
 
 
 def _last_checkpoint_position(segments):
@@ -186,7 +198,8 @@ class FileStore:
     log = Logger()
 
     def __init__(self, directory, reactor, fsync=True, segment_bytes=64 * 1024 * 1024, clock=None,
-                 sync_process=False):
+                 sync_process=False, low_water=256 * 1024 * 1024, low_water_percent=5.0, reserve=4 * 1024 * 1024,
+                 space_check_interval=5.0):
         self.directory = directory
         self._sync_process = sync_process and fsync
         self.casts = os.path.join(directory, "casts")
@@ -204,21 +217,50 @@ class FileStore:
         self._syncer = None
         self._recovered = None
         self._unclean = None
-        self.state = ChainState()
+        self.chain = ChainState()
         self.signer = None
         self._schedule = None
         self._retention = None
         self._retention_timer = None
         # Where event timestamps come from (a test may turn it back).
         self._clock = clock
+        self._restarts = 0
+        # Space: the low-water mark, the room set aside, and - after a write
+        # failed for want of space - what the store refused since.
+        self._guard = space.LowWater(low_water, low_water_percent)
+        self._reserve = reserve
+        self._space_interval = space_check_interval
+        self._space_timer = None
+        self._stalled = None
+        self._last_resume = None
+        self._resuming = False
+        self._witness = None
 
     @property
     def seq(self):
-        return self.state.seq
+        return self.chain.seq
+
+    def state(self):
+        """
+        What monitoring and readiness checks read: C{"ok"}, C{"low-space"}
+        (new sessions are refused until space is freed) or C{"failed"} (no
+        event can be written: every command is refused; after a full disk
+        the store resumes by itself once it can write again).
+        """
+        if self._broken is not None or self._stalled is not None or self._fd is None:
+            return space.FAILED
+        return space.LOW_SPACE if self._guard.low else space.OK
+
+    def use_witness(self, witness):
+        """
+        Publish every signed checkpoint, once durable, to C{witness} (a
+        L{hoopgw.store.witness.FileWitness}).
+        """
+        self._witness = witness
 
     @property
     def head(self):
-        return self.state.head
+        return self.chain.head
 
     def use_signer(self, signer, every_events=1000, every_seconds=60.0):
         """
@@ -264,14 +306,15 @@ class FileStore:
                         "the last event of %s does not match its hash: the store was altered; "
                         "run 'hoopgw verify %s' before starting the gateway" % (path, self.directory)
                     )
-                self.state = ChainState.rebuild(_tail_from_last_checkpoint(segments))
+                self.chain = ChainState.rebuild(_tail_from_last_checkpoint(segments))
                 self._note_unclean_end()
         else:
             path = os.path.join(self.directory, "events-%012d.jsonl" % (1,))
         self._open_segment(path)
         if self._sync_process:
             self._syncer = SyncProcess(self._reactor)
-            self._syncer.open(self._segment).addErrback(self._sync_process_failed)
+            self._syncer.open(self._segment).addErrback(self._sync_process_failed, (), self._syncer)
+        self._keep_reserve()
 
     def _recover_torn_tail(self, path, torn_at):
         """
@@ -300,7 +343,7 @@ class FileStore:
         last checkpoint of a signed record: it did not stop cleanly.  The
         next start says so in the chain.
         """
-        state = self.state
+        state = self.chain
         unsigned = (state.last_checkpoint is not None or state.running) and state.since_checkpoint > 0
         if state.running or unsigned:
             self._unclean = {
@@ -315,10 +358,14 @@ class FileStore:
         self._size = os.fstat(self._fd).st_size
         self._segment = path
 
-    def start(self):
+    def start(self, instance=None):
         """
         Write what recovery found, if anything, sign it, and start the
-        checkpoint timer.  @return: a L{Deferred}.
+        checkpoint and space timers.
+
+        @param instance: the id of the gateway run starting: the recovery
+            event names it, so the checkpoint signing the recovery does too.
+        @return: a L{Deferred}.
         """
         written = []
         if self._recovered is not None:
@@ -326,6 +373,8 @@ class FileStore:
             written.append(self.append(recovered))
         if self._unclean is not None:
             unclean, self._unclean = self._unclean, None
+            if instance is not None:
+                unclean["by"] = instance
             written.append(self.append(unclean))
             if self.signer is not None:
                 written.append(self.checkpoint("recovered"))
@@ -333,39 +382,65 @@ class FileStore:
             self._schedule.start()
         if self._retention_timer is not None and not self._retention_timer.running:
             self._retention_timer.start(self._retention.check_interval, now=True)
+        if self._space_interval and self._space_timer is None:
+            from twisted.internet import task
+
+            self._space_timer = task.LoopingCall(self.check_space)
+            self._space_timer.clock = self._reactor
+            self._space_timer.start(self._space_interval, now=True)
         return defer.gatherResults(written, consumeErrors=True).addCallback(lambda _: None)
 
     def unsigned_events(self):
-        return self.state.since_checkpoint
+        return self.chain.since_checkpoint
 
     def checkpoint(self, reason):
         """
         Append a signed checkpoint covering the chain so far.
         """
         event = {"type": events.CHECKPOINT, "reason": reason}
-        event.update(self.state.checkpoint_fields())
-        return self.append(event)
+        event.update(self.chain.checkpoint_fields())
+        written = self.append(event)
+        if self._witness is not None and self.signer is not None:
+            written.addCallback(lambda sealed: (self._witness.publish(sealed), sealed)[1])
+        return written
 
     def append(self, event, urgent=True):
         if self._broken is not None:
             return defer.fail(StoreError("the store failed earlier and takes no more events: %s" % (self._broken,)))
         if self._fd is None:
             return defer.fail(StoreError("the store is not open"))
+        if self._stalled is not None:
+            self._resume(throttle=True)
+            if self._stalled is not None:
+                self._stalled["refused"] += 1
+                return defer.fail(StoreError(
+                    "the audit store cannot write (%s); nothing is let through until space is freed, and the "
+                    "store resumes by itself then" % (self._stalled["reason"],)))
+        if event.get("type") in space.ADMITTING:
+            self.check_space()
+        screened = self._guard.screen(event, StoreError)
+        if screened is not None:
+            return screened
+        return self._write_event(event, urgent)
+
+    def _write_event(self, event, urgent=True):
         now = self._clock() if self._clock is not None else None
         data = events.seal(event, self.seq + 1, self.head, now=now, signer=self.signer)
         try:
             # Written at once, in order, so readers see it; made durable by
             # the next group commit.
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
+            self._write(data)
         except OSError as error:
-            self._fail("writing %s failed: %s" % (self._segment, error.strerror))
-            return defer.fail(StoreError(self._broken))
-        self.state.account(event)
+            if error.errno not in NO_SPACE:
+                self._fail("writing %s failed: %s" % (self._segment, error.strerror))
+                return defer.fail(StoreError(self._broken))
+            refusal = self._write_in_reserve(data, error)
+            if refusal is not None:
+                return defer.fail(StoreError(refusal))
+        self.chain.account(event)
         self._size += len(data)
         if self._schedule is not None:
-            self._schedule.appended(self.state.since_checkpoint)
+            self._schedule.appended(self.chain.since_checkpoint)
         if not self._fsync:
             if self._size >= self._segment_bytes:
                 self._rotate()
@@ -379,6 +454,145 @@ class FileStore:
         elif self._lazy is None:
             self._lazy = self._reactor.callLater(LAZY_SYNC, self._sync)
         return d
+
+    def _write(self, data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def _write_in_reserve(self, data, error):
+        """
+        A write failed for want of space.  Cut what part of it reached the
+        segment (a torn line would read as an edit), give up the room set
+        aside and write again; if that fails too, stall: refuse every event
+        until space is freed.
+
+        @return: None once the event is written, else why it is not.
+        """
+        try:
+            os.ftruncate(self._fd, self._size)
+            if self._give_up_reserve():
+                self._write(data)
+                return None
+        except OSError as again:
+            error = again
+            if error.errno not in NO_SPACE:
+                self._fail("writing %s failed: %s" % (self._segment, error.strerror))
+                return self._broken
+        self._stall("writing %s failed: %s" % (os.path.basename(self._segment), error.strerror))
+        return (
+            "the audit store cannot write (%s); nothing is let through until space is freed, and the store "
+            "resumes by itself then" % (self._stalled["reason"],)
+        )
+
+    def _stall(self, reason):
+        try:
+            # Back to the end of the last complete event.
+            os.ftruncate(self._fd, self._size)
+        except OSError as error:
+            self._fail("cutting a torn write from %s failed: %s" % (self._segment, error.strerror))
+        if self._stalled is None:
+            if not self._resuming:
+                self.log.critical(
+                    "The audit store cannot write: {reason}; every event is refused until space is freed, "
+                    "then the store resumes by itself", reason=reason)
+            # (While resuming, L{_resume} puts back what it stalled with.)
+            self._stalled = {"since": events.timestamp(), "reason": reason, "refused": 1}
+
+    def _give_up_reserve(self):
+        path = os.path.join(self.directory, RESERVE)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        self.log.warn("The audit store's volume is full: the reserved room ({reserve}) is given up for the events in flight",
+                      reserve=space.mebibytes(self._reserve))
+        return True
+
+    def _keep_reserve(self):
+        """
+        Set the reserved room aside again, if there is room for it above
+        the low-water mark.
+        """
+        path = os.path.join(self.directory, RESERVE)
+        if not self._reserve or os.path.exists(path):
+            return
+        try:
+            free, total = self._measure()
+            if free - self._reserve < self._guard.mark(total):
+                return
+            fd = os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self._reserve)
+            finally:
+                os.close(fd)
+            os.rename(path + ".new", path)
+        except OSError as error:
+            self.log.warn("Setting {path} aside failed: {why}", path=path, why=error.strerror)
+            try:
+                os.unlink(path + ".new")
+            except OSError:
+                pass
+
+    def _measure(self):
+        facts = os.statvfs(self.directory)
+        return facts.f_bavail * facts.f_frsize, facts.f_blocks * facts.f_frsize
+
+    def check_space(self):
+        """
+        Measure the free space: below the low-water mark, new sessions are
+        refused (C{store.low-space}, once); above it again, admitted
+        (C{store.space-ok}).  After a full disk, try to resume.
+        """
+        if self._fd is None or self._broken is not None:
+            return
+        if self._stalled is not None:
+            self._resume()
+            return
+        try:
+            free, total = self._measure()
+        except OSError as error:
+            self.log.warn("Measuring the store's free space failed: {why}", why=error.strerror)
+            return
+        change = self._guard.measured(free, total, events.timestamp())
+        if change is not None:
+            if change["type"] == space.STORE_LOW_SPACE:
+                self.log.critical("{reason}", reason=change["reason"])
+            else:
+                self.log.warn("{reason}", reason=change["reason"])
+            self._write_event(change).addErrback(lambda failure: None)
+        if not self._guard.low:
+            self._keep_reserve()
+
+    def _resume(self, throttle=False):
+        """
+        After a full disk: write C{store.resumed} (when writing stopped, why,
+        how many events were refused); once it is written, events are taken
+        again.
+        """
+        now = self._reactor.seconds()
+        if throttle and self._last_resume is not None and now - self._last_resume < 1.0:
+            return
+        self._last_resume = now
+        stalled, self._stalled = self._stalled, None
+        event = {
+            "type": space.STORE_RESUMED,
+            "since": stalled.get("since"),
+            "reason": stalled["reason"],
+            "refused": stalled["refused"],
+        }
+        self._resuming = True
+        try:
+            written = self._write_event(event)
+        finally:
+            self._resuming = False
+        written.addErrback(lambda failure: None)
+        if self._stalled is not None:
+            # Still no room: it stays stalled as it was.
+            self._stalled = stalled
+            return
+        self.log.warn("The audit store writes again; {refused} event(s) were refused meanwhile", refused=stalled["refused"])
+        self.check_space()
 
     def _sync(self):
         """
@@ -399,7 +613,7 @@ class FileStore:
         batch, self._waiting = self._waiting, []
         if self._syncer is not None:
             self._syncer.sync().addCallbacks(
-                lambda _: self._synced(batch, None), self._sync_process_failed, errbackArgs=(batch,)
+                lambda _: self._synced(batch, None), self._sync_process_failed, errbackArgs=(batch, self._syncer)
             )
             return
         try:
@@ -409,18 +623,32 @@ class FileStore:
             error = failure
         self._synced(batch, error)
 
-    def _sync_process_failed(self, failure, batch=()):
+    def _sync_process_failed(self, failure, batch=(), syncer=None):
         """
-        The sync process could not sync, or went away.  Gone, it is
-        replaced by syncing in the loop, which then covers what it was
-        asked; a failed sync fails the store.
+        The sync process could not sync, or went away.  Gone, a new one
+        takes over (up to L{SYNC_RESTARTS} times in a row, then syncing in
+        the loop does) and covers what it was asked; a failed sync fails
+        the store.
         """
         if batch:
             self._syncing = False
         reason = "syncing %s failed: %s" % (self._segment, failure.getErrorMessage())
         if failure.check(SyncProcessLost) and self._broken is None and self._fd is not None:
             reason = None
-            if self._syncer is not None:
+            if self._syncer is not None and self._syncer is syncer and self._restarts < SYNC_RESTARTS:
+                self._restarts += 1
+                try:
+                    self._syncer = SyncProcess(self._reactor)
+                except OSError as error:
+                    self.log.warn("Starting a new sync process failed: {why}", why=error.strerror)
+                else:
+                    self.log.warn("{why}; a new sync process ({pid}) takes over", why=failure.getErrorMessage(),
+                                  pid=self._syncer.pid)
+                    # It follows the segment (making its folder entry durable),
+                    # then syncs what the lost one was asked.
+                    self._syncer.open(self._segment).addErrback(self._sync_process_failed, (), self._syncer)
+                    syncer = None
+            if self._syncer is not None and self._syncer is syncer:
                 self.log.warn("{why}; the store syncs in the event loop from now on", why=failure.getErrorMessage())
                 self._syncer = None
                 try:
@@ -431,6 +659,7 @@ class FileStore:
             if reason is None:
                 if batch:
                     self._waiting[:0] = batch
+                    self._syncing = True
                     self._sync_now()
                 return
         if self._broken is None:
@@ -447,6 +676,7 @@ class FileStore:
             for d, _ in batch:
                 d.errback(StoreError(self._broken))
             return
+        self._restarts = 0
         if self._size >= self._segment_bytes:
             self._rotate()
         for d, event in batch:
@@ -481,9 +711,14 @@ class FileStore:
             self._fail("fdatasync of %s failed: %s" % (self._segment, error.strerror))
             return
         os.close(self._fd)
-        self._open_segment(os.path.join(self.directory, "events-%012d.jsonl" % (self.seq + 1,)))
+        try:
+            self._open_segment(os.path.join(self.directory, "events-%012d.jsonl" % (self.seq + 1,)))
+        except OSError as error:
+            self._fd = None
+            self._fail("starting segment %d failed: %s" % (self.seq + 1, error.strerror))
+            return
         if self._syncer is not None:
-            self._syncer.open(self._segment).addErrback(self._sync_process_failed)
+            self._syncer.open(self._segment).addErrback(self._sync_process_failed, (), self._syncer)
         elif self._fsync:
             self._sync_folder()
 
@@ -604,10 +839,12 @@ class FileStore:
         """
         if self._retention_timer is not None and self._retention_timer.running:
             self._retention_timer.stop()
+        if self._space_timer is not None and self._space_timer.running:
+            self._space_timer.stop()
         if self._schedule is not None:
             schedule, self._schedule = self._schedule, None
             schedule.stop()
-            if self.signer is not None and self.state.since_checkpoint and self._broken is None and self._fd is not None:
+            if self.signer is not None and self.chain.since_checkpoint and self._broken is None and self._fd is not None:
                 self.checkpoint("stop").addErrback(lambda failure: self.log.failure("The closing checkpoint failed", failure))
         if self._waiting and not self._syncing:
             # Events nobody waited on are made durable now, not later.

@@ -32,7 +32,13 @@ checkpoints, exactly as the file store does in a folder.
   many events it refused, the sessions that ended unrecorded and those
   still open) before it takes events again.  An error the database gives
   on a live connection (a trigger refusing a write) still stops the store
-  for good.
+  for good - except a full disk (SQLSTATE class 53), which is an outage
+  too: the store resumes by itself once the database can write.
+- With C{max_bytes}, the store measures the database's size
+  (pg_database_size) every C{space_check_interval}; when the room left
+  under the maximum falls below the low-water mark it refuses new
+  sessions (C{store.low-space}, once) and admits them again when room
+  returns (C{store.space-ok}).
 """
 
 import functools
@@ -53,6 +59,7 @@ from hoopgw import options as o
 from hoopgw.interfaces import IStore
 from hoopgw.options import ConfigError
 from hoopgw.store import events as chaining
+from hoopgw.store import space
 from hoopgw.store.checkpoints import (
     GATEWAY_RECOVERED,
     GATEWAY_START,
@@ -92,6 +99,13 @@ OPTIONS = (
     ),
     o.Option("password", o.secret, None, "The password of the store's role: {file: PATH} or {env: VARIABLE}."),
     o.Option("schema", _schema_name, "hoopgw", "The schema holding the events, attachments and keys tables."),
+    o.Option(
+        "max_bytes",
+        lambda value, path: space.size(value, path),
+        None,
+        "The most the audit database may hold (such as 50GiB): with it, new sessions are refused while the "
+        "room left (max_bytes - pg_database_size) is below gateway.store.low_water; none when absent.",
+    ),
 )
 
 
@@ -100,6 +114,7 @@ class PostgresStoreConfig:
     dsn = attr.ib()
     password = attr.ib(repr=False)
     schema = attr.ib()
+    max_bytes = attr.ib(default=None)
 
 
 def parse_options(raw, path):
@@ -283,7 +298,7 @@ class PostgresStore:
 
     log = Logger()
 
-    def __init__(self, config, reactor):
+    def __init__(self, config, reactor, low_water=256 * 1024 * 1024, low_water_percent=5.0, space_check_interval=5.0):
         self.config = config
         self._reactor = reactor
         self._table = config.schema + ".events"
@@ -307,6 +322,56 @@ class PostgresStore:
         self._observers = []
         self.outage = None
         self._retry = None
+        self._recovering = None
+        self._witness = None
+        self._publish = []
+        self._guard = space.LowWater(low_water, low_water_percent)
+        self._space_interval = space_check_interval
+        self._space_timer = None
+
+    def state(self):
+        """
+        What monitoring and readiness checks read: C{"ok"}, C{"low-space"}
+        (new sessions refused until the database has room again) or
+        C{"failed"} (unreachable, or failed for good: every command is
+        refused).
+        """
+        if self._broken is not None or self.outage is not None or self._closed:
+            return space.FAILED
+        return space.LOW_SPACE if self._guard.low else space.OK
+
+    def use_witness(self, witness):
+        """
+        Publish every signed checkpoint this process writes, once committed,
+        to C{witness} (a L{hoopgw.store.witness.FileWitness}).
+        """
+        self._witness = witness
+
+    def check_space(self):
+        """
+        Measure the database against C{max_bytes}; record a change of
+        state (C{store.low-space}, C{store.space-ok}).
+
+        @return: a L{Deferred}.
+        """
+        if self.config.max_bytes is None or self._closed or self.outage is not None or self._broken is not None:
+            return defer.succeed(None)
+
+        def measure(cursor):
+            return cursor.execute("SELECT pg_database_size(current_database())").addCallback(
+                lambda _: cursor.fetchone()[0])
+
+        def measured(used):
+            total = self.config.max_bytes
+            change = self._guard.measured(max(total - used, 0), total, chaining.timestamp())
+            if change is not None:
+                change["database_bytes"] = used
+                (self.log.critical if change["type"] == space.STORE_LOW_SPACE else self.log.warn)(
+                    "{reason}", reason=change["reason"])
+                return self._enqueue(change)
+
+        return self.read(measure).addCallback(measured).addErrback(
+            lambda failure: self.log.warn("Measuring the store's size failed: {why}", why=failure.getErrorMessage()))
 
     def open(self):
         prepare_schema(self.config)
@@ -315,13 +380,23 @@ class PostgresStore:
         self.signer = signer
         self._schedule = CheckpointSchedule(self, self._reactor, every_events, every_seconds)
 
-    def start(self):
+    def start(self, instance=None):
         """
         Connect; the first batch records what it finds of crashed gateways.
+
+        @param instance: the id of the gateway run starting: the recovery
+            event names it, so the checkpoint signing the recovery does too.
         """
+        self._recovering = instance
         if self._schedule is not None:
             self._schedule.start()
-        return self._connect().addCallback(lambda _: None)
+        if self.config.max_bytes is not None and self._space_interval and self._space_timer is None:
+            from twisted.internet import task
+
+            self._space_timer = task.LoopingCall(self.check_space)
+            self._space_timer.clock = self._reactor
+            self._space_timer.start(self._space_interval, now=False)
+        return self._connect().addCallback(lambda _: self.check_space())
 
     def _connect(self):
         if self._connection is not None and self._connection.closed:
@@ -451,6 +526,9 @@ class PostgresStore:
 
     def append(self, event, urgent=True):
         # Every batch is one transaction: urgent or not, events go with the next.
+        screened = self._guard.screen(event, StoreError)
+        if screened is not None:
+            return screened
         return self._enqueue(event)
 
     def append_checked(self, work):
@@ -513,7 +591,7 @@ class PostgresStore:
                     results = yield connection.runInteraction(self._append_batch, [item for _, item in batch])
                 except Exception as error:
                     reason = "writing to the PostgreSQL store failed: %s" % (str(error).strip() or type(error).__name__,)
-                    if self.outage is not None or _connection_gone(error, self._connection):
+                    if self.outage is not None or _connection_gone(error, self._connection) or _no_room(error):
                         self._lost(reason)
                         failed = self._unreachable()
                         for _, item in batch + self._queue:
@@ -525,6 +603,10 @@ class PostgresStore:
                         d.errback(failed)
                     self._queue = []
                     return
+                published, self._publish = self._publish, []
+                if self._witness is not None:
+                    for checkpoint in published:
+                        self._witness.publish(checkpoint)
                 for (d, _), result in zip(batch, results):
                     if isinstance(result, Failure):
                         d.errback(result)
@@ -573,6 +655,8 @@ class PostgresStore:
                 results.append(result)
                 yield cursor.execute("RELEASE SAVEPOINT hoopgw_checked")
         yield cursor.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, str(chain.seq)))
+        # Published to the witness once the transaction has committed.
+        self._publish = list(chain.checkpoints)
         self._first_batch = False
         self.seq, self.head, self.unsigned = chain.seq, chain.head, chain.unsigned
         return results
@@ -588,6 +672,8 @@ class PostgresStore:
             event.update(state.checkpoint_fields())
         line = chaining.seal(event, chain.seq + 1, chain.head, signer=self.signer)
         chain.seq, chain.head = event["seq"], event["hash"]
+        if event.get("type") == chaining.CHECKPOINT and self.signer is not None:
+            chain.checkpoints.append(event)
         yield cursor.execute(
             "INSERT INTO {t} (seq, ts, type, session, hash, line) VALUES (%s, %s, %s, %s, %s, %s)".format(t=self._table),
             (chain.seq, event["ts"], event["type"], event.get("session"), chain.head, line.decode("utf-8").rstrip("\n")),
@@ -644,12 +730,19 @@ class PostgresStore:
         crashed = sorted(gateway for gateway in state.running if gateway_lock(gateway) not in held)
         if not crashed:
             return None
-        return {
+        # The events after the last checkpoint: the crashed runs' among
+        # them were never signed by their writer; the checkpoint written
+        # with this event signs them.
+        unsigned = (state.last_checkpoint is not None or self.signer is not None) and state.since_checkpoint > 0
+        event = {
             "type": GATEWAY_RECOVERED,
             "crashed": crashed,
-            "unsigned": None,
+            "unsigned": {"from": (state.last_checkpoint or 0) + 1, "to": state.seq} if unsigned else None,
             "reason": "these gateways' runs ended without stopping (a crash or a kill); their connection to the store is gone",
         }
+        if self._recovering is not None:
+            event["by"] = self._recovering
+        return event
 
     def write_attachment(self, name, data):
         """
@@ -704,6 +797,8 @@ class PostgresStore:
         """
         if self._schedule is not None:
             self._schedule.stop()
+        if self._space_timer is not None and self._space_timer.running:
+            self._space_timer.stop()
         if self.signer is not None and self.unsigned and self._broken is None:
             try:
                 yield self.checkpoint("stop")
@@ -744,6 +839,14 @@ def _connection_class():
     return Connection
 
 
+def _no_room(error):
+    """
+    Whether the database refused a write for want of room (SQLSTATE class
+    53: disk full, out of memory): it may take it once room is made.
+    """
+    return str(getattr(error, "pgcode", None) or "").startswith("53")
+
+
 def _connection_gone(error, connection):
     """
     Whether C{error} means the connection to the store is gone (the
@@ -766,6 +869,8 @@ class _Head:
     seq = attr.ib()
     head = attr.ib()
     unsigned = attr.ib()
+    # The signed checkpoints this transaction wrote, for the witness.
+    checkpoints = attr.ib(factory=list)
 
 
 @attr.s(frozen=True)

@@ -5,8 +5,13 @@ removed, a checkpoint whose signature fails or that a key other than the
 expected one signed, an unsigned tail (the signed end cut off), a session
 or a gateway run without its end, a terminal recording (asciicast) missing
 or not matching the digest its command's end event committed, an approval
-the rules would not have allowed.
+the rules would not have allowed, a torn last write, and - given a head the
+auditor noted earlier (C{--expect-head}) or a witness file the gateway
+published its signed checkpoints to (C{--witness}) - a tail cut off after
+the last checkpoint the record itself still holds.
 """
+
+import json
 
 import hashlib
 import os
@@ -35,6 +40,9 @@ CAST_MISSING = "cast-missing"
 CAST_EDITED = "cast-edited"
 UNREADABLE = "unreadable"
 APPROVAL = "approval"
+TORN = "torn"
+TRUNCATED = "truncated"
+WITNESS = "witness"
 
 
 class Problem(Exception):
@@ -71,6 +79,13 @@ class Report:
     notes = attr.ib(factory=list)
     views = attr.ib(default=None)
     approvals = attr.ib(default=None)
+    # Sessions by how they ended: their own session.end, the recorded
+    # crash of their run (by run), a store outage (store.reconnected).
+    sessions_ended = attr.ib(default=0)
+    sessions_crashed = attr.ib(factory=dict)
+    sessions_outage = attr.ib(default=0)
+    sessions_open = attr.ib(default=0)
+    heads_checked = attr.ib(default=0)
 
     @property
     def ok(self):
@@ -78,10 +93,14 @@ class Report:
 
     def summary(self):
         if self.problem is not None:
+            if self.last_seq:
+                return "BROKEN: %s\n  intact up to head %s:%s" % (self.problem, self.last_seq, self.head)
             return "BROKEN: %s" % (self.problem,)
         if self.views is not None and not self.views.ok:
             return "BROKEN: the chain of views of the record: %s" % (self.views.problem,)
-        text = "OK: %d events, chain intact, head %s" % (self.events, self.head)
+        text = "OK: %d events, chain intact, head %s:%s" % (self.events, self.last_seq or 0, self.head)
+        if self.heads_checked:
+            text += "\n  heads checked: %d (--expect-head, --witness), each still in the record" % (self.heads_checked,)
         if self.checkpoints:
             text += "\n  signed: %d checkpoint(s), events %s to %s covered, key %s" % (
                 self.checkpoints,
@@ -89,7 +108,7 @@ class Report:
                 self.signed_through,
                 ", ".join(sorted(self.key_ids)),
             )
-        text += "\n  sessions: %d, each with its end; asciicasts checked: %d" % (self.sessions, self.casts)
+        text += "\n  sessions: %s; asciicasts checked: %d" % (self._sessions_summary(), self.casts)
         if self.approvals:
             text += "\n  " + self.approvals
         for note in self.notes:
@@ -100,14 +119,90 @@ class Report:
                 text += ", signed through %s" % (self.views.signed_through,)
         return text
 
+    def _sessions_summary(self):
+        """
+        How the sessions ended, exactly: each by its own end event, by the
+        recorded crash of its gateway run, by a store outage, or still open.
+        """
+        parts = []
+        if self.sessions_ended:
+            parts.append("%d ended" % (self.sessions_ended,))
+        for run, number in sorted(self.sessions_crashed.items()):
+            parts.append("%d ended by the recorded crash of run %s" % (number, run))
+        if self.sessions_outage:
+            parts.append("%d ended during a store outage (store.reconnected)" % (self.sessions_outage,))
+        if self.sessions_open:
+            parts.append("%d still open" % (self.sessions_open,))
+        if parts == ["%d ended" % (self.sessions,)] or not (self.sessions or parts):
+            return "%d, each with its end" % (self.sessions,)
+        return "%d: %s" % (self.sessions, ", ".join(parts))
+
+
+def parse_head(text, where="--expect-head"):
+    """
+    C{(seq, hash)} of a head written as C{SEQ:HASH} (as verify prints it).
+
+    @raise ValueError: saying what is wrong.
+    """
+    seq, _, digest = text.strip().partition(":")
+    if not seq.isdigit() or int(seq) < 1 or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
+        raise ValueError(
+            "%s takes SEQ:HASH as 'hoopgw verify' prints it after 'head' (42:9f86d0...), got %r" % (where, text)
+        )
+    return int(seq), digest
+
+
+def read_witness(path, trusted=None):
+    """
+    The heads a witness file holds: one signed checkpoint a line, as the
+    gateway published them (L{hoopgw.store.witness}).  Each line must be
+    intact (its hash) and, with C{trusted}, signed by that key.
+
+    @return: a list of C{(seq, hash, label)}.
+    @raise Problem: when the witness cannot be read or a line is not intact.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise Problem(UNREADABLE, "cannot read the witness %s: %s" % (path, error.strerror))
+    heads = []
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = "%s line %d" % (os.path.basename(path), number)
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = None
+        if (
+            not isinstance(event, dict)
+            or event.get("type") != chaining.CHECKPOINT
+            or not isinstance(event.get("seq"), int)
+            or chaining.digest(event) != event.get("hash")
+        ):
+            raise Problem(WITNESS, "the witness %s is not an intact signed checkpoint: the witness was edited" % (where,))
+        if trusted is not None and not (
+            event.get("key_id") == trusted.key_id
+            and trusted.check(chaining.checkpoint_message(event), event.get("signature") or "")
+        ):
+            raise Problem(WITNESS, "the signature of the witness %s does not verify with the key you gave" % (where,))
+        heads.append((event["seq"], event["hash"], "the witness (%s)" % (where,)))
+    return heads
+
 
 class _Walk:
     """
     One pass over a chain.
     """
 
-    def __init__(self, source, trusted_key=None):
+    def __init__(self, source, trusted_key=None, heads=()):
         self.source = source
+        # Heads the record must still hold: seq -> [(hash, who says so)].
+        self.heads = {}
+        for seq, digest, label in heads:
+            self.heads.setdefault(seq, []).append((digest, label))
+        self.torn = None
         self.report = Report()
         self.trusted = trusted_key
         self.keys = {}
@@ -140,6 +235,7 @@ class _Walk:
         entries = iter(self.source.entries())
         try:
             for where, raw, event in entries:
+                self._raw = raw
                 self._step(where, event, entries)
             self._finish()
         except Problem as problem:
@@ -149,11 +245,27 @@ class _Walk:
 
     def _step(self, where, event, rest):
         report = self.report
+        if self.torn is not None:
+            raise Problem(EDITED, "%s follows an unterminated line: the record was edited" % (where,))
         if not isinstance(event, dict):
+            raw = self._raw
+            if self.source.kind == "store" and not raw.endswith(b"\n") and next(rest, None) is None:
+                # Only the last line of the last segment can lack its end:
+                # the gateway stopped while writing it.
+                self.torn = (where.partition(" line ")[0], len(raw))
+                return
             raise Problem(EDITED, "%s is not a JSON event: the record was edited" % (where,))
         seq = event.get("seq")
         if chaining.digest(event) != event.get("hash"):
             raise Problem(EDITED, "event %s (%s) was edited: its content no longer matches its hash" % (seq, where))
+        for expected, label in self.heads.pop(seq, ()):
+            if event["hash"] != expected:
+                raise Problem(
+                    TRUNCATED,
+                    "%s says the record held event %d with hash %s, but the record's event %d (%s) has hash %s: "
+                    "the record was rewritten from there" % (label, seq, expected, seq, where, event["hash"]),
+                )
+            report.heads_checked += 1
         if self.expected_seq is None:
             self._begin(event, where)
         if event.get("prev") != report.head or seq != self.expected_seq:
@@ -236,6 +348,11 @@ class _Walk:
             )
         self.counts = dict(signed_counts)
         self.counts[chaining.CHECKPOINT] = self.counts.get(chaining.CHECKPOINT, 0) + 1
+        # The runs a signed checkpoint names as running must each end later
+        # (a stop, a recorded crash) or be running now: cutting the record
+        # back to this checkpoint is then seen.
+        for gateway in event.get("gateways") or ():
+            self.gateways.setdefault(gateway, seq)
         self.checkpoint_seen = True
         self.last_checkpoint = seq
         report.checkpoints += 1
@@ -269,6 +386,10 @@ class _Walk:
             for session, (_, owner) in list(self.sessions.items()):
                 if owner in crashed:
                     del self.sessions[session]
+                    self.report.sessions_crashed[owner] = self.report.sessions_crashed.get(owner, 0) + 1
+            # The run recovering names itself: it must end later too.
+            if isinstance(event.get("by"), str):
+                self.gateways.setdefault(event["by"], seq)
             unsigned = event.get("unsigned")
             if unsigned:
                 self.late_signed.append((unsigned.get("from"), unsigned.get("to"), seq))
@@ -279,7 +400,8 @@ class _Walk:
             if gateway and gateway not in self.gateways:
                 self.gateways[gateway] = seq
             for session in event.get("sessions_ended") or ():
-                self.sessions.pop(session, None)
+                if self.sessions.pop(session, None) is not None:
+                    self.report.sessions_outage += 1
                 self.ended.add(session)
             for session in event.get("sessions_open") or ():
                 if session not in self.ended:
@@ -291,6 +413,8 @@ class _Walk:
             self.report.sessions += 1
         elif kind in ("session.end", "session.refused"):
             session = event.get("session")
+            if kind == "session.end":
+                self.report.sessions_ended += 1
             if kind == "session.end" and self.sessions.pop(session, None) is None and session not in self.ended:
                 if self.from_genesis:
                     raise Problem(
@@ -327,6 +451,30 @@ class _Walk:
             report.approvals = self.approvals.summary()
         live = self.source.live()
         running = self.source.running_gateways()
+        if self.torn is not None:
+            segment, size = self.torn
+            text = (
+                "torn write at the end of segment %s: the gateway stopped while writing the event after seq %s "
+                "(%d bytes, never acknowledged as written)" % (segment, report.last_seq, size)
+            )
+            if not live:
+                raise Problem(
+                    TORN,
+                    text + " - a crash, a kill or a full disk, not an edit; start a gateway on this store: it sets "
+                    "the torn bytes aside (torn-OFFSET.bin) and records the recovery",
+                )
+            report.notes.append(text)
+        for seq in sorted(self.heads):
+            for expected, label in self.heads[seq]:
+                if self.source.kind == "bundle" or (report.first_seq is not None and seq < report.first_seq):
+                    report.notes.append("%s names event %d, outside this %s: not checked" % (
+                        label, seq, "bundle" if self.source.kind == "bundle" else "record (removed by retention)"))
+                    continue
+                raise Problem(
+                    TRUNCATED,
+                    "the record ends at seq %s, but %s says it held event %d (hash %s): the end of the record was "
+                    "removed" % (report.last_seq or 0, label, seq, expected),
+                )
         if self.start_gap is not None:
             first, prev, where = self.start_gap
             if not self.purged or self.purged.get("seq") != first - 1 or self.purged.get("hash") != prev:
@@ -397,7 +545,7 @@ class _Walk:
                 REMOVED_SESSION,
                 "session %s (started at seq %d) never ended: its end event was removed" % (session, started),
             )
-        open_sessions = len(self.sessions)
+        open_sessions = report.sessions_open = len(self.sessions)
         if open_sessions:
             report.notes.append(
                 "%d session(s) still open at the end of the %s" % (open_sessions, "bundle" if sliced else "record")
@@ -473,38 +621,52 @@ def _describe_difference(signed, counted):
     )
 
 
-def verify_source(source, key=None):
+def verify_source(source, key=None, heads=()):
     """
     Verify a record (and the chain of its views, if it has one).
 
     @param key: a L{Verifier} the auditor trusts, or None to use the keys
         published with the record.
+    @param heads: C{(seq, hash, who says so)} the record must still hold
+        (L{parse_head}, L{read_witness}).
     @return: a L{Report}.
     """
-    report = _Walk(source, key).run()
+    report = _Walk(source, key, heads).run()
     views = source.views()
     if views is not None:
         report.views = _Walk(views, None).run()
     return report
 
 
-def verify(spec, key_path=None):
+def verify(spec, key_path=None, expect_head=None, witness=None):
     """
     Verify the record named by C{spec}: a store folder, an evidence bundle
     or a PostgreSQL store.
+
+    @param expect_head: C{SEQ:HASH}, a head noted earlier that the record
+        must still hold.
+    @param witness: the path of a witness file the gateway published its
+        signed checkpoints to; the record must hold each.
     """
     try:
         key = Verifier.from_file(key_path) if key_path else None
+        heads = []
+        if expect_head:
+            heads.append(parse_head(expect_head) + ("--expect-head",))
+        if witness:
+            heads.extend(read_witness(witness, key))
         source = open_source(spec)
-    except (SourceError, SigningKeyError) as error:
+    except (SourceError, SigningKeyError, ValueError) as error:
         return Report(problem=str(error), kind=UNREADABLE)
-    return verify_source(source, key)
+    except Problem as problem:
+        return Report(problem=problem.message, kind=problem.kind)
+    return verify_source(source, key, heads)
 
 
-def verify_store(directory, key_path=None):
+def verify_store(directory, key_path=None, expect_head=None, witness=None):
     """
     Verify the file store in C{directory}.
     """
     if not os.path.isdir(directory):
         return Report(problem="%s is not a store folder" % (directory,), kind=UNREADABLE)
-    return verify(directory, key_path)
+    return verify(directory, key_path, expect_head=expect_head, witness=witness)
