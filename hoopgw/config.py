@@ -101,6 +101,7 @@ class GatewayConfig:
     admin = attr.ib()
     signing_key = attr.ib()
     options = attr.ib(factory=dict)
+    metrics = attr.ib(default=None)
 
 
 @attr.s(frozen=True)
@@ -207,11 +208,42 @@ ADMIN_OPTIONS = (
 )
 
 
+METRICS_OPTIONS = (
+    o.Option(
+        "listen",
+        o.string,
+        o.REQUIRED,
+        "A Twisted endpoint string for /metrics (Prometheus), /healthz and /readyz, such as "
+        "tcp:9187:interface=127.0.0.1. Plain HTTP: keep it on loopback or a monitoring network.",
+    ),
+    o.Option(
+        "readiness_cache",
+        o.duration,
+        5.0,
+        "How long /readyz reuses its last answer, so that frequent polls cost little.",
+    ),
+    o.Option(
+        "connect_timeout",
+        _positive_duration,
+        2.0,
+        "How long /readyz waits for each connection's target to accept a TCP connection.",
+    ),
+    o.Option(
+        "store_min_free_bytes",
+        o.integer(minimum=0),
+        0,
+        "/readyz fails when the file store's folder has less free space than this (bytes); a probe write "
+        "must succeed in any case.",
+    ),
+)
+
+
 GATEWAY_OPTIONS = (
     o.Option("state_dir", o.directory_path, "var", "A folder the gateway keeps its own state in (host keys, caches)."),
     o.Option("store", o.mapping, {}, "The evidence store: backend, path, fsync, segment_bytes."),
     o.Option("admin", o.mapping, None, "The admin HTTP listener (approvals API); off when absent."),
     o.Option("signing_key", o.secret, None, "The Ed25519 key signing the record's checkpoints."),
+    o.Option("metrics", o.mapping, None, "The metrics and health listener (/metrics, /healthz, /readyz); off when absent."),
 )
 
 
@@ -375,6 +407,9 @@ def _parse(document, path):
         store=store,
         admin=admin,
         signing_key=gateway_raw["signing_key"],
+        metrics=o.parse_options(METRICS_OPTIONS, gateway_raw["metrics"], "gateway.metrics")
+        if gateway_raw["metrics"] is not None
+        else None,
     )
 
     providers = {}

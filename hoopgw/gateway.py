@@ -65,6 +65,9 @@ class Gateway(service.MultiService):
         # and its sessions carry it, so verify can tell which sessions a
         # stop (or a crash) ended when several gateways share a store.
         self.instance = "g-" + os.urandom(8).hex()
+        from hoopgw import metrics
+
+        metrics.instrument_store(store)
         self.signer = load_signer(config.gateway.signing_key)
         if self.signer is not None:
             store.use_signer(
@@ -80,6 +83,10 @@ class Gateway(service.MultiService):
         self.approvals = make_broker(config, reactor, self.record, store=store, instance=self.instance)
         self.factories = {}
         self.chains = {}
+        # One per connection, shared by its successive chains (hoopgw.metrics).
+        self.monitors = {
+            name: metrics.ConnectionMonitor(name, connection.protocol) for name, connection in config.connections.items()
+        }
         for connection in config.connections.values():
             chain = self.build_chain(connection)
             self.chains[connection.name] = chain
@@ -90,13 +97,17 @@ class Gateway(service.MultiService):
                 # listens itself) hands back its own service.
                 listener = factory
             else:
-                listener = strports.service(connection.listen, factory)
+                listener = strports.service(connection.listen, self.monitors[connection.name].listening(factory))
             listener.setName("connection:%s" % (connection.name,))
             listener.setServiceParent(self)
         if config.gateway.admin is not None:
             from hoopgw.approvals.api import admin_service
 
             admin_service(config.gateway.admin, self).setServiceParent(self)
+        if config.gateway.metrics is not None:
+            from hoopgw.health import metrics_service
+
+            metrics_service(config.gateway.metrics, self).setServiceParent(self)
 
     def build_chain(self, connection):
         """
@@ -104,7 +115,7 @@ class Gateway(service.MultiService):
         """
         context = AddonContext(connection=connection, gateway=self)
         addons = [(spec.name, spec.factory.build(spec.options, context)) for spec in connection.addons]
-        return AddonChain(addons, allowed_groups=connection.allowed_groups)
+        return AddonChain(addons, allowed_groups=connection.allowed_groups, monitor=self.monitors.get(connection.name))
 
     def reload(self):
         """
