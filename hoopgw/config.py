@@ -192,6 +192,13 @@ ADMIN_OPTIONS = (
     ),
     o.Option("approver_groups", o.string_list, [], "Groups allowed to act on approvals at all."),
     o.Option(
+        "admin_groups",
+        o.string_list,
+        [],
+        "Groups whose members may use the admin API (/api/admin: sessions, pause, addons, reload); "
+        "nobody when empty.",
+    ),
+    o.Option(
         "url",
         o.string,
         None,

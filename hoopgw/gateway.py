@@ -117,7 +117,7 @@ class Gateway(service.MultiService):
         addons = [(spec.name, spec.factory.build(spec.options, context)) for spec in connection.addons]
         return AddonChain(addons, allowed_groups=connection.allowed_groups, monitor=self.monitors.get(connection.name))
 
-    def reload(self):
+    def reload(self, by=None):
         """
         Read the configuration file again and apply what can change while
         the gateway runs: each connection's chain (its addons, their order
@@ -140,7 +140,7 @@ class Gateway(service.MultiService):
             reason = str(error)
         if reason is not None:
             self.log.error("Configuration not reloaded: {reason}", reason=reason)
-            return self.record({"type": "config.reload_refused", "gateway": self.instance, "reason": reason}).addCallback(
+            return self.record({"type": "config.reload_refused", "gateway": self.instance, "reason": reason, "by": by}).addCallback(
                 lambda _: []
             )
         changed = []
@@ -164,11 +164,44 @@ class Gateway(service.MultiService):
                         "config_sha256": new.digest,
                         "before": {"chain": before, "allowed_groups": sorted(old.allowed_groups)},
                         "after": {"chain": after, "allowed_groups": sorted(connection.allowed_groups)},
+                        "by": by,
                     }
                 )
             )
         self.config = new
         return defer.gatherResults(recorded, consumeErrors=True).addCallback(lambda _: changed)
+
+    def change_chain(self, connection, by, **fields):
+        """
+        Give C{connection} (a changed L{ConnectionConfig} of a running
+        connection) its new chain at run time: C{chain.changed} naming the
+        operator C{by} and the chain before and after is made durable
+        first; then new sessions get the new chain (open ones keep theirs).
+
+        @return: a L{Deferred} firing with the new chain.
+        """
+        old = self.config.connections[connection.name]
+        chain = self.build_chain(connection)
+        event = {
+            "type": "chain.changed",
+            "gateway": self.instance,
+            "connection": connection.name,
+            "config_sha256": self.config.digest,
+            "before": {"chain": [spec.describe() for spec in old.addons], "allowed_groups": sorted(old.allowed_groups)},
+            "after": {"chain": [spec.describe() for spec in connection.addons], "allowed_groups": sorted(connection.allowed_groups)},
+            "by": by,
+        }
+        event.update(fields)
+
+        def apply(_):
+            self.chains[connection.name] = chain
+            self.factories[connection.name].chain = chain
+            connections = dict(self.config.connections)
+            connections[connection.name] = connection
+            self.config = attr.evolve(self.config, connections=connections)
+            return chain
+
+        return self.record(event).addCallback(apply)
 
     def record(self, event):
         """
@@ -211,7 +244,12 @@ class Gateway(service.MultiService):
         if self._reload_on_hangup:
             # An operator turns addons on and off per connection by editing
             # the file and sending SIGHUP; each change is recorded.
-            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+            signal.signal(signal.SIGHUP, self._hangup)
+
+    def _hangup(self, *_):
+        from hoopgw.admin import local_operator
+
+        self.reactor.callFromThread(self.reload, local_operator("SIGHUP"))
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -379,6 +379,8 @@ class CountingProtocol(policies.ProtocolWrapper):
         self.received = 0
         self.sent = 0
         self.address = None
+        # Fires when the client's connection is gone.
+        self.lost = defer.Deferred()
 
     def makeConnection(self, transport):
         peer = transport.getPeer()
@@ -406,6 +408,7 @@ class CountingProtocol(policies.ProtocolWrapper):
         if self.factory.monitor.clients.get(self.address) is self:
             del self.factory.monitor.clients[self.address]
         policies.ProtocolWrapper.connectionLost(self, reason)
+        self.lost.callback(None)
 
 
 class CountingFactory(policies.WrappingFactory):
