@@ -102,15 +102,16 @@ class Pause:
         self.waiting = [(d, timer) for d, timer in self.waiting if d is not waiting]
         waiting.callback(self.refusal())
 
-    def release(self):
+    def release(self, refusal=None):
         """
-        The connection resumed: every waiting session goes on.
+        The connection resumed: every waiting session goes on (or, given a
+        C{refusal}, is refused with it).
         """
         waiting, self.waiting = self.waiting, []
         for d, timer in waiting:
             if timer.active():
                 timer.cancel()
-            d.callback(None)
+            d.callback(refusal)
         return len(waiting)
 
     def to_json(self):
@@ -131,6 +132,16 @@ class AdminActions:
         # Addons turned off at run time, by connection, with their spec, so
         # that turning one on again restores its options.
         self.disabled = {}
+
+    def close(self):
+        """
+        The gateway is stopping: sessions waiting on a paused connection
+        are refused now rather than when their wait ends.
+        """
+        for pause in self.paused.values():
+            pause.release(
+                Decision.deny("the gateway is stopping", rule="paused", addon="gateway", sqlstate="57P01")
+            )
 
     def record(self, event):
         event.setdefault("gateway", self.gateway.instance)

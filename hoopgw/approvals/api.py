@@ -13,6 +13,7 @@ person (not a service identity) in the rule's approver groups.
     POST /api/grants                 {"connection", "rule", "subject", "duration", "reason"}
     POST /api/grants/ID/revoke       {"reason": "..."}
     GET  /api/whoami
+    ...  /api/admin/...             operators' actions (hoopgw.admin; admin_groups)
 """
 
 import json
@@ -200,7 +201,8 @@ def admin_service(admin, gateway):
     ]
     from hoopgw.admin import AdminActions
 
-    site = server.Site(AdminAPI(gateway.approvals, providers, AdminActions(gateway, admin["admin_groups"])))
+    actions = AdminActions(gateway, admin["admin_groups"])
+    site = server.Site(AdminAPI(gateway.approvals, providers, actions))
     site.displayTracebacks = False
     endpoint = endpoints.serverFromString(gateway.reactor, admin["listen"])
     factory = site
@@ -211,6 +213,13 @@ def admin_service(admin, gateway):
             key = handle.read()
         options = ssl.PrivateCertificate.loadPEM(certificate + b"\n" + key).options()
         factory = TLSMemoryBIOFactory(options, False, site)
-    service = internet.StreamServerEndpointService(endpoint, factory)
+    service = _AdminService(endpoint, factory)
+    service.actions = actions
     service.setName("admin")
     return service
+
+
+class _AdminService(internet.StreamServerEndpointService):
+    def stopService(self):
+        self.actions.close()
+        return internet.StreamServerEndpointService.stopService(self)
