@@ -132,6 +132,9 @@ class AdminActions:
         # Addons turned off at run time, by connection, with their spec, so
         # that turning one on again restores its options.
         self.disabled = {}
+        # Chain changes one at a time: each starts from the chain the
+        # previous one left.
+        self._changes = defer.DeferredLock()
 
     def close(self):
         """
@@ -192,7 +195,7 @@ class AdminActions:
         if method == "POST" and len(path) == 3 and path[0] == "sessions" and path[2] == "end":
             return self.end_session(path[1], by, _reason(body))
         if method == "POST" and path == ["reload"]:
-            return self.reload(by, _reason(body))
+            return self._changes.run(self.reload, by, _reason(body))
         if len(path) >= 3 and path[0] == "connections" and method == "POST":
             name = path[1]
             if name not in self.gateway.config.connections:
@@ -202,7 +205,7 @@ class AdminActions:
             if path[2:] == ["resume"]:
                 return self.resume(name, by, _reason(body))
             if len(path) == 5 and path[2] == "addons" and path[4] in ("enable", "disable", "options"):
-                return self.change_addon(name, path[3], path[4], body, by, _reason(body))
+                return self._changes.run(self.change_addon, name, path[3], path[4], body, by, _reason(body))
         raise AdminError("not found: %s /api/admin/%s" % (method, "/".join(path)), 404)
 
     # Reading.
