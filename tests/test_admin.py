@@ -248,3 +248,56 @@ class AdminTests(unittest.TestCase):
         self.assertEqual((code, json.loads(out)), (0, {"sessions": []}))
         (changed,) = self.gateway.events("chain.changed")
         self.assertEqual((changed["by"]["subject"], changed["reason"]), ("carol", "CHG-30"))
+
+
+class SSHAdminTests(unittest.TestCase):
+    """
+    The same actions on an SSH connection.
+    """
+
+    def setUp(self):
+        from tests.ssh_support import SSHGateway
+
+        self.gateway = SSHGateway(self, admin={"admin_groups": ["sre"], "approver_groups": ["dba"]})
+
+    @defer.inlineCallbacks
+    def api(self, method, path, who, body=None):
+        response = yield treq.request(
+            method,
+            self.gateway.admin_url + "/api/admin" + path,
+            headers={"Authorization": ["Bearer " + who]},
+            json=body,
+            pool=HTTPConnectionPool(reactor, persistent=False),
+        )
+        answer = yield response.json()
+        return response.code, answer
+
+    @defer.inlineCallbacks
+    def test_end_ssh_session(self):
+        """
+        A running SSH exec's session is listed (ssh, its identity, bytes
+        both ways, the exec counted once finished) and ended by an
+        operator: ssh exits, the session's end names the operator; the
+        metrics count the session under the ssh protocol.
+        """
+        from hoopgw import metrics
+
+        started = metrics.sessions_started.labels("deploy", "ssh").value
+        running = self.gateway.ssh("sleep 60")
+        for _ in range(200):
+            code, answer = yield self.api("GET", "/sessions", operator_token())
+            if answer["sessions"]:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        (live,) = answer["sessions"]
+        self.assertEqual((live["protocol"], live["subject"]), ("ssh", "deploy-bot"))
+        self.assertGreater(live["bytes_from_client"], 0)
+        self.assertGreater(live["bytes_to_client"], 0)
+        code, answer = yield self.api("POST", "/sessions/%s/end" % (live["id"],), operator_token(), {"reason": "stuck deploy"})
+        self.assertEqual(code, 200, answer)
+        out, err, code = yield running
+        self.assertNotEqual(code, 0)
+        (end,) = yield self.gateway.wait_for("session.end")
+        self.assertEqual(end["reason"], "ended by carol: stuck deploy")
+        self.assertEqual(metrics.sessions_started.labels("deploy", "ssh").value - started, 1)
+        self.assertEqual(metrics.sessions_active.labels("deploy", "ssh").value, 0)
