@@ -309,3 +309,45 @@ class ReadinessTests(unittest.TestCase):
         self.assertEqual((code, answer["failed"]), (503, ["identity:remote"]), body)
         after = value((yield gateway.scrape()), "hoopgw_identity_key_fetches_total", issuer=issuer, outcome="failed")
         self.assertEqual(after - before, 1)
+
+
+class ConfigurationTests(unittest.TestCase):
+    """
+    gateway.metrics is checked as the rest of the file is.
+    """
+
+    def parse(self, metrics):
+        from hoopgw import config as configuration
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        document = support.configuration_document(
+            directory, {"payments": postgres_connection(free_port())}, gateway={"metrics": metrics}
+        )
+        return configuration.parse(document, os.path.join(directory, "hoopgw.yaml"))
+
+    def test_defaults(self):
+        """
+        Only listen is needed; the rest has the documented defaults.
+        """
+        config = self.parse({"listen": "tcp:9187:interface=127.0.0.1"})
+        self.assertEqual(
+            config.gateway.metrics,
+            {"listen": "tcp:9187:interface=127.0.0.1", "readiness_cache": 5.0, "connect_timeout": 2.0,
+             "store_min_free_bytes": 0},
+        )
+
+    def test_errors_name_the_key(self):
+        """
+        A missing listen, a bad duration and an unknown key are refused
+        with their key paths.
+        """
+        from hoopgw.options import ConfigError
+
+        for metrics, where in [
+            ({}, "gateway.metrics.listen"),
+            ({"listen": "tcp:9187", "connect_timeout": "soon"}, "gateway.metrics.connect_timeout"),
+            ({"listen": "tcp:9187", "readyness_cache": "5s"}, "gateway.metrics.readyness_cache"),
+        ]:
+            error = self.assertRaises(ConfigError, self.parse, metrics)
+            self.assertIn(where, str(error))
