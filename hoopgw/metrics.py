@@ -239,13 +239,14 @@ def _approval_outcome(result):
     return "denied"
 
 
-STORE_STATES = ("ok", "failed", "closed")
+STORE_STATES = ("ok", "failed", "unreachable", "closed")
 
 
 def store_state(store):
     """
     What a store can do now: C{"ok"}, C{"failed"} (it refuses every
-    append, fail closed) or C{"closed"}.
+    append, fail closed), C{"unreachable"} (a PostgreSQL store's database
+    is away: events are refused until it is back) or C{"closed"}.
     """
     state = getattr(store, "health", None)
     if callable(state):
@@ -253,8 +254,11 @@ def store_state(store):
         return state()
     if getattr(store, "_broken", None) is not None:
         return "failed"
-    if getattr(store, "_fd", True) is None or getattr(store, "closed", False) is True:
+    if getattr(store, "_fd", True) is None or getattr(store, "_closed", False) is True:
         return "closed"
+    if getattr(store, "outage", None) is not None:
+        # A PostgreSQL store that lost its database refuses events until back.
+        return "unreachable"
     return "ok"
 
 
@@ -315,7 +319,7 @@ class GatewayCollector:
             family.add_metric([], free)
             yield family
         state = store_state(store)
-        family = StateSetMetricFamily("hoopgw_store_state", "The evidence store's state (ok, failed, closed).")
+        family = StateSetMetricFamily("hoopgw_store_state", "The evidence store's state (ok, failed, unreachable, closed).")
         family.add_metric([], {name: name == state for name in sorted(set(STORE_STATES) | {state})})
         yield family
 
