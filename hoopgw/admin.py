@@ -12,7 +12,6 @@ import os
 
 import attr
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from hoopgw import options as o
 from hoopgw.model import Decision
@@ -42,7 +41,8 @@ def operator(identity):
     Who acted, as the record names them.
     """
     return {
-        "kind": "oidc",
+        # How the token was proven: oidc, saml.
+        "kind": identity.method,
         "subject": identity.subject,
         "issuer": identity.issuer,
         "groups": sorted(identity.groups),
@@ -122,8 +122,6 @@ class AdminActions:
     """
     The admin API's actions on one gateway.
     """
-
-    log = Logger()
 
     def __init__(self, gateway, admin_groups):
         self.gateway = gateway

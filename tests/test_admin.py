@@ -18,7 +18,6 @@ from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
 from hoopgw import cli
-from tests import support
 from tests.support import AdminGatewayHarness, human_token, in_thread, psql, token
 
 PAN = "4111111111111111"
