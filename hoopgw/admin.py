@@ -263,7 +263,13 @@ class AdminActions:
 
         def end(_):
             session.attributes["end_reason"] = "ended by %s: %s" % (by["subject"], reason)
-            client.loseConnection()
+            # A front end that can say why (a FATAL error, an SSH disconnect
+            # message) does; else the connection just closes.
+            disconnect = getattr(client.wrappedProtocol, "disconnect", None)
+            if disconnect is not None:
+                disconnect("hoopgw: %s ended this session: %s" % (by["subject"], reason))
+            else:
+                client.loseConnection()
             # A client that does not read is cut.
             abort = self.gateway.reactor.callLater(END_GRACE, _abort, client)
             client.lost.addBoth(lambda _: abort.active() and abort.cancel())

@@ -185,6 +185,7 @@ class AdminTests(unittest.TestCase):
         self.assertEqual((code, answer), (200, {"ended": True, "session": live["id"]}))
         out, err, code = yield running
         self.assertNotEqual(code, 0)
+        self.assertIn("hoopgw: carol ended this session: runaway", err)
         (end,) = yield self.gateway.wait_for("session.end")
         self.assertEqual(end["reason"], "ended by carol: runaway")
         (action,) = self.gateway.events("admin.action")
@@ -296,6 +297,7 @@ class SSHAdminTests(unittest.TestCase):
         self.assertEqual(code, 200, answer)
         out, err, code = yield running
         self.assertNotEqual(code, 0)
+        self.assertIn("hoopgw: carol ended this session: stuck deploy", err)
         (end,) = yield self.gateway.wait_for("session.end")
         self.assertEqual(end["reason"], "ended by carol: stuck deploy")
         self.assertEqual(metrics.sessions_started.labels("deploy", "ssh").value - started, 1)
