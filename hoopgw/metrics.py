@@ -205,6 +205,7 @@ identity_key_fetches = Counter(
     registry=REGISTRY,
 )
 
+
 def approval_wait(connection, outcome):
     """
     Count a command's wait for approval while C{outcome} (the broker's
