@@ -30,7 +30,8 @@ class MetricsGatewayHarness(GatewayHarness):
     approvals) on loopback.
     """
 
-    def __init__(self, test, connections=None, metrics=None, providers=None, store_path=None, **connection_settings):
+    def __init__(self, test, connections=None, metrics=None, providers=None, store_path=None, store=None,
+                 **connection_settings):
         self.directory = os.path.abspath(test.mktemp())
         os.makedirs(self.directory)
         self.port = free_port()
@@ -48,6 +49,8 @@ class MetricsGatewayHarness(GatewayHarness):
         }
         if store_path is not None:
             gateway["store"] = {"path": store_path}
+        if store is not None:
+            gateway["store"] = store
         self.start(
             test,
             support.configuration_document(
@@ -273,6 +276,40 @@ class ReadinessTests(unittest.TestCase):
         yield gateway.stop()
         # The gateway's stop could not be recorded: logged, as it should be.
         self.assertTrue(self.flushLoggedErrors(StoreError))
+
+    @defer.inlineCallbacks
+    def test_postgres_store_unreachable(self):
+        """
+        A gateway on the shared PostgreSQL store: ready; when the store's
+        database drops it and refuses it, 503 with the store unreachable;
+        once it may log in again and the store has reconnected, 200.
+        """
+        from tests import test_postgres_store as shared
+
+        settings = yield support.in_thread(shared.store_settings)
+        gateway = MetricsGatewayHarness(self, store=settings)
+        code, body = yield gateway.get("/readyz")
+        self.assertEqual(code, 200, body)
+        yield support.in_thread(shared.superuser, "ALTER ROLE audit_writer NOLOGIN")
+        self.addCleanup(shared.superuser, "ALTER ROLE audit_writer LOGIN")
+        yield support.in_thread(
+            shared.superuser,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'audit_writer' AND datname = 'audit'",
+        )
+        for _ in range(200):
+            code, body = yield gateway.get("/readyz")
+            if code == 503:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        answer = json.loads(body)
+        self.assertEqual((code, answer["failed"], answer["checks"]["store"]["state"]), (503, ["store"], "unreachable"), body)
+        yield support.in_thread(shared.superuser, "ALTER ROLE audit_writer LOGIN")
+        for _ in range(600):
+            code, body = yield gateway.get("/readyz")
+            if code == 200:
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(code, 200, body)
 
     @defer.inlineCallbacks
     def test_target_down(self):
