@@ -177,9 +177,12 @@ class AddonChain:
 
     log = Logger()
 
-    def __init__(self, addons, allowed_groups=frozenset()):
+    def __init__(self, addons, allowed_groups=frozenset(), monitor=None):
         self.addons = list(addons)
         self.allowed_groups = frozenset(allowed_groups)
+        # Counts sessions and commands and times the hooks (hoopgw.metrics):
+        # told, never asked, except whether a paused connection admits.
+        self.monitor = monitor
         self._hooks = {
             hook: [
                 (name, getattr(addon, hook))
@@ -188,6 +191,8 @@ class AddonChain:
             ]
             for hook in HOOKS
         }
+        if monitor is not None:
+            self._hooks = monitor.instrument(self._hooks)
 
     @property
     def names(self):
@@ -245,8 +250,19 @@ class AddonChain:
                     decision = self._check_groups(session, checked) or decision or Decision.allow()
             if decision.verdict == DENY:
                 return self.refuse_session(session, decision)
+            if self.monitor is not None:
+                self.monitor.session_started(session)
             return decision
 
+        waiting = self.monitor.admission(session) if self.monitor is not None else None
+        if waiting is not None:
+            # The connection is paused: the chain runs once it resumes.
+            def resumed(refusal):
+                if refusal is not None:
+                    return self.refuse_session(session, refusal)
+                return defer.maybeDeferred(decider.run, 0, None).addCallback(decided)
+
+            return waiting.addCallback(resumed)
         return defer.maybeDeferred(decider.run, 0, None).addCallback(decided)
 
     def refuse_session(self, session, decision):
@@ -261,6 +277,8 @@ class AddonChain:
             finished.
         """
         session.refusal = decision
+        if self.monitor is not None:
+            self.monitor.session_refused(session, decision)
         return defer.maybeDeferred(self.end_session, session).addCallback(lambda _: decision)
 
     def submit(self, session, command):
@@ -350,6 +368,8 @@ class AddonChain:
 
         @return: None, or a L{Deferred} if an addon is still busy.
         """
+        if self.monitor is not None:
+            self.monitor.command_finished(session, command)
         return self._notify("command_finished", (session, command))
 
     def end_session(self, session):
@@ -358,4 +378,6 @@ class AddonChain:
 
         @return: a L{Deferred} firing once every addon has finished.
         """
+        if self.monitor is not None:
+            self.monitor.session_ended(session)
         return defer.maybeDeferred(self._notify, "session_ended", (session,))

@@ -322,6 +322,14 @@ def parser():
     approvals_client.add_arguments(approvals)
     approvals.set_defaults(run=_approvals)
 
+    from hoopgw import adminclient
+
+    admin = commands.add_parser(
+        "admin", help="operate a running gateway: connections, live sessions, pause/resume, addons, reload"
+    )
+    adminclient.add_arguments(admin)
+    admin.set_defaults(run=lambda arguments, out: adminclient.run(arguments, out))
+
     keys = commands.add_parser("dev-keys", help="DEVELOPMENT ONLY: make a demo issuer key and its JWKS")
     keys.add_argument("directory")
     keys.add_argument("--kid", default="demo-1")

@@ -106,6 +106,7 @@ class GatewayConfig:
     signing_key = attr.ib()
     options = attr.ib(factory=dict)
     witness = attr.ib(default=None)
+    metrics = attr.ib(default=None)
 
 
 @attr.s(frozen=True)
@@ -222,6 +223,13 @@ ADMIN_OPTIONS = (
     ),
     o.Option("approver_groups", o.string_list, [], "Groups allowed to act on approvals at all."),
     o.Option(
+        "admin_groups",
+        o.string_list,
+        [],
+        "Groups whose members may use the admin API (/api/admin: sessions, pause, addons, reload); "
+        "nobody when empty.",
+    ),
+    o.Option(
         "url",
         o.string,
         None,
@@ -238,6 +246,36 @@ ADMIN_OPTIONS = (
 )
 
 
+METRICS_OPTIONS = (
+    o.Option(
+        "listen",
+        o.string,
+        o.REQUIRED,
+        "A Twisted endpoint string for /metrics (Prometheus), /healthz and /readyz, such as "
+        "tcp:9187:interface=127.0.0.1. Plain HTTP: keep it on loopback or a monitoring network.",
+    ),
+    o.Option(
+        "readiness_cache",
+        o.duration,
+        5.0,
+        "How long /readyz reuses its last answer, so that frequent polls cost little.",
+    ),
+    o.Option(
+        "connect_timeout",
+        _positive_duration,
+        2.0,
+        "How long /readyz waits for each connection's target to accept a TCP connection.",
+    ),
+    o.Option(
+        "store_min_free_bytes",
+        o.integer(minimum=0),
+        0,
+        "/readyz fails when the file store's folder has less free space than this (bytes); a probe write "
+        "must succeed in any case.",
+    ),
+)
+
+
 GATEWAY_OPTIONS = (
     o.Option("state_dir", o.directory_path, "var", "A folder the gateway keeps its own state in (host keys, caches)."),
     o.Option("store", o.mapping, {}, "The evidence store: backend, path, fsync, segment_bytes."),
@@ -250,6 +288,7 @@ GATEWAY_OPTIONS = (
         "{file: PATH}: append every signed checkpoint to PATH, on another volume than the store, for "
         "'hoopgw verify --witness PATH'.",
     ),
+    o.Option("metrics", o.mapping, None, "The metrics and health listener (/metrics, /healthz, /readyz); off when absent."),
 )
 
 
@@ -416,6 +455,9 @@ def _parse(document, path):
         admin=admin,
         signing_key=gateway_raw["signing_key"],
         witness=gateway_raw["witness"],
+        metrics=o.parse_options(METRICS_OPTIONS, gateway_raw["metrics"], "gateway.metrics")
+        if gateway_raw["metrics"] is not None
+        else None,
     )
 
     providers = {}

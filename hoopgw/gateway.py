@@ -66,6 +66,9 @@ class Gateway(service.MultiService):
         # and its sessions carry it, so verify can tell which sessions a
         # stop (or a crash) ended when several gateways share a store.
         self.instance = "g-" + os.urandom(8).hex()
+        from hoopgw import metrics
+
+        metrics.instrument_store(store)
         self.signer = load_signer(config.gateway.signing_key)
         if self.signer is not None:
             store.use_signer(
@@ -83,6 +86,10 @@ class Gateway(service.MultiService):
         self.approvals = make_broker(config, reactor, self.record, store=store, instance=self.instance)
         self.factories = {}
         self.chains = {}
+        # One per connection, shared by its successive chains (hoopgw.metrics).
+        self.monitors = {
+            name: metrics.ConnectionMonitor(name, connection.protocol) for name, connection in config.connections.items()
+        }
         for connection in config.connections.values():
             chain = self.build_chain(connection)
             self.chains[connection.name] = chain
@@ -93,13 +100,17 @@ class Gateway(service.MultiService):
                 # listens itself) hands back its own service.
                 listener = factory
             else:
-                listener = strports.service(connection.listen, factory)
+                listener = strports.service(connection.listen, self.monitors[connection.name].listening(factory))
             listener.setName("connection:%s" % (connection.name,))
             listener.setServiceParent(self)
         if config.gateway.admin is not None:
             from hoopgw.approvals.api import admin_service
 
             admin_service(config.gateway.admin, self).setServiceParent(self)
+        if config.gateway.metrics is not None:
+            from hoopgw.health import metrics_service
+
+            metrics_service(config.gateway.metrics, self).setServiceParent(self)
 
     def build_chain(self, connection):
         """
@@ -107,9 +118,9 @@ class Gateway(service.MultiService):
         """
         context = AddonContext(connection=connection, gateway=self)
         addons = [(spec.name, spec.factory.build(spec.options, context)) for spec in connection.addons]
-        return AddonChain(addons, allowed_groups=connection.allowed_groups)
+        return AddonChain(addons, allowed_groups=connection.allowed_groups, monitor=self.monitors.get(connection.name))
 
-    def reload(self):
+    def reload(self, by=None):
         """
         Read the configuration file again and apply what can change while
         the gateway runs: each connection's chain (its addons, their order
@@ -132,7 +143,7 @@ class Gateway(service.MultiService):
             reason = str(error)
         if reason is not None:
             self.log.error("Configuration not reloaded: {reason}", reason=reason)
-            return self.record({"type": "config.reload_refused", "gateway": self.instance, "reason": reason}).addCallback(
+            return self.record({"type": "config.reload_refused", "gateway": self.instance, "reason": reason, "by": by}).addCallback(
                 lambda _: []
             )
         changed = []
@@ -156,11 +167,44 @@ class Gateway(service.MultiService):
                         "config_sha256": new.digest,
                         "before": {"chain": before, "allowed_groups": sorted(old.allowed_groups)},
                         "after": {"chain": after, "allowed_groups": sorted(connection.allowed_groups)},
+                        "by": by,
                     }
                 )
             )
         self.config = new
         return defer.gatherResults(recorded, consumeErrors=True).addCallback(lambda _: changed)
+
+    def change_chain(self, connection, by, **fields):
+        """
+        Give C{connection} (a changed L{ConnectionConfig} of a running
+        connection) its new chain at run time: C{chain.changed} naming the
+        operator C{by} and the chain before and after is made durable
+        first; then new sessions get the new chain (open ones keep theirs).
+
+        @return: a L{Deferred} firing with the new chain.
+        """
+        old = self.config.connections[connection.name]
+        chain = self.build_chain(connection)
+        event = {
+            "type": "chain.changed",
+            "gateway": self.instance,
+            "connection": connection.name,
+            "config_sha256": self.config.digest,
+            "before": {"chain": [spec.describe() for spec in old.addons], "allowed_groups": sorted(old.allowed_groups)},
+            "after": {"chain": [spec.describe() for spec in connection.addons], "allowed_groups": sorted(connection.allowed_groups)},
+            "by": by,
+        }
+        event.update(fields)
+
+        def apply(_):
+            self.chains[connection.name] = chain
+            self.factories[connection.name].chain = chain
+            connections = dict(self.config.connections)
+            connections[connection.name] = connection
+            self.config = attr.evolve(self.config, connections=connections)
+            return chain
+
+        return self.record(event).addCallback(apply)
 
     def record(self, event):
         """
@@ -205,7 +249,12 @@ class Gateway(service.MultiService):
         if self._reload_on_hangup:
             # An operator turns addons on and off per connection by editing
             # the file and sending SIGHUP; each change is recorded.
-            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+            signal.signal(signal.SIGHUP, self._hangup)
+
+    def _hangup(self, *_):
+        from hoopgw.admin import local_operator
+
+        self.reactor.callFromThread(self.reload, local_operator("SIGHUP"))
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -10,6 +10,7 @@ the grant is recorded.
 
 from twisted.logger import Logger
 
+from hoopgw import metrics
 from hoopgw import options as o
 from hoopgw import sqlpolicy
 from hoopgw.addon import AddonFactory
@@ -147,7 +148,7 @@ class Approve:
                 rule="approve:%s" % (rule.name,),
                 sqlstate="42501",
             )
-        return broker.decide(session, command, rule)
+        return metrics.approval_wait(self.connection, broker.decide(session, command, rule))
 
     def explain(self, session, command):
         found = self.match(session, command)

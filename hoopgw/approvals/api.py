@@ -13,6 +13,7 @@ person (not a service identity) in the rule's approver groups.
     POST /api/grants                 {"connection", "rule", "subject", "duration", "reason"}
     POST /api/grants/ID/revoke       {"reason": "..."}
     GET  /api/whoami
+    ...  /api/admin/...             operators' actions (hoopgw.admin; admin_groups)
 """
 
 import json
@@ -38,10 +39,12 @@ class AdminAPI(resource.Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, broker, providers):
+    def __init__(self, broker, providers, admin=None):
         resource.Resource.__init__(self)
         self.broker = broker
         self.providers = providers
+        # The operators' actions under /api/admin (hoopgw.admin).
+        self.admin = admin
 
     def render_GET(self, request):
         return self._handle(request, "GET")
@@ -53,13 +56,40 @@ class AdminAPI(resource.Resource):
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
         path = [part.decode("utf-8", "replace") for part in request.postpath if part]
+        if path[:2] == ["api", "admin"] and self.admin is not None:
+            return self._handle_admin(request, method, path[2:])
         outcome = defer.maybeDeferred(self._authenticate, request)
         outcome.addCallback(lambda identity: self._route(method, path, request, identity))
         outcome.addCallbacks(lambda body: self._write(request, 200, body), lambda failure: self._error(request, failure))
         return server.NOT_DONE_YET
 
+    def _handle_admin(self, request, method, path):
+        from hoopgw.admin import AdminError
+
+        admin = self.admin
+
+        def refused(failure):
+            # A token that does not verify is refused on the record too.
+            failure.trap(ApprovalError)
+            return admin.refused(None, method, ["api", "admin"] + path, str(failure.value), failure.value.code)
+
+        outcome = defer.maybeDeferred(self._authenticate, request, False)
+        outcome.addErrback(refused)
+        outcome.addCallback(lambda identity: admin.authorise(identity, method, ["api", "admin"] + path))
+        outcome.addCallback(lambda identity: admin.route(method, path, self._body(request) if method == "POST" else {}, identity))
+
+        def failed(failure):
+            if failure.check(AdminError):
+                self._write(request, failure.value.code, {"error": str(failure.value)})
+                return None
+            return failure
+
+        outcome.addCallbacks(lambda body: self._write(request, 200, body), failed)
+        outcome.addErrback(lambda failure: self._error(request, failure))
+        return server.NOT_DONE_YET
+
     @defer.inlineCallbacks
-    def _authenticate(self, request):
+    def _authenticate(self, request, approver=True):
         header = (request.getHeader(b"authorization") or b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -76,7 +106,7 @@ class AdminAPI(resource.Resource):
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="hoopgw", error="invalid_token"')
             raise ApprovalError("your token was refused: %s" % (error,), 401)
         broker = self.broker
-        if broker.approver_groups and not identity.groups & broker.approver_groups:
+        if approver and broker.approver_groups and not identity.groups & broker.approver_groups:
             raise ApprovalError(
                 "%s is not in any approver group of this gateway (%s)"
                 % (identity.subject, ", ".join(sorted(broker.approver_groups)))
@@ -169,7 +199,10 @@ def admin_service(admin, gateway):
     providers = [
         provider for name, provider in sorted(gateway.identity_providers.items()) if names is None or name in names
     ]
-    site = server.Site(AdminAPI(gateway.approvals, providers))
+    from hoopgw.admin import AdminActions
+
+    actions = AdminActions(gateway, admin["admin_groups"])
+    site = server.Site(AdminAPI(gateway.approvals, providers, actions))
     site.displayTracebacks = False
     endpoint = endpoints.serverFromString(gateway.reactor, admin["listen"])
     factory = site
@@ -180,6 +213,13 @@ def admin_service(admin, gateway):
             key = handle.read()
         options = ssl.PrivateCertificate.loadPEM(certificate + b"\n" + key).options()
         factory = TLSMemoryBIOFactory(options, False, site)
-    service = internet.StreamServerEndpointService(endpoint, factory)
+    service = _AdminService(endpoint, factory)
+    service.actions = actions
     service.setName("admin")
     return service
+
+
+class _AdminService(internet.StreamServerEndpointService):
+    def stopService(self):
+        self.actions.close()
+        return internet.StreamServerEndpointService.stopService(self)

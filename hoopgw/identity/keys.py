@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hoopgw import metrics
 from hoopgw.identity.errors import IdentityError
 
 
@@ -226,9 +227,11 @@ class RemoteKeySet:
                 jwks_url = discovery.value["jwks_uri"]
             self._jwks = yield self._fetch(jwks_url, _index)
             self._failed_at = None
+            metrics.identity_key_fetches.labels(self.issuer, "ok").inc()
             return (self._jwks.value, "fetched")
         except Exception as error:
             self._failed_at = self._clock.seconds()
+            metrics.identity_key_fetches.labels(self.issuer, "failed").inc()
             self.log.warn(
                 "Fetching the signing keys of {issuer} failed: {error}", issuer=self.issuer, error=error
             )

@@ -939,6 +939,13 @@ class PostgresFrontend(protocol.Protocol):
         self._state = _CLOSED
         self._close()
 
+    def disconnect(self, message):
+        """
+        An operator ended this session (hoopgw.admin): the client reads why
+        (SQLSTATE 57P01, as PostgreSQL's own pg_terminate_backend says).
+        """
+        self._fatal("57P01", message)
+
     def _close(self):
         """
         Close the client connection, and the target's.  A TLS transport

@@ -18,11 +18,13 @@ import hashlib
 import json
 import os
 import re
+import time
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from hoopgw import metrics
 from hoopgw.interfaces import IStore
 from hoopgw.store import events, space
 from hoopgw.store.checkpoints import GATEWAY_RECOVERED, ChainState, CheckpointSchedule
@@ -611,6 +613,7 @@ class FileStore:
 
     def _sync_now(self):
         batch, self._waiting = self._waiting, []
+        self._sync_started = time.monotonic()
         if self._syncer is not None:
             self._syncer.sync().addCallbacks(
                 lambda _: self._synced(batch, None), self._sync_process_failed, errbackArgs=(batch, self._syncer)
@@ -669,6 +672,7 @@ class FileStore:
 
     def _synced(self, batch, error):
         self._syncing = False
+        metrics.store_fsync_seconds.labels("file").observe(time.monotonic() - self._sync_started)
         if error is not None:
             self._fail("fdatasync of %s failed: %s" % (self._segment, error.strerror))
         if self._broken is not None:
