@@ -10,6 +10,7 @@ the command's outcome before finishing the command (L{hoopgw.cast.commit}).
 
 import time
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from hoopgw import cards
@@ -71,7 +72,17 @@ class Record:
             self.result_received = None
 
     def _append(self, event, urgent=True):
-        return self._store.append(event, urgent=urgent)
+        # A store that raises instead of failing its Deferred still fails
+        # the command closed, with a sentence rather than a traceback.
+        return defer.maybeDeferred(self._store.append, event, urgent=urgent).addErrback(self._unwritten, event)
+
+    def _unwritten(self, failure, event):
+        self.log.error(
+            "The record could not take a {kind} event ({error}); what it records is refused",
+            kind=event.get("type"),
+            error=failure.getErrorMessage(),
+        )
+        return failure
 
     def session_started(self, session):
         state = session.metadata["record"] = {"commands": 0, "started": True}
@@ -149,7 +160,8 @@ class Record:
         self._append(event, urgent=False).addErrback(self._lost)
 
     def _lost(self, failure):
-        self.log.failure("An outcome could not be recorded", failure)
+        # Already logged by _unwritten; the store refuses later commands.
+        return None
 
     def session_ended(self, session):
         state = session.metadata.get("record") or {}

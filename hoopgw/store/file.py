@@ -352,7 +352,10 @@ class FileStore:
         if self._fd is None:
             return defer.fail(StoreError("the store is not open"))
         now = self._clock() if self._clock is not None else None
-        data = events.seal(event, self.seq + 1, self.head, now=now, signer=self.signer)
+        try:
+            data = events.seal(event, self.seq + 1, self.head, now=now, signer=self.signer)
+        except events.UnserialisableEvent as error:
+            return defer.fail(error)
         try:
             # Written at once, in order, so readers see it; made durable by
             # the next group commit.
