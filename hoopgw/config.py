@@ -13,6 +13,7 @@ import yaml
 from twisted.plugin import getPlugins
 
 from hoopgw import options as o
+from hoopgw import refusals
 from hoopgw.interfaces import IAddonFactory
 from hoopgw.options import ConfigError, join
 
@@ -101,6 +102,7 @@ class GatewayConfig:
     admin = attr.ib()
     signing_key = attr.ib()
     options = attr.ib(factory=dict)
+    refusals = attr.ib(factory=dict)
 
 
 @attr.s(frozen=True)
@@ -212,6 +214,13 @@ GATEWAY_OPTIONS = (
     o.Option("store", o.mapping, {}, "The evidence store: backend, path, fsync, segment_bytes."),
     o.Option("admin", o.mapping, None, "The admin HTTP listener (approvals API); off when absent."),
     o.Option("signing_key", o.secret, None, "The Ed25519 key signing the record's checkpoints."),
+    o.Option(
+        "refusals",
+        o.mapping,
+        {},
+        "How refused attempts are recorded under a flood: in_full, interval, max_sources, max_identities "
+        "(see docs/limits-and-attempts.rst).",
+    ),
 )
 
 
@@ -375,6 +384,7 @@ def _parse(document, path):
         store=store,
         admin=admin,
         signing_key=gateway_raw["signing_key"],
+        refusals=refusals.parse(gateway_raw["refusals"], "gateway.refusals"),
     )
 
     providers = {}

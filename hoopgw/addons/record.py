@@ -65,6 +65,8 @@ class Record:
     def __init__(self, options, context):
         self._store = context.store
         self._gateway = getattr(context.gateway, "instance", None)
+        # One account of refusals for the whole gateway, whatever the protocol.
+        self._floods = getattr(context.gateway, "refusals", None)
         self._rows = options["result_rows"]
         self._bytes = options["result_bytes"]
         if not (self._rows or self._bytes):
@@ -173,6 +175,9 @@ class Record:
         if session.refusal is not None:
             event["refusal"] = session.refusal.to_json()
         if not state.get("started"):
+            if self._floods is not None and not self._floods.admit(session):
+                # One of a flood: counted in its address's summary event.
+                return None
             # Refused before it reached this addon: a failed logon attempt (PCI DSS 10.2.1.4).
             event.update(type="session.refused", attributes=session.attributes)
         else:

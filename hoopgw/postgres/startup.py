@@ -31,14 +31,6 @@ MAX_PASSWORD_BYTES = 1024 * 1024
 _CLAIM_CHARACTERS = 128
 
 
-def source_host(client_address):
-    """
-    The host part of a C{host:port} client address.
-    """
-    host, separator, _ = client_address.rpartition(":")
-    return host if separator else client_address
-
-
 class Admission:
     """
     The connections of one listener that are not logged in yet, counted in
