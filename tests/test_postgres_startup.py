@@ -518,3 +518,26 @@ class GatewayTests(unittest.TestCase):
         self.assertEqual((fields["severity"], fields["code"]), ("FATAL", "57014"))
         (refused,) = yield gateway.wait_for("session.refused")
         self.assertEqual(refused["refusal"]["rule"], "postgres:startup-timeout")
+
+    @defer.inlineCallbacks
+    def test_malformed_message_in_session_end(self):
+        """
+        A logged-in client that sends a malformed message is closed with
+        08P01, and its session's end in the record says why.
+        """
+        gateway = FloodGateway(self, allow_plaintext_password=True)
+        bearer = token()
+
+        def run():
+            client = RawClient(gateway.port, password=bearer)
+            try:
+                client.startup()
+                client.send(wire.message(b"B", b"\x00\x00\xff\xff"))
+                return client.until(b"E")
+            finally:
+                client.close()
+
+        messages = yield in_thread(run)
+        self.assertEqual(wire.parse_fields(messages[-1][1])["code"], "08P01")
+        (end,) = yield gateway.wait_for("session.end")
+        self.assertIn("protocol violation: a 'B' message from the client is malformed", end["reason"])

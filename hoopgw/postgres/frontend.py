@@ -183,7 +183,7 @@ class PostgresFrontend(protocol.Protocol):
                         )
                     )
                     return
-                self._fatal("08P01", "a message of %d bytes is larger than the gateway accepts" % (length,), "54000")
+                self._protocol_error("a message of %d bytes is larger than the gateway accepts" % (length,), "54000")
                 return
             stop = position + 1 + length
             if stop > end:
@@ -195,6 +195,15 @@ class PostgresFrontend(protocol.Protocol):
             self.startup.password()
         elif self._state == _READY:
             self._pump()
+
+    def _protocol_error(self, text, code="08P01"):
+        """
+        A logged-in client broke the protocol: FATAL, and the session's end
+        in the record says how.
+        """
+        if self.session is not None:
+            self.session.attributes.setdefault("end_reason", "protocol violation: %s" % (text,))
+        self._fatal("08P01", text, code)
 
     def logged_in(self, upstream):
         """
@@ -232,7 +241,7 @@ class PostgresFrontend(protocol.Protocol):
             try:
                 waiting = self._client_message(kind, buffer, start, stop)
             except (struct.error, ValueError, IndexError):
-                self._fatal("08P01", "a %r message from the client is malformed" % (kind.decode("ascii", "replace"),))
+                self._protocol_error("a %r message from the client is malformed" % (kind.decode("ascii", "replace"),))
                 return
             if waiting is not None:
                 self._waiting = waiting
@@ -308,7 +317,7 @@ class PostgresFrontend(protocol.Protocol):
             self._close()
             return None
         else:
-            self._fatal("08P01", "unexpected message type %r" % (kind.decode("ascii", "replace"),))
+            self._protocol_error("unexpected message type %r" % (kind.decode("ascii", "replace"),))
             return None
         self._forward(buffer[start:stop])
         return None
