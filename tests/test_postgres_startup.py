@@ -541,3 +541,55 @@ class GatewayTests(unittest.TestCase):
         self.assertEqual(wire.parse_fields(messages[-1][1])["code"], "08P01")
         (end,) = yield gateway.wait_for("session.end")
         self.assertIn("protocol violation: a 'B' message from the client is malformed", end["reason"])
+
+
+class UnserialisableTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_file_store_refuses_and_goes_on(self):
+        """
+        An event JSON cannot carry fails its append with a sentence (no
+        exception escapes append), takes no place in the chain, and the
+        next event is written and verifies.
+        """
+        from hoopgw.store.file import FileStore
+        from hoopgw.store.verify import verify_store
+
+        path = os.path.abspath(self.mktemp())
+        store = FileStore(path, reactor)
+        store.open()
+        failed = store.append({"type": "command", "text": object()})
+        error = yield self.assertFailure(failed, events.UnserialisableEvent)
+        self.assertIn("a command event cannot be written as JSON", str(error))
+        written = yield store.append({"type": "command", "text": b"\xff".decode("utf-8", "surrogateescape")})
+        self.assertEqual((written["seq"], written["escaped"]), (1, ["text"]))
+        yield store.close()
+        report = verify_store(path)
+        self.assertIsNone(report.problem, report)
+
+    @defer.inlineCallbacks
+    def test_record_addon_fails_command_closed(self):
+        """
+        When the store cannot take a command's event, the record addon's
+        hook fails (the chain then refuses the command) and logs a sentence.
+        """
+        from twisted.logger import globalLogPublisher
+
+        from hoopgw.addons.record import Record
+        from hoopgw.model import Command
+        from hoopgw.testing import FakeContext, FakeGateway
+
+        class Refusing:
+            def append(self, event, urgent=True):
+                raise events.UnserialisableEvent("a command event cannot be written as JSON: test")
+
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        record = Record({"result_rows": 0, "result_bytes": 0}, FakeContext(gateway=FakeGateway(store=Refusing())))
+        session = _refused_session()
+        command = Command(kind="sql", text="SELECT 1", redacted="SELECT 1", facts={})
+        command.decision = Decision.allow()
+        yield self.assertFailure(record.command_received(session, command), events.UnserialisableEvent)
+        errors = [event for event in logged if event.get("log_level") is not None and event["log_level"].name == "error"]
+        self.assertEqual(len(errors), 1)
+        self.assertNotIn("log_failure", errors[0])
