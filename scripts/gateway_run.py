@@ -145,9 +145,30 @@ class GatewayRun:
         total = 0
         for name in os.listdir(self.store_path):
             path = os.path.join(self.store_path, name)
-            if os.path.isfile(path):
+            if os.path.isfile(path) and name.endswith(".jsonl"):
                 total += os.path.getsize(path)
         return total
+
+    def bytes_by_type(self, since=0):
+        """
+        The bytes the store's lines take, by event type, from the
+        C{since}-th byte of its segments on.
+        """
+        import json
+
+        sizes = {}
+        offset = 0
+        for name in sorted(os.listdir(self.store_path)):
+            path = os.path.join(self.store_path, name)
+            if not (os.path.isfile(path) and name.endswith(".jsonl")):
+                continue
+            with open(path, "rb") as handle:
+                for line in handle:
+                    if offset >= since:
+                        kind = json.loads(line).get("type")
+                        sizes[kind] = sizes.get(kind, 0) + len(line)
+                    offset += len(line)
+        return sizes
 
     def events(self):
         from hoopgw.store.file import read_events
