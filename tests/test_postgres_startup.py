@@ -486,6 +486,9 @@ class GatewayTests(unittest.TestCase):
         self.assertLess(kinds.index(SUMMARY), kinds.index("gateway.stop"))
         # A few kilobytes for two hundred attempts, not two hundred events.
         self.assertLess(size_before_stop, 20000)
+        from hoopgw.store.verify import verify_store
+
+        self.assertIsNone(verify_store(gateway.store_path).problem)
 
     @defer.inlineCallbacks
     def test_slow_client_closed(self):
