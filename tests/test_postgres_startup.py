@@ -596,3 +596,40 @@ class UnserialisableTests(unittest.TestCase):
         errors = [event for event in logged if event.get("log_level") is not None and event["log_level"].name == "error"]
         self.assertEqual(len(errors), 1)
         self.assertNotIn("log_failure", errors[0])
+
+
+class LimitOptionTests(unittest.SynchronousTestCase):
+    def parse(self, **options):
+        from hoopgw.postgres.settings import parse_connection
+
+        raw = {
+            "target": {"host": "db", "database": "payments", "user": "app", "tls": "disable"},
+            "allow_plaintext_password": True,
+        }
+        raw.update(options)
+        return parse_connection(raw, "connections.payments", "tcp:5432:interface=127.0.0.1")
+
+    def test_defaults(self):
+        """
+        Without options, the limits before login are PostgreSQL-like.
+        """
+        settings = self.parse()
+        self.assertEqual(
+            (settings.startup_timeout, settings.max_unauthenticated, settings.max_unauthenticated_per_source, settings.max_startup_bytes),
+            (60.0, 100, 10, 10000),
+        )
+
+    def test_refused(self):
+        """
+        A limit out of range is refused naming the key.
+        """
+        from hoopgw.options import ConfigError
+
+        for options, key in (
+            ({"startup_timeout": 0}, "connections.payments.startup_timeout"),
+            ({"max_startup_bytes": 20000}, "connections.payments.max_startup_bytes"),
+            ({"max_unauthenticated": 0}, "connections.payments.max_unauthenticated"),
+        ):
+            error = self.assertRaises(ConfigError, self.parse, **options)
+            self.assertIn(key, str(error))
+        self.assertEqual(self.parse(startup_timeout="5s").startup_timeout, 5.0)

@@ -127,6 +127,8 @@ def parse_connection(raw, path, listen):
             join(join(path, "target"), "ca"),
             "is required when tls is %s: the CA the target's certificate is checked against" % (target.tls,),
         )
+    if values["startup_timeout"] <= 0:
+        raise ConfigError(join(path, "startup_timeout"), "must be more than 0 seconds (PostgreSQL's default is 60s)")
     tls = None
     if values["tls"] is not None:
         tls = o.client_tls(values["tls"], path)
