@@ -633,3 +633,33 @@ class LimitOptionTests(unittest.SynchronousTestCase):
             error = self.assertRaises(ConfigError, self.parse, **options)
             self.assertIn(key, str(error))
         self.assertEqual(self.parse(startup_timeout="5s").startup_timeout, 5.0)
+
+
+class TLSRefusalTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_failed_handshake_recorded(self):
+        """
+        A client that answers the gateway's "S" with something other than a
+        TLS handshake is disconnected and the attempt recorded, with the
+        negotiation it made.
+        """
+        gateway = FloodGateway(self)
+
+        def run():
+            connection = socket.create_connection(("127.0.0.1", gateway.port), timeout=20)
+            try:
+                connection.sendall(SSL)
+                answer = connection.recv(1)
+                connection.sendall(b"GET / HTTP/1.1\r\nHost: gateway\r\n\r\n")
+                while connection.recv(4096):
+                    pass
+                return answer
+            finally:
+                connection.close()
+
+        answer = yield in_thread(run)
+        self.assertEqual(answer, b"S")
+        (refused,) = yield gateway.wait_for("session.refused")
+        self.assertEqual(refused["refusal"]["rule"], "postgres:tls")
+        self.assertIn("TLS with the client failed", refused["refusal"]["reason"])
+        self.assertEqual((refused["attributes"]["negotiated"], refused["attributes"]["tls"]), (["SSL"], False))

@@ -188,7 +188,8 @@ class Startup:
         What the client said about itself before it was refused, safe to
         record: names only, cut short, secrets redacted.
         """
-        attributes = {"tls": self.frontend._tls_layer is not None}
+        layer = self.frontend._tls_layer
+        attributes = {"tls": layer is not None and bool(getattr(layer, "handshake_done", True))}
         if self._negotiated:
             attributes["negotiated"] = sorted(self._negotiated)
         for name in ("user", "database", "application_name"):
