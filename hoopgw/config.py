@@ -13,6 +13,7 @@ import yaml
 from twisted.plugin import getPlugins
 
 from hoopgw import options as o
+from hoopgw import refusals
 from hoopgw.interfaces import IAddonFactory
 from hoopgw.options import ConfigError, join
 
@@ -107,6 +108,7 @@ class GatewayConfig:
     options = attr.ib(factory=dict)
     witness = attr.ib(default=None)
     metrics = attr.ib(default=None)
+    refusals = attr.ib(factory=dict)
 
 
 @attr.s(frozen=True)
@@ -289,6 +291,13 @@ GATEWAY_OPTIONS = (
         "'hoopgw verify --witness PATH'.",
     ),
     o.Option("metrics", o.mapping, None, "The metrics and health listener (/metrics, /healthz, /readyz); off when absent."),
+    o.Option(
+        "refusals",
+        o.mapping,
+        {},
+        "How refused attempts are recorded under a flood: in_full, interval, max_sources, max_identities "
+        "(see docs/limits-and-attempts.rst).",
+    ),
 )
 
 
@@ -458,6 +467,7 @@ def _parse(document, path):
         metrics=o.parse_options(METRICS_OPTIONS, gateway_raw["metrics"], "gateway.metrics")
         if gateway_raw["metrics"] is not None
         else None,
+        refusals=refusals.parse(gateway_raw["refusals"], "gateway.refusals"),
     )
 
     providers = {}

@@ -18,6 +18,7 @@ from hoopgw import __version__
 from hoopgw.chain import AddonChain
 from hoopgw.config import PROTOCOLS
 from hoopgw.options import ConfigError
+from hoopgw.refusals import RefusalFloods
 
 
 @attr.s(frozen=True)
@@ -83,6 +84,7 @@ class Gateway(service.MultiService):
         }
         from hoopgw.approvals import make_broker
 
+        self.refusals = RefusalFloods(reactor, self.record, gateway=self.instance, **config.gateway.refusals)
         self.approvals = make_broker(config, reactor, self.record, store=store, instance=self.instance)
         self.factories = {}
         self.chains = {}
@@ -270,6 +272,8 @@ class Gateway(service.MultiService):
             close = getattr(provider, "close", None)
             if close is not None:
                 close()
+        # Floods counted so far are part of this run's record.
+        yield self.refusals.flush()
         try:
             yield self.record({"type": "gateway.stop", "gateway": self.instance, "version": __version__})
         except Exception:

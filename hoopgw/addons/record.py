@@ -10,6 +10,7 @@ the command's outcome before finishing the command (L{hoopgw.cast.commit}).
 
 import time
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from hoopgw import cards
@@ -64,6 +65,8 @@ class Record:
     def __init__(self, options, context):
         self._store = context.store
         self._gateway = getattr(context.gateway, "instance", None)
+        # One account of refusals for the whole gateway, whatever the protocol.
+        self._floods = getattr(context.gateway, "refusals", None)
         self._rows = options["result_rows"]
         self._bytes = options["result_bytes"]
         if not (self._rows or self._bytes):
@@ -71,7 +74,17 @@ class Record:
             self.result_received = None
 
     def _append(self, event, urgent=True):
-        return self._store.append(event, urgent=urgent)
+        # A store that raises instead of failing its Deferred still fails
+        # the command closed, with a sentence rather than a traceback.
+        return defer.maybeDeferred(self._store.append, event, urgent=urgent).addErrback(self._unwritten, event)
+
+    def _unwritten(self, failure, event):
+        self.log.error(
+            "The record could not take a {kind} event ({error}); what it records is refused",
+            kind=event.get("type"),
+            error=failure.getErrorMessage(),
+        )
+        return failure
 
     def session_started(self, session):
         state = session.metadata["record"] = {"commands": 0, "started": True}
@@ -149,7 +162,8 @@ class Record:
         self._append(event, urgent=False).addErrback(self._lost)
 
     def _lost(self, failure):
-        self.log.failure("An outcome could not be recorded", failure)
+        # Already logged by _unwritten; the store refuses later commands.
+        return None
 
     def session_ended(self, session):
         state = session.metadata.get("record") or {}
@@ -161,6 +175,9 @@ class Record:
         if session.refusal is not None:
             event["refusal"] = session.refusal.to_json()
         if not state.get("started"):
+            if self._floods is not None and not self._floods.admit(session):
+                # One of a flood: counted in its address's summary event.
+                return None
             # Refused before it reached this addon: a failed logon attempt (PCI DSS 10.2.1.4).
             event.update(type="session.refused", attributes=session.attributes)
         else:

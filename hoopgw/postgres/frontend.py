@@ -14,12 +14,23 @@ from twisted.logger import Logger
 from hoopgw import redact
 from hoopgw.chain import ChainBroken
 from hoopgw.flow import Valve
-from hoopgw.memorytls import MemoryTLS, TLSFailed, server_context
-from hoopgw.model import DENY, Command, Credentials, Decision, ResultChunk, Session
+from hoopgw.memorytls import TLSFailed, server_context
+from hoopgw.model import DENY, Command, Decision, ResultChunk
 from hoopgw.options import ConfigError
 from hoopgw.sql import split_statements, statement_type
 from hoopgw.postgres import upstream as upstream_module
 from hoopgw.postgres import wire
+from hoopgw.postgres.startup import (
+    CLOSED,
+    MAX_PASSWORD_BYTES,
+    OPENING,
+    PASSWORD,
+    READY,
+    STARTUP,
+    Admission,
+    Startup,
+    StartupError,
+)
 
 
 # Sent to the target in place of a denied statement: it fails at once and
@@ -28,17 +39,12 @@ from hoopgw.postgres import wire
 # of a pipeline rolled back), and the error arrives in order.
 DENIAL_SQL = "SELECT 1/0 AS hoopgw_statement_denied"
 
-# Startup parameters passed on to the target; everything else a client
-# sends is dropped, so it cannot change the gateway's session settings.
-FORWARDED_PARAMETERS = ("client_encoding", "DateStyle", "TimeZone", "IntervalStyle", "extra_float_digits")
-
-MAX_STARTUP_BYTES = 10000
 INBOX_HIGH_WATER = 256
 # How long a stopping gateway lets a client read its goodbye before
 # closing the connection regardless.
 CLOSE_GRACE = 5.0
 
-_STARTUP, _PASSWORD, _OPENING, _READY, _CLOSED = range(5)
+_STARTUP, _PASSWORD, _OPENING, _READY, _CLOSED = STARTUP, PASSWORD, OPENING, READY, CLOSED
 
 
 class Pending:
@@ -91,7 +97,7 @@ class PostgresFrontend(protocol.Protocol):
         self._pieces = []
         self._buffered = 0
         self._tls_layer = None
-        self._startup = {}
+        self.startup = None
         self._inbox = collections.deque()
         self._waiting = None
         self._skipping = False
@@ -117,7 +123,10 @@ class PostgresFrontend(protocol.Protocol):
         _no_delay(self.transport)
         self.valve = Valve(self.transport)
         peer = self.transport.getPeer()
-        self.client_address = "%s:%s" % (getattr(peer, "host", peer), getattr(peer, "port", ""))
+        host = getattr(peer, "host", peer)
+        self.client_address = "%s:%s" % (host, getattr(peer, "port", ""))
+        self.startup = Startup(self)
+        self.startup.connected(str(host))
 
     def dataReceived(self, data):
         if self._state == _CLOSED:
@@ -129,13 +138,14 @@ class PostgresFrontend(protocol.Protocol):
                 self.log.info("TLS with client {client} failed: {error}", client=self.client_address, error=str(error))
                 self._tls_layer.transport.loseConnection()
                 self._state = _CLOSED
+                self.startup.tls_failed(error)
                 return
             if not data:
                 return
         self._pieces.append(data)
         self._buffered += len(data)
         if self._state == _STARTUP:
-            self._startup_data()
+            self.startup.data()
         elif self._state in (_PASSWORD, _READY, _OPENING):
             self._client_data()
 
@@ -150,91 +160,6 @@ class PostgresFrontend(protocol.Protocol):
             self._pieces = [rest]
             self._buffered = len(rest)
 
-    def _startup_data(self):
-        buffer = self._take()
-        if len(buffer) < 8:
-            self._keep(buffer)
-            return
-        length = wire.unpack_int32(buffer)
-        if length < 8 or length > MAX_STARTUP_BYTES:
-            self._fatal("08P01", "invalid startup packet length")
-            return
-        if len(buffer) < length:
-            self._keep(buffer)
-            return
-        code = wire.unpack_int32(buffer, 4)
-        packet, rest = buffer[8:length], buffer[length:]
-        if code == wire.SSL_REQUEST:
-            if rest:
-                # Bytes sent before the TLS handshake could be injected by
-                # someone in the middle (CVE-2021-23214): refuse them.
-                self._fatal("08P01", "received unencrypted data after the SSL request")
-                return
-            if self.factory.tls_context is not None and self._tls_layer is None:
-                self.transport.write(b"S")
-                self._tls_layer = MemoryTLS(self.transport, self.factory.tls_context, server_side=True)
-                self.transport = self._tls_layer
-            else:
-                self.transport.write(b"N")
-        elif code == wire.GSSENC_REQUEST:
-            self.transport.write(b"N")
-            self._keep(rest)
-            if rest:
-                self._startup_data()
-        elif code == wire.CANCEL_REQUEST and len(packet) == 8:
-            self.factory.cancel(wire.unpack_int32(packet, 0), wire.unpack_int32(packet, 4))
-            self._state = _CLOSED
-            self.transport.loseConnection()
-        elif code >> 16 == 3:
-            self._keep(rest)
-            self._startup_message(code, packet)
-        else:
-            self._fatal("0A000", "unsupported frontend protocol %d.%d" % (code >> 16, code & 0xFFFF))
-
-    def _startup_message(self, code, packet):
-        try:
-            parameters = wire.parse_startup(packet)
-        except ValueError:
-            self._fatal("08P01", "invalid startup packet layout")
-            return
-        minor = code & 0xFFFF
-        unsupported = sorted(name for name in parameters if name.startswith("_pq_."))
-        if minor > 0 or unsupported:
-            self.transport.write(wire.negotiate_protocol_version(0, unsupported))
-        target = self.settings.target
-        user = parameters.get("user")
-        if not user:
-            self._fatal("28000", "no user name was given in the startup packet")
-            return
-        database = parameters.get("database") or user
-        if "replication" in parameters:
-            self._fatal("0A000", "replication connections are not accepted through the gateway")
-            return
-        if parameters.get("options"):
-            self._fatal(
-                "0A000",
-                "the startup option 'options' is not accepted through the gateway; use SET after connecting",
-            )
-            return
-        if database != target.database:
-            self._fatal(
-                "3D000",
-                "this gateway connection serves the database %r only; connect with dbname=%s"
-                % (target.database, target.database),
-            )
-            return
-        if self._tls_layer is None and not self.settings.allow_plaintext_password:
-            self._fatal(
-                "28000",
-                "this gateway accepts tokens over TLS only; connect with sslmode=require or verify-full",
-            )
-            return
-        self._startup = parameters
-        self._state = _PASSWORD
-        self.transport.write(wire.authentication_cleartext_password())
-        if self._buffered:
-            self._client_data()
-
     def _client_data(self):
         """
         Split what the client sent into messages and queue them.
@@ -242,12 +167,23 @@ class PostgresFrontend(protocol.Protocol):
         buffer = self._take()
         position = 0
         end = len(buffer)
-        maximum = self.settings.max_message_bytes
+        # Before login only a token is expected: a client not logged in
+        # cannot make the gateway hold a message of max_message_bytes.
+        maximum = self.settings.max_message_bytes if self._state != _PASSWORD else MAX_PASSWORD_BYTES
         inbox = self._inbox
         while end - position >= 5:
             length = wire.unpack_int32(buffer, position + 1)
             if length < 4 or length > maximum:
-                self._fatal("08P01", "a message of %d bytes is larger than the gateway accepts" % (length,), "54000")
+                if self._state == _PASSWORD:
+                    self.startup.refuse(
+                        StartupError(
+                            "08P01",
+                            "postgres:password-length",
+                            "a password message of %d bytes is larger than the gateway accepts before login" % (length,),
+                        )
+                    )
+                    return
+                self._protocol_error("a message of %d bytes is larger than the gateway accepts" % (length,), "54000")
                 return
             stop = position + 1 + length
             if stop > end:
@@ -256,80 +192,23 @@ class PostgresFrontend(protocol.Protocol):
             position = stop
         self._keep(buffer[position:])
         if self._state == _PASSWORD:
-            self._password()
+            self.startup.password()
         elif self._state == _READY:
             self._pump()
 
-    # Authentication.
+    def _protocol_error(self, text, code="08P01"):
+        """
+        A logged-in client broke the protocol: FATAL, and the session's end
+        in the record says how.
+        """
+        if self.session is not None:
+            self.session.attributes.setdefault("end_reason", "protocol violation: %s" % (text,))
+        self._fatal("08P01", text, code)
 
-    def _password(self):
-        if not self._inbox:
-            return
-        kind, buffer, start, stop = self._inbox.popleft()
-        if kind != b"p":
-            self._fatal("08P01", "expected a password message")
-            return
-        token = buffer[start + 5 : stop].rstrip(b"\x00").decode("utf-8", "replace")
-        self._state = _OPENING
-        certificate = None
-        if self._tls_layer is not None:
-            certificate = self._tls_layer.getPeerCertificate()
-        self.session = Session(
-            connection=self.factory.connection.name,
-            protocol="postgres",
-            client_address=self.client_address,
-            target=self.settings.target_name,
-            credentials=Credentials(user=self._startup["user"], password=token, client_certificate=certificate),
-            attributes={
-                "user": self._startup["user"],
-                "database": self._startup.get("database") or self._startup["user"],
-                "application_name": self._startup.get("application_name", ""),
-                "tls": self._tls_layer is not None,
-            },
-            notifier=self._notify,
-        )
-        self._admitting = True
-        self.chain.start_session(self.session).addCallback(self._admitted).addErrback(self._internal_error)
-
-    def _admitted(self, decision):
-        self._admitting = False
-        if self._state == _CLOSED:
-            if decision.verdict != DENY:
-                self._end_session("client disconnected")
-            return
-        if decision.verdict == DENY:
-            self._ended = True
-            self._fatal(decision.sqlstate or "28000", "hoopgw refused the session: %s" % (decision.reason,))
-            return
-        subject = self.session.identity.subject
-        application = self._startup.get("application_name")
-        parameters = {
-            "user": self.settings.target.user,
-            "database": self.settings.target.database,
-            "application_name": ("hoopgw:%s:%s" % (subject, application) if application else "hoopgw:%s" % (subject,))[:63],
-        }
-        for name in FORWARDED_PARAMETERS:
-            if name in self._startup:
-                parameters[name] = self._startup[name]
-        upstream_module.connect(
-            self.factory.reactor, self.settings.target, parameters, self.settings.max_message_bytes
-        ).addCallbacks(self._upstream_ready, self._upstream_failed)
-
-    def _upstream_failed(self, failure):
-        if self._state == _CLOSED:
-            self._end_session("client disconnected")
-            return
-        error = failure.value
-        sqlstate = getattr(error, "sqlstate", "08001")
-        self.session.attributes["end_reason"] = "target unavailable: %s" % (error,)
-        self._fatal(sqlstate, "hoopgw could not open the target session: %s" % (error,))
-
-    def _upstream_ready(self, upstream):
-        if self._state == _CLOSED:
-            upstream.transport.write(wire.terminate())
-            upstream.transport.loseConnection()
-            self._end_session("client disconnected")
-            return
+    def logged_in(self, upstream):
+        """
+        The target session is open: relay between it and the client.
+        """
         self.upstream = upstream
         upstream.receiver = self
         self.upstream_valve = Valve(upstream.transport)
@@ -362,7 +241,7 @@ class PostgresFrontend(protocol.Protocol):
             try:
                 waiting = self._client_message(kind, buffer, start, stop)
             except (struct.error, ValueError, IndexError):
-                self._fatal("08P01", "a %r message from the client is malformed" % (kind.decode("ascii", "replace"),))
+                self._protocol_error("a %r message from the client is malformed" % (kind.decode("ascii", "replace"),))
                 return
             if waiting is not None:
                 self._waiting = waiting
@@ -438,7 +317,7 @@ class PostgresFrontend(protocol.Protocol):
             self._close()
             return None
         else:
-            self._fatal("08P01", "unexpected message type %r" % (kind.decode("ascii", "replace"),))
+            self._protocol_error("unexpected message type %r" % (kind.decode("ascii", "replace"),))
             return None
         self._forward(buffer[start:stop])
         return None
@@ -963,6 +842,8 @@ class PostgresFrontend(protocol.Protocol):
         self._fatal("XX000", "hoopgw failed internally and closed the session; the failure is logged")
 
     def connectionLost(self, reason):
+        if self.startup is not None:
+            self.startup.lost(self._state)
         self._state = _CLOSED
         self.factory.open.discard(self)
         if self.backend_key is not None:
@@ -1023,6 +904,7 @@ class PostgresFactory(protocol.ServerFactory):
         self.chain = chain
         self.reactor = reactor or default_reactor
         self.tls_context = _server_context(connection.name, self.settings.tls)
+        self.admission = Admission(self.settings)
         self.active = {}
         self.ending = set()
         self.open = set()
@@ -1046,9 +928,14 @@ class PostgresFactory(protocol.ServerFactory):
         self.active.pop(key, None)
 
     def cancel(self, process_id, secret):
+        """
+        @return: whether the key named a session.
+        """
         frontend = self.active.get((process_id, secret))
-        if frontend is not None:
-            frontend.cancel()
+        if frontend is None:
+            return False
+        frontend.cancel()
+        return True
 
     def session_ended(self, ended):
         self.ending.add(ended)

@@ -49,6 +49,33 @@ CONNECTION_OPTIONS = (
         64 * 1024 * 1024,
         "The largest protocol message accepted from a client or the target.",
     ),
+    o.Option(
+        "startup_timeout",
+        o.duration,
+        60.0,
+        "How long a client has from connecting until it is logged in (encryption negotiated, "
+        "startup packet and token sent, the chain's answer given), as PostgreSQL's "
+        "authentication_timeout. Past it the client gets FATAL 57014 and is disconnected.",
+    ),
+    o.Option(
+        "max_unauthenticated",
+        o.integer(minimum=1),
+        100,
+        "How many connections of this listener may be open and not yet logged in at once. "
+        "One more is answered FATAL 53300 at once and disconnected.",
+    ),
+    o.Option(
+        "max_unauthenticated_per_source",
+        o.integer(minimum=1),
+        10,
+        "How many of those may come from one client address.",
+    ),
+    o.Option(
+        "max_startup_bytes",
+        o.integer(minimum=64, maximum=10000),
+        10000,
+        "The largest startup packet accepted (PostgreSQL's own limit is 10,000 bytes).",
+    ),
 )
 
 
@@ -71,6 +98,10 @@ class PostgresSettings:
     tls = attr.ib()
     allow_plaintext_password = attr.ib()
     max_message_bytes = attr.ib()
+    startup_timeout = attr.ib(default=60.0)
+    max_unauthenticated = attr.ib(default=100)
+    max_unauthenticated_per_source = attr.ib(default=10)
+    max_startup_bytes = attr.ib(default=10000)
 
     @property
     def target_name(self):
@@ -96,6 +127,8 @@ def parse_connection(raw, path, listen):
             join(join(path, "target"), "ca"),
             "is required when tls is %s: the CA the target's certificate is checked against" % (target.tls,),
         )
+    if values["startup_timeout"] <= 0:
+        raise ConfigError(join(path, "startup_timeout"), "must be more than 0 seconds (PostgreSQL's default is 60s)")
     tls = None
     if values["tls"] is not None:
         tls = o.client_tls(values["tls"], path)
@@ -115,4 +148,8 @@ def parse_connection(raw, path, listen):
         tls=tls,
         allow_plaintext_password=values["allow_plaintext_password"],
         max_message_bytes=values["max_message_bytes"],
+        startup_timeout=values["startup_timeout"],
+        max_unauthenticated=values["max_unauthenticated"],
+        max_unauthenticated_per_source=values["max_unauthenticated_per_source"],
+        max_startup_bytes=values["max_startup_bytes"],
     )

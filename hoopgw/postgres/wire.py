@@ -12,6 +12,11 @@ SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
 CANCEL_REQUEST = 80877102
 PROTOCOL_3_0 = 196608
+# The largest startup packet PostgreSQL accepts (MAX_STARTUP_PACKET_LENGTH).
+MAX_STARTUP_PACKET = 10000
+
+# Message types a client sends while logging in.
+PASSWORD_MESSAGE = b"p"
 
 _INT32 = struct.Struct("!I")
 _INT16 = struct.Struct("!H")
@@ -45,6 +50,19 @@ class ProtocolViolation(Exception):
     """
     The peer sent something the protocol does not allow.
     """
+
+
+class StartupError(ValueError):
+    """
+    A client's first packets cannot be read: a refusal with PostgreSQL's
+    SQLSTATE, a rule naming the reason for the record, and a sentence.
+    """
+
+    def __init__(self, sqlstate, rule, text):
+        ValueError.__init__(self, text)
+        self.sqlstate = sqlstate
+        self.rule = rule
+        self.text = text
 
 
 def message(kind, payload=b""):
@@ -239,16 +257,59 @@ def terminate():
 # Parsing.
 
 
+def read_startup_packet(buffer, position=0, maximum=MAX_STARTUP_PACKET):
+    """
+    The startup-phase packet (an untyped length, a 32-bit code, a body) at
+    C{position} of C{buffer}, without copying what follows it.
+
+    @return: C{(code, body, position after it)}, or None when the packet
+        is not whole yet.
+    @raise StartupError: when its length is out of bounds.
+    """
+    if len(buffer) - position < 8:
+        if len(buffer) - position >= 4:
+            _check_startup_length(unpack_int32(buffer, position), maximum)
+        return None
+    length = unpack_int32(buffer, position)
+    _check_startup_length(length, maximum)
+    if len(buffer) - position < length:
+        return None
+    code = unpack_int32(buffer, position + 4)
+    return code, bytes(buffer[position + 8 : position + length]), position + length
+
+
+def _check_startup_length(length, maximum):
+    if length < 8 or length > maximum:
+        raise StartupError(
+            "08P01",
+            "postgres:startup-length",
+            "invalid length of startup packet (%d bytes; between 8 and %d are accepted)" % (length, maximum),
+        )
+
+
 def parse_startup(payload):
     """
-    The parameters of a StartupMessage (after its protocol version).
+    The parameters of a StartupMessage (after its protocol version): pairs
+    of NUL-terminated names and values, then a final NUL.
+
+    @raise StartupError: when the layout is not that.
     """
     parameters = {}
     offset = 0
-    while offset < len(payload) and payload[offset] != 0:
-        name, offset = read_cstring(payload, offset)
-        value, offset = read_cstring(payload, offset)
-        parameters[name.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+    end = len(payload)
+    try:
+        while offset < end and payload[offset] != 0:
+            name, offset = read_cstring(payload, offset)
+            value, offset = read_cstring(payload, offset)
+            parameters[name.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+    except ValueError:
+        raise StartupError(
+            "08P01", "postgres:startup-layout", "invalid startup packet layout: a name or value has no terminating NUL"
+        )
+    if offset != end - 1:
+        raise StartupError(
+            "08P01", "postgres:startup-layout", "invalid startup packet layout: expected terminator as last byte"
+        )
     return parameters
 
 

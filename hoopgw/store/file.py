@@ -427,7 +427,10 @@ class FileStore:
 
     def _write_event(self, event, urgent=True):
         now = self._clock() if self._clock is not None else None
-        data = events.seal(event, self.seq + 1, self.head, now=now, signer=self.signer)
+        try:
+            data = events.seal(event, self.seq + 1, self.head, now=now, signer=self.signer)
+        except events.UnserialisableEvent as error:
+            return defer.fail(error)
         try:
             # Written at once, in order, so readers see it; made durable by
             # the next group commit.

@@ -641,7 +641,11 @@ class PostgresStore:
         results = []
         for item in batch:
             if not isinstance(item, _Checked):
-                results.append((yield self._insert(cursor, chain, item)))
+                try:
+                    results.append((yield self._insert(cursor, chain, item)))
+                except chaining.UnserialisableEvent:
+                    # Refused before anything was written: the rest of the batch goes on.
+                    results.append(Failure())
                 continue
             before = (chain.seq, chain.head, chain.unsigned)
             yield cursor.execute("SAVEPOINT hoopgw_checked")
