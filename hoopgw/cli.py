@@ -15,7 +15,9 @@ def _check_config(arguments, out):
     try:
         config = configuration.load(arguments.file)
     except ConfigError as error:
-        print("%s: %s" % (arguments.file, error), file=sys.stderr)
+        from hoopgw.options import report
+
+        print(report(arguments.file, error), file=sys.stderr)
         return 1
     print("%s: OK" % (arguments.file,), file=out)
     for name, connection in sorted(config.connections.items()):

@@ -180,7 +180,7 @@ def _positive_duration(value, path):
 
 
 ADMIN_OPTIONS = (
-    o.Option("listen", o.string, o.REQUIRED, "A Twisted endpoint string for the admin and approvals HTTP API."),
+    o.Option("listen", o.endpoint, o.REQUIRED, "A Twisted endpoint string for the admin and approvals HTTP API."),
     o.Option("tls_certificate", o.file_path, None, "PEM certificate for HTTPS on the admin listener."),
     o.Option("tls_key", o.file_path, None, "PEM private key for HTTPS on the admin listener."),
     o.Option(
@@ -296,29 +296,68 @@ def _parse_addon(entry, path, known):
     return AddonSpec(name=name, factory=factory, options=options, source=source, path=path)
 
 
+# The keys every connection has, whatever its protocol (the protocol's own
+# settings are checked by its package).
+CONNECTION_KEYS = ("protocol", "listen", "allowed_groups", "description", "addons")
+
+
 def _parse_connection(name, raw, path, known_addons, providers):
     raw = dict(o.mapping(raw, path))
-    protocol = o.choice(*sorted(PROTOCOLS))(raw.pop("protocol", None), join(path, "protocol"))
+    problems = o.Collector()
+    protocol_name = raw.get("protocol")
+    protocol_module = _load_module(PROTOCOLS[protocol_name]) if protocol_name in PROTOCOLS else None
+    # A misspelt common key (alowed_groups) is reported as unknown, with the
+    # key it stands for, rather than as a missing key alone.
+    protocol_keys = set()
+    if protocol_module is not None:
+        settings_module = _load_module(protocol_module.parse_connection.__module__)
+        protocol_keys = {option.name for option in getattr(settings_module, "CONNECTION_OPTIONS", ())}
+    stray = {key: value for key, value in raw.items() if key not in CONNECTION_KEYS and key not in protocol_keys}
+    missing = [key for key in ("protocol", "listen", "allowed_groups") if key not in raw]
+    errors, meant = o.unknown_keys(
+        stray, CONNECTION_KEYS + tuple(sorted(protocol_keys)), path, missing,
+        what="unknown key; a %s connection takes %%s" % (protocol_name if protocol_module else "",),
+    )
+    if protocol_module is None:
+        # Without a protocol its settings are unknown: only the misspellings
+        # of a common key can be told apart.
+        errors = [error for error in errors if "(it is required)" in error.message]
+        stray = {key: None for key in stray if any(key == error.path.rsplit(".", 1)[-1] for error in errors)}
+    problems.errors.extend(errors)
+    for key in stray:
+        del raw[key]
+    protocol = problems.check(o.choice(*sorted(PROTOCOLS)), raw.pop("protocol", None), join(path, "protocol"))
+    listen = o.INVALID
     if "listen" not in raw:
-        raise ConfigError(join(path, "listen"), "is required: a Twisted endpoint string such as tcp:15432:interface=127.0.0.1")
-    listen = o.string(raw.pop("listen"), join(path, "listen"))
-    allowed_groups = o.string_set(raw.pop("allowed_groups", []), join(path, "allowed_groups"))
-    if not allowed_groups:
-        raise ConfigError(
+        if "listen" not in meant:
+            problems.add(join(path, "listen"), "is required: a Twisted endpoint string such as tcp:15432:interface=127.0.0.1")
+    else:
+        listen = problems.check(o.endpoint, raw.pop("listen"), join(path, "listen"))
+    allowed_groups = problems.check(o.string_set, raw.pop("allowed_groups", []), join(path, "allowed_groups"))
+    if allowed_groups is not o.INVALID and not allowed_groups and "allowed_groups" not in meant:
+        problems.add(
             join(path, "allowed_groups"),
             "is required: list the groups whose members may use this connection",
         )
-    description = o.optional_string(raw.pop("description", None), join(path, "description")) or ""
-    raw_addons = o.list_of(lambda value, where: value)(raw.pop("addons", None) or [], join(path, "addons"))
-    addons = tuple(
-        _parse_addon(entry, join(join(path, "addons"), index), known_addons)
-        for index, entry in enumerate(raw_addons)
+    description = problems.check(o.optional_string, raw.pop("description", None), join(path, "description")) or ""
+    raw_addons = problems.check(
+        o.list_of(lambda value, where: value), raw.pop("addons", None) or [], join(path, "addons")
     )
+    addons = []
+    for index, entry in enumerate(raw_addons if raw_addons is not o.INVALID else []):
+        spec = problems.check(_parse_addon, entry, join(join(path, "addons"), index), known_addons)
+        if spec is not o.INVALID:
+            addons.append(spec)
+    addons = tuple(addons)
     names = [spec.name for spec in addons]
-    for spec in addons:
-        if names.count(spec.name) > 1:
-            raise ConfigError(join(path, "addons"), "the addon %r appears twice" % (spec.name,))
-    settings = _load_module(PROTOCOLS[protocol]).parse_connection(raw, path, listen)
+    for twice in sorted({name for name in names if names.count(name) > 1}):
+        problems.add(join(path, "addons"), "the addon %r appears twice" % (twice,))
+    settings = o.INVALID
+    if protocol is not o.INVALID:
+        settings = problems.check(
+            protocol_module.parse_connection, raw, path, listen if listen is not o.INVALID else "tcp:0"
+        )
+    problems.done()
     connection = ConnectionConfig(
         name=name,
         protocol=protocol,
@@ -331,7 +370,8 @@ def _parse_connection(name, raw, path, known_addons, providers):
     for spec in addons:
         check = getattr(spec.factory, "check_connection", None)
         if check is not None:
-            check(spec.options, connection, providers, spec.path)
+            problems.check(check, spec.options, connection, providers, spec.path)
+    problems.done()
     return connection
 
 
@@ -340,7 +380,8 @@ def parse(document, path="<string>"):
     Check a parsed YAML document.
 
     @return: a L{Config}.
-    @raise ConfigError: naming the first bad key.
+    @raise ConfigError: naming the bad key; a L{hoopgw.options.ConfigErrors}
+        naming each when there are several.
     """
     base = os.path.dirname(os.path.abspath(path)) if path != "<string>" else os.getcwd()
     token = o.relative_to(base)
@@ -350,61 +391,49 @@ def parse(document, path="<string>"):
         o._BASE_DIRECTORY.reset(token)
 
 
+SECTIONS = ("gateway", "identity_providers", "connections")
+
+
 def _parse(document, path):
     document = o.mapping(document, "")
-    unknown = sorted(set(document) - {"gateway", "identity_providers", "connections"})
-    if unknown:
-        raise ConfigError(unknown[0], "unknown section; expected gateway, identity_providers and connections")
-    gateway_raw = o.parse_options(GATEWAY_OPTIONS, document.get("gateway"), "gateway")
-    store = StoreConfig(**o.parse_options(STORE_OPTIONS, gateway_raw["store"], "gateway.store"))
-    if store.backend == "postgres" and store.postgres is None:
-        raise ConfigError("gateway.store.postgres", "is required with backend postgres: give at least its dsn")
-    admin = None
-    if gateway_raw["admin"] is not None:
-        admin = o.parse_options(ADMIN_OPTIONS, gateway_raw["admin"], "gateway.admin")
-        if bool(admin["tls_certificate"]) != bool(admin["tls_key"]):
-            raise ConfigError("gateway.admin", "give both tls_certificate and tls_key, or neither")
-        if not admin["tls_certificate"] and not _admin_on_loopback(admin["listen"]):
-            raise ConfigError(
-                "gateway.admin.listen",
-                "approvers' tokens must not cross the network in clear: give tls_certificate and tls_key, "
-                "or listen on loopback only (interface=127.0.0.1)",
-            )
-    gateway = GatewayConfig(
-        state_dir=gateway_raw["state_dir"],
-        store=store,
-        admin=admin,
-        signing_key=gateway_raw["signing_key"],
+    problems = o.Collector()
+    errors, _ = o.unknown_keys(
+        document, SECTIONS, "", what="unknown section; expected gateway, identity_providers and connections"
     )
+    problems.errors.extend(errors)
+    gateway = problems.check(_parse_gateway, document.get("gateway"))
 
     providers = {}
-    raw_providers = o.mapping(document.get("identity_providers") or {}, "identity_providers")
-    for name, raw in raw_providers.items():
-        where = join("identity_providers", name)
-        raw = dict(o.mapping(raw, where))
-        kind = o.choice(*sorted(IDENTITY_PROVIDERS))(raw.pop("type", "oidc"), join(where, "type"))
-        providers[name] = _load_module(IDENTITY_PROVIDERS[kind]).parse_provider(name, raw, where)
+    raw_providers = problems.check(o.mapping, document.get("identity_providers") or {}, "identity_providers")
+    for name, raw in (raw_providers if raw_providers is not o.INVALID else {}).items():
+        provider = problems.check(_parse_provider, name, raw, join("identity_providers", name))
+        if provider is not o.INVALID:
+            providers[name] = provider
 
     known_addons = builtin_addons()
     connections = {}
-    raw_connections = o.mapping(document.get("connections") or {}, "connections")
-    if not raw_connections:
-        raise ConfigError("connections", "is required: define at least one connection")
-    for name, raw in raw_connections.items():
-        connections[name] = _parse_connection(name, raw, join("connections", name), known_addons, providers)
-    for connection in connections.values():
-        for spec in connection.addons:
-            check = getattr(spec.factory, "check_gateway", None)
-            if check is not None:
-                check(spec.options, gateway, spec.path)
+    raw_connections = problems.check(o.mapping, document.get("connections") or {}, "connections")
+    if raw_connections is not o.INVALID and not raw_connections:
+        problems.add("connections", "is required: define at least one connection")
+    for name, raw in (raw_connections if raw_connections is not o.INVALID else {}).items():
+        connection = problems.check(_parse_connection, name, raw, join("connections", name), known_addons, providers)
+        if connection is not o.INVALID:
+            connections[name] = connection
+    if gateway is not o.INVALID:
+        for connection in connections.values():
+            for spec in connection.addons:
+                check = getattr(spec.factory, "check_gateway", None)
+                if check is not None:
+                    problems.check(check, spec.options, gateway, spec.path)
     listens = {}
     for connection in connections.values():
         other = listens.setdefault(connection.listen, connection.name)
         if other != connection.name:
-            raise ConfigError(
+            problems.add(
                 join(join("connections", connection.name), "listen"),
                 "the connection %r already listens on %s" % (other, connection.listen),
             )
+    problems.done()
     digest = hashlib.sha256(yaml.safe_dump(document, sort_keys=True).encode()).hexdigest()
     return Config(
         path=path,
@@ -415,13 +444,57 @@ def _parse(document, path):
     )
 
 
+def _parse_provider(name, raw, where):
+    raw = dict(o.mapping(raw, where))
+    kind = o.choice(*sorted(IDENTITY_PROVIDERS))(raw.pop("type", "oidc"), join(where, "type"))
+    return _load_module(IDENTITY_PROVIDERS[kind]).parse_provider(name, raw, where)
+
+
+def _parse_gateway(raw):
+    problems = o.Collector()
+    gateway_raw = problems.check(o.parse_options, GATEWAY_OPTIONS, raw, "gateway")
+    if gateway_raw is o.INVALID:
+        # Go on into the store and admin sections, whose problems are worth
+        # knowing in the same round.
+        given = raw if isinstance(raw, dict) else {}
+        gateway_raw = {
+            key: given.get(key) if isinstance(given.get(key), dict) else default
+            for key, default in (("store", {}), ("admin", None))
+        }
+    store = problems.check(
+        lambda: StoreConfig(**o.parse_options(STORE_OPTIONS, gateway_raw["store"], "gateway.store"))
+    )
+    if store is not o.INVALID and store.backend == "postgres" and store.postgres is None:
+        problems.add("gateway.store.postgres", "is required with backend postgres: give at least its dsn")
+    admin = None
+    if gateway_raw["admin"] is not None:
+        admin = problems.check(o.parse_options, ADMIN_OPTIONS, gateway_raw["admin"], "gateway.admin")
+        if admin is not o.INVALID:
+            if bool(admin["tls_certificate"]) != bool(admin["tls_key"]):
+                problems.add("gateway.admin", "give both tls_certificate and tls_key, or neither")
+            elif not admin["tls_certificate"] and not _admin_on_loopback(admin["listen"]):
+                problems.add(
+                    "gateway.admin.listen",
+                    "approvers' tokens must not cross the network in clear: give tls_certificate and tls_key, "
+                    "or listen on loopback only (interface=127.0.0.1)",
+                )
+    problems.done()
+    return GatewayConfig(
+        state_dir=gateway_raw["state_dir"],
+        store=store,
+        admin=admin,
+        signing_key=gateway_raw["signing_key"],
+    )
+
+
 def _admin_on_loopback(listen):
     return any(marker in listen for marker in ("interface=127.0.0.1", "interface=localhost", "interface=\\:\\:1"))
 
 
 def load(path):
     """
-    Read and check the configuration file at C{path}.
+    Read and check the configuration file at C{path}, and that the secrets
+    it names are there to read (files readable, environment variables set).
 
     @raise ConfigError: if it cannot be read, is not YAML, or is not valid.
     """
@@ -434,4 +507,9 @@ def load(path):
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError("", "%s is not valid YAML: %s" % (path, error))
-    return parse(document, path)
+    # A file about to be used: its secrets must be there too.
+    token = o._CHECK_SECRETS.set(True)
+    try:
+        return parse(document, path)
+    finally:
+        o._CHECK_SECRETS.reset(token)

@@ -5,7 +5,7 @@ C{twistd hoopgw}: the gateway as a Twisted application.
 from twisted.python import usage
 
 from hoopgw import config as configuration
-from hoopgw.options import ConfigError
+from hoopgw.options import ConfigError, report
 from hoopgw.store import StoreError, open_store
 
 
@@ -40,7 +40,7 @@ def makeService(options):
     try:
         config = configuration.load(options["config"])
     except ConfigError as error:
-        raise StartupError("%s: %s" % (options["config"], error))
+        raise StartupError(report(options["config"], error))
     try:
         store = open_store(config.gateway.store, reactor)
     except StoreError as error:
@@ -49,7 +49,7 @@ def makeService(options):
         return Gateway(config, reactor, store, reload_on_hangup=True)
     except ConfigError as error:
         store.close()
-        raise StartupError("%s: %s" % (options["config"], error))
+        raise StartupError(report(options["config"], error))
     except StoreError as error:
         # The shared approvals broker prepares its index in the store.
         store.close()
