@@ -12,11 +12,23 @@ from hoopgw.options import ConfigError, duration
 
 
 def _check_config(arguments, out):
+    from hoopgw.options import ConfigErrors, MissingFile, flatten, report
+
     try:
         config = configuration.load(arguments.file)
     except ConfigError as error:
-        from hoopgw.options import report
-
+        problems = flatten([error])
+        missing = [problem for problem in problems if isinstance(problem, MissingFile)]
+        if arguments.skip_files and missing and len(missing) == len(problems):
+            # A file written for another host (/etc/hoopgw/...): everything
+            # but the files and secrets this machine lacks checks.
+            print("%s: OK apart from %d file(s) and secret(s) this machine does not have:" % (arguments.file, len(missing)), file=out)
+            for problem in missing:
+                print("  skipped %s" % (problem,), file=out)
+            return 0
+        if arguments.skip_files:
+            problems = [problem for problem in problems if not isinstance(problem, MissingFile)]
+            error = problems[0] if len(problems) == 1 else ConfigErrors(problems)
         print(report(arguments.file, error), file=sys.stderr)
         return 1
     print("%s: OK" % (arguments.file,), file=out)
@@ -87,10 +99,15 @@ def _describe(event):
         decision = event.get("decision", {}).get("verdict", "")
         return "%s %s %s [%s] %s" % (head, event.get("session", ""), who, decision, event.get("text", ""))
     if kind == "command.end":
-        decision = (event.get("decision") or {}).get("verdict", "")
+        decision = event.get("decision") or {}
         outcome = event.get("outcome") or {}
         detail = outcome.get("tag") or outcome.get("error") or outcome.get("reason") or ""
-        return "%s %s %s [%s] %s %s" % (head, event.get("session", ""), who, decision, outcome.get("status", ""), detail)
+        if decision.get("verdict") == "deny":
+            # A denied statement has no command event of its own: say what and why here.
+            detail = "%s (%s)" % (event.get("text", ""), decision.get("rule", ""))
+        return "%s %s %s [%s] %s %s" % (
+            head, event.get("session", ""), who, decision.get("verdict", ""), outcome.get("status", ""), _clip(detail)
+        )
     if kind in ("session.start", "session.end", "session.refused"):
         extra = (event.get("refusal") or {}).get("reason") or event.get("reason") or ""
         return "%s %s %s from %s on %s %s" % (
@@ -101,7 +118,28 @@ def _describe(event):
             event.get("connection", ""),
             extra,
         )
-    return "%s %s" % (head, json.dumps({k: v for k, v in event.items() if k not in ("seq", "ts", "prev", "hash", "type")}))
+    if kind.startswith("approval."):
+        approver = (event.get("approver") or {}).get("subject")
+        outcome = event.get("outcome") or {}
+        detail = " ".join(
+            part
+            for part in (
+                event.get("approval", ""),
+                "rule %s" % (event["rule"],) if event.get("rule") else "",
+                "by %s" % (approver,) if approver else "",
+                event.get("verdict", ""),
+                event.get("reason") or outcome.get("reason") or event.get("text") or "",
+            )
+            if part
+        )
+        return "%s %s %s %s" % (head, event.get("session", ""), who, _clip(detail))
+    # Anything else: its fields, compact and cut short (--json has them whole).
+    fields = {k: v for k, v in event.items() if k not in ("seq", "ts", "prev", "hash", "type")}
+    return "%s %s" % (head, _clip(json.dumps(fields, separators=(",", ":"))))
+
+
+def _clip(text, width=120):
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
 
 
 def _dev_keys(arguments, out):
@@ -203,7 +241,13 @@ def parser():
     commands.required = True
 
     check = commands.add_parser("check-config", help="check a configuration file and summarise it")
-    check.add_argument("file")
+    check.add_argument("file", help="the gateway's YAML configuration file")
+    check.add_argument(
+        "--skip-files",
+        action="store_true",
+        help="check a file written for another host: report the files, secret files and environment variables "
+        "this machine lacks as skipped, and check everything else",
+    )
     check.set_defaults(run=_check_config)
 
     verify = commands.add_parser(

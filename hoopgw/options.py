@@ -29,6 +29,14 @@ class ConfigError(Exception):
         return self.message
 
 
+class MissingFile(ConfigError):
+    """
+    A file or secret the configuration names is not on this machine (or
+    an environment variable is not set): C{check-config --skip-files}
+    checks everything else of a file meant for another host.
+    """
+
+
 class ConfigErrors(ConfigError):
     """
     Several problems found at once, so that an operator fixes them in one
@@ -335,12 +343,13 @@ class SecretRef:
                 with open(self.file, "rb") as handle:
                     return handle.read()
             except OSError as error:
-                raise ConfigError(
+                kind = MissingFile if not os.path.exists(self.file) else ConfigError
+                raise kind(
                     self.path, "cannot read the secret file %s: %s" % (self.file, error.strerror or error)
                 )
         value = os.environ.get(self.env)
         if value is None:
-            raise ConfigError(
+            raise MissingFile(
                 self.path, "the environment variable %s holding this secret is not set" % (self.env,)
             )
         return value.encode("utf-8")
@@ -409,7 +418,7 @@ def file_path(value, path):
     """
     resolved = resolve(string(value, path))
     if not os.path.exists(resolved):
-        raise ConfigError(path, "the file %s does not exist" % (resolved,))
+        raise MissingFile(path, "the file %s does not exist" % (resolved,))
     if not os.access(resolved, os.R_OK):
         raise ConfigError(path, "the file %s cannot be read by this user" % (resolved,))
     return resolved

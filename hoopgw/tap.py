@@ -18,6 +18,37 @@ class Options(usage.Options):
     )
     optParameters = [["config", "c", "etc/hoopgw.yaml", "The gateway's YAML configuration file."]]
 
+    def postOptions(self):
+        own_pidfile(self, "hoopgw.pid")
+
+
+def own_pidfile(options, name):
+    """
+    Give this plugin a pid file of its own (C{name}) unless the operator
+    chose one with twistd's C{--pidfile}: with twistd's shared default
+    (C{twistd.pid}) the gateway and the replay server could not run from
+    one folder ("Another twistd server is running").
+    """
+    parent = getattr(options, "parent", None)
+    if parent is not None and parent.get("pidfile") == "twistd.pid":
+        parent["pidfile"] = name
+
+
+def exit_zero_on_sigterm(reactor):
+    """
+    A stop asked for with SIGTERM (systemd, docker stop, kill) that went
+    cleanly exits with status 0; twistd would otherwise re-raise the signal
+    and the process would end with -15, which service managers count as a
+    failure.
+    """
+    import signal
+
+    def clear():
+        if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+            reactor._exitSignal = None
+
+    reactor.addSystemEventTrigger("after", "shutdown", clear)
+
 
 class StartupError(SystemExit):
     """
@@ -45,6 +76,7 @@ def makeService(options):
         store = open_store(config.gateway.store, reactor)
     except StoreError as error:
         raise StartupError(str(error))
+    exit_zero_on_sigterm(reactor)
     try:
         return Gateway(config, reactor, store, reload_on_hangup=True)
     except ConfigError as error:
