@@ -236,7 +236,10 @@ def _approvals(arguments, out):
 
 
 def parser():
+    from hoopgw import __version__
+
     top = argparse.ArgumentParser(prog="hoopgw", description="The hoopgw access gateway's tools.")
+    top.add_argument("--version", action="version", version="hoopgw %s" % (__version__,), help="print the version and exit")
     commands = top.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -294,9 +297,14 @@ def parser():
     explain.add_argument("--connection", required=True, help="the connection's name")
     explain.add_argument("--subject", default="explain", help="the identity to explain for")
     explain.add_argument("--groups", help="its groups, comma-separated (default: the connection's allowed groups)")
-    explain.add_argument("--kind", choices=("service", "human"), default="service")
     explain.add_argument(
-        "sql", help="the SQL (one statement or several), the SSH command line, or the Kubernetes request (METHOD /path)"
+        "--kind", choices=("service", "human"), default="service", help="whether the identity is a service or a human"
+    )
+    explain.add_argument(
+        "request",
+        metavar="COMMAND",
+        help="what the client would send: SQL (one statement or several), an SSH command line, or a Kubernetes "
+        "request (METHOD /path)",
     )
     explain.set_defaults(run=_explain)
 
@@ -307,19 +315,19 @@ def parser():
     approvals.set_defaults(run=_approvals)
 
     keys = commands.add_parser("dev-keys", help="DEVELOPMENT ONLY: make a demo issuer key and its JWKS")
-    keys.add_argument("directory")
-    keys.add_argument("--kid", default="demo-1")
+    keys.add_argument("directory", help="the folder to write the keys and the JWKS into")
+    keys.add_argument("--kid", default="demo-1", help="the key id in the JWKS and in tokens' headers (default demo-1)")
     keys.set_defaults(run=_dev_keys)
 
     token = commands.add_parser("token", help="DEVELOPMENT ONLY: mint a token with a demo issuer key")
     token.add_argument("--key", required=True, help="the demo issuer's private key (PEM)")
-    token.add_argument("--kid", default="demo-1")
-    token.add_argument("--issuer", required=True)
-    token.add_argument("--audience", required=True)
-    token.add_argument("--subject", required=True)
+    token.add_argument("--kid", default="demo-1", help="the key id to put in the token's header (default demo-1)")
+    token.add_argument("--issuer", required=True, help="the iss claim: the identity provider's issuer")
+    token.add_argument("--audience", required=True, help="the aud claim: the provider's audience")
+    token.add_argument("--subject", required=True, help="the sub claim: who the token is for")
     token.add_argument("--groups", help="comma-separated groups")
-    token.add_argument("--kind", choices=("service", "human"))
-    token.add_argument("--lifetime", default="15m")
+    token.add_argument("--kind", choices=("service", "human"), help="a kind claim (for a provider with kind_claim: kind)")
+    token.add_argument("--lifetime", default="15m", help="how long the token is valid (default 15m)")
     token.set_defaults(run=_token)
 
     who = commands.add_parser(

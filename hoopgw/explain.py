@@ -135,7 +135,7 @@ def run(arguments, out):
         lines = explain(
             config,
             arguments.connection,
-            arguments.sql,
+            arguments.request,
             subject=arguments.subject,
             groups=groups,
             kind=HUMAN if arguments.kind == HUMAN else SERVICE,
