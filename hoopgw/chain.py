@@ -13,6 +13,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hoopgw import logs
 from hoopgw.model import APPROVED, DENY, Decision
 
 
@@ -245,6 +246,8 @@ class AddonChain:
                     decision = self._check_groups(session, checked) or decision or Decision.allow()
             if decision.verdict == DENY:
                 return self.refuse_session(session, decision)
+            # Every front end's sessions pass here: one log line for all.
+            logs.session_started(session)
             return decision
 
         return defer.maybeDeferred(decider.run, 0, None).addCallback(decided)
@@ -261,6 +264,7 @@ class AddonChain:
             finished.
         """
         session.refusal = decision
+        logs.session_refused(session, decision)
         return defer.maybeDeferred(self.end_session, session).addCallback(lambda _: decision)
 
     def submit(self, session, command):
@@ -358,4 +362,6 @@ class AddonChain:
 
         @return: a L{Deferred} firing once every addon has finished.
         """
+        if session.refusal is None:
+            logs.session_ended(session)
         return defer.maybeDeferred(self._notify, "session_ended", (session,))

@@ -13,7 +13,7 @@ from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from hoopgw import __version__
+from hoopgw import __version__, logs
 from hoopgw.chain import AddonChain
 from hoopgw.config import PROTOCOLS
 from hoopgw.options import ConfigError
@@ -128,7 +128,7 @@ class Gateway(service.MultiService):
         except ConfigError as error:
             reason = str(error)
         if reason is not None:
-            self.log.error("Configuration not reloaded: {reason}", reason=reason)
+            logs.reload_refused(reason)
             return self.record({"type": "config.reload_refused", "gateway": self.instance, "reason": reason}).addCallback(
                 lambda _: []
             )
@@ -157,6 +157,7 @@ class Gateway(service.MultiService):
                 )
             )
         self.config = new
+        logs.reload_applied(changed, new.digest)
         return defer.gatherResults(recorded, consumeErrors=True).addCallback(lambda _: changed)
 
     def record(self, event):
