@@ -167,6 +167,28 @@ class Gateway(service.MultiService):
         """
         return self.store.append(event)
 
+    def privilegedStartService(self):
+        """
+        Listen (twistd does this before dropping privileges): a port that
+        is taken stops the start with a sentence naming the listener, not
+        a traceback.
+        """
+        from twisted.internet.error import CannotListenError
+
+        from hoopgw.tap import StartupError
+
+        service.Service.privilegedStartService(self)
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except CannotListenError as error:
+                self.store.close()
+                raise StartupError(
+                    "%s cannot listen on %s port %s: %s"
+                    % ((child.name or "a listener").replace(":", " "), error.interface or "every interface", error.port,
+                       getattr(error.socketError, "strerror", None) or error.socketError)
+                )
+
     def startService(self):
         starting = getattr(self.store, "start", None)
         if starting is not None:

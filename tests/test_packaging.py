@@ -201,6 +201,25 @@ class TwistdTests(unittest.TestCase):
         self.assertNotIn("Traceback", output)
         self.assertFalse(any(os.path.exists(path) for path in pids.values()))
 
+    def test_port_taken(self):
+        """
+        A listener whose port is taken stops the start with a sentence
+        naming the connection and the port, exit status 1, no traceback.
+        """
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", self.port))
+            taken.listen()
+            gateway = self.twistd("--pidfile=", "hoopgw", "--config", self.config)
+            status = gateway.wait(timeout=120)
+        output = gateway.stdout.read()
+        self.assertEqual(status, 1, output)
+        self.assertNotIn("Traceback", output)
+        self.assertIn(
+            "hoopgw cannot start: connection payments cannot listen on 127.0.0.1 port %d: Address already in use"
+            % (self.port,),
+            output,
+        )
+
     def test_explicit_pidfile_kept(self):
         """
         A pid file the operator names with --pidfile is used as given.
