@@ -14,24 +14,34 @@ from hoopgw.options import ConfigError, duration
 def _check_config(arguments, out):
     from hoopgw.options import ConfigErrors, MissingFile, flatten, report
 
+    skipped = []
     try:
-        config = configuration.load(arguments.file)
+        if arguments.skip_files:
+            config, skipped = configuration.load_skipping_files(arguments.file)
+        else:
+            config = configuration.load(arguments.file)
     except ConfigError as error:
         problems = flatten([error])
-        missing = [problem for problem in problems if isinstance(problem, MissingFile)]
-        if arguments.skip_files and missing and len(missing) == len(problems):
-            # A file written for another host (/etc/hoopgw/...): everything
-            # but the files and secrets this machine lacks checks.
-            print("%s: OK apart from %d file(s) and secret(s) this machine does not have:" % (arguments.file, len(missing)), file=out)
-            for problem in missing:
-                print("  skipped %s" % (problem,), file=out)
-            return 0
-        if arguments.skip_files:
-            problems = [problem for problem in problems if not isinstance(problem, MissingFile)]
-            error = problems[0] if len(problems) == 1 else ConfigErrors(problems)
-        print(report(arguments.file, error), file=sys.stderr)
-        return 1
-    print("%s: OK" % (arguments.file,), file=out)
+        others = [problem for problem in problems if not (arguments.skip_files and isinstance(problem, MissingFile))]
+        if others:
+            error = others[0] if len(others) == 1 else ConfigErrors(others)
+            print(report(arguments.file, error), file=sys.stderr)
+            return 1
+        # Only sections that read a missing file while parsing: nothing
+        # else is wrong, but there is no summary to give.
+        config = None
+        skipped = skipped or problems
+    if skipped:
+        # A file written for another host (/etc/hoopgw/...): everything but
+        # the files and secrets this machine lacks was checked.
+        print("%s: OK apart from %d file(s) and secret(s) this machine does not have:" % (arguments.file, len(skipped)),
+              file=out)
+        for problem in skipped:
+            print("  skipped %s" % (problem,), file=out)
+    else:
+        print("%s: OK" % (arguments.file,), file=out)
+    if config is None:
+        return 0
     for name, connection in sorted(config.connections.items()):
         chain = " -> ".join(spec.name for spec in connection.addons) or "(no addons)"
         print(
@@ -295,6 +305,11 @@ def parser():
     )
     explain.add_argument("--config", required=True, help="the configuration file")
     explain.add_argument("--connection", required=True, help="the connection's name")
+    explain.add_argument(
+        "--skip-files",
+        action="store_true",
+        help="explain with a file written for another host, whose files and secrets this machine lacks",
+    )
     explain.add_argument("--subject", default="explain", help="the identity to explain for")
     explain.add_argument("--groups", help="its groups, comma-separated (default: the connection's allowed groups)")
     explain.add_argument(

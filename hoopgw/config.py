@@ -406,8 +406,13 @@ def _parse(document, path):
     providers = {}
     raw_providers = problems.check(o.mapping, document.get("identity_providers") or {}, "identity_providers")
     for name, raw in (raw_providers if raw_providers is not o.INVALID else {}).items():
-        provider = problems.check(_parse_provider, name, raw, join("identity_providers", name))
-        if provider is not o.INVALID:
+        where = join("identity_providers", name)
+        provider = problems.check(_reading, _parse_provider, where, name, raw, where)
+        if provider is SKIPPED_SECTION:
+            # Parsing it needed a file this machine lacks: connections may
+            # still name it.
+            providers[name] = SkippedProvider(name, raw)
+        elif provider is not o.INVALID:
             providers[name] = provider
 
     known_addons = builtin_addons()
@@ -416,8 +421,9 @@ def _parse(document, path):
     if raw_connections is not o.INVALID and not raw_connections:
         problems.add("connections", "is required: define at least one connection")
     for name, raw in (raw_connections if raw_connections is not o.INVALID else {}).items():
-        connection = problems.check(_parse_connection, name, raw, join("connections", name), known_addons, providers)
-        if connection is not o.INVALID:
+        where = join("connections", name)
+        connection = problems.check(_reading, _parse_connection, where, name, raw, where, known_addons, providers)
+        if connection is not o.INVALID and connection is not SKIPPED_SECTION:
             connections[name] = connection
     if gateway is not o.INVALID:
         for connection in connections.values():
@@ -489,6 +495,71 @@ def _parse_gateway(raw):
 
 def _admin_on_loopback(listen):
     return any(marker in listen for marker in ("interface=127.0.0.1", "interface=localhost", "interface=\\:\\:1"))
+
+
+def load_skipping_files(path):
+    """
+    Check a file written for another host: L{load}, but the files, secret
+    files and environment variables this machine lacks are noted instead
+    of refused (what is read from a file while parsing cannot be checked).
+
+    @return: C{(Config, [MissingFile, ...])}.
+    @raise ConfigError: for every other problem.
+    """
+    skipped = []
+    token = o._SKIPPED.set(skipped)
+    try:
+        return load(path), skipped
+    finally:
+        o._SKIPPED.reset(token)
+
+
+# What a section that read a missing file parses to under --skip-files.
+SKIPPED_SECTION = object()
+
+
+@attr.s(frozen=True)
+class SkippedProvider:
+    """
+    An identity provider of a file checked with --skip-files whose parsing
+    needed a file this machine lacks: connections may name it, nothing can
+    use it.
+    """
+
+    name = attr.ib()
+    raw = attr.ib(eq=False, repr=False)
+
+    CREDENTIALS = {"oidc": "jwt", "saml": "saml", "certificate": "certificate", "ldap": "directory"}
+
+    @property
+    def type(self):
+        return self.raw.get("type", "oidc") if isinstance(self.raw, dict) else "oidc"
+
+    @property
+    def credential(self):
+        return self.CREDENTIALS.get(self.type, "jwt")
+
+    def build(self, reactor):
+        raise ConfigError(
+            join("identity_providers", self.name), "was skipped: a file it reads is not on this machine"
+        )
+
+
+def _reading(parse, where, *arguments):
+    """
+    C{parse(*arguments)}; a file it opens that is missing is reported as
+    L{hoopgw.options.MissingFile} at C{where} (unless already noted), and
+    L{SKIPPED_SECTION} returned, when files are skipped.
+    """
+    try:
+        return parse(*arguments)
+    except FileNotFoundError as error:
+        skipped = o._SKIPPED.get()
+        if skipped is None:
+            raise
+        if not any(str(error.filename) in noted.message for noted in skipped):
+            skipped.append(o.MissingFile(where, "the file %s does not exist" % (error.filename,)))
+        return SKIPPED_SECTION
 
 
 def load(path):

@@ -128,7 +128,10 @@ def _commands(connection, text):
 
 def run(arguments, out):
     try:
-        config = configuration.load(arguments.config)
+        if getattr(arguments, "skip_files", False):
+            config, _ = configuration.load_skipping_files(arguments.config)
+        else:
+            config = configuration.load(arguments.config)
         groups = None
         if arguments.groups is not None:
             groups = [group for group in arguments.groups.split(",") if group]

@@ -365,6 +365,23 @@ class SecretRef:
 _BASE_DIRECTORY = contextvars.ContextVar("hoopgw_config_directory", default=".")
 # Whether secrets must be present and readable now (see L{secret}).
 _CHECK_SECRETS = contextvars.ContextVar("hoopgw_check_secrets", default=False)
+# While checking a file written for another host (check-config
+# --skip-files), the list the files and secrets this machine lacks go to,
+# instead of failing; None otherwise.
+_SKIPPED = contextvars.ContextVar("hoopgw_skipped_files", default=None)
+
+
+def skip_missing(error):
+    """
+    Note C{error} (a L{MissingFile}) as skipped if files are being skipped.
+
+    @return: whether it was.
+    """
+    skipped = _SKIPPED.get()
+    if skipped is None:
+        return False
+    skipped.append(error)
+    return True
 
 
 def relative_to(directory):
@@ -404,7 +421,15 @@ def secret(value, path):
     # that a missing secret fails there rather than at the first session;
     # still read at each use, so a rotated secret is picked up without a
     # restart.
-    if _CHECK_SECRETS.get() and not reference.read_bytes().strip():
+    if not _CHECK_SECRETS.get():
+        return reference
+    try:
+        present = reference.read_bytes().strip()
+    except MissingFile as error:
+        if not skip_missing(error):
+            raise
+        return reference
+    if not present:
         raise ConfigError(
             path,
             "the secret in %s is empty" % ("the file %s" % (reference.file,) if reference.file else "$" + reference.env,),
@@ -418,7 +443,10 @@ def file_path(value, path):
     """
     resolved = resolve(string(value, path))
     if not os.path.exists(resolved):
-        raise MissingFile(path, "the file %s does not exist" % (resolved,))
+        error = MissingFile(path, "the file %s does not exist" % (resolved,))
+        if skip_missing(error):
+            return resolved
+        raise error
     if not os.access(resolved, os.R_OK):
         raise ConfigError(path, "the file %s cannot be read by this user" % (resolved,))
     return resolved

@@ -33,21 +33,43 @@ class ExampleTests(unittest.TestCase):
     def test_check_config_skip_files(self):
         """
         Every example passes C{check-config --skip-files}; what is skipped is
-        only files, secret files and environment variables.
+        only files, secret files and environment variables, and every
+        connection is parsed and summarised.
         """
         for path in EXAMPLES:
             out = io.StringIO()
             self.assertEqual(cli.main(["check-config", "--skip-files", path], out=out), 0, path)
             lines = out.getvalue().splitlines()
-            if lines[0].endswith(": OK"):
-                # etc/demo.yaml after scripts/demo made var/demo: nothing skipped.
-                continue
-            self.assertIn("OK apart from", lines[0])
-            for line in lines[1:]:
+            # etc/demo.yaml after scripts/demo made var/demo: nothing skipped.
+            self.assertTrue(lines[0].endswith(": OK") or "OK apart from" in lines[0], lines[0])
+            skipped = [line for line in lines[1:] if line.startswith("  skipped ")]
+            for line in skipped:
                 self.assertRegex(
                     line, r"^  skipped \S+: (the file .* does not exist|cannot read the secret file .*|"
                     r"the environment variable \S+ holding this secret is not set)$"
                 )
+            with open(path) as handle:
+                connections = yaml.safe_load(handle)["connections"]
+            summary = sorted(line.split(":")[0].strip() for line in lines[1:] if line.startswith("  ") and line not in skipped
+                             and not line.startswith("    "))
+            self.assertEqual(summary, sorted(connections), path)
+
+    def test_explain_skip_files(self):
+        """
+        The README's explain examples on etc/enforcement.yaml run on a
+        fresh checkout with --skip-files, and deny what they promise.
+        """
+        path = os.path.join(ROOT, "etc", "enforcement.yaml")
+        for connection, command, rule in (
+            ("payments", "DROP TABLE payments", "destructive:drop"),
+            ("payments", "DELETE FROM orders", "destructive:unfiltered-write"),
+            ("app-hosts", "curl -s https://x | sudo sh", "baseline:other-user"),
+            ("cluster", "DELETE /api/v1/namespaces/prod", "baseline:delete-namespaces"),
+        ):
+            out = io.StringIO()
+            cli.main(["explain", "--skip-files", "--config", path, "--connection", connection, command], out=out)
+            self.assertIn("deny: rule %s matched" % (rule,), out.getvalue())
+            self.assertIn("=> deny (block)", out.getvalue())
 
     def test_whole_files(self):
         """
