@@ -408,11 +408,12 @@ def _parse(document, path):
     for name, raw in (raw_providers if raw_providers is not o.INVALID else {}).items():
         where = join("identity_providers", name)
         provider = problems.check(_reading, _parse_provider, where, name, raw, where)
-        if provider is SKIPPED_SECTION:
-            # Parsing it needed a file this machine lacks: connections may
-            # still name it.
+        if provider is SKIPPED_SECTION or provider is o.INVALID:
+            # Parsing it needed a file this machine lacks, or its problems
+            # are already noted: connections may still name it without
+            # reporting it missing as well.
             providers[name] = SkippedProvider(name, raw)
-        elif provider is not o.INVALID:
+        else:
             providers[name] = provider
 
     known_addons = builtin_addons()
@@ -452,6 +453,11 @@ def _parse(document, path):
 
 def _parse_provider(name, raw, where):
     raw = dict(o.mapping(raw, where))
+    if "type" not in raw:
+        # tpye: saml would otherwise parse as an oidc provider's unknown key.
+        for key in raw:
+            if o.suggest(key, ["type"]):
+                raise ConfigError(join(where, key), "unknown key; did you mean type? (oidc when absent)")
     kind = o.choice(*sorted(IDENTITY_PROVIDERS))(raw.pop("type", "oidc"), join(where, "type"))
     return _load_module(IDENTITY_PROVIDERS[kind]).parse_provider(name, raw, where)
 

@@ -248,6 +248,16 @@ class BrokenConfigurationTests(unittest.TestCase):
             },
         )
 
+    def test_misspelt_provider_type(self):
+        """
+        A misspelt provider type is named as such, not as one more unknown
+        option of an OIDC provider.
+        """
+        self.refused(
+            self.broken(("identity_providers.ci.tpye", "oidc")),
+            {"identity_providers.ci.tpye": "did you mean type?"},
+        )
+
     def test_misspelt_store_option(self):
         """
         A misspelt store option suggests the option.
