@@ -519,4 +519,26 @@ def endpoint(value, path):
     port = getattr(parsed, "_port", None)
     if isinstance(port, int) and not 0 <= port <= 65535:
         raise ConfigError(path, "%r is not a valid endpoint: the port %d is not between 0 and 65535" % (value, port))
+    interface = getattr(parsed, "_interface", "")
+    if interface and not _resolves(interface):
+        raise ConfigError(
+            path, "%r is not a valid endpoint: the interface %r is neither an address nor a name this machine "
+            "resolves" % (value, interface),
+        )
     return value
+
+
+def _resolves(host):
+    import ipaddress
+    import socket
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None)
+        return True
+    except (OSError, UnicodeError):
+        return False

@@ -157,6 +157,16 @@ class BrokenConfigurationTests(unittest.TestCase):
             {"connections.payments.listen": "unexpected keyword argument 'interfase'"},
         )
 
+    def test_interface_typo(self):
+        """
+        An interface that is neither an address nor a resolvable name
+        (C{127.0.0.l}) is refused at check time rather than at bind time.
+        """
+        self.refused(
+            self.connection(("listen", "tcp:15432:interface=127.0.0.l")),
+            {"connections.payments.listen": "the interface '127.0.0.l' is neither an address nor a name"},
+        )
+
     def test_port_out_of_range(self):
         """
         A port above 65535 is refused before anything listens.
