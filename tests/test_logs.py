@@ -19,7 +19,7 @@ from hoopgw import logs, testing
 from hoopgw.chain import AddonChain
 from hoopgw.model import Decision
 
-from tests.test_packaging import BIN, ROOT, environment, stop, wait_for_port
+from tests.test_packaging import BIN, environment, gateway_files, stop, wait_for_port
 
 
 PAN = "4111111111111111"
@@ -168,28 +168,25 @@ class TwistdJsonLogTests(unittest.TestCase):
         of them the refusal with its session id, none holding the card
         number or the token; a SIGHUP gives a reload line.
         """
-        from tests.test_packaging import TwistdTests
-
-        case = TwistdTests("test_plugins_listed")
-        case.mktemp = self.mktemp
-        case.setUp()
+        directory = os.path.abspath(self.mktemp())
+        config, port, _ = gateway_files(directory)
         process = subprocess.Popen(
             [os.path.join(BIN, "twistd"), "--reactor=asyncio", "-n", "--pidfile=", "--logger=hoopgw.logs.json",
-             "hoopgw", "--config", case.config],
-            cwd=case.directory, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+             "hoopgw", "--config", config],
+            cwd=directory, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.addCleanup(lambda: process.poll() is None and process.kill())
-        wait_for_port(case.port, process)
+        wait_for_port(port, process)
         client = subprocess.run(
-            ["psql", "-X", "host=127.0.0.1 port=%d dbname=p user=%s sslmode=require" % (case.port, PAN), "-c", "SELECT 1"],
+            ["psql", "-X", "host=127.0.0.1 port=%d dbname=p user=%s sslmode=require" % (port, PAN), "-c", "SELECT 1"],
             env=dict(os.environ, PGPASSWORD=TOKEN), capture_output=True, text=True, timeout=60,
         )
         self.assertNotEqual(client.returncode, 0)
         self.assertIn("hoopgw refused the session", client.stderr)
-        with open(case.config) as handle:
+        with open(config) as handle:
             document = yaml.safe_load(handle)
         document["connections"]["payments"]["addons"] = ["identity", "mask", "record"]
-        with open(case.config, "w") as handle:
+        with open(config, "w") as handle:
             yaml.safe_dump(document, handle)
         process.send_signal(signal.SIGHUP)
         # The reload's record event and the stop's both come before exit.

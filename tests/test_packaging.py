@@ -61,6 +61,51 @@ def stop(process):
         raise
 
 
+def gateway_files(directory):
+    """
+    A gateway configuration in C{directory} with everything it names (a
+    certificate, a JWKS, a target password), for a PostgreSQL connection
+    whose target is never reached.
+
+    @return: C{(configuration path, gateway port, a free port for the
+        replay server)}.
+    """
+    from hoopgw import pki
+    from hoopgw.identity import dev
+    from hoopgw.throwaway import free_port
+
+    os.makedirs(directory)
+    authority = pki.make_ca("packaging test CA")
+    authority.issue("localhost", dns_names=["localhost"], ip_addresses=["127.0.0.1"]).write(directory, "gateway")
+    authority.write(directory, "db-ca")
+    dev.generate_key(directory, kid="k1")
+    with open(os.path.join(directory, "app.password"), "w") as handle:
+        handle.write("made-up\n")
+    port = free_port()
+    document = {
+        "gateway": {"state_dir": "state", "store": {"path": "audit", "fsync": False}},
+        "identity_providers": {
+            "demo": {"issuer": "https://i.example", "audience": "a", "jwks_file": "demo-issuer.jwks.json",
+                     "algorithms": ["ES256"]}
+        },
+        "connections": {
+            "payments": {
+                "protocol": "postgres",
+                "listen": "tcp:%d:interface=127.0.0.1" % (port,),
+                "tls": {"certificate": "gateway.crt", "key": "gateway.key"},
+                "target": {"host": "127.0.0.1", "database": "p", "user": "app",
+                           "password": {"file": "app.password"}, "ca": "db-ca.crt"},
+                "allowed_groups": ["bots"],
+                "addons": ["identity", "record"],
+            }
+        },
+    }
+    config = os.path.join(directory, "hoopgw.yaml")
+    with open(config, "w") as handle:
+        yaml.safe_dump(document, handle)
+    return config, port, free_port()
+
+
 class CommandLineTests(unittest.TestCase):
     def test_version(self):
         """
@@ -124,41 +169,8 @@ class TwistdTests(unittest.TestCase):
     """
 
     def setUp(self):
-        from hoopgw import pki
-        from hoopgw.identity import dev
-        from hoopgw.throwaway import free_port
-
         self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
-        authority = pki.make_ca("packaging test CA")
-        authority.issue("localhost", dns_names=["localhost"], ip_addresses=["127.0.0.1"]).write(self.directory, "gateway")
-        authority.write(self.directory, "db-ca")
-        dev.generate_key(self.directory, kid="k1")
-        with open(os.path.join(self.directory, "app.password"), "w") as handle:
-            handle.write("made-up\n")
-        self.port = free_port()
-        self.replay_port = free_port()
-        document = {
-            "gateway": {"state_dir": "state", "store": {"path": "audit", "fsync": False}},
-            "identity_providers": {
-                "demo": {"issuer": "https://i.example", "audience": "a", "jwks_file": "demo-issuer.jwks.json",
-                         "algorithms": ["ES256"]}
-            },
-            "connections": {
-                "payments": {
-                    "protocol": "postgres",
-                    "listen": "tcp:%d:interface=127.0.0.1" % (self.port,),
-                    "tls": {"certificate": "gateway.crt", "key": "gateway.key"},
-                    "target": {"host": "127.0.0.1", "database": "p", "user": "app",
-                               "password": {"file": "app.password"}, "ca": "db-ca.crt"},
-                    "allowed_groups": ["bots"],
-                    "addons": ["identity", "record"],
-                }
-            },
-        }
-        self.config = os.path.join(self.directory, "hoopgw.yaml")
-        with open(self.config, "w") as handle:
-            yaml.safe_dump(document, handle)
+        self.config, self.port, self.replay_port = gateway_files(self.directory)
 
     def twistd(self, *arguments):
         process = subprocess.Popen(
