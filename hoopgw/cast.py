@@ -190,6 +190,10 @@ def commit(store, session, command, recorder):
         }
         if recorder.truncated:
             entry["truncated"] = True
+            from hoopgw import logs
+
+            logs.limit_hit("terminal recording of command %s truncated" % (command.id,), "%d bytes" % (recorder._limit,),
+                           session=session)
         command.outcome[CAST] = entry
 
     def failed(failure):

@@ -13,6 +13,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hoopgw import logs
 from hoopgw.model import APPROVED, DENY, Decision
 
 
@@ -252,6 +253,8 @@ class AddonChain:
                 return self.refuse_session(session, decision)
             if self.monitor is not None:
                 self.monitor.session_started(session)
+            # Every front end's sessions pass here: one log line for all.
+            logs.session_started(session)
             return decision
 
         waiting = self.monitor.admission(session) if self.monitor is not None else None
@@ -279,6 +282,7 @@ class AddonChain:
         session.refusal = decision
         if self.monitor is not None:
             self.monitor.session_refused(session, decision)
+        logs.session_refused(session, decision)
         return defer.maybeDeferred(self.end_session, session).addCallback(lambda _: decision)
 
     def submit(self, session, command):
@@ -380,4 +384,6 @@ class AddonChain:
         """
         if self.monitor is not None:
             self.monitor.session_ended(session)
+        if session.refusal is None:
+            logs.session_ended(session)
         return defer.maybeDeferred(self._notify, "session_ended", (session,))

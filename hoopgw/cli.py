@@ -12,12 +12,36 @@ from hoopgw.options import ConfigError, duration
 
 
 def _check_config(arguments, out):
+    from hoopgw.options import ConfigErrors, MissingFile, flatten, report
+
+    skipped = []
     try:
-        config = configuration.load(arguments.file)
+        if arguments.skip_files:
+            config, skipped = configuration.load_skipping_files(arguments.file)
+        else:
+            config = configuration.load(arguments.file)
     except ConfigError as error:
-        print("%s: %s" % (arguments.file, error), file=sys.stderr)
-        return 1
-    print("%s: OK" % (arguments.file,), file=out)
+        problems = flatten([error])
+        others = [problem for problem in problems if not (arguments.skip_files and isinstance(problem, MissingFile))]
+        if others:
+            error = others[0] if len(others) == 1 else ConfigErrors(others)
+            print(report(arguments.file, error), file=sys.stderr)
+            return 1
+        # Only sections that read a missing file while parsing: nothing
+        # else is wrong, but there is no summary to give.
+        config = None
+        skipped = skipped or problems
+    if skipped:
+        # A file written for another host (/etc/hoopgw/...): everything but
+        # the files and secrets this machine lacks was checked.
+        print("%s: OK apart from %d file(s) and secret(s) this machine does not have:" % (arguments.file, len(skipped)),
+              file=out)
+        for problem in skipped:
+            print("  skipped %s" % (problem,), file=out)
+    else:
+        print("%s: OK" % (arguments.file,), file=out)
+    if config is None:
+        return 0
     for name, connection in sorted(config.connections.items()):
         chain = " -> ".join(spec.name for spec in connection.addons) or "(no addons)"
         print(
@@ -85,10 +109,15 @@ def _describe(event):
         decision = event.get("decision", {}).get("verdict", "")
         return "%s %s %s [%s] %s" % (head, event.get("session", ""), who, decision, event.get("text", ""))
     if kind == "command.end":
-        decision = (event.get("decision") or {}).get("verdict", "")
+        decision = event.get("decision") or {}
         outcome = event.get("outcome") or {}
         detail = outcome.get("tag") or outcome.get("error") or outcome.get("reason") or ""
-        return "%s %s %s [%s] %s %s" % (head, event.get("session", ""), who, decision, outcome.get("status", ""), detail)
+        if decision.get("verdict") == "deny":
+            # A denied statement has no command event of its own: say what and why here.
+            detail = "%s (%s)" % (event.get("text", ""), decision.get("rule", ""))
+        return "%s %s %s [%s] %s %s" % (
+            head, event.get("session", ""), who, decision.get("verdict", ""), outcome.get("status", ""), _clip(detail)
+        )
     if kind in ("session.start", "session.end", "session.refused"):
         extra = (event.get("refusal") or {}).get("reason") or event.get("reason") or ""
         return "%s %s %s from %s on %s %s" % (
@@ -99,7 +128,28 @@ def _describe(event):
             event.get("connection", ""),
             extra,
         )
-    return "%s %s" % (head, json.dumps({k: v for k, v in event.items() if k not in ("seq", "ts", "prev", "hash", "type")}))
+    if kind.startswith("approval."):
+        approver = (event.get("approver") or {}).get("subject")
+        outcome = event.get("outcome") or {}
+        detail = " ".join(
+            part
+            for part in (
+                event.get("approval", ""),
+                "rule %s" % (event["rule"],) if event.get("rule") else "",
+                "by %s" % (approver,) if approver else "",
+                event.get("verdict", ""),
+                event.get("reason") or outcome.get("reason") or event.get("text") or "",
+            )
+            if part
+        )
+        return "%s %s %s %s" % (head, event.get("session", ""), who, _clip(detail))
+    # Anything else: its fields, compact and cut short (--json has them whole).
+    fields = {k: v for k, v in event.items() if k not in ("seq", "ts", "prev", "hash", "type")}
+    return "%s %s" % (head, _clip(json.dumps(fields, separators=(",", ":"))))
+
+
+def _clip(text, width=120):
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
 
 
 def _dev_keys(arguments, out):
@@ -231,12 +281,21 @@ def _store_init(arguments, out):
 
 
 def parser():
+    from hoopgw import __version__
+
     top = argparse.ArgumentParser(prog="hoopgw", description="The hoopgw access gateway's tools.")
+    top.add_argument("--version", action="version", version="hoopgw %s" % (__version__,), help="print the version and exit")
     commands = top.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
     check = commands.add_parser("check-config", help="check a configuration file and summarise it")
-    check.add_argument("file")
+    check.add_argument("file", help="the gateway's YAML configuration file")
+    check.add_argument(
+        "--skip-files",
+        action="store_true",
+        help="check a file written for another host: report the files, secret files and environment variables "
+        "this machine lacks as skipped, and check everything else",
+    )
     check.set_defaults(run=_check_config)
 
     verify = commands.add_parser(
@@ -308,11 +367,21 @@ def parser():
     )
     explain.add_argument("--config", required=True, help="the configuration file")
     explain.add_argument("--connection", required=True, help="the connection's name")
+    explain.add_argument(
+        "--skip-files",
+        action="store_true",
+        help="explain with a file written for another host, whose files and secrets this machine lacks",
+    )
     explain.add_argument("--subject", default="explain", help="the identity to explain for")
     explain.add_argument("--groups", help="its groups, comma-separated (default: the connection's allowed groups)")
-    explain.add_argument("--kind", choices=("service", "human"), default="service")
     explain.add_argument(
-        "sql", help="the SQL (one statement or several), the SSH command line, or the Kubernetes request (METHOD /path)"
+        "--kind", choices=("service", "human"), default="service", help="whether the identity is a service or a human"
+    )
+    explain.add_argument(
+        "request",
+        metavar="COMMAND",
+        help="what the client would send: SQL (one statement or several), an SSH command line, or a Kubernetes "
+        "request (METHOD /path)",
     )
     explain.set_defaults(run=_explain)
 
@@ -331,19 +400,19 @@ def parser():
     admin.set_defaults(run=lambda arguments, out: adminclient.run(arguments, out))
 
     keys = commands.add_parser("dev-keys", help="DEVELOPMENT ONLY: make a demo issuer key and its JWKS")
-    keys.add_argument("directory")
-    keys.add_argument("--kid", default="demo-1")
+    keys.add_argument("directory", help="the folder to write the keys and the JWKS into")
+    keys.add_argument("--kid", default="demo-1", help="the key id in the JWKS and in tokens' headers (default demo-1)")
     keys.set_defaults(run=_dev_keys)
 
     token = commands.add_parser("token", help="DEVELOPMENT ONLY: mint a token with a demo issuer key")
     token.add_argument("--key", required=True, help="the demo issuer's private key (PEM)")
-    token.add_argument("--kid", default="demo-1")
-    token.add_argument("--issuer", required=True)
-    token.add_argument("--audience", required=True)
-    token.add_argument("--subject", required=True)
+    token.add_argument("--kid", default="demo-1", help="the key id to put in the token's header (default demo-1)")
+    token.add_argument("--issuer", required=True, help="the iss claim: the identity provider's issuer")
+    token.add_argument("--audience", required=True, help="the aud claim: the provider's audience")
+    token.add_argument("--subject", required=True, help="the sub claim: who the token is for")
     token.add_argument("--groups", help="comma-separated groups")
-    token.add_argument("--kind", choices=("service", "human"))
-    token.add_argument("--lifetime", default="15m")
+    token.add_argument("--kind", choices=("service", "human"), help="a kind claim (for a provider with kind_claim: kind)")
+    token.add_argument("--lifetime", default="15m", help="how long the token is valid (default 15m)")
     token.set_defaults(run=_token)
 
     who = commands.add_parser(

@@ -214,7 +214,7 @@ def _positive_duration(value, path):
 
 
 ADMIN_OPTIONS = (
-    o.Option("listen", o.string, o.REQUIRED, "A Twisted endpoint string for the admin and approvals HTTP API."),
+    o.Option("listen", o.endpoint, o.REQUIRED, "A Twisted endpoint string for the admin and approvals HTTP API."),
     o.Option("tls_certificate", o.file_path, None, "PEM certificate for HTTPS on the admin listener."),
     o.Option("tls_key", o.file_path, None, "PEM private key for HTTPS on the admin listener."),
     o.Option(
@@ -251,7 +251,7 @@ ADMIN_OPTIONS = (
 METRICS_OPTIONS = (
     o.Option(
         "listen",
-        o.string,
+        o.endpoint,
         o.REQUIRED,
         "A Twisted endpoint string for /metrics (Prometheus), /healthz and /readyz, such as "
         "tcp:9187:interface=127.0.0.1. Plain HTTP: keep it on loopback or a monitoring network.",
@@ -382,29 +382,68 @@ def _parse_addon(entry, path, known):
     return AddonSpec(name=name, factory=factory, options=options, source=source, path=path)
 
 
+# The keys every connection has, whatever its protocol (the protocol's own
+# settings are checked by its package).
+CONNECTION_KEYS = ("protocol", "listen", "allowed_groups", "description", "addons")
+
+
 def _parse_connection(name, raw, path, known_addons, providers):
     raw = dict(o.mapping(raw, path))
-    protocol = o.choice(*sorted(PROTOCOLS))(raw.pop("protocol", None), join(path, "protocol"))
+    problems = o.Collector()
+    protocol_name = raw.get("protocol")
+    protocol_module = _load_module(PROTOCOLS[protocol_name]) if protocol_name in PROTOCOLS else None
+    # A misspelt common key (alowed_groups) is reported as unknown, with the
+    # key it stands for, rather than as a missing key alone.
+    protocol_keys = set()
+    if protocol_module is not None:
+        settings_module = _load_module(protocol_module.parse_connection.__module__)
+        protocol_keys = {option.name for option in getattr(settings_module, "CONNECTION_OPTIONS", ())}
+    stray = {key: value for key, value in raw.items() if key not in CONNECTION_KEYS and key not in protocol_keys}
+    missing = [key for key in ("protocol", "listen", "allowed_groups") if key not in raw]
+    errors, meant = o.unknown_keys(
+        stray, CONNECTION_KEYS + tuple(sorted(protocol_keys)), path, missing,
+        what="unknown key; a %s connection takes %%s" % (protocol_name if protocol_module else "",),
+    )
+    if protocol_module is None:
+        # Without a protocol its settings are unknown: only the misspellings
+        # of a common key can be told apart.
+        errors = [error for error in errors if "(it is required)" in error.message]
+        stray = {key: None for key in stray if any(key == error.path.rsplit(".", 1)[-1] for error in errors)}
+    problems.errors.extend(errors)
+    for key in stray:
+        del raw[key]
+    protocol = problems.check(o.choice(*sorted(PROTOCOLS)), raw.pop("protocol", None), join(path, "protocol"))
+    listen = o.INVALID
     if "listen" not in raw:
-        raise ConfigError(join(path, "listen"), "is required: a Twisted endpoint string such as tcp:15432:interface=127.0.0.1")
-    listen = o.string(raw.pop("listen"), join(path, "listen"))
-    allowed_groups = o.string_set(raw.pop("allowed_groups", []), join(path, "allowed_groups"))
-    if not allowed_groups:
-        raise ConfigError(
+        if "listen" not in meant:
+            problems.add(join(path, "listen"), "is required: a Twisted endpoint string such as tcp:15432:interface=127.0.0.1")
+    else:
+        listen = problems.check(o.endpoint, raw.pop("listen"), join(path, "listen"))
+    allowed_groups = problems.check(o.string_set, raw.pop("allowed_groups", []), join(path, "allowed_groups"))
+    if allowed_groups is not o.INVALID and not allowed_groups and "allowed_groups" not in meant:
+        problems.add(
             join(path, "allowed_groups"),
             "is required: list the groups whose members may use this connection",
         )
-    description = o.optional_string(raw.pop("description", None), join(path, "description")) or ""
-    raw_addons = o.list_of(lambda value, where: value)(raw.pop("addons", None) or [], join(path, "addons"))
-    addons = tuple(
-        _parse_addon(entry, join(join(path, "addons"), index), known_addons)
-        for index, entry in enumerate(raw_addons)
+    description = problems.check(o.optional_string, raw.pop("description", None), join(path, "description")) or ""
+    raw_addons = problems.check(
+        o.list_of(lambda value, where: value), raw.pop("addons", None) or [], join(path, "addons")
     )
+    addons = []
+    for index, entry in enumerate(raw_addons if raw_addons is not o.INVALID else []):
+        spec = problems.check(_parse_addon, entry, join(join(path, "addons"), index), known_addons)
+        if spec is not o.INVALID:
+            addons.append(spec)
+    addons = tuple(addons)
     names = [spec.name for spec in addons]
-    for spec in addons:
-        if names.count(spec.name) > 1:
-            raise ConfigError(join(path, "addons"), "the addon %r appears twice" % (spec.name,))
-    settings = _load_module(PROTOCOLS[protocol]).parse_connection(raw, path, listen)
+    for twice in sorted({name for name in names if names.count(name) > 1}):
+        problems.add(join(path, "addons"), "the addon %r appears twice" % (twice,))
+    settings = o.INVALID
+    if protocol is not o.INVALID:
+        settings = problems.check(
+            protocol_module.parse_connection, raw, path, listen if listen is not o.INVALID else "tcp:0"
+        )
+    problems.done()
     connection = ConnectionConfig(
         name=name,
         protocol=protocol,
@@ -417,7 +456,8 @@ def _parse_connection(name, raw, path, known_addons, providers):
     for spec in addons:
         check = getattr(spec.factory, "check_connection", None)
         if check is not None:
-            check(spec.options, connection, providers, spec.path)
+            problems.check(check, spec.options, connection, providers, spec.path)
+    problems.done()
     return connection
 
 
@@ -426,7 +466,8 @@ def parse(document, path="<string>"):
     Check a parsed YAML document.
 
     @return: a L{Config}.
-    @raise ConfigError: naming the first bad key.
+    @raise ConfigError: naming the bad key; a L{hoopgw.options.ConfigErrors}
+        naming each when there are several.
     """
     base = os.path.dirname(os.path.abspath(path)) if path != "<string>" else os.getcwd()
     token = o.relative_to(base)
@@ -436,68 +477,56 @@ def parse(document, path="<string>"):
         o._BASE_DIRECTORY.reset(token)
 
 
+SECTIONS = ("gateway", "identity_providers", "connections")
+
+
 def _parse(document, path):
     document = o.mapping(document, "")
-    unknown = sorted(set(document) - {"gateway", "identity_providers", "connections"})
-    if unknown:
-        raise ConfigError(unknown[0], "unknown section; expected gateway, identity_providers and connections")
-    gateway_raw = o.parse_options(GATEWAY_OPTIONS, document.get("gateway"), "gateway")
-    store = StoreConfig(**o.parse_options(STORE_OPTIONS, gateway_raw["store"], "gateway.store"))
-    if store.backend == "postgres" and store.postgres is None:
-        raise ConfigError("gateway.store.postgres", "is required with backend postgres: give at least its dsn")
-    admin = None
-    if gateway_raw["admin"] is not None:
-        admin = o.parse_options(ADMIN_OPTIONS, gateway_raw["admin"], "gateway.admin")
-        if bool(admin["tls_certificate"]) != bool(admin["tls_key"]):
-            raise ConfigError("gateway.admin", "give both tls_certificate and tls_key, or neither")
-        if not admin["tls_certificate"] and not _admin_on_loopback(admin["listen"]):
-            raise ConfigError(
-                "gateway.admin.listen",
-                "approvers' tokens must not cross the network in clear: give tls_certificate and tls_key, "
-                "or listen on loopback only (interface=127.0.0.1)",
-            )
-    if gateway_raw["witness"] is not None and gateway_raw["signing_key"] is None:
-        raise ConfigError("gateway.witness", "needs gateway.signing_key: the witness keeps the signed checkpoints")
-    gateway = GatewayConfig(
-        state_dir=gateway_raw["state_dir"],
-        store=store,
-        admin=admin,
-        signing_key=gateway_raw["signing_key"],
-        witness=gateway_raw["witness"],
-        metrics=o.parse_options(METRICS_OPTIONS, gateway_raw["metrics"], "gateway.metrics")
-        if gateway_raw["metrics"] is not None
-        else None,
-        refusals=refusals.parse(gateway_raw["refusals"], "gateway.refusals"),
+    problems = o.Collector()
+    errors, _ = o.unknown_keys(
+        document, SECTIONS, "", what="unknown section; expected gateway, identity_providers and connections"
     )
+    problems.errors.extend(errors)
+    gateway = problems.check(_parse_gateway, document.get("gateway"))
 
     providers = {}
-    raw_providers = o.mapping(document.get("identity_providers") or {}, "identity_providers")
-    for name, raw in raw_providers.items():
+    raw_providers = problems.check(o.mapping, document.get("identity_providers") or {}, "identity_providers")
+    for name, raw in (raw_providers if raw_providers is not o.INVALID else {}).items():
         where = join("identity_providers", name)
-        raw = dict(o.mapping(raw, where))
-        kind = o.choice(*sorted(IDENTITY_PROVIDERS))(raw.pop("type", "oidc"), join(where, "type"))
-        providers[name] = _load_module(IDENTITY_PROVIDERS[kind]).parse_provider(name, raw, where)
+        provider = problems.check(_reading, _parse_provider, where, name, raw, where)
+        if provider is SKIPPED_SECTION or provider is o.INVALID:
+            # Parsing it needed a file this machine lacks, or its problems
+            # are already noted: connections may still name it without
+            # reporting it missing as well.
+            providers[name] = SkippedProvider(name, raw)
+        else:
+            providers[name] = provider
 
     known_addons = builtin_addons()
     connections = {}
-    raw_connections = o.mapping(document.get("connections") or {}, "connections")
-    if not raw_connections:
-        raise ConfigError("connections", "is required: define at least one connection")
-    for name, raw in raw_connections.items():
-        connections[name] = _parse_connection(name, raw, join("connections", name), known_addons, providers)
-    for connection in connections.values():
-        for spec in connection.addons:
-            check = getattr(spec.factory, "check_gateway", None)
-            if check is not None:
-                check(spec.options, gateway, spec.path)
+    raw_connections = problems.check(o.mapping, document.get("connections") or {}, "connections")
+    if raw_connections is not o.INVALID and not raw_connections:
+        problems.add("connections", "is required: define at least one connection")
+    for name, raw in (raw_connections if raw_connections is not o.INVALID else {}).items():
+        where = join("connections", name)
+        connection = problems.check(_reading, _parse_connection, where, name, raw, where, known_addons, providers)
+        if connection is not o.INVALID and connection is not SKIPPED_SECTION:
+            connections[name] = connection
+    if gateway is not o.INVALID:
+        for connection in connections.values():
+            for spec in connection.addons:
+                check = getattr(spec.factory, "check_gateway", None)
+                if check is not None:
+                    problems.check(check, spec.options, gateway, spec.path)
     listens = {}
     for connection in connections.values():
         other = listens.setdefault(connection.listen, connection.name)
         if other != connection.name:
-            raise ConfigError(
+            problems.add(
                 join(join("connections", connection.name), "listen"),
                 "the connection %r already listens on %s" % (other, connection.listen),
             )
+    problems.done()
     digest = hashlib.sha256(yaml.safe_dump(document, sort_keys=True).encode()).hexdigest()
     return Config(
         path=path,
@@ -508,13 +537,136 @@ def _parse(document, path):
     )
 
 
+def _parse_provider(name, raw, where):
+    raw = dict(o.mapping(raw, where))
+    if "type" not in raw:
+        # tpye: saml would otherwise parse as an oidc provider's unknown key.
+        for key in raw:
+            if o.suggest(key, ["type"]):
+                raise ConfigError(join(where, key), "unknown key; did you mean type? (oidc when absent)")
+    kind = o.choice(*sorted(IDENTITY_PROVIDERS))(raw.pop("type", "oidc"), join(where, "type"))
+    return _load_module(IDENTITY_PROVIDERS[kind]).parse_provider(name, raw, where)
+
+
+def _parse_gateway(raw):
+    problems = o.Collector()
+    gateway_raw = problems.check(o.parse_options, GATEWAY_OPTIONS, raw, "gateway")
+    if gateway_raw is o.INVALID:
+        # Go on into the store and admin sections, whose problems are worth
+        # knowing in the same round.
+        given = raw if isinstance(raw, dict) else {}
+        gateway_raw = {
+            key: given.get(key) if isinstance(given.get(key), dict) else default
+            for key, default in (("store", {}), ("admin", None))
+        }
+    store = problems.check(
+        lambda: StoreConfig(**o.parse_options(STORE_OPTIONS, gateway_raw["store"], "gateway.store"))
+    )
+    if store is not o.INVALID and store.backend == "postgres" and store.postgres is None:
+        problems.add("gateway.store.postgres", "is required with backend postgres: give at least its dsn")
+    admin = None
+    if gateway_raw["admin"] is not None:
+        admin = problems.check(o.parse_options, ADMIN_OPTIONS, gateway_raw["admin"], "gateway.admin")
+        if admin is not o.INVALID:
+            if bool(admin["tls_certificate"]) != bool(admin["tls_key"]):
+                problems.add("gateway.admin", "give both tls_certificate and tls_key, or neither")
+            elif not admin["tls_certificate"] and not _admin_on_loopback(admin["listen"]):
+                problems.add(
+                    "gateway.admin.listen",
+                    "approvers' tokens must not cross the network in clear: give tls_certificate and tls_key, "
+                    "or listen on loopback only (interface=127.0.0.1)",
+                )
+    if gateway_raw.get("witness") is not None and gateway_raw.get("signing_key") is None:
+        problems.add("gateway.witness", "needs gateway.signing_key: the witness keeps the signed checkpoints")
+    metrics = None
+    if gateway_raw.get("metrics") is not None:
+        metrics = problems.check(o.parse_options, METRICS_OPTIONS, gateway_raw["metrics"], "gateway.metrics")
+    refused = problems.check(refusals.parse, gateway_raw.get("refusals") or {}, "gateway.refusals")
+    problems.done()
+    return GatewayConfig(
+        state_dir=gateway_raw["state_dir"],
+        store=store,
+        admin=admin,
+        signing_key=gateway_raw["signing_key"],
+        witness=gateway_raw["witness"],
+        metrics=metrics,
+        refusals=refused,
+    )
+
+
 def _admin_on_loopback(listen):
     return any(marker in listen for marker in ("interface=127.0.0.1", "interface=localhost", "interface=\\:\\:1"))
 
 
+def load_skipping_files(path):
+    """
+    Check a file written for another host: L{load}, but the files, secret
+    files and environment variables this machine lacks are noted instead
+    of refused (what is read from a file while parsing cannot be checked).
+
+    @return: C{(Config, [MissingFile, ...])}.
+    @raise ConfigError: for every other problem.
+    """
+    skipped = []
+    token = o._SKIPPED.set(skipped)
+    try:
+        return load(path), skipped
+    finally:
+        o._SKIPPED.reset(token)
+
+
+# What a section that read a missing file parses to under --skip-files.
+SKIPPED_SECTION = object()
+
+
+@attr.s(frozen=True)
+class SkippedProvider:
+    """
+    An identity provider of a file checked with --skip-files whose parsing
+    needed a file this machine lacks: connections may name it, nothing can
+    use it.
+    """
+
+    name = attr.ib()
+    raw = attr.ib(eq=False, repr=False)
+
+    CREDENTIALS = {"oidc": "jwt", "saml": "saml", "certificate": "certificate", "ldap": "directory"}
+
+    @property
+    def type(self):
+        return self.raw.get("type", "oidc") if isinstance(self.raw, dict) else "oidc"
+
+    @property
+    def credential(self):
+        return self.CREDENTIALS.get(self.type, "jwt")
+
+    def build(self, reactor):
+        raise ConfigError(
+            join("identity_providers", self.name), "was skipped: a file it reads is not on this machine"
+        )
+
+
+def _reading(parse, where, *arguments):
+    """
+    C{parse(*arguments)}; a file it opens that is missing is reported as
+    L{hoopgw.options.MissingFile} at C{where} (unless already noted), and
+    L{SKIPPED_SECTION} returned, when files are skipped.
+    """
+    try:
+        return parse(*arguments)
+    except FileNotFoundError as error:
+        skipped = o._SKIPPED.get()
+        if skipped is None:
+            raise
+        if not any(str(error.filename) in noted.message for noted in skipped):
+            skipped.append(o.MissingFile(where, "the file %s does not exist" % (error.filename,)))
+        return SKIPPED_SECTION
+
+
 def load(path):
     """
-    Read and check the configuration file at C{path}.
+    Read and check the configuration file at C{path}, and that the secrets
+    it names are there to read (files readable, environment variables set).
 
     @raise ConfigError: if it cannot be read, is not YAML, or is not valid.
     """
@@ -527,4 +679,9 @@ def load(path):
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError("", "%s is not valid YAML: %s" % (path, error))
-    return parse(document, path)
+    # A file about to be used: its secrets must be there too.
+    token = o._CHECK_SECRETS.set(True)
+    try:
+        return parse(document, path)
+    finally:
+        o._CHECK_SECRETS.reset(token)

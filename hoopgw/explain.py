@@ -128,14 +128,17 @@ def _commands(connection, text):
 
 def run(arguments, out):
     try:
-        config = configuration.load(arguments.config)
+        if getattr(arguments, "skip_files", False):
+            config, _ = configuration.load_skipping_files(arguments.config)
+        else:
+            config = configuration.load(arguments.config)
         groups = None
         if arguments.groups is not None:
             groups = [group for group in arguments.groups.split(",") if group]
         lines = explain(
             config,
             arguments.connection,
-            arguments.sql,
+            arguments.request,
             subject=arguments.subject,
             groups=groups,
             kind=HUMAN if arguments.kind == HUMAN else SERVICE,

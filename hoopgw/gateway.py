@@ -14,7 +14,7 @@ from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from hoopgw import __version__
+from hoopgw import __version__, logs
 from hoopgw.chain import AddonChain
 from hoopgw.config import PROTOCOLS
 from hoopgw.options import ConfigError
@@ -144,7 +144,7 @@ class Gateway(service.MultiService):
         except ConfigError as error:
             reason = str(error)
         if reason is not None:
-            self.log.error("Configuration not reloaded: {reason}", reason=reason)
+            logs.reload_refused(reason)
             return self.record({"type": "config.reload_refused", "gateway": self.instance, "reason": reason, "by": by}).addCallback(
                 lambda _: []
             )
@@ -174,6 +174,7 @@ class Gateway(service.MultiService):
                 )
             )
         self.config = new
+        logs.reload_applied(changed, new.digest)
         return defer.gatherResults(recorded, consumeErrors=True).addCallback(lambda _: changed)
 
     def change_chain(self, connection, by, **fields):
@@ -214,6 +215,28 @@ class Gateway(service.MultiService):
         is durable.
         """
         return self.store.append(event)
+
+    def privilegedStartService(self):
+        """
+        Listen (twistd does this before dropping privileges): a port that
+        is taken stops the start with a sentence naming the listener, not
+        a traceback.
+        """
+        from twisted.internet.error import CannotListenError
+
+        from hoopgw.tap import StartupError
+
+        service.Service.privilegedStartService(self)
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except CannotListenError as error:
+                self.store.close()
+                raise StartupError(
+                    "%s cannot listen on %s port %s: %s"
+                    % ((child.name or "a listener").replace(":", " "), error.interface or "every interface", error.port,
+                       getattr(error.socketError, "strerror", None) or error.socketError)
+                )
 
     def startService(self):
         starting = getattr(self.store, "start", None)

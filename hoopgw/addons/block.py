@@ -68,6 +68,37 @@ BASELINE = (
 )
 BASELINE_NAMES = tuple(name for name, _, _ in BASELINE)
 
+# Presets: named sets of rules an operator turns on with one word
+# (presets: [destructive]), so the common policies read the same in every
+# configuration.  Rules are named PRESET:RULE in denials.
+PRESETS = {
+    "destructive": (
+        ("destructive:drop", {"kinds": ["DROP"]}, "drops objects and their data; schema changes go through migrations"),
+        ("destructive:truncate", {"kinds": ["TRUNCATE"]}, "empties whole tables"),
+        ("destructive:unfiltered-write", {"kinds": ["DELETE", "UPDATE"], "without_where": True},
+         "changes every row of the table (no WHERE clause)"),
+    ),
+}
+
+
+def _presets(value, path):
+    names = o.string_list(value, path)
+    unknown = [name for name in names if name not in PRESETS]
+    if unknown:
+        raise ConfigError(
+            path, "%s is not a preset; they are %s%s" % (
+                ", ".join(unknown), ", ".join(sorted(PRESETS)), o.suggest(unknown[0], PRESETS))
+        )
+    return tuple(names)
+
+
+def preset_rules(names):
+    return [
+        Rule(name, sqlpolicy.Matcher.parse(raw, name)[0], reason)
+        for preset in names
+        for name, raw, reason in PRESETS[preset]
+    ]
+
 
 class Rule:
     """
@@ -148,6 +179,14 @@ class Block:
             "nodes/proxy, minting service account tokens and approving certificate requests.",
         ),
         o.Option(
+            "presets",
+            _presets,
+            (),
+            "Named rule sets to deny as well.  destructive: DROP (tables, schemas, anything), TRUNCATE, and "
+            "DELETE or UPDATE without a WHERE clause (rules destructive:drop, destructive:truncate, "
+            "destructive:unfiltered-write).",
+        ),
+        o.Option(
             "baseline_except",
             _baseline_names,
             frozenset(),
@@ -177,7 +216,11 @@ class Block:
     )
 
     def __init__(self, options, context):
-        self.rules = (baseline_rules(options["baseline_except"]) if options["baseline"] else []) + list(options["rules"])
+        self.rules = (
+            (baseline_rules(options["baseline_except"]) if options["baseline"] else [])
+            + preset_rules(options["presets"])
+            + list(options["rules"])
+        )
         self.allow_only = options["allow_only"]
         self.allow_unparseable = options["allow_unparseable"]
         self.search_path = tuple(options["search_path"])

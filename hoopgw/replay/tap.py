@@ -40,6 +40,9 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
+        from hoopgw.tap import own_pidfile
+
+        own_pidfile(self, "hoopgw-replay.pid")
         if not self["config"]:
             raise usage.UsageError("give --config: the gateway's configuration names the identity providers auditors sign in with")
 
@@ -153,4 +156,7 @@ def build(options, reactor):
 def makeService(options):
     from twisted.internet import reactor
 
+    from hoopgw.tap import exit_zero_on_sigterm
+
+    exit_zero_on_sigterm(reactor)
     return build(options, reactor)
