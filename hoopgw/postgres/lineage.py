@@ -164,6 +164,8 @@ class Analysis:
         C{()} for RESET.
     @ivar ddl: for DDL, the relations with sensitive columns it names.
     @ivar explain_only: the statement is a plain EXPLAIN (nothing runs).
+    @ivar kind: the statement's parse tree node (C{"SelectStmt"}, ...).
+    @ivar unknown: relations named that the catalog does not have.
     """
 
     outputs = attr.ib(default=None)
@@ -177,6 +179,8 @@ class Analysis:
     search_path = attr.ib(default=None)
     ddl = attr.ib(factory=list)
     explain_only = attr.ib(default=False)
+    kind = attr.ib(default=None)
+    unknown = attr.ib(factory=set)
 
     def sensitive(self):
         """
@@ -525,6 +529,8 @@ class Analyzer:
         Analyse one statement (a top-level parse tree node).
         """
         kind, inner = _one(node)
+        if self.analysis.kind is None:
+            self.analysis.kind = kind
         handler = getattr(self, "_stmt_" + (kind or ""), None)
         if handler is not None:
             handler(inner)
@@ -995,6 +1001,8 @@ class Analyzer:
                     )
         if relation is not None and record:
             self.analysis.relations.add(relation.qualified)
+        elif relation is None and record:
+            self.analysis.unknown.add(_range_name(range_var))
         return relation
 
     def _relation_columns(self, relation):

@@ -1,0 +1,211 @@
+"""
+The sensitive columns of one PostgreSQL connection, enforced before a
+statement runs: the target's catalog (read with the gateway's own
+credentials, cached for the connection, refreshed on a timer, after DDL
+and when a statement names a relation it does not know), each session's
+search path, cursors and prepared statements, and the verdict of the
+column policy on every statement.  The mask addon owns one.
+"""
+
+import collections
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from hoopgw import columnpolicy
+from hoopgw import sqlpolicy
+from hoopgw.postgres import catalog as catalog_module
+from hoopgw.postgres import lineage
+
+
+# Statements analysed, kept per connection (oldest dropped).
+CACHE_SIZE = 4096
+# Longer statements (bulk INSERTs) are analysed every time.
+CACHE_KEY_LIMIT = 8192
+# A statement naming a relation the catalog lacks refreshes it, at most
+# this often (seconds).
+UNKNOWN_REFRESH = 5.0
+# Cursors and prepared statements remembered per session.
+NAMED_KEPT = 1000
+
+
+class CatalogUnavailable(Exception):
+    pass
+
+
+class _SessionState:
+    __slots__ = ("search_path", "alternatives", "named")
+
+    def __init__(self):
+        # None: the catalog's (the target role's default).
+        self.search_path = None
+        self.alternatives = set()
+        self.named = collections.OrderedDict()
+
+
+class ColumnGuard:
+    """
+    @param sensitive: C{{(database or None, schema, table, column): kind}}.
+    @param patterns: the mask addon's column name patterns (fallback: a
+        table column whose name matches is sensitive authentication data).
+    @param fetch: C{fetch()} -> Deferred firing with a catalog document.
+    @param clock: C{clock()} -> seconds.
+    """
+
+    log = Logger()
+
+    def __init__(self, sensitive, patterns, policy, fetch, clock, refresh=300.0):
+        self.sensitive = sensitive
+        self.patterns = patterns
+        self.policy = policy
+        self.fetch = fetch
+        self.clock = clock
+        self.refresh = refresh
+        self.catalog = None
+        self.loaded = None
+        self.dirty = False
+        self.error = None
+        self._fetching = None
+        self._version = 0
+        self._cache = collections.OrderedDict()
+
+    # The catalog.
+
+    def _stale(self):
+        return self.catalog is None or self.dirty or self.clock() - self.loaded >= self.refresh
+
+    def load(self):
+        """
+        Read the catalog now (one read at a time for the connection).
+
+        @return: a L{Deferred} firing when the catalog is current, or with
+            L{CatalogUnavailable} when there is none.
+        """
+        if self._fetching is None:
+            self.dirty = False
+            fetching = self._fetching = defer.Deferred()
+            defer.maybeDeferred(self.fetch).addBoth(self._loaded).addBoth(fetching.callback)
+        else:
+            fetching = self._fetching
+        waiting = defer.Deferred()
+        fetching.addBoth(lambda result: (waiting.callback(None), result)[1])
+        return waiting.addCallback(self._usable)
+
+    def _loaded(self, result):
+        self._fetching = None
+        if isinstance(result, Exception) or hasattr(result, "getErrorMessage"):
+            message = result.getErrorMessage() if hasattr(result, "getErrorMessage") else str(result)
+            self.error = message
+            self.log.warn("Cannot read the target's catalog: {error}", error=message)
+            if self.catalog is not None:
+                # Keep the last snapshot; try again after another interval.
+                self.loaded = self.clock()
+            return None
+        self._version += 1
+        self.catalog = lineage.Catalog.from_json(result, self.sensitive, self.patterns, self._version)
+        self.loaded = self.clock()
+        self.error = None
+        self._cache.clear()
+        return None
+
+    def _usable(self, _):
+        if self.catalog is None:
+            raise CatalogUnavailable(
+                "the gateway could not read the target's catalog to find the sensitive columns (%s); "
+                "statements are refused until it can" % (self.error,)
+            )
+        return self.catalog
+
+    def session_started(self, session):
+        session.metadata["mask.columns"] = _SessionState()
+        if self._stale():
+            # A failure is reported on the session's first statement.
+            return self.load().addErrback(lambda _: None)
+        return None
+
+    # Statements.
+
+    def check(self, session, command):
+        """
+        The column policy's verdict on C{command}, with its analysis.
+
+        @return: C{(Analysis, Verdict)}, or a L{Deferred} firing with it.
+        """
+        if self._stale():
+            return self.load().addCallback(lambda _: self._check(session, command, True))
+        return self._check(session, command, False)
+
+    def _check(self, session, command, refreshed):
+        state = session.metadata.get("mask.columns")
+        if state is None:
+            state = session.metadata["mask.columns"] = _SessionState()
+        analysis = self._analyse(state, command.text)
+        if analysis.unknown and not refreshed and self.clock() - self.loaded >= UNKNOWN_REFRESH:
+            # A relation created since the snapshot (by another client).
+            return self.load().addCallback(lambda _: self._check(session, command, True))
+        self._remember(state, analysis)
+        return analysis, columnpolicy.evaluate(analysis, self.policy)
+
+    def _analyse(self, state, text):
+        catalog = self.catalog
+        path = state.search_path if state.search_path is not None else catalog.search_path
+        alternatives = tuple(sorted(state.alternatives - {path}))
+        key = (text, path, alternatives)
+        found = self._cache.get(key)
+        if found is not None:
+            self._cache.move_to_end(key)
+            return found
+        try:
+            analyses = lineage.analyse(text, catalog, path, alternatives, state.named)
+        except Exception as error:
+            analysis = lineage.Analysis()
+            analysis.unresolved.append("the statement cannot be parsed (%s), so its columns cannot be followed" % (
+                str(error).splitlines()[0] if str(error) else type(error).__name__,))
+            return analysis
+        if len(analyses) != 1:
+            analysis = lineage.Analysis()
+            analysis.unresolved.append("one command holds %d statements; send them one at a time" % (len(analyses),))
+            return analysis
+        (analysis,) = analyses
+        if analysis.kind not in ("FetchStmt", "ExecuteStmt") and len(text) <= CACHE_KEY_LIMIT:
+            self._cache[key] = analysis
+            if len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return analysis
+
+    def _remember(self, state, analysis):
+        catalog = self.catalog
+        if analysis.search_path is not None:
+            current = state.search_path if state.search_path is not None else catalog.search_path
+            state.alternatives.add(current)
+            state.search_path = analysis.search_path or None
+            state.alternatives.add(state.search_path or catalog.search_path)
+        if analysis.kind == "DeclareCursorStmt" and analysis.cursor:
+            self._name(state, ("cursor", analysis.cursor), analysis)
+        elif analysis.kind == "PrepareStmt" and analysis.prepared:
+            self._name(state, ("prepared", analysis.prepared), analysis)
+
+    def _name(self, state, key, analysis):
+        named = state.named
+        named.pop(key, None)
+        named[key] = analysis
+        if len(named) > NAMED_KEPT:
+            named.popitem(last=False)
+
+    def finished(self, session, command):
+        """
+        DDL may have changed what the catalog says: read it again before
+        the next statement.
+        """
+        if command.kind != "sql" or self.catalog is None:
+            return
+        facts = sqlpolicy.for_command(session, command)
+        if "DDL" in facts.labels or facts.kinds & {"CREATE TABLE AS", "SELECT INTO", "REFRESH MATERIALIZED VIEW"}:
+            self.dirty = True
+
+
+def target_fetcher(reactor, target):
+    """
+    A C{fetch} for L{ColumnGuard} reading C{target}'s catalog.
+    """
+    return lambda: catalog_module.fetch(reactor, target)
