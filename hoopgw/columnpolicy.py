@@ -133,12 +133,39 @@ class Verdict:
     @ivar positions: C{{output position: kind}} of the columns that leave
         as they are: pan masked, sad removed.
     @ivar copy: for COPY TO, its options.
+    @ivar widths: the width of each output column: 1, or None when
+        unknown (C{*} over a relation the catalog lacks).
     """
 
     findings = attr.ib(factory=list)
     positions = attr.ib(factory=dict)
     copy = attr.ib(default=None)
-    width = attr.ib(default=None)
+    widths = attr.ib(default=None)
+
+    def result_positions(self, count):
+        """
+        L{positions} in a result of C{count} columns: counted from the
+        start before the first output of unknown width, from the end after
+        the last one.
+
+        @raise ValueError: when a position cannot be placed.
+        """
+        widths = self.widths or ()
+        unknown = [index for index, width in enumerate(widths) if width is None]
+        if not unknown:
+            if count != len(widths):
+                raise ValueError("the result has %d columns where the statement's analysis found %d" % (
+                    count, len(widths)))
+            return self.positions
+        placed = {}
+        for index, kind in self.positions.items():
+            if index < unknown[0]:
+                placed[index] = kind
+            elif index > unknown[-1]:
+                placed[count - (len(widths) - index)] = kind
+            else:
+                raise ValueError("a sensitive column lies between columns the analysis cannot count")
+        return placed
 
     @property
     def action(self):
@@ -202,7 +229,7 @@ def evaluate(analysis, policy):
         elif lineage.PAN in plain:
             verdict.positions[index] = lineage.PAN
     if analysis.outputs is not None:
-        verdict.width = len(analysis.outputs)
+        verdict.widths = [output.width for output in analysis.outputs]
     for use in analysis.uses:
         flow = use.flow
         expression = flow.via[-1] if flow.via else None
@@ -212,8 +239,8 @@ def evaluate(analysis, policy):
                 flow.column, use.clause, use.use)
         else:
             action = getattr(policy, use.use)
-            reason = "%s is a card number; a %s use of it in %s%s is %s by this connection's policy" % (
-                flow.column, use.use, use.clause, " (%s)" % (expression,) if expression else "",
+            reason = "%s is a card number; %s %s use of it in %s%s is %s by this connection's policy" % (
+                flow.column, "an" if use.use[0] in "aeiou" else "a", use.use, use.clause, " (%s)" % (expression,) if expression else "",
                 {ALLOW: "allowed", DENY: "refused", APPROVE: "subject to approval"}[action])
         findings.append(Finding(action, "mask:%s" % (use.use if flow.kind == lineage.PAN else "sad-predicate",),
                                 reason, flow.column, expression))
@@ -254,10 +281,14 @@ def copy_problem(options):
     delimiter = options.get("delimiter")
     if delimiter is not None and (not isinstance(delimiter, str) or len(delimiter.encode("utf-8")) != 1):
         return "a COPY delimiter of more than one byte cannot be masked per column"
-    for name in ("quote", "escape"):
-        value = options.get(name)
-        if value is not None and (not isinstance(value, str) or len(value.encode("utf-8")) != 1):
-            return "a COPY %s of more than one byte cannot be masked per column" % (name,)
+    quote = options.get("quote")
+    if quote is not None and (not isinstance(quote, str) or len(quote.encode("utf-8")) != 1):
+        return "a COPY quote of more than one byte cannot be masked per column"
+    escape = options.get("escape")
+    if escape is not None and escape != (quote or '"'):
+        return "a COPY escape other than the quote character cannot be masked per column"
+    if options.get("to") != "stdout":
+        return "COPY of sensitive columns to a file or a program cannot be masked; copy TO STDOUT"
     return None
 
 

@@ -824,13 +824,20 @@ class CopyColumnMasker:
         quoted = False
         delimiter = self.delimiter
         quote = self.quote
-        for index in range(end):
+        csv = self.csv
+        index = 0
+        while index < end:
             byte = row[index]
-            if self.csv and byte == quote:
+            if csv and byte == quote:
                 quoted = not quoted
+            elif not csv and byte == 92:
+                # Text format: a backslash escapes the next byte, the
+                # delimiter included.
+                index += 1
             elif byte == delimiter and not quoted:
                 fields.append((start, index))
                 start = index + 1
+            index += 1
         fields.append((start, end))
         return fields
 

@@ -306,6 +306,8 @@ class Mask:
         for finding in verdict.findings:
             if finding.action != columnpolicy.ALLOW:
                 lines.append("    %s (%s): %s" % (finding.action, finding.rule, finding.reason))
+        for column in self.guard.missing:
+            lines.append("    note: the sensitive column %s is not in the target's catalog" % (column,))
         return "\n".join(lines)
 
     # Rows.
@@ -350,13 +352,12 @@ class Mask:
         forced = frozenset()
         verdict = command.metadata.get("mask.verdict") if command is not None else None
         if verdict is not None and verdict.positions:
-            if verdict.width is not None and verdict.width != len(chunk.columns):
-                raise masking.MaskingError(
-                    "the result has %d columns where the statement's analysis found %d"
-                    % (len(chunk.columns), verdict.width)
-                )
-            replace = replace | {index for index, kind in verdict.positions.items() if kind == "sad"}
-            forced = frozenset(index for index, kind in verdict.positions.items() if kind == "pan")
+            try:
+                positions = verdict.result_positions(len(chunk.columns))
+            except ValueError as error:
+                raise masking.MaskingError(str(error))
+            replace = replace | {index for index, kind in positions.items() if kind == "sad"}
+            forced = frozenset(index for index, kind in positions.items() if kind == "pan")
         formats = [chunk.formats[index] if index < len(chunk.formats) else 0 for index in range(len(chunk.columns))]
         types = [chunk.type_oids[index] if index < len(chunk.type_oids) else 0 for index in range(len(chunk.columns))]
         # Text values can be masked in place; binary numbers, arrays and

@@ -67,6 +67,8 @@ class ColumnGuard:
         self.error = None
         self._fetching = None
         self._version = 0
+        # Configured columns the catalog does not have (a typo, a rename).
+        self.missing = []
         self._cache = collections.OrderedDict()
 
     # The catalog.
@@ -106,6 +108,17 @@ class ColumnGuard:
         self.loaded = self.clock()
         self.error = None
         self._cache.clear()
+        catalog = self.catalog
+        self.missing = sorted(
+            "%s.%s.%s" % (schema, table, column)
+            for (database, schema, table, column) in self.sensitive
+            if database in (None, catalog.database) and "%s.%s.%s" % (schema, table, column) not in catalog.kinds
+        )
+        for column in self.missing:
+            self.log.warn(
+                "The sensitive column {column} is not in the target's catalog; check sensitive_columns",
+                column=column,
+            )
         return None
 
     def _usable(self, _):
@@ -120,7 +133,7 @@ class ColumnGuard:
         session.metadata["mask.columns"] = _SessionState()
         if self._stale():
             # A failure is reported on the session's first statement.
-            return self.load().addErrback(lambda _: None)
+            return self.load().addBoth(lambda _: None)
         return None
 
     # Statements.

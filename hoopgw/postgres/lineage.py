@@ -674,6 +674,7 @@ class Analyzer:
                 _, constant = _one(value)
                 text = str(constant.get("ival", constant.get("boolval", ""))) if isinstance(constant, dict) else None
             options[element.get("defname")] = text if text is not None else True
+        options["to"] = "program" if inner.get("is_program") else ("file" if inner.get("filename") else "stdout")
         if inner.get("query") is not None:
             outputs = self.query(inner["query"], _Scope())
         else:
@@ -1001,7 +1002,9 @@ class Analyzer:
                     )
         if relation is not None and record:
             self.analysis.relations.add(relation.qualified)
-        elif relation is None and record:
+        elif relation is None and record and schema not in ("pg_catalog", "information_schema") and not (
+            not schema and name.startswith("pg_")
+        ):
             self.analysis.unknown.add(_range_name(range_var))
         return relation
 
