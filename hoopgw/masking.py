@@ -78,6 +78,9 @@ class Masker:
         self.keep_front = 6 if style == cards.BIN_AND_LAST_FOUR else 0
         self.columns = [re.compile(pattern, re.I) if isinstance(pattern, str) else pattern for pattern in columns]
         self._names = {}
+        # Further column names whose values an error's key detail must not
+        # quote (the mask addon's sensitive_columns).
+        self.detail_names = frozenset()
 
     def sensitive(self, name):
         """
@@ -449,7 +452,7 @@ class Masker:
         for name, value in list(fields.items()):
             if name in _PLAIN_FIELDS or not isinstance(value, str):
                 continue
-            if name == "detail" and sensitive_columns and self.columns:
+            if name == "detail" and sensitive_columns and (self.columns or self.detail_names):
                 value, replaced = self._detail(value)
                 count += replaced
             masked, found = cards.mask_text(value, self.style)
@@ -465,7 +468,10 @@ class Masker:
         if _FAILING_ROW.match(detail):
             return "Failing row contains (values withheld by hoopgw).", 1
         match = _KEY_DETAIL.match(detail)
-        if match and any(self.sensitive(name.strip().strip('"')) for name in match.group("columns").split(",")):
+        if match and any(
+            self.sensitive(name.strip().strip('"')) or name.strip().strip('"') in self.detail_names
+            for name in match.group("columns").split(",")
+        ):
             return "Key (%s)=(withheld by hoopgw)%s" % (match.group("columns"), match.group("rest")), 1
         return detail, 0
 

@@ -462,6 +462,8 @@ class ExplainTests(unittest.TestCase):
             out,
         )
         text = out.getvalue()
+        if os.environ.get("SHOW_REASONS"):
+            print(text)
         self.assertEqual(code, 0, text)
         self.assertIn("column 1 upper <- vault.cards.holder via upper(vault.cards.holder)", text)
         self.assertIn("column 2 reverse <- vault.cards.number [pan] via reverse(vault.cards.number)", text)

@@ -134,19 +134,23 @@ class Mask:
                 context.reactor.seconds,
                 options["catalog_refresh"],
             )
-            if options["column_policy"].uses_approval():
-                from hoopgw.approvals import ApprovalRule
+        if sensitive:
+            # A constraint violation's detail quoting the key of a
+            # sensitive column is withheld, whatever the column's name.
+            self.masker.detail_names = frozenset(name[3] for name in sensitive)
+        if sensitive and options["column_policy"].uses_approval():
+            from hoopgw.approvals import ApprovalRule
 
-                self.approval_rule = ApprovalRule(
-                    name=APPROVAL_RULE,
-                    approvers=options["approvers"],
-                    timeout=options["approval_timeout"],
-                    reason="a statement uses a sensitive column in a way this connection's column policy "
-                    "lets through only with approval",
-                )
-                self.broker = context.approvals
-                if self.broker is not None:
-                    self.broker.register(context.connection.name, self.approval_rule)
+            self.approval_rule = ApprovalRule(
+                name=APPROVAL_RULE,
+                approvers=options["approvers"],
+                timeout=options["approval_timeout"],
+                reason="a statement uses a sensitive column in a way this connection's column policy "
+                "lets through only with approval",
+            )
+            self.broker = context.approvals
+            if self.broker is not None:
+                self.broker.register(context.connection.name, self.approval_rule)
 
     def _exempt(self, session):
         state = session.metadata.get("mask")
@@ -166,6 +170,8 @@ class Mask:
         return None
 
     def command_received(self, session, command):
+        if command.kind == "function-call" and self.guard is not None and not self._exempt(session):
+            return self._function_call(command)
         # Binary COPY output carries no column types: it cannot be checked.
         if command.kind != "sql" or self._exempt(session):
             return None
@@ -185,6 +191,17 @@ class Mask:
         if hasattr(outcome, "addCallbacks"):
             return outcome.addCallbacks(self._verdict, self._unavailable, callbackArgs=(session, command))
         return self._verdict(outcome, session, command)
+
+    def _function_call(self, command):
+        """
+        A fastpath call names its function by OID: one whose body reads a
+        sensitive relation is refused as it would be in a statement.
+        """
+        problem = self.guard.function_problem(command.facts.get("function_oid"))
+        if problem is None:
+            return None
+        command.facts["sensitive_columns"] = {"decision": "deny", "unresolved": [problem]}
+        return Decision.deny(problem, rule="mask:unresolved", sqlstate="42501")
 
     def _unavailable(self, error):
         reason = getattr(error, "value", error)

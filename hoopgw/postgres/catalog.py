@@ -41,7 +41,7 @@ SELECT json_build_object(
       AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'),
   'functions', (
     SELECT coalesce(json_agg(json_build_object(
-      'schema', n.nspname, 'name', p.proname, 'language', l.lanname, 'body', p.prosrc)), '[]')
+      'oid', p.oid, 'schema', n.nspname, 'name', p.proname, 'language', l.lanname, 'body', p.prosrc)), '[]')
     FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang
     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema'))
 )::text

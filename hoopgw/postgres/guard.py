@@ -205,6 +205,24 @@ class ColumnGuard:
         if len(named) > NAMED_KEPT:
             named.popitem(last=False)
 
+    def function_problem(self, oid):
+        """
+        Why a fastpath call of the function C{oid} cannot be followed, or
+        None (built-in functions only see what the client sends them).
+        """
+        if self.catalog is None:
+            return "the gateway could not read the target's catalog (%s); function calls are refused" % (self.error,)
+        function = self.catalog.function_oids.get(oid)
+        if function is None:
+            return None
+        problem = lineage.Analyzer(self.catalog, self.catalog.search_path)._body_problem(
+            function.body, function.language
+        )
+        if problem is None:
+            return None
+        return "the function %s.%s %s; a fastpath call of it cannot be followed" % (
+            function.schema, function.name, problem)
+
     def finished(self, session, command):
         """
         DDL may have changed what the catalog says: read it again before

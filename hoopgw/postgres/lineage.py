@@ -254,6 +254,7 @@ class Function:
     name = attr.ib()
     language = attr.ib()
     body = attr.ib()
+    oid = attr.ib(default=None)
 
 
 class Catalog:
@@ -275,8 +276,11 @@ class Catalog:
         self.search_path = tuple(search_path)
         self.relations = {(relation.schema, relation.name): relation for relation in relations}
         self.functions = {}
+        self.function_oids = {}
         for function in functions:
             self.functions.setdefault(function.name, []).append(function)
+            if function.oid is not None:
+                self.function_oids[function.oid] = function
         self.kinds = dict(kinds)
         self.version = version
         self._views = {}
@@ -301,7 +305,7 @@ class Catalog:
                 Relation(entry["schema"], entry["name"], entry["kind"], columns, entry.get("definition"), generated)
             )
         functions = [
-            Function(entry["schema"], entry["name"], entry.get("language"), entry.get("body") or "")
+            Function(entry["schema"], entry["name"], entry.get("language"), entry.get("body") or "", entry.get("oid"))
             for entry in document.get("functions") or ()
         ]
         kinds = {}
@@ -790,10 +794,7 @@ class Analyzer:
         reshaping it, or hanging code on it (triggers, rules, policies),
         would carry its values where the analysis does not follow.
         """
-        if kind is None or kind in ("TransactionStmt", "VariableShowStmt", "DeallocateStmt", "ClosePortalStmt",
-                                    "DiscardStmt", "ListenStmt", "UnlistenStmt", "NotifyStmt", "ViewStmt",
-                                    "CommentStmt", "LockStmt", "VacuumStmt", "CheckPointStmt", "GrantStmt",
-                                    "CreateSchemaStmt", "CreateStmt", "DropStmt", "TruncateStmt"):
+        if kind is None or kind in _HARMLESS_STATEMENTS:
             return
         sensitive = self.catalog.sensitive_relations()
         for range_var in _range_vars(inner):
@@ -1382,6 +1383,17 @@ class Analyzer:
                 )
 
 
+# Statements that name relations without reshaping them or hanging code
+# on them.
+_HARMLESS_STATEMENTS = frozenset(
+    {
+        "TransactionStmt", "VariableShowStmt", "DeallocateStmt", "ClosePortalStmt", "DiscardStmt", "ListenStmt",
+        "UnlistenStmt", "NotifyStmt", "ViewStmt", "CommentStmt", "LockStmt", "VacuumStmt", "CheckPointStmt",
+        "GrantStmt", "CreateSchemaStmt", "CreateStmt", "DropStmt", "TruncateStmt", "RefreshMatViewStmt",
+        "ClusterStmt", "ReindexStmt", "SecLabelStmt", "ConstraintsSetStmt",
+    }
+)
+
 _LABELS = {
     "CaseExpr": "CASE",
     "CoalesceExpr": "COALESCE",
@@ -1520,5 +1532,11 @@ def analyse(sql, catalog, search_path=None, alternatives=(), named=None):
             results.append(analyzer.statement(statement))
         except Unresolvable as error:
             analyzer.unresolved(str(error))
+            results.append(analyzer.analysis)
+        except (RecursionError, ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+            # Whatever the analysis trips over is refused, not let through.
+            analyzer.unresolved(
+                "the gateway could not follow this statement's columns (%s: %s)" % (type(error).__name__, error)
+            )
             results.append(analyzer.analysis)
     return results
