@@ -269,6 +269,13 @@ def evaluate(analysis, policy):
     return verdict
 
 
+# What a COPY delimiter or quote may be for the stream to be cut into
+# columns reliably: not a digit or letter (card numbers and CVVs are
+# digits), not a space or dash (they separate a card number's groups),
+# not the backslash escape, not the replacement's "*".
+_SEPARATOR_CHARACTERS = frozenset("\t!\"#$%&'()+,./:;<=>?@[]^_`{|}~")
+
+
 def copy_problem(options):
     """
     Why a COPY TO with these options cannot be masked per column, or None.
@@ -278,12 +285,11 @@ def copy_problem(options):
         return "binary COPY output cannot be masked per column; copy in text or CSV format"
     if format_name not in ("text", "csv"):
         return "COPY format %s cannot be masked per column" % (format_name,)
-    delimiter = options.get("delimiter")
-    if delimiter is not None and (not isinstance(delimiter, str) or len(delimiter.encode("utf-8")) != 1):
-        return "a COPY delimiter of more than one byte cannot be masked per column"
+    for name in ("delimiter", "quote"):
+        value = options.get(name)
+        if value is not None and (not isinstance(value, str) or value not in _SEPARATOR_CHARACTERS):
+            return "a COPY %s other than punctuation or a tab cannot be masked per column" % (name,)
     quote = options.get("quote")
-    if quote is not None and (not isinstance(quote, str) or len(quote.encode("utf-8")) != 1):
-        return "a COPY quote of more than one byte cannot be masked per column"
     escape = options.get("escape")
     if escape is not None and escape != (quote or '"'):
         return "a COPY escape other than the quote character cannot be masked per column"

@@ -765,7 +765,7 @@ class CopyColumnMasker:
         self.csv = csv
         self.delimiter = ord(delimiter) if delimiter else (44 if csv else 9)
         self.quote = ord(quote) if quote else 34
-        self.header = header and csv
+        self.header = header
         self.held = b""
         self.masked = 0
 

@@ -126,6 +126,8 @@ BYPASSES = (
     "COPY (SELECT number || '' FROM vault.cards) TO STDOUT WITH (FORMAT csv)",
     "COPY vault.cards TO STDOUT WITH (FORMAT binary)",
     "COPY (SELECT row_to_json(c) FROM vault.cards c) TO STDOUT",
+    "COPY vault.cards TO STDOUT WITH (FORMAT csv, QUOTE '4')",
+    "COPY vault.cards (number) TO STDOUT WITH (DELIMITER '1')",
     # Named for later, copied elsewhere, or reshaped.
     "PREPARE leak AS SELECT reverse(number) FROM vault.cards",
     "EXECUTE never_prepared_here",
@@ -320,6 +322,8 @@ class SensitiveColumnsTests(unittest.TestCase, LeakCheck):
         self.assertEqual(lines[3], "3,Cy,411111******1112,***,30,1")
         status, text, _ = yield self.client.run("COPY (SELECT verification, number FROM vault.cards ORDER BY id) TO STDOUT")
         self.assertEqual(text.splitlines()[1], "***\t550000******0004")
+        status, text, _ = yield self.client.run("COPY vault.cards (id, holder, number, verification) TO STDOUT (DELIMITER '|')")
+        self.assertEqual(text.splitlines()[1], "2|Bob|550000******0004|***")
         for sql in ("COPY vault.cards TO STDOUT", "COPY vault.cards TO STDOUT WITH (FORMAT csv, HEADER)"):
             status, text, _ = yield self.client.run(sql)
             self.assertNoSecret(text, sql)
@@ -349,6 +353,27 @@ class SensitiveColumnsTests(unittest.TestCase, LeakCheck):
         status, text, code = yield self.client.run("DECLARE d CURSOR FOR SELECT reverse(number) FROM vault.cards")
         self.assertEqual((status, code), ("error", "42501"), text)
         yield in_thread(self.client.connection.rollback)
+
+    @defer.inlineCallbacks
+    def test_prepared_names(self):
+        """
+        A prepared statement is known by what the target accepted: a second
+        PREPARE of the same name that the target refuses does not change
+        how EXECUTE is masked; after DEALLOCATE the name is unknown and
+        EXECUTE is refused.
+        """
+        status, text, _ = yield self.client.run("PREPARE p AS SELECT verification, number FROM vault.cards ORDER BY id")
+        self.assertEqual(status, "ok", text)
+        status, text, _ = yield self.client.run("EXECUTE p")
+        self.assertEqual(text.splitlines()[0], "***|411111******1111")
+        status, text, code = yield self.client.run("PREPARE p AS SELECT holder, id FROM vault.cards ORDER BY id")
+        self.assertEqual((status, code), ("error", "42P05"), text)
+        status, text, _ = yield self.client.run("EXECUTE p")
+        self.assertEqual(text.splitlines()[2], "***|411111******1112")
+        status, text, _ = yield self.client.run("DEALLOCATE p")
+        self.assertEqual(status, "ok", text)
+        status, text, code = yield self.client.run("EXECUTE p")
+        self.assertEqual((status, code), ("error", "42501"), text)
 
     @defer.inlineCallbacks
     def test_catalog_refreshed_after_ddl(self):

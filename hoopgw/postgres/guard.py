@@ -157,6 +157,7 @@ class ColumnGuard:
             # A relation created since the snapshot (by another client).
             return self.load().addCallback(lambda _: self._check(session, command, True))
         self._remember(state, analysis)
+        command.metadata["mask.analysis"] = analysis
         return analysis, columnpolicy.evaluate(analysis, self.policy)
 
     def _analyse(self, state, text):
@@ -193,10 +194,20 @@ class ColumnGuard:
             state.alternatives.add(current)
             state.search_path = analysis.search_path or None
             state.alternatives.add(state.search_path or catalog.search_path)
-        if analysis.kind == "DeclareCursorStmt" and analysis.cursor:
+
+    def _named(self, state, analysis):
+        named = state.named
+        kind = analysis.kind
+        if kind == "DeclareCursorStmt" and analysis.cursor:
             self._name(state, ("cursor", analysis.cursor), analysis)
-        elif analysis.kind == "PrepareStmt" and analysis.prepared:
+        elif kind == "PrepareStmt" and analysis.prepared:
             self._name(state, ("prepared", analysis.prepared), analysis)
+        elif kind in ("ClosePortalStmt", "DeallocateStmt", "DiscardStmt"):
+            which = "cursor" if kind == "ClosePortalStmt" else "prepared"
+            name = analysis.cursor if kind == "ClosePortalStmt" else analysis.prepared
+            for key in list(named):
+                if (key[0] == which and (name in (None, "*") or key[1] == name)) or kind == "DiscardStmt":
+                    del named[key]
 
     def _name(self, state, key, analysis):
         named = state.named
@@ -225,11 +236,17 @@ class ColumnGuard:
 
     def finished(self, session, command):
         """
-        DDL may have changed what the catalog says: read it again before
-        the next statement.
+        A cursor or prepared statement is known by what it was declared
+        with once the target has accepted it (a name the target refuses
+        keeps its old statement there).  DDL may have changed what the
+        catalog says: read it again before the next statement.
         """
         if command.kind != "sql" or self.catalog is None:
             return
+        analysis = command.metadata.get("mask.analysis")
+        state = session.metadata.get("mask.columns")
+        if analysis is not None and state is not None and command.outcome.get("status") == "ok":
+            self._named(state, analysis)
         facts = sqlpolicy.for_command(session, command)
         if "DDL" in facts.labels or facts.kinds & {"CREATE TABLE AS", "SELECT INTO", "REFRESH MATERIALIZED VIEW"}:
             self.dirty = True

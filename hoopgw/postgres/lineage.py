@@ -49,7 +49,7 @@ DYNAMIC_FUNCTIONS = frozenset(
 # Aggregates whose result says nothing of their argument's value.
 _COUNTING = frozenset({"count"})
 # Casts that keep a text value as it is.
-_PLAIN_CASTS = frozenset({"text"})
+_PLAIN_CASTS = frozenset({"text", "varchar"})
 
 _EQUALITY_OPERATORS = frozenset({"=", "<>", "!=", "IS DISTINCT FROM", "IS NOT DISTINCT FROM"})
 _RANGE_OPERATORS = frozenset({"<", ">", "<=", ">="})
@@ -713,6 +713,12 @@ class Analyzer:
             )
             return
         self.analysis.outputs = found.outputs
+
+    def _stmt_ClosePortalStmt(self, inner):
+        self.analysis.cursor = inner.get("portalname") or "*"
+
+    def _stmt_DeallocateStmt(self, inner):
+        self.analysis.prepared = inner.get("name") or "*"
 
     def _stmt_PrepareStmt(self, inner):
         self.analysis.prepared = inner.get("name")
