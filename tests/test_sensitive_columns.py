@@ -135,6 +135,9 @@ BYPASSES = (
     "INSERT INTO public.sc_shops SELECT id + 100, number FROM vault.cards",
     "UPDATE public.sc_shops s SET label = c.number FROM vault.cards c WHERE c.id = s.id",
     "UPDATE vault.cards SET holder = verification",
+    "UPDATE vault.cards SET amount = amount WHERE id = 1 RETURNING reverse(number)",
+    "WITH d AS (DELETE FROM vault.cards WHERE id = 1 RETURNING number) SELECT md5(number) FROM d",
+    "SELECT * FROM vault.cards c CROSS JOIN LATERAL (SELECT reverse(c.number)) z",
     "SELECT set_config('search_path', 'vault', false)",
     "ALTER TABLE vault.cards RENAME COLUMN number TO plain",
     "CREATE FUNCTION public.sc_evil() RETURNS SETOF text LANGUAGE sql AS 'SELECT number FROM vault.cards'",
@@ -160,6 +163,8 @@ LEGITIMATE = (
     ("SELECT number::text FROM vault.cards ORDER BY id", "411111******1111"),
     ("SELECT count(number) FROM vault.cards", "3"),
     ("TABLE public.sc_shops", "north"),
+    ("UPDATE vault.cards SET amount = amount WHERE id = 2 RETURNING number, verification", "550000******0004|***"),
+    ("SELECT c.id, x.n FROM vault.cards c JOIN LATERAL (SELECT c.number AS n) x ON true ORDER BY 1", "1|411111******1111"),
     ("EXPLAIN SELECT reverse(number) FROM vault.cards", "Seq Scan"),
 )
 

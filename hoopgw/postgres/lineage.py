@@ -662,8 +662,14 @@ class Analyzer:
                 self.analysis.writes.append(Write(target, None, flow))
 
     def _returning(self, inner, scope, item):
-        returning = inner.get("returningList")
+        returning = (inner.get("returningClause") or {}).get("exprs") or inner.get("returningList")
         if returning:
+            if item is not None:
+                # RETURNING old.* and new.* (PostgreSQL 18) name the target.
+                returning_scope = _Scope(scope)
+                returning_scope.items = [_Item(name, item.columns, True, item.relation) for name in ("old", "new")]
+                scope = _Scope(returning_scope)
+                scope.items = list(returning_scope.parent.items)
             self.analysis.outputs = self.target_list(returning, scope)
 
     def _stmt_CopyStmt(self, inner):
@@ -1068,7 +1074,10 @@ class Analyzer:
 
     def _join(self, inner, scope):
         left = self.from_item(inner.get("larg"), scope)
-        right = self.from_item(inner.get("rarg"), scope)
+        # A LATERAL item on the right sees the left side.
+        right_scope = _Scope(scope.parent, scope.ctes)
+        right_scope.items = scope.items + [item for item in _as_list(left) if item is not None]
+        right = self.from_item(inner.get("rarg"), right_scope)
         items = [item for part in (left, right) for item in (part if isinstance(part, list) else [part]) if item is not None]
         join_scope = _Scope(scope.parent, scope.ctes)
         join_scope.items = scope.items + items
