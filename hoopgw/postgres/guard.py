@@ -133,7 +133,35 @@ class ColumnGuard:
         session.metadata["mask.columns"] = _SessionState()
         if self._stale():
             # A failure is reported on the session's first statement.
-            return self.load().addBoth(lambda _: None)
+            return self.load().addBoth(lambda _: self._describe(session))
+        self._describe(session)
+        return None
+
+    # Sensitive columns listed on a session's start, at most.
+    LISTED = 100
+
+    def _describe(self, session):
+        """
+        The session's start says which sensitive columns the catalog has,
+        how each was found, and which configured ones it lacks.
+        """
+        catalog = self.catalog
+        if catalog is None:
+            session.attributes["sensitive_columns"] = {"catalog": "unavailable: %s" % (self.error,)}
+            return None
+        columns = sorted(catalog.kinds.items())
+        summary = {
+            "columns": {
+                column: "%s (%s)" % (kind, catalog.sources.get(column, "configured"))
+                for column, kind in columns[: self.LISTED]
+            },
+            "catalog_version": catalog.version,
+        }
+        if len(columns) > self.LISTED:
+            summary["more"] = len(columns) - self.LISTED
+        if self.missing:
+            summary["missing"] = list(self.missing[: self.LISTED])
+        session.attributes["sensitive_columns"] = summary
         return None
 
     # Statements.

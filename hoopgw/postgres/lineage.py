@@ -282,6 +282,8 @@ class Catalog:
             if function.oid is not None:
                 self.function_oids[function.oid] = function
         self.kinds = dict(kinds)
+        # How each sensitive column was found: "configured" or "name pattern".
+        self.sources = {}
         self.version = version
         self._views = {}
         self._sensitive_relations = None
@@ -309,16 +311,22 @@ class Catalog:
             for entry in document.get("functions") or ()
         ]
         kinds = {}
+        sources = {}
         for relation in relations:
             for column in relation.columns:
                 kind = sensitive.get((database, relation.schema, relation.name, column)) or sensitive.get(
                     (None, relation.schema, relation.name, column)
                 )
+                source = "configured"
                 if kind is None and relation.kind in ("r", "p", "f") and any(p.search(column) for p in patterns):
                     kind = SAD
+                    source = "name pattern"
                 if kind is not None:
                     kinds["%s.%s" % (relation.qualified, column)] = kind
-        return cls(database, document.get("search_path") or ("public",), relations, functions, kinds, version)
+                    sources["%s.%s" % (relation.qualified, column)] = source
+        found = cls(database, document.get("search_path") or ("public",), relations, functions, kinds, version)
+        found.sources = sources
+        return found
 
     def relation(self, schema, name, search_path):
         """
