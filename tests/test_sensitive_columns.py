@@ -512,3 +512,32 @@ class ExplainTests(unittest.TestCase):
         )
         self.assertIn("column 3 number <- vault.cards.number [pan]; shown masked", out.getvalue())
         self.assertIn("=> allow", out.getvalue())
+
+
+class SilentTargetTests(unittest.TestCase):
+    """
+    A target that accepts the catalog connection and never answers (a
+    hostile peer no real server would be).
+    """
+
+    @defer.inlineCallbacks
+    def test_catalog_read_is_bounded(self):
+        """
+        Reading the catalog gives up after its deadline with a sentence
+        and closes the connection, instead of holding the session forever.
+        """
+        from twisted.internet import protocol, reactor
+
+        from hoopgw.postgres import catalog
+        from hoopgw.postgres.catalog import CatalogError
+        from hoopgw.postgres.settings import Target
+
+        listening = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        target = Target(
+            host="127.0.0.1", port=listening.getHost().port, database="payments", user="app", password=None,
+            tls="disable", ca=None, server_name=None, connect_timeout=5.0,
+        )
+        with self.assertRaises(CatalogError) as raised:
+            yield catalog.fetch(reactor, target, deadline=0.2)
+        self.assertIn("did not answer within 0.2 seconds", str(raised.exception))

@@ -10,7 +10,7 @@ statement timeout.
 import json
 import struct
 
-from twisted.internet import defer
+from twisted.internet import defer, endpoints
 
 from hoopgw.postgres import upstream as upstream_module
 from hoopgw.postgres import wire
@@ -67,6 +67,7 @@ class QueryClient:
         self._buffer = b""
         self._waiting = None
         self._rows = []
+        self._received = 0
         self._error = None
 
     def run(self, sql):
@@ -76,6 +77,7 @@ class QueryClient:
         """
         self._waiting = defer.Deferred()
         self._rows = []
+        self._received = 0
         self._error = None
         self.upstream.transport.write(wire.query(sql))
         return self._waiting
@@ -92,6 +94,10 @@ class QueryClient:
                 return
             payload = self._buffer[5 : length + 1]
             self._buffer = self._buffer[length + 1 :]
+            self._received += length
+            if self._received > self.max_bytes:
+                self._fail(CatalogError("the target's answer is larger than %d bytes" % (self.max_bytes,)))
+                return
             try:
                 self._message(kind, payload)
             except (struct.error, ValueError, IndexError):
@@ -135,40 +141,67 @@ def read_only(sql, timeout_ms=STATEMENT_TIMEOUT_MS):
     return "BEGIN READ ONLY; SET LOCAL statement_timeout = %d; %s; COMMIT" % (int(timeout_ms), sql)
 
 
-def open_client(reactor, target, purpose="catalog"):
+# How long reading the catalog may take, connecting included.
+FETCH_TIMEOUT = 30.0
+
+
+def fetch(reactor, target, timeout_ms=STATEMENT_TIMEOUT_MS, deadline=None):
     """
-    A L{QueryClient} on a new session with the gateway's credentials.
-    """
-    parameters = {"user": target.user, "database": target.database, "application_name": "hoopgw:%s" % (purpose,)}
-
-    def failed(failure):
-        raise CatalogError(str(failure.value))
-
-    return (
-        upstream_module.connect(reactor, target, parameters, MAX_MESSAGE_BYTES)
-        .addCallbacks(QueryClient, failed)
-    )
-
-
-@defer.inlineCallbacks
-def fetch(reactor, target, timeout_ms=STATEMENT_TIMEOUT_MS):
-    """
-    Read the target's catalog.
+    Read the target's catalog on a session of its own, with the gateway's
+    credentials; given up after C{deadline} seconds (L{FETCH_TIMEOUT}),
+    the connection closed, whatever the target does.
 
     @return: a L{Deferred} firing with the catalog document (a dict, see
-        L{hoopgw.postgres.lineage.Catalog.from_json}).
+        L{hoopgw.postgres.lineage.Catalog.from_json}), or failing with
+        L{CatalogError}.
     """
-    client = yield open_client(reactor, target)
+    deadline = FETCH_TIMEOUT if deadline is None else deadline
+    parameters = {"user": target.user, "database": target.database, "application_name": "hoopgw:catalog"}
     try:
-        rows = yield client.run(read_only(CATALOG_SQL, timeout_ms))
-    finally:
-        client.close()
-    if not rows or rows[0][0] is None:
-        raise CatalogError("the target returned no catalog")
-    try:
-        return json.loads(rows[0][0])
-    except ValueError:
-        raise CatalogError("the target's catalog is not JSON")
+        endpoint = endpoints.HostnameEndpoint(reactor, target.host, target.port, timeout=target.connect_timeout)
+    except Exception as error:
+        return defer.fail(CatalogError(str(error)))
+    upstream = upstream_module.UpstreamProtocol(target, target.password, parameters, MAX_MESSAGE_BYTES)
+    state = {"expired": False}
+    connecting = endpoints.connectProtocol(endpoint, upstream)
+
+    def expire():
+        state["expired"] = True
+        if upstream.transport is not None:
+            upstream.transport.abortConnection()
+        else:
+            connecting.cancel()
+
+    timer = reactor.callLater(deadline, expire)
+
+    def ready(_):
+        return upstream.ready
+
+    def query(_):
+        client = QueryClient(upstream)
+        return client.run(read_only(CATALOG_SQL, timeout_ms)).addBoth(lambda result: (client.close(), result)[1])
+
+    def parsed(rows):
+        if not rows or rows[0][0] is None:
+            raise CatalogError("the target returned no catalog")
+        try:
+            return json.loads(rows[0][0])
+        except ValueError:
+            raise CatalogError("the target's catalog is not JSON")
+
+    def failed(failure):
+        if state["expired"]:
+            raise CatalogError("the target did not answer within %g seconds" % (deadline,))
+        if failure.check(CatalogError):
+            return failure
+        raise CatalogError(str(failure.value) or "the gateway cannot reach the target database")
+
+    def done(result):
+        if timer.active():
+            timer.cancel()
+        return result
+
+    return connecting.addCallback(ready).addCallback(query).addCallback(parsed).addErrback(failed).addBoth(done)
 
 
 def connect_blocking(target, purpose="catalog"):

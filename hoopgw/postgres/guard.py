@@ -282,6 +282,7 @@ class ColumnGuard:
 
 def target_fetcher(reactor, target):
     """
-    A C{fetch} for L{ColumnGuard} reading C{target}'s catalog.
+    A C{fetch} for L{ColumnGuard} reading C{target}'s catalog (bounded by
+    L{catalog_module.FETCH_TIMEOUT}).
     """
     return lambda: catalog_module.fetch(reactor, target)
