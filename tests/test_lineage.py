@@ -424,3 +424,39 @@ class MaskAddonTests(unittest.TestCase):
         fields = {"detail": "Key (pan)=(4111111111111112) already exists."}
         addon.masker.fields(fields)
         self.assertEqual(fields["detail"], "Key (pan)=(withheld by hoopgw) already exists.")
+
+
+class InheritanceTests(unittest.TestCase):
+    """
+    Partitions and inheritance children hold their parent's data.
+    """
+
+    def test_partition_columns_inherit_kinds(self):
+        """
+        A partition's columns named like its parent's sensitive columns are
+        sensitive too (through two levels), and say where that came from.
+        """
+        document = dict(DOCUMENT, relations=DOCUMENT["relations"] + [
+            {"schema": "vault", "name": "cards_2026", "kind": "r", "parents": [["vault", "cards"]],
+             "columns": [["id", "integer"], ["holder", "text"], ["pan", "text"], ["cvv", "text"], ["amount", "numeric"]]},
+            {"schema": "vault", "name": "cards_2026_12", "kind": "r", "parents": [["vault", "cards_2026"]],
+             "columns": [["id", "integer"], ["pan", "text"]]},
+        ])
+        snapshot = lineage.Catalog.from_json(document, SENSITIVE, PATTERNS)
+        self.assertEqual(snapshot.kinds["vault.cards_2026.cvv"], "sad")
+        self.assertEqual(snapshot.kinds["vault.cards_2026_12.pan"], "pan")
+        self.assertEqual(snapshot.sources["vault.cards_2026_12.pan"], "inherited from vault.cards_2026")
+        (analysis,) = lineage.analyse("SELECT reverse(pan) FROM vault.cards_2026_12", snapshot)
+        verdict = columnpolicy.evaluate(analysis, columnpolicy.Policy())
+        self.assertEqual(verdict.action, columnpolicy.DENY)
+
+    def test_reset_all_and_user_schema(self):
+        """
+        RESET ALL returns to the default search path; "$user" is the
+        gateway's role.
+        """
+        self.assertEqual(analyse("RESET ALL").search_path, ())
+        snapshot = catalog()
+        snapshot.user = "app"
+        (analysis,) = lineage.analyse('SET search_path TO "$user", vault', snapshot)
+        self.assertEqual(analysis.search_path, ("app", "vault"))

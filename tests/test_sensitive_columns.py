@@ -46,6 +46,7 @@ INSERT INTO vault.cards VALUES
   (1, 'Ada', '4111111111111111', '917', 10.5, 1),
   (2, 'Bob', '5500000000000004', '384', 20, 2),
   (3, 'Cy', '4111111111111112', '6051', 30, 1);
+CREATE TABLE vault.cards_archive () INHERITS (vault.cards);
 CREATE TABLE public.sc_shops (id int PRIMARY KEY, label text);
 INSERT INTO public.sc_shops VALUES (1, 'north'), (2, 'south');
 CREATE VIEW public.sc_card_view AS SELECT id, holder, number AS card, verification AS code FROM vault.cards;
@@ -103,6 +104,7 @@ BYPASSES = (
     "SELECT label FROM public.sc_shops UNION SELECT reverse(number) FROM vault.cards",
     "SELECT * FROM (VALUES (1)) v(x), LATERAL (SELECT md5(number) FROM vault.cards) m",
     "SELECT u FROM vault.cards, unnest(array[number]) u",
+    "SELECT reverse(number) FROM vault.cards_archive",
     # Views, functions, dynamic SQL.
     "SELECT reverse(card) FROM public.sc_card_view",
     "SELECT code || '' FROM public.sc_card_view",

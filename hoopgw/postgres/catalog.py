@@ -24,11 +24,16 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CATALOG_SQL = """
 SELECT json_build_object(
   'database', current_database(),
+  'user', current_user,
   'search_path', current_schemas(false),
   'relations', (
     SELECT coalesce(json_agg(json_build_object(
       'schema', n.nspname, 'name', c.relname, 'kind', c.relkind,
       'definition', CASE WHEN c.relkind IN ('v', 'm') THEN pg_get_viewdef(c.oid) END,
+      'parents', (
+        SELECT coalesce(json_agg(json_build_array(pn.nspname, pc.relname)), '[]')
+        FROM pg_inherits i JOIN pg_class pc ON pc.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+        WHERE i.inhrelid = c.oid),
       'columns', (
         SELECT coalesce(json_agg(json_build_array(
           a.attname, format_type(a.atttypid, a.atttypmod),

@@ -284,6 +284,8 @@ class Catalog:
         self.kinds = dict(kinds)
         # How each sensitive column was found: "configured" or "name pattern".
         self.sources = {}
+        # The role the gateway logs in as ("$user" in a search path).
+        self.user = None
         self.version = version
         self._views = {}
         self._sensitive_relations = None
@@ -312,6 +314,10 @@ class Catalog:
         ]
         kinds = {}
         sources = {}
+        parents = {
+            (entry["schema"], entry["name"]): [tuple(parent) for parent in entry.get("parents") or ()]
+            for entry in document.get("relations") or ()
+        }
         for relation in relations:
             for column in relation.columns:
                 kind = sensitive.get((database, relation.schema, relation.name, column)) or sensitive.get(
@@ -324,8 +330,23 @@ class Catalog:
                 if kind is not None:
                     kinds["%s.%s" % (relation.qualified, column)] = kind
                     sources["%s.%s" % (relation.qualified, column)] = source
+        # A partition or inheritance child holds its parent's data: its
+        # columns of the same names are as sensitive.
+        changed = True
+        while changed:
+            changed = False
+            for relation in relations:
+                for schema, name in parents.get((relation.schema, relation.name), ()):
+                    for column in relation.columns:
+                        child = "%s.%s.%s" % (relation.schema, relation.name, column)
+                        kind = kinds.get("%s.%s.%s" % (schema, name, column))
+                        if kind is not None and kinds.get(child) != kind and kinds.get(child) != SAD:
+                            kinds[child] = kind
+                            sources[child] = "inherited from %s.%s" % (schema, name)
+                            changed = True
         found = cls(database, document.get("search_path") or ("public",), relations, functions, kinds, version)
         found.sources = sources
+        found.user = document.get("user")
         return found
 
     def relation(self, schema, name, search_path):
@@ -762,10 +783,13 @@ class Analyzer:
             self.analysis.explain_only = True
 
     def _stmt_VariableSetStmt(self, inner):
+        kind = inner.get("kind")
+        if kind == "VAR_RESET_ALL":
+            self.analysis.search_path = ()
+            return
         if (inner.get("name") or "").lower() != "search_path":
             return
-        kind = inner.get("kind")
-        if kind in ("VAR_RESET", "VAR_SET_DEFAULT", "VAR_RESET_ALL"):
+        if kind in ("VAR_RESET", "VAR_SET_DEFAULT"):
             self.analysis.search_path = ()
             return
         path = []
@@ -776,7 +800,10 @@ class Analyzer:
                 self.unresolved("SET search_path to a value the gateway cannot read")
                 return
             path.extend(part.strip() for part in value.split(","))
-        self.analysis.search_path = tuple(_schema_name(part) for part in path if part)
+        path = [_schema_name(part) for part in path if part]
+        self.analysis.search_path = tuple(
+            self.catalog.user if part == "$user" and self.catalog.user else part for part in path
+        )
 
     def _stmt_DoStmt(self, inner):
         body = ""
