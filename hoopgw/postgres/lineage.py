@@ -1404,7 +1404,7 @@ class Analyzer:
         over = inner.get("over")
         if over:
             self._window(over, scope)
-        if name in _COUNTING and schema in (None, "pg_catalog") and not inner.get("agg_distinct"):
+        if name in _COUNTING and schema in (None, "pg_catalog"):
             self.use(flows, EQUALITY, "count()")
             return frozenset()
         return _apply(flows, "%s(%s)" % (".".join(names), _describe(flows)))
