@@ -109,6 +109,11 @@ class LineageTests(unittest.TestCase):
         (whole,) = outputs("SELECT json_agg(cards) FROM vault.cards")
         self.assertEqual(whole["vault.cards.pan"], ("whole row cards", "json_agg(whole row cards)"))
         self.assertEqual(outputs("SELECT count(pan) FROM vault.cards"), [{}])
+        # A name a function's row of unknown columns might also hold.
+        (inner,) = outputs("SELECT (SELECT reverse(pan) FROM generate_series(1, 1) g) FROM vault.cards")
+        self.assertEqual(inner, {"vault.cards.pan": ("reverse(vault.cards.pan)",)})
+        (whole,) = outputs("SELECT c FROM vault.cards c, generate_series(1, 2) g")
+        self.assertEqual(whole["vault.cards.cvv"], ("whole row c",))
 
     def test_views_search_path_and_sets(self):
         """

@@ -104,6 +104,8 @@ BYPASSES = (
     "SELECT label FROM public.sc_shops UNION SELECT reverse(number) FROM vault.cards",
     "SELECT * FROM (VALUES (1)) v(x), LATERAL (SELECT md5(number) FROM vault.cards) m",
     "SELECT u FROM vault.cards, unnest(array[number]) u",
+    "SELECT (SELECT reverse(number) FROM generate_series(1, 1) g) FROM vault.cards",
+    "SELECT row_to_json(c) FROM vault.cards c, generate_series(1, 2) g",
     "SELECT reverse(number) FROM vault.cards_archive",
     # Views, functions, dynamic SQL.
     "SELECT reverse(card) FROM public.sc_card_view",

@@ -480,21 +480,26 @@ class _Scope:
 
     def find_column(self, name):
         """
-        @return: C{(flows or None, an item of unknown width was seen)}.
+        The flows of the column C{name}, searched from this scope outwards;
+        None if no item has it.  An item whose columns are not known (a
+        relation the catalog lacks, a function's row) may be the one that
+        has it, so whatever such items carry is added to what is found
+        further out.
         """
         scope = self
-        unknown = None
+        unknown = frozenset()
+        seen_unknown = False
         while scope is not None:
             for item in scope.items:
                 flows = item.column(name)
                 if flows is not None:
-                    return flows, False
-                if not item.known and unknown is None:
-                    unknown = item
-            if unknown is not None:
-                return frozenset(unknown.whole_row()), True
+                    return flows | unknown
+            for item in scope.items:
+                if not item.known:
+                    seen_unknown = True
+                    unknown = unknown | frozenset(item.whole_row())
             scope = scope.parent
-        return None, False
+        return unknown if seen_unknown else None
 
 
 def _name(node):
@@ -1329,12 +1334,16 @@ class Analyzer:
                 return _apply(frozenset(flows), "whole row *")
             return _apply(frozenset(item.whole_row()), "whole row %s" % (item.name,))
         if len(names) == 1:
-            flows, _ = scope.find_column(names[0])
-            if flows is not None:
-                return flows
+            # A bare name is a column if some item has one of that name,
+            # else a whole row; with items of unknown columns in scope it
+            # may be either, so it carries both.
+            flows = scope.find_column(names[0])
             item = scope.find_item(names[0])
             if item is not None:
-                return _apply(frozenset(item.whole_row()), "whole row %s" % (names[0],))
+                whole = _apply(frozenset(item.whole_row()), "whole row %s" % (names[0],))
+                return whole if flows is None else flows | whole
+            if flows is not None:
+                return flows
             self._unknown_column(names[0], scope)
             return frozenset()
         # table.column, schema.table.column, database.schema.table.column
@@ -1361,12 +1370,14 @@ class Analyzer:
         steps = inner.get("indirection") or ()
         kind, ref = _one(argument)
         if kind == "ColumnRef" and len(steps) == 1 and _name(steps[0]) is not None:
+            # (c).column: a column of the row c; if c may also be a column
+            # (of an item whose columns are not known), of that too.
             names = _names(ref.get("fields"))
-            item = scope.find_item(names[-1]) if len(names) == 1 and scope.find_column(names[0])[0] is None else None
-            if item is not None:
-                found = item.column(_name(steps[0]))
-                if found is not None:
-                    return found
+            item = scope.find_item(names[0]) if len(names) == 1 else None
+            found = item.column(_name(steps[0])) if item is not None else None
+            if found is not None:
+                other = scope.find_column(names[0])
+                return found if other is None else found | _apply(other, "%s[…]" % (_describe(other),))
         flows = self.expression(argument, scope)
         for step in steps:
             if isinstance(step, dict) and "A_Indices" in step:
