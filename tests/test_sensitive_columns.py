@@ -139,6 +139,8 @@ BYPASSES = (
     "INSERT INTO public.sc_shops SELECT id + 100, number FROM vault.cards",
     "UPDATE public.sc_shops s SET label = c.number FROM vault.cards c WHERE c.id = s.id",
     "UPDATE vault.cards SET holder = verification",
+    "WITH c AS (SELECT number FROM vault.cards), u AS (INSERT INTO public.sc_shops SELECT 100, number FROM c RETURNING 1) "
+    "SELECT 1",
     "UPDATE vault.cards SET amount = amount WHERE id = 1 RETURNING reverse(number)",
     "WITH d AS (DELETE FROM vault.cards WHERE id = 1 RETURNING number) SELECT md5(number) FROM d",
     "SELECT * FROM vault.cards c CROSS JOIN LATERAL (SELECT reverse(c.number)) z",

@@ -600,8 +600,8 @@ class Analyzer:
             return
         self._new_table((inner.get("into") or {}).get("rel") or {}, outputs or ())
 
-    def _stmt_InsertStmt(self, inner):
-        scope = _Scope(ctes=self._with(inner.get("withClause"), None))
+    def _stmt_InsertStmt(self, inner, ctes=None):
+        scope = _Scope(ctes=self._with(inner.get("withClause"), None, ctes))
         relation, item = self._target(inner.get("relation"), scope)
         columns = [_resname(target) for target in inner.get("cols") or ()]
         if not columns and relation is not None:
@@ -624,23 +624,23 @@ class Analyzer:
             self.predicate(conflict.get("whereClause"), conflict_scope, "ON CONFLICT WHERE")
         self._returning(inner, scope, item)
 
-    def _stmt_UpdateStmt(self, inner):
-        scope = _Scope(ctes=self._with(inner.get("withClause"), None))
+    def _stmt_UpdateStmt(self, inner, ctes=None):
+        scope = _Scope(ctes=self._with(inner.get("withClause"), None, ctes))
         relation, item = self._target(inner.get("relation"), scope)
         self.from_clause(inner.get("fromClause"), scope)
         self._set_list(relation, inner, inner.get("targetList"), scope)
         self.predicate(inner.get("whereClause"), scope, "WHERE")
         self._returning(inner, scope, item)
 
-    def _stmt_DeleteStmt(self, inner):
-        scope = _Scope(ctes=self._with(inner.get("withClause"), None))
+    def _stmt_DeleteStmt(self, inner, ctes=None):
+        scope = _Scope(ctes=self._with(inner.get("withClause"), None, ctes))
         _, item = self._target(inner.get("relation"), scope)
         self.from_clause(inner.get("usingClause"), scope)
         self.predicate(inner.get("whereClause"), scope, "WHERE")
         self._returning(inner, scope, item)
 
-    def _stmt_MergeStmt(self, inner):
-        scope = _Scope(ctes=self._with(inner.get("withClause"), None))
+    def _stmt_MergeStmt(self, inner, ctes=None):
+        scope = _Scope(ctes=self._with(inner.get("withClause"), None, ctes))
         relation, item = self._target(inner.get("relation"), scope)
         self.from_clause([inner.get("sourceRelation")], scope)
         self.predicate(inner.get("joinCondition"), scope, "MERGE ON")
@@ -886,8 +886,9 @@ class Analyzer:
         if kind == "SelectStmt":
             return self.select(inner, scope)
         if kind in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
+            # A data-modifying CTE sees the CTEs before it.
             saved = self.analysis.outputs
-            getattr(self, "_stmt_" + kind)(inner)
+            getattr(self, "_stmt_" + kind)(inner, scope.ctes)
             outputs, self.analysis.outputs = self.analysis.outputs, saved
             return outputs or []
         self.unresolved("a %s inside a query cannot be followed" % (kind,))
