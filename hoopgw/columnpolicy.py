@@ -240,8 +240,13 @@ def evaluate(analysis, policy):
         else:
             action = getattr(policy, use.use)
             reason = "%s is a card number; %s %s use of it in %s%s is %s by this connection's policy" % (
-                flow.column, "an" if use.use[0] in "aeiou" else "a", use.use, use.clause, " (%s)" % (expression,) if expression else "",
-                {ALLOW: "allowed", DENY: "refused", APPROVE: "subject to approval"}[action])
+                flow.column,
+                "an" if use.use[0] in "aeiou" else "a",
+                use.use,
+                use.clause,
+                " (%s)" % (expression,) if expression else "",
+                {ALLOW: "allowed", DENY: "refused", APPROVE: "subject to approval"}[action],
+            )
         findings.append(Finding(action, "mask:%s" % (use.use if flow.kind == lineage.PAN else "sad-predicate",),
                                 reason, flow.column, expression))
     for write in analysis.writes:

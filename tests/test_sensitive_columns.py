@@ -9,7 +9,6 @@ C{hoopgw explain} against the same database.
 """
 
 import io
-import json
 import os
 
 import psycopg2

@@ -111,9 +111,8 @@ class QueryClient:
 
     def _message(self, kind, payload):
         if kind == b"D":
-            self._rows.append(
-                [None if value is None else value.decode("utf-8", "replace") for value in wire.decode_data_rows(b"D" + wire.int32(len(payload) + 4) + payload)[0]]
-            )
+            (row,) = wire.decode_data_rows(b"D" + wire.int32(len(payload) + 4) + payload)
+            self._rows.append([None if value is None else value.decode("utf-8", "replace") for value in row])
         elif kind == b"E":
             fields = wire.parse_fields(payload)
             self._error = CatalogError("the target refused: %s" % (fields.get("message", "unknown error"),))

@@ -1028,7 +1028,10 @@ class Analyzer:
         columns = self._relation_columns(relation)
         colnames = _names((inner.get("alias") or {}).get("colnames"))
         if colnames:
-            columns = [(colnames[index] if index < len(colnames) else column, flows) for index, (column, flows) in enumerate(columns)]
+            columns = [
+                (colnames[index] if index < len(colnames) else column, flows)
+                for index, (column, flows) in enumerate(columns)
+            ]
         return _Item(alias, columns, True, relation)
 
     def _relation(self, range_var, record=True):
@@ -1045,7 +1048,7 @@ class Analyzer:
             )
             return None
         relation = self.catalog.relation(schema, name, self.search_path)
-        if not schema:
+        if not schema and self.alternatives:
             sensitive = self.catalog.sensitive_relations()
             for path in self.alternatives:
                 other = self.catalog.relation(None, name, path)
@@ -1097,9 +1100,12 @@ class Analyzer:
             return frozenset()
         _, inner = _one(tree[0])
         scope = _Scope()
-        scope.items.append(
-            _Item(relation.name, [(c, frozenset((Flow("%s.%s" % (relation.qualified, c), self.catalog.kinds.get("%s.%s" % (relation.qualified, c))),))) for c in relation.columns], True, relation)
-        )
+        # The table's own columns, without their generated expressions.
+        base = []
+        for column in relation.columns:
+            qualified = "%s.%s" % (relation.qualified, column)
+            base.append((column, frozenset((Flow(qualified, self.catalog.kinds.get(qualified)),))))
+        scope.items.append(_Item(relation.name, base, True, relation))
         return _apply(self.target_list(inner.get("targetList") or (), scope)[0].flows, "generated column")
 
     def _aliased(self, alias, outputs, relation):
@@ -1383,7 +1389,8 @@ class Analyzer:
         for step in steps:
             if isinstance(step, dict) and "A_Indices" in step:
                 _, indices = _one(step)
-                self.use(self.expression(indices.get("lidx"), scope) | self.expression(indices.get("uidx"), scope), EXPRESSION, "subscript")
+                bounds = self.expression(indices.get("lidx"), scope) | self.expression(indices.get("uidx"), scope)
+                self.use(bounds, EXPRESSION, "subscript")
         return _apply(flows, "%s[…]" % (_describe(flows),))
 
     def _sublink(self, inner, scope):
