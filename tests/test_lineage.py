@@ -465,3 +465,34 @@ class InheritanceTests(unittest.TestCase):
         snapshot.user = "app"
         (analysis,) = lineage.analyse('SET search_path TO "$user", vault', snapshot)
         self.assertEqual(analysis.search_path, ("app", "vault"))
+
+
+class PlanTests(unittest.TestCase):
+    """
+    The mask addon's result plans, shared by statements with the same
+    normalised text, follow each command's own column analysis.
+    """
+
+    def test_same_text_other_columns(self):
+        """
+        The same text resolving to a non-sensitive column in one session
+        (search path public) and to a card number column in another
+        (search path vault): the second is masked even after the first
+        planned its result.
+        """
+        addon = testing.build(mask.factory, {})
+        addon.guard = guard_module.ColumnGuard(
+            SENSITIVE, PATTERNS, columnpolicy.Policy(), lambda: DOCUMENT, Clock().seconds
+        )
+        harness = testing.ChainHarness([addon])
+        results = []
+        for path in ("public", "vault"):
+            session = testing.session()
+            harness.start(session)
+            harness.submit(testing.sql_command("SET search_path TO %s" % (path,)), session)
+            command = testing.sql_command("SELECT pan FROM cards")
+            self.assertFalse(harness.submit(command, session).denied)
+            chunk = testing.rows(["pan"], [["4111111111111112"]])
+            harness.result(command, chunk, session)
+            results.append(chunk.rows[0][0])
+        self.assertEqual(results, [b"4111111111111112", b"411111******1112"])

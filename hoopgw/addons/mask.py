@@ -355,7 +355,24 @@ class Mask:
         batch can be masked in place (every value text), and whether some
         values must be decoded to be checked at all.
         """
-        key = ("mask.plan", id(self), tuple(chunk.columns), tuple(chunk.formats), tuple(chunk.type_oids))
+        # What the column analysis of this very command found: statements
+        # that share their facts (below) may resolve to other columns
+        # (another search path, another cursor), so it is part of the key.
+        positions = {}
+        verdict = command.metadata.get("mask.verdict") if command is not None else None
+        if verdict is not None and verdict.positions:
+            try:
+                positions = verdict.result_positions(len(chunk.columns))
+            except ValueError as error:
+                raise masking.MaskingError(str(error))
+        key = (
+            "mask.plan",
+            id(self),
+            tuple(chunk.columns),
+            tuple(chunk.formats),
+            tuple(chunk.type_oids),
+            tuple(sorted(positions.items())),
+        )
         # Statements that differ only in constants share their facts, and
         # so their plan.
         if command is not None and command.kind == "sql":
@@ -366,15 +383,8 @@ class Mask:
         if found is not None:
             return found
         replace = frozenset(self._sensitive_positions(session, command, chunk.columns))
-        forced = frozenset()
-        verdict = command.metadata.get("mask.verdict") if command is not None else None
-        if verdict is not None and verdict.positions:
-            try:
-                positions = verdict.result_positions(len(chunk.columns))
-            except ValueError as error:
-                raise masking.MaskingError(str(error))
-            replace = replace | {index for index, kind in positions.items() if kind == "sad"}
-            forced = frozenset(index for index, kind in positions.items() if kind == "pan")
+        replace = replace | {index for index, kind in positions.items() if kind == "sad"}
+        forced = frozenset(index for index, kind in positions.items() if kind == "pan")
         formats = [chunk.formats[index] if index < len(chunk.formats) else 0 for index in range(len(chunk.columns))]
         types = [chunk.type_oids[index] if index < len(chunk.type_oids) else 0 for index in range(len(chunk.columns))]
         # Text values can be masked in place; binary numbers, arrays and
