@@ -27,12 +27,15 @@ POLICY_OPTIONS = (
              "A card number (pan) that leaves transformed: any function, operator, cast, aggregate or "
              "whole-row value applied to it in the output, or copied into a column that is not a pan column."),
     o.Option("equality", o.choice(*ACTIONS), ALLOW,
-             "A pan column in an equality test: WHERE pan = ..., IN, IS NULL, JOIN ON a.pan = b.pan, count(pan)."),
+             "A pan column in an equality test: WHERE pan = ..., IN, IS NULL, JOIN ON a.pan = b.pan, count(pan), "
+             "GROUP BY pan, DISTINCT ON (pan), PARTITION BY pan."),
     o.Option("pattern", o.choice(*ACTIONS), DENY, "A pan column matched by LIKE, ILIKE, SIMILAR TO or ~."),
     o.Option("range", o.choice(*ACTIONS), DENY, "A pan column in a range test: <, >, BETWEEN."),
     o.Option("expression", o.choice(*ACTIONS), DENY,
              "A pan column transformed inside a predicate, an ordering or a LIMIT (substr(pan, 1, 1) = '4')."),
-    o.Option("sort", o.choice(*ACTIONS), ALLOW, "A pan column in ORDER BY, GROUP BY, DISTINCT ON or a window."),
+    o.Option("sort", o.choice(*ACTIONS), DENY,
+             "A pan column in ORDER BY (of a query, a window or an aggregate): it ranks card numbers, and with "
+             "values the client inserts itself it is a range oracle."),
     o.Option("sad_predicates", o.choice(*ACTIONS), DENY,
              "Any use of a sad column outside the output (WHERE cvv = ..., ORDER BY cvv): an oracle on it."),
     o.Option("ddl", o.choice(*ACTIONS), DENY,
@@ -94,7 +97,7 @@ class Policy:
     pattern = attr.ib(default=DENY)
     range = attr.ib(default=DENY)
     expression = attr.ib(default=DENY)
-    sort = attr.ib(default=ALLOW)
+    sort = attr.ib(default=DENY)
     sad_predicates = attr.ib(default=DENY)
     ddl = attr.ib(default=DENY)
 

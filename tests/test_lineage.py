@@ -151,6 +151,7 @@ class LineageTests(unittest.TestCase):
             "SELECT id FROM vault.cards WHERE pan > '4'": lineage.RANGE,
             "SELECT id FROM vault.cards WHERE substr(pan, 1, 1) = '4'": lineage.EXPRESSION,
             "SELECT id FROM vault.cards ORDER BY pan": lineage.SORT,
+            "SELECT pan, count(*) FROM vault.cards GROUP BY pan": lineage.EQUALITY,
             "SELECT a.id FROM vault.cards a JOIN vault.cards b ON a.pan = b.pan": lineage.EQUALITY,
         }
         for sql, use in cases.items():

@@ -122,6 +122,9 @@ BYPASSES = (
     "SELECT id FROM vault.cards WHERE substr(number, 1, 1) = '4'",
     "SELECT count(*) FROM vault.cards WHERE verification IS NOT NULL",
     "SELECT id FROM vault.cards ORDER BY substr(number, 7, 1)",
+    "SELECT id FROM vault.cards ORDER BY number",
+    "SELECT holder, number FROM vault.cards ORDER BY 2",
+    "SELECT id, row_number() OVER (ORDER BY number) FROM vault.cards",
     "SELECT id FROM vault.cards LIMIT (SELECT ascii(substr(number, 7, 1)) FROM vault.cards LIMIT 1)",
     "SELECT most_common_vals FROM pg_stats WHERE tablename = 'cards'",
     # COPY.
@@ -163,12 +166,11 @@ LEGITIMATE = (
     ("SELECT holder FROM vault.cards WHERE id IN (SELECT id FROM public.sc_shops) ORDER BY id", "Ada"),
     ("WITH t AS (SELECT id, number FROM vault.cards) SELECT number FROM t ORDER BY id", "550000******0004"),
     ("SELECT label FROM public.sc_shops UNION ALL SELECT number FROM vault.cards", "411111******1112"),
-    ("SELECT x.n FROM (SELECT number AS n FROM vault.cards) x ORDER BY 1", "411111******1111"),
-    ("SELECT number FROM vault.cards WHERE number IS NOT NULL ORDER BY number", "411111******1111"),
     ("SELECT number::text FROM vault.cards ORDER BY id", "411111******1111"),
     ("SELECT count(number) FROM vault.cards", "3"),
     ("SELECT count(DISTINCT number) FROM vault.cards", "3"),
-    ("SELECT number, count(*) FROM vault.cards GROUP BY number ORDER BY number", "550000******0004|1"),
+    ("SELECT number, count(*) FROM vault.cards GROUP BY number", "550000******0004|1"),
+    ("SELECT x.n FROM (SELECT id, number AS n FROM vault.cards) x WHERE x.n IS NOT NULL ORDER BY x.id", "411111******1112"),
     ("SELECT json_agg(t) FROM (SELECT id, holder FROM vault.cards) t", "Ada"),
     ("SELECT id FROM vault.cards WHERE number IN ('4111111111111111', '5500000000000004') ORDER BY id", "2"),
     ("TABLE public.sc_shops", "north"),
@@ -312,8 +314,8 @@ class SensitiveColumnsTests(unittest.TestCase, LeakCheck):
         """
         Counting rows, filtering on other columns, plain card number
         columns (masked, a number failing the Luhn check included), CVVs
-        (removed), equality lookups, aggregates on amounts, joins on ids,
-        views, harmless functions, CTEs and unions all pass.
+        (removed), equality lookups, grouping, aggregates on amounts, joins
+        on ids, views, harmless functions, CTEs and unions all pass.
         """
         for sql, expected in LEGITIMATE:
             status, text, code = yield self.client.run(sql)

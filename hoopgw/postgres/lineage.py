@@ -949,11 +949,13 @@ class Analyzer:
             flows = found[0].flows if found else self.expression(node, scope)
         else:
             flows = self.expression(node, scope)
-        self.use(flows, SORT, clause)
+        # Grouping tells equal values apart; ordering ranks them, which
+        # values the client inserts itself turn into a range oracle.
+        self.use(flows, SORT if clause == "ORDER BY" else EQUALITY, clause)
 
     def _window(self, window, scope):
         for node in window.get("partitionClause") or ():
-            self.use(self.expression(node, scope), SORT, "PARTITION BY")
+            self.use(self.expression(node, scope), EQUALITY, "PARTITION BY")
         for node in window.get("orderClause") or ():
             self.use(self.expression(_one(node)[1].get("node"), scope), SORT, "window ORDER BY")
 
