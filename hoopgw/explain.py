@@ -96,7 +96,7 @@ def _load_catalog(guard, connection, read_catalog):
         guard.error = "hoopgw explain was not asked to read it"
         return
     try:
-        guard._loaded(read_catalog(connection.settings.target))
+        guard.use_document(read_catalog(connection.settings.target))
     except Exception as error:
         guard.error = str(error)
 

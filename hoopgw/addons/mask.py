@@ -295,7 +295,7 @@ class Mask:
             return "deny: the target's catalog could not be read (%s), so no statement is let through" % (
                 self.guard.error,
             )
-        analysis, verdict = self.guard._check(session, command, True)
+        analysis, verdict = self.guard.check_now(session, command)
         lines = []
         action = verdict.action
         if action == columnpolicy.DENY:

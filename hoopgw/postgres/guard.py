@@ -121,6 +121,13 @@ class ColumnGuard:
             )
         return None
 
+    def use_document(self, document):
+        """
+        Take C{document} as the catalog now (C{hoopgw explain}, which read
+        it itself).
+        """
+        self._loaded(document)
+
     def _usable(self, _):
         if self.catalog is None:
             raise CatalogUnavailable(
@@ -175,6 +182,13 @@ class ColumnGuard:
         if self._stale():
             return self.load().addCallback(lambda _: self._check(session, command, True))
         return self._check(session, command, False)
+
+    def check_now(self, session, command):
+        """
+        L{check} with the catalog as it is, never read again (C{hoopgw
+        explain}).
+        """
+        return self._check(session, command, True)
 
     def _check(self, session, command, refreshed):
         state = session.metadata.get("mask.columns")
