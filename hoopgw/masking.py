@@ -759,9 +759,13 @@ class CopyColumnMasker:
 
     MAX_ROW = 1 << 24
 
-    def __init__(self, masker, positions, csv=False, delimiter=None, quote=None, header=False):
+    def __init__(self, masker, positions, csv=False, delimiter=None, quote=None, header=False, width=None):
         self.masker = masker
         self.positions = positions
+        # How many columns a row has, when known: a row cut into any other
+        # number was not read as it was written (an encoding whose bytes
+        # look like a delimiter or a backslash), and is not sent.
+        self.width = width
         self.csv = csv
         self.delimiter = ord(delimiter) if delimiter else (44 if csv else 9)
         self.quote = ord(quote) if quote else 34
@@ -851,7 +855,13 @@ class CopyColumnMasker:
         out = bytearray(row)
         count = 0
         replacements = []
-        for index, (start, end) in enumerate(self._fields(row)):
+        fields = self._fields(row)
+        if self.width is not None and len(fields) != self.width:
+            raise MaskingError(
+                "a COPY row has %d columns where the statement has %d; it cannot be masked by column"
+                % (len(fields), self.width)
+            )
+        for index, (start, end) in enumerate(fields):
             kind = self.positions.get(index)
             value = row[start:end]
             if kind == "sad":

@@ -276,9 +276,18 @@ class CopyMaskerTests(unittest.TestCase):
             self.assertEqual(
                 first + second, b"1\ta\\tb\t411111******1112\t***\n2\tz\t550000******0004\t\\N\n", cut
             )
-        copier = masking.CopyColumnMasker(masking.Masker(), {1: "pan", 2: "sad"}, csv=True, header=True)
+        copier = masking.CopyColumnMasker(masking.Masker(), {1: "pan", 2: "sad"}, csv=True, header=True, width=3)
         out, _ = copier.feed(b'id,pan,cvv\n1,"4111111111111111","12\n3"\n', final=True)
         self.assertEqual(out, b'id,pan,cvv\n1,"411111******1111",***\n')
+
+    def test_row_of_another_width(self):
+        """
+        A row that does not cut into the statement's number of columns
+        (bytes of a multi-byte encoding read as a delimiter) is not sent.
+        """
+        copier = masking.CopyColumnMasker(masking.Masker(), {1: "sad"}, width=2)
+        with self.assertRaises(masking.MaskingError):
+            copier.feed(b"1\t917\textra\n")
 
 
 class GuardTests(unittest.TestCase):

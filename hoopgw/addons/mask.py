@@ -476,6 +476,7 @@ class Mask:
                 delimiter=options.get("delimiter"),
                 quote=options.get("quote"),
                 header=header is True or str(header).lower() in ("true", "on", "1", "match"),
+                width=len(verdict.widths) if verdict.widths and None not in verdict.widths else None,
             )
         return masking.StreamMasker(self.masker)
 
