@@ -344,6 +344,17 @@ class GuardTests(unittest.TestCase):
         self.submit("SELECT * FROM public.created_elsewhere")
         self.assertEqual(len(self.reads), 4)
 
+    def test_malformed_catalog(self):
+        """
+        An answer that is not a catalog (a hostile target) counts as none:
+        statements are refused, saying so.
+        """
+        self.answers = [{"relations": "nonsense"}] * 3
+        self.harness.start()
+        decision, _ = self.submit("SELECT 1")
+        self.assertTrue(decision.denied)
+        self.assertIn("the catalog is malformed", decision.reason)
+
     def test_no_catalog(self):
         """
         Without a catalog every statement is refused, saying why; the

@@ -95,8 +95,16 @@ class ColumnGuard:
 
     def _loaded(self, result):
         self._fetching = None
-        if isinstance(result, Exception) or hasattr(result, "getErrorMessage"):
-            message = result.getErrorMessage() if hasattr(result, "getErrorMessage") else str(result)
+        snapshot = None
+        if hasattr(result, "getErrorMessage"):
+            message = result.getErrorMessage()
+        else:
+            try:
+                snapshot = lineage.Catalog.from_json(result, self.sensitive, self.patterns, self._version + 1)
+            except Exception as error:
+                # The target's answer is not a catalog the gateway can read.
+                message = "the catalog is malformed (%s: %s)" % (type(error).__name__, error)
+        if snapshot is None:
             self.error = message
             self.log.warn("Cannot read the target's catalog: {error}", error=message)
             if self.catalog is not None:
@@ -104,7 +112,7 @@ class ColumnGuard:
                 self.loaded = self.clock()
             return None
         self._version += 1
-        self.catalog = lineage.Catalog.from_json(result, self.sensitive, self.patterns, self._version)
+        self.catalog = snapshot
         self.loaded = self.clock()
         self.error = None
         self._cache.clear()
