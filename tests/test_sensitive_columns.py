@@ -351,6 +351,33 @@ class SensitiveColumnsTests(unittest.TestCase, LeakCheck):
             self.assertNoCvv(text, sql)
 
     @defer.inlineCallbacks
+    def test_issue_examples_with_psql(self):
+        """
+        The issue's three examples through the real psql: the
+        regexp_replace rewrite is refused, and COPY of the table and of
+        SELECT * in CSV return masked card numbers and no CVV.
+        """
+        dsn = self.gateway.dsn()
+        password = token()
+        out, err, code = yield support.psql(
+            dsn, "-c", r"select regexp_replace(number, '(\d{4})', '\1 ', 'g') from vault.cards", password=password
+        )
+        self.assertNotEqual(code, 0)
+        self.assertIn("regexp_replace(vault.cards.number)", err)
+        self.assertEqual(out, "")
+        out, err, code = yield support.psql(dsn, "-c", "COPY vault.cards TO STDOUT", password=password)
+        self.assertEqual(code, 0, err)
+        self.assertIn("1\tAda\t411111******1111\t***\t10.5\t1", out)
+        out, err, code = yield support.psql(
+            dsn, "-c", "COPY (SELECT * FROM vault.cards ORDER BY id) TO STDOUT WITH (FORMAT csv)", password=password
+        )
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.splitlines()[2], "3,Cy,411111******1112,***,30,1")
+        for text in (out, err):
+            self.assertNoSecret(text, "psql")
+            self.assertNoCvv(text, "psql")
+
+    @defer.inlineCallbacks
     def test_search_path_and_cursors(self):
         """
         Unqualified names resolve through the session's search_path; a
