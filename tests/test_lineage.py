@@ -38,6 +38,8 @@ DOCUMENT = {
         {"schema": "public", "name": "leak", "language": "sql", "body": "select pan from vault.cards"},
         {"schema": "public", "name": "add_one", "language": "sql", "body": "select $1 + 1"},
         {"schema": "public", "name": "run", "language": "plpgsql", "body": "begin return query execute $1; end"},
+        {"schema": "public", "name": "wrapper", "language": "sql", "body": "select * from public.leak()"},
+        {"schema": "public", "name": "snake", "language": "plpython3u", "body": "return 1"},
     ],
 }
 
@@ -171,6 +173,11 @@ class LineageTests(unittest.TestCase):
             "SELECT * FROM pg_stats": "samples",
             "FETCH ALL FROM somewhere": "not declared through the gateway",
             "DO $$ BEGIN PERFORM pan FROM vault.cards; END $$": "reads",
+            "SELECT * FROM wrapper()": "calls public.leak, which reads",
+            "SELECT snake()": "plpython3u",
+            "DO LANGUAGE plperl $$ spi_exec_query('select 1') $$": "plperl",
+            "SELECT pg_read_binary_file('base/1/2')": "server's files",
+            "COPY public.shops FROM '/tmp/x'": "COPY FROM a server file",
         }
         for sql, words in cases.items():
             unresolved = " ".join(analyse(sql).unresolved)

@@ -37,7 +37,8 @@ DROP SCHEMA IF EXISTS vault CASCADE;
 DROP SCHEMA IF EXISTS reports CASCADE;
 DROP TABLE IF EXISTS public.sc_shops, public.sc_copy CASCADE;
 DROP VIEW IF EXISTS public.sc_card_view, public.sc_new_view CASCADE;
-DROP FUNCTION IF EXISTS public.sc_leak(), public.sc_add(int), public.sc_dynamic(text), public.sc_evil() CASCADE;
+DROP FUNCTION IF EXISTS public.sc_leak(), public.sc_add(int), public.sc_dynamic(text), public.sc_evil(),
+  public.sc_wrap() CASCADE;
 CREATE SCHEMA vault;
 CREATE SCHEMA reports;
 CREATE TABLE vault.cards (id int PRIMARY KEY, holder text, number text, verification text, amount numeric, shop_id int);
@@ -52,6 +53,7 @@ CREATE VIEW public.sc_card_view AS SELECT id, holder, number AS card, verificati
 CREATE VIEW reports.card_tails AS SELECT id, right(number, 4) AS tail FROM vault.cards;
 CREATE FUNCTION public.sc_leak() RETURNS SETOF text LANGUAGE sql AS 'SELECT number FROM vault.cards';
 CREATE FUNCTION public.sc_add(int) RETURNS int LANGUAGE sql AS 'SELECT $1 + 1';
+CREATE FUNCTION public.sc_wrap() RETURNS SETOF text LANGUAGE sql AS 'SELECT * FROM public.sc_leak()';
 CREATE FUNCTION public.sc_dynamic(q text) RETURNS SETOF text LANGUAGE plpgsql AS
   $$ BEGIN RETURN QUERY EXECUTE q; END $$;
 """
@@ -112,6 +114,7 @@ BYPASSES = (
     "SELECT tail FROM reports.card_tails",
     "SELECT * FROM public.sc_leak()",
     "SELECT public.sc_leak()",
+    "SELECT * FROM public.sc_wrap()",
     "SELECT * FROM public.sc_dynamic('SELECT number FROM vault.cards')",
     "SELECT query_to_xml('SELECT number FROM vault.cards', true, false, '')",
     "DO $$ BEGIN RAISE NOTICE '%', (SELECT string_agg(verification, ',') FROM vault.cards); END $$",

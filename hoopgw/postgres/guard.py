@@ -276,9 +276,7 @@ class ColumnGuard:
         function = self.catalog.function_oids.get(oid)
         if function is None:
             return None
-        problem = lineage.Analyzer(self.catalog, self.catalog.search_path)._body_problem(
-            function.body, function.language
-        )
+        problem = self.catalog.function_problem(function)
         if problem is None:
             return None
         return "the function %s.%s %s; a fastpath call of it cannot be followed" % (

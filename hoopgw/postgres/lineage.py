@@ -46,6 +46,21 @@ DYNAMIC_FUNCTIONS = frozenset(
         "dblink_open", "dblink_fetch", "dblink_send_query", "dblink_get_result", "pg_mcv_list_items",
     }
 )
+# Built-in functions that read the server's files (a table's data files
+# among them) or its write-ahead log, where every row's values are.
+READS_FILES = frozenset(
+    {
+        "pg_read_file", "pg_read_binary_file", "lo_import", "pg_logical_slot_get_changes",
+        "pg_logical_slot_peek_changes", "pg_logical_slot_get_binary_changes", "pg_logical_slot_peek_binary_changes",
+    }
+)
+# Languages whose code the gateway reads: SQL, and PL/pgSQL without
+# dynamic SQL.  Built-in (internal) and C functions only see their
+# arguments (those that read tables by name are listed above).
+_FOLLOWED_LANGUAGES = frozenset({"sql", "plpgsql"})
+_TRUSTED_LANGUAGES = frozenset({"internal", "c"})
+_CALL = re.compile(r"(?<![\w$])([a-z_][\w$]*)\s*\(")
+
 # Aggregates whose result says nothing of their argument's value.
 _COUNTING = frozenset({"count"})
 # Casts that keep a text value as it is.
@@ -289,6 +304,7 @@ class Catalog:
         self.version = version
         self._views = {}
         self._sensitive_relations = None
+        self._function_problems = {}
 
     @classmethod
     def from_json(cls, document, sensitive, patterns=(), version=0):
@@ -380,6 +396,47 @@ class Catalog:
                     names.update((relation.name, relation.qualified))
             self._sensitive_relations = frozenset(names)
         return self._sensitive_relations
+
+    def body_problem(self, body, language, seen=frozenset()):
+        """
+        Why code that runs inside the target (a function's or a DO
+        block's body) cannot be followed, or None: it names a relation
+        holding or showing sensitive columns, runs dynamic SQL, calls a
+        function that runs SQL given as text or reads the server's files,
+        calls a function of the target that does any of this, or is
+        written in a language the gateway does not read.
+        """
+        language = (language or "sql").lower()
+        if language in _TRUSTED_LANGUAGES:
+            return None
+        if language not in _FOLLOWED_LANGUAGES:
+            return "is written in %s, which the gateway cannot follow" % (language,)
+        lowered = body.lower()
+        for name in sorted(self.sensitive_relations()):
+            if re.search(r"(?<![\w$])%s(?![\w$])" % (re.escape(name.lower()),), lowered):
+                return "reads %s, which holds sensitive columns" % (name,)
+        if language == "plpgsql" and re.search(r"\bexecute\b", lowered):
+            return "runs dynamic SQL (EXECUTE)"
+        called = set(_CALL.findall(lowered))
+        for name in sorted(called & (DYNAMIC_FUNCTIONS | READS_FILES)):
+            return "calls %s, which reads what the gateway cannot follow" % (name,)
+        if any(name.startswith("dblink") for name in called):
+            return "calls dblink, which runs SQL given as text"
+        for name in sorted(called - seen):
+            for function in self.functions.get(name, ()):
+                problem = self.function_problem(function, seen | {name})
+                if problem:
+                    return "calls %s.%s, which %s" % (function.schema, function.name, problem)
+        return None
+
+    def function_problem(self, function, seen=frozenset()):
+        """
+        L{body_problem} of one of the target's functions, remembered.
+        """
+        key = (function.schema, function.name, function.oid, function.body)
+        if key not in self._function_problems:
+            self._function_problems[key] = self.body_problem(function.body, function.language, seen | {function.name})
+        return self._function_problems[key]
 
     def view_columns(self, relation, depth=0):
         """
@@ -708,6 +765,10 @@ class Analyzer:
 
     def _stmt_CopyStmt(self, inner):
         if inner.get("is_from"):
+            if inner.get("is_program") or inner.get("filename"):
+                self.unresolved(
+                    "COPY FROM a server file or program may read the tables' data files; copy FROM STDIN"
+                )
             return
         options = {}
         for option in inner.get("options") or ():
@@ -812,11 +873,14 @@ class Analyzer:
 
     def _stmt_DoStmt(self, inner):
         body = ""
+        language = "plpgsql"
         for option in inner.get("args") or ():
             _, element = _one(option)
             if element.get("defname") == "as":
                 body = _name(element.get("arg")) or ""
-        problem = self._body_problem(body, "plpgsql")
+            elif element.get("defname") == "language":
+                language = _name(element.get("arg")) or language
+        problem = self.catalog.body_problem(body, language)
         if problem:
             self.unresolved("a DO block %s" % (problem,))
 
@@ -835,7 +899,7 @@ class Analyzer:
                 language = _name(element.get("arg")) or language
         if inner.get("sql_body") is not None:
             body = orjson.dumps(inner["sql_body"]).decode()
-        problem = self._body_problem(body, language)
+        problem = self.catalog.body_problem(body, language)
         if problem:
             name = ".".join(_names(inner.get("funcname")))
             self.unresolved("the function %s %s; its callers could not be followed" % (name, problem))
@@ -854,26 +918,6 @@ class Analyzer:
             if relation is not None and relation.qualified in sensitive:
                 if relation.qualified not in self.analysis.ddl:
                     self.analysis.ddl.append(relation.qualified)
-
-    def _body_problem(self, body, language):
-        """
-        Why code that runs inside the target (a function's or DO block's
-        body) cannot be followed, or None.
-        """
-        if language not in ("sql", "plpgsql", "plpgsql ", None):
-            language = (language or "").lower()
-            if language in ("internal", "c"):
-                return None
-        lowered = body.lower()
-        for name in sorted(self.catalog.sensitive_relations()):
-            if re.search(r"(?<![\w$])%s(?![\w$])" % (re.escape(name.lower()),), lowered):
-                return "reads %s, which holds sensitive columns" % (name,)
-        if language != "sql" and re.search(r"\bexecute\b", lowered):
-            return "runs dynamic SQL (EXECUTE)"
-        for name in DYNAMIC_FUNCTIONS:
-            if name in lowered:
-                return "calls %s, which runs SQL given as text" % (name,)
-        return None
 
     # Queries.
 
@@ -1434,6 +1478,9 @@ class Analyzer:
         if name in DYNAMIC_FUNCTIONS or name.startswith("dblink"):
             self.unresolved("%s runs SQL given as text, which the gateway cannot follow" % (name,))
             return
+        if name in READS_FILES:
+            self.unresolved("%s reads the server's files or log, where the tables' values are" % (name,))
+            return
         if name == "set_config" and schema in (None, "pg_catalog"):
             arguments = inner.get("args") or ()
             first = _one(arguments[0])[1] if arguments else {}
@@ -1447,7 +1494,7 @@ class Analyzer:
         for function in candidates:
             if schema is not None and function.schema != schema:
                 continue
-            problem = self._body_problem(function.body, function.language)
+            problem = self.catalog.function_problem(function)
             if problem:
                 self.unresolved(
                     "the function %s.%s %s; what it returns cannot be followed" % (function.schema, name, problem)
