@@ -170,7 +170,6 @@ class Analysis:
     @ivar uses: a list of L{Use}.
     @ivar writes: a list of L{Write} carrying values from other columns.
     @ivar unresolved: sentences saying what could not be followed.
-    @ivar relations: the relations read, C{schema.name}.
     @ivar copy: for COPY TO: its options (C{format}, C{delimiter}, C{null}).
     @ivar cursor: for DECLARE, the cursor's name (its query's outputs are
         the ones a FETCH returns); for FETCH, the cursor fetched.
@@ -187,7 +186,6 @@ class Analysis:
     uses = attr.ib(factory=list)
     writes = attr.ib(factory=list)
     unresolved = attr.ib(factory=list)
-    relations = attr.ib(factory=set)
     copy = attr.ib(default=None)
     cursor = attr.ib(default=None)
     prepared = attr.ib(default=None)
@@ -1103,9 +1101,7 @@ class Analyzer:
                         "%s may mean %s: the search_path changed in this session; qualify the name with its schema"
                         % (name, other.qualified)
                     )
-        if relation is not None and record:
-            self.analysis.relations.add(relation.qualified)
-        elif relation is None and record and schema not in ("pg_catalog", "information_schema") and not (
+        if relation is None and record and schema not in ("pg_catalog", "information_schema") and not (
             not schema and name.startswith("pg_")
         ):
             self.analysis.unknown.add(_range_name(range_var))
