@@ -19,6 +19,7 @@ from hoopgw.options import ConfigError
 
 
 DEFAULT_ROWS = 1000
+MAX_ROWS = 100000
 # Column types whose values may hold a card number or a CVV.
 _SAMPLED_TYPES = re.compile(r"^(text|character varying|character|varchar|bpchar|char|numeric|bigint|json|jsonb)\b")
 _CVV_VALUE = re.compile(r"^[0-9]{3,4}$")
@@ -174,6 +175,8 @@ def run(arguments, out):
                 "there is no connection %r; this configuration has %s"
                 % (arguments.connection, ", ".join(sorted(config.connections))),
             )
+        if not 1 <= arguments.rows <= MAX_ROWS:
+            raise ConfigError("--rows", "sample between 1 and %d rows per table" % (MAX_ROWS,))
         if connection.protocol != "postgres":
             raise ConfigError("CONNECTION", "%s is a %s connection; discover reads PostgreSQL targets" % (
                 connection.name, connection.protocol))
