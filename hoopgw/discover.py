@@ -25,6 +25,11 @@ _SAMPLED_TYPES = re.compile(r"^(text|character varying|character|varchar|bpchar|
 _CVV_VALUE = re.compile(r"^[0-9]{3,4}$")
 _TRACK_VALUE = re.compile(r"(%B[0-9]{13,19}\^|;[0-9]{13,19}=)")
 _SEPARATORS = re.compile(r"[ -]")
+# Text types (a CVV is kept as text: "012" is not 12).
+_TEXT_TYPES = re.compile(r"^(text|character varying|character|varchar|bpchar|char)\b")
+# Words in a column's name that make three or four digits beside a card
+# number a verification code rather than, say, a status code.
+_CVV_HINTS = re.compile(r"cvv|cvc|csc|cid|verif|secur|sec_?code|card_?code", re.I)
 # Share of sampled values that must be card numbers for a column to be
 # proposed as a pan column.
 PAN_SHARE = 0.5
@@ -34,11 +39,13 @@ def _quote(name):
     return '"%s"' % (name.replace('"', '""'),)
 
 
-def classify(name, values, patterns):
+def classify(name, values, patterns, text_type=True):
     """
     What a sample of one column's values (text, None for NULL) suggests.
 
-    @return: C{(kind or None, evidence dict)}.
+    @return: C{(kind or None, evidence dict)}; the kind C{"cvv?"} means
+        three or four digits in every value, a CVV if a card number column
+        stands beside it.
     """
     present = [value for value in values if value is not None]
     pans = sum(1 for value in present if _is_pan(value))
@@ -61,9 +68,9 @@ def classify(name, values, patterns):
         return "pan", evidence
     if named:
         return "sad", evidence
-    if present and cvv_like == len(present):
+    if present and text_type and cvv_like == len(present):
         evidence["cvv_like"] = cvv_like
-        return "cvv?", evidence
+        return ("cvv?" if _CVV_HINTS.search(name) else "digits?"), evidence
     return None, evidence
 
 
@@ -109,13 +116,23 @@ def discover(connection, rows=DEFAULT_ROWS, patterns=None, connect=None):
                     continue
                 kinds = []
                 for index, column in enumerate(candidates):
-                    kind, evidence = classify(column[0], [row[index] for row in sample], patterns)
+                    kind, evidence = classify(
+                        column[0], [row[index] for row in sample], patterns, bool(_TEXT_TYPES.match(column[1]))
+                    )
                     kinds.append((column[0], kind, evidence))
                 has_pan = any(kind == "pan" for _, kind, _ in kinds)
                 for name, kind, evidence in kinds:
-                    if kind == "cvv?":
-                        # Three or four digits are a CVV only beside a card number.
+                    if kind in ("cvv?", "digits?"):
+                        # Three or four digits are a CVV only beside a card
+                        # number, and only proposed when the name says so.
                         if not has_pan:
+                            continue
+                        if kind == "digits?":
+                            notes.append(
+                                "%s.%s: all %d sampled values are three or four digits, beside a card number "
+                                "column; a verification code? (not proposed: its name does not say so)"
+                                % (table, name, evidence["cvv_like"])
+                            )
                             continue
                         kind = "sad"
                     if kind is not None:

@@ -524,3 +524,32 @@ class PlanTests(unittest.TestCase):
             harness.result(command, chunk, session)
             results.append(chunk.rows[0][0])
         self.assertEqual(results, [b"4111111111111112", b"411111******1112"])
+
+
+class DiscoverClassifyTests(unittest.TestCase):
+    """
+    What C{hoopgw discover} makes of a column's sampled values.
+    """
+
+    def test_classify(self):
+        """
+        Mostly Luhn-valid numbers are pan; track data and so-named columns
+        sad; three or four digits are a CVV only in a text column whose
+        name hints at one; amounts are nothing.
+        """
+        from hoopgw import discover
+
+        cases = [
+            ("number", ["4111111111111111", "5500 0000 0000 0004", None], True, "pan"),
+            ("number", ["4111111111111112", "hello"], True, None),
+            ("blob", ["%B4111111111111111^DOE/JOHN^2512"], True, "sad"),
+            ("cvv2", [], True, "sad"),
+            ("verification", ["917", "6051"], True, "cvv?"),
+            ("status", ["200", "404"], True, "digits?"),
+            ("amount", ["100", "250"], False, None),
+        ]
+        for name, values, text_type, kind in cases:
+            found, evidence = discover.classify(name, values, PATTERNS, text_type)
+            self.assertEqual(found, kind, name)
+            self.assertEqual(evidence["rows_sampled"], len(values))
+            self.assertNotIn("917", repr(evidence))
