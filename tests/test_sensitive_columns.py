@@ -379,6 +379,10 @@ class SensitiveColumnsTests(unittest.TestCase, LeakCheck):
         for text in (out, err):
             self.assertNoSecret(text, "psql")
             self.assertNoCvv(text, "psql")
+        # psql's own catalog queries are not refused.
+        for command in (r"\d vault.cards", r"\dt vault.*", r"\dv public.*", r"\df public.sc_*"):
+            out, err, code = yield support.psql(dsn, "-c", command, password=password)
+            self.assertEqual(code, 0, "%s: %s" % (command, err))
 
     @defer.inlineCallbacks
     def test_search_path_and_cursors(self):
