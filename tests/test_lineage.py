@@ -351,6 +351,20 @@ class GuardTests(unittest.TestCase):
         self.submit("SELECT * FROM public.created_elsewhere")
         self.assertEqual(len(self.reads), 4)
 
+    def test_search_paths_bounded(self):
+        """
+        A session may switch between a bounded number of search paths;
+        past it, SET search_path is refused (each path seen is checked for
+        every unqualified name afterwards).
+        """
+        self.harness.start()
+        for index in range(guard_module.SEARCH_PATHS_KEPT - 1):
+            decision, _ = self.submit("SET search_path TO s%d" % (index,))
+            self.assertFalse(decision.denied, index)
+        decision, _ = self.submit("SET search_path TO public")
+        self.assertTrue(decision.denied)
+        self.assertIn("already used 32 search paths", decision.reason)
+
     def test_malformed_catalog(self):
         """
         An answer that is not a catalog (a hostile target) counts as none:

@@ -9,6 +9,7 @@ column policy on every statement.  The mask addon owns one.
 
 import collections
 
+import attr
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -27,6 +28,9 @@ CACHE_KEY_LIMIT = 8192
 UNKNOWN_REFRESH = 5.0
 # Cursors and prepared statements remembered per session.
 NAMED_KEPT = 1000
+# Search paths a session may use (each is checked for every unqualified
+# name it writes afterwards).
+SEARCH_PATHS_KEPT = 32
 
 
 class CatalogUnavailable(Exception):
@@ -206,7 +210,7 @@ class ColumnGuard:
         if analysis.unknown and not refreshed and self.clock() - self.loaded >= UNKNOWN_REFRESH:
             # A relation created since the snapshot (by another client).
             return self.load().addCallback(lambda _: self._check(session, command, True))
-        self._remember(state, analysis)
+        analysis = self._remember(state, analysis)
         command.metadata["mask.analysis"] = analysis
         return analysis, columnpolicy.evaluate(analysis, self.policy)
 
@@ -239,11 +243,19 @@ class ColumnGuard:
 
     def _remember(self, state, analysis):
         catalog = self.catalog
+        if analysis.search_path is not None and len(state.alternatives) >= SEARCH_PATHS_KEPT:
+            analysis = _copy(analysis)
+            analysis.unresolved.append(
+                "this session has already used %d search paths; qualify names with their schema instead"
+                % (SEARCH_PATHS_KEPT,)
+            )
+            return analysis
         if analysis.search_path is not None:
             current = state.search_path if state.search_path is not None else catalog.search_path
             state.alternatives.add(current)
             state.search_path = analysis.search_path or None
             state.alternatives.add(state.search_path or catalog.search_path)
+        return analysis
 
     def _named(self, state, analysis):
         named = state.named
@@ -298,6 +310,13 @@ class ColumnGuard:
         facts = sqlpolicy.for_command(session, command)
         if "DDL" in facts.labels or facts.kinds & {"CREATE TABLE AS", "SELECT INTO", "REFRESH MATERIALIZED VIEW"}:
             self.dirty = True
+
+
+def _copy(analysis):
+    """
+    A copy of a (cached, shared) analysis that may be added to.
+    """
+    return attr.evolve(analysis, unresolved=list(analysis.unresolved))
 
 
 def target_fetcher(reactor, target):
