@@ -231,7 +231,11 @@ def evaluate(analysis, policy):
             verdict.positions[index] = lineage.SAD
         elif lineage.PAN in plain:
             verdict.positions[index] = lineage.PAN
-    if analysis.outputs is not None:
+    if analysis.kind == "ExplainStmt":
+        # EXPLAIN ANALYZE runs the statement (its transformations are
+        # refused above) but returns its plan, not its rows.
+        verdict.positions = {}
+    elif analysis.outputs is not None:
         verdict.widths = [output.width for output in analysis.outputs]
     for use in analysis.uses:
         flow = use.flow

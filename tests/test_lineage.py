@@ -236,6 +236,9 @@ class PolicyTests(unittest.TestCase):
             self.assertEqual((verdict.action, verdict.first(columnpolicy.DENY).rule), (columnpolicy.DENY, rule), sql)
         self.assertEqual(self.verdict("SELECT id FROM vault.cards WHERE pan = $1").action, columnpolicy.ALLOW)
         self.assertEqual(self.verdict("EXPLAIN SELECT reverse(pan) FROM vault.cards").action, columnpolicy.ALLOW)
+        self.assertEqual(self.verdict("EXPLAIN ANALYZE SELECT reverse(pan) FROM vault.cards").action, columnpolicy.DENY)
+        analyzed = self.verdict("EXPLAIN ANALYZE SELECT pan FROM vault.cards")
+        self.assertEqual((analyzed.action, analyzed.positions), (columnpolicy.ALLOW, {}))
 
     def test_configured(self):
         """
