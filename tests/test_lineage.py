@@ -95,6 +95,7 @@ class LineageTests(unittest.TestCase):
         star = outputs("SELECT * FROM vault.cards")
         self.assertEqual(star, [{}, {}, plain, {"vault.cards.cvv": ()}, {}])
         self.assertEqual(outputs("SELECT s.*, c.* FROM public.shops s, vault.cards c")[4], plain)
+        self.assertEqual(outputs("SELECT (c).* FROM vault.cards c")[2], plain)
 
     def test_transformations(self):
         """

@@ -1234,6 +1234,10 @@ class Analyzer:
             if kind == "ColumnRef" and inner.get("fields") and "A_Star" in inner["fields"][-1]:
                 outputs.extend(self._star(inner["fields"][:-1], scope))
                 continue
+            if kind == "A_Indirection" and _row_star(inner, scope):
+                # (c).* is c.*.
+                outputs.extend(self._star(_one(inner["arg"])[1]["fields"], scope))
+                continue
             flows = self.expression(value, scope)
             outputs.append(Output(target.get("name") or _default_name(value), flows))
         return outputs
@@ -1599,6 +1603,20 @@ def _range_vars(node):
             else:
                 stack.extend(item for item in value.values() if isinstance(item, (dict, list)))
     return found
+
+
+def _row_star(inner, scope):
+    """
+    Whether an indirection is C{(c).*} for a FROM item C{c}.
+    """
+    steps = inner.get("indirection") or ()
+    kind, ref = _one(inner.get("arg"))
+    if kind != "ColumnRef" or len(steps) != 1 or "A_Star" not in steps[0]:
+        return False
+    fields = ref.get("fields") or ()
+    return len(fields) == 1 and scope.find_item(_name(fields[0])) is not None and scope.find_column(
+        _name(fields[0])
+    ) is None
 
 
 def _is_node(value):
