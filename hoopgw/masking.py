@@ -760,11 +760,17 @@ class CopyColumnMasker:
     MAX_ROW = 1 << 24
 
     def __init__(self, masker, positions, csv=False, delimiter=None, quote=None, header=False, width=None):
+        """
+        @param positions: C{{column: "pan" or "sad"}}, or a function of a
+            row's number of columns returning it (raising C{ValueError}
+            when a row of that many columns cannot be masked).
+        @param width: how many columns a row has, when known: a row cut
+            into any other number was not read as it was written (an
+            encoding whose bytes look like a delimiter or a backslash),
+            and is not sent.
+        """
         self.masker = masker
-        self.positions = positions
-        # How many columns a row has, when known: a row cut into any other
-        # number was not read as it was written (an encoding whose bytes
-        # look like a delimiter or a backslash), and is not sent.
+        self.place = positions if callable(positions) else (lambda count: positions)
         self.width = width
         self.csv = csv
         self.delimiter = ord(delimiter) if delimiter else (44 if csv else 9)
@@ -861,8 +867,12 @@ class CopyColumnMasker:
                 "a COPY row has %d columns where the statement has %d; it cannot be masked by column"
                 % (len(fields), self.width)
             )
+        try:
+            positions = self.place(len(fields))
+        except ValueError as error:
+            raise MaskingError("a COPY row cannot be masked by column: %s" % (error,))
         for index, (start, end) in enumerate(fields):
-            kind = self.positions.get(index)
+            kind = positions.get(index)
             value = row[start:end]
             if kind == "sad":
                 if value not in (b"\\N", b""):

@@ -571,3 +571,24 @@ class DiscoverClassifyTests(unittest.TestCase):
             self.assertEqual(found, kind, name)
             self.assertEqual(evidence["rows_sampled"], len(values))
             self.assertNotIn("917", repr(evidence))
+
+
+class CopyPlacementTests(unittest.TestCase):
+    """
+    COPY of a query whose columns the analysis cannot all count.
+    """
+
+    def test_positions_from_the_end(self):
+        """
+        A function's row of unknown width before the card table's columns:
+        each COPY row's sensitive columns are found from its end, so a
+        wider row still has its CVV removed.
+        """
+        (analysis,) = lineage.analyse(
+            "COPY (SELECT * FROM unnest(array[1], array[2]), vault.cards) TO STDOUT", catalog()
+        )
+        verdict = columnpolicy.evaluate(analysis, columnpolicy.Policy())
+        self.assertEqual(verdict.action, columnpolicy.ALLOW)
+        copier = masking.CopyColumnMasker(masking.Masker(), verdict.result_positions)
+        out, _ = copier.feed(b"1\t2\t7\tAda\t4111111111111112\t917\t5\n", final=True)
+        self.assertEqual(out, b"1\t2\t7\tAda\t411111******1112\t***\t5\n")

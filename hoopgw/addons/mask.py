@@ -471,12 +471,13 @@ class Mask:
             header = options.get("header")
             return masking.CopyColumnMasker(
                 self.masker,
-                verdict.positions,
+                # Placed in each row: outputs of unknown width before a
+                # sensitive column shift it.
+                verdict.result_positions,
                 csv=csv,
                 delimiter=options.get("delimiter"),
                 quote=options.get("quote"),
                 header=header is True or str(header).lower() in ("true", "on", "1", "match"),
-                width=len(verdict.widths) if verdict.widths and None not in verdict.widths else None,
             )
         return masking.StreamMasker(self.masker)
 
