@@ -152,6 +152,9 @@ BYPASSES = (
     "SELECT set_config('search_path', 'vault', false)",
     "ALTER TABLE vault.cards RENAME COLUMN number TO plain",
     "CREATE FUNCTION public.sc_evil() RETURNS SETOF text LANGUAGE sql AS 'SELECT number FROM vault.cards'",
+    "CREATE VIEW public.sc_plain AS SELECT verification AS x FROM vault.cards",
+    "CREATE MATERIALIZED VIEW public.sc_mat AS SELECT number FROM vault.cards",
+    "CREATE VIEW public.sc_view_of_view AS SELECT * FROM public.sc_card_view",
 )
 
 # Legitimate queries that must pass: C{(sql, text the output must hold)}.
@@ -433,9 +436,20 @@ class SensitiveColumnsTests(unittest.TestCase, LeakCheck):
     @defer.inlineCallbacks
     def test_catalog_refreshed_after_ddl(self):
         """
-        A view created through the gateway is known to the next statement:
-        a transformation through it is refused, a plain column masked.
+        A view over the card table is DDL on it, refused by default (in an
+        open transaction the catalog read on another connection would not
+        see it).  Where DDL is allowed, a view created through the gateway
+        is known to the next statement: a transformation through it is
+        refused, a plain column masked.
         """
+        status, text, code = yield self.client.run(
+            "CREATE VIEW public.sc_new_view AS SELECT id, number AS n FROM vault.cards"
+        )
+        self.assertEqual((status, code), ("error", "42501"), text)
+        self.assertIn("vault.cards holds sensitive columns; DDL on it", text)
+        gateway = GatewayHarness(self, addons=["identity", mask_options(column_policy={"ddl": "allow"}), "record"])
+        self.client = Client(gateway.dsn(password=token()))
+        self.addCleanup(self.client.close)
         status, text, _ = yield self.client.run(
             "CREATE VIEW public.sc_new_view AS SELECT id, number AS n FROM vault.cards"
         )

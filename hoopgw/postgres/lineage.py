@@ -651,7 +651,9 @@ class Analyzer:
     def _stmt_CreateTableAsStmt(self, inner):
         outputs = self.query(inner.get("query"), _Scope())
         if inner.get("objtype") == "OBJECT_MATVIEW":
-            # Followed through its definition, once the catalog has it.
+            # Followed through its definition once the catalog has it, but
+            # not before (a transaction's own views are not in it).
+            self._other("CreateTableAsStmt", inner)
             return
         self._new_table((inner.get("into") or {}).get("rel") or {}, outputs or ())
 
@@ -905,8 +907,10 @@ class Analyzer:
     def _other(self, kind, inner):
         """
         DDL that names a relation with sensitive columns: renaming or
-        reshaping it, or hanging code on it (triggers, rules, policies),
-        would carry its values where the analysis does not follow.
+        reshaping it, hanging code on it (triggers, rules, policies), or
+        defining a view over it (the catalog snapshot, read on another
+        connection, does not see a view of an open transaction), would
+        carry its values where the analysis does not follow.
         """
         if kind is None or kind in _HARMLESS_STATEMENTS:
             return
@@ -1506,7 +1510,7 @@ class Analyzer:
 _HARMLESS_STATEMENTS = frozenset(
     {
         "TransactionStmt", "VariableShowStmt", "DeallocateStmt", "ClosePortalStmt", "DiscardStmt", "ListenStmt",
-        "UnlistenStmt", "NotifyStmt", "ViewStmt", "CommentStmt", "LockStmt", "VacuumStmt", "CheckPointStmt",
+        "UnlistenStmt", "NotifyStmt", "CommentStmt", "LockStmt", "VacuumStmt", "CheckPointStmt",
         "GrantStmt", "CreateSchemaStmt", "CreateStmt", "DropStmt", "TruncateStmt", "RefreshMatViewStmt",
         "ClusterStmt", "ReindexStmt", "SecLabelStmt", "ConstraintsSetStmt",
     }
