@@ -239,6 +239,12 @@ def _explain(arguments, out):
     return explain.run(arguments, out)
 
 
+def _discover(arguments, out):
+    from hoopgw import discover
+
+    return discover.run(arguments, out)
+
+
 def _approvals(arguments, out):
     from hoopgw.approvals import client
 
@@ -384,6 +390,15 @@ def parser():
         "request (METHOD /path)",
     )
     explain.set_defaults(run=_explain)
+
+    discover = commands.add_parser(
+        "discover", help="find a PostgreSQL target's card data and propose the mask addon's sensitive_columns"
+    )
+    discover.add_argument("--config", required=True, help="the configuration file")
+    discover.add_argument("--rows", type=int, default=1000, help="rows sampled per table, 1 to 100000 (default 1000)")
+    discover.add_argument("--write", metavar="FILE", help="write the proposal to FILE (for sensitive_columns_file)")
+    discover.add_argument("connection", help="the connection's name")
+    discover.set_defaults(run=_discover)
 
     from hoopgw.approvals import client as approvals_client
 

@@ -20,8 +20,11 @@ _DESCRIPTIONS = {
 }
 
 
-def explain(config, connection_name, sql, subject="explain", groups=None, kind=SERVICE):
+def explain(config, connection_name, sql, subject="explain", groups=None, kind=SERVICE, read_catalog=None):
     """
+    @param read_catalog: C{read_catalog(target)} -> the target's catalog
+        document, for an addon that follows columns through it (the mask
+        addon with sensitive_columns); None to explain without it.
     @return: the lines of the explanation.
     @raise ConfigError: for an unknown connection.
     """
@@ -35,6 +38,10 @@ def explain(config, connection_name, sql, subject="explain", groups=None, kind=S
     # Built with nothing that runs: a store in memory, no broker.
     context = FakeContext(connection=connection)
     addons = [(spec.name, spec.factory.build(spec.options, context)) for spec in connection.addons]
+    for _, addon in addons:
+        guard = getattr(addon, "guard", None)
+        if guard is not None:
+            _load_catalog(guard, connection, read_catalog)
     groups = frozenset(groups if groups is not None else connection.allowed_groups)
     identity = Identity(subject=subject, issuer="(explain)", groups=groups, kind=kind)
     session = Session(connection=connection.name, protocol=connection.protocol, client_address="(explain)", identity=identity)
@@ -82,6 +89,16 @@ def explain(config, connection_name, sql, subject="explain", groups=None, kind=S
     if denied and len(commands) > 1:
         lines.append("one statement is denied, so none of this query runs")
     return lines
+
+
+def _load_catalog(guard, connection, read_catalog):
+    if read_catalog is None:
+        guard.error = "hoopgw explain was not asked to read it"
+        return
+    try:
+        guard.use_document(read_catalog(connection.settings.target))
+    except Exception as error:
+        guard.error = str(error)
 
 
 def _commands(connection, text):
@@ -142,6 +159,7 @@ def run(arguments, out):
             subject=arguments.subject,
             groups=groups,
             kind=HUMAN if arguments.kind == HUMAN else SERVICE,
+            read_catalog=_read_catalog,
         )
     except ConfigError as error:
         import sys
@@ -151,3 +169,9 @@ def run(arguments, out):
     for line in lines:
         print(line, file=out)
     return 0
+
+
+def _read_catalog(target):
+    from hoopgw.postgres import catalog
+
+    return catalog.fetch_blocking(target)

@@ -78,6 +78,9 @@ class Masker:
         self.keep_front = 6 if style == cards.BIN_AND_LAST_FOUR else 0
         self.columns = [re.compile(pattern, re.I) if isinstance(pattern, str) else pattern for pattern in columns]
         self._names = {}
+        # Further column names whose values an error's key detail must not
+        # quote (the mask addon's sensitive_columns).
+        self.detail_names = frozenset()
 
     def sensitive(self, name):
         """
@@ -373,11 +376,13 @@ class Masker:
                 masked += count
         return (bytes(out) if out is not None else value), masked, 0
 
-    def rows(self, rows, formats, type_oids, replace=()):
+    def rows(self, rows, formats, type_oids, replace=(), forced=()):
         """
         Mask decoded rows in place (a list of lists of bytes or None).
 
         @param replace: column positions whose values are replaced whole.
+        @param forced: column positions known to hold card numbers: their
+            digits are masked whether or not they pass the Luhn check.
         @return: C{(changed, masked, withheld)}.
         """
         changed = False
@@ -394,6 +399,15 @@ class Masker:
                     masked += 1
                     changed = True
                     continue
+                if index in forced:
+                    if binary and type_oid not in TEXT_TYPES:
+                        row[index] = None
+                        withheld += 1
+                    else:
+                        row[index] = self.force(value)
+                        masked += 1
+                    changed = True
+                    continue
                 try:
                     new, count, held = self.value(value, binary, type_oid)
                 except Exception:
@@ -405,6 +419,26 @@ class Masker:
                     withheld += held
                     changed = True
         return changed, masked, withheld
+
+    def force(self, value):
+        """
+        A value of a column known to hold card numbers, its digits masked
+        as a card number's are (at most BIN and last four) whatever the
+        Luhn check says; a value too short to be a card number keeps only
+        its last four digits.
+        """
+        digits = [index for index, byte in enumerate(value) if 48 <= byte <= 57]
+        count = len(digits)
+        if count >= cards.MIN_DIGITS:
+            hidden = digits[self.keep_front : count - 4]
+        else:
+            hidden = digits[: max(count - 4, 0)] if count > 4 else digits
+        if not hidden:
+            return value
+        out = bytearray(value)
+        for index in hidden:
+            out[index] = 42
+        return bytes(out)
 
     # Messages.
 
@@ -418,7 +452,7 @@ class Masker:
         for name, value in list(fields.items()):
             if name in _PLAIN_FIELDS or not isinstance(value, str):
                 continue
-            if name == "detail" and sensitive_columns and self.columns:
+            if name == "detail" and sensitive_columns and (self.columns or self.detail_names):
                 value, replaced = self._detail(value)
                 count += replaced
             masked, found = cards.mask_text(value, self.style)
@@ -434,7 +468,10 @@ class Masker:
         if _FAILING_ROW.match(detail):
             return "Failing row contains (values withheld by hoopgw).", 1
         match = _KEY_DETAIL.match(detail)
-        if match and any(self.sensitive(name.strip().strip('"')) for name in match.group("columns").split(",")):
+        if match and any(
+            self.sensitive(name.strip().strip('"')) or name.strip().strip('"') in self.detail_names
+            for name in match.group("columns").split(",")
+        ):
             return "Key (%s)=(withheld by hoopgw)%s" % (match.group("columns"), match.group("rest")), 1
         return detail, 0
 
@@ -709,3 +746,148 @@ def _tail_start(data):
             index -= 1
             continue
         return start
+
+
+class CopyColumnMasker:
+    """
+    Masks the columns of a COPY TO stream (text or CSV format) by
+    position: card number columns forced to BIN and last four, sensitive
+    authentication data replaced whole; the other columns are masked as
+    any text is.  Rows are cut anywhere by the stream: a partial row is
+    held until the rest arrives (at most L{MAX_ROW} bytes).
+    """
+
+    MAX_ROW = 1 << 24
+
+    def __init__(self, masker, positions, csv=False, delimiter=None, quote=None, header=False, width=None):
+        """
+        @param positions: C{{column: "pan" or "sad"}}, or a function of a
+            row's number of columns returning it (raising C{ValueError}
+            when a row of that many columns cannot be masked).
+        @param width: how many columns a row has, when known: a row cut
+            into any other number was not read as it was written (an
+            encoding whose bytes look like a delimiter or a backslash),
+            and is not sent.
+        """
+        self.masker = masker
+        self.place = positions if callable(positions) else (lambda count: positions)
+        self.width = width
+        self.csv = csv
+        self.delimiter = ord(delimiter) if delimiter else (44 if csv else 9)
+        self.quote = ord(quote) if quote else 34
+        self.header = header
+        self.held = b""
+        self.masked = 0
+
+    def feed(self, data, final=False):
+        """
+        @return: C{(bytes to send now, values masked)}.
+        """
+        data = self.held + data
+        out = []
+        count = 0
+        start = 0
+        for end in self._row_ends(data):
+            row = data[start:end]
+            start = end
+            if self.header:
+                self.header = False
+                out.append(row)
+                continue
+            row, found = self._row(row)
+            out.append(row)
+            count += found
+        self.held = data[start:]
+        if final and self.held:
+            row, found = self._row(self.held)
+            out.append(row)
+            count += found
+            self.held = b""
+        if len(self.held) > self.MAX_ROW:
+            raise MaskingError("a COPY row is longer than %d bytes" % (self.MAX_ROW,))
+        self.masked += count
+        return b"".join(out), count
+
+    def _row_ends(self, data):
+        """
+        The offsets just after each complete row's newline.
+        """
+        if not self.csv:
+            position = data.find(b"\n")
+            while position >= 0:
+                yield position + 1
+                position = data.find(b"\n", position + 1)
+            return
+        quoted = False
+        quote = self.quote
+        for index, byte in enumerate(data):
+            if byte == quote:
+                quoted = not quoted
+            elif byte == 10 and not quoted:
+                yield index + 1
+
+    def _fields(self, row):
+        """
+        The C{(start, end)} of each field of one row (newline excluded).
+        """
+        end = len(row)
+        if row.endswith(b"\n"):
+            end -= 1
+            if end and row[end - 1] == 13:
+                end -= 1
+        fields = []
+        start = 0
+        quoted = False
+        delimiter = self.delimiter
+        quote = self.quote
+        csv = self.csv
+        index = 0
+        while index < end:
+            byte = row[index]
+            if csv and byte == quote:
+                quoted = not quoted
+            elif not csv and byte == 92:
+                # Text format: a backslash escapes the next byte, the
+                # delimiter included.
+                index += 1
+            elif byte == delimiter and not quoted:
+                fields.append((start, index))
+                start = index + 1
+            index += 1
+        fields.append((start, end))
+        return fields
+
+    def _row(self, row):
+        out = bytearray(row)
+        count = 0
+        replacements = []
+        fields = self._fields(row)
+        if self.width is not None and len(fields) != self.width:
+            raise MaskingError(
+                "a COPY row has %d columns where the statement has %d; it cannot be masked by column"
+                % (len(fields), self.width)
+            )
+        try:
+            positions = self.place(len(fields))
+        except ValueError as error:
+            raise MaskingError("a COPY row cannot be masked by column: %s" % (error,))
+        for index, (start, end) in enumerate(fields):
+            kind = positions.get(index)
+            value = row[start:end]
+            if kind == "sad":
+                if value not in (b"\\N", b""):
+                    replacements.append((start, end, REPLACEMENT))
+                    count += 1
+            elif kind == "pan":
+                masked = self.masker.force(value)
+                if masked != value:
+                    out[start:end] = masked
+                    count += 1
+            else:
+                masked, found = cards.mask_bytes(value, self.masker.style)
+                if found:
+                    out[start:end] = masked
+                    count += found
+        for start, end, replacement in reversed(replacements):
+            out[start:end] = replacement
+        return bytes(out), count

@@ -5,16 +5,27 @@ notifications, bodies) is shown as at most BIN and last four; values of
 sensitive columns (CVV, track data, PIN) are replaced whole; whatever
 cannot be checked is withheld.  Groups with a documented business need
 may be exempted; their unmasked results are counted and recorded as such.
+
+With C{sensitive_columns}, a PostgreSQL connection also knows its card
+data as C{schema.table.column} of the target's catalog and follows every
+statement's columns to them before it runs (L{hoopgw.postgres.guard}): a
+card number leaves only as a plain column, masked; sensitive
+authentication data never leaves.
 """
 
 from twisted.logger import Logger
 
 from hoopgw import cards
+from hoopgw import columnpolicy
 from hoopgw import masking
 from hoopgw import options as o
 from hoopgw import sqlpolicy
 from hoopgw.addon import AddonFactory
 from hoopgw.model import Decision
+from hoopgw.options import ConfigError, join
+
+# The approval rule a connection's "approve" column policies go through.
+APPROVAL_RULE = "sensitive-columns"
 
 
 class Mask:
@@ -45,7 +56,59 @@ class Mask:
             "Groups with a documented business need to see card numbers in clear.  Their results are not "
             "masked; every such result is recorded as unmasked, with the number of card numbers it held.",
         ),
+        o.Option(
+            "sensitive_columns",
+            columnpolicy.sensitive_columns,
+            {},
+            "PostgreSQL only: the target's card data, DATABASE.SCHEMA.TABLE.COLUMN (or SCHEMA.TABLE.COLUMN) to "
+            "its kind: pan (card numbers: leave only as a plain column, masked) or sad (CVV, track data, PIN: "
+            "never leave).  Statements are followed to these columns through the target's catalog before they run.",
+        ),
+        o.Option(
+            "sensitive_columns_file",
+            columnpolicy.sensitive_columns_file,
+            None,
+            "A YAML file with a sensitive_columns mapping (as hoopgw discover --write writes it), added to "
+            "sensitive_columns.",
+        ),
+        o.Option(
+            "column_policy",
+            columnpolicy.Policy.parse,
+            columnpolicy.Policy(),
+            "What may happen to sensitive columns: transform, equality, pattern, range, expression, sort, "
+            "sad_predicates, ddl, each allow, deny or approve (see docs/sensitive-columns.rst).",
+        ),
+        o.Option(
+            "approvers",
+            o.string_set,
+            frozenset(),
+            "The groups whose members approve statements a column policy set to approve holds.",
+        ),
+        o.Option(
+            "approval_timeout",
+            o.duration,
+            300.0,
+            "How long such a statement waits for its approval before it is refused.",
+        ),
+        o.Option(
+            "catalog_refresh",
+            o.duration,
+            300.0,
+            "How old the target's catalog may grow before it is read again (it is also read again after DDL "
+            "and when a statement names a relation it does not have).",
+        ),
     )
+
+    @staticmethod
+    def check_connection(options, connection, providers, path):
+        if not (options["sensitive_columns"] or options["sensitive_columns_file"]):
+            return
+        if connection.protocol != "postgres":
+            raise ConfigError(join(path, "sensitive_columns"), "applies to PostgreSQL connections only")
+        if options["column_policy"].uses_approval() and not options["approvers"]:
+            raise ConfigError(
+                join(path, "approvers"), "a column policy is set to approve: name the groups that approve"
+            )
 
     def __init__(self, options, context):
         columns = [
@@ -54,6 +117,40 @@ class Mask:
         ]
         self.masker = masking.Masker(options["style"], columns)
         self.exempt_groups = options["exempt_groups"]
+        self.guard = None
+        self.approval_rule = None
+        self.broker = None
+        sensitive = dict(options["sensitive_columns_file"] or {})
+        sensitive.update(options["sensitive_columns"])
+        target = getattr(getattr(context.connection, "settings", None), "target", None)
+        if sensitive and target is not None:
+            from hoopgw.postgres import guard
+
+            self.guard = guard.ColumnGuard(
+                sensitive,
+                columns,
+                options["column_policy"],
+                guard.target_fetcher(context.reactor, target),
+                context.reactor.seconds,
+                options["catalog_refresh"],
+            )
+        if sensitive:
+            # A constraint violation's detail quoting the key of a
+            # sensitive column is withheld, whatever the column's name.
+            self.masker.detail_names = frozenset(name[3] for name in sensitive)
+        if sensitive and options["column_policy"].uses_approval():
+            from hoopgw.approvals import ApprovalRule
+
+            self.approval_rule = ApprovalRule(
+                name=APPROVAL_RULE,
+                approvers=options["approvers"],
+                timeout=options["approval_timeout"],
+                reason="a statement uses a sensitive column in a way this connection's column policy "
+                "lets through only with approval",
+            )
+            self.broker = context.approvals
+            if self.broker is not None:
+                self.broker.register(context.connection.name, self.approval_rule)
 
     def _exempt(self, session):
         state = session.metadata.get("mask")
@@ -68,9 +165,13 @@ class Mask:
             exempt = self._exempt(session)
             if exempt:
                 session.attributes["mask_exempt"] = exempt
+        if self.guard is not None:
+            return self.guard.session_started(session)
         return None
 
     def command_received(self, session, command):
+        if command.kind == "function-call" and self.guard is not None and not self._exempt(session):
+            return self._function_call(command)
         # Binary COPY output carries no column types: it cannot be checked.
         if command.kind != "sql" or self._exempt(session):
             return None
@@ -81,7 +182,60 @@ class Mask:
                 rule="mask:binary-copy",
                 sqlstate="42501",
             )
+        if self.guard is None:
+            return None
+        try:
+            outcome = self.guard.check(session, command)
+        except Exception as error:
+            return self._unavailable(error)
+        if hasattr(outcome, "addCallbacks"):
+            return outcome.addCallbacks(self._verdict, self._unavailable, callbackArgs=(session, command))
+        return self._verdict(outcome, session, command)
+
+    def _function_call(self, command):
+        """
+        A fastpath call names its function by OID: one whose body reads a
+        sensitive relation is refused as it would be in a statement.
+        """
+        problem = self.guard.function_problem(command.facts.get("function_oid"))
+        if problem is None:
+            return None
+        command.facts["sensitive_columns"] = {"decision": "deny", "unresolved": [problem]}
+        return Decision.deny(problem, rule="mask:unresolved", sqlstate="42501")
+
+    def _unavailable(self, error):
+        reason = getattr(error, "value", error)
+        return Decision.deny(str(reason), rule="mask:catalog", sqlstate="42501")
+
+    def _verdict(self, outcome, session, command):
+        """
+        The decision on a statement from the column policy's verdict; the
+        evidence goes into the command's facts, for the record.
+        """
+        analysis, verdict = outcome
+        command.metadata["mask.verdict"] = verdict
+        if analysis.sensitive() or verdict.findings:
+            command.facts["sensitive_columns"] = columnpolicy.evidence(analysis, verdict)
+        action = verdict.action
+        if action == columnpolicy.DENY:
+            finding = verdict.first(columnpolicy.DENY)
+            others = sum(1 for item in verdict.findings if item.action == columnpolicy.DENY) - 1
+            reason = finding.reason + (" (and %d more reason%s)" % (others, "s" if others > 1 else "") if others else "")
+            return Decision.deny(reason, rule=finding.rule, sqlstate="42501")
+        if action == columnpolicy.APPROVE:
+            if self.broker is None:
+                return Decision.deny(
+                    "%s; it needs approval and the gateway has no approvals broker"
+                    % (verdict.first(columnpolicy.APPROVE).reason,),
+                    rule=verdict.first(columnpolicy.APPROVE).rule,
+                    sqlstate="42501",
+                )
+            return self.broker.decide(session, command, self.approval_rule)
         return None
+
+    def command_finished(self, session, command):
+        if self.guard is not None:
+            self.guard.finished(session, command)
 
     def result_received(self, session, command, chunk):
         exempt = self._exempt(session)
@@ -108,6 +262,8 @@ class Mask:
                 session.identity.subject,
                 exempt,
             )
+        if self.guard is not None and command.kind == "sql":
+            return self._explain_columns(session, command)
         decision = self.command_received(session, command)
         if decision is not None:
             return "deny: %s" % (decision.reason,)
@@ -127,6 +283,50 @@ class Mask:
                     what += "; columns from * are checked by name when the rows arrive"
         return what
 
+    def _explain_columns(self, session, command):
+        """
+        What the column policy decides, and the lineage of every output
+        column (C{hoopgw explain} reads the catalog first).
+        """
+        facts = sqlpolicy.for_command(session, command)
+        if "COPY BINARY" in facts.labels and "COPY TO" in facts.kinds:
+            return "deny: binary COPY output cannot be checked for card numbers; copy in text or CSV format"
+        if self.guard.catalog is None:
+            return "deny: the target's catalog could not be read (%s), so no statement is let through" % (
+                self.guard.error,
+            )
+        analysis, verdict = self.guard.check_now(session, command)
+        lines = []
+        action = verdict.action
+        if action == columnpolicy.DENY:
+            lines.append("deny: %s" % (verdict.first(columnpolicy.DENY).reason,))
+        elif action == columnpolicy.APPROVE:
+            lines.append("needs approval: %s" % (verdict.first(columnpolicy.APPROVE).reason,))
+        else:
+            lines.append("allow; masks card numbers in every result (%s)" % (self.masker.style,))
+        for index, output in enumerate(analysis.outputs or ()):
+            sources = sorted(output.flows, key=lambda flow: (flow.column, flow.via))
+            described = ", ".join(
+                "%s%s%s" % (
+                    flow.column,
+                    " [%s]" % (flow.kind,) if flow.kind else "",
+                    " via %s" % (" -> ".join(flow.via),) if flow.via else "",
+                )
+                for flow in sources
+            ) or "no column (a constant or an expression of none)"
+            shown = verdict.positions.get(index)
+            shown = {"pan": "; shown masked", "sad": "; removed"}.get(shown, "")
+            lines.append("    column %d %s <- %s%s" % (index + 1, output.name or "?", described, shown))
+        for use in analysis.uses:
+            lines.append("    %s use of %s in %s%s" % (
+                use.use, use.flow.column, use.clause, " via %s" % (" -> ".join(use.flow.via),) if use.flow.via else ""))
+        for finding in verdict.findings:
+            if finding.action != columnpolicy.ALLOW:
+                lines.append("    %s (%s): %s" % (finding.action, finding.rule, finding.reason))
+        for column in self.guard.missing:
+            lines.append("    note: the sensitive column %s is not in the target's catalog" % (column,))
+        return "\n".join(lines)
+
     # Rows.
 
     def _rows(self, session, command, chunk, exempt):
@@ -134,16 +334,16 @@ class Mask:
             if cards.might_hold_pan(chunk.data):
                 self._count_unmasked(command, exempt, sum(self.masker.text(value)[1] for row in chunk.rows for value in row if value is not None))
             return
-        replace, in_place, opaque = self._plan(session, command, chunk)
+        replace, in_place, opaque, forced = self._plan(session, command, chunk)
         if in_place and not replace and chunk.locate is not None and not chunk.rows_changed:
             data, count = self.masker.rows_in_place(chunk.data, chunk.locate)
             if count:
                 chunk.replace_data(data)
                 chunk.masked += count
             return
-        if not replace and not opaque and not cards.might_hold_pan(chunk.data):
+        if not replace and not forced and not opaque and not cards.might_hold_pan(chunk.data):
             return
-        changed, masked, withheld = self.masker.rows(chunk.rows, chunk.formats, chunk.type_oids, replace)
+        changed, masked, withheld = self.masker.rows(chunk.rows, chunk.formats, chunk.type_oids, replace, forced)
         if changed:
             chunk.rows_changed = True
             chunk.masked += masked
@@ -155,7 +355,24 @@ class Mask:
         batch can be masked in place (every value text), and whether some
         values must be decoded to be checked at all.
         """
-        key = ("mask.plan", id(self), tuple(chunk.columns), tuple(chunk.formats), tuple(chunk.type_oids))
+        # What the column analysis of this very command found: statements
+        # that share their facts (below) may resolve to other columns
+        # (another search path, another cursor), so it is part of the key.
+        positions = {}
+        verdict = command.metadata.get("mask.verdict") if command is not None else None
+        if verdict is not None and verdict.positions:
+            try:
+                positions = verdict.result_positions(len(chunk.columns))
+            except ValueError as error:
+                raise masking.MaskingError(str(error))
+        key = (
+            "mask.plan",
+            id(self),
+            tuple(chunk.columns),
+            tuple(chunk.formats),
+            tuple(chunk.type_oids),
+            tuple(sorted(positions.items())),
+        )
         # Statements that differ only in constants share their facts, and
         # so their plan.
         if command is not None and command.kind == "sql":
@@ -166,6 +383,8 @@ class Mask:
         if found is not None:
             return found
         replace = frozenset(self._sensitive_positions(session, command, chunk.columns))
+        replace = replace | {index for index, kind in positions.items() if kind == "sad"}
+        forced = frozenset(index for index, kind in positions.items() if kind == "pan")
         formats = [chunk.formats[index] if index < len(chunk.formats) else 0 for index in range(len(chunk.columns))]
         types = [chunk.type_oids[index] if index < len(chunk.type_oids) else 0 for index in range(len(chunk.columns))]
         # Text values can be masked in place; binary numbers, arrays and
@@ -174,9 +393,9 @@ class Mask:
             (type_oid != masking.BYTEA) if format_code == 0 else (type_oid in masking.TEXT_TYPES)
             for format_code, type_oid in zip(formats, types)
         ]
-        in_place = bool(chunk.columns) and all(text)
+        in_place = bool(chunk.columns) and all(text) and not forced
         opaque = not all(text) or not chunk.columns
-        plan = cache[key] = (replace, in_place, opaque)
+        plan = cache[key] = (replace, in_place, opaque, forced)
         return plan
 
     def _sensitive_positions(self, session, command, columns):
@@ -240,6 +459,28 @@ class Mask:
 
     # Streams.
 
+    def _stream_masker(self, command, chunk):
+        """
+        A COPY TO whose columns the analysis knows is masked column by
+        column; any other stream as text.
+        """
+        verdict = command.metadata.get("mask.verdict") if command is not None else None
+        if chunk.stream == "copy" and verdict is not None and verdict.copy is not None and verdict.positions:
+            options = verdict.copy
+            csv = str(options.get("format") or "text").lower() == "csv"
+            header = options.get("header")
+            return masking.CopyColumnMasker(
+                self.masker,
+                # Placed in each row: outputs of unknown width before a
+                # sensitive column shift it.
+                verdict.result_positions,
+                csv=csv,
+                delimiter=options.get("delimiter"),
+                quote=options.get("quote"),
+                header=header is True or str(header).lower() in ("true", "on", "1", "match"),
+            )
+        return masking.StreamMasker(self.masker)
+
     def _stream(self, session, command, chunk, exempt):
         if chunk.formats and chunk.formats[0] == 1:
             raise masking.MaskingError("a binary %s stream cannot be checked for card numbers" % (chunk.stream,))
@@ -257,7 +498,7 @@ class Mask:
         key = "mask.stream.%s" % (chunk.stream,)
         stream = state.get(key)
         if stream is None:
-            stream = state[key] = masking.StreamMasker(self.masker)
+            stream = state[key] = self._stream_masker(command, chunk)
         chunk.data, count = stream.feed(chunk.data, chunk.final)
         chunk.masked += count
         if chunk.final:
