@@ -993,3 +993,211 @@ class UpstreamTLSTests(unittest.TestCase):
         self.assertIn("certificate verify failed", ends[0]["outcome"]["error"].lower())
         warnings = [event for event in logged if event.get("log_namespace", "").startswith("mitmproxy")]
         self.assertTrue(any("Server TLS handshake failed" in event.get("text", "") for event in warnings), warnings)
+
+
+def _stream_frontend():
+    """
+    A front end with the built-in mask addon in its chain and no engine,
+    enough to drive a log or watch stream callable as mitmproxy does, and
+    the reasons it ended streams for.
+    """
+    from hoopgw import testing
+    from hoopgw.addons import mask
+    from hoopgw.kubernetes import frontend as frontends
+
+    harness = testing.ChainHarness([(mask.factory, {})])
+    front = frontends.Frontend.__new__(frontends.Frontend)
+    front.chain = harness.chain
+    front.engine = None
+    front.broken = []
+    front._stream_broken = lambda flow, exchange, reason, delay=None: (
+        front.broken.append(reason), setattr(exchange, "broken", reason))
+    return front, harness.session
+
+
+def _drive(stream, pieces):
+    """
+    Feed C{pieces} to a stream callable as mitmproxy's HTTP layer does,
+    then its end.  @return: the chunks written to the client, each as
+    mitmproxy would write it, and the last (the end's) apart.
+    """
+    written = []
+    for piece in pieces:
+        returned = stream(piece)
+        written.extend([returned] if isinstance(returned, bytes) else list(returned))
+    last = stream(b"")
+    return written, last
+
+
+class StreamCutTests(unittest.TestCase):
+    """
+    Log and watch streams cut anywhere by the API server: the client gets
+    every byte, masked, and never the empty chunk that would end its
+    response early.
+    """
+
+    def _stream(self, kind, limit=64 * 1024 * 1024):
+        from hoopgw import testing
+        from hoopgw.kubernetes import frontend as frontends
+
+        front, session = _stream_frontend()
+        exchange = frontends.Exchange(time.time())
+        exchange.session = session
+        if kind == "log":
+            exchange.command = testing.kubernetes_command("GET", "/api/v1/namespaces/default/pods/web-1/log?follow=true")
+            return front, exchange, frontends._LogStream(front, None, exchange)
+        exchange.command = testing.kubernetes_command("GET", "/api/v1/namespaces/default/configmaps?watch=true")
+        return front, exchange, frontends._WatchStream(front, None, exchange, limit)
+
+    def test_log_cut_everywhere(self):
+        """
+        A followed log cut at every byte position (and byte by byte) reaches
+        the client whole, with its card numbers masked; no chunk written
+        before the end is empty.
+        """
+        text = b"starting\ncard 4111111111111111 ok\nnext 5105 1051 0510 5100\n"
+        expected = b"starting\ncard 411111******1111 ok\nnext 5105 10** **** 5100\n"
+        cuts = [[text[:at], text[at:]] for at in range(1, len(text))]
+        cuts.append([text[at:at + 1] for at in range(len(text))])
+        for pieces in cuts:
+            front, exchange, stream = self._stream("log")
+            written, last = _drive(stream, pieces)
+            self.assertNotIn(b"", written, pieces)
+            self.assertEqual(b"".join(written) + last, expected, pieces)
+            self.assertEqual(exchange.masked, 2)
+            self.assertEqual(front.broken, [])
+
+    def test_log_digit_only_chunks(self):
+        """
+        Chunks that are only digits (held back by the masker until it knows
+        whether they are part of a card number) keep the stream open, and
+        what was held back is flushed, masked, when the stream ends.
+        """
+        front, exchange, stream = self._stream("log")
+        written, last = _drive(stream, [b"card ", b"4111", b"1111", b"1111", b"1111", b" ok\n", b"id ", b"12345"])
+        self.assertNotIn(b"", written)
+        self.assertEqual(b"".join(written), b"card 411111******1111 ok\nid ")
+        self.assertEqual(last, b"12345")
+
+    def test_watch_cut_everywhere(self):
+        """
+        Watch events cut at every byte position (and byte by byte) reach the
+        client as whole events, masked; no chunk written before the end is
+        empty, and each chunk written holds whole events only.
+        """
+        events = [
+            {"type": "ADDED", "object": {"kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"pan": "4111111111111111"}}},
+            {"type": "MODIFIED", "object": {"kind": "ConfigMap", "metadata": {"name": "b"}, "data": {"pan": "5105105105105100"}}},
+        ]
+        text = b"".join(json.dumps(event).encode() + b"\n" for event in events)
+        cuts = [[text[:at], text[at:]] for at in range(1, len(text))]
+        cuts.append([text[at:at + 1] for at in range(len(text))])
+        for pieces in cuts:
+            front, exchange, stream = self._stream("watch")
+            written, last = _drive(stream, pieces)
+            self.assertNotIn(b"", written, pieces)
+            for chunk in written:
+                self.assertTrue(chunk.endswith(b"\n"), (pieces, chunk))
+            received = [json.loads(line) for line in (b"".join(written) + last).splitlines()]
+            self.assertEqual([event["object"]["data"]["pan"] for event in received],
+                             ["411111******1111", "510510******5100"], pieces)
+            self.assertEqual(exchange.masked, 2)
+
+    def test_watch_event_without_end(self):
+        """
+        An event the API server never ends (no newline) is read only up to
+        the connection's limit: the stream ends with an ERROR event saying
+        why, nothing of the oversized event reaches the client, and the
+        front end records the stream as broken.
+        """
+        front, exchange, stream = self._stream("watch", limit=1024)
+        good = json.dumps({"type": "ADDED", "object": {"kind": "ConfigMap", "metadata": {"name": "ok"}}}).encode() + b"\n"
+        written = []
+        for piece in [good, b'{"type":"ADDED","object":{"data":"4111111111111111' + b"x" * 600] + [b"y" * 300] * 10:
+            returned = stream(piece)
+            written.extend([returned] if isinstance(returned, bytes) else list(returned))
+        self.assertNotIn(b"", written)
+        lines = b"".join(written).splitlines()
+        self.assertEqual(json.loads(lines[0])["object"]["metadata"]["name"], "ok")
+        error = json.loads(lines[1])
+        self.assertEqual(error["type"], "ERROR")
+        self.assertIn("longer than the 1024 bytes", error["object"]["message"])
+        self.assertEqual(len(lines), 2)
+        self.assertNotIn(b"4111", b"".join(written))
+        self.assertEqual(len(front.broken), 1)
+        self.assertEqual(stream(b""), ())
+
+
+class KubectlStreamCutTests(unittest.TestCase):
+    """
+    The real kubectl follows a log and watches through the gateway while
+    the API server cuts its stream in odd places: both complete, every
+    line arrives, and a card number cut across chunks arrives masked.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.cluster = Cluster(self, addons=("identity", "mask", "record"))
+        yield self.cluster.ready()
+        self.cluster.api.create(("", "v1", "pods"), "default", {"metadata": {"name": "web-1"}})
+
+    @defer.inlineCallbacks
+    def _pieces(self, write, pieces):
+        for piece in pieces:
+            write(piece)
+            # Apart, so each reaches the gateway as a chunk of its own.
+            yield task.deferLater(reactor, 0.1, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_logs_follow(self):
+        """
+        C{kubectl logs -f} gets a card number cut in two chunks, one that is
+        only digits, and a last chunk that ends with digits, masked, and
+        exits 0 once the container stops.
+        """
+        cluster = self.cluster
+        cluster.api.add_log("default", "web-1", "starting")
+        following = cluster.kubectl("logs", "-f", "web-1")
+        for _ in range(200):
+            if cluster.api.followers.get(("default", "web-1")):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield self._pieces(
+            lambda piece: cluster.api.write_log("default", "web-1", piece),
+            [b"card 4111 11", b"11 1111 1111", b" ok\n", b"5105105105105100", b"\n", b"order 12345"],
+        )
+        cluster.api.end_log("default", "web-1")
+        out, err, code = yield following
+        self.assertEqual((out, code), ("starting\ncard 4111 11** **** 1111 ok\n510510******5100\norder 12345", 0), err)
+        ends = yield cluster.wait_for_end("get", "pods", count=2)
+        (end,) = [end for end in ends if end["outcome"]["audit"]["objectRef"].get("subresource") == "log"]
+        self.assertEqual(end["outcome"]["masked"], 2)
+        self.assertEqual(end["outcome"]["status"], "ok")
+
+    @defer.inlineCallbacks
+    def test_watch(self):
+        """
+        C{kubectl get --watch} gets an event cut in three chunks (in the
+        middle of a card number) and the events after it, masked, until
+        the API server ends the watch.
+        """
+        cluster = self.cluster
+        cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "first"}})
+        watching = cluster.kubectl("get", "configmaps", "--watch", "-o", "jsonpath={.metadata.name}={.data.pan}{\"\\n\"}")
+        for _ in range(200):
+            if cluster.api.watchers:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        event = json.dumps({"type": "ADDED", "object": {
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "split", "namespace": "default", "resourceVersion": "900"},
+            "data": {"pan": "4111111111111111"}}}).encode() + b"\n"
+        at = event.index(b"41111111") + 5
+        yield self._pieces(cluster.api.write_watches, [event[:20], event[20:at], event[at:]])
+        cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "after"}, "data": {"pan": PAN}})
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        cluster.api.end_watches()
+        out, err, code = yield watching
+        self.assertEqual(out.split(), ["first=", "split=411111******1111", "after=4111", "11**", "****", "1111"], err)
+        (end,) = yield cluster.wait_for_end("watch", "configmaps")
+        self.assertEqual(end["outcome"]["masked"], 2)

@@ -449,7 +449,7 @@ class Frontend:
             if not self.result_hooks:
                 response.stream = True
             elif info.verb == "watch":
-                response.stream = _WatchStream(self, flow, exchange)
+                response.stream = _WatchStream(self, flow, exchange, self.settings.max_body_bytes)
             else:
                 response.stream = _LogStream(self, flow, exchange)
 
@@ -775,7 +775,13 @@ def _status_of(response):
         return None
     if not isinstance(body, dict) or body.get("kind") != "Status":
         return None
-    return {"reason": body.get("reason", ""), "message": redact.redact_text(body.get("message", ""))[0]}
+    # The API server's words are as untrusted as any: text, bounded, and
+    # redacted before the record holds them.
+    return {field: redact.redact_text(_text(body.get(field, ""))[:4096])[0] for field in ("reason", "message")}
+
+
+def _text(value):
+    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
 def _exit_code(result):
@@ -790,37 +796,79 @@ def _exit_code(result):
     return None
 
 
+# What a stream callable returns when it has nothing to send yet.  Not
+# C{b""}: mitmproxy writes each returned chunk as it is, and an empty
+# chunk of a chunked HTTP/1.1 response is the one that ends it.
+_NOTHING_YET = ()
+
+
+def _chunks(data):
+    return [data] if data else _NOTHING_YET
+
+
 class _WatchStream:
     """
     A watch's events, one JSON object a line, each through the chain as it
     arrives.  Result hooks on a stream must answer at once: mitmproxy
     streams synchronously, so a hook that would make it wait stops it.
+
+    An event is read whole before any of it is sent, so an event cut
+    across chunks waits for its end; one longer than C{limit} bytes ends
+    the stream with an C{ERROR} event, as the API server ends a watch it
+    cannot continue.
     """
 
-    def __init__(self, frontend, flow, exchange):
+    def __init__(self, frontend, flow, exchange, limit):
         self.frontend = frontend
         self.flow = flow
         self.exchange = exchange
+        self.limit = limit
         self.pending = b""
 
     def __call__(self, data):
         exchange = self.exchange
         if exchange.broken:
-            return b""
+            return _NOTHING_YET
+        final = not data
         if data:
             data = self.pending + data
             cut = data.rfind(b"\n") + 1
             self.pending, data = data[cut:], data[:cut]
+            if len(self.pending) > self.limit or (data and _longest_line(data) > self.limit):
+                self.pending = b""
+                return self._broken(
+                    "the API server sent a watch event longer than the %d bytes this connection accepts "
+                    "(max_body_bytes)" % (self.limit,),
+                    _longest_prefix(data, self.limit),
+                )
         else:
             data, self.pending = self.pending, b""
-        if not data:
-            return b""
         out = []
         for line in data.splitlines(keepends=True):
             filtered = self._event(line)
             if filtered is None:
-                return b"".join(out)
+                break
             out.append(filtered)
+        if final:
+            # The end of the response: always written, so what was held
+            # back goes out before the chunk that ends it.
+            return b"".join(out)
+        return _chunks(b"".join(out))
+
+    def _broken(self, reason, sent):
+        """
+        End the stream: the events before the bad one, then an C{ERROR}
+        event saying why (kubectl prints its message).
+        """
+        out = []
+        for line in sent.splitlines(keepends=True):
+            filtered = self._event(line)
+            if filtered is None:
+                return _chunks(b"".join(out))
+            out.append(filtered)
+        # After the ERROR event has been written.
+        self.frontend._stream_broken(self.flow, self.exchange, reason, delay=0.2)
+        out.append(_error_event(500, "hoopgw ended the watch because %s" % (reason,)))
         return b"".join(out)
 
     def _event(self, line):
@@ -850,10 +898,30 @@ class _WatchStream:
         return chunk.data + newline
 
 
+def _longest_line(data):
+    return max(len(line) for line in data.split(b"\n"))
+
+
+def _longest_prefix(data, limit):
+    """
+    The whole lines of C{data} before the first one longer than C{limit}.
+    """
+    kept = []
+    for line in data.splitlines(keepends=True):
+        if len(line) > limit:
+            break
+        kept.append(line)
+    return b"".join(kept)
+
+
+def _error_event(code, message):
+    return json.dumps({"type": "ERROR", "object": json.loads(bodies.status(code, message))}).encode("utf-8") + b"\n"
+
+
 class _LogStream:
     """
     C{logs -f}: each piece of text through the chain as it arrives, the
-    last one marked final.
+    last one marked final (what the masker held back comes out then).
     """
 
     def __init__(self, frontend, flow, exchange):
@@ -864,19 +932,22 @@ class _LogStream:
     def __call__(self, data):
         frontend, exchange = self.frontend, self.exchange
         if exchange.broken:
-            return b""
-        chunk = ResultChunk("stream", data=data, stream="log", final=not data)
+            return _NOTHING_YET
+        final = not data
+        chunk = ResultChunk("stream", data=data, stream="log", final=final)
         try:
             waiting = frontend.chain.result(exchange.session, exchange.command, chunk)
         except ChainBroken as error:
             frontend._stream_broken(self.flow, exchange, str(error))
-            return b""
+            return _NOTHING_YET
         if waiting is not None and not settled(waiting)[0]:
             waiting.cancel()
             frontend._stream_broken(self.flow, exchange, "an addon would make the log stream wait")
-            return b""
+            return _NOTHING_YET
         exchange.masked += chunk.masked + chunk.withheld
-        return chunk.data
+        if final:
+            return chunk.data
+        return _chunks(chunk.data)
 
 
 class KubernetesService(service.Service):

@@ -271,6 +271,30 @@ class StandinAPIServer:
         for follower in list(self.followers.get((namespace, pod), ())):
             follower.request.write(text.encode("utf-8"))
 
+    def write_log(self, namespace, pod, data):
+        """
+        Write C{data} (bytes, cut wherever the caller likes) to the pod's
+        followers as one chunk, as a container's output may come.
+        """
+        for follower in list(self.followers.get((namespace, pod), ())):
+            follower.request.write(data)
+
+    def write_watches(self, data):
+        """
+        Write C{data} (bytes: a part of a watch event, say) to every open
+        watch as one chunk.
+        """
+        for watcher in list(self.watchers):
+            watcher.request.write(data)
+
+    def end_watches(self):
+        """
+        End every open watch, as the API server does when a watch's time
+        is up.
+        """
+        for watcher in list(self.watchers):
+            _finish(watcher.request)
+
     def end_log(self, namespace, pod):
         """
         The pod's container stopped: followers' streams end.
