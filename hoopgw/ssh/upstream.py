@@ -8,7 +8,7 @@ from twisted.conch.ssh import common, connection, keys, transport, userauth
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.logger import Logger
 
-from hoopgw import __version__
+from hoopgw import __version__, admission
 from hoopgw.ssh.publickeys import fingerprint, load_private_key
 from hoopgw.ssh.relay import FlowControl
 
@@ -143,7 +143,8 @@ class _TargetTransport(transport.SSHClientTransport):
         self.requestService(_TargetAuth(self.attempt.login.encode("utf-8"), conn, self.attempt.key))
 
     def receiveError(self, reasonCode, description):
-        self.attempt.disconnect_message = description.decode("utf-8", "replace")
+        # The target's words reach the client and the record: masked like any text from it.
+        self.attempt.disconnect_message = admission.client_text(description)
         transport.SSHClientTransport.receiveError(self, reasonCode, description)
 
     def connectionLost(self, reason=None):
