@@ -231,6 +231,8 @@ class GatewayServerTransport(transport.SSHServerTransport):
         self.recorded = False
         self.authenticated = False
         self.sent_disconnect = None
+        self._refused = False
+        self._abort = None
         self._counted = False
         self._grace = None
         self.portal = Portal(auth.GatewayRealm(self), [auth.KeyChecker(self), auth.TokenChecker(self)])
@@ -287,7 +289,26 @@ class GatewayServerTransport(transport.SSHServerTransport):
         """
         self.recorded = True
         self._record(rule, message)
-        self.disconnect("hoopgw refused the connection: %s" % (message,), code)
+        if self.lost:
+            return
+        text = ("hoopgw refused the connection: %s" % (message,)).encode("utf-8")
+        self.sent_disconnect = (code, text)
+        self.sendPacket(transport.MSG_DISCONNECT, struct.pack(">L", code) + common.NS(text) + common.NS(b""))
+        # Closed for writing only, and what the client still sends
+        # discarded: a full close with its version and key exchange unread
+        # would reset the connection before the client reads why.
+        self._refused = True
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:
+            self.transport.loseConnection()
+            return
+        half_close()
+        self._abort = self.factory.reactor.callLater(REFUSED_LINGER, self.transport.abortConnection)
+
+    def dataReceived(self, data):
+        if self._refused:
+            return
+        transport.SSHServerTransport.dataReceived(self, data)
 
     def _record(self, rule, message):
         attributes = {"stage": self.stage()}
@@ -308,6 +329,8 @@ class GatewayServerTransport(transport.SSHServerTransport):
         self.lost = True
         self.factory.fronts.discard(self)
         self._uncount()
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
         if not self.authenticated and not self.recorded:
             self.recorded = True
             self._record(*self._how_it_ended())
@@ -347,6 +370,10 @@ class GatewayServerTransport(transport.SSHServerTransport):
         if not self.lost:
             self.sendDisconnect(code, message.encode("utf-8"))
 
+
+# How long a refused client may take to read why before its connection is
+# cut.
+REFUSED_LINGER = 5.0
 
 # The reason codes of connections the gateway ended before any login was tried.
 _DISCONNECT_RULES = {

@@ -145,7 +145,7 @@ class _TargetTransport(transport.SSHClientTransport):
     def receiveError(self, reasonCode, description):
         # The target's words reach the client and the record: masked like any text from it.
         self.attempt.disconnect_message = admission.client_text(description)
-        transport.SSHClientTransport.receiveError(self, reasonCode, description)
+        transport.SSHClientTransport.receiveError(self, reasonCode, self.attempt.disconnect_message.encode("utf-8"))
 
     def connectionLost(self, reason=None):
         if self.attempt.ready.called:
