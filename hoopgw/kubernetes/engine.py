@@ -122,6 +122,16 @@ class Router:
     def websocket_end(self, flow):
         return self._dispatch("websocket_end", flow)
 
+    def client_connected(self, client):
+        frontend = self._frontend(client)
+        if frontend is not None:
+            frontend.client_connected(client)
+
+    def tls_failed_client(self, data):
+        frontend = self._frontend(data.context.client)
+        if frontend is not None:
+            frontend.tls_failed_client(data)
+
     def client_disconnected(self, client):
         frontend = self._frontend(client)
         if frontend is not None:

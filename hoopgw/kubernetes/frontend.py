@@ -18,6 +18,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from hoopgw import admission
 from hoopgw import cast as casts
 from hoopgw import redact
 from hoopgw.chain import ChainBroken, settled
@@ -149,6 +150,95 @@ class Frontend:
         self.tls_connections = {}
         self.upstream_tls = tls.upstream_context(self.settings.target)
         self.result_hooks = chain.has("result_received")
+        self.admission = admission.Admission(
+            self.settings.max_unauthenticated, self.settings.max_unauthenticated_per_source
+        )
+        # Client connections no request of which the chain let in yet: their
+        # source address and the calls that close them when overdue.
+        self.unproven = {}
+        # Client connections whose attempts are in the record (a request
+        # came, a limit or the handshake refused them).
+        self.attempted = set()
+
+    # Before login.
+
+    def client_connected(self, client):
+        source = client.peername[0] if client.peername else "unknown"
+        refused = self.admission.refusal(source)
+        if refused is not None:
+            # mitmproxy closes it before TLS: nothing can be said over HTTP.
+            client.error = refused[1]
+            self.attempted.add(client.id)
+            self._record_attempt(client, *refused, stage="connect")
+            return
+        self.admission.enter(source)
+        settings = self.settings
+        due = [
+            self.reactor.callLater(settings.tls_handshake_timeout, self._handshake_due, client),
+            self.reactor.callLater(settings.login_timeout, self._login_due, client),
+        ]
+        self.unproven[client.id] = (source, due)
+
+    def _proven(self, client):
+        """
+        C{client} no longer counts against the limits before login: the
+        chain let one of its requests in, or it has gone.
+        """
+        entry = self.unproven.pop(client.id, None)
+        if entry is None:
+            return
+        source, due = entry
+        self.admission.leave(source)
+        for call in due:
+            if call.active():
+                call.cancel()
+
+    def _handshake_due(self, client):
+        if client.id not in self.unproven or client.tls_established:
+            return
+        self._close_attempt(
+            client, admission.TLS_HANDSHAKE_TIMEOUT,
+            "the client did not complete its TLS handshake within %g seconds (tls_handshake_timeout)"
+            % (self.settings.tls_handshake_timeout,),
+        )
+
+    def _login_due(self, client):
+        if client.id not in self.unproven:
+            return
+        self._close_attempt(
+            client, admission.LOGIN_TIMEOUT,
+            "no request on this connection was let in within %g seconds (login_timeout)" % (self.settings.login_timeout,),
+        )
+
+    def _close_attempt(self, client, rule, message):
+        self.attempted.add(client.id)
+        self._record_attempt(client, rule, message)
+        handler = self.engine.proxyserver.connections.get(client.id) if self.engine is not None else None
+        if handler is not None:
+            _close_client(handler)
+
+    def tls_failed_client(self, data):
+        client = data.context.client
+        self.attempted.add(client.id)
+        self._record_attempt(
+            client, admission.TLS_HANDSHAKE_FAILED,
+            "the TLS handshake failed: %s" % (admission.client_text(data.conn.error or "no reason given"),),
+        )
+
+    def _record_attempt(self, client, rule, message, **attributes):
+        """
+        Record an attempt refused before any session began (C{session.refused}
+        naming C{rule}).
+        """
+        attributes.setdefault("stage", "request" if client.tls_established else "tls")
+        if client.sni:
+            attributes["sni"] = admission.client_text(client.sni)
+        recorded = admission.record_refusal(
+            self.chain, self.connection.name, "kubernetes", _address(client.peername), self.settings.target_name,
+            rule, message, **attributes
+        )
+        self.ending.add(recorded)
+        recorded.addBoth(lambda result: (self.ending.discard(recorded), result)[1])
 
     # TLS.
 
@@ -165,6 +255,8 @@ class Frontend:
     # Requests.
 
     async def request(self, flow):
+        # Whatever becomes of it, this request leaves an event.
+        self.attempted.add(flow.client_conn.id)
         exchange = Exchange(time.time())
         flow.metadata[KEY] = exchange
         try:
@@ -324,6 +416,7 @@ class Frontend:
             return None
         state.sessions[key] = session
         exchange.session = session
+        self._proven(client)
         return session
 
     def _new_session(self, flow, token):
@@ -392,9 +485,18 @@ class Frontend:
 
     def client_disconnected(self, client):
         self.tls_connections.pop(client.id, None)
+        self._proven(client)
         state = self.clients.pop(client.id, None)
         if state is not None:
             self._leave(state, "client disconnected")
+        if client.id not in self.attempted:
+            # Gone before any request (a probe, a client that is not TLS, a
+            # request mitmproxy could not read): recorded all the same.
+            message = "the connection closed before any request reached the gateway"
+            if client.error:
+                message += ": %s" % (admission.client_text(client.error),)
+            self._record_attempt(client, "kubernetes:closed-before-request", message)
+        self.attempted.discard(client.id)
 
     def close_sessions(self, reason):
         """
@@ -404,6 +506,10 @@ class Frontend:
         @return: a L{Deferred} firing once every session has ended.
         """
         handlers = self.engine.proxyserver.connections if self.engine is not None else {}
+        for _, due in self.unproven.values():
+            for call in due:
+                if call.active():
+                    call.cancel()
         for client_id in list(self.clients):
             handler = handlers.get(client_id)
             state = self.clients.pop(client_id)
