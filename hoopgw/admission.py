@@ -19,6 +19,7 @@ LOGIN_TIMEOUT = "limit:login-timeout"
 MAX_AUTH_TRIES = "limit:max-auth-tries"
 TLS_HANDSHAKE_TIMEOUT = "tls:handshake-timeout"
 TLS_HANDSHAKE_FAILED = "tls:handshake-failed"
+TLS_PLAINTEXT = "tls:plaintext"
 
 # Client-controlled text kept in a refusal's attributes is cut to this.
 MAX_TEXT = 256

@@ -13,7 +13,7 @@ import shutil
 import time
 
 import yaml
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.trial import unittest
 
 from hoopgw import cast as casts
@@ -1201,3 +1201,161 @@ class KubectlStreamCutTests(unittest.TestCase):
         self.assertEqual(out.split(), ["first=", "split=411111******1111", "after=4111", "11**", "****", "1111"], err)
         (end,) = yield cluster.wait_for_end("watch", "configmaps")
         self.assertEqual(end["outcome"]["masked"], 2)
+
+
+class _Raw(protocol.Protocol):
+    """
+    A client that sends what the test says (or nothing) and notes what the
+    gateway answers, and when it closes the connection.
+    """
+
+    def __init__(self, greeting=b""):
+        self.greeting = greeting
+        self.received = b""
+        self.closed = defer.Deferred()
+
+    def connectionMade(self):
+        if self.greeting:
+            self.transport.write(self.greeting)
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.closed.callback(self.received)
+
+
+def raw_connect(port, greeting=b"", source="127.0.0.1"):
+    client = _Raw(greeting)
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
+    return endpoints.connectProtocol(endpoint, client)
+
+
+class BeforeLoginTests(unittest.TestCase):
+    """
+    The limits before login of a Kubernetes listener, and the event every
+    connection leaves that never got a request in: silent, plaintext, a
+    failed handshake, over a limit.
+    """
+
+    def refusals(self, cluster, rule=None):
+        return [event for event in cluster.harness.events("session.refused")
+                if rule is None or event["refusal"]["rule"] == rule]
+
+    @defer.inlineCallbacks
+    def wait_for_refusals(self, cluster, count):
+        for _ in range(200):
+            found = self.refusals(cluster)
+            if len(found) >= count:
+                return found
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        raise AssertionError("%d refusals expected: %r" % (count, self.refusals(cluster)))
+
+    @defer.inlineCallbacks
+    def test_handshake_and_login_timeouts(self):
+        """
+        A connection that never completes its TLS handshake is closed after
+        tls_handshake_timeout; one that completes it but sends no request
+        the chain lets in is closed after login_timeout; each is recorded
+        with its reason code, stage and address.
+        """
+        cluster = Cluster(self)
+        frontend = cluster.service.frontend
+        frontend.settings = _with(frontend.settings, tls_handshake_timeout=0.5, login_timeout=1.5)
+        yield cluster.ready()
+        silent = yield raw_connect(cluster.port)
+
+        def handshake_only():
+            import socket
+            import ssl
+
+            _, _, gateway_ca = support.gateway_certificate()
+            context = ssl.create_default_context(cafile=gateway_ca)
+            with socket.create_connection(("127.0.0.1", cluster.port)) as sock:
+                with context.wrap_socket(sock, server_hostname="127.0.0.1") as wrapped:
+                    return wrapped.recv(100)
+
+        idle = in_thread(handshake_only)
+        yield silent.closed
+        self.assertEqual((yield idle), b"")
+        refused = yield self.wait_for_refusals(cluster, 2)
+        rules = {event["refusal"]["rule"]: event for event in refused}
+        self.assertEqual(sorted(rules), ["limit:login-timeout", "tls:handshake-timeout"])
+        self.assertEqual(rules["tls:handshake-timeout"]["attributes"]["stage"], "tls")
+        self.assertEqual(rules["limit:login-timeout"]["attributes"]["stage"], "request")
+        self.assertIn("within 0.5 seconds (tls_handshake_timeout)", rules["tls:handshake-timeout"]["refusal"]["reason"])
+        for event in refused:
+            self.assertEqual(event["protocol"], "kubernetes")
+            self.assertTrue(event["client"].startswith("127.0.0.1:"))
+
+    @defer.inlineCallbacks
+    def test_plaintext_and_bad_handshakes(self):
+        """
+        Plain HTTP to the TLS port and a client that rejects the gateway's
+        certificate never reach the API server, and each leaves an event.
+        """
+        cluster = Cluster(self)
+        yield cluster.ready()
+        plain = yield raw_connect(cluster.port, b"GET /api/v1/namespaces/default/secrets HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = yield plain.closed
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+        self.assertIn(b"this port speaks HTTPS only", answer)
+
+        def untrusting():
+            import socket
+            import ssl
+
+            context = ssl.create_default_context()
+            try:
+                with socket.create_connection(("127.0.0.1", cluster.port)) as sock:
+                    with context.wrap_socket(sock, server_hostname="127.0.0.1"):
+                        return "connected"
+            except ssl.SSLError as error:
+                return error.reason
+
+        self.assertEqual((yield in_thread(untrusting)), "CERTIFICATE_VERIFY_FAILED")
+        refused = yield self.wait_for_refusals(cluster, 2)
+        self.assertEqual(len(refused), 2, refused)
+        self.assertEqual(sorted(event["refusal"]["rule"] for event in refused), ["tls:handshake-failed", "tls:plaintext"])
+        for event in refused:
+            self.assertEqual(event["attributes"]["stage"], "tls")
+        self.assertEqual([method for method, path in cluster.api.requests if "secrets" in path], [])
+
+    @defer.inlineCallbacks
+    def test_unauthenticated_limits(self):
+        """
+        Connections without a request let in are limited in total and per
+        source address: one over a limit is closed at once and recorded
+        with the limit's reason code; kubectl works again once the idle
+        connections are gone.
+        """
+        cluster = Cluster(self)
+        frontend = cluster.service.frontend
+        frontend.admission.max_total, frontend.admission.max_per_source = 3, 2
+        yield cluster.ready()
+        idle = []
+        for _ in range(2):
+            idle.append((yield raw_connect(cluster.port)))
+        other = yield raw_connect(cluster.port, source="127.0.0.2")
+        over = yield raw_connect(cluster.port)
+        yield over.closed
+        other.transport.loseConnection()
+        yield other.closed
+        over = yield raw_connect(cluster.port)
+        yield over.closed
+        (total,) = self.refusals(cluster, "limit:unauthenticated-connections")
+        (per_source,) = self.refusals(cluster, "limit:unauthenticated-per-source")
+        self.assertIn("(max_unauthenticated)", total["refusal"]["reason"])
+        self.assertIn("your address 127.0.0.1 already has 2", per_source["refusal"]["reason"])
+        self.assertEqual(per_source["attributes"]["stage"], "connect")
+        for connection in idle:
+            connection.transport.loseConnection()
+            yield connection.closed
+        out, err, code = yield cluster.kubectl("get", "pods")
+        self.assertEqual(code, 0, err)
+
+
+def _with(settings, **changes):
+    import attr
+
+    return attr.evolve(settings, **changes)

@@ -259,6 +259,20 @@ class Frontend:
         self.attempted.add(flow.client_conn.id)
         exchange = Exchange(time.time())
         flow.metadata[KEY] = exchange
+        if not flow.client_conn.tls_established:
+            # mitmproxy reads plain HTTP on the TLS port too: refused before
+            # anything of it (its token) is looked at.
+            exchange.refused = True
+            self._record_attempt(
+                flow.client_conn, admission.TLS_PLAINTEXT, "the client sent plain HTTP to the gateway's TLS port"
+            )
+            flow.response = http.Response.make(
+                400,
+                bodies.status(400, "hoopgw refused this request: this port speaks HTTPS only; use an https:// URL "
+                                   "(and consider the token sent in clear exposed)"),
+                {"content-type": JSON, "connection": "close"},
+            )
+            return
         try:
             await self._request(flow, exchange)
         except Exception:
