@@ -1287,3 +1287,23 @@ class TargetWordsTests(unittest.TestCase):
         transport.attempt = Attempt()
         transport.receiveError(11, ("card " + PAN + " refused").encode())
         self.assertEqual(transport.attempt.disconnect_message, "card " + MASKED_PAN + " refused")
+
+
+class NotUtf8Tests(unittest.TestCase):
+    """
+    An exec command line that is not valid UTF-8.
+    """
+
+    @defer.inlineCallbacks
+    def test_recorded_with_escapes(self):
+        """
+        The command runs and is recorded, its bytes that are not UTF-8
+        shown as escapes and its card number masked; no event is lost.
+        """
+        gateway = SSHGateway(self)
+        out, err, code = yield gateway.ssh(b"echo \xff\xfe " + PAN.encode())
+        self.assertEqual(code, 0, err)
+        yield gateway.wait_for("session.end")
+        (command,) = gateway.commands("exec")
+        self.assertEqual(command["facts"]["argv"], ["echo", "\\xff\\xfe", MASKED_PAN])
+        self.assertNotIn(PAN.encode(), gateway.raw_store())
