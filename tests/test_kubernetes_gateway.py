@@ -1359,3 +1359,29 @@ def _with(settings, **changes):
     import attr
 
     return attr.evolve(settings, **changes)
+
+
+class TargetWordsTests(unittest.TestCase):
+    """
+    What the API server says about a request (error Status messages, the
+    headers of its answers) is masked like its data, before kubectl or
+    the record sees it.
+    """
+
+    @defer.inlineCallbacks
+    def test_error_status_and_warning_masked(self):
+        """
+        A NotFound naming a card number and a Warning header holding one
+        reach kubectl masked; the record's failure message is masked too.
+        """
+        cluster = Cluster(self, addons=("identity", "mask", "record"))
+        yield cluster.ready()
+        cluster.api.extra_headers.append((b"warning", ('299 - "card %s on file"' % (PAN,)).encode()))
+        out, err, code = yield cluster.kubectl("get", "configmap", PAN.replace(" ", ""))
+        self.assertEqual(code, 1)
+        self.assertIn('configmaps "411111******1111" not found', err)
+        self.assertIn("Warning: card 4111 11** **** 1111 on file", err)
+        _masked_everywhere(self, out + err)
+        (end,) = yield cluster.wait_for_end("get", "configmaps")
+        self.assertEqual(end["outcome"]["audit"]["responseStatus"]["message"], 'configmaps "411111******1111" not found')
+        self.assertNotIn(PAN.replace(" ", "").encode(), cluster.harness.raw_store())

@@ -16,6 +16,7 @@ import termios
 import time
 
 from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.conch.ssh import transport as ssh_transport
 from twisted.trial import unittest
 
 from hoopgw import cast as casts
@@ -1307,3 +1308,50 @@ class NotUtf8Tests(unittest.TestCase):
         (command,) = gateway.commands("exec")
         self.assertEqual(command["facts"]["argv"], ["echo", "\\xff\\xfe", MASKED_PAN])
         self.assertNotIn(PAN.encode(), gateway.raw_store())
+
+
+class _Malformed(ssh_transport.SSHClientTransport):
+    """
+    A client that completes the key exchange, then asks for a service in a
+    message too short to hold its name.
+    """
+
+    def verifyHostKey(self, blob, fingerprint):
+        return defer.succeed(True)
+
+    def connectionSecure(self):
+        self.sendPacket(ssh_transport.MSG_SERVICE_REQUEST, b"\x00\x00")
+
+    def receiveError(self, reasonCode, description):
+        self.factory.told.append((reasonCode, description))
+
+    def connectionLost(self, reason):
+        ssh_transport.SSHClientTransport.connectionLost(self, reason)
+        self.factory.closed.callback(None)
+
+
+class MalformedMessageTests(unittest.TestCase):
+    """
+    SSH messages the gateway cannot read.
+    """
+
+    @defer.inlineCallbacks
+    def test_protocol_error(self):
+        """
+        A malformed message ends the connection with a protocol error the
+        client is told of and an event; nothing is logged as a failure
+        (trial would fail the test on a logged traceback).
+        """
+        gateway = SSHGateway(self)
+        factory = protocol.ClientFactory.forProtocol(_Malformed)
+        factory.told = []
+        factory.closed = defer.Deferred()
+        yield endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", gateway.ssh_port), factory.buildProtocol(None)
+        )
+        yield factory.closed
+        self.assertEqual(factory.told, [(ssh_transport.DISCONNECT_PROTOCOL_ERROR,
+                                         b"hoopgw: the client sent a malformed SSH message (number 5)")])
+        (refused,) = yield gateway.wait_for("session.refused")
+        self.assertEqual(refused["refusal"]["rule"], "ssh:protocol-error")
+        self.assertEqual(refused["attributes"]["stage"], "authentication")

@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from hoopgw import admission
+from hoopgw import cards
 from hoopgw import cast as casts
 from hoopgw import redact
 from hoopgw.chain import ChainBroken, settled
@@ -559,6 +560,8 @@ class Frontend:
         if exchange is None or exchange.refused or exchange.command is None:
             return
         response = flow.response
+        if self.result_hooks:
+            _mask_headers(response.headers)
         for warning in exchange.warnings:
             response.headers.add("warning", _warning(warning))
         info = exchange.info
@@ -877,6 +880,18 @@ def _warning(text):
     told the client while its request waited (an approval, say).
     """
     return '299 - "%s"' % (text.replace("\\", "\\\\").replace('"', "'").replace("\n", " "),)
+
+
+def _mask_headers(headers):
+    """
+    Mask card numbers in the API server's response headers (a C{Warning}
+    kubectl prints, say): its words are as untrusted as its bodies.
+    """
+    for name in list(headers.keys()):
+        values = headers.get_all(name)
+        masked = [cards.mask_text(value)[0] for value in values]
+        if masked != values:
+            headers.set_all(name, masked)
 
 
 def _close_client(handler):

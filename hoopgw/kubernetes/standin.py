@@ -155,6 +155,8 @@ class StandinAPIServer:
         self.watchers = []
         self.logs = {}
         self.followers = {}
+        # Headers added to every response: C{(name, value)} pairs.
+        self.extra_headers = []
         self.port = None
         self.create(("", "v1", "namespaces"), None, {"metadata": {"name": "default"}})
         self.create(("", "v1", "namespaces"), None, {"metadata": {"name": "kube-system"}})
@@ -335,6 +337,8 @@ class _Root(resource.Resource):
         method = request.method.decode()
         path = request.path.decode("utf-8", "replace")
         api.requests.append((method, path))
+        for name, value in api.extra_headers:
+            request.responseHeaders.addRawHeader(name, value)
         api.header_names.append({name.decode("latin-1").lower() for name, _ in request.requestHeaders.getAllRawHeaders()})
         authorization = request.getHeader(b"authorization")
         api.authorizations.append(authorization.decode("latin-1") if authorization is not None else None)

@@ -310,6 +310,27 @@ class GatewayServerTransport(transport.SSHServerTransport):
             return
         transport.SSHServerTransport.dataReceived(self, data)
 
+    def dispatchMessage(self, messageNum, payload):
+        """
+        A message Conch cannot read (a truncated string, a count past the
+        end) ends the connection with a protocol error the client is told
+        of, and one line in the log: bad input is no traceback.
+        """
+        try:
+            transport.SSHServerTransport.dispatchMessage(self, messageNum, payload)
+        except Exception as error:
+            self._log.warn(
+                "{client}: a malformed SSH message (number {number}) ended the connection: {error}",
+                client=self.client_address,
+                number=messageNum,
+                error="%s: %s" % (type(error).__name__, error),
+            )
+            if not self.lost:
+                self.sendDisconnect(
+                    transport.DISCONNECT_PROTOCOL_ERROR,
+                    b"hoopgw: the client sent a malformed SSH message (number %d)" % (messageNum,),
+                )
+
     def _record(self, rule, message):
         attributes = {"stage": self.stage()}
         if self.gotVersion:
