@@ -1385,3 +1385,47 @@ class TargetWordsTests(unittest.TestCase):
         (end,) = yield cluster.wait_for_end("get", "configmaps")
         self.assertEqual(end["outcome"]["audit"]["responseStatus"]["message"], 'configmaps "411111******1111" not found')
         self.assertNotIn(PAN.replace(" ", "").encode(), cluster.harness.raw_store())
+
+
+class UnreadableRequestTests(unittest.TestCase):
+    """
+    A request mitmproxy cannot read never reaches the chain: the client is
+    answered by mitmproxy, and the attempt is recorded all the same.
+    """
+
+    @defer.inlineCallbacks
+    def test_garbage_after_handshake(self):
+        """
+        Bytes that are not HTTP, sent over TLS, get a 400 and leave a
+        session.refused event naming the connection's end.
+        """
+        cluster = Cluster(self)
+        yield cluster.ready()
+
+        def garbage():
+            import socket
+            import ssl
+
+            _, _, gateway_ca = support.gateway_certificate()
+            context = ssl.create_default_context(cafile=gateway_ca)
+            with socket.create_connection(("127.0.0.1", cluster.port)) as sock:
+                with context.wrap_socket(sock, server_hostname="127.0.0.1") as wrapped:
+                    wrapped.sendall(b"\x00\x01 4111111111111111 nonsense\r\n\r\n")
+                    received = b""
+                    while True:
+                        data = wrapped.recv(4096)
+                        if not data:
+                            return received
+                        received += data
+
+        answer = yield in_thread(garbage)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer)
+        for _ in range(200):
+            refused = cluster.harness.events("session.refused")
+            if refused:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        (refused,) = refused
+        self.assertEqual(refused["refusal"]["rule"], "kubernetes:closed-before-request")
+        self.assertEqual(refused["attributes"]["stage"], "request")
+        self.assertNotIn(b"4111111111111111", cluster.harness.raw_store())
