@@ -1429,3 +1429,76 @@ class UnreadableRequestTests(unittest.TestCase):
         self.assertEqual(refused["refusal"]["rule"], "kubernetes:closed-before-request")
         self.assertEqual(refused["attributes"]["stage"], "request")
         self.assertNotIn(b"4111111111111111", cluster.harness.raw_store())
+
+
+class _Message:
+    """
+    What mitmproxy hands the front end of one WebSocket message.
+    """
+
+    def __init__(self, content, from_client=False):
+        self.content = content
+        self.from_client = from_client
+        self.is_text = False
+        self.dropped = False
+
+    def drop(self):
+        self.dropped = True
+
+
+class HostileExecTests(unittest.TestCase):
+    """
+    Exec messages from an API server that does not keep to the channel
+    protocol: nothing unread passes, its status is masked, and nothing
+    raises.
+    """
+
+    def setUp(self):
+        from hoopgw import testing
+        from hoopgw.kubernetes import frontend as frontends
+
+        self.front, session = _stream_frontend()
+        self.front.result_hooks = True
+        self.front.loop = None
+        self.exchange = frontends.Exchange(time.time())
+        self.exchange.session = session
+        self.exchange.command = testing.kubernetes_command(
+            "GET", "/api/v1/namespaces/default/pods/web-1/exec?command=sh&stdout=true", websocket=True)
+        self.exchange.subprotocol = "v5.channel.k8s.io"
+        self.exchange.cast = casts.Recorder(term=None, title="test")
+
+    def send(self, content):
+        class Flow:
+            metadata = {}
+
+        message = _Message(content)
+        result = self.front._terminal_message(Flow(), self.exchange, message)
+        # Every hook answers at once here: the coroutine ends without waiting.
+        with self.assertRaises(StopIteration):
+            result.send(None)
+        return message
+
+    def test_unknown_channel_dropped(self):
+        """
+        Data on a channel the protocol does not have, or on stdin, from the
+        API server is dropped; an empty frame that opens a channel passes.
+        """
+        self.assertTrue(self.send(bytes((9,)) + PAN.encode()).dropped)
+        self.assertTrue(self.send(bytes((0,)) + PAN.encode()).dropped)
+        self.assertFalse(self.send(bytes((0,))).dropped)
+
+    def test_status_masked(self):
+        """
+        The status message that ends the exec reaches the client masked, and
+        one that is not the Status shape it should be is read without
+        failing.
+        """
+        status = {"kind": "Status", "status": "Failure", "message": "card %s declined" % (PAN.replace(" ", ""),),
+                  "details": {"causes": [{"reason": "ExitCode", "message": "3"}]}}
+        message = self.send(bytes((3,)) + json.dumps(status).encode())
+        self.assertEqual(json.loads(message.content[1:])["message"], "card 411111******1111 declined")
+        self.assertEqual(self.exchange.exit, 3)
+        for odd in ([1, 2], {"details": "x"}, {"details": {"causes": ["x", 4]}}, "text"):
+            self.exchange.released = False
+            self.send(bytes((3,)) + json.dumps(odd).encode())
+            self.assertIsNone(self.exchange.exit)

@@ -795,11 +795,40 @@ class Frontend:
                 return
             if not frame.data:
                 return
+            if self.result_hooks:
+                # The API server's status (its message) is masked like its output.
+                try:
+                    data = await self._terminal_status(exchange, frame.data)
+                except ChainBroken as error:
+                    self._terminal_broken(flow, exchange, message, frame, error)
+                    return
+                if data is not frame.data:
+                    frame.data = data
+                    message.content = frame.encode()
             try:
                 result = json.loads(frame.data)
             except ValueError:
                 return
             exchange.exit = _exit_code(result)
+        elif frame.channel not in channels.STREAMS or frame.data:
+            # A channel the protocol does not have (or no channel at all), or
+            # data on one the API server does not write to: nothing the
+            # gateway has not read passes.  (An empty frame, which opens a
+            # channel, does.)
+            message.drop()
+
+    async def _terminal_status(self, exchange, data):
+        """
+        The status that ends an exec through the chain's result hooks, as
+        a JSON body.
+
+        @return: the bytes to send.
+        @raise ChainBroken: an addon failed on it.
+        """
+        chunk = ResultChunk("body", data=data, fields={"content_type": JSON, "exec_status": True})
+        await _wait(self.chain.result(exchange.session, exchange.command, chunk), self.loop)
+        exchange.masked += chunk.masked + chunk.withheld
+        return chunk.data
 
     async def _terminal_output(self, exchange, channel, data, final):
         """
@@ -920,10 +949,15 @@ def _text(value):
 
 
 def _exit_code(result):
+    # The API server's JSON, read without trusting its shape.
+    if not isinstance(result, dict):
+        return None
     if result.get("status") == "Success":
         return 0
-    for cause in (result.get("details") or {}).get("causes") or ():
-        if cause.get("reason") == "ExitCode":
+    details = result.get("details")
+    causes = details.get("causes") if isinstance(details, dict) else None
+    for cause in causes if isinstance(causes, list) else ():
+        if isinstance(cause, dict) and cause.get("reason") == "ExitCode":
             try:
                 return int(cause.get("message"))
             except (TypeError, ValueError):
