@@ -220,6 +220,9 @@ class Frontend:
 
     def tls_failed_client(self, data):
         client = data.context.client
+        if client.id in self.attempted:
+            # Closed by a limit during the handshake: recorded already.
+            return
         self.attempted.add(client.id)
         self._record_attempt(
             client, admission.TLS_HANDSHAKE_FAILED,
