@@ -1355,3 +1355,39 @@ class MalformedMessageTests(unittest.TestCase):
         (refused,) = yield gateway.wait_for("session.refused")
         self.assertEqual(refused["refusal"]["rule"], "ssh:protocol-error")
         self.assertEqual(refused["attributes"]["stage"], "authentication")
+
+
+class TargetBannerTests(unittest.TestCase):
+    """
+    A target whose login banner holds a card number.
+    """
+
+    @defer.inlineCallbacks
+    def test_banner_neither_relayed_nor_logged(self):
+        """
+        The target's banner is for people logging in to the target: the
+        client (which logs in to the gateway) never sees it, and the
+        gateway's log does not hold it.
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from hoopgw.throwaway import SshServer
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        banner = os.path.join(os.path.abspath(directory), "banner")
+        with open(banner, "w") as handle:
+            handle.write("Authorised use only. Test card %s\n" % (PAN,))
+        server = SshServer(settings={"Banner": banner})
+        server.start()
+        self.addCleanup(server.stop)
+        server.authorize(key("gateway")[1])
+        logged = []
+        observer = lambda event: logged.append(formatEvent(event) or "")
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        gateway = SSHGateway(self, target={"port": server.port, "host_key": server.host_key})
+        out, err, code = yield gateway.ssh("echo ok")
+        self.assertEqual((out, code), (b"ok\n", 0), err)
+        self.assertNotIn("Authorised use only", err)
+        self.assertFalse([line for line in logged if PAN in line or "Authorised use only" in line])

@@ -310,6 +310,12 @@ class GatewayServerTransport(transport.SSHServerTransport):
             return
         transport.SSHServerTransport.dataReceived(self, data)
 
+    def receiveDebug(self, alwaysDisplay, message, lang):
+        # The client's words, even in the log: masked.
+        if alwaysDisplay:
+            self._log.debug("{client}: debug message: {message}", client=self.client_address,
+                            message=admission.client_text(message))
+
     def dispatchMessage(self, messageNum, payload):
         """
         A message Conch cannot read (a truncated string, a count past the

@@ -142,6 +142,11 @@ class _TargetTransport(transport.SSHClientTransport):
         conn = TargetConnection(self.attempt)
         self.requestService(_TargetAuth(self.attempt.login.encode("utf-8"), conn, self.attempt.key))
 
+    def receiveDebug(self, alwaysDisplay, message, lang):
+        # The target's words, even in the log: masked.
+        if alwaysDisplay:
+            self._log.debug("The target's debug message: {message}", message=admission.client_text(message))
+
     def receiveError(self, reasonCode, description):
         # The target's words reach the client and the record: masked like any text from it.
         self.attempt.disconnect_message = admission.client_text(description)
@@ -172,6 +177,13 @@ class _TargetAuth(userauth.SSHUserAuthClient):
         userauth.SSHUserAuthClient.__init__(self, user, instance)
         self._key = key
         self._tried = False
+
+    def ssh_USERAUTH_BANNER(self, packet):
+        """
+        The target's banner is for people logging in to it; the client logs
+        in to the gateway, and never sees it.  Ignored (Conch would log it
+        as it came).
+        """
 
     def tryAuth(self, kind):
         if kind != b"publickey" or self._tried:
