@@ -16,6 +16,7 @@ import termios
 import time
 
 from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.conch.ssh import common
 from twisted.conch.ssh import transport as ssh_transport
 from twisted.trial import unittest
 
@@ -1391,3 +1392,108 @@ class TargetBannerTests(unittest.TestCase):
         self.assertEqual((out, code), (b"ok\n", 0), err)
         self.assertNotIn("Authorised use only", err)
         self.assertFalse([line for line in logged if PAN in line or "Authorised use only" in line])
+
+
+class _Fuzzer(ssh_transport.SSHClientTransport):
+    """
+    A client that completes the key exchange, asks for ssh-userauth, then
+    sends the messages the test gives it, and notes how the gateway
+    answers: a message (a failure, a banner, "unimplemented" for a message
+    that has no place before login), a disconnect, or the connection
+    closed.
+    """
+
+    def verifyHostKey(self, blob, fingerprint):
+        return defer.succeed(True)
+
+    def connectionSecure(self):
+        self.sendPacket(ssh_transport.MSG_SERVICE_REQUEST, common.NS(b"ssh-userauth"))
+
+    def ssh_SERVICE_ACCEPT(self, packet):
+        for number, payload in self.factory.messages:
+            self.sendPacket(number, payload)
+
+    def dispatchMessage(self, messageNum, payload):
+        if messageNum >= 50 or messageNum == ssh_transport.MSG_UNIMPLEMENTED:
+            self.factory.answers.append(messageNum)
+            # One answer is enough: the gateway read the message and replied.
+            self.transport.loseConnection()
+            return
+        ssh_transport.SSHClientTransport.dispatchMessage(self, messageNum, payload)
+
+    def receiveError(self, reasonCode, description):
+        self.factory.answers.append(("disconnect", reasonCode))
+
+    def connectionLost(self, reason):
+        ssh_transport.SSHClientTransport.connectionLost(self, reason)
+        self.factory.closed.callback(None)
+
+
+class HostileAuthenticationTests(unittest.TestCase):
+    """
+    Authentication messages cut or inflated every way a hostile client
+    could: each is answered (a failure, a disconnect) or the connection
+    closed, and nothing fails in the gateway (trial fails a test on any
+    logged traceback).
+    """
+
+    @defer.inlineCallbacks
+    def fuzz(self, gateway, messages):
+        factory = protocol.ClientFactory.forProtocol(_Fuzzer)
+        factory.messages = messages
+        factory.answers = []
+        factory.closed = defer.Deferred()
+        yield endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", gateway.ssh_port), factory.buildProtocol(None)
+        )
+        yield factory.closed
+        return factory.answers
+
+    @defer.inlineCallbacks
+    def test_cut_and_inflated_messages(self):
+        """
+        A public key, a password and a keyboard-interactive request cut at
+        every length, counts and lengths far past the packet, and answers
+        nobody asked for.
+        """
+        from twisted.conch.ssh import keys as ssh_keys
+
+        gateway = SSHGateway(self, login_timeout="20s", max_unauthenticated_per_source=100)
+        blob = ssh_keys.Key.fromFile(key("deploy-bot")[0]).public().blob()
+        head = common.NS(gateway.login.encode()) + common.NS(b"ssh-connection")
+        requests = [
+            head + common.NS(b"publickey") + b"\x01" + common.NS(b"ssh-ed25519") + common.NS(blob) + common.NS(b"x" * 64),
+            head + common.NS(b"publickey") + b"\x00" + common.NS(b"ssh-ed25519") + common.NS(blob),
+            head + common.NS(b"password") + b"\x00" + common.NS(b"not-a-token"),
+            head + common.NS(b"keyboard-interactive") + common.NS(b"") + common.NS(b""),
+        ]
+        cases = []
+        for request in requests:
+            for length in range(0, len(request), max(1, len(request) // 12)):
+                cases.append([(50, request[:length])])
+        cases += [
+            [(50, head + common.NS(b"publickey") + b"\x01" + b"\xff\xff\xff\xff")],
+            [(50, b"\xff\xff\xff\xff" + b"x" * 32)],
+            [(50, head + common.NS(b"keyboard-interactive") + common.NS(b"") + common.NS(b"")),
+             (61, b"\xff\xff\xff\xff" + common.NS(b"a"))],
+            [(61, struct.pack(">L", 1) + common.NS(b"answer nobody asked for"))],
+            [(50, head + common.NS(b"no-such-method"))],
+            [(80, b"\x00\x00")],
+            [(90, b"\x00")],
+        ]
+        for messages in cases:
+            answers = yield self.fuzz(gateway, messages)
+            # Answered, or closed by the gateway; never left hanging (fuzz returns).
+            for answer in answers:
+                self.assertTrue(isinstance(answer, tuple) or answer in (3, 51, 52, 53, 60), (messages, answers))
+        self.assertEqual(self.gateway_refused(gateway), [])
+        # Conch answers a refused password a second later (passwordDelay):
+        # let the last such answer's timer run out before the gateway stops.
+        yield task.deferLater(reactor, 1.5, lambda: None)
+
+    def gateway_refused(self, gateway):
+        """
+        Refusals whose reason says the gateway failed rather than the input.
+        """
+        return [event for event in gateway.events("session.refused")
+                if "internal" in event["refusal"].get("reason", "") or event["refusal"].get("rule") == "gateway:error"]
