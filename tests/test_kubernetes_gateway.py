@@ -1502,3 +1502,40 @@ class HostileExecTests(unittest.TestCase):
             self.exchange.released = False
             self.send(bytes((3,)) + json.dumps(odd).encode())
             self.assertIsNone(self.exchange.exit)
+
+
+class WebSocketLimitTests(unittest.TestCase):
+    """
+    An exec message from the API server longer than the connection accepts.
+    """
+
+    @defer.inlineCallbacks
+    def test_message_too_large(self):
+        """
+        A message longer than max_body_bytes ends the exec (close code
+        1009) before mitmproxy has buffered more than that; nothing of it
+        reaches kubectl, and the record says why.
+        """
+        from hoopgw.kubernetes import standin
+
+        cluster = Cluster(self, addons=("identity", "mask", "record"))
+        yield cluster.ready()
+        cluster.api.create(("", "v1", "pods"), "default", {"metadata": {"name": "web-1"}})
+        options = cluster.service.frontend.engine.master.options
+        limit = options.body_size_limit
+        options.update(body_size_limit="1m")
+        self.addCleanup(lambda: options.update(body_size_limit=limit))
+        started = standin._ExecSession.negotiationFinished
+
+        def flood(session):
+            session.transport.sendBytesMessage(bytes((standin.STDOUT,)) + b"x" * (3 * 1024 * 1024))
+            started(session)
+
+        self.patch(standin._ExecSession, "negotiationFinished", flood)
+        out, err, code = yield cluster.kubectl("exec", "web-1", "--", "echo", "hi")
+        self.assertNotEqual(code, 0)
+        self.assertNotIn("xxxx", out)
+        (end,) = yield cluster.wait_for_end("create", "pods")
+        self.assertEqual(end["outcome"]["status"], "withheld")
+        self.assertEqual(end["outcome"]["reason"],
+                         "the API server sent a WebSocket message longer than 1048576 bytes (max_body_bytes)")

@@ -374,6 +374,9 @@ class Frontend:
         if info.verb == "watch" or info.subresource in ("log", "exec", "attach"):
             # A stream is masked as it passes: it must come uncompressed.
             headers.pop("accept-encoding", None)
+            # Nor compressed WebSocket messages (permessage-deflate), whose
+            # size the gateway could not bound before inflating them.
+            headers.pop("sec-websocket-extensions", None)
         accept = headers.get("accept")
         if accept and _PROTOBUF in accept:
             kept = [part for part in accept.split(",") if _PROTOBUF not in part]
@@ -875,6 +878,9 @@ class Frontend:
         exchange = flow.metadata.get(KEY)
         if exchange is None or exchange.cast is None or exchange.finished:
             return
+        too_large = flow.metadata.get(engines.TOO_LARGE)
+        if too_large and not exchange.broken:
+            exchange.broken = too_large
         command = exchange.command
         if self.result_hooks and not exchange.released and not exchange.broken:
             # The stream closed without a status: what the chain still held
