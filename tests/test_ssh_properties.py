@@ -107,7 +107,7 @@ class OtherRequestProperties(unittest.TestCase):
     """
 
     @settings(max_examples=200, deadline=None)
-    @given(operation=ANY_TEXT, path=LINES, target=NO_DIGITS)
+    @given(operation=ANY_TEXT, path=NO_DIGITS, target=NO_DIGITS)
     def test_sftp(self, operation, path, target):
         """
         Any sftp operation and paths give a recordable command.
