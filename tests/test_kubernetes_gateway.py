@@ -13,7 +13,7 @@ import shutil
 import time
 
 import yaml
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.trial import unittest
 
 from hoopgw import cast as casts
@@ -993,3 +993,549 @@ class UpstreamTLSTests(unittest.TestCase):
         self.assertIn("certificate verify failed", ends[0]["outcome"]["error"].lower())
         warnings = [event for event in logged if event.get("log_namespace", "").startswith("mitmproxy")]
         self.assertTrue(any("Server TLS handshake failed" in event.get("text", "") for event in warnings), warnings)
+
+
+def _stream_frontend():
+    """
+    A front end with the built-in mask addon in its chain and no engine,
+    enough to drive a log or watch stream callable as mitmproxy does, and
+    the reasons it ended streams for.
+    """
+    from hoopgw import testing
+    from hoopgw.addons import mask
+    from hoopgw.kubernetes import frontend as frontends
+
+    harness = testing.ChainHarness([(mask.factory, {})])
+    front = frontends.Frontend.__new__(frontends.Frontend)
+    front.chain = harness.chain
+    front.engine = None
+    front.broken = []
+    front._stream_broken = lambda flow, exchange, reason, delay=None: (
+        front.broken.append(reason), setattr(exchange, "broken", reason))
+    return front, harness.session
+
+
+def _drive(stream, pieces):
+    """
+    Feed C{pieces} to a stream callable as mitmproxy's HTTP layer does,
+    then its end.  @return: the chunks written to the client, each as
+    mitmproxy would write it, and the last (the end's) apart.
+    """
+    written = []
+    for piece in pieces:
+        returned = stream(piece)
+        written.extend([returned] if isinstance(returned, bytes) else list(returned))
+    last = stream(b"")
+    return written, last
+
+
+class StreamCutTests(unittest.TestCase):
+    """
+    Log and watch streams cut anywhere by the API server: the client gets
+    every byte, masked, and never the empty chunk that would end its
+    response early.
+    """
+
+    def _stream(self, kind, limit=64 * 1024 * 1024):
+        from hoopgw import testing
+        from hoopgw.kubernetes import frontend as frontends
+
+        front, session = _stream_frontend()
+        exchange = frontends.Exchange(time.time())
+        exchange.session = session
+        if kind == "log":
+            exchange.command = testing.kubernetes_command("GET", "/api/v1/namespaces/default/pods/web-1/log?follow=true")
+            return front, exchange, frontends._LogStream(front, None, exchange)
+        exchange.command = testing.kubernetes_command("GET", "/api/v1/namespaces/default/configmaps?watch=true")
+        return front, exchange, frontends._WatchStream(front, None, exchange, limit)
+
+    def test_log_cut_everywhere(self):
+        """
+        A followed log cut at every byte position (and byte by byte) reaches
+        the client whole, with its card numbers masked; no chunk written
+        before the end is empty.
+        """
+        text = b"starting\ncard 4111111111111111 ok\nnext 5105 1051 0510 5100\n"
+        expected = b"starting\ncard 411111******1111 ok\nnext 5105 10** **** 5100\n"
+        cuts = [[text[:at], text[at:]] for at in range(1, len(text))]
+        cuts.append([text[at:at + 1] for at in range(len(text))])
+        for pieces in cuts:
+            front, exchange, stream = self._stream("log")
+            written, last = _drive(stream, pieces)
+            self.assertNotIn(b"", written, pieces)
+            self.assertEqual(b"".join(written) + last, expected, pieces)
+            self.assertEqual(exchange.masked, 2)
+            self.assertEqual(front.broken, [])
+
+    def test_log_digit_only_chunks(self):
+        """
+        Chunks that are only digits (held back by the masker until it knows
+        whether they are part of a card number) keep the stream open, and
+        what was held back is flushed, masked, when the stream ends.
+        """
+        front, exchange, stream = self._stream("log")
+        written, last = _drive(stream, [b"card ", b"4111", b"1111", b"1111", b"1111", b" ok\n", b"id ", b"12345"])
+        self.assertNotIn(b"", written)
+        self.assertEqual(b"".join(written), b"card 411111******1111 ok\nid ")
+        self.assertEqual(last, b"12345")
+
+    def test_watch_cut_everywhere(self):
+        """
+        Watch events cut at every byte position (and byte by byte) reach the
+        client as whole events, masked; no chunk written before the end is
+        empty, and each chunk written holds whole events only.
+        """
+        events = [
+            {"type": "ADDED", "object": {"kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"pan": "4111111111111111"}}},
+            {"type": "MODIFIED", "object": {"kind": "ConfigMap", "metadata": {"name": "b"}, "data": {"pan": "5105105105105100"}}},
+        ]
+        text = b"".join(json.dumps(event).encode() + b"\n" for event in events)
+        cuts = [[text[:at], text[at:]] for at in range(1, len(text))]
+        cuts.append([text[at:at + 1] for at in range(len(text))])
+        for pieces in cuts:
+            front, exchange, stream = self._stream("watch")
+            written, last = _drive(stream, pieces)
+            self.assertNotIn(b"", written, pieces)
+            for chunk in written:
+                self.assertTrue(chunk.endswith(b"\n"), (pieces, chunk))
+            received = [json.loads(line) for line in (b"".join(written) + last).splitlines()]
+            self.assertEqual([event["object"]["data"]["pan"] for event in received],
+                             ["411111******1111", "510510******5100"], pieces)
+            self.assertEqual(exchange.masked, 2)
+
+    def test_watch_event_without_end(self):
+        """
+        An event the API server never ends (no newline) is read only up to
+        the connection's limit: the stream ends with an ERROR event saying
+        why, nothing of the oversized event reaches the client, and the
+        front end records the stream as broken.
+        """
+        front, exchange, stream = self._stream("watch", limit=1024)
+        good = json.dumps({"type": "ADDED", "object": {"kind": "ConfigMap", "metadata": {"name": "ok"}}}).encode() + b"\n"
+        written = []
+        for piece in [good, b'{"type":"ADDED","object":{"data":"4111111111111111' + b"x" * 600] + [b"y" * 300] * 10:
+            returned = stream(piece)
+            written.extend([returned] if isinstance(returned, bytes) else list(returned))
+        self.assertNotIn(b"", written)
+        lines = b"".join(written).splitlines()
+        self.assertEqual(json.loads(lines[0])["object"]["metadata"]["name"], "ok")
+        error = json.loads(lines[1])
+        self.assertEqual(error["type"], "ERROR")
+        self.assertIn("longer than the 1024 bytes", error["object"]["message"])
+        self.assertEqual(len(lines), 2)
+        self.assertNotIn(b"4111", b"".join(written))
+        self.assertEqual(len(front.broken), 1)
+        self.assertEqual(stream(b""), ())
+
+
+class KubectlStreamCutTests(unittest.TestCase):
+    """
+    The real kubectl follows a log and watches through the gateway while
+    the API server cuts its stream in odd places: both complete, every
+    line arrives, and a card number cut across chunks arrives masked.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.cluster = Cluster(self, addons=("identity", "mask", "record"))
+        yield self.cluster.ready()
+        self.cluster.api.create(("", "v1", "pods"), "default", {"metadata": {"name": "web-1"}})
+
+    @defer.inlineCallbacks
+    def _pieces(self, write, pieces):
+        for piece in pieces:
+            write(piece)
+            # Apart, so each reaches the gateway as a chunk of its own.
+            yield task.deferLater(reactor, 0.1, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_logs_follow(self):
+        """
+        C{kubectl logs -f} gets a card number cut in two chunks, one that is
+        only digits, and a last chunk that ends with digits, masked, and
+        exits 0 once the container stops.
+        """
+        cluster = self.cluster
+        cluster.api.add_log("default", "web-1", "starting")
+        following = cluster.kubectl("logs", "-f", "web-1")
+        for _ in range(200):
+            if cluster.api.followers.get(("default", "web-1")):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield self._pieces(
+            lambda piece: cluster.api.write_log("default", "web-1", piece),
+            [b"card 4111 11", b"11 1111 1111", b" ok\n", b"5105105105105100", b"\n", b"order 12345"],
+        )
+        cluster.api.end_log("default", "web-1")
+        out, err, code = yield following
+        self.assertEqual((out, code), ("starting\ncard 4111 11** **** 1111 ok\n510510******5100\norder 12345", 0), err)
+        ends = yield cluster.wait_for_end("get", "pods", count=2)
+        (end,) = [end for end in ends if end["outcome"]["audit"]["objectRef"].get("subresource") == "log"]
+        self.assertEqual(end["outcome"]["masked"], 2)
+        self.assertEqual(end["outcome"]["status"], "ok")
+
+    @defer.inlineCallbacks
+    def test_watch(self):
+        """
+        C{kubectl get --watch} gets an event cut in three chunks (in the
+        middle of a card number) and the events after it, masked, until
+        the API server ends the watch.
+        """
+        cluster = self.cluster
+        cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "first"}})
+        watching = cluster.kubectl("get", "configmaps", "--watch", "-o", "jsonpath={.metadata.name}={.data.pan}{\"\\n\"}")
+        for _ in range(200):
+            if cluster.api.watchers:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        event = json.dumps({"type": "ADDED", "object": {
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "split", "namespace": "default", "resourceVersion": "900"},
+            "data": {"pan": "4111111111111111"}}}).encode() + b"\n"
+        at = event.index(b"41111111") + 5
+        yield self._pieces(cluster.api.write_watches, [event[:20], event[20:at], event[at:]])
+        cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "after"}, "data": {"pan": PAN}})
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        cluster.api.end_watches()
+        out, err, code = yield watching
+        self.assertEqual(out.split(), ["first=", "split=411111******1111", "after=4111", "11**", "****", "1111"], err)
+        (end,) = yield cluster.wait_for_end("watch", "configmaps")
+        self.assertEqual(end["outcome"]["masked"], 2)
+
+
+class _Raw(protocol.Protocol):
+    """
+    A client that sends what the test says (or nothing) and notes what the
+    gateway answers, and when it closes the connection.
+    """
+
+    def __init__(self, greeting=b""):
+        self.greeting = greeting
+        self.received = b""
+        self.closed = defer.Deferred()
+
+    def connectionMade(self):
+        if self.greeting:
+            self.transport.write(self.greeting)
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.closed.callback(self.received)
+
+
+def raw_connect(port, greeting=b"", source="127.0.0.1"):
+    client = _Raw(greeting)
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
+    return endpoints.connectProtocol(endpoint, client)
+
+
+class BeforeLoginTests(unittest.TestCase):
+    """
+    The limits before login of a Kubernetes listener, and the event every
+    connection leaves that never got a request in: silent, plaintext, a
+    failed handshake, over a limit.
+    """
+
+    def refusals(self, cluster, rule=None):
+        return [event for event in cluster.harness.events("session.refused")
+                if rule is None or event["refusal"]["rule"] == rule]
+
+    @defer.inlineCallbacks
+    def wait_for_refusals(self, cluster, count):
+        for _ in range(200):
+            found = self.refusals(cluster)
+            if len(found) >= count:
+                return found
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        raise AssertionError("%d refusals expected: %r" % (count, self.refusals(cluster)))
+
+    @defer.inlineCallbacks
+    def test_handshake_and_login_timeouts(self):
+        """
+        A connection that never completes its TLS handshake is closed after
+        tls_handshake_timeout; one that completes it but sends no request
+        the chain lets in is closed after login_timeout; each is recorded
+        with its reason code, stage and address.
+        """
+        cluster = Cluster(self)
+        frontend = cluster.service.frontend
+        frontend.settings = _with(frontend.settings, tls_handshake_timeout=0.5, login_timeout=1.5)
+        yield cluster.ready()
+        silent = yield raw_connect(cluster.port)
+
+        def handshake_only():
+            import socket
+            import ssl
+
+            _, _, gateway_ca = support.gateway_certificate()
+            context = ssl.create_default_context(cafile=gateway_ca)
+            with socket.create_connection(("127.0.0.1", cluster.port)) as sock:
+                with context.wrap_socket(sock, server_hostname="127.0.0.1") as wrapped:
+                    return wrapped.recv(100)
+
+        idle = in_thread(handshake_only)
+        yield silent.closed
+        self.assertEqual((yield idle), b"")
+        refused = yield self.wait_for_refusals(cluster, 2)
+        rules = {event["refusal"]["rule"]: event for event in refused}
+        self.assertEqual(sorted(rules), ["limit:login-timeout", "tls:handshake-timeout"])
+        self.assertEqual(rules["tls:handshake-timeout"]["attributes"]["stage"], "tls")
+        self.assertEqual(rules["limit:login-timeout"]["attributes"]["stage"], "request")
+        self.assertIn("within 0.5 seconds (tls_handshake_timeout)", rules["tls:handshake-timeout"]["refusal"]["reason"])
+        for event in refused:
+            self.assertEqual(event["protocol"], "kubernetes")
+            self.assertTrue(event["client"].startswith("127.0.0.1:"))
+
+    @defer.inlineCallbacks
+    def test_plaintext_and_bad_handshakes(self):
+        """
+        Plain HTTP to the TLS port and a client that rejects the gateway's
+        certificate never reach the API server, and each leaves an event.
+        """
+        cluster = Cluster(self)
+        yield cluster.ready()
+        plain = yield raw_connect(cluster.port, b"GET /api/v1/namespaces/default/secrets HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = yield plain.closed
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+        self.assertIn(b"this port speaks HTTPS only", answer)
+
+        def untrusting():
+            import socket
+            import ssl
+
+            context = ssl.create_default_context()
+            try:
+                with socket.create_connection(("127.0.0.1", cluster.port)) as sock:
+                    with context.wrap_socket(sock, server_hostname="127.0.0.1"):
+                        return "connected"
+            except ssl.SSLError as error:
+                return error.reason
+
+        self.assertEqual((yield in_thread(untrusting)), "CERTIFICATE_VERIFY_FAILED")
+        refused = yield self.wait_for_refusals(cluster, 2)
+        self.assertEqual(len(refused), 2, refused)
+        self.assertEqual(sorted(event["refusal"]["rule"] for event in refused), ["tls:handshake-failed", "tls:plaintext"])
+        for event in refused:
+            self.assertEqual(event["attributes"]["stage"], "tls")
+        self.assertEqual([method for method, path in cluster.api.requests if "secrets" in path], [])
+
+    @defer.inlineCallbacks
+    def test_unauthenticated_limits(self):
+        """
+        Connections without a request let in are limited in total and per
+        source address: one over a limit is closed at once and recorded
+        with the limit's reason code; kubectl works again once the idle
+        connections are gone.
+        """
+        cluster = Cluster(self)
+        frontend = cluster.service.frontend
+        frontend.admission.max_total, frontend.admission.max_per_source = 3, 2
+        yield cluster.ready()
+        idle = []
+        for _ in range(2):
+            idle.append((yield raw_connect(cluster.port)))
+        other = yield raw_connect(cluster.port, source="127.0.0.2")
+        over = yield raw_connect(cluster.port)
+        yield over.closed
+        other.transport.loseConnection()
+        yield other.closed
+        over = yield raw_connect(cluster.port)
+        yield over.closed
+        (total,) = self.refusals(cluster, "limit:unauthenticated-connections")
+        (per_source,) = self.refusals(cluster, "limit:unauthenticated-per-source")
+        self.assertIn("(max_unauthenticated)", total["refusal"]["reason"])
+        self.assertIn("your address 127.0.0.1 already has 2", per_source["refusal"]["reason"])
+        self.assertEqual(per_source["attributes"]["stage"], "connect")
+        for connection in idle:
+            connection.transport.loseConnection()
+            yield connection.closed
+        out, err, code = yield cluster.kubectl("get", "pods")
+        self.assertEqual(code, 0, err)
+
+
+def _with(settings, **changes):
+    import attr
+
+    return attr.evolve(settings, **changes)
+
+
+class TargetWordsTests(unittest.TestCase):
+    """
+    What the API server says about a request (error Status messages, the
+    headers of its answers) is masked like its data, before kubectl or
+    the record sees it.
+    """
+
+    @defer.inlineCallbacks
+    def test_error_status_and_warning_masked(self):
+        """
+        A NotFound naming a card number and a Warning header holding one
+        reach kubectl masked; the record's failure message is masked too.
+        """
+        cluster = Cluster(self, addons=("identity", "mask", "record"))
+        yield cluster.ready()
+        cluster.api.extra_headers.append((b"warning", ('299 - "card %s on file"' % (PAN,)).encode()))
+        out, err, code = yield cluster.kubectl("get", "configmap", PAN.replace(" ", ""))
+        self.assertEqual(code, 1)
+        self.assertIn('configmaps "411111******1111" not found', err)
+        self.assertIn("Warning: card 4111 11** **** 1111 on file", err)
+        _masked_everywhere(self, out + err)
+        (end,) = yield cluster.wait_for_end("get", "configmaps")
+        self.assertEqual(end["outcome"]["audit"]["responseStatus"]["message"], 'configmaps "411111******1111" not found')
+        self.assertNotIn(PAN.replace(" ", "").encode(), cluster.harness.raw_store())
+
+
+class UnreadableRequestTests(unittest.TestCase):
+    """
+    A request mitmproxy cannot read never reaches the chain: the client is
+    answered by mitmproxy, and the attempt is recorded all the same.
+    """
+
+    @defer.inlineCallbacks
+    def test_garbage_after_handshake(self):
+        """
+        Bytes that are not HTTP, sent over TLS, get a 400 and leave a
+        session.refused event naming the connection's end.
+        """
+        cluster = Cluster(self)
+        yield cluster.ready()
+
+        def garbage():
+            import socket
+            import ssl
+
+            _, _, gateway_ca = support.gateway_certificate()
+            context = ssl.create_default_context(cafile=gateway_ca)
+            with socket.create_connection(("127.0.0.1", cluster.port)) as sock:
+                with context.wrap_socket(sock, server_hostname="127.0.0.1") as wrapped:
+                    wrapped.sendall(b"\x00\x01 4111111111111111 nonsense\r\n\r\n")
+                    received = b""
+                    while True:
+                        data = wrapped.recv(4096)
+                        if not data:
+                            return received
+                        received += data
+
+        answer = yield in_thread(garbage)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer)
+        for _ in range(200):
+            refused = cluster.harness.events("session.refused")
+            if refused:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        (refused,) = refused
+        self.assertEqual(refused["refusal"]["rule"], "kubernetes:closed-before-request")
+        self.assertEqual(refused["attributes"]["stage"], "request")
+        self.assertNotIn(b"4111111111111111", cluster.harness.raw_store())
+
+
+class _Message:
+    """
+    What mitmproxy hands the front end of one WebSocket message.
+    """
+
+    def __init__(self, content, from_client=False):
+        self.content = content
+        self.from_client = from_client
+        self.is_text = False
+        self.dropped = False
+
+    def drop(self):
+        self.dropped = True
+
+
+class HostileExecTests(unittest.TestCase):
+    """
+    Exec messages from an API server that does not keep to the channel
+    protocol: nothing unread passes, its status is masked, and nothing
+    raises.
+    """
+
+    def setUp(self):
+        from hoopgw import testing
+        from hoopgw.kubernetes import frontend as frontends
+
+        self.front, session = _stream_frontend()
+        self.front.result_hooks = True
+        self.front.loop = None
+        self.exchange = frontends.Exchange(time.time())
+        self.exchange.session = session
+        self.exchange.command = testing.kubernetes_command(
+            "GET", "/api/v1/namespaces/default/pods/web-1/exec?command=sh&stdout=true", websocket=True)
+        self.exchange.subprotocol = "v5.channel.k8s.io"
+        self.exchange.cast = casts.Recorder(term=None, title="test")
+
+    def send(self, content):
+        class Flow:
+            metadata = {}
+
+        message = _Message(content)
+        result = self.front._terminal_message(Flow(), self.exchange, message)
+        # Every hook answers at once here: the coroutine ends without waiting.
+        with self.assertRaises(StopIteration):
+            result.send(None)
+        return message
+
+    def test_unknown_channel_dropped(self):
+        """
+        Data on a channel the protocol does not have, or on stdin, from the
+        API server is dropped; an empty frame that opens a channel passes.
+        """
+        self.assertTrue(self.send(bytes((9,)) + PAN.encode()).dropped)
+        self.assertTrue(self.send(bytes((0,)) + PAN.encode()).dropped)
+        self.assertFalse(self.send(bytes((0,))).dropped)
+
+    def test_status_masked(self):
+        """
+        The status message that ends the exec reaches the client masked, and
+        one that is not the Status shape it should be is read without
+        failing.
+        """
+        status = {"kind": "Status", "status": "Failure", "message": "card %s declined" % (PAN.replace(" ", ""),),
+                  "details": {"causes": [{"reason": "ExitCode", "message": "3"}]}}
+        message = self.send(bytes((3,)) + json.dumps(status).encode())
+        self.assertEqual(json.loads(message.content[1:])["message"], "card 411111******1111 declined")
+        self.assertEqual(self.exchange.exit, 3)
+        for odd in ([1, 2], {"details": "x"}, {"details": {"causes": ["x", 4]}}, "text"):
+            self.exchange.released = False
+            self.send(bytes((3,)) + json.dumps(odd).encode())
+            self.assertIsNone(self.exchange.exit)
+
+
+class WebSocketLimitTests(unittest.TestCase):
+    """
+    An exec message from the API server longer than the connection accepts.
+    """
+
+    @defer.inlineCallbacks
+    def test_message_too_large(self):
+        """
+        A message longer than max_body_bytes ends the exec (close code
+        1009) before mitmproxy has buffered more than that; nothing of it
+        reaches kubectl, and the record says why.
+        """
+        from hoopgw.kubernetes import standin
+
+        cluster = Cluster(self, addons=("identity", "mask", "record"))
+        yield cluster.ready()
+        cluster.api.create(("", "v1", "pods"), "default", {"metadata": {"name": "web-1"}})
+        options = cluster.service.frontend.engine.master.options
+        limit = options.body_size_limit
+        options.update(body_size_limit="1m")
+        self.addCleanup(lambda: options.update(body_size_limit=limit))
+        started = standin._ExecSession.negotiationFinished
+
+        def flood(session):
+            session.transport.sendBytesMessage(bytes((standin.STDOUT,)) + b"x" * (3 * 1024 * 1024))
+            started(session)
+
+        self.patch(standin._ExecSession, "negotiationFinished", flood)
+        out, err, code = yield cluster.kubectl("exec", "web-1", "--", "echo", "hi")
+        self.assertNotEqual(code, 0)
+        self.assertNotIn("xxxx", out)
+        (end,) = yield cluster.wait_for_end("create", "pods")
+        self.assertEqual(end["outcome"]["status"], "withheld")
+        self.assertEqual(end["outcome"]["reason"],
+                         "the API server sent a WebSocket message longer than 1048576 bytes (max_body_bytes)")

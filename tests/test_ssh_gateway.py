@@ -15,7 +15,9 @@ import tempfile
 import termios
 import time
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.conch.ssh import common
+from twisted.conch.ssh import transport as ssh_transport
 from twisted.trial import unittest
 
 from hoopgw import cast as casts
@@ -1057,3 +1059,441 @@ class ShutdownTests(unittest.TestCase):
         self.assertIn("hoopgw is shutting down", b"".join(collector.err).decode())
         types = [event["type"] for event in gateway.events()]
         self.assertLess(types.index("session.end"), types.index("gateway.stop"))
+
+
+class _RawClient(protocol.Protocol):
+    """
+    A client that sends what the test says (or nothing) and notes what the
+    gateway sends back, and when it closes the connection.
+    """
+
+    def __init__(self, greeting=b""):
+        self.greeting = greeting
+        self.received = b""
+        self.closed = defer.Deferred()
+
+    def connectionMade(self):
+        if self.greeting:
+            self.transport.write(self.greeting)
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.closed.callback(self.received)
+
+
+def raw_connect(port, greeting=b"", source="127.0.0.1"):
+    """
+    Open a raw TCP connection to the gateway from C{source}.
+
+    @return: a Deferred firing with the L{_RawClient} once connected.
+    """
+    client = _RawClient(greeting)
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
+    return endpoints.connectProtocol(endpoint, client)
+
+
+class BeforeLoginTests(unittest.TestCase):
+    """
+    The limits before login (login_timeout, max_auth_tries, unauthenticated
+    connections in total and per source address), and the record every
+    attempt leaves, however early it ended.
+    """
+
+    def refusals(self, gateway, rule):
+        return [event for event in gateway.events("session.refused") if event["refusal"]["rule"] == rule]
+
+    @defer.inlineCallbacks
+    def test_login_timeout(self):
+        """
+        A client that never finishes logging in (one silent, one that stops
+        in the key exchange) is disconnected once login_timeout has passed,
+        and each is recorded with the stage it reached and its address.
+        """
+        gateway = SSHGateway(self, login_timeout="1s")
+        silent = yield raw_connect(gateway.ssh_port)
+        stalled = yield raw_connect(gateway.ssh_port, b"SSH-2.0-stalled_4111111111111111\r\n")
+        silent_got, stalled_got = yield defer.gatherResults([silent.closed, stalled.closed])
+        self.assertIn(b"did not log in within 1 seconds (login_timeout)", silent_got)
+        self.assertIn(b"did not log in within 1 seconds (login_timeout)", stalled_got)
+        refused = yield gateway.wait_for("session.refused", count=2)
+        by_stage = {event["attributes"]["stage"]: event for event in refused}
+        self.assertEqual(sorted(by_stage), ["key-exchange", "version"])
+        for event in refused:
+            self.assertEqual(event["refusal"]["rule"], "limit:login-timeout")
+            self.assertTrue(event["client"].startswith("127.0.0.1:"))
+            self.assertEqual(event["protocol"], "ssh")
+        # The client's own words are recorded masked.
+        self.assertEqual(by_stage["key-exchange"]["attributes"]["client_version"], "SSH-2.0-stalled_411111******1111")
+        self.assertNotIn(PAN.encode(), gateway.raw_store())
+
+    @defer.inlineCallbacks
+    def test_max_auth_tries(self):
+        """
+        A client offering more keys nobody registered than max_auth_tries
+        allows is disconnected with a message saying so; each try and the
+        limit are recorded.
+        """
+        gateway = SSHGateway(self, max_auth_tries=2)
+        extra = []
+        for name in ("stranger-2", "stranger-3"):
+            extra += ["-i", key(name)[0]]
+        out, err, code = yield gateway.ssh("true", key_name="stranger-1", extra=extra)
+        self.assertEqual(code, 255)
+        self.assertIn("hoopgw refused the connection: 2 failed authentication attempts on one connection "
+                      "(max_auth_tries)", err)
+        yield gateway.wait_for("session.refused", count=3)
+        self.assertEqual(len(self.refusals(gateway, "key:unknown-key")), 2)
+        (limit,) = self.refusals(gateway, "limit:max-auth-tries")
+        self.assertEqual(limit["attributes"]["stage"], "authentication")
+
+    @defer.inlineCallbacks
+    def test_unauthenticated_limits(self):
+        """
+        Connections that have not logged in are limited in total and per
+        source address: a client over either limit is disconnected with a
+        message naming it, and recorded; a connection that logs in or
+        leaves frees its place.
+        """
+        gateway = SSHGateway(self, max_unauthenticated=3, max_unauthenticated_per_source=2)
+        idle = []
+        for _ in range(2):
+            idle.append((yield raw_connect(gateway.ssh_port)))
+        other = yield raw_connect(gateway.ssh_port, source="127.0.0.2")
+        out, err, code = yield gateway.ssh("true")
+        self.assertEqual(code, 255)
+        self.assertIn("already has 3 client connections that have not logged in (max_unauthenticated)", err)
+        other.transport.loseConnection()
+        yield other.closed
+        out, err, code = yield gateway.ssh("true")
+        self.assertEqual(code, 255)
+        self.assertIn("your address 127.0.0.1 already has 2 client connections that have not logged in "
+                      "(max_unauthenticated_per_source)", err)
+        idle[0].transport.loseConnection()
+        yield idle[0].closed
+        out, err, code = yield gateway.ssh("true")
+        self.assertEqual(code, 0, err)
+        (total,) = self.refusals(gateway, "limit:unauthenticated-connections")
+        (per_source,) = self.refusals(gateway, "limit:unauthenticated-per-source")
+        self.assertEqual(per_source["attributes"]["stage"], "version")
+        self.assertTrue(total["client"].startswith("127.0.0.1:"))
+        idle[1].transport.loseConnection()
+        yield idle[1].closed
+
+    @defer.inlineCallbacks
+    def test_every_attempt_recorded(self):
+        """
+        Connections that end before any login is tried leave an event each,
+        with how far it got: one that sends nothing, one that is not SSH (a
+        protocol error), one whose key exchange fails (no common algorithm).
+        """
+        gateway = SSHGateway(self)
+        silent = yield raw_connect(gateway.ssh_port)
+        silent.transport.loseConnection()
+        yield silent.closed
+        http = yield raw_connect(gateway.ssh_port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        http.transport.loseConnection()
+        yield http.closed
+        out, err, code = yield gateway.ssh("true", extra=["-o", "KexAlgorithms=diffie-hellman-group14-sha1"])
+        self.assertEqual(code, 255)
+        refused = yield gateway.wait_for("session.refused", count=3)
+        self.assertEqual([event["refusal"]["rule"] for event in refused],
+                         ["ssh:closed-before-login", "ssh:protocol-error", "ssh:key-exchange-failed"])
+        self.assertIn("couldn't match all kex parts", refused[2]["refusal"]["reason"])
+        self.assertEqual([event["attributes"]["stage"] for event in refused], ["version", "version", "key-exchange"])
+        self.assertIn("OpenSSH", refused[2]["attributes"]["client_version"])
+
+    @defer.inlineCallbacks
+    def test_protocol_error_recorded(self):
+        """
+        A client whose SSH version the gateway does not speak is told so
+        and recorded with the reason code of a protocol error.
+        """
+        gateway = SSHGateway(self)
+        old = yield raw_connect(gateway.ssh_port, b"SSH-1.5-ancient\r\n")
+        received = yield old.closed
+        self.assertIn(b"bad version 1.5", received)
+        (refused,) = yield gateway.wait_for("session.refused")
+        self.assertEqual(refused["refusal"]["rule"], "ssh:protocol-error")
+        self.assertIn("bad version 1.5", refused["refusal"]["reason"])
+
+
+class _HostileExit:
+    """
+    What L{channels.SessionChannel.target_exit} needs of its channel: the
+    command's outcome and the queue towards the client.
+    """
+
+    def __init__(self):
+        from hoopgw.model import Command
+
+        self.command = Command(kind="exec", text="x", redacted="x", facts={})
+        self.queued = []
+
+    def _queue(self, action):
+        self.queued.append(action)
+
+
+class TargetWordsTests(unittest.TestCase):
+    """
+    What the target says about how a command ended is as untrusted as
+    what a client says: masked before the client or the record sees it,
+    and not passed on when malformed.
+    """
+
+    def exit(self, name, data):
+        from hoopgw.ssh import channels
+
+        channel = _HostileExit()
+        channels.SessionChannel.target_exit(channel, name, data)
+        return channel
+
+    def test_exit_signal_message_masked(self):
+        """
+        An exit-signal whose message holds a card number reaches the client
+        and the record masked.
+        """
+        from hoopgw.ssh.publickeys import Reader, string
+
+        data = string(b"TERM") + b"\x00" + string(b"killed while charging " + PAN.encode()) + string(b"en")
+        channel = self.exit(b"exit-signal", data)
+        ((kind, (name, sent)),) = channel.queued
+        reader = Reader(sent)
+        self.assertEqual((kind, name, reader.string(), reader.boolean()), ("request", b"exit-signal", b"TERM", False))
+        self.assertEqual(reader.string(), b"killed while charging " + MASKED_PAN.encode())
+        self.assertEqual(reader.string(), b"en")
+        self.assertEqual(channel.command.outcome["error"], "killed while charging " + MASKED_PAN)
+
+    def test_malformed_exit_not_passed_on(self):
+        """
+        A truncated exit-signal or exit-status is recorded as malformed and
+        not passed on to the client.
+        """
+        for name, data in [(b"exit-signal", b"\x00\x00\x00\x09TE"), (b"exit-status", b"\x00\x01")]:
+            channel = self.exit(name, data)
+            self.assertEqual(channel.queued, [])
+            self.assertIn("malformed", channel.command.outcome["error"])
+
+    def test_disconnect_message_masked(self):
+        """
+        The target's disconnect message, which the client and the record
+        are told, is masked.
+        """
+        from hoopgw.ssh import upstream
+
+        class Attempt:
+            disconnect_message = None
+
+        transport = upstream._TargetTransport.__new__(upstream._TargetTransport)
+        transport.attempt = Attempt()
+        transport.receiveError(11, ("card " + PAN + " refused").encode())
+        self.assertEqual(transport.attempt.disconnect_message, "card " + MASKED_PAN + " refused")
+
+
+class NotUtf8Tests(unittest.TestCase):
+    """
+    An exec command line that is not valid UTF-8.
+    """
+
+    @defer.inlineCallbacks
+    def test_recorded_with_escapes(self):
+        """
+        The command runs and is recorded, its bytes that are not UTF-8
+        shown as escapes and its card number masked; no event is lost.
+        """
+        gateway = SSHGateway(self)
+        out, err, code = yield gateway.ssh(b"echo \xff\xfe " + PAN.encode())
+        self.assertEqual(code, 0, err)
+        yield gateway.wait_for("session.end")
+        (command,) = gateway.commands("exec")
+        self.assertEqual(command["facts"]["argv"], ["echo", "\\xff\\xfe", MASKED_PAN])
+        self.assertNotIn(PAN.encode(), gateway.raw_store())
+
+
+class _Malformed(ssh_transport.SSHClientTransport):
+    """
+    A client that completes the key exchange, then asks for a service in a
+    message too short to hold its name.
+    """
+
+    def verifyHostKey(self, blob, fingerprint):
+        return defer.succeed(True)
+
+    def connectionSecure(self):
+        self.sendPacket(ssh_transport.MSG_SERVICE_REQUEST, b"\x00\x00")
+
+    def receiveError(self, reasonCode, description):
+        self.factory.told.append((reasonCode, description))
+
+    def connectionLost(self, reason):
+        ssh_transport.SSHClientTransport.connectionLost(self, reason)
+        self.factory.closed.callback(None)
+
+
+class MalformedMessageTests(unittest.TestCase):
+    """
+    SSH messages the gateway cannot read.
+    """
+
+    @defer.inlineCallbacks
+    def test_protocol_error(self):
+        """
+        A malformed message ends the connection with a protocol error the
+        client is told of and an event; nothing is logged as a failure
+        (trial would fail the test on a logged traceback).
+        """
+        gateway = SSHGateway(self)
+        factory = protocol.ClientFactory.forProtocol(_Malformed)
+        factory.told = []
+        factory.closed = defer.Deferred()
+        yield endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", gateway.ssh_port), factory.buildProtocol(None)
+        )
+        yield factory.closed
+        self.assertEqual(factory.told, [(ssh_transport.DISCONNECT_PROTOCOL_ERROR,
+                                         b"hoopgw: the client sent a malformed SSH message (number 5)")])
+        (refused,) = yield gateway.wait_for("session.refused")
+        self.assertEqual(refused["refusal"]["rule"], "ssh:protocol-error")
+        self.assertEqual(refused["attributes"]["stage"], "authentication")
+
+
+class TargetBannerTests(unittest.TestCase):
+    """
+    A target whose login banner holds a card number.
+    """
+
+    @defer.inlineCallbacks
+    def test_banner_neither_relayed_nor_logged(self):
+        """
+        The target's banner is for people logging in to the target: the
+        client (which logs in to the gateway) never sees it, and the
+        gateway's log does not hold it.
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from hoopgw.throwaway import SshServer
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        banner = os.path.join(os.path.abspath(directory), "banner")
+        with open(banner, "w") as handle:
+            handle.write("Authorised use only. Test card %s\n" % (PAN,))
+        server = SshServer(settings={"Banner": banner})
+        server.start()
+        self.addCleanup(server.stop)
+        server.authorize(key("gateway")[1])
+        logged = []
+        observer = lambda event: logged.append(formatEvent(event) or "")
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        gateway = SSHGateway(self, target={"port": server.port, "host_key": server.host_key})
+        out, err, code = yield gateway.ssh("echo ok")
+        self.assertEqual((out, code), (b"ok\n", 0), err)
+        self.assertNotIn("Authorised use only", err)
+        self.assertFalse([line for line in logged if PAN in line or "Authorised use only" in line])
+
+
+class _Fuzzer(ssh_transport.SSHClientTransport):
+    """
+    A client that completes the key exchange, asks for ssh-userauth, then
+    sends the messages the test gives it, and notes how the gateway
+    answers: a message (a failure, a banner, "unimplemented" for a message
+    that has no place before login), a disconnect, or the connection
+    closed.
+    """
+
+    def verifyHostKey(self, blob, fingerprint):
+        return defer.succeed(True)
+
+    def connectionSecure(self):
+        self.sendPacket(ssh_transport.MSG_SERVICE_REQUEST, common.NS(b"ssh-userauth"))
+
+    def ssh_SERVICE_ACCEPT(self, packet):
+        for number, payload in self.factory.messages:
+            self.sendPacket(number, payload)
+
+    def dispatchMessage(self, messageNum, payload):
+        if messageNum >= 50 or messageNum == ssh_transport.MSG_UNIMPLEMENTED:
+            self.factory.answers.append(messageNum)
+            # One answer is enough: the gateway read the message and replied.
+            self.transport.loseConnection()
+            return
+        ssh_transport.SSHClientTransport.dispatchMessage(self, messageNum, payload)
+
+    def receiveError(self, reasonCode, description):
+        self.factory.answers.append(("disconnect", reasonCode))
+
+    def connectionLost(self, reason):
+        ssh_transport.SSHClientTransport.connectionLost(self, reason)
+        self.factory.closed.callback(None)
+
+
+class HostileAuthenticationTests(unittest.TestCase):
+    """
+    Authentication messages cut or inflated every way a hostile client
+    could: each is answered (a failure, a disconnect) or the connection
+    closed, and nothing fails in the gateway (trial fails a test on any
+    logged traceback).
+    """
+
+    @defer.inlineCallbacks
+    def fuzz(self, gateway, messages):
+        factory = protocol.ClientFactory.forProtocol(_Fuzzer)
+        factory.messages = messages
+        factory.answers = []
+        factory.closed = defer.Deferred()
+        yield endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", gateway.ssh_port), factory.buildProtocol(None)
+        )
+        yield factory.closed
+        return factory.answers
+
+    @defer.inlineCallbacks
+    def test_cut_and_inflated_messages(self):
+        """
+        A public key, a password and a keyboard-interactive request cut at
+        every length, counts and lengths far past the packet, and answers
+        nobody asked for.
+        """
+        from twisted.conch.ssh import keys as ssh_keys
+
+        gateway = SSHGateway(self, login_timeout="20s", max_unauthenticated_per_source=100)
+        blob = ssh_keys.Key.fromFile(key("deploy-bot")[0]).public().blob()
+        head = common.NS(gateway.login.encode()) + common.NS(b"ssh-connection")
+        requests = [
+            head + common.NS(b"publickey") + b"\x01" + common.NS(b"ssh-ed25519") + common.NS(blob) + common.NS(b"x" * 64),
+            head + common.NS(b"publickey") + b"\x00" + common.NS(b"ssh-ed25519") + common.NS(blob),
+            head + common.NS(b"password") + b"\x00" + common.NS(b"not-a-token"),
+            head + common.NS(b"keyboard-interactive") + common.NS(b"") + common.NS(b""),
+        ]
+        cases = []
+        for request in requests:
+            for length in range(0, len(request), max(1, len(request) // 12)):
+                cases.append([(50, request[:length])])
+        cases += [
+            [(50, head + common.NS(b"publickey") + b"\x01" + b"\xff\xff\xff\xff")],
+            [(50, b"\xff\xff\xff\xff" + b"x" * 32)],
+            [(50, head + common.NS(b"keyboard-interactive") + common.NS(b"") + common.NS(b"")),
+             (61, b"\xff\xff\xff\xff" + common.NS(b"a"))],
+            [(61, struct.pack(">L", 1) + common.NS(b"answer nobody asked for"))],
+            [(50, head + common.NS(b"no-such-method"))],
+            [(80, b"\x00\x00")],
+            [(90, b"\x00")],
+        ]
+        for messages in cases:
+            answers = yield self.fuzz(gateway, messages)
+            # Answered, or closed by the gateway; never left hanging (fuzz returns).
+            for answer in answers:
+                self.assertTrue(isinstance(answer, tuple) or answer in (3, 51, 52, 53, 60), (messages, answers))
+        self.assertEqual(self.gateway_refused(gateway), [])
+        # Conch answers a refused password a second later (passwordDelay):
+        # let the last such answer's timer run out before the gateway stops.
+        yield task.deferLater(reactor, 1.5, lambda: None)
+
+    def gateway_refused(self, gateway):
+        """
+        Refusals whose reason says the gateway failed rather than the input.
+        """
+        return [event for event in gateway.events("session.refused")
+                if "internal" in event["refusal"].get("reason", "") or event["refusal"].get("rule") == "gateway:error"]

@@ -10,6 +10,8 @@ import binascii
 import datetime
 import json
 
+from hoopgw import redact
+
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 _REASONS = {
@@ -224,7 +226,7 @@ def audit_event(session, command, info, request_uri, code, stage, received, fini
             "groups": sorted(identity.groups) if identity is not None else [],
         },
         "sourceIPs": [source_ip],
-        "userAgent": user_agent,
+        "userAgent": redact.redact_text(user_agent)[0],
         "requestReceivedTimestamp": _timestamp(received),
         "stageTimestamp": _timestamp(finished),
     }
@@ -241,7 +243,8 @@ def audit_event(session, command, info, request_uri, code, stage, received, fini
             "apiVersion": info.api_version,
             "subresource": info.subresource,
         }
-        event["objectRef"] = {key: value for key, value in reference.items() if value}
+        # The client named these: recorded as every client text is, redacted.
+        event["objectRef"] = {key: redact.redact_text(value)[0] for key, value in reference.items() if value}
     response = {"metadata": {}, "code": code}
     if failure is not None:
         response.update(status="Failure", reason=failure.get("reason", ""), message=failure.get("message", ""))

@@ -11,12 +11,14 @@ import asyncio
 import logging
 import socket
 
+import wsproto.connection
 import wsproto.events
 from mitmproxy import ctx as mitmproxy_ctx
 from mitmproxy import hooks, options
 from mitmproxy.addons import next_layer, proxyserver
 from mitmproxy.master import Master
-from mitmproxy.proxy import events
+from mitmproxy.proxy import commands, events
+from mitmproxy.utils import human
 from mitmproxy.proxy.layers import websocket as websocket_layers
 from mitmproxy.proxy.mode_servers import ServerInstance
 from mitmproxy.proxy.utils import expect
@@ -72,6 +74,7 @@ class WebsocketLayer(websocket_layers.WebsocketLayer):
             try:
                 command = relaying.send(reply)
             except StopIteration:
+                yield from self._bounded()
                 return
             reply = yield command
             if isinstance(command, websocket_layers.WebsocketMessageHook):
@@ -81,6 +84,37 @@ class WebsocketLayer(websocket_layers.WebsocketLayer):
                     for content, is_text in first:
                         message = wsproto.events.TextMessage(content.decode()) if is_text else wsproto.events.BytesMessage(content)
                         yield towards.send2(message)
+
+
+    def _bounded(self):
+        """
+        mitmproxy keeps a message's fragments until its last one: a message
+        longer than the largest body a connection accepts (its
+        C{max_body_bytes}) ends the WebSocket (close code 1009), and the
+        flow says why in C{metadata[TOO_LARGE]}.
+        """
+        if self._handle_event != self.relay_messages:
+            return
+        limit = human.parse_size(self.context.options.body_size_limit or "") or DEFAULT_WEBSOCKET_LIMIT
+        for side, ws in (("client", self.client_ws), ("API server", self.server_ws)):
+            if sum(map(len, ws.frame_buf)) <= limit:
+                continue
+            reason = "the %s sent a WebSocket message longer than %d bytes (max_body_bytes)" % (side, limit)
+            self.flow.metadata[TOO_LARGE] = reason
+            yield commands.Log("Ending a WebSocket: %s" % (reason,), logging.WARNING)
+            for each in (self.server_ws, self.client_ws):
+                if each.state in (wsproto.connection.ConnectionState.OPEN, wsproto.connection.ConnectionState.REMOTE_CLOSING):
+                    yield each.send2(wsproto.events.CloseConnection(code=1009, reason="hoopgw: message too large"))
+                yield commands.CloseConnection(each.conn)
+            yield websocket_layers.WebsocketEndHook(self.flow)
+            self.flow.live = False
+            self._handle_event = self.done
+            return
+
+
+# Why a WebSocket was ended by the gateway (see WebsocketLayer._bounded).
+TOO_LARGE = "hoopgw.websocket_too_large"
+DEFAULT_WEBSOCKET_LIMIT = 64 * 1024 * 1024
 
 
 class Router:
@@ -121,6 +155,16 @@ class Router:
 
     def websocket_end(self, flow):
         return self._dispatch("websocket_end", flow)
+
+    def client_connected(self, client):
+        frontend = self._frontend(client)
+        if frontend is not None:
+            frontend.client_connected(client)
+
+    def tls_failed_client(self, data):
+        frontend = self._frontend(data.context.client)
+        if frontend is not None:
+            frontend.tls_failed_client(data)
 
     def client_disconnected(self, client):
         frontend = self._frontend(client)

@@ -18,6 +18,8 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from hoopgw import admission
+from hoopgw import cards
 from hoopgw import cast as casts
 from hoopgw import redact
 from hoopgw.chain import ChainBroken, settled
@@ -149,6 +151,98 @@ class Frontend:
         self.tls_connections = {}
         self.upstream_tls = tls.upstream_context(self.settings.target)
         self.result_hooks = chain.has("result_received")
+        self.admission = admission.Admission(
+            self.settings.max_unauthenticated, self.settings.max_unauthenticated_per_source
+        )
+        # Client connections no request of which the chain let in yet: their
+        # source address and the calls that close them when overdue.
+        self.unproven = {}
+        # Client connections whose attempts are in the record (a request
+        # came, a limit or the handshake refused them).
+        self.attempted = set()
+
+    # Before login.
+
+    def client_connected(self, client):
+        source = client.peername[0] if client.peername else "unknown"
+        refused = self.admission.refusal(source)
+        if refused is not None:
+            # mitmproxy closes it before TLS: nothing can be said over HTTP.
+            client.error = refused[1]
+            self.attempted.add(client.id)
+            self._record_attempt(client, *refused, stage="connect")
+            return
+        self.admission.enter(source)
+        settings = self.settings
+        due = [
+            self.reactor.callLater(settings.tls_handshake_timeout, self._handshake_due, client),
+            self.reactor.callLater(settings.login_timeout, self._login_due, client),
+        ]
+        self.unproven[client.id] = (source, due)
+
+    def _proven(self, client):
+        """
+        C{client} no longer counts against the limits before login: the
+        chain let one of its requests in, or it has gone.
+        """
+        entry = self.unproven.pop(client.id, None)
+        if entry is None:
+            return
+        source, due = entry
+        self.admission.leave(source)
+        for call in due:
+            if call.active():
+                call.cancel()
+
+    def _handshake_due(self, client):
+        if client.id not in self.unproven or client.tls_established:
+            return
+        self._close_attempt(
+            client, admission.TLS_HANDSHAKE_TIMEOUT,
+            "the client did not complete its TLS handshake within %g seconds (tls_handshake_timeout)"
+            % (self.settings.tls_handshake_timeout,),
+        )
+
+    def _login_due(self, client):
+        if client.id not in self.unproven:
+            return
+        self._close_attempt(
+            client, admission.LOGIN_TIMEOUT,
+            "no request on this connection was let in within %g seconds (login_timeout)" % (self.settings.login_timeout,),
+        )
+
+    def _close_attempt(self, client, rule, message):
+        self.attempted.add(client.id)
+        self._record_attempt(client, rule, message)
+        handler = self.engine.proxyserver.connections.get(client.id) if self.engine is not None else None
+        if handler is not None:
+            _close_client(handler)
+
+    def tls_failed_client(self, data):
+        client = data.context.client
+        if client.id in self.attempted:
+            # Closed by a limit during the handshake: recorded already.
+            return
+        self.attempted.add(client.id)
+        self._record_attempt(
+            client, admission.TLS_HANDSHAKE_FAILED,
+            "the TLS handshake failed: %s" % (admission.client_text(data.conn.error or "no reason given"),),
+        )
+
+    def _record_attempt(self, client, rule, message, **attributes):
+        """
+        Record an attempt refused before any session began (C{session.refused}
+        naming C{rule}).
+        """
+        attributes.setdefault("stage", "request" if client.tls_established else "tls")
+        if client.sni:
+            attributes["sni"] = admission.client_text(client.sni)
+        recorded = admission.record_refusal(
+            self.chain, self.connection.name, "kubernetes", _address(client.peername), self.settings.target_name,
+            rule, message, **attributes
+        )
+        self.ending.add(recorded)
+        recorded.addBoth(lambda result: (self.ending.discard(recorded), result)[1])
 
     # TLS.
 
@@ -165,8 +259,24 @@ class Frontend:
     # Requests.
 
     async def request(self, flow):
+        # Whatever becomes of it, this request leaves an event.
+        self.attempted.add(flow.client_conn.id)
         exchange = Exchange(time.time())
         flow.metadata[KEY] = exchange
+        if not flow.client_conn.tls_established:
+            # mitmproxy reads plain HTTP on the TLS port too: refused before
+            # anything of it (its token) is looked at.
+            exchange.refused = True
+            self._record_attempt(
+                flow.client_conn, admission.TLS_PLAINTEXT, "the client sent plain HTTP to the gateway's TLS port"
+            )
+            flow.response = http.Response.make(
+                400,
+                bodies.status(400, "hoopgw refused this request: this port speaks HTTPS only; use an https:// URL "
+                                   "(and consider the token sent in clear exposed)"),
+                {"content-type": JSON, "connection": "close"},
+            )
+            return
         try:
             await self._request(flow, exchange)
         except Exception:
@@ -264,6 +374,9 @@ class Frontend:
         if info.verb == "watch" or info.subresource in ("log", "exec", "attach"):
             # A stream is masked as it passes: it must come uncompressed.
             headers.pop("accept-encoding", None)
+            # Nor compressed WebSocket messages (permessage-deflate), whose
+            # size the gateway could not bound before inflating them.
+            headers.pop("sec-websocket-extensions", None)
         accept = headers.get("accept")
         if accept and _PROTOBUF in accept:
             kept = [part for part in accept.split(",") if _PROTOBUF not in part]
@@ -324,6 +437,7 @@ class Frontend:
             return None
         state.sessions[key] = session
         exchange.session = session
+        self._proven(client)
         return session
 
     def _new_session(self, flow, token):
@@ -392,9 +506,18 @@ class Frontend:
 
     def client_disconnected(self, client):
         self.tls_connections.pop(client.id, None)
+        self._proven(client)
         state = self.clients.pop(client.id, None)
         if state is not None:
             self._leave(state, "client disconnected")
+        if client.id not in self.attempted:
+            # Gone before any request (a probe, a client that is not TLS, a
+            # request mitmproxy could not read): recorded all the same.
+            message = "the connection closed before any request reached the gateway"
+            if client.error:
+                message += ": %s" % (admission.client_text(client.error),)
+            self._record_attempt(client, "kubernetes:closed-before-request", message)
+        self.attempted.discard(client.id)
 
     def close_sessions(self, reason):
         """
@@ -404,6 +527,10 @@ class Frontend:
         @return: a L{Deferred} firing once every session has ended.
         """
         handlers = self.engine.proxyserver.connections if self.engine is not None else {}
+        for _, due in self.unproven.values():
+            for call in due:
+                if call.active():
+                    call.cancel()
         for client_id in list(self.clients):
             handler = handlers.get(client_id)
             state = self.clients.pop(client_id)
@@ -439,6 +566,8 @@ class Frontend:
         if exchange is None or exchange.refused or exchange.command is None:
             return
         response = flow.response
+        if self.result_hooks:
+            _mask_headers(response.headers)
         for warning in exchange.warnings:
             response.headers.add("warning", _warning(warning))
         info = exchange.info
@@ -449,7 +578,7 @@ class Frontend:
             if not self.result_hooks:
                 response.stream = True
             elif info.verb == "watch":
-                response.stream = _WatchStream(self, flow, exchange)
+                response.stream = _WatchStream(self, flow, exchange, self.settings.max_body_bytes)
             else:
                 response.stream = _LogStream(self, flow, exchange)
 
@@ -672,11 +801,40 @@ class Frontend:
                 return
             if not frame.data:
                 return
+            if self.result_hooks:
+                # The API server's status (its message) is masked like its output.
+                try:
+                    data = await self._terminal_status(exchange, frame.data)
+                except ChainBroken as error:
+                    self._terminal_broken(flow, exchange, message, frame, error)
+                    return
+                if data is not frame.data:
+                    frame.data = data
+                    message.content = frame.encode()
             try:
                 result = json.loads(frame.data)
             except ValueError:
                 return
             exchange.exit = _exit_code(result)
+        elif frame.channel not in channels.STREAMS or frame.data:
+            # A channel the protocol does not have (or no channel at all), or
+            # data on one the API server does not write to: nothing the
+            # gateway has not read passes.  (An empty frame, which opens a
+            # channel, does.)
+            message.drop()
+
+    async def _terminal_status(self, exchange, data):
+        """
+        The status that ends an exec through the chain's result hooks, as
+        a JSON body.
+
+        @return: the bytes to send.
+        @raise ChainBroken: an addon failed on it.
+        """
+        chunk = ResultChunk("body", data=data, fields={"content_type": JSON, "exec_status": True})
+        await _wait(self.chain.result(exchange.session, exchange.command, chunk), self.loop)
+        exchange.masked += chunk.masked + chunk.withheld
+        return chunk.data
 
     async def _terminal_output(self, exchange, channel, data, final):
         """
@@ -720,6 +878,9 @@ class Frontend:
         exchange = flow.metadata.get(KEY)
         if exchange is None or exchange.cast is None or exchange.finished:
             return
+        too_large = flow.metadata.get(engines.TOO_LARGE)
+        if too_large and not exchange.broken:
+            exchange.broken = too_large
         command = exchange.command
         if self.result_hooks and not exchange.released and not exchange.broken:
             # The stream closed without a status: what the chain still held
@@ -759,6 +920,18 @@ def _warning(text):
     return '299 - "%s"' % (text.replace("\\", "\\\\").replace('"', "'").replace("\n", " "),)
 
 
+def _mask_headers(headers):
+    """
+    Mask card numbers in the API server's response headers (a C{Warning}
+    kubectl prints, say): its words are as untrusted as its bodies.
+    """
+    for name in list(headers.keys()):
+        values = headers.get_all(name)
+        masked = [cards.mask_text(value)[0] for value in values]
+        if masked != values:
+            headers.set_all(name, masked)
+
+
 def _close_client(handler):
     """
     Close a client's connection through its mitmproxy connection handler
@@ -775,14 +948,25 @@ def _status_of(response):
         return None
     if not isinstance(body, dict) or body.get("kind") != "Status":
         return None
-    return {"reason": body.get("reason", ""), "message": redact.redact_text(body.get("message", ""))[0]}
+    # The API server's words are as untrusted as any: text, bounded, and
+    # redacted before the record holds them.
+    return {field: redact.redact_text(_text(body.get(field, ""))[:4096])[0] for field in ("reason", "message")}
+
+
+def _text(value):
+    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
 def _exit_code(result):
+    # The API server's JSON, read without trusting its shape.
+    if not isinstance(result, dict):
+        return None
     if result.get("status") == "Success":
         return 0
-    for cause in (result.get("details") or {}).get("causes") or ():
-        if cause.get("reason") == "ExitCode":
+    details = result.get("details")
+    causes = details.get("causes") if isinstance(details, dict) else None
+    for cause in causes if isinstance(causes, list) else ():
+        if isinstance(cause, dict) and cause.get("reason") == "ExitCode":
             try:
                 return int(cause.get("message"))
             except (TypeError, ValueError):
@@ -790,37 +974,79 @@ def _exit_code(result):
     return None
 
 
+# What a stream callable returns when it has nothing to send yet.  Not
+# C{b""}: mitmproxy writes each returned chunk as it is, and an empty
+# chunk of a chunked HTTP/1.1 response is the one that ends it.
+_NOTHING_YET = ()
+
+
+def _chunks(data):
+    return [data] if data else _NOTHING_YET
+
+
 class _WatchStream:
     """
     A watch's events, one JSON object a line, each through the chain as it
     arrives.  Result hooks on a stream must answer at once: mitmproxy
     streams synchronously, so a hook that would make it wait stops it.
+
+    An event is read whole before any of it is sent, so an event cut
+    across chunks waits for its end; one longer than C{limit} bytes ends
+    the stream with an C{ERROR} event, as the API server ends a watch it
+    cannot continue.
     """
 
-    def __init__(self, frontend, flow, exchange):
+    def __init__(self, frontend, flow, exchange, limit):
         self.frontend = frontend
         self.flow = flow
         self.exchange = exchange
+        self.limit = limit
         self.pending = b""
 
     def __call__(self, data):
         exchange = self.exchange
         if exchange.broken:
-            return b""
+            return _NOTHING_YET
+        final = not data
         if data:
             data = self.pending + data
             cut = data.rfind(b"\n") + 1
             self.pending, data = data[cut:], data[:cut]
+            if len(self.pending) > self.limit or (data and _longest_line(data) > self.limit):
+                self.pending = b""
+                return self._broken(
+                    "the API server sent a watch event longer than the %d bytes this connection accepts "
+                    "(max_body_bytes)" % (self.limit,),
+                    _longest_prefix(data, self.limit),
+                )
         else:
             data, self.pending = self.pending, b""
-        if not data:
-            return b""
         out = []
         for line in data.splitlines(keepends=True):
             filtered = self._event(line)
             if filtered is None:
-                return b"".join(out)
+                break
             out.append(filtered)
+        if final:
+            # The end of the response: always written, so what was held
+            # back goes out before the chunk that ends it.
+            return b"".join(out)
+        return _chunks(b"".join(out))
+
+    def _broken(self, reason, sent):
+        """
+        End the stream: the events before the bad one, then an C{ERROR}
+        event saying why (kubectl prints its message).
+        """
+        out = []
+        for line in sent.splitlines(keepends=True):
+            filtered = self._event(line)
+            if filtered is None:
+                return _chunks(b"".join(out))
+            out.append(filtered)
+        # After the ERROR event has been written.
+        self.frontend._stream_broken(self.flow, self.exchange, reason, delay=0.2)
+        out.append(_error_event(500, "hoopgw ended the watch because %s" % (reason,)))
         return b"".join(out)
 
     def _event(self, line):
@@ -850,10 +1076,30 @@ class _WatchStream:
         return chunk.data + newline
 
 
+def _longest_line(data):
+    return max(len(line) for line in data.split(b"\n"))
+
+
+def _longest_prefix(data, limit):
+    """
+    The whole lines of C{data} before the first one longer than C{limit}.
+    """
+    kept = []
+    for line in data.splitlines(keepends=True):
+        if len(line) > limit:
+            break
+        kept.append(line)
+    return b"".join(kept)
+
+
+def _error_event(code, message):
+    return json.dumps({"type": "ERROR", "object": json.loads(bodies.status(code, message))}).encode("utf-8") + b"\n"
+
+
 class _LogStream:
     """
     C{logs -f}: each piece of text through the chain as it arrives, the
-    last one marked final.
+    last one marked final (what the masker held back comes out then).
     """
 
     def __init__(self, frontend, flow, exchange):
@@ -864,19 +1110,22 @@ class _LogStream:
     def __call__(self, data):
         frontend, exchange = self.frontend, self.exchange
         if exchange.broken:
-            return b""
-        chunk = ResultChunk("stream", data=data, stream="log", final=not data)
+            return _NOTHING_YET
+        final = not data
+        chunk = ResultChunk("stream", data=data, stream="log", final=final)
         try:
             waiting = frontend.chain.result(exchange.session, exchange.command, chunk)
         except ChainBroken as error:
             frontend._stream_broken(self.flow, exchange, str(error))
-            return b""
+            return _NOTHING_YET
         if waiting is not None and not settled(waiting)[0]:
             waiting.cancel()
             frontend._stream_broken(self.flow, exchange, "an addon would make the log stream wait")
-            return b""
+            return _NOTHING_YET
         exchange.masked += chunk.masked + chunk.withheld
-        return chunk.data
+        if final:
+            return chunk.data
+        return _chunks(chunk.data)
 
 
 class KubernetesService(service.Service):

@@ -212,6 +212,10 @@ def request_command(info, method, path, query="", websocket=False, user_agent=""
         facts["dryRun"] = parsed["dryRun"][-1]
     if info.subresource == "log":
         facts["follow"] = (parsed.get("follow") or ["false"])[-1] in ("true", "1")
+    for key, value in facts.items():
+        # Names, paths and the user agent come from the client as they are.
+        if isinstance(value, str):
+            facts[key] = _clean(value)
     command = Command(kind="kubernetes", text=text, redacted=redacted_request(method, path), facts=facts)
     if body:
         command.parameters = (body,)

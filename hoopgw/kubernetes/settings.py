@@ -72,6 +72,33 @@ CONNECTION_OPTIONS = (
         "The largest request or (non-streamed) response body the gateway accepts.",
     ),
     o.Option(
+        "tls_handshake_timeout",
+        o.duration,
+        10.0,
+        "How long a client may take to complete its TLS handshake; then its connection is closed and the "
+        "attempt recorded.",
+    ),
+    o.Option(
+        "login_timeout",
+        o.duration,
+        60.0,
+        "How long a client connection may stay open without a request the chain let in (a valid token or "
+        "certificate); then it is closed and the attempt recorded.",
+    ),
+    o.Option(
+        "max_unauthenticated",
+        o.integer(minimum=1),
+        100,
+        "How many client connections may be open at once without a request the chain let in; more are "
+        "closed at once (before TLS) and recorded.",
+    ),
+    o.Option(
+        "max_unauthenticated_per_source",
+        o.integer(minimum=1),
+        20,
+        "How many of those may come from one source address.",
+    ),
+    o.Option(
         "saml_header",
         o.optional_string,
         "X-Hoopgw-Saml",
@@ -123,6 +150,10 @@ class KubernetesSettings:
     listen_port = attr.ib()
     max_body_bytes = attr.ib()
     saml_header = attr.ib(default=None)
+    tls_handshake_timeout = attr.ib(default=10.0)
+    login_timeout = attr.ib(default=60.0)
+    max_unauthenticated = attr.ib(default=100)
+    max_unauthenticated_per_source = attr.ib(default=20)
 
     @property
     def target_name(self):
@@ -222,4 +253,8 @@ def parse_connection(raw, path, listen):
         listen_port=port,
         max_body_bytes=values["max_body_bytes"],
         saml_header=saml_header,
+        tls_handshake_timeout=values["tls_handshake_timeout"],
+        login_timeout=values["login_timeout"],
+        max_unauthenticated=values["max_unauthenticated"],
+        max_unauthenticated_per_source=values["max_unauthenticated_per_source"],
     )

@@ -155,6 +155,8 @@ class StandinAPIServer:
         self.watchers = []
         self.logs = {}
         self.followers = {}
+        # Headers added to every response: C{(name, value)} pairs.
+        self.extra_headers = []
         self.port = None
         self.create(("", "v1", "namespaces"), None, {"metadata": {"name": "default"}})
         self.create(("", "v1", "namespaces"), None, {"metadata": {"name": "kube-system"}})
@@ -271,6 +273,30 @@ class StandinAPIServer:
         for follower in list(self.followers.get((namespace, pod), ())):
             follower.request.write(text.encode("utf-8"))
 
+    def write_log(self, namespace, pod, data):
+        """
+        Write C{data} (bytes, cut wherever the caller likes) to the pod's
+        followers as one chunk, as a container's output may come.
+        """
+        for follower in list(self.followers.get((namespace, pod), ())):
+            follower.request.write(data)
+
+    def write_watches(self, data):
+        """
+        Write C{data} (bytes: a part of a watch event, say) to every open
+        watch as one chunk.
+        """
+        for watcher in list(self.watchers):
+            watcher.request.write(data)
+
+    def end_watches(self):
+        """
+        End every open watch, as the API server does when a watch's time
+        is up.
+        """
+        for watcher in list(self.watchers):
+            _finish(watcher.request)
+
     def end_log(self, namespace, pod):
         """
         The pod's container stopped: followers' streams end.
@@ -311,6 +337,8 @@ class _Root(resource.Resource):
         method = request.method.decode()
         path = request.path.decode("utf-8", "replace")
         api.requests.append((method, path))
+        for name, value in api.extra_headers:
+            request.responseHeaders.addRawHeader(name, value)
         api.header_names.append({name.decode("latin-1").lower() for name, _ in request.requestHeaders.getAllRawHeaders()})
         authorization = request.getHeader(b"authorization")
         api.authorizations.append(authorization.decode("latin-1") if authorization is not None else None)

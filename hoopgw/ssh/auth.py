@@ -24,6 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from hoopgw import admission
 from hoopgw.model import DENY, Credentials, Decision, Session
 from hoopgw.ssh import upstream
 from hoopgw.ssh.identities import KeyRefused, identify
@@ -55,7 +56,6 @@ class GatewayUserAuth(userauth.SSHUserAuthServer):
 
     protocolMessages = dict(userauth.SSHUserAuthServer.protocolMessages)
     protocolMessages[MSG_USERAUTH_INFO_RESPONSE] = "MSG_USERAUTH_INFO_RESPONSE"
-    attemptsBeforeDisconnect = 6
     _log = Logger()
 
     def serviceStarted(self):
@@ -68,9 +68,9 @@ class GatewayUserAuth(userauth.SSHUserAuthServer):
         self.portal = self.transport.portal
         self.supportedAuthentications = [b"publickey", b"password", b"keyboard-interactive"]
         self._answers = None
-        self._cancelLoginTimeout = self.transport.factory.reactor.callLater(
-            self.transport.factory.settings.login_timeout, self.timeoutAuthentication
-        )
+        # The transport's login_timeout covers the key exchange too.
+        self._cancelLoginTimeout = None
+        self.max_auth_tries = self.transport.factory.settings.max_auth_tries
 
     def serviceStopped(self):
         userauth.SSHUserAuthServer.serviceStopped(self)
@@ -184,6 +184,18 @@ class GatewayUserAuth(userauth.SSHUserAuthServer):
             return
         if reason.check(Refused):
             self.transport.banner("hoopgw refused the login: %s" % (reason.getErrorMessage(),))
+        if (
+            not reason.check(conch_error.IgnoreAuthentication)
+            and self.method != b"none"
+            and self.loginAttempts + 1 >= self.max_auth_tries
+        ):
+            self.loginAttempts += 1
+            self.transport.refuse_attempt(
+                admission.MAX_AUTH_TRIES,
+                "%d failed authentication attempts on one connection (max_auth_tries)" % (self.loginAttempts,),
+                code=transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+            )
+            return
         return userauth.SSHUserAuthServer._ebBadAuth(self, reason)
 
 
@@ -201,6 +213,8 @@ class _Checker:
 
     def new_session(self, login, credentials, attributes):
         factory = self.factory
+        # The session this makes is recorded, started or refused.
+        self.front.recorded = True
         return Session(
             connection=factory.connection.name,
             protocol="ssh",
@@ -210,7 +224,7 @@ class _Checker:
             attributes=dict(
                 attributes,
                 login=login,
-                client_version=self.front.otherVersionString.decode("utf-8", "replace"),
+                client_version=admission.client_text(self.front.otherVersionString),
             ),
             notifier=self.front.notify,
         )

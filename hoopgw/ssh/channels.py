@@ -17,6 +17,7 @@ from twisted.conch.ssh import connection
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from hoopgw import admission
 from hoopgw import cast as casts
 from hoopgw.chain import ChainBroken
 from hoopgw.model import Decision, ResultChunk
@@ -64,10 +65,10 @@ class TargetChannel(RelayChannel):
     def openFailed(self, reason):
         if isinstance(reason, ConchError):
             text = reason.args[0]
-            text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
         else:
             text = str(reason)
-        self.opened.errback(ConchError(text))
+        # The target's words reach the client and the record: masked like any text from it.
+        self.opened.errback(ConchError(admission.client_text(text)))
 
     def dataReceived(self, data):
         self.front.target_output("stdout", data)
@@ -474,18 +475,33 @@ class SessionChannel(_ClientSide):
         self._queue(("eof", None))
 
     def target_exit(self, name, data):
+        """
+        The target's exit status or signal: recorded, and passed on as the
+        gateway re-encodes it (the signal's message masked and redacted
+        like any text from the target); a malformed one is not passed on.
+        """
         outcome = self.command.outcome
         try:
             reader = Reader(data)
             if name == b"exit-status":
-                outcome.update(status="exited", exit_status=reader.uint32())
+                code = reader.uint32()
+                outcome.update(status="exited", exit_status=code)
+                data = struct.pack(">L", code)
             else:
-                outcome.update(status="signalled", signal=reader.text(), core_dumped=reader.boolean())
-                message = reader.text()
+                signal = admission.client_text(reader.string()[:32])
+                core_dumped = reader.boolean()
+                message = admission.client_text(reader.string())
+                language = reader.string()[:32] if reader.remaining else b""
+                outcome.update(status="signalled", signal=signal, core_dumped=core_dumped)
                 if message:
                     outcome["error"] = message[:200]
+                data = (
+                    string(signal.encode("utf-8")) + bytes((core_dumped,)) + string(message.encode("utf-8"))
+                    + string(language if language.isascii() else b"")
+                )
         except WireError:
-            outcome.update(status="exited", exit_status=None)
+            outcome.update(status="exited", exit_status=None, error="the target sent a malformed %s" % (name.decode(),))
+            return
         self._queue(("request", (name, data)))
 
     def target_closed(self):

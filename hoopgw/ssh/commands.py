@@ -14,7 +14,26 @@ from hoopgw.redact import redact_text
 
 
 def _clean(text):
-    return redact_text(text)[0]
+    # Masked before the bytes that are not UTF-8 are escaped: an escape's
+    # hex digits next to a card number would hide it in a longer number.
+    return _utf8(redact_text(text)[0])
+
+
+def _utf8(text):
+    """
+    C{text} as valid UTF-8 text: the bytes of a line that was not UTF-8
+    (read with C{surrogateescape}) as C{\\xNN} escapes, so the record can
+    hold it and shows which bytes they were.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _program_name(argv):
@@ -51,6 +70,8 @@ def exec_command(line, login, pty):
     # Unbalanced quotes: the target's shell would refuse the line too; it
     # says why in parse_error, and block refuses it.
     facts.update(read.facts(_clean))
+    if "parse_error" in facts:
+        facts["parse_error"] = _clean(facts["parse_error"])
     return Command(kind="exec", text=line, redacted=_clean(line), facts=facts)
 
 
@@ -85,9 +106,9 @@ def forward_command(host, port, originator_host, originator_port):
         redacted=_clean(text),
         facts={
             "direction": "local",
-            "host": host,
+            "host": _clean(host),
             "port": port,
-            "originator": "%s:%d" % (originator_host, originator_port),
+            "originator": _clean("%s:%d" % (originator_host, originator_port)),
         },
     )
 
@@ -98,5 +119,5 @@ def refused_request(request, text, **facts):
     forwarding, another subsystem), recorded when tried.
     """
     all_facts = {"request": request}
-    all_facts.update(facts)
+    all_facts.update((name, _clean(value) if isinstance(value, str) else value) for name, value in facts.items())
     return Command(kind="ssh-request", text=text, redacted=_clean(text), facts=all_facts)

@@ -16,7 +16,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from hoopgw import __version__
+from hoopgw import __version__, admission
 from hoopgw.model import Decision
 from hoopgw.ssh import auth, channels
 from hoopgw.ssh.commands import refused_request
@@ -125,6 +125,7 @@ class GatewayAvatar(conch_avatar.ConchUser):
         self.ended = None
         self.done = defer.Deferred()
         self.factory.avatars.add(self)
+        front.logged_in()
 
     def open_channel(self, channel_type, window, max_packet, data):
         if channel_type == b"session":
@@ -224,14 +225,155 @@ class GatewayServerTransport(transport.SSHServerTransport):
         self.lost = False
         self.key_proof = None
         self.auth_method = None
+        # Whether an event of this connection's attempts is in the record
+        # (a login tried, a limit met): a connection that ends without one
+        # leaves one saying how far it got.
+        self.recorded = False
+        self.authenticated = False
+        self.sent_disconnect = None
+        self._refused = False
+        self._abort = None
+        self._counted = False
+        self._grace = None
         self.portal = Portal(auth.GatewayRealm(self), [auth.KeyChecker(self), auth.TokenChecker(self)])
         self.factory.fronts.add(self)
         transport.SSHServerTransport.connectionMade(self)
+        limits = self.factory.admission
+        refused = limits.refusal(self.client_host)
+        if refused is not None:
+            self.refuse_attempt(*refused, code=transport.DISCONNECT_TOO_MANY_CONNECTIONS)
+            return
+        limits.enter(self.client_host)
+        self._counted = True
+        self._grace = self.factory.reactor.callLater(self.factory.settings.login_timeout, self._grace_expired)
+
+    def logged_in(self):
+        """
+        The client has logged in: it no longer counts against the limits
+        before login.
+        """
+        self.authenticated = True
+        self._uncount()
+
+    def _uncount(self):
+        if self._grace is not None and self._grace.active():
+            self._grace.cancel()
+        self._grace = None
+        if self._counted:
+            self._counted = False
+            self.factory.admission.leave(self.client_host)
+
+    def stage(self):
+        """
+        How far the connection got: version, key-exchange or authentication.
+        """
+        if not self.gotVersion:
+            return "version"
+        if getattr(self, "sessionID", None) is None:
+            return "key-exchange"
+        return "authentication"
+
+    def _grace_expired(self):
+        self._grace = None
+        if self.lost or self.authenticated:
+            return
+        self.refuse_attempt(
+            admission.LOGIN_TIMEOUT,
+            "the client did not log in within %g seconds (login_timeout)" % (self.factory.settings.login_timeout,),
+        )
+
+    def refuse_attempt(self, rule, message, code=transport.DISCONNECT_BY_APPLICATION):
+        """
+        Refuse this connection before login: record it (C{session.refused}
+        with C{rule}) and disconnect with C{message}.
+        """
+        self.recorded = True
+        self._record(rule, message)
+        if self.lost:
+            return
+        text = ("hoopgw refused the connection: %s" % (message,)).encode("utf-8")
+        self.sent_disconnect = (code, text)
+        self.sendPacket(transport.MSG_DISCONNECT, struct.pack(">L", code) + common.NS(text) + common.NS(b""))
+        # Closed for writing only, and what the client still sends
+        # discarded: a full close with its version and key exchange unread
+        # would reset the connection before the client reads why.
+        self._refused = True
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:
+            self.transport.loseConnection()
+            return
+        half_close()
+        self._abort = self.factory.reactor.callLater(REFUSED_LINGER, self.transport.abortConnection)
+
+    def dataReceived(self, data):
+        if self._refused:
+            return
+        transport.SSHServerTransport.dataReceived(self, data)
+
+    def receiveDebug(self, alwaysDisplay, message, lang):
+        # The client's words, even in the log: masked.
+        if alwaysDisplay:
+            self._log.debug("{client}: debug message: {message}", client=self.client_address,
+                            message=admission.client_text(message))
+
+    def dispatchMessage(self, messageNum, payload):
+        """
+        A message Conch cannot read (a truncated string, a count past the
+        end) ends the connection with a protocol error the client is told
+        of, and one line in the log: bad input is no traceback.
+        """
+        try:
+            transport.SSHServerTransport.dispatchMessage(self, messageNum, payload)
+        except Exception as error:
+            self._log.warn(
+                "{client}: a malformed SSH message (number {number}) ended the connection: {error}",
+                client=self.client_address,
+                number=messageNum,
+                error="%s: %s" % (type(error).__name__, error),
+            )
+            if not self.lost:
+                self.sendDisconnect(
+                    transport.DISCONNECT_PROTOCOL_ERROR,
+                    b"hoopgw: the client sent a malformed SSH message (number %d)" % (messageNum,),
+                )
+
+    def _record(self, rule, message):
+        attributes = {"stage": self.stage()}
+        if self.gotVersion:
+            attributes["client_version"] = admission.client_text(self.otherVersionString)
+        factory = self.factory
+        admission.record_refusal(
+            factory.chain, factory.connection.name, "ssh", self.client_address, factory.settings.target_name,
+            rule, message, **attributes
+        )
+
+    def sendDisconnect(self, reason, desc):
+        if self.sent_disconnect is None:
+            self.sent_disconnect = (reason, desc)
+        transport.SSHServerTransport.sendDisconnect(self, reason, desc)
 
     def connectionLost(self, reason=None):
         self.lost = True
         self.factory.fronts.discard(self)
+        self._uncount()
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+        if not self.authenticated and not self.recorded:
+            self.recorded = True
+            self._record(*self._how_it_ended())
         transport.SSHServerTransport.connectionLost(self, reason)
+
+    def _how_it_ended(self):
+        """
+        The reason code and sentence of a connection that ended before any
+        login was tried.
+        """
+        stage = self.stage()
+        if self.sent_disconnect is None:
+            return "ssh:closed-before-login", "the client closed the connection before logging in (at the %s stage)" % (stage,)
+        code, desc = self.sent_disconnect
+        rule = _DISCONNECT_RULES.get(code, "ssh:closed-before-login")
+        return rule, "the gateway ended the connection at the %s stage: %s" % (stage, admission.client_text(desc))
 
     def banner(self, text):
         """
@@ -251,9 +393,23 @@ class GatewayServerTransport(transport.SSHServerTransport):
         else:
             avatar.notify(text)
 
-    def disconnect(self, message):
+    def disconnect(self, message, code=transport.DISCONNECT_BY_APPLICATION):
         if not self.lost:
-            self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, message.encode("utf-8"))
+            self.sendDisconnect(code, message.encode("utf-8"))
+
+
+# How long a refused client may take to read why before its connection is
+# cut.
+REFUSED_LINGER = 5.0
+
+# The reason codes of connections the gateway ended before any login was tried.
+_DISCONNECT_RULES = {
+    transport.DISCONNECT_PROTOCOL_ERROR: "ssh:protocol-error",
+    transport.DISCONNECT_KEY_EXCHANGE_FAILED: "ssh:key-exchange-failed",
+    transport.DISCONNECT_CONNECTION_LOST: "ssh:protocol-error",
+    transport.DISCONNECT_MAC_ERROR: "ssh:protocol-error",
+    transport.DISCONNECT_PROTOCOL_VERSION_NOT_SUPPORTED: "ssh:protocol-error",
+}
 
 
 class SSHGatewayFactory(factory.SSHFactory):
@@ -278,6 +434,9 @@ class SSHGatewayFactory(factory.SSHFactory):
         self.publicKeys = {name: key.public() for name, key in self.privateKeys.items()}
         self.fronts = set()
         self.avatars = set()
+        self.admission = admission.Admission(
+            self.settings.max_unauthenticated, self.settings.max_unauthenticated_per_source
+        )
 
     def _host_keys(self):
         if self.settings.host_keys:

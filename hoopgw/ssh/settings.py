@@ -150,7 +150,33 @@ CONNECTION_OPTIONS = (
         [],
         "OpenSSH certificate authorities whose user certificates prove identities: name, public_key, principals.",
     ),
-    o.Option("login_timeout", o.duration, 60.0, "How long a client may take to authenticate."),
+    o.Option(
+        "login_timeout",
+        o.duration,
+        120.0,
+        "How long a client connection may take from its first byte to a successful login (key exchange "
+        "included), like OpenSSH's LoginGraceTime; then it is disconnected and the attempt recorded.",
+    ),
+    o.Option(
+        "max_auth_tries",
+        o.integer(minimum=1),
+        6,
+        "How many failed authentication attempts one client connection may make (each key offered that "
+        "is not registered counts), like OpenSSH's MaxAuthTries; the last one disconnects it.",
+    ),
+    o.Option(
+        "max_unauthenticated",
+        o.integer(minimum=1),
+        100,
+        "How many client connections may be open at once without having logged in; more are refused "
+        "(disconnected with a message) and recorded.",
+    ),
+    o.Option(
+        "max_unauthenticated_per_source",
+        o.integer(minimum=1),
+        20,
+        "How many of those may come from one source address.",
+    ),
     o.Option(
         "max_cast_bytes",
         o.integer(minimum=0),
@@ -209,6 +235,9 @@ class SSHSettings:
     authorities = attr.ib()
     login_timeout = attr.ib()
     max_cast_bytes = attr.ib()
+    max_auth_tries = attr.ib(default=6)
+    max_unauthenticated = attr.ib(default=100)
+    max_unauthenticated_per_source = attr.ib(default=20)
 
     @property
     def target_name(self):
@@ -297,4 +326,7 @@ def parse_connection(raw, path, listen):
         authorities=authorities,
         login_timeout=values["login_timeout"],
         max_cast_bytes=values["max_cast_bytes"],
+        max_auth_tries=values["max_auth_tries"],
+        max_unauthenticated=values["max_unauthenticated"],
+        max_unauthenticated_per_source=values["max_unauthenticated_per_source"],
     )

@@ -8,7 +8,7 @@ from twisted.conch.ssh import common, connection, keys, transport, userauth
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.logger import Logger
 
-from hoopgw import __version__
+from hoopgw import __version__, admission
 from hoopgw.ssh.publickeys import fingerprint, load_private_key
 from hoopgw.ssh.relay import FlowControl
 
@@ -142,9 +142,15 @@ class _TargetTransport(transport.SSHClientTransport):
         conn = TargetConnection(self.attempt)
         self.requestService(_TargetAuth(self.attempt.login.encode("utf-8"), conn, self.attempt.key))
 
+    def receiveDebug(self, alwaysDisplay, message, lang):
+        # The target's words, even in the log: masked.
+        if alwaysDisplay:
+            self._log.debug("The target's debug message: {message}", message=admission.client_text(message))
+
     def receiveError(self, reasonCode, description):
-        self.attempt.disconnect_message = description.decode("utf-8", "replace")
-        transport.SSHClientTransport.receiveError(self, reasonCode, description)
+        # The target's words reach the client and the record: masked like any text from it.
+        self.attempt.disconnect_message = admission.client_text(description)
+        transport.SSHClientTransport.receiveError(self, reasonCode, self.attempt.disconnect_message.encode("utf-8"))
 
     def connectionLost(self, reason=None):
         if self.attempt.ready.called:
@@ -171,6 +177,13 @@ class _TargetAuth(userauth.SSHUserAuthClient):
         userauth.SSHUserAuthClient.__init__(self, user, instance)
         self._key = key
         self._tried = False
+
+    def ssh_USERAUTH_BANNER(self, packet):
+        """
+        The target's banner is for people logging in to it; the client logs
+        in to the gateway, and never sees it.  Ignored (Conch would log it
+        as it came).
+        """
 
     def tryAuth(self, kind):
         if kind != b"publickey" or self._tried:
