@@ -38,9 +38,27 @@ def _check_config(arguments, out):
 
 
 def _verify(arguments, out):
+    if arguments.siem_file:
+        from hoopgw.export.check import verify_siem
+
+        return verify_siem(arguments.siem_file, arguments.key, out)
+    if not arguments.store:
+        print("hoopgw verify: give a store (or --siem-file FILE)", file=sys.stderr)
+        return 2
     from hoopgw.replay import commands
 
     return commands.verify(arguments, out)
+
+
+def _export_status(arguments, out):
+    from hoopgw.export.check import export_status
+
+    try:
+        config = configuration.load(arguments.config)
+    except ConfigError as error:
+        print("%s: %s" % (arguments.config, error), file=sys.stderr)
+        return 1
+    return export_status(config, out, as_json=arguments.json)
 
 
 def _evidence(name):
@@ -207,9 +225,18 @@ def parser():
     verify = commands.add_parser(
         "verify", help="verify a record: its hash chain, signatures, sessions and recordings"
     )
-    verify.add_argument("store", help="a store folder, an evidence bundle (.tar.gz) or a PostgreSQL store's DSN")
+    verify.add_argument("store", nargs="?", help="a store folder, an evidence bundle (.tar.gz) or a PostgreSQL store's DSN")
     verify.add_argument("--key", help="your copy of the record's public signing key (PEM)")
+    verify.add_argument(
+        "--siem-file", action="append", metavar="FILE",
+        help="instead of a store: native JSON lines a SIEM export delivered (repeat for rotated files)",
+    )
     verify.set_defaults(run=_verify)
+
+    status = commands.add_parser("export-status", help="each SIEM export sink's cursor, lag and last error")
+    status.add_argument("--config", required=True, help="the gateway's configuration file")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(run=_export_status)
 
     from hoopgw.replay import commands as evidence
 

@@ -101,6 +101,7 @@ class GatewayConfig:
     admin = attr.ib()
     signing_key = attr.ib()
     options = attr.ib(factory=dict)
+    export = attr.ib(default=())
 
 
 @attr.s(frozen=True)
@@ -212,6 +213,12 @@ GATEWAY_OPTIONS = (
     o.Option("store", o.mapping, {}, "The evidence store: backend, path, fsync, segment_bytes."),
     o.Option("admin", o.mapping, None, "The admin HTTP listener (approvals API); off when absent."),
     o.Option("signing_key", o.secret, None, "The Ed25519 key signing the record's checkpoints."),
+    o.Option(
+        "export",
+        lambda value, path: _load_module("hoopgw.export.config").parse_export(value, path),
+        (),
+        "Sinks streaming the record to a SIEM (syslog over TLS, HTTPS, a JSON-lines file), by name: see docs/export.rst.",
+    ),
 )
 
 
@@ -375,6 +382,7 @@ def _parse(document, path):
         store=store,
         admin=admin,
         signing_key=gateway_raw["signing_key"],
+        export=gateway_raw["export"],
     )
 
     providers = {}

@@ -1,0 +1,270 @@
+"""
+One sink's loop: read a batch of durable events after the sink's cursor,
+deliver it, move the cursor (persisted in C{gateway.state_dir}), repeat;
+on failure wait (doubling, up to a bound) and try the same batch again.
+It holds one batch at a time and never touches the path sessions take, so
+a receiver that is down or slow costs sessions nothing: the sink falls
+behind and catches up from the store.  Falling further behind than its
+bounds is itself recorded (C{export.lagging}, then C{export.recovered}).
+"""
+
+import json
+import os
+import random
+import time
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from hoopgw.export import formats
+from hoopgw.store import events as chaining
+
+LAGGING = "export.lagging"
+RECOVERED = "export.recovered"
+
+
+def state_path(state_dir, name):
+    return os.path.join(state_dir, "export", name + ".json")
+
+
+def load_state(path):
+    """
+    A sink's persisted state, or None when it has none (or it is unreadable:
+    the sink then starts as configured, which at worst sends duplicates).
+    """
+    try:
+        with open(path, "rb") as handle:
+            state = json.loads(handle.read())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("cursor"), dict) else None
+
+
+def save_state(path, state):
+    """
+    Replace the state file atomically (a crash leaves the old or the new
+    one, never half of one).  Not synced: a cursor lost in a power cut only
+    means events are sent again.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(state, handle, indent=1, sort_keys=True)
+        handle.write("\n")
+    os.replace(temporary, path)
+
+
+def describe_target(config):
+    if config.type == "syslog":
+        return "%s://%s:%d" % (config.transport, config.host, config.port)
+    if config.type == "https":
+        return config.url
+    return config.path
+
+
+class SinkRunner:
+    """
+    Drives one sink from its cursor.
+
+    @ivar state: what is persisted: the cursor (seq and hash of the last
+        event delivered), counters, the last error, lag, and since when
+        the sink has been lagging.
+    """
+
+    log = Logger()
+
+    def __init__(self, config, sink, reader, state_dir, reactor, record, head):
+        self.config = config
+        self.sink = sink
+        self.reader = reader
+        self.reactor = reactor
+        self._record = record
+        self._head = head
+        self.path = state_path(state_dir, config.name)
+        self.filter = formats.EventFilter(config.events, config.connections)
+        self.fields = frozenset(config.fields) if config.fields is not None else None
+        self._timer = None
+        self._running = False
+        self._busy = None
+        self._waiting_retry = False
+        self._first_pending = None
+        state = load_state(self.path)
+        if state is None:
+            start = head() if config.start == "end" else 0
+            state = {"cursor": {"seq": start, "hash": None, "ts": None}, "delivered": 0, "failures": 0,
+                     "last_error": None, "last_error_at": None, "last_delivery": None, "lagging_since": None}
+        state.update(sink=config.name, type=config.type, format=config.format, target=describe_target(config),
+                     max_lag_events=config.max_lag_events, max_lag_seconds=config.max_lag)
+        self.state = state
+
+    @property
+    def cursor(self):
+        return self.state["cursor"]["seq"]
+
+    def start(self):
+        self._running = True
+        self.wake()
+
+    def wake(self):
+        """
+        Look for new events now, unless a delivery is under way or the sink
+        is waiting out a back-off.
+        """
+        if not self._running or self._busy is not None or self._waiting_retry:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._busy = self._cycle()
+        self._busy.addBoth(self._cycled)
+
+    def _cycled(self, more):
+        self._busy = None
+        if not self._running:
+            return
+        if more is True:
+            self._timer = self.reactor.callLater(0, self.wake)
+        elif isinstance(more, float):
+            self._waiting_retry = True
+            self._timer = self.reactor.callLater(more, self._retry)
+        else:
+            self._timer = self.reactor.callLater(self.config.poll_interval, self.wake)
+
+    def _retry(self):
+        self._waiting_retry = False
+        self.wake()
+
+    @defer.inlineCallbacks
+    def _cycle(self):
+        """
+        One step.  @return: (a Deferred of) True when there may be more to
+        send now, a float (seconds to wait) after a failure, None when idle.
+        """
+        now = self.reactor.seconds()
+        self.state["last_attempt"] = chaining.timestamp(now)
+        try:
+            batch = yield self.reader.read(self.cursor, self.config.batch_size)
+            self._first_pending = chaining.epoch(batch[0][1]["ts"]) if batch and batch[0][1].get("ts") else None
+            documents = [(event, self.document(raw, event)) for raw, event in batch if self.filter(event)]
+            if documents:
+                yield self.sink.deliver(documents)
+        except Exception as failure:
+            self.state["failures"] = self.state.get("failures", 0) + 1
+            self.state["last_error"] = str(failure) or type(failure).__name__
+            self.state["last_error_at"] = chaining.timestamp(self.reactor.seconds())
+            self.log.warn("Export sink {sink} failed: {error}", sink=self.config.name, error=self.state["last_error"])
+            self._save()
+            yield self._check_lag()
+            return self._backoff()
+        if not batch:
+            self._first_pending = None
+            yield self._check_lag()
+            return None
+        last = batch[-1][1]
+        self.state["cursor"] = {"seq": last["seq"], "hash": last.get("hash"), "ts": last.get("ts")}
+        self.state["delivered"] = self.state.get("delivered", 0) + len(documents)
+        self.state["failures"] = 0
+        self.state["last_delivery"] = chaining.timestamp(self.reactor.seconds())
+        self._first_pending = None
+        self._save()
+        yield self._check_lag()
+        return len(batch) >= self.config.batch_size or self.cursor < self._head()
+
+    def _backoff(self):
+        failures = self.state["failures"]
+        delay = min(self.config.retry_max, self.config.retry_initial * 2 ** min(failures - 1, 30))
+        # Jitter, so that sinks (and gateways) do not retry in step.
+        return float(delay * random.uniform(0.8, 1.0))
+
+    def document(self, raw, event):
+        if self.config.format == "ocsf":
+            import orjson
+
+            return orjson.dumps(formats.ocsf(event, self.fields))
+        return formats.native(raw, event, self.fields)
+
+    def lag(self):
+        """
+        C{(events, seconds)} the sink is behind the store.
+        """
+        events = max(0, self._head() - self.cursor)
+        seconds = 0.0
+        if events and self._first_pending is not None:
+            seconds = max(0.0, self.reactor.seconds() - self._first_pending)
+        return events, seconds
+
+    @defer.inlineCallbacks
+    def _check_lag(self):
+        events, seconds = self.lag()
+        self.state["head"] = self._head()
+        self.state["lag_events"] = events
+        self.state["lag_seconds"] = round(seconds, 3)
+        over = events > self.config.max_lag_events or seconds > self.config.max_lag
+        since = self.state.get("lagging_since")
+        alert = None
+        if over and since is None:
+            self.state["lagging_since"] = chaining.timestamp(self.reactor.seconds())
+            alert = {
+                "type": LAGGING,
+                "sink": self.config.name,
+                "target": self.state["target"],
+                "cursor": self.cursor,
+                "head": self.state["head"],
+                "lag_events": events,
+                "lag_seconds": round(seconds, 3),
+                "max_lag_events": self.config.max_lag_events,
+                "max_lag_seconds": self.config.max_lag,
+                "last_error": self.state.get("last_error"),
+            }
+        elif since is not None and not over:
+            self.state["lagging_since"] = None
+            alert = {
+                "type": RECOVERED,
+                "sink": self.config.name,
+                "target": self.state["target"],
+                "cursor": self.cursor,
+                "head": self.state["head"],
+                "lag_events": events,
+                "lagging_since": since,
+            }
+        self._save()
+        if alert is not None:
+            self.log.warn("Export sink {sink}: {kind}", sink=self.config.name, kind=alert["type"])
+            try:
+                yield self._record(alert)
+            except Exception:
+                self.log.failure("Recording {kind} failed", kind=alert["type"])
+
+    def _save(self):
+        self.state["updated"] = chaining.timestamp(self.reactor.seconds())
+        try:
+            save_state(self.path, self.state)
+        except OSError as failure:
+            self.log.error("Export sink {sink}: cannot save its cursor {path}: {error}", sink=self.config.name,
+                           path=self.path, error=failure.strerror)
+
+    @defer.inlineCallbacks
+    def drain(self, deadline):
+        """
+        Deliver what the store holds now, until C{deadline} (reactor
+        seconds) or the first failure: a stopping gateway hands its last
+        events (its stop, the closing checkpoint) over before it exits.
+        """
+        self._running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._busy is not None:
+            yield self._busy
+        while self.reactor.seconds() < deadline:
+            more = yield self._cycle()
+            if more is not True:
+                break
+
+    def stop(self):
+        self._running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        close = getattr(self.sink, "close", None)
+        return defer.maybeDeferred(close) if close is not None else defer.succeed(None)
