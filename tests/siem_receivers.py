@@ -196,7 +196,9 @@ class Collector:
             yield port.stopListening()
         # Persistent connections the gateway holds are cut as well.
         for channel in list(self._site.live if self._site is not None else ()):
-            channel.transport.abortConnection()
+            transport = getattr(channel, "transport", None) or getattr(getattr(channel, "_channel", None), "transport", None)
+            if transport is not None:
+                transport.abortConnection()
         yield task.deferLater(reactor, 0, lambda: None)
 
     @property
