@@ -479,3 +479,67 @@ class ConfigTests(unittest.TestCase):
         (sink,) = parse_export({"s": {"type": "syslog", "host": "h", "ca": __file__}}, "gateway.export")
         self.assertEqual((sink.format, sink.transport, sink.port, sink.facility, sink.batch_size),
                          ("native", "tls", 6514, "authpriv", 500))
+
+
+class ExportingGateway(evidence_support.SignedGateway):
+    """
+    A real, signed gateway in the test's reactor with C{gateway.export} set.
+    """
+
+    def __init__(self, test, export):
+        self._export = export
+        evidence_support.SignedGateway.__init__(self, test, key="export")
+
+    def start(self, test, document):
+        document["gateway"]["export"] = self._export
+        evidence_support.SignedGateway.start(self, test, document)
+
+
+class GatewayExportTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_sessions_through_the_gateway(self):
+        """
+        A real gateway with psql sessions (one allowed, with a card number
+        in its result; one refused) exports its whole record: the file sink
+        holds every line, its stop and closing checkpoint included (drained
+        after the store's last event), and verifies signed to the end; the
+        OCSF collector got every event as a valid OCSF 1.3.0 document, and
+        no card number in clear reached either.
+        """
+        from tests.support import psql, token
+
+        directory = os.path.abspath(self.mktemp())
+        certificates = siem_receivers.test_pki(os.path.join(directory, "pki"))
+        collector = siem_receivers.Collector(certificates)
+        collector.start()
+        self.addCleanup(collector.stop)
+        out = os.path.join(directory, "siem", "events.jsonl")
+        fast = {"poll_interval": "0.05s", "retry_initial": "0.05s", "retry_max": "0.2s"}
+        harness = ExportingGateway(self, {
+            "file": dict(fast, type="file", path=out),
+            "ocsf": dict(fast, type="https", format="ocsf", url=collector.url, ca=certificates["ca"]),
+        })
+        _, err, code = yield psql(harness.dsn(), "-c", "SELECT '4111 1111 1111 1111' AS pan", password=token())
+        self.assertEqual(code, 0, err)
+        yield psql(harness.dsn(user="intruder"), "-c", "SELECT 1", password=token(subject="intruder", groups=["marketing"]))
+        yield harness.wait_for("session.end", 1)
+        yield harness.wait_for("session.refused", 1)
+        yield harness.stop()
+        record = [raw for _, _, raw, _ in read_events(harness.store_path)]
+        with open(out, "rb") as handle:
+            exported = handle.read()
+        self.assertEqual(exported.splitlines(True), record)
+        self.assertEqual(json.loads(record[-1])["type"], "checkpoint")
+        output = io.StringIO()
+        self.assertEqual(cli.main(["verify", "--siem-file", out, "--key", evidence_support.signing_key("export")[1]], output), 0, output.getvalue())
+        self.assertIn("signed: seq 1 to %d" % (len(record),), output.getvalue())
+        schema = json.load(open(SCHEMA_PATH))
+        self.assertEqual(sorted(set(collector.seqs())), list(range(1, len(record) + 1)))
+        classes = set()
+        for document in collector.documents:
+            jsonschema.validate(document, schema)
+            classes.add((document["class_uid"], document["status_id"] if "status_id" in document else None))
+        self.assertIn((3002, formats.FAILURE), classes)
+        self.assertIn((6005, formats.SUCCESS), classes)
+        self.assertNotIn(b"4111 1111 1111 1111", exported)
+        self.assertNotIn("4111 1111 1111 1111", json.dumps(collector.documents))
