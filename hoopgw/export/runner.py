@@ -168,7 +168,10 @@ class SinkRunner:
         self._first_pending = None
         self._save()
         yield self._check_lag()
-        return len(batch) >= self.config.batch_size or self.cursor < self._head()
+        # A full batch: there is more to catch up now.  Otherwise what came
+        # meanwhile waits for the next poll, so that a sink keeping up with
+        # a busy gateway sends batches, not a read and a sync per event.
+        return len(batch) >= self.config.batch_size
 
     def _backoff(self):
         failures = self.state["failures"]
