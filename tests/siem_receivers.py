@@ -47,6 +47,8 @@ global(workDirectory="{work}" maxMessageSize="256k"
        defaultNetstreamDriverKeyFile="{key}")
 module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="anon")
 input(type="imtcp" port="{port}" address="127.0.0.1")
+module(load="imudp")
+input(type="imudp" port="{udp_port}" address="127.0.0.1")
 template(name="exported" type="string" string="%msgid% %structured-data% %msg%\\n")
 action(type="omfile" file="{output}" template="exported")
 """
@@ -64,13 +66,14 @@ class Rsyslog:
         self.directory = directory
         os.makedirs(os.path.join(directory, "work"), exist_ok=True)
         self.port = free_port()
+        self.udp_port = free_port()
         self.output = os.path.join(directory, "received.log")
         self.conf = os.path.join(directory, "rsyslog.conf")
         self.pidfile = os.path.join(directory, "rsyslogd.pid")
         with open(self.conf, "w") as handle:
             handle.write(RSYSLOG_CONF.format(
                 work=os.path.join(directory, "work"), ca=certificates["ca"], cert=certificates["cert"],
-                key=certificates["key"], port=self.port, output=self.output,
+                key=certificates["key"], port=self.port, udp_port=self.udp_port, output=self.output,
             ))
         self.process = None
 
@@ -115,7 +118,7 @@ class Rsyslog:
             return []
         found = []
         for line in lines:
-            match = re.match(rb"^(\S+) (\[.*?\]) (.*)$", line)
+            match = re.match(rb"^(\S+) (\[.*?\]|-) (.*)$", line)
             if match:
                 found.append((match.group(1).decode(), match.group(2).decode(), match.group(3)))
         return found

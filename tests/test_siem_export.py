@@ -486,9 +486,9 @@ class ExportingGateway(evidence_support.SignedGateway):
     A real, signed gateway in the test's reactor with C{gateway.export} set.
     """
 
-    def __init__(self, test, export):
+    def __init__(self, test, export, store=None):
         self._export = export
-        evidence_support.SignedGateway.__init__(self, test, key="export")
+        evidence_support.SignedGateway.__init__(self, test, store=store, key="export")
 
     def start(self, test, document):
         document["gateway"]["export"] = self._export
@@ -543,3 +543,55 @@ class GatewayExportTests(unittest.TestCase):
         self.assertIn((6005, formats.SUCCESS), classes)
         self.assertNotIn(b"4111 1111 1111 1111", exported)
         self.assertNotIn("4111 1111 1111 1111", json.dumps(collector.documents))
+
+
+class PostgresStoreExportTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_postgres_store(self):
+        """
+        With the shared PostgreSQL store, a sink reads committed events on a
+        connection of its own (woken by the store's NOTIFY): after a psql
+        session and a stop, the file sink holds the whole chain, stop and
+        closing checkpoint included, and it verifies.
+        """
+        from tests.support import psql, token
+        from tests.test_postgres_store import store_settings
+
+        directory = os.path.abspath(self.mktemp())
+        out = os.path.join(directory, "events.jsonl")
+        harness = ExportingGateway(
+            self, {"file": {"type": "file", "path": out, "poll_interval": "0.05s", "retry_initial": "0.05s"}},
+            store=store_settings(),
+        )
+        _, err, code = yield psql(harness.dsn(), "-c", "SELECT 1", password=token())
+        self.assertEqual(code, 0, err)
+        yield harness.stop()
+        with open(out, "rb") as handle:
+            exported = [json.loads(line) for line in handle]
+        self.assertEqual([event["seq"] for event in exported], list(range(1, len(exported) + 1)))
+        self.assertEqual([event["type"] for event in exported[-2:]], ["gateway.stop", "checkpoint"])
+        self.assertIn("command", [event["type"] for event in exported])
+        output = io.StringIO()
+        self.assertEqual(cli.main(["verify", "--siem-file", out, "--key", evidence_support.signing_key("export")[1]], output),
+                         0, output.getvalue())
+
+
+class SyslogUDPTests(ExportTestCase):
+    @defer.inlineCallbacks
+    def test_rfc3164_over_udp(self):
+        """
+        Asked for, the syslog sink sends RFC 3164 messages over UDP (no
+        delivery guarantee: nothing tells it a datagram arrived); rsyslogd
+        receives each event's native document.
+        """
+        certificates = siem_receivers.test_pki(os.path.join(self.directory, "pki"))
+        rsyslog = siem_receivers.Rsyslog(os.path.join(self.directory, "rsyslog"), certificates)
+        rsyslog.start()
+        self.addCleanup(rsyslog.stop)
+        self.open_store()
+        yield self.append_sessions(1, 1)
+        self.start_export({"udp": self.fast(type="syslog", transport="udp", host="127.0.0.1", port=rsyslog.udp_port)})
+        yield wait_until(lambda: self.runner("udp").cursor == self.store.seq)
+        yield wait_until(lambda: len(rsyslog.received()) >= self.store.seq)
+        documents = [json.loads(message) for _, _, message in rsyslog.received()]
+        self.assertEqual([document["seq"] for document in documents], self.record_seqs())

@@ -125,31 +125,44 @@ def _first_seq(path):
 
 class PostgresReader:
     """
-    Reads a PostgreSQL store through the gateway's own store connection:
-    what is committed is durable, and every commit is announced on the
-    events channel, which wakes the sinks.
+    Reads a PostgreSQL store on a connection of its own (blocking psycopg2,
+    off the event loop), so that it can still hand over the last events
+    once the gateway's store has closed.  What is committed is durable;
+    every commit is announced on the events channel, which wakes the sinks.
     """
 
-    def __init__(self, store):
+    def __init__(self, store, reactor):
         self._store = store
+        self._reactor = reactor
+        self._config = store.config
         self._table = store.config.schema + ".events"
+        self._connection = None
         self._head = 0
 
     def read(self, after, limit):
-        def work(cursor):
-            cursor.execute("SELECT line FROM %s WHERE seq > %%s ORDER BY seq LIMIT %%s" % (self._table,), (after, limit))
-            return cursor.fetchall()
+        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._read, after, limit)
 
-        def parse(rows):
-            found = []
-            for (line,) in rows:
-                raw = line.encode("utf-8") + b"\n"
-                event = json.loads(line)
-                found.append((raw, event))
-                self._head = max(self._head, event.get("seq", 0))
-            return found
+    def _read(self, after, limit):
+        import psycopg2
 
-        return self._store.read(work).addCallback(parse)
+        try:
+            if self._connection is None:
+                password = self._config.password.read_text().strip() if self._config.password is not None else None
+                arguments = {"password": password} if password else {}
+                self._connection = psycopg2.connect(self._config.dsn, **arguments)
+                self._connection.set_session(readonly=True, autocommit=True)
+            with self._connection.cursor() as cursor:
+                cursor.execute("SELECT line FROM %s WHERE seq > %%s ORDER BY seq LIMIT %%s" % (self._table,), (after, limit))
+                rows = cursor.fetchall()
+        except psycopg2.Error as error:
+            self.close()
+            raise IOError("reading the PostgreSQL store failed: %s" % (str(error).strip(),))
+        found = []
+        for (line,) in rows:
+            event = json.loads(line)
+            found.append((line.encode("utf-8") + b"\n", event))
+            self._head = max(self._head, event.get("seq", 0))
+        return found
 
     def head(self):
         return max(self._head, getattr(self._store, "seq", 0) or 0)
@@ -165,7 +178,12 @@ class PostgresReader:
         return self._store.listen(EVENTS_CHANNEL, announced).addErrback(lambda _: None)
 
     def close(self):
-        pass
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:
+                pass
 
 
 def reader_for(store, reactor):
@@ -175,7 +193,7 @@ def reader_for(store, reactor):
     if hasattr(store, "directory"):
         return FileReader(store.directory, reactor)
     if hasattr(store, "config") and hasattr(store, "read"):
-        return PostgresReader(store)
+        return PostgresReader(store, reactor)
     raise TypeError("the export cannot read a %s" % (type(store).__name__,))
 
 

@@ -269,5 +269,6 @@ class SinkRunner:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self.reader.close()
         close = getattr(self.sink, "close", None)
         return defer.maybeDeferred(close) if close is not None else defer.succeed(None)

@@ -28,7 +28,8 @@ class ExportService:
         for config in sinks:
             reader = reader_for(store, reactor)
             self.runners[config.name] = SinkRunner(
-                config, make_sink(config, reactor), reader, state_dir, reactor, record, lambda: head_of(store)
+                config, make_sink(config, reactor), reader, state_dir, reactor, record,
+                lambda reader=reader: max(head_of(store), reader.head() if hasattr(reader, "wake_on_commit") else 0),
             )
         self._listening = False
 

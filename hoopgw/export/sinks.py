@@ -399,16 +399,23 @@ class SyslogSink:
             done.errback(DeliveryError("no clean close within %gs" % (self.config.timeout,)))
 
     def _deliver_udp(self, documents):
+        # In a thread: the collector's name is resolved (getaddrinfo blocks).
+        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._send_udp, documents)
+
+    def _send_udp(self, documents):
         import socket
 
-        if self._udp is None:
-            self._udp = socket.socket(socket.AF_INET6 if ":" in self.config.host else socket.AF_INET, socket.SOCK_DGRAM)
         try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                self.config.host, self.config.port, type=socket.SOCK_DGRAM
+            )[0]
+            if self._udp is None or self._udp.family != family:
+                self._udp = socket.socket(family, kind, proto)
             for event, body in documents:
-                self._udp.sendto(syslog_3164(event, body, self.config)[:65000], (self.config.host, self.config.port))
+                # A datagram has a size limit; RFC 3164 collectors keep 1024 bytes, most take far more.
+                self._udp.sendto(syslog_3164(event, body, self.config)[:65000], address)
         except OSError as failure:
-            return defer.fail(DeliveryError("syslog udp %s:%d: %s" % (self.config.host, self.config.port, failure.strerror)))
-        return defer.succeed(None)
+            raise DeliveryError("syslog udp %s:%d: %s" % (self.config.host, self.config.port, failure.strerror or failure))
 
     def close(self):
         if self._udp is not None:
