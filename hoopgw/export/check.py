@@ -28,9 +28,12 @@ def _native(raw):
     C{event} of a Splunk HEC envelope, or an RFC 5424 message's JSON.
     """
     text = raw.strip()
-    if text.startswith(b"<"):
-        start = text.find(b"\xef\xbb\xbf")
-        text = text[start + 3:] if start >= 0 else text[text.find(b"{"):]
+    start = text.find(b"\xef\xbb\xbf")
+    if start >= 0:
+        # A syslog message (as sent, or as a collector wrote it): the JSON follows the BOM.
+        text = text[start + 3:]
+    elif not text.startswith((b"{", b"[")):
+        text = text[text.find(b"{"):]
     event = json.loads(text)
     if isinstance(event, dict) and "event" in event and "seq" not in event and isinstance(event["event"], dict):
         event = event["event"]
