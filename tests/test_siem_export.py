@@ -51,7 +51,7 @@ def session_events(number=1, connection="payments", protocol="postgres"):
     ]
 
 
-def wait_until(predicate, timeout=30.0, step=0.02):
+def wait_until(predicate, timeout=60.0, step=0.02):
     """
     Poll C{predicate} in the reactor until it holds (an event-driven wait:
     the test asserts on what arrived, never on how fast).
@@ -502,7 +502,8 @@ class GatewayExportTests(unittest.TestCase):
         holds every line, its stop and closing checkpoint included (drained
         after the store's last event), and verifies signed to the end; the
         OCSF collector got every event as a valid OCSF 1.3.0 document, and
-        no card number in clear reached either.
+        no card number in clear reached either.  check-config lists the
+        sinks and export-status shows them caught up.
         """
         from tests.support import psql, token
 
@@ -541,6 +542,12 @@ class GatewayExportTests(unittest.TestCase):
         self.assertIn((6005, formats.SUCCESS), classes)
         self.assertNotIn(b"4111 1111 1111 1111", exported)
         self.assertNotIn("4111 1111 1111 1111", json.dumps(collector.documents))
+        output = io.StringIO()
+        self.assertEqual(cli.main(["check-config", harness.config_path], output), 0)
+        self.assertIn("export ocsf: https, ocsf -> %s" % (collector.url,), output.getvalue())
+        output = io.StringIO()
+        self.assertEqual(cli.main(["export-status", "--config", harness.config_path], output), 0, output.getvalue())
+        self.assertIn("cursor: seq %d of %d; lag 0 events" % (len(record), len(record)), output.getvalue())
 
 
 class PostgresStoreExportTests(unittest.TestCase):

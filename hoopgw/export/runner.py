@@ -11,7 +11,6 @@ bounds is itself recorded (C{export.lagging}, then C{export.recovered}).
 import json
 import os
 import random
-import time
 
 from twisted.internet import defer
 from twisted.logger import Logger

@@ -6,18 +6,21 @@ later).  C{documents} is a list of C{(event, body)}: the record's event
 and the bytes to send for it (native or OCSF JSON).
 """
 
+import io
 import os
+import socket
 import time
 
 import orjson
 from twisted.internet import defer, error, protocol, ssl, threads
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.logger import Logger
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IHandshakeListener
+from twisted.logger import Logger
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from hoopgw.export.config import FACILITIES
+from hoopgw.store import events as chaining
 
 # RFC 5424 severities.
 NOTICE, INFO, WARNING = 5, 6, 4
@@ -34,7 +37,7 @@ class DeliveryError(Exception):
     """
 
 
-def _tls_options(reactor, server_name, ca, certificate, key):
+def _tls_options(server_name, ca, certificate, key):
     """
     TLS client options: the receiver's certificate checked against C{ca}
     (or the system's roots), and our certificate when mutual TLS is asked.
@@ -115,14 +118,16 @@ class FileSink:
 
 @implementer(IPolicyForHTTPS)
 class _Policy:
-    def __init__(self, reactor, config):
-        self._reactor = reactor
+    """
+    The collector's certificate checked against the sink's C{ca}; the
+    sink's client certificate offered (mutual TLS).
+    """
+
+    def __init__(self, config):
         self._config = config
 
     def creatorForNetloc(self, hostname, port):
-        return _tls_options(
-            self._reactor, hostname.decode("ascii"), self._config.ca, self._config.certificate, self._config.key
-        )
+        return _tls_options(hostname.decode("ascii"), self._config.ca, self._config.certificate, self._config.key)
 
 
 class _Bounded(protocol.Protocol):
@@ -161,16 +166,14 @@ class HTTPSink:
         self._reactor = reactor
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 1
-        self._agent = Agent(reactor, contextFactory=_Policy(reactor, config), pool=self._pool, connectTimeout=config.timeout)
-        self._host = hostname or __import__("socket").gethostname()
+        self._agent = Agent(reactor, contextFactory=_Policy(config), pool=self._pool, connectTimeout=config.timeout)
+        self._host = hostname or socket.gethostname()
         self._sourcetype = config.sourcetype or "hoopgw:%s" % (config.format,)
 
     def body(self, documents):
         if self.config.preset == "splunk-hec":
             parts = []
             for event, body in documents:
-                from hoopgw.store import events as chaining
-
                 envelope = {
                     "time": round(chaining.epoch(event["ts"]), 6) if event.get("ts") else time.time(),
                     "host": self._host,
@@ -189,7 +192,6 @@ class HTTPSink:
     def deliver(self, documents):
         from twisted.web.client import FileBodyProducer
         from twisted.web.http_headers import Headers
-        import io
 
         headers = Headers({b"Content-Type": [b"application/json"], b"User-Agent": [b"hoopgw-export"]})
         if self.config.token is not None:
@@ -348,7 +350,7 @@ class SyslogSink:
         if tls:
             from twisted.protocols.tls import TLSMemoryBIOFactory
 
-            options = _tls_options(self._reactor, self.config.server_name, self.config.ca, self.config.certificate, self.config.key)
+            options = _tls_options(self.config.server_name, self.config.ca, self.config.certificate, self.config.key)
             factory = TLSMemoryBIOFactory(options, True, factory)
         connecting = endpoint.connect(factory)
         timer = self._reactor.callLater(self.config.timeout, self._give_up, connecting, done)
@@ -403,8 +405,6 @@ class SyslogSink:
         return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._send_udp, documents)
 
     def _send_udp(self, documents):
-        import socket
-
         try:
             family, kind, proto, _, address = socket.getaddrinfo(
                 self.config.host, self.config.port, type=socket.SOCK_DGRAM
