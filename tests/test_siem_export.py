@@ -269,6 +269,35 @@ class LagTests(ExportTestCase):
         self.assertIn("refused", alert["last_error"])
         yield wait_until(lambda: self.runner("siem").cursor == self.store.seq)
         self.assertEqual(sorted(set(collector.seqs())), self.record_seqs())
+        # The alerts are ordinary events of the chain: the record still verifies.
+        from hoopgw.store.verify import verify_store
+
+        yield self.close_store()
+        report = verify_store(self.store_path, self.public_path)
+        self.assertTrue(report.ok, report.problem)
+
+    @defer.inlineCallbacks
+    def test_hanging_receiver_does_not_hold_the_stop(self):
+        """
+        A collector that accepts connections and never reads holds a
+        delivery until the sink's timeout; a stopping gateway does not wait
+        for it past its drain time (here the timeout is longer than the
+        test's own limit, so waiting for it would fail the test).
+        """
+        import socket
+
+        certificates = siem_receivers.test_pki(os.path.join(self.directory, "pki"))
+        hanging = socket.socket()
+        hanging.bind(("127.0.0.1", 0))
+        hanging.listen(10)
+        self.addCleanup(hanging.close)
+        self.open_store()
+        yield self.append_sessions(1, 1)
+        service = self.start_export({"siem": self.fast(type="syslog", host="127.0.0.1", port=hanging.getsockname()[1],
+                                                       ca=certificates["ca"], timeout="600s")})
+        yield wait_until(lambda: service.runners["siem"]._busy is not None)
+        yield service.stop(drain=0.2)
+        self.assertEqual(service.runners["siem"].cursor, 0)
 
 
 class HTTPSTests(ExportTestCase):

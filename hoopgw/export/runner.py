@@ -86,6 +86,7 @@ class SinkRunner:
         self._running = False
         self._busy = None
         self._waiting_retry = False
+        self._stopped = False
         self._first_pending = None
         state = load_state(self.path)
         if state is None:
@@ -143,6 +144,9 @@ class SinkRunner:
         self.state["last_attempt"] = chaining.timestamp(now)
         try:
             batch = yield self.reader.read(self.cursor, self.config.batch_size)
+            if self._stopped:
+                # Stopped while reading: nothing more goes out.
+                return None
             self._first_pending = chaining.epoch(batch[0][1]["ts"]) if batch and batch[0][1].get("ts") else None
             documents = [(event, self.document(raw, event)) for raw, event in batch if self.filter(event)]
             if documents:
@@ -257,14 +261,33 @@ class SinkRunner:
             self._timer.cancel()
         self._timer = None
         if self._busy is not None:
-            yield self._busy
+            yield self._until(self._busy, deadline)
         while self.reactor.seconds() < deadline:
-            more = yield self._cycle()
+            more = yield self._until(self._cycle(), deadline)
             if more is not True:
                 break
 
+    def _until(self, d, deadline):
+        """
+        C{d}'s result, or None at C{deadline}: a receiver that hangs does
+        not hold a stopping gateway past its drain time (the delivery is
+        still cut by the sink's own timeout).
+        """
+        result = defer.Deferred()
+
+        def settle(value):
+            if timer.active():
+                timer.cancel()
+            if not result.called:
+                result.callback(value)
+
+        timer = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()), settle, None)
+        d.addBoth(settle)
+        return result
+
     def stop(self):
         self._running = False
+        self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

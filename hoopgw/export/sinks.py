@@ -168,6 +168,7 @@ class HTTPSink:
         self._pool.maxPersistentPerHost = 1
         self._agent = Agent(reactor, contextFactory=_Policy(config), pool=self._pool, connectTimeout=config.timeout)
         self._host = hostname or socket.gethostname()
+        self._inflight = set()
         self._sourcetype = config.sourcetype or "hoopgw:%s" % (config.format,)
 
     def body(self, documents):
@@ -200,6 +201,7 @@ class HTTPSink:
         producer = FileBodyProducer(io.BytesIO(self.body(documents)), cooperator=_immediate(self._reactor))
         request = self._agent.request(b"POST", self.config.url.encode("ascii"), headers, producer)
         timer = self._reactor.callLater(self.config.timeout, request.cancel)
+        self._inflight.add(request)
         try:
             response = yield request
             done = defer.Deferred()
@@ -210,6 +212,7 @@ class HTTPSink:
         except Exception as failure:
             raise DeliveryError("POST to %s failed: %s" % (self.config.url, _describe(failure)))
         finally:
+            self._inflight.discard(request)
             if timer.active():
                 timer.cancel()
         if not 200 <= response.code < 300:
@@ -218,6 +221,8 @@ class HTTPSink:
             )
 
     def close(self):
+        for request in list(self._inflight):
+            request.cancel()
         return self._pool.closeCachedConnections()
 
 
@@ -332,6 +337,8 @@ class SyslogSink:
         self.config = config
         self._reactor = reactor
         self._udp = None
+        # Deliveries under way (a stopping gateway cuts them).
+        self._inflight = {}
 
     def frames(self, documents):
         out = []
@@ -354,6 +361,7 @@ class SyslogSink:
             factory = TLSMemoryBIOFactory(options, True, factory)
         connecting = endpoint.connect(factory)
         timer = self._reactor.callLater(self.config.timeout, self._give_up, connecting, done)
+        self._inflight[done] = connecting
 
         def connected(connection):
             # What a timeout aborts.
@@ -380,6 +388,7 @@ class SyslogSink:
         def settle(result):
             if timer.active():
                 timer.cancel()
+            self._inflight.pop(done, None)
             return result
 
         def explain(failure):
@@ -389,7 +398,7 @@ class SyslogSink:
 
         return done.addBoth(settle).addErrback(explain)
 
-    def _give_up(self, connecting, done):
+    def _give_up(self, connecting, done, why=None):
         if done.called:
             return
         transport = getattr(done, "_transport", None)
@@ -398,7 +407,7 @@ class SyslogSink:
         else:
             connecting.cancel()
         if not done.called:
-            done.errback(DeliveryError("no clean close within %gs" % (self.config.timeout,)))
+            done.errback(DeliveryError(why or "no clean close within %gs" % (self.config.timeout,)))
 
     def _deliver_udp(self, documents):
         # In a thread: the collector's name is resolved (getaddrinfo blocks).
@@ -418,6 +427,8 @@ class SyslogSink:
             raise DeliveryError("syslog udp %s:%d: %s" % (self.config.host, self.config.port, failure.strerror or failure))
 
     def close(self):
+        for done, connecting in list(self._inflight.items()):
+            self._give_up(connecting, done, "the gateway is stopping")
         if self._udp is not None:
             self._udp.close()
             self._udp = None
