@@ -50,7 +50,11 @@ input(type="imtcp" port="{port}" address="127.0.0.1")
 module(load="imudp")
 input(type="imudp" port="{udp_port}" address="127.0.0.1")
 template(name="exported" type="string" string="%msgid% %structured-data% %msg%\\n")
-action(type="omfile" file="{output}" template="exported")
+# Each message is written (to the page cache) before the next is read, so a
+# message rsyslogd has read survives its being killed: what it acknowledged
+# by closing cleanly is in the file.
+main_queue(queue.type="Direct")
+action(type="omfile" file="{output}" template="exported" flushOnTXEnd="on" asyncWriting="off")
 """
 
 
@@ -82,6 +86,9 @@ class Rsyslog:
         Start rsyslogd and wait until it accepts connections.
         """
         executable = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
+        if os.path.exists(self.pidfile):
+            # Left by a killed rsyslogd.
+            os.unlink(self.pidfile)
         self.log = open(os.path.join(self.directory, "rsyslogd.log"), "ab")
         self.process = subprocess.Popen(
             [executable, "-n", "-f", self.conf, "-i", self.pidfile], stdout=self.log, stderr=subprocess.STDOUT

@@ -9,6 +9,7 @@ the exported native lines verified against their chain.
 import io
 import json
 import os
+import signal
 
 import jsonschema
 import orjson
@@ -365,7 +366,7 @@ class RsyslogTests(ExportTestCase):
     def test_rsyslog_tls_down_and_back(self):
         """
         A real rsyslogd takes RFC 5424 messages over TLS (RFC 5425,
-        octet-counted); it is stopped mid-stream and started again: every
+        octet-counted); it is killed mid-stream and started again: every
         event arrives (by seq, in order, repeats only as resent batches),
         and the messages hold the native events, which verify.
         """
@@ -378,7 +379,7 @@ class RsyslogTests(ExportTestCase):
                                                server_name="localhost", batch_size=3)})
         yield self.append_sessions(1, 2)
         yield wait_until(lambda: len(rsyslog.seqs()) >= 4)
-        rsyslog.stop()
+        rsyslog.stop(signal.SIGKILL)
         yield self.append_sessions(3, 3)
         yield wait_until(lambda: self.runner("syslog").state["failures"] >= 2)
         rsyslog.start()
