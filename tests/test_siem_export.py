@@ -340,7 +340,8 @@ class HTTPSTests(ExportTestCase):
         """
         The splunk-hec preset sends HEC events ('Authorization: Splunk
         TOKEN', time, sourcetype, the document as event); with format ocsf
-        every document validates against OCSF 1.3.0's required attributes.
+        every document validates against OCSF 1.3.0's required attributes,
+        and the documents, as the SIEM holds them, verify against the chain.
         """
         certificates = siem_receivers.test_pki(os.path.join(self.directory, "pki"))
         os.environ["HOOPGW_TEST_HEC_TOKEN"] = "hec-token"
@@ -359,6 +360,14 @@ class HTTPSTests(ExportTestCase):
             self.assertEqual(envelope["sourcetype"], "hoopgw:ocsf")
             self.assertEqual(envelope["index"], "pci")
             jsonschema.validate(envelope["event"], schema)
+        # What the SIEM holds verifies against the chain: each OCSF document
+        # carries its native event.
+        path = os.path.join(self.directory, "hec.jsonl")
+        with open(path, "wb") as handle:
+            handle.writelines(orjson.dumps(envelope) + b"\n" for envelope in collector.documents)
+        output = io.StringIO()
+        self.assertEqual(cli.main(["verify", "--siem-file", path, "--key", self.public_path], output), 0, output.getvalue())
+        self.assertIn("checkpoints verified", output.getvalue())
 
 
 class RsyslogTests(ExportTestCase):
@@ -444,8 +453,9 @@ class OCSFTests(unittest.TestCase):
             self.assertEqual(document["unmapped"]["hoopgw"]["seq"], 1)
         denied = self.ocsf(refused_command)
         self.assertEqual((denied["action"], denied["status_detail"]), ("Denied", "DDL is refused"))
-        self.assertEqual(self.ocsf(end)["unmapped"]["hoopgw"]["masked"], 2)
-        self.assertEqual(self.ocsf(kube)["unmapped"]["hoopgw"]["approval"], "a-1")
+        self.assertEqual(self.ocsf(end)["unmapped"]["masked"], 2)
+        self.assertEqual(self.ocsf(kube)["unmapped"]["approval"], "a-1")
+        self.assertEqual(self.ocsf(kube)["unmapped"]["decision"], {"verdict": "approved", "approval": "a-1"})
         self.assertEqual(self.ocsf(refused)["status_detail"], "the token expired")
 
     def test_schema_catches_a_missing_attribute(self):

@@ -37,6 +37,9 @@ def _native(raw):
     event = json.loads(text)
     if isinstance(event, dict) and "event" in event and "seq" not in event and isinstance(event["event"], dict):
         event = event["event"]
+    if isinstance(event, dict) and "class_uid" in event and isinstance((event.get("unmapped") or {}).get("hoopgw"), dict):
+        # An OCSF document carries the native event.
+        event = event["unmapped"]["hoopgw"]
     return event
 
 
@@ -71,7 +74,7 @@ def verify_siem(paths, key_path=None, out=sys.stdout):
                 continue
             seq = event.get("seq") if isinstance(event, dict) else None
             if not isinstance(seq, int):
-                problems.append("%s has no seq: it is not a native event (export it with format: native)" % (where,))
+                problems.append("%s has no seq: it is neither a native event nor an OCSF document of hoopgw" % (where,))
                 continue
             if chaining.digest(event) != event.get("hash"):
                 problems.append("%s (seq %d) does not match its hash: it was changed after the gateway wrote it" % (where, seq))

@@ -61,7 +61,7 @@ COMMON_OPTIONS = (
         "poll_interval", _positive_duration, 1.0, "How often the sink looks for new durable events when it is idle."
     ),
     o.Option("retry_initial", _positive_duration, 1.0, "The first wait after a failed delivery; it doubles after each failure."),
-    o.Option("retry_max", _positive_duration, 60.0, "The longest wait between two attempts."),
+    o.Option("retry_max", _positive_duration, 30.0, "The longest wait between two attempts."),
     o.Option(
         "max_lag_events",
         o.integer(minimum=1),

@@ -98,14 +98,15 @@ def native(raw, event, fields=None):
 
 def ocsf(event, fields=None):
     """
-    The OCSF 1.3.0 document for C{event}, as a dict.  The allow-list, if
-    any, applies to the native facts carried in C{unmapped.hoopgw}.
+    The OCSF 1.3.0 document for C{event}, as a dict.  C{unmapped.hoopgw}
+    carries the native event (cut to the allow-list, if any).
     """
     kind = event.get("type", "")
     mapper = _MAPPERS.get(kind, _base_event)
     document = mapper(event)
-    facts = allow_fields(event, fields) if fields is not None else event
-    document.setdefault("unmapped", {})["hoopgw"] = dict(document.get("unmapped", {}).get("hoopgw", {}), **facts)
+    # The native event itself, untouched: an OCSF document can be checked
+    # against the chain as a native line can (unless an allow-list cut it).
+    document.setdefault("unmapped", {})["hoopgw"] = allow_fields(event, fields) if fields is not None else event
     return document
 
 
@@ -249,12 +250,12 @@ def _command(event):
     document["metadata"]["profiles"] = ["security_control"]
     if event.get("duration_ms") is not None:
         document["duration"] = int(event["duration_ms"])
-    hoopgw = {"decision": decision}
+    unmapped = {"decision": decision}
     if decision.get("approval"):
-        hoopgw["approval"] = decision["approval"]
+        unmapped["approval"] = decision["approval"]
     if event.get("masked"):
-        hoopgw["masked"] = event["masked"]
-    document["unmapped"] = {"hoopgw": hoopgw}
+        unmapped["masked"] = event["masked"]
+    document["unmapped"] = unmapped
     return document
 
 
