@@ -216,9 +216,10 @@ class HTTPSink:
             if timer.active():
                 timer.cancel()
         if not 200 <= response.code < 300:
-            raise DeliveryError(
-                "%s answered HTTP %d: %s" % (self.config.url, response.code, answer[:200].decode("utf-8", "replace"))
-            )
+            # The collector's words go into the sink's state and, past its
+            # lag bounds, into the record: short and printable only.
+            said = "".join(c if 32 <= ord(c) < 127 else "?" for c in answer[:200].decode("utf-8", "replace"))
+            raise DeliveryError("%s answered HTTP %d: %s" % (self.config.url, response.code, said))
 
     def close(self):
         for request in list(self._inflight):
