@@ -336,6 +336,32 @@ class HTTPSTests(ExportTestCase):
         self.assertTrue(all(request["authorization"] == b"Bearer s3cret-token" for request in collector.requests))
 
     @defer.inlineCallbacks
+    def test_refused_token(self):
+        """
+        A collector that refuses the token (401) is a failed delivery: the
+        cursor stays, the error names the answer, and nothing is lost once
+        the token is right.
+        """
+        certificates = siem_receivers.test_pki(os.path.join(self.directory, "pki"))
+        token_path = os.path.join(self.directory, "token")
+        with open(token_path, "w") as handle:
+            handle.write("old-token\n")
+        collector = siem_receivers.Collector(certificates, token=b"Bearer new-token")
+        collector.start()
+        self.addCleanup(collector.stop)
+        self.open_store()
+        yield self.append_sessions(1, 1)
+        self.start_export({"siem": self.fast(type="https", url=collector.url, ca=certificates["ca"], token={"file": token_path})})
+        yield wait_until(lambda: self.runner("siem").state["failures"] >= 2)
+        self.assertEqual(self.runner("siem").cursor, 0)
+        self.assertIn("answered HTTP 401: {\"text\":\"Invalid token\"}", self.runner("siem").state["last_error"])
+        # The token is read at each POST: a rotated token is picked up.
+        with open(token_path, "w") as handle:
+            handle.write("new-token\n")
+        yield wait_until(lambda: self.runner("siem").cursor == self.store.seq)
+        self.assertEqual(sorted(set(collector.seqs())), self.record_seqs())
+
+    @defer.inlineCallbacks
     def test_splunk_hec_ocsf(self):
         """
         The splunk-hec preset sends HEC events ('Authorization: Splunk
