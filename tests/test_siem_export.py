@@ -83,8 +83,8 @@ class ExportTestCase(unittest.TestCase):
         self.store = None
         self.service = None
 
-    def open_store(self):
-        store = FileStore(self.store_path, reactor)
+    def open_store(self, **options):
+        store = FileStore(self.store_path, reactor, **options)
         store.open()
         with open(self.key_path, "rb") as handle:
             store.use_signer(Signer.from_pem(handle.read()), every_events=7, every_seconds=3600)
@@ -168,6 +168,43 @@ class FileSinkTests(ExportTestCase):
         with open(out, "rb") as handle:
             seqs = [json.loads(line)["seq"] for line in handle]
         self.assertEqual(seqs, self.record_seqs())
+
+    @defer.inlineCallbacks
+    def test_store_segments(self):
+        """
+        The sink follows the store across its segments (the store starts a
+        new one every few events here), and a sink that starts later
+        finds its place by the segments' names.
+        """
+        self.open_store(segment_bytes=2048)
+        out = os.path.join(self.directory, "events.jsonl")
+        yield self.append_sessions(1, 4)
+        self.start_export({"file": self.fast(type="file", path=out, batch_size=3)})
+        yield self.append_sessions(5, 4)
+        yield wait_until(lambda: self.runner("file").cursor == self.store.seq)
+        self.assertGreater(len(os.listdir(self.store_path)), 5)
+        with open(out, "rb") as handle:
+            self.assertEqual(handle.read().splitlines(True), self.record_lines())
+
+    @defer.inlineCallbacks
+    def test_start_at_end(self):
+        """
+        A new sink with start: end sends only what is written after it
+        starts; a sink whose state file is unreadable starts as configured.
+        """
+        self.open_store()
+        out = os.path.join(self.directory, "events.jsonl")
+        yield self.append_sessions(1, 2)
+        first_new = self.store.seq + 1
+        os.makedirs(os.path.join(self.state_dir, "export"))
+        with open(os.path.join(self.state_dir, "export", "file.json"), "w") as handle:
+            handle.write("{not json")
+        self.start_export({"file": self.fast(type="file", path=out, start="end")})
+        yield self.append_sessions(3, 1)
+        yield wait_until(lambda: self.runner("file").cursor == self.store.seq)
+        with open(out, "rb") as handle:
+            seqs = [json.loads(line)["seq"] for line in handle]
+        self.assertEqual(seqs, list(range(first_new, self.store.seq + 1)))
 
     @defer.inlineCallbacks
     def test_rotation(self):
