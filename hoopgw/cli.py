@@ -233,7 +233,8 @@ def parser():
     verify.add_argument("--key", help="your copy of the record's public signing key (PEM)")
     verify.add_argument(
         "--siem-file", action="append", metavar="FILE",
-        help="instead of a store: native JSON lines a SIEM export delivered (repeat for rotated files)",
+        help="instead of a store: events a SIEM export delivered, one a line (native, OCSF, Splunk HEC or syslog; "
+        "repeat for rotated files)",
     )
     verify.set_defaults(run=_verify)
 

@@ -88,6 +88,7 @@ class FileSink:
             size = 0
         if size and size + len(data) > self.config.max_bytes:
             self._rotate()
+            size = 0
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
             view = memoryview(data)
@@ -97,6 +98,13 @@ class FileSink:
                 os.fdatasync(fd)
         finally:
             os.close(fd)
+        if self.config.fsync and not size:
+            # A new file's (and a rotation's) names are durable too.
+            folder = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
 
     def _rotate(self):
         backups = self.config.backups
