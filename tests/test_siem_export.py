@@ -524,11 +524,20 @@ class OCSFTests(unittest.TestCase):
     def test_schema_catches_a_missing_attribute(self):
         """
         The vendored schema is not vacuous: a document without a required
-        attribute (the user of an Authentication) fails it.
+        attribute (the user of an Authentication), or with one its class
+        or object does not define, fails it.
         """
         document = self.ocsf(session_events()[0])
         del document["user"]
         self.assertRaises(jsonschema.ValidationError, jsonschema.validate, document, self.schema)
+        # Nor does an attribute the class does not define, at the top or in an object.
+        for where, extra in [((), "action_id"), (("user",), "colour")]:
+            document = self.ocsf(session_events()[0])
+            target = document
+            for key in where:
+                target = target[key]
+            target[extra] = 1
+            self.assertRaises(jsonschema.ValidationError, jsonschema.validate, document, self.schema)
 
 
 class SiemVerifyTests(ExportTestCase):

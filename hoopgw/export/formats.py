@@ -173,12 +173,9 @@ def _user(event):
     return user
 
 
-def _session_facts(document, event):
+def _endpoints(document, event):
     document["src_endpoint"] = _endpoint(event.get("client"))
     document["dst_endpoint"] = {"svc_name": event.get("connection") or "", "name": event.get("target") or ""}
-    document["service"] = {"name": event.get("connection") or ""}
-    if event.get("session"):
-        document["session"] = {"uid": event["session"]}
 
 
 def _authentication(event):
@@ -187,7 +184,10 @@ def _authentication(event):
     activity = (LOGOFF, "Logoff") if kind == "session.end" else (LOGON, "Logon")
     document = _common(event, AUTHENTICATION, activity, MEDIUM if refused else INFORMATIONAL, FAILURE if refused else SUCCESS)
     document["user"] = _user(event)
-    _session_facts(document, event)
+    _endpoints(document, event)
+    document["service"] = {"name": event.get("connection") or ""}
+    if event.get("session"):
+        document["session"] = {"uid": event["session"]}
     document["is_remote"] = True
     method = (event.get("identity") or {}).get("method")
     if method:
@@ -195,9 +195,6 @@ def _authentication(event):
     if refused:
         refusal = event.get("refusal") or {}
         document["status_detail"] = refusal.get("reason") or refusal.get("message") or "refused"
-        document["action_id"], document["action"] = 2, "Denied"
-        document["disposition_id"], document["disposition"] = 2, "Blocked"
-        document["metadata"]["profiles"] = ["security_control"]
     return document
 
 
@@ -227,27 +224,32 @@ def _command(event):
     document["actor"] = {"user": _user(event)}
     if event.get("session"):
         document["actor"]["session"] = {"uid": event["session"]}
-    _session_facts(document, event)
-    operation = facts.get("verb") or kind or "command"
-    document["api"] = {"operation": str(operation), "service": {"name": event.get("connection") or ""}}
-    if event.get("command"):
-        document["api"]["request"] = {"uid": event["command"]}
+    _endpoints(document, event)
     if class_uid == DATASTORE_ACTIVITY:
         document["type_id"], document["type"] = 1, "Database"
         document["database"] = {"name": str(facts.get("database") or event.get("target") or ""), "type_id": 99, "type": "PostgreSQL"}
         document["query_info"] = {"query_string": text}
-    elif facts.get("resource"):
-        document["resources"] = [
-            {"type": str(facts.get("resource")), "name": str(facts.get("name") or ""), "namespace": str(facts.get("namespace") or "")}
-        ]
-    if denied:
-        document["action_id"], document["action"] = 2, "Denied"
-        document["disposition_id"], document["disposition"] = 2, "Blocked"
-        document["status_detail"] = decision.get("reason") or decision.get("rule") or "refused"
+        if event.get("command"):
+            document["query_info"]["uid"] = event["command"]
+        # The class includes the security control profile: the decision is its action.
+        document["metadata"]["profiles"] = ["security_control"]
+        if denied:
+            document["action_id"], document["action"] = 2, "Denied"
+            document["disposition_id"], document["disposition"] = 2, "Blocked"
+        else:
+            document["action_id"], document["action"] = 1, "Allowed"
+            document["disposition_id"], document["disposition"] = 1, "Allowed"
     else:
-        document["action_id"], document["action"] = 1, "Allowed"
-        document["disposition_id"], document["disposition"] = 1, "Allowed"
-    document["metadata"]["profiles"] = ["security_control"]
+        operation = facts.get("verb") or kind or "command"
+        document["api"] = {"operation": str(operation), "service": {"name": event.get("connection") or ""}}
+        if event.get("command"):
+            document["api"]["request"] = {"uid": event["command"]}
+        if facts.get("resource"):
+            document["resources"] = [
+                {"type": str(facts.get("resource")), "name": str(facts.get("name") or ""), "namespace": str(facts.get("namespace") or "")}
+            ]
+    if denied:
+        document["status_detail"] = decision.get("reason") or decision.get("rule") or "refused"
     if event.get("duration_ms") is not None:
         document["duration"] = int(event["duration_ms"])
     unmapped = {"decision": decision}
