@@ -712,3 +712,43 @@ class SyslogUDPTests(ExportTestCase):
         yield wait_until(lambda: len(rsyslog.received()) >= self.store.seq)
         documents = [json.loads(message) for _, _, message in rsyslog.received()]
         self.assertEqual([document["seq"] for document in documents], self.record_seqs())
+
+
+class TwistdExportTests(unittest.TestCase):
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def test_twistd_gateway(self):
+        """
+        C{twistd hoopgw} with gateway.export: a psql session, then SIGTERM;
+        the file sink holds the whole record (its stop and closing
+        checkpoint too), which verifies with the gateway's key, and the
+        sink's cursor file says so.
+        """
+        from tests.support import configuration_document, in_thread, postgres_connection, psql, token
+        from tests.test_postgres_store import GatewayProcess
+
+        out = {}
+
+        def document(process):
+            out["path"] = os.path.join(process.directory, "siem", "events.jsonl")
+            return configuration_document(
+                process.directory, {"payments": postgres_connection(process.port)},
+                gateway={"export": {"file": {"type": "file", "path": out["path"], "poll_interval": "0.1s"}}},
+            )
+
+        directory = os.path.abspath(self.mktemp())
+        process = GatewayProcess(self, {"backend": "file", "path": os.path.join(directory, "audit")}, document=document)
+        yield in_thread(process.wait_listening)
+        _, err, code = yield psql(process.dsn(), "-c", "SELECT 1", password=token())
+        self.assertEqual(code, 0, err)
+        yield in_thread(process.stop)
+        record = [raw for _, _, raw, _ in read_events(os.path.join(directory, "audit"))]
+        with open(out["path"], "rb") as handle:
+            self.assertEqual(handle.read().splitlines(True), record, process.output())
+        output = io.StringIO()
+        self.assertEqual(cli.main(["verify", "--siem-file", out["path"], "--key", evidence_support.signing_key()[1]], output),
+                         0, output.getvalue())
+        with open(os.path.join(process.directory, "state", "export", "file.json")) as handle:
+            state = json.load(handle)
+        self.assertEqual(state["cursor"]["seq"], len(record))
