@@ -368,6 +368,8 @@ class SyslogSink:
 
             options = _tls_options(self.config.server_name, self.config.ca, self.config.certificate, self.config.key)
             factory = TLSMemoryBIOFactory(options, True, factory)
+        # A connection a batch: not a log line a batch.
+        factory.noisy = False
         connecting = endpoint.connect(factory)
         timer = self._reactor.callLater(self.config.timeout, self._give_up, connecting, done)
         self._inflight[done] = connecting
