@@ -521,6 +521,18 @@ class OCSFTests(unittest.TestCase):
         self.assertEqual(self.ocsf(kube)["unmapped"]["decision"], {"verdict": "approved", "approval": "a-1"})
         self.assertEqual(self.ocsf(refused)["status_detail"], "the token expired")
 
+    def test_odd_event(self):
+        """
+        An event whose facts its class cannot take (facts of the wrong type,
+        a timestamp that is not one) still becomes a valid document, a Base
+        Event carrying the event, rather than stopping the sink.
+        """
+        odd = {"type": "command", "seq": 3, "ts": "yesterday", "hash": "h", "prev": "p", "facts": ["x"],
+               "protocol": "postgres", "text": "SELECT 1"}
+        document = orjson.loads(orjson.dumps(formats.ocsf_or_base(odd)))
+        jsonschema.validate(document, self.schema)
+        self.assertEqual((document["class_uid"], document["unmapped"]["hoopgw"]), (0, odd))
+
     def test_schema_catches_a_missing_attribute(self):
         """
         The vendored schema is not vacuous: a document without a required

@@ -110,6 +110,22 @@ def ocsf(event, fields=None):
     return document
 
 
+def ocsf_or_base(event, fields=None):
+    """
+    L{ocsf}, or, for an event whose facts its class cannot take (a field of
+    an unexpected type), a Base Event carrying it: one odd event must not
+    stop a sink for good.
+    """
+    try:
+        return ocsf(event, fields)
+    except Exception:
+        document = _common(dict(event, ts=None), BASE_EVENT, OTHER)
+        document["time"] = 0
+        document["message"] = "%s (not mapped: unexpected facts)" % (event.get("type"),)
+        document["unmapped"] = {"hoopgw": allow_fields(event, fields) if fields is not None else event}
+        return document
+
+
 def _common(event, class_uid, activity, severity=INFORMATIONAL, status=None):
     activity_id, activity_name = activity
     document = {
@@ -135,6 +151,7 @@ def _common(event, class_uid, activity, severity=INFORMATIONAL, status=None):
     }
     if event.get("session"):
         document["metadata"]["correlation_uid"] = event["session"]
+    document["metadata"] = {key: value for key, value in document["metadata"].items() if value is not None}
     if status is not None:
         document["status_id"] = status
         document["status"] = "Success" if status == SUCCESS else "Failure"

@@ -160,7 +160,11 @@ class SinkRunner:
             yield self._check_lag()
             return self._backoff()
         if not batch:
+            # Caught up (a failed read before does not count any more).
             self._first_pending = None
+            if self.state.get("failures"):
+                self.state["failures"] = 0
+                self._save()
             yield self._check_lag()
             return None
         last = batch[-1][1]
@@ -186,7 +190,7 @@ class SinkRunner:
         if self.config.format == "ocsf":
             import orjson
 
-            return orjson.dumps(formats.ocsf(event, self.fields))
+            return orjson.dumps(formats.ocsf_or_base(event, self.fields))
         return formats.native(raw, event, self.fields)
 
     def lag(self):
