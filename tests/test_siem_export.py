@@ -399,6 +399,35 @@ class HTTPSTests(ExportTestCase):
         self.assertEqual(sorted(set(collector.seqs())), self.record_seqs())
 
     @defer.inlineCallbacks
+    def test_collector_that_never_finishes(self):
+        """
+        A hostile collector answers 200 and then never finishes the body
+        (nor sends much of it): the sink's timeout cuts the delivery, which
+        counts as failed, and the cursor does not move past the batch.
+        """
+        from twisted.web import resource, server
+
+        class Dribble(resource.Resource):
+            isLeaf = True
+
+            def render_POST(self, request):
+                request.setHeader(b"content-length", b"1000000")
+                request.write(b"{")
+                return server.NOT_DONE_YET
+
+        certificates = siem_receivers.test_pki(os.path.join(self.directory, "pki"))
+        collector = siem_receivers.Collector(certificates)
+        collector.start()
+        self.addCleanup(collector.stop)
+        collector._site.resource = Dribble()
+        self.open_store()
+        yield self.append_sessions(1, 1)
+        self.start_export({"siem": self.fast(type="https", url=collector.url, ca=certificates["ca"], timeout="0.3s")})
+        yield wait_until(lambda: self.runner("siem").state["failures"] >= 2)
+        self.assertEqual(self.runner("siem").cursor, 0)
+        self.assertIn("no answer from %s within 0.3s" % (collector.url,), self.runner("siem").state["last_error"])
+
+    @defer.inlineCallbacks
     def test_splunk_hec_ocsf(self):
         """
         The splunk-hec preset sends HEC events ('Authorization: Splunk

@@ -143,6 +143,8 @@ class _Bounded(protocol.Protocol):
     Collects at most L{MAX_ANSWER} bytes of a response body.
     """
 
+    transport = None
+
     def __init__(self, done):
         self.done = done
         self.data = b""
@@ -208,12 +210,25 @@ class HTTPSink:
             headers.setRawHeaders(b"Authorization", [scheme + self.config.token.read_bytes().strip()])
         producer = FileBodyProducer(io.BytesIO(self.body(documents)), cooperator=_immediate(self._reactor))
         request = self._agent.request(b"POST", self.config.url.encode("ascii"), headers, producer)
-        timer = self._reactor.callLater(self.config.timeout, request.cancel)
+        reading = []
+
+        def give_up():
+            # Before the answer's head: cancel the request; during its body
+            # (a collector that never finishes it): cut the body.
+            request.cancel()
+            for body in reading:
+                if body.transport is not None and not body.done.called:
+                    body.transport.stopProducing()
+                    body.done.errback(defer.CancelledError())
+
+        timer = self._reactor.callLater(self.config.timeout, give_up)
         self._inflight.add(request)
         try:
             response = yield request
             done = defer.Deferred()
-            response.deliverBody(_Bounded(done))
+            body = _Bounded(done)
+            reading.append(body)
+            response.deliverBody(body)
             answer = yield done
         except defer.CancelledError:
             raise DeliveryError("no answer from %s within %gs" % (self.config.url, self.config.timeout))
