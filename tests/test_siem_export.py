@@ -187,6 +187,33 @@ class FileSinkTests(ExportTestCase):
             self.assertEqual(handle.read().splitlines(True), self.record_lines())
 
     @defer.inlineCallbacks
+    def test_replaced_store(self):
+        """
+        A store replaced under a sink's cursor (another record, shorter
+        than the cursor) is noticed: the sink starts again at the
+        beginning rather than skip the new record's events.
+        """
+        self.open_store()
+        out = os.path.join(self.directory, "events.jsonl")
+        sinks = {"file": self.fast(type="file", path=out)}
+        yield self.append_sessions(1, 3)
+        self.start_export(sinks)
+        yield wait_until(lambda: self.runner("file").cursor == self.store.seq)
+        yield self.service.stop(drain=0)
+        yield self.close_store()
+        import shutil
+
+        shutil.rmtree(self.store_path)
+        os.unlink(out)
+        self.open_store()
+        yield self.append_sessions(1, 1)
+        self.start_export(sinks)
+        yield wait_until(lambda: self.runner("file").cursor == self.store.seq)
+        with open(out, "rb") as handle:
+            self.assertEqual(handle.read().splitlines(True), self.record_lines())
+        self.assertIn("was replaced", self.runner("file").state["cursor_reset"]["why"])
+
+    @defer.inlineCallbacks
     def test_start_at_end(self):
         """
         A new sink with start: end sends only what is written after it

@@ -87,6 +87,8 @@ class SinkRunner:
         self._busy = None
         self._waiting_retry = False
         self._stopped = False
+        # Whether the cursor was checked against the store (once a run).
+        self._checked = False
         self._first_pending = None
         state = load_state(self.path)
         if state is None:
@@ -143,6 +145,8 @@ class SinkRunner:
         now = self.reactor.seconds()
         self.state["last_attempt"] = chaining.timestamp(now)
         try:
+            if not self._checked:
+                yield self._check_cursor()
             batch = yield self.reader.read(self.cursor, self.config.batch_size)
             if self._stopped:
                 # Stopped while reading: nothing more goes out.
@@ -179,6 +183,30 @@ class SinkRunner:
         # meanwhile waits for the next poll, so that a sink keeping up with
         # a busy gateway sends batches, not a read and a sync per event.
         return len(batch) >= self.config.batch_size
+
+    @defer.inlineCallbacks
+    def _check_cursor(self):
+        """
+        The event at the cursor must be the one the sink delivered last (its
+        hash): a store that was replaced (or a state folder copied to
+        another gateway) would otherwise make the sink skip events for
+        good.  If it is not, the sink starts again at the beginning
+        (duplicates are allowed; missing events are not).
+        """
+        cursor = self.state["cursor"]
+        if cursor["seq"] and cursor.get("hash"):
+            found = yield self.reader.read(cursor["seq"] - 1, 1)
+            event = found[0][1] if found else None
+            if event is None or event.get("seq") != cursor["seq"] or event.get("hash") != cursor["hash"]:
+                why = (
+                    "the store's event at the cursor (seq %d) is not the one this sink delivered: the record was "
+                    "replaced or purged; starting again at the beginning" % (cursor["seq"],)
+                )
+                self.log.warn("Export sink {sink}: {why}", sink=self.config.name, why=why)
+                self.state["cursor"] = {"seq": 0, "hash": None, "ts": None}
+                self.state["cursor_reset"] = {"from": cursor, "at": chaining.timestamp(self.reactor.seconds()), "why": why}
+                self._save()
+        self._checked = True
 
     def _backoff(self):
         failures = self.state["failures"]
