@@ -820,3 +820,45 @@ class TwistdExportTests(unittest.TestCase):
         with open(os.path.join(process.directory, "state", "export", "file.json")) as handle:
             state = json.load(handle)
         self.assertEqual(state["cursor"]["seq"], len(record))
+
+
+class SSHExportTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_ssh_session_in_ocsf(self):
+        """
+        An ssh exec through a real gateway reaches an OCSF collector as an
+        Authentication logon and logoff and an API Activity for the
+        command, all valid OCSF 1.3.0, with every event of the record.
+        """
+        from tests import ssh_support
+
+        directory = os.path.abspath(self.mktemp())
+        certificates = siem_receivers.test_pki(os.path.join(directory, "pki"))
+        collector = siem_receivers.Collector(certificates)
+        collector.start()
+        self.addCleanup(collector.stop)
+        export = {"ocsf": {"type": "https", "format": "ocsf", "url": collector.url, "ca": certificates["ca"],
+                           "poll_interval": "0.05s", "retry_initial": "0.05s"}}
+
+        class ExportingSSH(ssh_support.SSHGateway):
+            def start(self, test, document):
+                document["gateway"]["export"] = export
+                ssh_support.SSHGateway.start(self, test, document)
+
+        harness = ExportingSSH(self)
+        out, err, code = yield harness.ssh("echo exported")
+        self.assertEqual((out.strip(), code), (b"exported", 0), err)
+        yield harness.wait_for("session.end")
+        yield harness.stop()
+        record = harness.events()
+        self.assertEqual(sorted(set(collector.seqs())), [event["seq"] for event in record])
+        schema = json.load(open(SCHEMA_PATH))
+        found = []
+        for document in collector.documents:
+            jsonschema.validate(document, schema)
+            found.append((document["unmapped"]["hoopgw"]["type"], document["class_uid"], document["activity_id"]))
+        self.assertIn(("session.start", 3002, 1), found)
+        self.assertIn(("session.end", 3002, 2), found)
+        self.assertIn(("command", 6003, 99), found)
+        (command,) = [d for d in collector.documents if d["unmapped"]["hoopgw"]["type"] == "command"]
+        self.assertEqual((command["api"]["operation"], command["actor"]["user"]["name"]), ("exec", "deploy-bot"))
