@@ -862,3 +862,48 @@ class SSHExportTests(unittest.TestCase):
         self.assertIn(("command", 6003, 99), found)
         (command,) = [d for d in collector.documents if d["unmapped"]["hoopgw"]["type"] == "command"]
         self.assertEqual((command["api"]["operation"], command["actor"]["user"]["name"]), ("exec", "deploy-bot"))
+
+
+class KubernetesExportTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_kubectl_in_ocsf(self):
+        """
+        kubectl get pods through a real gateway reaches an OCSF collector as
+        an API Activity Read of pods, valid OCSF 1.3.0, with every event of
+        the record.
+        """
+        from tests import support, test_kubernetes_gateway as kubernetes
+
+        directory = os.path.abspath(self.mktemp())
+        certificates = siem_receivers.test_pki(os.path.join(directory, "pki"))
+        collector = siem_receivers.Collector(certificates)
+        collector.start()
+        self.addCleanup(collector.stop)
+        export = {"ocsf": {"type": "https", "format": "ocsf", "url": collector.url, "ca": certificates["ca"],
+                           "poll_interval": "0.05s", "retry_initial": "0.05s"}}
+
+        class ExportingHarness(support.GatewayHarness):
+            def start(self, test, document):
+                document["gateway"]["export"] = export
+                support.GatewayHarness.start(self, test, document)
+
+        self.patch(kubernetes, "GatewayHarness", ExportingHarness)
+        cluster = kubernetes.Cluster(self)
+        yield cluster.ready()
+        cluster.api.create(("", "v1", "pods"), "default", {"metadata": {"name": "web-1"}})
+        out, err, code = yield cluster.kubectl("get", "pods")
+        self.assertEqual(code, 0, err)
+        yield cluster.wait_for_end("list", "pods")
+        yield cluster.harness.stop()
+        record = cluster.harness.events()
+        self.assertEqual(sorted(set(collector.seqs())), [event["seq"] for event in record])
+        schema = json.load(open(SCHEMA_PATH))
+        commands = []
+        for document in collector.documents:
+            jsonschema.validate(document, schema)
+            if document["unmapped"]["hoopgw"]["type"] == "command":
+                commands.append(document)
+        listed = [d for d in commands if d["api"]["operation"] == "list"]
+        self.assertTrue(listed, commands)
+        self.assertEqual((listed[0]["class_uid"], listed[0]["activity_id"]), (6003, 2))
+        self.assertEqual(listed[0]["resources"][0]["type"], "pods")
