@@ -47,6 +47,7 @@ global(workDirectory="{work}" maxMessageSize="256k"
        defaultNetstreamDriverKeyFile="{key}")
 module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="anon")
 input(type="imtcp" port="{port}" address="127.0.0.1")
+input(type="imtcp" port="{tcp_port}" address="127.0.0.1" streamDriver.name="ptcp" streamDriver.mode="0")
 module(load="imudp")
 input(type="imudp" port="{udp_port}" address="127.0.0.1")
 template(name="exported" type="string" string="%msgid% %structured-data% %msg%\\n")
@@ -71,13 +72,14 @@ class Rsyslog:
         os.makedirs(os.path.join(directory, "work"), exist_ok=True)
         self.port = free_port()
         self.udp_port = free_port()
+        self.tcp_port = free_port()
         self.output = os.path.join(directory, "received.log")
         self.conf = os.path.join(directory, "rsyslog.conf")
         self.pidfile = os.path.join(directory, "rsyslogd.pid")
         with open(self.conf, "w") as handle:
             handle.write(RSYSLOG_CONF.format(
                 work=os.path.join(directory, "work"), ca=certificates["ca"], cert=certificates["cert"],
-                key=certificates["key"], port=self.port, udp_port=self.udp_port, output=self.output,
+                key=certificates["key"], port=self.port, udp_port=self.udp_port, tcp_port=self.tcp_port, output=self.output,
             ))
         self.process = None
 

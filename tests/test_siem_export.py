@@ -761,6 +761,25 @@ class PostgresStoreExportTests(unittest.TestCase):
                          0, output.getvalue())
 
 
+class SyslogTCPTests(ExportTestCase):
+    @defer.inlineCallbacks
+    def test_plain_tcp(self):
+        """
+        transport tcp: the same octet-counted RFC 5424 messages without TLS
+        (for loopback), received whole by rsyslogd.
+        """
+        certificates = siem_receivers.test_pki(os.path.join(self.directory, "pki"))
+        rsyslog = siem_receivers.Rsyslog(os.path.join(self.directory, "rsyslog"), certificates)
+        rsyslog.start()
+        self.addCleanup(rsyslog.stop)
+        self.open_store()
+        yield self.append_sessions(1, 2)
+        self.start_export({"tcp": self.fast(type="syslog", transport="tcp", host="127.0.0.1", port=rsyslog.tcp_port)})
+        yield wait_until(lambda: self.runner("tcp").cursor == self.store.seq)
+        yield wait_until(lambda: len(rsyslog.seqs()) >= self.store.seq)
+        self.assertEqual(rsyslog.seqs(), self.record_seqs())
+
+
 class SyslogUDPTests(ExportTestCase):
     @defer.inlineCallbacks
     def test_rfc3164_over_udp(self):
