@@ -737,7 +737,8 @@ class PostgresStoreExportTests(unittest.TestCase):
         With the shared PostgreSQL store, a sink reads committed events on a
         connection of its own (woken by the store's NOTIFY): after a psql
         session and a stop, the file sink holds the whole chain, stop and
-        closing checkpoint included, and it verifies.
+        closing checkpoint included, and it verifies; export-status reads
+        the store's head from PostgreSQL.
         """
         from tests.support import psql, token
         from tests.test_postgres_store import store_settings
@@ -759,6 +760,9 @@ class PostgresStoreExportTests(unittest.TestCase):
         output = io.StringIO()
         self.assertEqual(cli.main(["verify", "--siem-file", out, "--key", evidence_support.signing_key("export")[1]], output),
                          0, output.getvalue())
+        output = io.StringIO()
+        self.assertEqual(cli.main(["export-status", "--config", harness.config_path], output), 0, output.getvalue())
+        self.assertIn("cursor: seq %d of %d; lag 0 events" % (len(exported), len(exported)), output.getvalue())
 
 
 class SyslogTCPTests(ExportTestCase):
