@@ -12,7 +12,7 @@ import json
 import os
 import random
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from hoopgw.export import formats
@@ -152,7 +152,9 @@ class SinkRunner:
                 # Stopped while reading: nothing more goes out.
                 return None
             self._first_pending = chaining.epoch(batch[0][1]["ts"]) if batch and batch[0][1].get("ts") else None
-            documents = [(event, self.document(raw, event)) for raw, event in batch if self.filter(event)]
+            # Formatting a batch (OCSF mapping, JSON) is off the event loop
+            # too, so that catching up a long backlog leaves it to sessions.
+            documents = yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._documents, batch)
             if documents:
                 yield self.sink.deliver(documents)
         except Exception as failure:
@@ -213,6 +215,9 @@ class SinkRunner:
         delay = min(self.config.retry_max, self.config.retry_initial * 2 ** min(failures - 1, 30))
         # Jitter, so that sinks (and gateways) do not retry in step.
         return float(delay * random.uniform(0.8, 1.0))
+
+    def _documents(self, batch):
+        return [(event, self.document(raw, event)) for raw, event in batch if self.filter(event)]
 
     def document(self, raw, event):
         if self.config.format == "ocsf":
