@@ -227,7 +227,14 @@ def _command(event):
     denied = verdict not in (None, "allow", "approved")
     if event["type"] == "command.end" and not denied:
         outcome = event.get("outcome") or {}
-        failed = isinstance(outcome, dict) and (outcome.get("error") or outcome.get("status") == "error")
+        # What each front end calls a failure: an error (SQLSTATE, HTTP 4xx
+        # and 5xx, a lost target), a command that exited non-zero or was
+        # killed, a client that left before it ran.
+        failed = isinstance(outcome, dict) and bool(
+            outcome.get("error")
+            or outcome.get("status") in ("error", "signalled", "interrupted", "denied")
+            or (outcome.get("status") == "exited" and outcome.get("exit_status"))
+        )
     else:
         failed = denied
     text = event.get("text") or ""
