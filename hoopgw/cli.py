@@ -35,9 +35,12 @@ def _check_config(arguments, out):
         if "record" not in [spec.name for spec in connection.addons]:
             print("    warning: %s records nothing (no record addon in its chain)" % (name,), file=out)
     for sink in config.gateway.export:
+        from hoopgw.export.config import warnings
         from hoopgw.export.runner import describe_target
 
         print("  export %s: %s, %s -> %s" % (sink.name, sink.type, sink.format, describe_target(sink)), file=out)
+        for warning in warnings(sink):
+            print("    warning: %s" % (warning,), file=out)
     return 0
 
 

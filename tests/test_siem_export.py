@@ -653,6 +653,22 @@ class ConfigTests(unittest.TestCase):
                 parse_export(raw, "gateway.export")
             self.assertEqual(caught.exception.path, where, str(caught.exception))
 
+    def test_warnings(self):
+        """
+        check-config warns of sinks whose events the SIEM cannot verify: an
+        allow-list, or an event filter without checkpoints.
+        """
+        from hoopgw.export.config import warnings
+
+        (plain, cut, filtered, kept) = parse_export({
+            "plain": {"type": "file", "path": "a"},
+            "cut": {"type": "file", "path": "b", "fields": ["session"]},
+            "filtered": {"type": "file", "path": "c", "events": ["session.*"]},
+            "kept": {"type": "file", "path": "d", "events": ["session.*", "check*"]},
+        }, "gateway.export")
+        self.assertEqual([len(warnings(sink)) for sink in (plain, cut, filtered, kept)], [0, 1, 1, 0])
+        self.assertIn("no longer match their hashes", warnings(cut)[0])
+
     def test_defaults(self):
         """
         Defaults: native format, tls syslog on 6514, authpriv.

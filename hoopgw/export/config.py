@@ -210,3 +210,18 @@ def _check(kind, options, where):
             )
     elif kind == "file":
         options["path"] = o.resolve(options["path"])
+
+
+def warnings(sink):
+    """
+    What C{hoopgw check-config} should say of a sink that works but whose
+    events the SIEM side cannot verify.
+    """
+    import fnmatch
+
+    found = []
+    if sink.fields is not None:
+        found.append("fields cuts each event down: the exported events no longer match their hashes")
+    if sink.events is not None and not any(fnmatch.fnmatchcase("checkpoint", pattern) for pattern in sink.events):
+        found.append("events leaves out checkpoints: the exported events cannot be checked against a signature")
+    return found
