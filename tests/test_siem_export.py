@@ -342,6 +342,33 @@ class LagTests(ExportTestCase):
         self.assertTrue(report.ok, report.problem)
 
     @defer.inlineCallbacks
+    def test_alert_not_recorded_is_made_again(self):
+        """
+        An export.lagging the store refuses (it is closing, or failed) is
+        not taken as made: the sink makes it again at a later check.
+        """
+        from hoopgw.store.file import StoreError
+
+        self.open_store()
+        attempts = []
+
+        def record(event):
+            attempts.append(event["type"])
+            if len(attempts) == 1:
+                return defer.fail(StoreError("the store is not open"))
+            return self.store.append(event)
+
+        refused = siem_receivers.free_port()
+        configs = parse_export({"siem": self.fast(type="https", url="http://127.0.0.1:%d/" % (refused,), max_lag_events=3)},
+                               "gateway.export")
+        self.service = ExportService(configs, self.state_dir, reactor, self.store, record)
+        self.service.start()
+        self.addCleanup(self.service.stop, drain=0)
+        yield self.append_sessions(1, 1)
+        yield wait_until(lambda: any(e.get("type") == "export.lagging" for _, _, _, e in read_events(self.store_path)))
+        self.assertEqual(attempts[:2], ["export.lagging", "export.lagging"])
+
+    @defer.inlineCallbacks
     def test_hanging_receiver_does_not_hold_the_stop(self):
         """
         A collector that accepts connections and never reads holds a

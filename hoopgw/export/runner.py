@@ -148,13 +148,13 @@ class SinkRunner:
             if not self._checked:
                 yield self._check_cursor()
             batch = yield self.reader.read(self.cursor, self.config.batch_size)
-            if self._stopped:
-                # Stopped while reading: nothing more goes out.
-                return None
             self._first_pending = chaining.epoch(batch[0][1]["ts"]) if batch and batch[0][1].get("ts") else None
             # Formatting a batch (OCSF mapping, JSON) is off the event loop
             # too, so that catching up a long backlog leaves it to sessions.
             documents = yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._documents, batch)
+            if self._stopped:
+                # Stopped while reading: nothing more goes out.
+                return None
             if documents:
                 yield self.sink.deliver(documents)
         except Exception as failure:
@@ -246,7 +246,7 @@ class SinkRunner:
         since = self.state.get("lagging_since")
         alert = None
         if over and since is None:
-            self.state["lagging_since"] = chaining.timestamp(self.reactor.seconds())
+            became = chaining.timestamp(self.reactor.seconds())
             alert = {
                 "type": LAGGING,
                 "sink": self.config.name,
@@ -260,7 +260,7 @@ class SinkRunner:
                 "last_error": self.state.get("last_error"),
             }
         elif since is not None and not over:
-            self.state["lagging_since"] = None
+            became = None
             alert = {
                 "type": RECOVERED,
                 "sink": self.config.name,
@@ -270,13 +270,17 @@ class SinkRunner:
                 "lag_events": events,
                 "lagging_since": since,
             }
-        self._save()
         if alert is not None:
             self.log.warn("Export sink {sink}: {kind}", sink=self.config.name, kind=alert["type"])
             try:
                 yield self._record(alert)
-            except Exception:
-                self.log.failure("Recording {kind} failed", kind=alert["type"])
+            except Exception as error:
+                # Not in the record (the store is closing, or failed): the
+                # state stays as it was, so the alert is made again later.
+                self.log.warn("Recording {kind} failed: {error}", kind=alert["type"], error=error)
+            else:
+                self.state["lagging_since"] = became
+        self._save()
 
     def _save(self):
         self.state["updated"] = chaining.timestamp(self.reactor.seconds())

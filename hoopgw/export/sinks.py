@@ -179,6 +179,7 @@ class HTTPSink:
         self._agent = Agent(reactor, contextFactory=_Policy(config), pool=self._pool, connectTimeout=config.timeout)
         self._host = hostname or socket.gethostname()
         self._inflight = set()
+        self._closed = False
         self._sourcetype = config.sourcetype or "hoopgw:%s" % (config.format,)
 
     def body(self, documents):
@@ -203,6 +204,9 @@ class HTTPSink:
     def deliver(self, documents):
         from twisted.web.client import FileBodyProducer
         from twisted.web.http_headers import Headers
+
+        if self._closed:
+            raise DeliveryError("the sink is closed: the gateway is stopping")
 
         headers = Headers({b"Content-Type": [b"application/json"], b"User-Agent": [b"hoopgw-export"]})
         if self.config.token is not None:
@@ -245,6 +249,7 @@ class HTTPSink:
             raise DeliveryError("%s answered HTTP %d: %s" % (self.config.url, response.code, said))
 
     def close(self):
+        self._closed = True
         for request in list(self._inflight):
             request.cancel()
         return self._pool.closeCachedConnections()
@@ -363,6 +368,7 @@ class SyslogSink:
         self._udp = None
         # Deliveries under way (a stopping gateway cuts them).
         self._inflight = {}
+        self._closed = False
 
     def frames(self, documents):
         out = []
@@ -372,6 +378,8 @@ class SyslogSink:
         return b"".join(out)
 
     def deliver(self, documents):
+        if self._closed:
+            return defer.fail(DeliveryError("the sink is closed: the gateway is stopping"))
         if self.config.transport == "udp":
             return self._deliver_udp(documents)
         endpoint = HostnameEndpoint(self._reactor, self.config.host, self.config.port, timeout=self.config.timeout)
@@ -453,6 +461,7 @@ class SyslogSink:
             raise DeliveryError("syslog udp %s:%d: %s" % (self.config.host, self.config.port, failure.strerror or failure))
 
     def close(self):
+        self._closed = True
         for done, connecting in list(self._inflight.items()):
             self._give_up(connecting, done, "the gateway is stopping")
         if self._udp is not None:
