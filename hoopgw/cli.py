@@ -58,13 +58,38 @@ def _check_config(arguments, out):
         )
         if "record" not in [spec.name for spec in connection.addons]:
             print("    warning: %s records nothing (no record addon in its chain)" % (name,), file=out)
+    for sink in config.gateway.export:
+        from hoopgw.export.config import warnings
+        from hoopgw.export.runner import describe_target
+
+        print("  export %s: %s, %s -> %s" % (sink.name, sink.type, sink.format, describe_target(sink)), file=out)
+        for warning in warnings(sink):
+            print("    warning: %s" % (warning,), file=out)
     return 0
 
 
 def _verify(arguments, out):
+    if arguments.siem_file:
+        from hoopgw.export.check import verify_siem
+
+        return verify_siem(arguments.siem_file, arguments.key, out)
+    if not arguments.store:
+        print("hoopgw verify: give a store (or --siem-file FILE)", file=sys.stderr)
+        return 2
     from hoopgw.replay import commands
 
     return commands.verify(arguments, out)
+
+
+def _export_status(arguments, out):
+    from hoopgw.export.check import export_status
+
+    try:
+        config = configuration.load(arguments.config)
+    except ConfigError as error:
+        print("%s: %s" % (arguments.config, error), file=sys.stderr)
+        return 1
+    return export_status(config, out, as_json=arguments.json)
 
 
 def _evidence(name):
@@ -307,7 +332,7 @@ def parser():
     verify = commands.add_parser(
         "verify", help="verify a record: its hash chain, signatures, sessions and recordings"
     )
-    verify.add_argument("store", help="a store folder, an evidence bundle (.tar.gz) or a PostgreSQL store's DSN")
+    verify.add_argument("store", nargs="?", help="a store folder, an evidence bundle (.tar.gz) or a PostgreSQL store's DSN")
     verify.add_argument("--key", help="your copy of the record's public signing key (PEM)")
     verify.add_argument(
         "--expect-head",
@@ -319,6 +344,11 @@ def parser():
         metavar="FILE",
         help="the witness file the gateway published its signed checkpoints to (gateway.witness): "
         "fail if the record no longer holds any of them",
+    )
+    verify.add_argument(
+        "--siem-file", action="append", metavar="FILE",
+        help="instead of a store: events a SIEM export delivered, one a line (native, OCSF, Splunk HEC or syslog; "
+        "repeat for rotated files)",
     )
     verify.set_defaults(run=_verify)
 
@@ -337,6 +367,11 @@ def parser():
     )
     init.add_argument("--print", dest="print_sql", action="store_true", help="print the SQL instead of running it")
     init.set_defaults(run=_store_init)
+
+    status = commands.add_parser("export-status", help="each SIEM export sink's cursor, lag and last error")
+    status.add_argument("--config", required=True, help="the gateway's configuration file")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(run=_export_status)
 
     from hoopgw.replay import commands as evidence
 

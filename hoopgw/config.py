@@ -109,6 +109,7 @@ class GatewayConfig:
     witness = attr.ib(default=None)
     metrics = attr.ib(default=None)
     refusals = attr.ib(factory=dict)
+    export = attr.ib(default=())
 
 
 @attr.s(frozen=True)
@@ -297,6 +298,12 @@ GATEWAY_OPTIONS = (
         {},
         "How refused attempts are recorded under a flood: in_full, interval, max_sources, max_identities "
         "(see docs/limits-and-attempts.rst).",
+    ),
+    o.Option(
+        "export",
+        lambda value, path: _load_module("hoopgw.export.config").parse_export(value, path),
+        (),
+        "Sinks streaming the record to a SIEM (syslog over TLS, HTTPS, a JSON-lines file), by name: see docs/export.rst.",
     ),
 )
 
@@ -591,6 +598,7 @@ def _parse_gateway(raw):
         witness=gateway_raw["witness"],
         metrics=metrics,
         refusals=refused,
+        export=gateway_raw["export"],
     )
 
 

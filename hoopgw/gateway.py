@@ -105,6 +105,11 @@ class Gateway(service.MultiService):
                 listener = strports.service(connection.listen, self.monitors[connection.name].listening(factory))
             listener.setName("connection:%s" % (connection.name,))
             listener.setServiceParent(self)
+        self.export = None
+        if config.gateway.export:
+            from hoopgw.export.service import ExportService
+
+            self.export = ExportService(config.gateway.export, config.gateway.state_dir, reactor, store, self.record)
         if config.gateway.admin is not None:
             from hoopgw.approvals.api import admin_service
 
@@ -270,6 +275,8 @@ class Gateway(service.MultiService):
         ).addErrback(lambda failure: self.log.failure("Recording the gateway start failed", failure))
         if self.approvals is not None:
             self.approvals.start()
+        if self.export is not None:
+            self.export.start()
         service.MultiService.startService(self)
         if self._reload_on_hangup:
             # An operator turns addons on and off per connection by editing
@@ -302,6 +309,9 @@ class Gateway(service.MultiService):
         except Exception:
             self.log.failure("Recording the gateway stop failed")
         yield self.store.close()
+        if self.export is not None:
+            # After the store's last event (the stop, its closing checkpoint).
+            yield self.export.stop()
 
 
 def _needs_restart(old, new):
