@@ -36,7 +36,8 @@ class MalformedTarget(wire.ProtocolViolation):
         elif kind not in wire.BACKEND_NAMES:
             text = "the target sent a %s" % (wire.backend_name(kind),)
         else:
-            text = "the target sent a %s %s" % (wire.backend_name(kind), problem)
+            name = wire.backend_name(kind)
+            text = "the target sent %s %s %s" % ("an" if name[0] in "AEIOU" else "a", name, problem)
         wire.ProtocolViolation.__init__(self, text)
 
 
