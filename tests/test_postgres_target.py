@@ -428,10 +428,10 @@ def scram_target(iterations, then=b""):
     return factory
 
 
-class BindFormatTests(unittest.TestCase):
+class RealTargetTests(unittest.TestCase):
     """
     Against the real PostgreSQL: a Bind whose format-code count does not
-    match its values.
+    match its values; copy data larger than a read, both ways.
     """
 
     def setUp(self):
@@ -467,3 +467,41 @@ class BindFormatTests(unittest.TestCase):
         self.assertIn((b"D", struct.pack("!HI", 1, 2) + b"42"), after)
         self.assertEqual(self.gateway.events("session.end"), [])
 
+
+    @defer.inlineCallbacks
+    def test_large_copy_data_both_ways(self):
+        """
+        One CopyData message of 3 MiB from the client (COPY FROM STDIN) and
+        one from the target (COPY TO STDOUT) are relayed whole and exact,
+        though each arrives in many reads and is passed on as it was read.
+        """
+        value = (b"0123456789abcdef" * (3 * 65536))[: 3 * 1024 * 1024 - 1]
+        splits = []
+        original = wire.split_pieces
+
+        def split_pieces(pieces, size):
+            splits.append(size)
+            return original(pieces, size)
+
+        self.patch(wire, "split_pieces", split_pieces)
+
+        def run():
+            client = RawClient(self.gateway.port, password=token())
+            self.addCleanup(client.close)
+            client.startup()
+            client.query("DROP TABLE IF EXISTS large_copy; CREATE TABLE large_copy (value text)")
+            client.send(wire.query("COPY large_copy FROM STDIN"))
+            client.until(b"G")
+            client.send(wire.message(b"d", value + b"\n") + wire.message(b"c"))
+            loaded = client.until(b"Z")
+            copied = client.query("COPY large_copy TO STDOUT")
+            length = client.query("SELECT length(value) FROM large_copy")
+            client.query("DROP TABLE large_copy")
+            return loaded, copied, length
+
+        loaded, copied, length = yield in_thread(run)
+        self.assertIn((b"C", b"COPY 1\x00"), loaded)
+        self.assertEqual([payload for kind, payload in copied if kind == b"d"], [value + b"\n"])
+        self.assertIn((b"D", struct.pack("!HI", 1, 7) + str(len(value)).encode()), length)
+        # Both messages took the path that never joins them.
+        self.assertEqual(splits, [len(value) + 6, len(value) + 6])

@@ -241,6 +241,11 @@ class PostgresFrontend(protocol.Protocol):
         """
         if self._buffered < self._client_needed:
             return
+        if self._client_needed >= wire.LARGE_MESSAGE and self._pieces[0][:1] == b"d":
+            # Copy data the gateway only relays: passed on as it was read.
+            message, self._pieces = wire.split_pieces(self._pieces, self._client_needed)
+            self._buffered -= self._client_needed
+            self._inbox.append((b"d", tuple(message), 0, self._client_needed))
         self._client_needed = 5
         buffer = self._take()
         position = 0
@@ -390,7 +395,10 @@ class PostgresFrontend(protocol.Protocol):
 
     def _client_message(self, kind, buffer, start, stop):
         if kind == b"d" or kind == b"c" or kind == b"f":
-            self._forward(buffer[start:stop])
+            if isinstance(buffer, tuple):
+                self._to_upstream.extend(buffer)
+            else:
+                self._forward(buffer[start:stop])
             return None
         if self._skipping and kind != b"S" and kind != b"X":
             return None

@@ -85,6 +85,14 @@ class TargetReplies:
         the bookkeeping and the chain.  A message that fails its check ends
         the session, and nothing of it is sent.
         """
+        hooks = self.frontend._result_hooks
+        if self._needed >= wire.LARGE_MESSAGE and self._copy == "out" and self._pieces[0][0] == wire.COPY_DATA:
+            waiting = self._large_copy_data(hooks)
+            if waiting is not None:
+                self._suspend(waiting, b"", [])
+                return
+            if self._buffered < 5 or self._closed():
+                return
         pieces = self._pieces
         buffer = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         self._pieces = []
@@ -94,7 +102,6 @@ class TargetReplies:
         out = []
         position = 0
         span = 0
-        hooks = self.frontend._result_hooks
         maximum = self.settings.max_message_bytes
         unpack = wire.unpack_int32
         handlers = self._handlers
@@ -151,6 +158,27 @@ class TargetReplies:
         if out:
             send(self.frontend.transport, out)
 
+    def _large_copy_data(self, hooks):
+        """
+        A large CopyData is passed on as the reads that brought it when no
+        addon looks at results; else its data is joined once for them.
+        """
+        message, self._pieces = wire.split_pieces(self._pieces, self._needed)
+        self._buffered -= self._needed
+        self._needed = 5
+        if not hooks:
+            send(self.frontend.transport, message)
+            return None
+        message[0] = message[0][5:]
+        head = self._head
+        command = head.command if head is not None else None
+        chunk = ResultChunk("stream", data=b"".join(message), stream="copy", formats=(self._copy_format,))
+        out = []
+        waiting = self._through_chain(command, chunk, out, lambda: self._encode_chunk(wire.COPY_DATA, chunk))
+        if out:
+            send(self.frontend.transport, out)
+        return waiting
+
     def _suspend(self, waiting, rest, out):
         """
         An addon answered a result with a Deferred: hold the rest of the
@@ -169,7 +197,9 @@ class TargetReplies:
             self._waiting = None
             if self._closed():
                 return
-            if chunk_bytes:
+            if isinstance(chunk_bytes, list):
+                frontend.transport.writeSequence(chunk_bytes)
+            elif chunk_bytes:
                 frontend.transport.write(chunk_bytes)
             frontend.upstream_valve.resume("addon")
             if self._pieces:
@@ -250,6 +280,9 @@ class TargetReplies:
         if chunk.kind == "rows":
             return wire.encode_data_rows(chunk.rows) if chunk.rows_changed else chunk.data
         if chunk.kind == "stream":
+            if len(chunk.data) >= wire.LARGE_MESSAGE:
+                # Framed without copying the data once more.
+                return [b"d" + wire.int32(len(chunk.data) + 4), chunk.data]
             return wire.message(b"d", chunk.data) if chunk.data else b""
         if kind == wire.NOTIFICATION_RESPONSE:
             return wire.notification(chunk.fields["process_id"], chunk.fields["channel"], chunk.fields["payload"])
@@ -268,7 +301,11 @@ class TargetReplies:
         if command is not None and (chunk.masked or chunk.withheld):
             outcome["masked"] = outcome.get("masked", 0) + chunk.masked + chunk.withheld
         if waiting is None:
-            out.append(encode())
+            encoded = encode()
+            if isinstance(encoded, list):
+                out.extend(encoded)
+            else:
+                out.append(encoded)
             return None
         return waiting.addCallback(lambda _: encode())
 
@@ -374,7 +411,7 @@ class TargetReplies:
         head = self._head
         command = head.command if head is not None else None
         chunk = ResultChunk("stream", stream="copy", formats=(self._copy_format,), final=True)
-        return self._through_chain(command, chunk, out, lambda: self._encode_chunk(wire.COPY_DATA, chunk) + raw)
+        return self._through_chain(command, chunk, out, lambda: _pieces(self._encode_chunk(wire.COPY_DATA, chunk)) + [raw])
 
     def _portal_suspended(self, kind, payload, raw, out):
         head = self._head
@@ -492,6 +529,10 @@ class TargetReplies:
                 command.outcome.update(status="not-run", reason=reason)
                 self.chain.finish(self.frontend.session, command)
         pending.index = len(pending.commands)
+
+
+def _pieces(encoded):
+    return encoded if isinstance(encoded, list) else [encoded]
 
 
 def send(transport, pieces):

@@ -89,7 +89,9 @@ def run_end(buffer, position, end, maximum):
     out of bounds (4 to C{maximum}), which the caller then reads alone.
     """
     kind = buffer[position]
-    if end - position >= VECTOR_RUN:
+    # A run of one message that fills the buffer (a large CopyData) needs
+    # no vectorised walk over its bytes.
+    if end - position >= VECTOR_RUN and position + 1 + _INT32.unpack_from(buffer, position + 1)[0] < end - 4:
         position = _vector_run_end(buffer, position, end, maximum)
     unpack = _INT32.unpack_from
     while end - position >= 5 and buffer[position] == kind:
@@ -128,6 +130,33 @@ def _vector_run_end(buffer, position, end, maximum):
     broken = numpy.flatnonzero(following[:-1] != starts[1:])
     last = int(broken[0]) if len(broken) else len(starts) - 1
     return position + int(following[last])
+
+
+# From this size on, a CopyData message that is only relayed is passed on
+# as the reads that brought it, never joined into one piece.
+LARGE_MESSAGE = 1 << 20
+
+
+def split_pieces(pieces, size):
+    """
+    Split a list of byte strings after C{size} bytes, copying at most part
+    of one of them.
+
+    @return: C{(the pieces of the first size bytes, the rest's pieces)}.
+    """
+    taken = []
+    total = 0
+    for index, piece in enumerate(pieces):
+        if total + len(piece) >= size:
+            cut = size - total
+            taken.append(piece[:cut])
+            rest = pieces[index + 1 :]
+            if cut < len(piece):
+                rest.insert(0, piece[cut:])
+            return taken, rest
+        taken.append(piece)
+        total += len(piece)
+    raise ValueError("fewer than %d bytes to split" % (size,))
 
 
 # Messages the gateway sends to clients.
