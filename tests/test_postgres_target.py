@@ -25,6 +25,7 @@ from tests.hostile_target import (
     raw_data_row,
     result,
     row_description,
+    trust_login,
 )
 from tests.support import GatewayHarness, in_thread, token
 from tests.test_postgres_protocol import RawClient, execute, parse, sync
@@ -287,6 +288,37 @@ class TargetTextTests(HostileTargetCase):
         self.assertEqual(received.count(MASKED_PAN.encode()), 4)
         self.assertEqual([kind for kind, _ in first], [b"N", b"S", b"A", b"T", b"D", b"C", b"Z"])
         self.assertEqual(second[-1], (b"Z", b"I"))
+
+
+class LoginStatusTests(HostileTargetCase):
+    """
+    The target's ParameterStatus messages during login are passed on as
+    the gateway's own, masked.
+    """
+
+    def setUp(self):
+        login = trust_login().replace(
+            wire.parameter_status("application_name", "hoopgw"), wire.parameter_status("application_name", PAN)
+        )
+        self.start(HostileTargetFactory(login=login))
+
+    @defer.inlineCallbacks
+    def test_login_status_masked(self):
+        """
+        A card number in a setting's value at login reaches the client
+        masked, and the session goes on.
+        """
+
+        def run():
+            client = self.client()
+            return client.startup(), client.query("SELECT 1")
+
+        login, after = yield in_thread(run)
+        statuses = dict(
+            tuple(value.decode() for value in payload.rstrip(b"\x00").split(b"\x00")) for kind, payload in login if kind == b"S"
+        )
+        self.assertEqual(statuses["application_name"], MASKED_PAN)
+        self.assertEqual(after[-1], (b"Z", b"I"))
 
 
 class TargetLoginTests(HostileTargetCase):
