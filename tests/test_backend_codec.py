@@ -88,6 +88,14 @@ def check_run(test, data, count):
     except backend.MalformedTarget:
         checked = "refused"
     test.assertEqual(walked, checked)
+    # Finding the run and checking it in one walk says the same.
+    try:
+        found = backend.row_run(data, 0, len(data), MAXIMUM, count)
+    except backend.MalformedTarget:
+        found = "refused"
+    test.assertIn(found, ("refused", (stop, checked)))
+    if found == "refused":
+        test.assertEqual(checked, "refused")
     if checked == "refused":
         return None
     rows = wire.decode_data_rows(data[:stop])
@@ -134,6 +142,7 @@ class DataRowProperties(unittest.SynchronousTestCase):
         data = wire.encode_data_rows(rows)
         self.assertEqual(len(backend._run_starts(data, 0, len(data))), 250)
         self.assertEqual(backend.data_rows(data, 0, len(data), 1), 1)
+        self.assertEqual(backend.row_run(data + b"C", 0, len(data) + 1, MAXIMUM, 1), (len(data), 1))
         with self.assertRaises(backend.MalformedTarget):
             backend.data_rows(data, 0, len(data), 2)
 

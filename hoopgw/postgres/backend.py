@@ -231,6 +231,45 @@ def data_rows(buffer, start, stop, count):
     return _walk_rows(buffer, start, stop, count)
 
 
+def row_run(buffer, start, end, maximum, count):
+    """
+    Find the run of whole DataRow messages that starts at C{start} (as
+    L{wire.run_end} does, and in the same walk) and check it (as
+    L{data_rows} does).
+
+    @return: C{(where the run ends, the number of fields of its rows)}.
+    """
+    size = end - start
+    if size < wire.VECTOR_RUN:
+        stop = wire.run_end(buffer, start, end, maximum)
+        return stop, _walk_rows(buffer, start, stop, count)
+    array = numpy.frombuffer(buffer, dtype=numpy.uint8, count=size, offset=start)
+    candidates = numpy.flatnonzero(array[: size - 4] == wire.DATA_ROW)
+    lengths = _int32_at(buffer, start, size, ">u4")[candidates + 1]
+    following = candidates + 1 + lengths
+    whole = (lengths >= 4) & (lengths <= maximum) & (following <= size)
+    # The candidates that are rows of the run: while each one is whole and
+    # ends where the next begins.
+    chained = whole[:-1] & (following[:-1] == candidates[1:])
+    broken = numpy.flatnonzero(~chained)
+    last = int(broken[0]) if len(broken) else len(candidates) - 1
+    if whole[last]:
+        starts, stop = candidates[: last + 1], start + int(following[last])
+    else:
+        starts, stop = candidates[:last], start + int(candidates[last])
+    if len(starts) >= VECTOR_ROWS:
+        count = _vector_rows(buffer, start, stop, starts, count)
+    else:
+        count = _walk_rows(buffer, start, stop, count)
+    if stop < end and buffer[stop] == wire.DATA_ROW:
+        # A value held bytes that look like a row: the rest of the run, one
+        # message at a time.
+        rest = wire.run_end(buffer, stop, end, maximum)
+        count = _walk_rows(buffer, stop, rest, count)
+        stop = rest
+    return stop, count
+
+
 def _walk_rows(buffer, start, stop, count):
     unpack_length = _INT32.unpack_from
     unpack_field = _SIGNED32.unpack_from
@@ -262,6 +301,15 @@ def _walk_rows(buffer, start, stop, count):
     return count
 
 
+def _int32_at(buffer, start, size, dtype=">i4"):
+    """
+    A view of C{buffer[start:start + size]} whose element C{i} is the
+    big-endian 32-bit integer at byte C{i}: reading the lengths at many
+    offsets is then one indexing operation.
+    """
+    return numpy.ndarray(shape=(size - 3,), dtype=dtype, buffer=buffer, offset=start, strides=(1,))
+
+
 def _run_starts(buffer, start, stop):
     """
     Where each message of a run of whole messages of one kind starts,
@@ -273,13 +321,7 @@ def _run_starts(buffer, start, stop):
     size = stop - start
     array = numpy.frombuffer(buffer, dtype=numpy.uint8, count=size, offset=start)
     candidates = numpy.flatnonzero(array[: size - 4] == buffer[start])
-    lengths = (
-        (array[candidates + 1].astype(numpy.int64) << 24)
-        | (array[candidates + 2].astype(numpy.int64) << 16)
-        | (array[candidates + 3].astype(numpy.int64) << 8)
-        | array[candidates + 4]
-    )
-    following = candidates + 1 + lengths
+    following = _int32_at(buffer, start, size, ">u4")[candidates + 1] + (candidates + 1)
     broken = numpy.flatnonzero(following[:-1] != candidates[1:])
     if not len(broken) and following[-1] == size:
         return candidates
@@ -297,36 +339,32 @@ def _run_starts(buffer, start, stop):
 def _vector_rows(buffer, start, stop, starts, count):
     """
     L{_walk_rows} for many rows at once: column by column, every row's
-    field is read and checked together.
+    field is read together.  Positions only grow, so a row whose fields
+    overrun it ends past its end, which the last comparison finds; reads
+    are clipped to the buffer meanwhile.
     """
     size = stop - start
-    array = numpy.frombuffer(buffer, dtype=numpy.uint8, count=size, offset=start)
     ends = numpy.empty_like(starts)
     ends[:-1] = starts[1:]
     ends[-1] = size
     if (ends - starts < 7).any():
         raise MalformedTarget(wire.DATA_ROW)
-    counts = (array[starts + 5].astype(numpy.int64) << 8) | array[starts + 6]
+    counts = numpy.ndarray(shape=(size - 1,), dtype=">u2", buffer=buffer, offset=start, strides=(1,))[starts + 5]
     if count is None:
         count = int(counts[0])
     if (counts != count).any():
         raise MalformedTarget(wire.DATA_ROW, "with more or fewer fields than its RowDescription")
+    lengths_at = _int32_at(buffer, start, size)
     position = starts + 7
+    at = numpy.empty_like(position)
+    lowest = numpy.zeros(len(starts), dtype=numpy.int32)
     for _ in range(count):
-        if (position + 4 > ends).any():
-            raise MalformedTarget(wire.DATA_ROW)
-        lengths = (
-            (array[position].astype(numpy.int64) << 24)
-            | (array[position + 1].astype(numpy.int64) << 16)
-            | (array[position + 2].astype(numpy.int64) << 8)
-            | array[position + 3]
-        )
-        null = lengths == 0xFFFFFFFF
-        lengths[null] = 0
-        position = position + 4 + lengths
-        # A length from 2^31 on is negative: only -1 (NULL) is allowed.
-        if ((lengths >= 1 << 31) | (position > ends)).any():
-            raise MalformedTarget(wire.DATA_ROW)
-    if (position != ends).any():
+        numpy.minimum(position, size - 4, out=at)
+        lengths = lengths_at[at]
+        numpy.minimum(lowest, lengths, out=lowest)
+        position += numpy.maximum(lengths, 0)
+        position += 4
+    # Only -1 (NULL) of the negative lengths is allowed.
+    if (position != ends).any() or (lowest < -1).any():
         raise MalformedTarget(wire.DATA_ROW)
     return count

@@ -105,6 +105,7 @@ class TargetReplies:
         maximum = self.settings.max_message_bytes
         unpack = wire.unpack_int32
         handlers = self._handlers
+        layouts = backend.LAYOUTS
         try:
             while end - position >= 5:
                 kind = buffer[position]
@@ -117,11 +118,12 @@ class TargetReplies:
                     self._needed = stop - position
                     break
                 if kind == wire.DATA_ROW or kind == wire.COPY_DATA:
-                    batch_end = wire.run_end(buffer, position, end, maximum)
                     if kind == wire.DATA_ROW:
-                        self._check_rows(buffer, position, batch_end)
+                        batch_end = self._check_rows(buffer, position, end, maximum)
                     elif self._copy != "out":
                         raise backend.MalformedTarget(kind, "outside a COPY TO")
+                    else:
+                        batch_end = wire.run_end(buffer, position, end, maximum)
                     if not hooks:
                         position = batch_end
                         continue
@@ -134,7 +136,7 @@ class TargetReplies:
                     if handler is None:
                         raise backend.MalformedTarget(kind, "after login")
                     payload = buffer[position + 5 : stop]
-                    backend.check(kind, payload)
+                    layouts[kind](kind, payload)
                     if span < position:
                         out.append(buffer[span:position])
                     waiting = handler(kind, payload, buffer[position:stop], out)
@@ -222,7 +224,12 @@ class TargetReplies:
 
     # Rows and copy data.
 
-    def _check_rows(self, buffer, start, stop):
+    def _check_rows(self, buffer, start, end, maximum):
+        """
+        Find and check the run of rows at C{start}.
+
+        @return: where it ends.
+        """
         count = self._rows
         if count == NO_ROWS:
             head = self._head
@@ -233,7 +240,8 @@ class TargetReplies:
             # fields they hold; else every row holds as many as the first.
             portal = head.target
             count = len(portal.columns) if portal is not None and portal.columns else None
-        self._rows = backend.data_rows(buffer, start, stop, count)
+        stop, self._rows = backend.row_run(buffer, start, end, maximum, count)
+        return stop
 
     def _result(self, kind, buffer, start, stop, out):
         """
