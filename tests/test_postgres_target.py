@@ -537,3 +537,47 @@ class RealTargetTests(unittest.TestCase):
         self.assertIn((b"D", struct.pack("!HI", 1, 7) + str(len(value)).encode()), length)
         # Both messages took the path that never joins them.
         self.assertEqual(splits, [len(value) + 6, len(value) + 6])
+
+
+class StoreFailureTextTests(unittest.SynchronousTestCase):
+    """
+    Store failures shown to clients do not say where the audit database is.
+    """
+
+    def test_without_address(self):
+        """
+        libpq's reasons (PostgreSQL 15 and older wordings) lose their host
+        names, addresses, socket paths and ports; the rest stays readable.
+        """
+        from hoopgw.store.postgres import without_address
+
+        cases = {
+            'connection to server at "audit-db.internal" (10.1.2.3), port 5433 failed: Connection refused\n'
+            "\tIs the server running on that host and accepting TCP/IP connections?":
+            "connection to server at [withheld] failed: Connection refused\n"
+            "\tIs the server running on that host and accepting TCP/IP connections?",
+            'could not connect to server: Connection refused\n\tIs the server running on host "10.1.2.3" and '
+            "accepting\n\tTCP/IP connections on port 5432?":
+            "could not connect to server: Connection refused\n\tIs the server running on host [withheld] and "
+            "accepting\n\tTCP/IP connections?",
+            'connection to server on socket "/run/postgresql/.s.PGSQL.5432" failed: No such file or directory':
+            "connection to server on socket [withheld] failed: No such file or directory",
+            "server closed the connection unexpectedly (10.1.2.3:5432)":
+            "server closed the connection unexpectedly ([withheld])",
+        }
+        for reason, shown in cases.items():
+            self.assertEqual(without_address(reason), shown)
+
+    def test_unreachable_error(self):
+        """
+        The error an unreachable store answers appends with is the one a
+        refused client reads: it carries the reason without the address.
+        """
+        from hoopgw.store.postgres import PostgresStore
+
+        store = PostgresStore.__new__(PostgresStore)
+        store.outage = {"reason": 'connection to server at "10.9.8.7", port 6543 failed: timeout expired'}
+        text = str(store._unreachable())
+        self.assertNotIn("10.9.8.7", text)
+        self.assertNotIn("6543", text)
+        self.assertIn("the PostgreSQL store is unreachable (connection to server at [withheld] failed: timeout expired)", text)
