@@ -103,17 +103,18 @@ class HostileTargetCase(unittest.TestCase):
         """
         The target's C{reply} ends the session: the client's last message
         is FATAL C{sentence}, nothing it received holds the card number,
-        the record's session.end gives the reason, and the record holds no
-        card number either.
+        the record's session.end gives the reason, the statement ends
+        interrupted, and the record holds no card number either.
         """
         messages = yield self.query_until_closed(reply)
         fields = fatal(messages)
         self.assertEqual((fields["code"], fields["message"]), ("08P01", sentence + "; the session is closed"))
         received = b"".join(kind + payload for kind, payload in messages)
         self.assertNotIn(PAN.encode(), received)
-        self.assertNotIn(b"\x00?", received)
         (ended,) = yield self.gateway.wait_for("session.end")
         self.assertEqual(ended["reason"], sentence)
+        (finished,) = self.gateway.events("command.end")
+        self.assertEqual(finished["outcome"]["status"], "interrupted")
         self.assertNotIn(PAN.encode(), self.gateway.raw_store())
         return messages
 
