@@ -86,7 +86,12 @@ class TargetReplies:
         the session, and nothing of it is sent.
         """
         hooks = self.frontend._result_hooks
-        if self._needed >= wire.LARGE_MESSAGE and self._copy == "out" and self._pieces[0][0] == wire.COPY_DATA:
+        if (
+            self._needed >= wire.LARGE_MESSAGE
+            and self._buffered >= self._needed
+            and self._copy == "out"
+            and self._pieces[0][0] == wire.COPY_DATA
+        ):
             waiting = self._large_copy_data(hooks)
             if waiting is not None:
                 self._suspend(waiting, b"", [])
