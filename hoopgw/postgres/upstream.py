@@ -116,7 +116,9 @@ class UpstreamProtocol(protocol.Protocol):
             if not data:
                 return
         if self._state == _READY:
-            self.receiver.upstream_data(data)
+            # No receiver: the client left while the session opened.
+            if self.receiver is not None:
+                self.receiver.upstream_data(data)
             return
         if self.ready.called:
             return
@@ -169,7 +171,7 @@ class UpstreamProtocol(protocol.Protocol):
                 return
         rest = buffer[position:]
         if self._state == _READY:
-            if rest:
+            if rest and self.receiver is not None:
                 self.receiver.upstream_data(rest)
         elif rest and not self.ready.called:
             self._pieces = [rest]
