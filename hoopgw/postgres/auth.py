@@ -69,24 +69,52 @@ class ScramClient:
         self._nonce = nonce or base64.b64encode(os.urandom(18)).decode("ascii")
         self._first_bare = "n=,r=" + self._nonce
         self._server_signature = None
+        self._challenge = None
 
     def first_message(self):
         return ("n,," + self._first_bare).encode("ascii")
 
-    def final_message(self, server_first):
+    def challenge(self, server_first, max_iterations=None):
         """
-        Answer the server's first message with the client proof.
+        Read and check the server's first message, cheaply: the costly
+        proof (L{final_message}) may then be computed elsewhere.
+
+        @return: the iteration count the server asks for.
+        @raise AuthenticationFailed: when the message is malformed, its
+            nonce is not the gateway's extended, or it asks for more than
+            C{max_iterations} iterations.
         """
-        server_first = server_first.decode("utf-8")
+        try:
+            server_first = server_first.decode("utf-8")
+        except UnicodeDecodeError:
+            raise AuthenticationFailed("the target's SCRAM challenge is malformed")
         attributes = dict(part.split("=", 1) for part in server_first.split(",") if "=" in part)
         nonce = attributes.get("r", "")
         if not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce):
             raise AuthenticationFailed("the target's SCRAM nonce does not extend the gateway's")
         try:
-            salt = base64.b64decode(attributes["s"])
+            salt = base64.b64decode(attributes["s"], validate=True)
             iterations = int(attributes["i"])
         except (KeyError, ValueError):
             raise AuthenticationFailed("the target's SCRAM challenge is malformed")
+        if iterations < 1:
+            raise AuthenticationFailed("the target's SCRAM challenge is malformed")
+        if max_iterations is not None and iterations > max_iterations:
+            raise AuthenticationFailed(
+                "the target asks for %d SCRAM iterations, more than the gateway computes (max_scram_iterations: %d)"
+                % (iterations, max_iterations)
+            )
+        self._challenge = (server_first, nonce, salt, iterations)
+        return iterations
+
+    def final_message(self, server_first=None):
+        """
+        Answer the server's first message with the client proof (the
+        message checked by L{challenge} when none is given).
+        """
+        if server_first is not None:
+            self.challenge(server_first)
+        server_first, nonce, salt, iterations = self._challenge
         salted = hashlib.pbkdf2_hmac("sha256", saslprep(self._password).encode("utf-8"), salt, iterations)
         client_key = _hmac(salted, b"Client Key")
         stored_key = hashlib.sha256(client_key).digest()
@@ -102,8 +130,12 @@ class ScramClient:
         Check the server's signature: a target that does not know the
         password must not be trusted with the session.
         """
-        text = server_final.decode("utf-8")
+        text = server_final.decode("utf-8", "replace")
         if not text.startswith("v=") or self._server_signature is None:
             raise AuthenticationFailed("the target did not prove it knows the password")
-        if not hmac.compare_digest(base64.b64decode(text[2:].split(",")[0]), self._server_signature):
+        try:
+            signature = base64.b64decode(text[2:].split(",")[0], validate=True)
+        except ValueError:
+            raise AuthenticationFailed("the target did not prove it knows the password")
+        if not hmac.compare_digest(signature, self._server_signature):
             raise AuthenticationFailed("the target's SCRAM signature is wrong: it does not know the password")

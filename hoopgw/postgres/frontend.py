@@ -12,10 +12,9 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from hoopgw import redact
-from hoopgw.chain import ChainBroken
 from hoopgw.flow import Valve
 from hoopgw.memorytls import TLSFailed, server_context
-from hoopgw.model import DENY, Command, Decision, ResultChunk
+from hoopgw.model import DENY, Command, Decision
 from hoopgw.options import ConfigError
 from hoopgw.sql import split_statements, statement_type
 from hoopgw.postgres import upstream as upstream_module
@@ -31,6 +30,8 @@ from hoopgw.postgres.startup import (
     Startup,
     StartupError,
 )
+from hoopgw.postgres.replies import TargetReplies
+from hoopgw.postgres.replies import send as _send
 
 
 # Sent to the target in place of a denied statement: it fails at once and
@@ -104,12 +105,10 @@ class PostgresFrontend(protocol.Protocol):
         self._expected = collections.deque()
         self._statements = {}
         self._portals = {}
-        self._columns = ()
-        self._copy_format = 0
-        self._up_pieces = []
-        self._up_buffered = 0
-        self._up_waiting = None
         self._result_hooks = self.chain.has("result_received")
+        self.replies = TargetReplies(self, lambda: self._state == _CLOSED)
+        # How many bytes the client's next message needs to be whole.
+        self._client_needed = 5
         self._ended = None
         self._admitting = False
         self._to_upstream = []
@@ -162,8 +161,17 @@ class PostgresFrontend(protocol.Protocol):
 
     def _client_data(self):
         """
-        Split what the client sent into messages and queue them.
+        Split what the client sent into messages and queue them.  A large
+        message arriving in many reads is joined once it is whole.
         """
+        if self._buffered < self._client_needed:
+            return
+        if self._client_needed >= wire.LARGE_MESSAGE and self._pieces[0][:1] == b"d":
+            # Copy data the gateway only relays: passed on as it was read.
+            message, self._pieces = wire.split_pieces(self._pieces, self._client_needed)
+            self._buffered -= self._client_needed
+            self._inbox.append((b"d", tuple(message), 0, self._client_needed))
+        self._client_needed = 5
         buffer = self._take()
         position = 0
         end = len(buffer)
@@ -187,6 +195,7 @@ class PostgresFrontend(protocol.Protocol):
                 return
             stop = position + 1 + length
             if stop > end:
+                self._client_needed = stop - position
                 break
             inbox.append((buffer[position : position + 1], buffer, position, stop))
             position = stop
@@ -265,7 +274,10 @@ class PostgresFrontend(protocol.Protocol):
 
     def _client_message(self, kind, buffer, start, stop):
         if kind == b"d" or kind == b"c" or kind == b"f":
-            self._forward(buffer[start:stop])
+            if isinstance(buffer, tuple):
+                self._to_upstream.extend(buffer)
+            else:
+                self._forward(buffer[start:stop])
             return None
         if self._skipping and kind != b"S" and kind != b"X":
             return None
@@ -278,6 +290,10 @@ class PostgresFrontend(protocol.Protocol):
             self._expect(Pending("parse", target=name))
         elif kind == b"B":
             portal, statement, formats, values, result_formats = wire.parse_bind(payload)
+            if len(formats) > 1 and len(formats) != len(values):
+                return self._skip_to_sync(
+                    "bind message has %d parameter formats but %d parameters" % (len(formats), len(values))
+                )
             prepared = self._statements.get(statement)
             self._portals[portal] = Portal(
                 prepared[0] if prepared else None,
@@ -320,6 +336,20 @@ class PostgresFrontend(protocol.Protocol):
             self._protocol_error("unexpected message type %r" % (kind.decode("ascii", "replace"),))
             return None
         self._forward(buffer[start:stop])
+        return None
+
+    def _skip_to_sync(self, text):
+        """
+        A message of the extended protocol the target would refuse as
+        PostgreSQL does: ERROR (08P01), then every message up to Sync is
+        skipped and the session goes on.  The target runs a statement that
+        fails in its place (see L{DENIAL_SQL}), so the transaction ends as
+        it would there and the error arrives in order; its error is
+        replaced by this one.
+        """
+        self._forward(wire.query(DENIAL_SQL))
+        self._expect(Pending("denied", decision=wire.error_response("08P01", text), target="extended"))
+        self._skipping = True
         return None
 
     def _expect(self, pending):
@@ -460,324 +490,10 @@ class PostgresFrontend(protocol.Protocol):
             self._forward(raw)
             self._expect(Pending("function", [command]))
 
-    # Target messages.
+    # Target messages: see L{TargetReplies}.
 
     def upstream_data(self, data):
-        self._up_pieces.append(data)
-        self._up_buffered += len(data)
-        if self._up_waiting is None:
-            self._relay()
-
-    def _relay(self):
-        """
-        Pass the target's messages to the client: runs of rows straight
-        through when no addon looks at results, everything else through
-        the bookkeeping and the chain.
-        """
-        pieces = self._up_pieces
-        buffer = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        self._up_pieces = []
-        self._up_buffered = 0
-        end = len(buffer)
-        if end < 5:
-            self._up_pieces = [buffer] if buffer else []
-            self._up_buffered = end
-            return
-        out = []
-        position = 0
-        span = 0
-        hooks = self._result_hooks
-        maximum = self.settings.max_message_bytes
-        unpack = wire.unpack_int32
-        while end - position >= 5:
-            kind = buffer[position]
-            length = unpack(buffer, position + 1)
-            stop = position + 1 + length
-            if length < 4 or length > maximum:
-                self._upstream_broken("the target sent a malformed or oversized message")
-                return
-            if stop > end:
-                break
-            if kind == 68 or kind == 100:  # DataRow, CopyData
-                batch_end = wire.run_end(buffer, position, end, maximum)
-                if not hooks:
-                    position = batch_end
-                    continue
-                if span < position:
-                    out.append(buffer[span:position])
-                waiting = self._result(kind, buffer, position, batch_end, out)
-                position = span = batch_end
-                if waiting is not None:
-                    self._suspend_relay(waiting, buffer[position:], out)
-                    return
-                if self._state == _CLOSED:
-                    return
-                continue
-            if span < position:
-                out.append(buffer[span:position])
-            try:
-                waiting = self._target_message(kind, buffer, position, stop, out)
-            except (struct.error, ValueError, IndexError):
-                self._upstream_broken("the target sent a malformed %r message" % (chr(kind),))
-                return
-            position = span = stop
-            if waiting is not None:
-                self._suspend_relay(waiting, buffer[position:], out)
-                return
-            if self._state == _CLOSED:
-                return
-        if span < position:
-            out.append(buffer[span:position])
-        if position < end:
-            self._up_pieces = [buffer[position:]]
-            self._up_buffered = end - position
-        if out:
-            _send(self.transport, out)
-
-    def _suspend_relay(self, waiting, rest, out):
-        """
-        An addon answered a result with a Deferred: hold the rest of the
-        target's output until it fires.
-        """
-        if out:
-            self.transport.writeSequence(out)
-        if rest:
-            self._up_pieces.insert(0, rest)
-            self._up_buffered += len(rest)
-        self._up_waiting = waiting
-        self.upstream_valve.pause("addon")
-
-        def done(chunk_bytes):
-            self._up_waiting = None
-            if self._state == _CLOSED:
-                return
-            if chunk_bytes:
-                self.transport.write(chunk_bytes)
-            self.upstream_valve.resume("addon")
-            if self._up_pieces:
-                self._relay()
-
-        waiting.addCallback(done).addErrback(self._result_failed)
-
-    def _result(self, kind, buffer, start, stop, out):
-        """
-        Run rows or copy data through the C{result_received} hooks.
-        """
-        head = self._expected[0] if self._expected else None
-        command = head.command if head is not None else None
-        if kind == 68:
-            names, formats, type_oids = self._row_columns(head)
-            data = buffer[start:stop]
-            chunk = ResultChunk(
-                "rows",
-                data=data,
-                columns=names,
-                formats=formats,
-                type_oids=type_oids,
-                decode=wire.decode_data_rows,
-                locate=wire.DataRowValues(data, self.settings.max_message_bytes < 1 << 29),
-            )
-        else:
-            chunk = ResultChunk(
-                "stream", data=wire.copy_data_payloads(buffer, start, stop), stream="copy", formats=(self._copy_format,)
-            )
-        return self._through_chain(command, chunk, out, lambda: self._encode_chunk(kind, chunk))
-
-    def _row_columns(self, head):
-        """
-        The names, formats and types of the columns of the rows now
-        arriving.  An Execute's rows follow no RowDescription unless the
-        client described the portal: its columns come from the portal's
-        (or its statement's) description, its formats from its Bind.
-        """
-        columns = self._columns
-        if head is not None and head.kind == "execute" and head.target is not None:
-            portal = head.target
-            columns = portal.columns or columns
-            count = len(columns)
-            formats = [wire.parameter_format(portal.result_formats, index) for index in range(count)]
-        else:
-            formats = [column[2] for column in columns]
-        return [column[0] for column in columns], formats, [column[1] for column in columns]
-
-    def _encode_chunk(self, kind, chunk):
-        if chunk.kind == "rows":
-            return wire.encode_data_rows(chunk.rows) if chunk.rows_changed else chunk.data
-        if chunk.kind == "stream":
-            return wire.message(b"d", chunk.data) if chunk.data else b""
-        if kind == 65:
-            return wire.notification(chunk.fields["process_id"], chunk.fields["channel"], chunk.fields["payload"])
-        return wire.fields_message(bytes((kind,)), chunk.fields)
-
-    def _through_chain(self, command, chunk, out, encode):
-        if command is not None:
-            outcome = command.outcome
-        try:
-            waiting = self.chain.result(self.session, command, chunk)
-        except ChainBroken as error:
-            self._withhold(error)
-            return None
-        if command is not None and (chunk.masked or chunk.withheld):
-            outcome["masked"] = outcome.get("masked", 0) + chunk.masked + chunk.withheld
-        if waiting is None:
-            out.append(encode())
-            return None
-        return waiting.addCallback(lambda _: encode())
-
-    def _result_failed(self, failure):
-        if failure.check(ChainBroken):
-            self._withhold(failure.value)
-        else:
-            self._internal_error(failure)
-
-    def _withhold(self, error):
-        """
-        An addon failed on a result: nothing more of it may reach the
-        client (fail closed).
-        """
-        self.log.error("Withholding a result: {error}", error=str(error))
-        self.session.attributes["end_reason"] = "result withheld: %s" % (error,)
-        self._fatal("XX000", "hoopgw withheld a result because %s; the session is closed" % (error,))
-
-    def _target_message(self, kind, buffer, start, stop, out):
-        """
-        Keep track of what the target's message answers; returns a
-        Deferred when the message waits for an addon.
-        """
-        expected = self._expected
-        head = expected[0] if expected else None
-        payload = buffer[start + 5 : stop]
-        if kind == 84:  # RowDescription
-            # Columns matter to result hooks and to prepared statements'
-            # descriptions; plain relaying needs nothing from them.
-            if self._result_hooks or (head is not None and head.kind == "describe"):
-                columns = wire.parse_row_description(payload)
-                self._columns = columns
-                if head is not None and head.kind == "describe":
-                    self._described(head, columns)
-                    expected.popleft()
-                    if head.decision == "injected":
-                        return None
-        elif kind == 67 or kind == 73:  # CommandComplete, EmptyQueryResponse
-            tag = payload.rstrip(b"\x00").decode("utf-8", "replace") if kind == 67 else ""
-            if head is not None and head.kind in ("query", "execute"):
-                command = head.command
-                if command is not None:
-                    command.outcome.update(status="ok", tag=tag, rows=wire.rows_from_tag(tag))
-                    self.chain.finish(self.session, command)
-                head.index += 1
-                if head.kind == "execute":
-                    expected.popleft()
-            self._columns = ()
-        elif kind == 90:  # ReadyForQuery
-            if head is not None and head.kind in ("query", "sync", "function", "denied"):
-                expected.popleft()
-                self._not_run(head, "the query ended before this statement ran")
-                if head.kind == "denied" and head.target == "extended":
-                    return None
-        elif kind == 69:  # ErrorResponse
-            return self._target_error(head, payload, out)
-        elif kind == 49 or kind == 50 or kind == 51 or kind == 110:  # Parse/Bind/CloseComplete, NoData
-            if head is not None and head.kind in ("parse", "bind", "close", "describe"):
-                expected.popleft()
-                if kind == 110 and head.decision == "injected":
-                    self._described(head, [])
-                    return None
-        elif kind == 72:  # CopyOutResponse
-            self._copy_format = payload[0] if payload else 0
-        elif kind == 99 and self._result_hooks:  # CopyDone: the end of a copy stream
-            command = head.command if head is not None else None
-            chunk = ResultChunk("stream", stream="copy", formats=(self._copy_format,), final=True)
-            done = buffer[start:stop]
-            return self._through_chain(command, chunk, out, lambda: self._encode_chunk(100, chunk) + done)
-        elif kind == 115:  # PortalSuspended
-            if head is not None and head.kind == "execute":
-                command = head.command
-                command.outcome.update(status="suspended")
-                self.chain.finish(self.session, command)
-                expected.popleft()
-        elif kind == 86:  # FunctionCallResponse
-            command = None
-            if head is not None and head.kind == "function":
-                command = head.command
-                command.outcome.update(status="ok")
-                self.chain.finish(self.session, command)
-                head.index += 1
-            if self._result_hooks:
-                # The result's format and type are not known here: it is
-                # checked as an opaque binary value.
-                length = wire.unpack_int32(payload)
-                value = None if length == 0xFFFFFFFF else payload[4 : 4 + length]
-                chunk = ResultChunk("rows", columns=["result"], formats=[1], type_oids=[0], rows=[[value]])
-                return self._through_chain(command, chunk, out, lambda: wire.function_call_response(chunk.rows[0][0]))
-        elif kind == 78 or kind == 65:  # NoticeResponse, NotificationResponse
-            if self._result_hooks:
-                if kind == 65:
-                    process_id, channel, text = wire.parse_notification(payload)
-                    fields = {"process_id": process_id, "channel": channel, "payload": text}
-                    command = None
-                else:
-                    fields = wire.parse_fields(payload)
-                    command = head.command if head is not None else None
-                chunk = ResultChunk("message", fields=fields, stream="notification" if kind == 65 else "notice")
-                return self._through_chain(command, chunk, out, lambda: self._encode_chunk(kind, chunk))
-        out.append(buffer[start:stop])
-        return None
-
-    def _described(self, head, columns):
-        which, name = head.target
-        if which == b"P" and name in self._portals:
-            self._portals[name].columns = columns
-        elif which == b"S" and name in self._statements:
-            self._statements[name] = (self._statements[name][0], columns)
-
-    def _target_error(self, head, payload, out):
-        fields = wire.parse_fields(payload)
-        expected = self._expected
-        if head is not None and head.kind == "denied":
-            decision = head.decision
-            out.append(
-                wire.error_response(
-                    decision.sqlstate or "42501",
-                    "hoopgw denied this statement: %s" % (decision.reason,),
-                    detail="rule: %s" % (decision.rule,) if decision.rule else None,
-                )
-            )
-            return None
-        message = redact.redact_text(fields.get("message", ""))[0]
-        outcome = {"status": "error", "sqlstate": fields.get("code"), "error": message}
-        if head is not None and head.kind in ("query", "function"):
-            command = head.command
-            if command is not None:
-                command.outcome.update(outcome)
-                self.chain.finish(self.session, command)
-                head.index += 1
-        elif head is not None and head.kind != "sync":
-            # The extended protocol: the target skips everything up to Sync.
-            failed = expected.popleft()
-            if failed.kind == "execute":
-                failed.command.outcome.update(outcome)
-                self.chain.finish(self.session, failed.command)
-            while expected and expected[0].kind != "sync":
-                skipped = expected.popleft()
-                self._not_run(skipped, "an earlier message of the pipeline failed")
-        if self._result_hooks:
-            command = head.command if head is not None else None
-            chunk = ResultChunk("message", fields=fields, stream="error")
-            return self._through_chain(command, chunk, out, lambda: self._encode_chunk(69, chunk))
-        out.append(wire.message(b"E", payload))
-        return None
-
-    def _not_run(self, pending, reason):
-        for command in pending.commands[pending.index :]:
-            if not command.outcome:
-                command.outcome.update(status="not-run", reason=reason)
-                self.chain.finish(self.session, command)
-        pending.index = len(pending.commands)
-
-    def _upstream_broken(self, reason):
-        self.session.attributes["end_reason"] = reason
-        self._fatal("08P01", reason)
+        self.replies.data_received(data)
 
     def upstream_lost(self, reason):
         if self._state == _CLOSED:
@@ -970,19 +686,6 @@ def _then(outcome, callback, *arguments):
         return outcome.addCallback(callback, *arguments)
     callback(outcome, *arguments)
     return None
-
-
-def _send(transport, pieces):
-    """
-    Write a batch of messages now.  Twisted's TLS layer holds small writes
-    back until the next reactor iteration to aggregate them; the front end
-    already writes whole batches, so waiting only adds an iteration and a
-    timer to every statement.
-    """
-    transport.writeSequence(pieces)
-    aggregator = getattr(getattr(transport, "protocol", None), "_aggregator", None)
-    if aggregator is not None:
-        aggregator.flush()
 
 
 def _unregister(transport):

@@ -30,7 +30,20 @@ TARGET_OPTIONS = (
     ),
     o.Option("ca", o.file_path, None, "The CA certificate the target's certificate must chain to."),
     o.Option("server_name", o.string, None, "The name to check the target's certificate for (default: host)."),
-    o.Option("connect_timeout", o.duration, 10.0, "How long to wait for the target."),
+    o.Option(
+        "connect_timeout",
+        o.duration,
+        10.0,
+        "How long the gateway waits for the target's session: TCP, TLS, authentication and the first "
+        "ReadyForQuery together.",
+    ),
+    o.Option(
+        "max_scram_iterations",
+        o.integer(minimum=4096),
+        100000,
+        "The largest SCRAM-SHA-256 iteration count the gateway computes for the target; a target asking "
+        "for more is refused (PostgreSQL's default is 4096).",
+    ),
 )
 
 CONNECTION_OPTIONS = (
@@ -90,6 +103,7 @@ class Target:
     ca = attr.ib()
     server_name = attr.ib()
     connect_timeout = attr.ib()
+    max_scram_iterations = attr.ib(default=100000)
 
 
 @attr.s(frozen=True)

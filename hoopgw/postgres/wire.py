@@ -107,7 +107,9 @@ def run_end(buffer, position, end, maximum):
     out of bounds (4 to C{maximum}), which the caller then reads alone.
     """
     kind = buffer[position]
-    if end - position >= VECTOR_RUN:
+    # A run of one message that fills the buffer (a large CopyData) needs
+    # no vectorised walk over its bytes.
+    if end - position >= VECTOR_RUN and position + 1 + _INT32.unpack_from(buffer, position + 1)[0] < end - 4:
         position = _vector_run_end(buffer, position, end, maximum)
     unpack = _INT32.unpack_from
     while end - position >= 5 and buffer[position] == kind:
@@ -146,6 +148,33 @@ def _vector_run_end(buffer, position, end, maximum):
     broken = numpy.flatnonzero(following[:-1] != starts[1:])
     last = int(broken[0]) if len(broken) else len(starts) - 1
     return position + int(following[last])
+
+
+# From this size on, a CopyData message that is only relayed is passed on
+# as the reads that brought it, never joined into one piece.
+LARGE_MESSAGE = 1 << 20
+
+
+def split_pieces(pieces, size):
+    """
+    Split a list of byte strings after C{size} bytes, copying at most part
+    of one of them.
+
+    @return: C{(the pieces of the first size bytes, the rest's pieces)}.
+    """
+    taken = []
+    total = 0
+    for index, piece in enumerate(pieces):
+        if total + len(piece) >= size:
+            cut = size - total
+            taken.append(piece[:cut])
+            rest = pieces[index + 1 :]
+            if cut < len(piece):
+                rest.insert(0, piece[cut:])
+            return taken, rest
+        taken.append(piece)
+        total += len(piece)
+    raise ValueError("fewer than %d bytes to split" % (size,))
 
 
 # Messages the gateway sends to clients.
@@ -609,3 +638,69 @@ def rows_from_tag(tag):
     """
     last = tag.rsplit(" ", 1)[-1]
     return int(last) if last.isdigit() else None
+
+
+# The kinds of message a target sends (the type byte, as an integer: the
+# relay reads it from its buffer).  The same letters mean other messages
+# from a client.
+
+AUTHENTICATION = 0x52  # R
+BACKEND_KEY_DATA = 0x4B  # K
+BIND_COMPLETE = 0x32  # 2
+CLOSE_COMPLETE = 0x33  # 3
+COMMAND_COMPLETE = 0x43  # C
+COPY_BOTH_RESPONSE = 0x57  # W
+COPY_DATA = 0x64  # d
+COPY_DONE = 0x63  # c
+COPY_IN_RESPONSE = 0x47  # G
+COPY_OUT_RESPONSE = 0x48  # H
+DATA_ROW = 0x44  # D
+EMPTY_QUERY_RESPONSE = 0x49  # I
+ERROR_RESPONSE = 0x45  # E
+FUNCTION_CALL_RESPONSE = 0x56  # V
+NEGOTIATE_PROTOCOL_VERSION = 0x76  # v
+NO_DATA = 0x6E  # n
+NOTICE_RESPONSE = 0x4E  # N
+NOTIFICATION_RESPONSE = 0x41  # A
+PARAMETER_DESCRIPTION = 0x74  # t
+PARAMETER_STATUS = 0x53  # S
+PARSE_COMPLETE = 0x31  # 1
+PORTAL_SUSPENDED = 0x73  # s
+READY_FOR_QUERY = 0x5A  # Z
+ROW_DESCRIPTION = 0x54  # T
+
+BACKEND_NAMES = {
+    AUTHENTICATION: "Authentication",
+    BACKEND_KEY_DATA: "BackendKeyData",
+    BIND_COMPLETE: "BindComplete",
+    CLOSE_COMPLETE: "CloseComplete",
+    COMMAND_COMPLETE: "CommandComplete",
+    COPY_BOTH_RESPONSE: "CopyBothResponse",
+    COPY_DATA: "CopyData",
+    COPY_DONE: "CopyDone",
+    COPY_IN_RESPONSE: "CopyInResponse",
+    COPY_OUT_RESPONSE: "CopyOutResponse",
+    DATA_ROW: "DataRow",
+    EMPTY_QUERY_RESPONSE: "EmptyQueryResponse",
+    ERROR_RESPONSE: "ErrorResponse",
+    FUNCTION_CALL_RESPONSE: "FunctionCallResponse",
+    NEGOTIATE_PROTOCOL_VERSION: "NegotiateProtocolVersion",
+    NO_DATA: "NoData",
+    NOTICE_RESPONSE: "NoticeResponse",
+    NOTIFICATION_RESPONSE: "NotificationResponse",
+    PARAMETER_DESCRIPTION: "ParameterDescription",
+    PARAMETER_STATUS: "ParameterStatus",
+    PARSE_COMPLETE: "ParseComplete",
+    PORTAL_SUSPENDED: "PortalSuspended",
+    READY_FOR_QUERY: "ReadyForQuery",
+    ROW_DESCRIPTION: "RowDescription",
+}
+
+
+def backend_name(kind):
+    """
+    A backend message kind as the protocol's documentation names it, or
+    its byte in hex for a kind the protocol does not have (never more of
+    the message: its contents are the target's data).
+    """
+    return BACKEND_NAMES.get(kind) or "message of unknown type 0x%02x" % (kind,)

@@ -456,7 +456,8 @@ class PostgresStore:
 
     def _unreachable(self):
         return StoreError(
-            "the PostgreSQL store is unreachable (%s); nothing is let through until it is back" % (self.outage["reason"],)
+            "the PostgreSQL store is unreachable (%s); nothing is let through until it is back"
+            % (without_address(self.outage["reason"]),)
         )
 
     def _lost(self, reason):
@@ -551,7 +552,9 @@ class PostgresStore:
 
     def _enqueue(self, item):
         if self._broken is not None:
-            return defer.fail(StoreError("the store failed earlier and takes no more events: %s" % (self._broken,)))
+            return defer.fail(
+                StoreError("the store failed earlier and takes no more events: %s" % (without_address(self._broken),))
+            )
         if self._closed:
             return defer.fail(StoreError("the store is closed"))
         if self.outage is not None:
@@ -598,7 +601,7 @@ class PostgresStore:
                             self._refuse(item)
                     else:
                         self._fail(reason)
-                        failed = StoreError(self._broken)
+                        failed = StoreError(without_address(self._broken))
                     for d, _ in batch + self._queue:
                         d.errback(failed)
                     self._queue = []
@@ -995,3 +998,21 @@ class PostgresSource:
 
 def _without_password(dsn):
     return re.sub(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "password=***", dsn)
+
+
+# Where the audit database is (libpq quotes host names, addresses and
+# socket paths, and names the port) is no business of a client that is
+# refused because the store failed: the gateway's log keeps the details.
+_QUOTED = re.compile(r'"[^"]*"(\s*\([^)]*\))?')
+_PORT = re.compile(r",?\s*(?:on\s+)?port\s+\d+")
+_ADDRESS = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\[[0-9a-fA-F:]+\](?::\d+)?")
+
+
+def without_address(text):
+    """
+    A store failure's reason as a client may read it: host names,
+    addresses, socket paths and ports left out.
+    """
+    text = _QUOTED.sub("[withheld]", text)
+    text = _ADDRESS.sub("[withheld]", text)
+    return _PORT.sub("", text)
