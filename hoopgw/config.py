@@ -97,6 +97,8 @@ class StoreConfig:
     low_water_percent = attr.ib(default=5.0)
     reserve = attr.ib(default=4 * 1024 * 1024)
     space_check_interval = attr.ib(default=5.0)
+    durability = attr.ib(default="write-ahead-fsync")
+    sync_interval = attr.ib(default=0.05)
 
 
 @attr.s(frozen=True)
@@ -133,10 +135,24 @@ STORE_OPTIONS = (
     ),
     o.Option("path", o.directory_path, "var/audit", "The store's folder, relative to this file."),
     o.Option(
+        "durability",
+        o.choice("write-ahead-fsync", "write-ahead"),
+        "write-ahead-fsync",
+        "What a command waits for before it is forwarded: 'write-ahead-fsync', its event synced to disk "
+        "(nothing acknowledged is lost, even on a power loss); 'write-ahead', its event written to the "
+        "operating system (a gateway crash loses nothing; a power loss may lose the last sync_interval).",
+    ),
+    o.Option(
+        "sync_interval",
+        lambda value, path: _positive_duration(value, path),
+        0.05,
+        "With durability write-ahead: the longest an event stays written but not synced to disk.",
+    ),
+    o.Option(
         "fsync",
         o.boolean,
         True,
-        "Wait for the disk before a command runs (write-ahead). Turn off only for throwaway demos.",
+        "Deprecated: 'fsync: false' is read as 'durability: write-ahead'.",
     ),
     o.Option(
         "sync_process",
@@ -443,6 +459,11 @@ def _parse(document, path):
         raise ConfigError(unknown[0], "unknown section; expected gateway, identity_providers and connections")
     gateway_raw = o.parse_options(GATEWAY_OPTIONS, document.get("gateway"), "gateway")
     store = StoreConfig(**o.parse_options(STORE_OPTIONS, gateway_raw["store"], "gateway.store"))
+    if not store.fsync:
+        if store.durability == "write-ahead-fsync" and "durability" in gateway_raw["store"]:
+            raise ConfigError("gateway.store.fsync", "contradicts durability: write-ahead-fsync; remove fsync (deprecated)")
+        # The deprecated switch: events are still synced, in the background.
+        store = attr.evolve(store, durability="write-ahead")
     if store.backend == "postgres" and store.postgres is None:
         raise ConfigError("gateway.store.postgres", "is required with backend postgres: give at least its dsn")
     admin = None
