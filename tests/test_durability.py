@@ -184,3 +184,32 @@ class GatewayTests(unittest.TestCase):
         (start,) = gateway.events("gateway.start")
         self.assertEqual((start["durability"], start["sync_interval"]), ("write-ahead-fsync", None))
         yield gateway.stop()
+
+
+class PostgresStoreTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_synchronous_commit_follows_durability(self):
+        """
+        The PostgreSQL store's transactions commit with synchronous_commit
+        on by default, and off with durability write-ahead (the server
+        flushes its WAL in the background).
+        """
+        from hoopgw.store import postgres as pgstore
+        from tests.test_postgres_store import store_settings
+
+        settings = yield in_thread(store_settings)
+        config = pgstore.parse_options(settings["postgres"], "gateway.store.postgres")
+        yield in_thread(pgstore.prepare_schema, config)
+        found = {}
+        for durability in (WRITE_AHEAD_FSYNC, WRITE_AHEAD):
+            store = pgstore.PostgresStore(config, reactor, durability=durability)
+            self.addCleanup(store.close)
+            appended = yield store.append({"type": "test", "durability": durability})
+            self.assertEqual(appended["durability"], durability)
+
+            def show(cursor):
+                return cursor.execute("SHOW synchronous_commit").addCallback(lambda _: cursor.fetchone()[0])
+
+            found[durability] = yield store.read(show)
+            yield store.close()
+        self.assertEqual(found, {WRITE_AHEAD_FSYNC: "on", WRITE_AHEAD: "off"})
