@@ -714,7 +714,14 @@ class FileStore:
         for d, event in batch:
             d.callback(event)
         if self._waiting and not self._syncing:
-            self._sync()
+            # They came while this sync ran: the next group is formed
+            # already, so it is asked now rather than a loop turn later.
+            self._syncing = True
+            if self._lazy is not None:
+                if self._lazy.active():
+                    self._lazy.cancel()
+                self._lazy = None
+            self._sync_now()
         elif self._unsynced_since is not None and not self._syncing and self._lazy is None:
             # Written while this sync ran (write-ahead): due within the
             # interval of the first of them.
