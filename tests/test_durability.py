@@ -127,6 +127,58 @@ class FileStoreTests(unittest.TestCase):
         self.assertEqual((appended.called, store.syncs, len(self.syncs)), (True, 1, 1))
         store.close()
 
+    def test_write_ahead_bound_across_a_slow_sync(self):
+        """
+        An event written while a background sync is under way (a slow disk:
+        the sync process has not answered) is not covered by it; its own
+        sync is asked sync_interval after it was written, or at once when
+        the slow sync ends later than that.
+        """
+
+        class SlowDisk:
+            # The sync process's side, answered when the test says.
+            def __init__(self):
+                self.asked = []
+
+            def sync(self):
+                self.asked.append(defer.Deferred())
+                return self.asked[-1]
+
+            def stop(self):
+                pass
+
+        clock = task.Clock()
+        store = FileStore(self.path, clock, durability=WRITE_AHEAD, sync_interval=0.05)
+        store.open()
+        disk = store._syncer = SlowDisk()
+        store.append({"type": "command", "n": 1})
+        clock.advance(0.05)
+        clock.advance(0)
+        self.assertEqual(len(disk.asked), 1)
+        clock.advance(0.01)
+        store.append({"type": "command", "n": 2})
+        # The first sync answers 10 ms later: the second event's is due 40 ms after that.
+        clock.advance(0.01)
+        disk.asked[0].callback(None)
+        clock.advance(0.039)
+        clock.advance(0)
+        self.assertEqual(len(disk.asked), 1)
+        clock.advance(0.001)
+        clock.advance(0)
+        self.assertEqual(len(disk.asked), 2)
+        # A third event, and a sync that answers after its interval is up:
+        # the next sync is asked as soon as the slow one ends.
+        store.append({"type": "command", "n": 3})
+        clock.advance(0.2)
+        disk.asked[1].callback(None)
+        clock.advance(0)
+        clock.advance(0)
+        self.assertEqual((len(disk.asked), store.syncs), (3, 2))
+        disk.asked[2].callback(None)
+        self.assertEqual((store.syncs, clock.getDelayedCalls()), (3, []))
+        store._syncer = None
+        store.close()
+
     @defer.inlineCallbacks
     def test_write_ahead_asks_the_sync_process(self):
         """
