@@ -97,6 +97,8 @@ class StoreConfig:
     low_water_percent = attr.ib(default=5.0)
     reserve = attr.ib(default=4 * 1024 * 1024)
     space_check_interval = attr.ib(default=5.0)
+    durability = attr.ib(default="write-ahead-fsync")
+    sync_interval = attr.ib(default=0.05)
 
 
 @attr.s(frozen=True)
@@ -134,10 +136,24 @@ STORE_OPTIONS = (
     ),
     o.Option("path", o.directory_path, "var/audit", "The store's folder, relative to this file."),
     o.Option(
+        "durability",
+        o.choice("write-ahead-fsync", "write-ahead"),
+        "write-ahead-fsync",
+        "What a command waits for before it is forwarded: 'write-ahead-fsync', its event synced to disk "
+        "(nothing acknowledged is lost, even on a power loss); 'write-ahead', its event written to the "
+        "operating system (a gateway crash loses nothing; a power loss may lose the last sync_interval).",
+    ),
+    o.Option(
+        "sync_interval",
+        lambda value, path: _positive_duration(value, path),
+        0.05,
+        "With durability write-ahead: the longest an event stays written but not synced to disk.",
+    ),
+    o.Option(
         "fsync",
         o.boolean,
         True,
-        "Wait for the disk before a command runs (write-ahead). Turn off only for throwaway demos.",
+        "Deprecated: 'fsync: false' is read as 'durability: write-ahead'.",
     ),
     o.Option(
         "sync_process",
@@ -569,6 +585,12 @@ def _parse_gateway(raw):
     store = problems.check(
         lambda: StoreConfig(**o.parse_options(STORE_OPTIONS, gateway_raw["store"], "gateway.store"))
     )
+    if store is not o.INVALID and not store.fsync:
+        if store.durability == "write-ahead-fsync" and "durability" in gateway_raw["store"]:
+            problems.add("gateway.store.fsync", "contradicts durability: write-ahead-fsync; remove fsync (deprecated)")
+        else:
+            # The deprecated switch: events are still synced, in the background.
+            store = attr.evolve(store, durability="write-ahead")
     if store is not o.INVALID and store.backend == "postgres" and store.postgres is None:
         problems.add("gateway.store.postgres", "is required with backend postgres: give at least its dsn")
     admin = None

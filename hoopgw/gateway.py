@@ -261,6 +261,11 @@ class Gateway(service.MultiService):
                 "version": __version__,
                 "config": self.config.path,
                 "config_sha256": self.config.digest,
+                # What a command's event waits for before it is forwarded.
+                "durability": self.config.gateway.store.durability,
+                "sync_interval": self.config.gateway.store.sync_interval
+                if self.config.gateway.store.durability == "write-ahead"
+                else None,
                 "connections": {
                     name: {
                         "protocol": connection.protocol,

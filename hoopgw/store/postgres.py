@@ -12,7 +12,8 @@ checkpoints, exactly as the file store does in a folder.
   the lock, so sequence numbers and links never fork.
 - Write-ahead, group-committed: appends that arrive while a batch commits
   go together in the next one, and an append's Deferred fires only once its
-  transaction has committed (synchronous_commit on).
+  transaction has committed (synchronous_commit on; off with durability
+  write-ahead: committed in the server, its WAL flushed moments later).
 - Each running gateway holds a session-level advisory lock named after its
   instance, taken in the transaction that records its start: a gateway
   whose start has no stop and whose lock is free has crashed, which the
@@ -298,8 +299,13 @@ class PostgresStore:
 
     log = Logger()
 
-    def __init__(self, config, reactor, low_water=256 * 1024 * 1024, low_water_percent=5.0, space_check_interval=5.0):
+    def __init__(self, config, reactor, low_water=256 * 1024 * 1024, low_water_percent=5.0, space_check_interval=5.0,
+                 durability="write-ahead-fsync"):
         self.config = config
+        # write-ahead: a batch's commit returns once PostgreSQL holds it,
+        # before its WAL is flushed (synchronous_commit off; the server's
+        # WAL writer flushes it within 3 x wal_writer_delay).
+        self.durability = durability
         self._reactor = reactor
         self._table = config.schema + ".events"
         self._connection = None
@@ -419,7 +425,8 @@ class PostgresStore:
                 # only once it holds the lock): read committed, whatever the
                 # database's default.
                 return connection.runOperation(
-                    "SET synchronous_commit = on; SET default_transaction_isolation = 'read committed'"
+                    "SET synchronous_commit = %s; SET default_transaction_isolation = 'read committed'"
+                    % ("off" if self.durability == "write-ahead" else "on",)
                 ).addCallback(lambda _: connection)
 
             def failed(failure):
