@@ -197,16 +197,6 @@ class RefusalFloods:
         )
         return writing
 
-    def forget(self):
-        """
-        Drop every open window without writing it: the process is gone (a
-        crash as tests play it), and its summaries with it.
-        """
-        windows, self._windows = self._windows, {}
-        for window in windows.values():
-            if window.timer is not None and window.timer.active():
-                window.timer.cancel()
-
     def flush(self):
         """
         Write every open window's summary now (the gateway is stopping).

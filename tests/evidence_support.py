@@ -160,3 +160,13 @@ def copy_store(source, test):
 
 def as_line(event):
     return json.dumps(event).encode() + b"\n"
+
+
+def forget_refusals(gateway):
+    """
+    Drop the gateway's open refusal windows unwritten, as a crash does.
+    """
+    for window in gateway.refusals._windows.values():
+        if window.timer is not None and window.timer.active():
+            window.timer.cancel()
+    gateway.refusals._windows.clear()

@@ -67,7 +67,7 @@ def crash(harness):
     """
     store = harness.store
     harness.gateway.running = False
-    harness.gateway.refusals.forget()
+    es.forget_refusals(harness.gateway)
     store._schedule.stop()
     store._space_timer.stop()
     if store._syncer is not None:
