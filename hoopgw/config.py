@@ -75,6 +75,9 @@ class ConnectionConfig:
     addons = attr.ib()
     settings = attr.ib()
     description = attr.ib(default="")
+    # SO_REUSEPORT on the listening socket: several gateway processes
+    # share the port (docs/replicas.rst).
+    reuse_port = attr.ib(default=False)
 
     @property
     def target_name(self):
@@ -384,7 +387,7 @@ def _parse_addon(entry, path, known):
 
 # The keys every connection has, whatever its protocol (the protocol's own
 # settings are checked by its package).
-CONNECTION_KEYS = ("protocol", "listen", "allowed_groups", "description", "addons")
+CONNECTION_KEYS = ("protocol", "listen", "allowed_groups", "description", "addons", "reuse_port")
 
 
 def _parse_connection(name, raw, path, known_addons, providers):
@@ -426,6 +429,11 @@ def _parse_connection(name, raw, path, known_addons, providers):
             "is required: list the groups whose members may use this connection",
         )
     description = problems.check(o.optional_string, raw.pop("description", None), join(path, "description")) or ""
+    reuse_port = problems.check(o.boolean, raw.pop("reuse_port", False), join(path, "reuse_port"))
+    if reuse_port is True and listen is not o.INVALID:
+        from hoopgw import listeners
+
+        problems.check(listeners.check, listen, path)
     raw_addons = problems.check(
         o.list_of(lambda value, where: value), raw.pop("addons", None) or [], join(path, "addons")
     )
@@ -452,7 +460,14 @@ def _parse_connection(name, raw, path, known_addons, providers):
         addons=addons,
         settings=settings,
         description=description,
+        reuse_port=reuse_port is True,
     )
+    if connection.reuse_port and protocol == "ssh" and settings is not o.INVALID and not settings.host_keys:
+        problems.add(
+            join(path, "reuse_port"),
+            "needs host_keys on an SSH connection: every process sharing the port must show clients the same "
+            "host key (generated ones differ per process)",
+        )
     for spec in addons:
         check = getattr(spec.factory, "check_connection", None)
         if check is not None:
