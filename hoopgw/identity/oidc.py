@@ -114,7 +114,8 @@ OPTIONS = (
         o.boolean,
         False,
         "Refuse a token whose jti was already used, until it expires: each token opens one session. "
-        "Needs max_lifetime. The memory of used tokens is per gateway process.",
+        "Needs max_lifetime. The memory of used tokens is per gateway process with the file store, shared by "
+        "every process with the PostgreSQL store (docs/replicas.rst).",
     ),
     o.Option(
         "refresh_interval",

@@ -1,0 +1,345 @@
+"""
+Replicas: several gateway processes on one port (reuse_port) sharing a
+PostgreSQL store, with real twistd processes, psycopg2 clients and the
+run's PostgreSQL: the kernel spreads connections over both; a cancel
+request reaching the process that does not hold the session cancels the
+statement on the one that does (recorded once, by it); a cancel naming no
+session of any process is recorded as refused once; a token used on one
+process is refused on the other.  And the configuration checks of
+reuse_port.
+"""
+
+import os
+import socket
+import struct
+import threading
+
+import psycopg2
+import psycopg2.errors
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from hoopgw import config
+from hoopgw.options import ConfigError
+from hoopgw.throwaway import free_port
+from tests import support
+from tests.support import in_thread, token
+from tests.test_postgres_store import GatewayProcess, source_for, store_settings
+
+
+def replica_document(shared_port):
+    """
+    A gateway configuration (for L{GatewayProcess}) whose connection
+    C{payments} listens on C{shared_port} with reuse_port, whose connection
+    C{direct} listens on a port of this process alone, and whose issuer
+    has replay protection.
+    """
+
+    def document(process):
+        process.direct_port = process.port
+        process.port = shared_port
+        _, jwks_path = support.issuer()
+        providers = {
+            "test": {
+                "issuer": support.ISSUER,
+                "audience": support.AUDIENCE,
+                "jwks_file": jwks_path,
+                "algorithms": ["ES256"],
+                "replay_protection": True,
+                "max_lifetime": "1h",
+            }
+        }
+        return support.configuration_document(
+            process.directory,
+            {
+                "payments": support.postgres_connection(shared_port, reuse_port=True),
+                "direct": support.postgres_connection(process.direct_port),
+            },
+            providers=providers,
+        )
+
+    return document
+
+
+def events(settings, kind=None):
+    """
+    The store's events (of type C{kind}), none before a gateway made it.
+    """
+    source = source_for(settings)
+    try:
+        return [event for _, _, event in source.entries() if event and (kind is None or event.get("type") == kind)]
+    except psycopg2.errors.UndefinedTable:
+        return []
+    finally:
+        source.close()
+
+
+def connect(port, password):
+    return psycopg2.connect(
+        "host=127.0.0.1 port=%d dbname=payments user=ci-bot sslmode=require connect_timeout=10" % (port,),
+        password=password,
+    )
+
+
+def target_superuser(sql):
+    connection = psycopg2.connect(support.cluster().dsn("postgres", dbname="payments"))
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(sql)
+            return cursor.fetchall()
+    finally:
+        connection.close()
+
+
+class ReuseConfigurationTests(unittest.TestCase):
+    """
+    C{reuse_port} is checked with the rest of the configuration.
+    """
+
+    def parse(self, **connection):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        document = support.configuration_document(directory, {"payments": support.postgres_connection(15432, **connection)})
+        return config.parse(document)
+
+    def test_default_off(self):
+        """
+        Without the key, a connection does not share its port.
+        """
+        self.assertFalse(self.parse().connections["payments"].reuse_port)
+
+    def test_tcp(self):
+        """
+        On a plain TCP listener it is taken.
+        """
+        self.assertTrue(self.parse(reuse_port=True).connections["payments"].reuse_port)
+
+    def test_not_tcp(self):
+        """
+        On a UNIX socket it is refused with the key path and a sentence
+        saying what it works with.
+        """
+        with self.assertRaises(ConfigError) as raised:
+            self.parse(reuse_port=True, listen="unix:/tmp/hoopgw-test.sock")
+        self.assertIn("connections.payments.reuse_port", str(raised.exception))
+        self.assertIn("plain TCP listener on a fixed port", str(raised.exception))
+
+    def test_any_port(self):
+        """
+        On port 0 (a port the system picks) it is refused: processes could
+        not meet on it.
+        """
+        with self.assertRaises(ConfigError) as raised:
+            self.parse(reuse_port=True, listen="tcp:0:interface=127.0.0.1")
+        self.assertIn("fixed port", str(raised.exception))
+
+    def test_not_boolean(self):
+        """
+        A value that is not true or false is refused.
+        """
+        with self.assertRaises(ConfigError) as raised:
+            self.parse(reuse_port="yes")
+        self.assertIn("connections.payments.reuse_port", str(raised.exception))
+
+    def test_ssh_needs_host_keys(self):
+        """
+        An SSH connection sharing its port must give its host keys: each
+        process would otherwise show its own.
+        """
+        from tests import ssh_support
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        shell = ssh_support.ssh_connection(2222, addons=["identity", "record"], reuse_port=True)
+        document = support.configuration_document(directory, {"shell": shell})
+        self.assertTrue(config.parse(document).connections["shell"].reuse_port)
+        del shell["host_keys"]
+        with self.assertRaises(ConfigError) as raised:
+            config.parse(document)
+        self.assertIn("connections.shell.reuse_port", str(raised.exception))
+        self.assertIn("host_keys", str(raised.exception))
+
+
+class ReplicaTests(unittest.TestCase):
+    """
+    Two gateway processes on one port, one PostgreSQL store.
+    """
+
+    timeout = 300
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.settings = yield in_thread(store_settings)
+        shared = free_port()
+        self.first = GatewayProcess(self, self.settings, document=replica_document(shared))
+        self.second = GatewayProcess(self, self.settings, document=replica_document(shared))
+        self.port = shared
+        # Each listens (on the shared port and its own) before it records
+        # its start.
+        for _ in range(600):
+            starts = yield in_thread(events, self.settings, "gateway.start")
+            if len(starts) == 2:
+                break
+            for process in (self.first, self.second):
+                if process.process.poll() is not None:
+                    raise AssertionError(process.output())
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        else:
+            raise AssertionError("the two gateways did not start: %s %s" % (self.first.output(), self.second.output()))
+        self.instances = {start["gateway"] for start in starts}
+        for process in (self.first, self.second):
+            yield in_thread(process.wait_listening)
+
+    def session_gateway(self, before):
+        """
+        The gateway of the newest session started after seq C{before}.
+        """
+        starts = [event for event in events(self.settings, "session.start") if event["seq"] > before]
+        return starts[-1]["gateway"], starts[-1]["session"]
+
+    def last_seq(self):
+        every = events(self.settings)
+        return every[-1]["seq"] if every else 0
+
+    def test_port_shared(self):
+        """
+        Connections to the shared port reach both processes (the kernel
+        picks one for each).
+        """
+        return in_thread(self._port_shared)
+
+    def _port_shared(self):
+        seen = set()
+        for _ in range(40):
+            before = self.last_seq()
+            connection = connect(self.port, token())
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+            finally:
+                connection.close()
+            seen.add(self.session_gateway(before)[0])
+            if seen == self.instances:
+                break
+        self.assertEqual(seen, self.instances)
+
+    def test_cancel_crosses(self):
+        """
+        A client's cancel request (psycopg2's C{connection.cancel()}, a new
+        connection to the shared port) that reaches the other process
+        cancels a running C{pg_sleep(30)}: the process holding the session
+        records C{command.cancel} once, naming the process it came through
+        (C{via}), and nobody records it as a cancel naming no session.
+        """
+        return in_thread(self._cancel_crosses)
+
+    def _cancel_crosses(self):
+        for attempt in range(30):
+            before = self.last_seq()
+            connection = connect(self.port, token())
+            outcome = {}
+
+            def run():
+                try:
+                    with connection.cursor() as cursor:
+                        cursor.execute("SELECT pg_sleep(30)")
+                    outcome["done"] = True
+                except psycopg2.errors.QueryCanceled as error:
+                    outcome["cancelled"] = str(error)
+                except psycopg2.Error as error:
+                    outcome["error"] = str(error)
+
+            running = threading.Thread(target=run)
+            running.start()
+            try:
+                # The statement runs on the target before it is cancelled.
+                for _ in range(300):
+                    if target_superuser("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'")[0][0]:
+                        break
+                    threading.Event().wait(0.05)
+                holder, session = self.session_gateway(before)
+                connection.cancel()
+                running.join(60)
+                self.assertIn("cancelled", outcome, outcome)
+                self.assertIn("canceling statement due to user request", outcome["cancelled"])
+            finally:
+                running.join(60)
+                connection.close()
+            cancels = []
+            for _ in range(200):
+                cancels = [event for event in events(self.settings, "command.cancel") if event["session"] == session]
+                if cancels:
+                    break
+                threading.Event().wait(0.05)
+            self.assertEqual(len(cancels), 1, cancels)
+            if "via" in cancels[0]:
+                self.assertEqual(cancels[0]["via"], (self.instances - {holder}).pop())
+                break
+        else:
+            self.fail("no cancel reached the other process in 30 attempts")
+        refused = [
+            event for event in events(self.settings, "session.refused") if "cancel" in repr(event.get("decision"))
+        ]
+        self.assertEqual(refused, [])
+
+    def test_unknown_cancel_key(self):
+        """
+        A cancel request whose key no process holds is recorded as refused
+        once, by the process it reached, after the others had the chance to
+        claim it.
+        """
+        return in_thread(self._unknown_cancel_key)
+
+    def _unknown_cancel_key(self):
+        before = self.last_seq()
+        with socket.create_connection(("127.0.0.1", self.port)) as sock:
+            sock.sendall(struct.pack("!IIII", 16, 80877102, 12345, 67890))
+            # The gateway closes the connection without an answer.
+            self.assertEqual(sock.recv(100), b"")
+        refused = []
+        for _ in range(200):
+            refused = [
+                event
+                for event in events(self.settings, "session.refused")
+                if event["seq"] > before and "cancel-unknown-key" in repr(event)
+            ]
+            if refused:
+                break
+            threading.Event().wait(0.05)
+        self.assertEqual(len(refused), 1, refused)
+        self.assertIn(refused[0]["gateway"], self.instances)
+
+    def test_replayed_token_refused_on_the_other(self):
+        """
+        A token that opened a session on one process (its own port) is
+        refused on the other (its own port): the used token is in the
+        shared store, not only in the first process's memory; the token
+        itself is not stored.
+        """
+        return in_thread(self._replayed)
+
+    def _replayed(self):
+        used = token()
+        connection = connect(self.first.direct_port, used)
+        connection.close()
+        with self.assertRaises(psycopg2.OperationalError) as raised:
+            connect(self.second.direct_port, used)
+        self.assertIn("already used", str(raised.exception))
+        # A fresh token still opens a session there.
+        connect(self.second.direct_port, token()).close()
+        rows = target_superuser("SELECT 1")
+        self.assertEqual(rows, [(1,)])
+        stored = []
+        connection = psycopg2.connect(
+            self.settings["postgres"]["dsn"], password=open(self.settings["postgres"]["password"]["file"]).read().strip()
+        )
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT token, gateway FROM %s.used_tokens" % (self.settings["postgres"]["schema"],))
+                stored = cursor.fetchall()
+        finally:
+            connection.close()
+        self.assertEqual(len(stored), 2)
+        self.assertTrue(all(used not in row[0] for row in stored))
+        self.assertEqual({row[1] for row in stored}, self.instances)
