@@ -343,3 +343,78 @@ class ReplicaTests(unittest.TestCase):
         self.assertEqual(len(stored), 2)
         self.assertTrue(all(used not in row[0] for row in stored))
         self.assertEqual({row[1] for row in stored}, self.instances)
+
+
+class ReusePortEndpointTests(unittest.TestCase):
+    """
+    The listener reuse_port builds.
+    """
+
+    @defer.inlineCallbacks
+    def test_two_listeners_one_port(self):
+        """
+        Two listeners bound with SO_REUSEPORT share a port (in two
+        processes as in one), where a plain second listener is refused.
+        """
+        from twisted.internet import endpoints, error, protocol
+
+        from hoopgw import listeners
+
+        factory = protocol.Factory.forProtocol(protocol.Protocol)
+        port = free_port()
+        first = yield listeners.ReusePortEndpoint(reactor, port, interface="127.0.0.1").listen(factory)
+        self.addCleanup(first.stopListening)
+        second = yield listeners.ReusePortEndpoint(reactor, port, interface="127.0.0.1").listen(factory)
+        self.addCleanup(second.stopListening)
+        self.assertEqual(first.getHost().port, second.getHost().port)
+        with self.assertRaises(error.CannotListenError):
+            yield endpoints.TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(factory)
+
+
+class UnitTests(unittest.TestCase):
+    """
+    The systemd template running N replicas on one host.
+    """
+
+    def test_units_verify(self):
+        """
+        systemd-analyze verify accepts an instance of the replica template
+        and the target grouping them, without a word.
+        """
+        import subprocess
+        import sys
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        for name in ("hoopgw-replica@.service", "hoopgw-replicas.target"):
+            with open(os.path.join(root, "packaging", "systemd", name)) as handle:
+                text = handle.read().replace("/usr/local/bin/", os.path.dirname(sys.executable) + "/")
+            with open(os.path.join(directory, name.replace("@.", "@1.")), "w") as handle:
+                handle.write(text)
+        result = subprocess.run(
+            ["systemd-analyze", "verify", "--man=no", "./hoopgw-replica@1.service", "./hoopgw-replicas.target"],
+            cwd=directory, capture_output=True, text=True, timeout=120,
+        )
+        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
+
+    def test_replicas_share_one_configuration(self):
+        """
+        Every instance runs the same configuration file and state folder,
+        is part of the target (stopped and restarted with it), and keeps
+        the hardening of the other units.
+        """
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(root, "packaging", "systemd", "hoopgw-replica@.service")) as handle:
+            lines = set(handle.read().splitlines())
+        for line in (
+            "ExecStart=/usr/local/bin/twistd --reactor=asyncio --nodaemon --pidfile= hoopgw --config /etc/hoopgw/hoopgw.yaml",
+            "PartOf=hoopgw-replicas.target",
+            "WantedBy=hoopgw-replicas.target",
+            "ReadWritePaths=/var/lib/hoopgw",
+            "User=hoopgw",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "CapabilityBoundingSet=",
+        ):
+            self.assertIn(line, lines)
