@@ -221,6 +221,14 @@ ADMIN_OPTIONS = (
     o.Option("tls_certificate", o.file_path, None, "PEM certificate for HTTPS on the admin listener."),
     o.Option("tls_key", o.file_path, None, "PEM private key for HTTPS on the admin listener."),
     o.Option(
+        "reuse_port",
+        o.boolean,
+        False,
+        "SO_REUSEPORT on the admin listener, so that replicas of one configuration share its port "
+        "(docs/replicas.rst): approvals are shared through the PostgreSQL store; /api/admin acts on the "
+        "replica that answers.",
+    ),
+    o.Option(
         "identity_providers",
         o.string_list,
         None,
@@ -258,6 +266,13 @@ METRICS_OPTIONS = (
         o.REQUIRED,
         "A Twisted endpoint string for /metrics (Prometheus), /healthz and /readyz, such as "
         "tcp:9187:interface=127.0.0.1. Plain HTTP: keep it on loopback or a monitoring network.",
+    ),
+    o.Option(
+        "reuse_port",
+        o.boolean,
+        False,
+        "SO_REUSEPORT on the metrics listener, so that replicas of one configuration share its port "
+        "(docs/replicas.rst); each request is answered by one replica, with its own figures.",
     ),
     o.Option(
         "readiness_cache",
@@ -596,6 +611,11 @@ def _parse_gateway(raw):
     metrics = None
     if gateway_raw.get("metrics") is not None:
         metrics = problems.check(o.parse_options, METRICS_OPTIONS, gateway_raw["metrics"], "gateway.metrics")
+    for name, listener in (("admin", admin), ("metrics", metrics)):
+        if isinstance(listener, dict) and listener["reuse_port"]:
+            from hoopgw import listeners
+
+            problems.check(listeners.check, listener["listen"], "gateway." + name)
     refused = problems.check(refusals.parse, gateway_raw.get("refusals") or {}, "gateway.refusals")
     problems.done()
     return GatewayConfig(

@@ -80,15 +80,21 @@ class ReusePortEndpoint:
         return defer.succeed(port)
 
 
+def endpoint(reactor, listen):
+    """
+    The L{ReusePortEndpoint} of C{listen}, a checked TCP endpoint string.
+    """
+    parsed = _parse(listen, reactor)
+    return ReusePortEndpoint(reactor, parsed._port, parsed._backlog, parsed._interface)
+
+
 def service(reactor, listen, factory):
     """
     The listening service of C{listen} (a checked TCP endpoint string) with
     SO_REUSEPORT, behaving as C{strports.service} does (a port that is
     taken fails the start at once).
     """
-    parsed = _parse(listen, reactor)
-    endpoint = ReusePortEndpoint(reactor, parsed._port, parsed._backlog, parsed._interface)
-    listening = StreamServerEndpointService(endpoint, factory)
+    listening = StreamServerEndpointService(endpoint(reactor, listen), factory)
     listening._raiseSynchronously = True
     return listening
 

@@ -142,6 +142,26 @@ class ReuseConfigurationTests(unittest.TestCase):
             self.parse(reuse_port="yes")
         self.assertIn("connections.payments.reuse_port", str(raised.exception))
 
+    def test_admin_and_metrics(self):
+        """
+        The admin and metrics listeners take reuse_port too (replicas of
+        one file share them), on TCP only.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        gateway = {
+            "admin": {"listen": "tcp:8443:interface=127.0.0.1", "reuse_port": True},
+            "metrics": {"listen": "tcp:9187:interface=127.0.0.1", "reuse_port": True},
+        }
+        document = support.configuration_document(directory, {"payments": support.postgres_connection(15432)}, gateway=gateway)
+        parsed = config.parse(document).gateway
+        self.assertTrue(parsed.admin["reuse_port"])
+        self.assertTrue(parsed.metrics["reuse_port"])
+        gateway["metrics"]["listen"] = "unix:/tmp/hoopgw-metrics.sock"
+        with self.assertRaises(ConfigError) as raised:
+            config.parse(document)
+        self.assertIn("gateway.metrics.reuse_port", str(raised.exception))
+
     def test_ssh_needs_host_keys(self):
         """
         An SSH connection sharing its port must give its host keys: each
