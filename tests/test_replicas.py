@@ -9,10 +9,12 @@ process is refused on the other.  And the configuration checks of
 reuse_port.
 """
 
+import json
 import os
 import socket
 import struct
 import threading
+import time
 
 import psycopg2
 import psycopg2.errors
@@ -438,3 +440,170 @@ class UnitTests(unittest.TestCase):
             "CapabilityBoundingSet=",
         ):
             self.assertIn(line, lines)
+
+
+class _Store:
+    """
+    The two calls L{CancelPeers} makes of its store, kept for the test.
+    """
+
+    class config:
+        schema = "hoopgw"
+
+    def __init__(self):
+        self.sent = []
+        self.callbacks = []
+
+    def notify(self, channel, payload):
+        self.sent.append((channel, payload))
+        return defer.succeed(None)
+
+    def listen(self, channel, callback):
+        self.callbacks.append(callback)
+        return defer.succeed(None)
+
+
+class _Frontend:
+    def __init__(self):
+        self.cancels = []
+
+    def cancel(self, via=None):
+        self.cancels.append(via)
+
+
+class _Factory:
+    def __init__(self, name):
+        self.connection = type("Connection", (), {"name": name})()
+        self.active = {}
+
+
+class CancelMessageTests(unittest.TestCase):
+    """
+    The messages replicas exchange about cancel requests, on a channel any
+    role of the store's database may LISTEN and NOTIFY on: only
+    well-formed, recent, new messages made with the peering key act.
+    """
+
+    def setUp(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from hoopgw.replicas import CancelPeers
+
+        self.clock = MemoryReactorClock()
+        self.key = os.urandom(32)
+        self.sender = CancelPeers(_Store(), self.clock, self.key, "g-sender")
+        self.holder = CancelPeers(_Store(), self.clock, self.key, "g-holder")
+        self.factory = _Factory("payments")
+        self.frontend = _Frontend()
+        self.session_key = (1234, 5678)
+        self.factory.active[self.session_key] = self.frontend
+        self.holder.register("payments", self.session_key, self.factory)
+
+    def forwarded(self, key=None, connection="payments"):
+        """
+        What the sender broadcasts for a cancel of C{key}.
+        """
+        waiting = self.sender.forward(connection, key or self.session_key)
+        return waiting, self.sender.store.sent[-1][1]
+
+    def test_routed(self):
+        """
+        The holder cancels its session, naming the sender (via), and its
+        answer settles the sender's wait with True.  Neither message holds
+        the key's secret half.
+        """
+        waiting, message = self.forwarded()
+        self.assertNotIn("5678", message)
+        self.holder._received(message)
+        self.assertEqual(self.frontend.cancels, ["g-sender"])
+        answer = self.holder.store.sent[-1][1]
+        self.sender._received(answer)
+        self.assertIs(self.successResultOf(waiting), True)
+
+    def test_unknown_key_waits_then_false(self):
+        """
+        A key nobody holds: no cancel, no answer, and the sender's wait
+        ends with False after CANCEL_WAIT.
+        """
+        from hoopgw.replicas import CANCEL_WAIT
+
+        waiting, message = self.forwarded(key=(1, 2))
+        self.holder._received(message)
+        self.assertEqual((self.frontend.cancels, self.holder.store.sent), ([], []))
+        self.assertNoResult(waiting)
+        self.clock.advance(CANCEL_WAIT)
+        self.assertIs(self.successResultOf(waiting), False)
+
+    def test_other_connection(self):
+        """
+        A cancel for the same key on another connection does not cancel
+        this connection's session (as locally: keys are per listener).
+        """
+        _, message = self.forwarded(connection="reports")
+        self.holder._received(message)
+        self.assertEqual(self.frontend.cancels, [])
+
+    def test_replayed_message(self):
+        """
+        A message received twice acts once.
+        """
+        _, message = self.forwarded()
+        self.holder._received(message)
+        self.holder._received(message)
+        self.assertEqual(self.frontend.cancels, ["g-sender"])
+
+    def test_forged_and_malformed(self):
+        """
+        A message without the peering key's MAC, changed after it was
+        made, too old, too large, or not JSON at all does nothing.
+        """
+        from hoopgw import replicas
+
+        _, message = self.forwarded()
+        parsed = json.loads(message)
+        forged = dict(parsed, mac=replicas._mac(os.urandom(32), parsed))
+        changed = dict(parsed, connection="payments ")
+        old = dict(parsed, at=parsed["at"] - 3600)
+        old["mac"] = replicas._mac(self.key, old)
+        for payload in (json.dumps(forged), json.dumps(changed), json.dumps(old), message + " " * 4096, "{", "[]", None):
+            self.holder._received(payload)
+        self.assertEqual(self.frontend.cancels, [])
+        # The genuine one still acts.
+        self.holder._received(message)
+        self.assertEqual(self.frontend.cancels, ["g-sender"])
+
+    def test_forged_answer(self):
+        """
+        An answer not made with the peering key does not settle the
+        sender's wait: nobody can hide a refused cancel by answering it.
+        """
+        waiting, message = self.forwarded(key=(1, 2))
+        nonce = json.loads(message)["nonce"]
+        self.sender._received(json.dumps({"v": 1, "kind": "held", "nonce": nonce, "to": "g-sender", "at": time.time(),
+                                          "from": "g-mallory", "mac": "0" * 64}))
+        self.assertNoResult(waiting)
+
+    def test_rate_bound(self):
+        """
+        Past CANCEL_RATE forwarded cancels at once, a cancel is answered
+        False at once without a message.
+        """
+        from hoopgw.replicas import CANCEL_RATE
+
+        for _ in range(int(CANCEL_RATE)):
+            self.sender.forward("payments", (1, 2))
+        sent = len(self.sender.store.sent)
+        self.assertIs(self.successResultOf(self.sender.forward("payments", (1, 2))), False)
+        self.assertEqual(len(self.sender.store.sent), sent)
+        self.clock.advance(1)
+        self.sender.forward("payments", (1, 2))
+        self.assertEqual(len(self.sender.store.sent), sent + 1)
+
+    def test_unregistered(self):
+        """
+        A session that ended is no longer found.
+        """
+        self.holder.unregister("payments", self.session_key)
+        _, message = self.forwarded()
+        self.holder._received(message)
+        self.assertEqual(self.frontend.cancels, [])
