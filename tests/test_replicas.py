@@ -607,3 +607,73 @@ class CancelMessageTests(unittest.TestCase):
         _, message = self.forwarded()
         self.holder._received(message)
         self.assertEqual(self.frontend.cancels, [])
+
+
+class KubernetesReplicaTests(unittest.TestCase):
+    """
+    Two gateway processes (each with its own file store) share a
+    Kubernetes connection's port: mitmproxy's socket takes reuse_port too.
+    """
+
+    timeout = 180
+
+    def test_both_serve(self):
+        """
+        Requests without a token to the shared port are refused by both
+        processes, each recording the refusal in its own store: both
+        listen there.
+        """
+        return in_thread(self._both_serve)
+
+    def _both_serve(self):
+        import ssl
+        import urllib.error
+        import urllib.request
+
+        from hoopgw.store.sources import FileSource
+
+        shared = free_port()
+        certificate, key, ca = support.gateway_certificate()
+
+        def document(process):
+            process.port = shared
+            connection = {
+                "protocol": "kubernetes",
+                "listen": "tcp:%d:interface=127.0.0.1" % (shared,),
+                "reuse_port": True,
+                "tls": {"certificate": certificate, "key": key},
+                # Never reached: every request here is refused before.
+                "target": {"server": "https://127.0.0.1:%d" % (free_port(),), "ca": ca, "token": {"file": __file__}},
+                "allowed_groups": ["payments-bots"],
+                "addons": ["identity", "record"],
+            }
+            return support.configuration_document(process.directory, {"cluster": connection})
+
+        processes = [GatewayProcess(self, {"path": "audit"}, document=document) for _ in range(2)]
+        context = ssl.create_default_context(cafile=ca)
+
+        def refused(process):
+            return [
+                event
+                for _, _, event in FileSource(os.path.join(process.directory, "audit")).entries()
+                if event and event.get("type") == "session.refused"
+            ]
+
+        for _ in range(300):
+            if all(process.process.poll() is None for process in processes) and all(
+                os.path.isdir(os.path.join(process.directory, "audit")) for process in processes
+            ):
+                try:
+                    urllib.request.urlopen("https://127.0.0.1:%d/api/v1/namespaces" % (shared,), context=context, timeout=10)
+                except urllib.error.HTTPError as error:
+                    self.assertEqual(error.code, 401)
+                except OSError:
+                    pass
+                if all(refused(process) for process in processes):
+                    break
+            for process in processes:
+                if process.process.poll() is not None:
+                    self.fail("a gateway exited: %s" % (process.output(),))
+            time.sleep(0.1)
+        else:
+            self.fail("both processes did not refuse a request: %s" % ([len(refused(p)) for p in processes],))
