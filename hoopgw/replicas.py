@@ -114,17 +114,30 @@ class SharedReplayCache:
                 "SELECT 1 FROM {t} WHERE token = %s AND expires > %s".format(t=self._table), (token, now)
             ).addCallback(lambda _: cursor.fetchone() is not None)
 
-        return self.store.read(look)
+        return self.store.read(look).addErrback(_unchecked)
 
     def use(self, token_id, expires):
         """
+        The store decides (its unique key), so two logins with one token
+        at once are told apart there too; this process remembers the token
+        only once the store took it, so a login the store could not check
+        (an outage) may be tried again.
+
         @return: a L{Deferred} firing with C{True} if the token is fresh on
-            every replica, C{False} if any used it.
-        @raise OverflowError: (synchronously) when the local cache is full.
+            every replica, C{False} if any used it; failing with
+            L{OverflowError} when the local cache is full.
         """
-        if not self.local.use(token_id, expires):
+        if self.local.seen(token_id):
             return defer.succeed(False)
+        if len(self.local) >= self.local._limit:
+            # Refused before the store takes it, which would spend the token.
+            return defer.fail(OverflowError("too many credentials in use at once"))
         token, now = self._digest(token_id), self.clock.seconds()
+
+        def remember(fresh):
+            if fresh:
+                self.local.use(token_id, expires)
+            return fresh
 
         def insert(cursor):
             # A row whose token expired is free again, as the local cache forgets it.
@@ -135,7 +148,19 @@ class SharedReplayCache:
                 (token, expires, self.gateway, now),
             ).addCallback(lambda _: cursor.fetchone() is not None)
 
-        return self.store.read(insert)
+        return self.store.read(insert).addErrback(_unchecked).addCallback(remember)
+
+
+def _unchecked(failure):
+    """
+    Whatever kept the store from answering (an outage, a lost connection,
+    a database error) is a L{StoreError}: the token is refused, not let in.
+    """
+    from hoopgw.store.file import StoreError
+
+    if failure.check(StoreError):
+        return failure
+    raise StoreError("the store did not answer: %s" % (failure.getErrorMessage().strip() or failure.type.__name__,))
 
 
 def _mac(key, message):

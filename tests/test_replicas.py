@@ -677,3 +677,85 @@ class KubernetesReplicaTests(unittest.TestCase):
             time.sleep(0.1)
         else:
             self.fail("both processes did not refuse a request: %s" % ([len(refused(p)) for p in processes],))
+
+
+class SharedReplayCacheTests(unittest.TestCase):
+    """
+    Used tokens in the store's used_tokens table, as two processes' stores
+    see them (a real PostgreSQL).
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        from twisted.internet.task import Clock
+
+        from hoopgw.replicas import SharedReplayCache
+        from tests.test_postgres_store import two_stores
+
+        _, first, second = yield two_stores(self)
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.first = SharedReplayCache(first, self.clock, "oidc\0https://issuer.test", "g-first")
+        self.second = SharedReplayCache(second, self.clock, "oidc\0https://issuer.test", "g-second")
+
+    @defer.inlineCallbacks
+    def test_once_across_processes(self):
+        """
+        The same token offered to both at once is fresh for exactly one;
+        afterwards both see it used.
+        """
+        answers = yield defer.gatherResults([self.first.use("jti-1", 2000), self.second.use("jti-1", 2000)])
+        self.assertEqual(sorted(answers), [False, True])
+        self.assertTrue((yield self.first.seen("jti-1")))
+        self.assertTrue((yield self.second.seen("jti-1")))
+        self.assertFalse((yield self.second.seen("jti-2")))
+
+    @defer.inlineCallbacks
+    def test_expired_row_free_again(self):
+        """
+        Once its token expired, a row no longer makes a replay (as the
+        in-memory cache forgets it), and another issuer's token of the same
+        id is another row.
+        """
+        from hoopgw.replicas import SharedReplayCache
+
+        self.assertTrue((yield self.first.use("jti-3", 1500)))
+        other = SharedReplayCache(self.second.store, self.clock, "oidc\0https://other.test", "g-second")
+        self.assertTrue((yield other.use("jti-3", 1500)))
+        self.clock.advance(600)
+        self.assertTrue((yield self.second.use("jti-3", 2500)))
+        self.assertFalse((yield self.first.use("jti-3", 2500)))
+
+    @defer.inlineCallbacks
+    def test_store_unreachable(self):
+        """
+        A token the store cannot check (its connection was cut) is refused
+        with a StoreError (the identity provider refuses the login with it)
+        and not remembered: once the store has reconnected by itself, the
+        same token opens its session.
+        """
+        from hoopgw.store.file import StoreError
+        from tests.test_postgres_store import superuser
+
+        self.assertTrue((yield self.first.use("jti-0", 2000)))
+        store = self.first.store
+        yield in_thread(superuser, "ALTER ROLE audit_writer NOLOGIN")
+        self.addCleanup(superuser, "ALTER ROLE audit_writer LOGIN")
+        yield in_thread(
+            superuser,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'audit_writer' AND datname = 'audit'",
+        )
+        for _ in range(300):
+            if store.outage is not None:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield self.assertFailure(self.first.use("jti-4", 2000), StoreError)
+        yield in_thread(superuser, "ALTER ROLE audit_writer LOGIN")
+        for _ in range(300):
+            try:
+                fresh = yield self.first.use("jti-4", 2000)
+            except StoreError:
+                yield task.deferLater(reactor, 0.1, lambda: None)
+                continue
+            break
+        self.assertIs(fresh, True)
