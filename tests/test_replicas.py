@@ -759,3 +759,26 @@ class SharedReplayCacheTests(unittest.TestCase):
                 continue
             break
         self.assertIs(fresh, True)
+
+
+class StoreInitTests(unittest.TestCase):
+    """
+    What C{hoopgw store-init} creates and grants for replicas.
+    """
+
+    def test_tables_and_grants(self):
+        """
+        The DDL creates used_tokens and peering; the gateway role may
+        write them, auditors may not read them (neither is evidence, and
+        peering holds the key of the replicas' cancel messages).
+        """
+        from hoopgw.store.postgres import least_privilege_sql
+
+        sql = least_privilege_sql("hoopgw", "gw", ["auditor"])
+        self.assertIn("CREATE TABLE IF NOT EXISTS hoopgw.used_tokens", sql)
+        self.assertIn("CREATE TABLE IF NOT EXISTS hoopgw.peering", sql)
+        self.assertIn('GRANT SELECT, INSERT, UPDATE, DELETE ON hoopgw.used_tokens TO "gw";', sql)
+        self.assertIn('GRANT SELECT, INSERT ON hoopgw.peering TO "gw";', sql)
+        auditor = [line for line in sql.splitlines() if line.endswith('TO "auditor";')]
+        self.assertTrue(auditor)
+        self.assertFalse([line for line in auditor if "used_tokens" in line or "peering" in line])
