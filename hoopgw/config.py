@@ -481,7 +481,7 @@ def _parse_connection(name, raw, path, known_addons, providers):
         problems.add(
             join(path, "reuse_port"),
             "needs host_keys on an SSH connection: every process sharing the port must show clients the same "
-            "host key (generated ones differ per process)",
+            "host key (a generated one is per state_dir)",
         )
     for spec in addons:
         check = getattr(spec.factory, "check_connection", None)
