@@ -210,6 +210,9 @@ class ReplicaTests(unittest.TestCase):
         else:
             raise AssertionError("the two gateways did not start: %s %s" % (self.first.output(), self.second.output()))
         self.instances = {start["gateway"] for start in starts}
+        self.processes = {
+            start["gateway"]: next(p for p in (self.first, self.second) if p.process.pid == start["pid"]) for start in starts
+        }
         for process in (self.first, self.second):
             yield in_thread(process.wait_listening)
 
@@ -300,6 +303,15 @@ class ReplicaTests(unittest.TestCase):
                 break
         else:
             self.fail("no cancel reached the other process in 30 attempts")
+        # A session the cancel's replica opens afterwards is recorded after
+        # anything that replica recorded of the cancel (its appends keep
+        # their order): then no refusal of it is to come.
+        before = self.last_seq()
+        connect(self.processes[cancels[0]["via"]].direct_port, token()).close()
+        for _ in range(200):
+            if [event for event in events(self.settings, "session.start") if event["seq"] > before]:
+                break
+            threading.Event().wait(0.05)
         refused = [event for event in events(self.settings, "session.refused") if "cancel-unknown-key" in repr(event)]
         self.assertEqual(refused, [])
 
