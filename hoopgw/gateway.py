@@ -277,10 +277,10 @@ class Gateway(service.MultiService):
                 },
             }
         ).addErrback(lambda failure: self.log.failure("Recording the gateway start failed", failure))
-        if self.approvals is not None:
-            self.approvals.start()
         if self.replicas is not None:
             self.replicas.start()
+        if self.approvals is not None:
+            self.approvals.start()
         service.MultiService.startService(self)
         if self._reload_on_hangup:
             # An operator turns addons on and off per connection by editing
