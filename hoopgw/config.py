@@ -75,6 +75,9 @@ class ConnectionConfig:
     addons = attr.ib()
     settings = attr.ib()
     description = attr.ib(default="")
+    # SO_REUSEPORT on the listening socket: several gateway processes
+    # share the port (docs/replicas.rst).
+    reuse_port = attr.ib(default=False)
 
     @property
     def target_name(self):
@@ -235,6 +238,14 @@ ADMIN_OPTIONS = (
     o.Option("tls_certificate", o.file_path, None, "PEM certificate for HTTPS on the admin listener."),
     o.Option("tls_key", o.file_path, None, "PEM private key for HTTPS on the admin listener."),
     o.Option(
+        "reuse_port",
+        o.boolean,
+        False,
+        "SO_REUSEPORT on the admin listener, so that replicas of one configuration share its port "
+        "(docs/replicas.rst): approvals are shared through the PostgreSQL store; /api/admin acts on the "
+        "replica that answers.",
+    ),
+    o.Option(
         "identity_providers",
         o.string_list,
         None,
@@ -272,6 +283,13 @@ METRICS_OPTIONS = (
         o.REQUIRED,
         "A Twisted endpoint string for /metrics (Prometheus), /healthz and /readyz, such as "
         "tcp:9187:interface=127.0.0.1. Plain HTTP: keep it on loopback or a monitoring network.",
+    ),
+    o.Option(
+        "reuse_port",
+        o.boolean,
+        False,
+        "SO_REUSEPORT on the metrics listener, so that replicas of one configuration share its port "
+        "(docs/replicas.rst); each request is answered by one replica, with its own figures.",
     ),
     o.Option(
         "readiness_cache",
@@ -407,7 +425,7 @@ def _parse_addon(entry, path, known):
 
 # The keys every connection has, whatever its protocol (the protocol's own
 # settings are checked by its package).
-CONNECTION_KEYS = ("protocol", "listen", "allowed_groups", "description", "addons")
+CONNECTION_KEYS = ("protocol", "listen", "allowed_groups", "description", "addons", "reuse_port")
 
 
 def _parse_connection(name, raw, path, known_addons, providers):
@@ -449,6 +467,11 @@ def _parse_connection(name, raw, path, known_addons, providers):
             "is required: list the groups whose members may use this connection",
         )
     description = problems.check(o.optional_string, raw.pop("description", None), join(path, "description")) or ""
+    reuse_port = problems.check(o.boolean, raw.pop("reuse_port", False), join(path, "reuse_port"))
+    if reuse_port is True and listen is not o.INVALID:
+        from hoopgw import listeners
+
+        problems.check(listeners.check, listen, path)
     raw_addons = problems.check(
         o.list_of(lambda value, where: value), raw.pop("addons", None) or [], join(path, "addons")
     )
@@ -475,7 +498,14 @@ def _parse_connection(name, raw, path, known_addons, providers):
         addons=addons,
         settings=settings,
         description=description,
+        reuse_port=reuse_port is True,
     )
+    if connection.reuse_port and protocol == "ssh" and settings is not o.INVALID and not settings.host_keys:
+        problems.add(
+            join(path, "reuse_port"),
+            "needs host_keys on an SSH connection: every process sharing the port must show clients the same "
+            "host key (a generated one is per state_dir)",
+        )
     for spec in addons:
         check = getattr(spec.factory, "check_connection", None)
         if check is not None:
@@ -610,6 +640,11 @@ def _parse_gateway(raw):
     metrics = None
     if gateway_raw.get("metrics") is not None:
         metrics = problems.check(o.parse_options, METRICS_OPTIONS, gateway_raw["metrics"], "gateway.metrics")
+    for name, listener in (("admin", admin), ("metrics", metrics)):
+        if isinstance(listener, dict) and listener["reuse_port"]:
+            from hoopgw import listeners
+
+            problems.check(listeners.check, listener["listen"], "gateway." + name)
     refused = problems.check(refusals.parse, gateway_raw.get("refusals") or {}, "gateway.refusals")
     problems.done()
     return GatewayConfig(

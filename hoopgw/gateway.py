@@ -82,6 +82,11 @@ class Gateway(service.MultiService):
         self.identity_providers = {
             name: provider.build(reactor) for name, provider in config.identity_providers.items()
         }
+        from hoopgw.replicas import Replicas
+
+        # With a PostgreSQL store: used tokens and cancel requests shared
+        # with the other processes on it (docs/replicas.rst); None otherwise.
+        self.replicas = Replicas.for_gateway(self)
         from hoopgw.approvals import make_broker
 
         self.refusals = RefusalFloods(reactor, self.record, gateway=self.instance, **config.gateway.refusals)
@@ -101,6 +106,10 @@ class Gateway(service.MultiService):
                 # A protocol whose listener is not a Twisted factory (mitmproxy
                 # listens itself) hands back its own service.
                 listener = factory
+            elif connection.reuse_port:
+                from hoopgw import listeners
+
+                listener = listeners.service(reactor, connection.listen, self.monitors[connection.name].listening(factory))
             else:
                 listener = strports.service(connection.listen, self.monitors[connection.name].listening(factory))
             listener.setName("connection:%s" % (connection.name,))
@@ -278,6 +287,8 @@ class Gateway(service.MultiService):
                 },
             }
         ).addErrback(lambda failure: self.log.failure("Recording the gateway start failed", failure))
+        if self.replicas is not None:
+            self.replicas.start()
         if self.approvals is not None:
             self.approvals.start()
         if self.export is not None:
@@ -302,6 +313,8 @@ class Gateway(service.MultiService):
         )
         if self.approvals is not None:
             self.approvals.close()
+        if self.replicas is not None:
+            self.replicas.stop()
         for provider in self.identity_providers.values():
             # Pooled directory connections.
             close = getattr(provider, "close", None)
@@ -330,7 +343,9 @@ def _needs_restart(old, new):
         return "connections were added or removed: restart the gateway to apply that"
     for name, connection in new.connections.items():
         before = old.connections[name]
-        if (before.protocol, before.listen, before.settings) != (connection.protocol, connection.listen, connection.settings):
+        if (before.protocol, before.listen, before.settings, before.reuse_port) != (
+            connection.protocol, connection.listen, connection.settings, connection.reuse_port
+        ):
             return "the connection %r changed its listener or target: restart the gateway to apply that" % (name,)
     return None
 

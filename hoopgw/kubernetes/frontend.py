@@ -1155,7 +1155,8 @@ class KubernetesService(service.Service):
         settings = self.connection.settings
         try:
             self.listening = engine.listen(
-                settings.mode, settings.listen_host, settings.listen_port, self.frontend, settings.max_body_bytes
+                settings.mode, settings.listen_host, settings.listen_port, self.frontend, settings.max_body_bytes,
+                reuse_port=self.connection.reuse_port,
             )
         except OSError:
             engines.release(engine)

@@ -503,10 +503,13 @@ class PostgresFrontend(protocol.Protocol):
 
     # Cancel and teardown.
 
-    def cancel(self):
+    def cancel(self, via=None):
         """
         The client sent a CancelRequest with this session's key: stop a
         pending decision, or ask the target to cancel what runs.
+
+        @param via: the gateway process the CancelRequest reached, when it
+            was another one sharing the store (hoopgw.replicas).
         """
         command = None
         if self._waiting is not None:
@@ -521,6 +524,8 @@ class PostgresFrontend(protocol.Protocol):
                 event["command"] = command.id
             if self.session.identity is not None:
                 event["subject"] = self.session.identity.subject
+            if via is not None:
+                event["via"] = via
             self.factory.gateway.record(event).addErrback(
                 lambda failure: self.log.failure("Recording a cancel failed", failure)
             )
@@ -622,6 +627,9 @@ class PostgresFactory(protocol.ServerFactory):
         self.tls_context = _server_context(connection.name, self.settings.tls)
         self.admission = Admission(self.settings)
         self.active = {}
+        # Cancel requests for sessions of other processes sharing the store.
+        replicas = getattr(gateway, "replicas", None)
+        self.peers = replicas.cancels if replicas is not None else None
         self.ending = set()
         self.open = set()
 
@@ -638,10 +646,13 @@ class PostgresFactory(protocol.ServerFactory):
             key = (int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF, int.from_bytes(os.urandom(4), "big"))
             if key not in self.active:
                 self.active[key] = frontend
+                if self.peers is not None:
+                    self.peers.register(self.connection.name, key, self)
                 return key
 
     def unregister(self, key):
-        self.active.pop(key, None)
+        if self.active.pop(key, None) is not None and self.peers is not None:
+            self.peers.unregister(self.connection.name, key)
 
     def cancel(self, process_id, secret):
         """

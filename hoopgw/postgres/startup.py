@@ -301,7 +301,22 @@ class Startup:
         """
         if len(body) != 8:
             raise StartupError("08P01", "postgres:cancel-length", "invalid length of cancel request packet")
-        if not self.factory.cancel(wire.unpack_int32(body, 0), wire.unpack_int32(body, 4)):
+        key = (wire.unpack_int32(body, 0), wire.unpack_int32(body, 4))
+        if self.factory.cancel(*key):
+            self._cancelled(True)
+            return
+        peers = self.factory.peers
+        if peers is None:
+            self._cancelled(False)
+            return
+        # Another process sharing the store may hold the session: the
+        # connection stays open, reading nothing more, until it answers or
+        # the wait ends; only then is an unknown key recorded (once).
+        self.frontend._state = CLOSED
+        peers.forward(self.factory.connection.name, key).addCallback(self._cancelled)
+
+    def _cancelled(self, held):
+        if not held:
             self.refuse(
                 StartupError("57014", "postgres:cancel-unknown-key", "a cancel request named no session of this gateway"),
                 answer=False,

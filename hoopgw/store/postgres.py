@@ -131,7 +131,10 @@ def gateway_lock(instance):
 
 def schema_sql(schema):
     """
-    The DDL of the store, idempotent.
+    The DDL of the store, idempotent.  C{used_tokens} (JWT replay
+    protection) and C{peering} (the key of cancel requests between
+    replicas) are what replicas share besides the record (hoopgw.replicas):
+    not evidence, so not append-only, and not for auditors.
     """
     return """
 CREATE SCHEMA IF NOT EXISTS {s};
@@ -155,6 +158,16 @@ CREATE TABLE IF NOT EXISTS {s}.keys (
     key_id text PRIMARY KEY,
     public_key text NOT NULL,
     created timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {s}.used_tokens (
+    token text PRIMARY KEY,
+    expires double precision NOT NULL,
+    gateway text
+);
+CREATE INDEX IF NOT EXISTS used_tokens_expires ON {s}.used_tokens (expires);
+CREATE TABLE IF NOT EXISTS {s}.peering (
+    id integer PRIMARY KEY CHECK (id = 1),
+    key bytea NOT NULL
 );
 CREATE OR REPLACE FUNCTION {s}.refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -203,7 +216,13 @@ def prepare_schema(config):
 # What the gateway's role needs on each table of a schema another role
 # owns (the approvals index is updated as requests are decided), and what
 # an auditor's role needs to verify and read the record.
-GATEWAY_PRIVILEGES = {"events": "SELECT, INSERT", "attachments": "SELECT, INSERT", "keys": "SELECT, INSERT"}
+GATEWAY_PRIVILEGES = {
+    "events": "SELECT, INSERT",
+    "attachments": "SELECT, INSERT",
+    "keys": "SELECT, INSERT",
+    "used_tokens": "SELECT, INSERT, UPDATE, DELETE",
+    "peering": "SELECT, INSERT",
+}
 APPROVALS_PRIVILEGES = {"approvals": "SELECT, INSERT, UPDATE"}
 AUDITOR_TABLES = ("events", "attachments", "keys", "approvals")
 
