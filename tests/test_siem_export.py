@@ -324,7 +324,7 @@ class LagTests(ExportTestCase):
         self.open_store()
         self.start_export({"siem": self.fast(type="https", url=collector.url, ca=certificates["ca"], max_lag_events=10)})
         yield self.append_sessions(1, 4)
-        lagging = yield wait_until(lambda: [e for _, _, _, e in read_events(self.store_path) if e.get("type") == "export.lagging"])
+        yield wait_until(lambda: [e for _, _, _, e in read_events(self.store_path) if e.get("type") == "export.lagging"])
         collector.start()
         self.addCleanup(collector.stop)
         yield wait_until(lambda: any(e.get("type") == "export.recovered" for _, _, _, e in read_events(self.store_path)))
