@@ -846,12 +846,16 @@ def _parse_error(error):
     return str(error) or type(error).__name__
 
 
-def for_command(session, command):
+def facts_of(session, command):
     """
-    The classification of a SQL command, made once and kept on the
-    command; statements it names for later (PREPARE, DECLARE) are
-    remembered for the session, and what an EXECUTE or FETCH runs is
-    folded in.
+    The classification of the SQL C{command}, made once and kept on the
+    command (in C{metadata["sql"]}), its facts added to C{command.facts}
+    so the record shows what the rules matched.  The PostgreSQL front end
+    classifies every statement as it makes it
+    (L{hoopgw.postgres.commands}); a command built without its session
+    (a test's) is classified when an addon first asks.  Statements it
+    names for later (PREPARE, DECLARE) are remembered for the session, and
+    what an EXECUTE or FETCH runs is folded in.
     """
     found = command.metadata.get("sql")
     if found is not None:
@@ -870,7 +874,27 @@ def for_command(session, command):
         else:
             classification = attr.evolve(classification, labels=classification.labels | {"UNRESOLVED"})
     command.metadata["sql"] = classification
+    command.facts.update(recorded_facts(classification))
     return classification
+
+
+# The name addons and tests used before the front end classified.
+for_command = facts_of
+
+
+def recorded_facts(classification):
+    """
+    The facts of C{classification} as L{Command.facts} holds them (and so
+    the record), worked out once per classification: statements differing
+    only in constants share one.
+    """
+    found = classification.memo.get("facts")
+    if found is None:
+        found = classification.to_json()
+        if "error" in found:
+            found = {"sql_error": found["error"]}
+        classification.memo["facts"] = found
+    return found
 
 
 # Rules.

@@ -26,11 +26,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hoopgw import options as o
-from hoopgw import redact
 from hoopgw.chain import AddonChain
 from hoopgw.interfaces import IStore
-from hoopgw.model import SERVICE, Command, Identity, ResultChunk, Session
-from hoopgw.sql import statement_type
+from hoopgw.model import SERVICE, Identity, ResultChunk, Session
 from hoopgw.store import events as chaining
 
 
@@ -157,19 +155,12 @@ def session(subject="ci-bot", groups=("payments-bots",), kind=SERVICE, connectio
 
 def sql_command(sql, parameters=()):
     """
-    A SQL statement as the PostgreSQL front end makes it.
+    A SQL statement as the PostgreSQL front end makes it (classified when
+    an addon first asks, with that addon's session).
     """
-    redacted, _ = redact.redact_sql(sql)
-    command = Command(
-        kind="sql",
-        text=sql,
-        redacted=redacted,
-        facts={"statement_type": statement_type(sql), "protocol": "simple" if not parameters else "extended"},
-    )
-    if parameters:
-        command.parameters = tuple(parameters)
-        command.redacted_parameters = tuple(redact.redact_parameter(value) for value in parameters)
-    return command
+    from hoopgw.postgres.commands import sql_command as make
+
+    return make(sql, "simple" if not parameters else "extended", parameters=parameters, classify=False)
 
 
 def exec_command(line, login="deploy", pty=False):

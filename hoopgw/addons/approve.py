@@ -116,7 +116,7 @@ class Approve:
                 if why is not None:
                     return rule, why
             return None
-        facts = sqlpolicy.for_command(session, command)
+        facts = sqlpolicy.facts_of(session, command)
         if self._on_facts:
             return self._match(facts, command)
         key = ("approve", id(self))

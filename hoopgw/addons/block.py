@@ -246,7 +246,7 @@ class Block:
                         reason += ": " + rule.reason
                     return _deny(reason, "block:%s" % (rule.name,)), reason
             return None, "no rule for %s commands matched" % (command.kind,)
-        facts = sqlpolicy.for_command(session, command)
+        facts = sqlpolicy.facts_of(session, command)
         if any(rule.matcher.on_facts for rule in self.rules):
             # Rules on command facts (protocol, ...) vary with more than the text.
             return self._decide(facts, command)
@@ -288,7 +288,7 @@ class Block:
         decision, why = self.decide(session, command)
         if command.kind != "sql":
             return "%s: %s" % ("deny" if decision is not None else "allow", why)
-        facts = sqlpolicy.for_command(session, command)
+        facts = sqlpolicy.facts_of(session, command)
         verdict = "deny" if decision is not None else "allow"
         return "%s: %s; facts %s" % (verdict, why, facts.to_json())
 

@@ -279,7 +279,7 @@ class Broker:
             requester=session.identity,
             text=command.redacted,
             parameters=tuple(command.redacted_parameters),
-            facts=command.metadata.get("sql").to_json() if command.metadata.get("sql") is not None else dict(command.facts),
+            facts=dict(command.facts),
             digest=approval_digest(command, session.identity, session.connection),
             created=now,
             expires=now + rule.timeout,

@@ -307,7 +307,7 @@ class ColumnGuard:
         state = session.metadata.get("mask.columns")
         if analysis is not None and state is not None and command.outcome.get("status") == "ok":
             self._named(state, analysis)
-        facts = sqlpolicy.for_command(session, command)
+        facts = sqlpolicy.facts_of(session, command)
         if "DDL" in facts.labels or facts.kinds & {"CREATE TABLE AS", "SELECT INTO", "REFRESH MATERIALIZED VIEW"}:
             self.dirty = True
 
