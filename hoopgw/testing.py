@@ -142,14 +142,19 @@ def identity(subject="ci-bot", groups=("payments-bots",), kind=SERVICE, issuer="
 
 def session(subject="ci-bot", groups=("payments-bots",), kind=SERVICE, connection="test", protocol="postgres"):
     """
-    A session whose identity is already established.
+    A session whose identity is already established; a PostgreSQL one's
+    refusals carry their SQLSTATE, as the front end's do.
     """
+    wire = None
+    if protocol == "postgres":
+        from hoopgw.postgres.refusals import wire
     return Session(
         connection=connection,
         protocol=protocol,
         client_address="127.0.0.1:50000",
         target="postgresql://app@db.test:5432/payments",
         identity=identity(subject, groups, kind),
+        wire=wire,
     )
 
 

@@ -146,7 +146,6 @@ class Approve:
             return Decision.deny(
                 "this statement needs approval (rule %s) and the gateway has no approvals broker" % (rule.name,),
                 rule="approve:%s" % (rule.name,),
-                sqlstate="42501",
             )
         return metrics.approval_wait(self.connection, broker.decide(session, command, rule))
 

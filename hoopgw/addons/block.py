@@ -294,7 +294,7 @@ class Block:
 
 
 def _deny(reason, rule):
-    return Decision.deny(reason, rule=rule, sqlstate="42501")
+    return Decision.deny(reason, rule=rule)
 
 
 factory = AddonFactory(Block)

@@ -180,7 +180,6 @@ class Mask:
             return Decision.deny(
                 "binary COPY output cannot be checked for card numbers; copy in text or CSV format",
                 rule="mask:binary-copy",
-                sqlstate="42501",
             )
         if self.guard is None:
             return None
@@ -201,11 +200,11 @@ class Mask:
         if problem is None:
             return None
         command.facts["sensitive_columns"] = {"decision": "deny", "unresolved": [problem]}
-        return Decision.deny(problem, rule="mask:unresolved", sqlstate="42501")
+        return Decision.deny(problem, rule="mask:unresolved")
 
     def _unavailable(self, error):
         reason = getattr(error, "value", error)
-        return Decision.deny(str(reason), rule="mask:catalog", sqlstate="42501")
+        return Decision.deny(str(reason), rule="mask:catalog")
 
     def _verdict(self, outcome, session, command):
         """
@@ -221,14 +220,13 @@ class Mask:
             finding = verdict.first(columnpolicy.DENY)
             others = sum(1 for item in verdict.findings if item.action == columnpolicy.DENY) - 1
             reason = finding.reason + (" (and %d more reason%s)" % (others, "s" if others > 1 else "") if others else "")
-            return Decision.deny(reason, rule=finding.rule, sqlstate="42501")
+            return Decision.deny(reason, rule=finding.rule)
         if action == columnpolicy.APPROVE:
             if self.broker is None:
                 return Decision.deny(
                     "%s; it needs approval and the gateway has no approvals broker"
                     % (verdict.first(columnpolicy.APPROVE).reason,),
                     rule=verdict.first(columnpolicy.APPROVE).rule,
-                    sqlstate="42501",
                 )
             return self.broker.decide(session, command, self.approval_rule)
         return None

@@ -26,16 +26,26 @@ from hoopgw.chain import ChainBroken, settled
 from hoopgw.identity.certificates import as_certificate, fingerprint
 from hoopgw.kubernetes import bodies, channels, engine as engines, tls
 from hoopgw.kubernetes.requestinfo import request_command, request_info
-from hoopgw.model import DENY, Credentials, Decision, ResultChunk, Session
+from hoopgw.model import DENY, FAILED, UNAUTHENTICATED, UNAVAILABLE, Credentials, Decision, ResultChunk, Session
 from hoopgw.options import ConfigError
 
 KEY = "hoopgw"
 JSON = "application/json"
 # Content types the gateway can read; a client asking for protobuf gets JSON.
 _PROTOBUF = "application/vnd.kubernetes.protobuf"
-# Refusals of the session that are about who the client is (401), as
-# opposed to what it may use (403).
-_IDENTITY_RULES = ("identity:", "no-identity")
+
+
+def refusal_status(decision):
+    """
+    The HTTP status for a refused session: 401 when who the client is was
+    not proven (or the identity addon failed to say), 503 when the
+    connection is paused or the gateway stopping, else 403.
+    """
+    if decision.refusal == UNAUTHENTICATED or (decision.refusal == FAILED and decision.addon == "identity"):
+        return 401
+    if decision.refusal == UNAVAILABLE:
+        return 503
+    return 403
 
 
 class Exchange:
@@ -422,7 +432,7 @@ class Frontend:
         session = self._new_session(flow, token)
         decision = await _wait(self.chain.start_session(session), self.loop)
         if decision.verdict == DENY:
-            code = 401 if (decision.rule or "").startswith(_IDENTITY_RULES) else 403
+            code = refusal_status(decision)
             message = "hoopgw refused the session: %s" % (decision.reason,)
             # kubectl meets the refusal in its discovery request, whose
             # errors it prints without the Status message ("You must be
