@@ -8,7 +8,7 @@ from unittest import mock
 
 from twisted.trial import unittest
 
-from hoopgw import sqlpolicy
+from hoopgw import sqlfacts
 from hoopgw.addons.block import factory
 from hoopgw.postgres.commands import function_call_command, sql_command
 from hoopgw.testing import build, session
@@ -31,7 +31,7 @@ class SQLCommandTests(unittest.TestCase):
         self.assertEqual(command.facts["tables"], ["public.orders"])
         self.assertEqual(command.facts["writes"], ["public.orders"])
         self.assertIs(command.facts["without_where"], True)
-        self.assertIs(command.metadata["sql"], sqlpolicy.facts_of(None, command))
+        self.assertIs(command.metadata["sql"], sqlfacts.facts_of(None, command))
 
     def test_execute_shows_what_it_runs(self):
         """
@@ -60,7 +60,7 @@ class SQLCommandTests(unittest.TestCase):
         current = session()
         command = sql_command("ALTER SYSTEM SET work_mem = 1", "simple", current)
         block = build(factory)
-        with mock.patch.object(sqlpolicy, "classify", side_effect=AssertionError("classified twice")):
+        with mock.patch.object(sqlfacts, "classify", side_effect=AssertionError("classified twice")):
             decision = block.command_received(current, command)
             block.command_received(current, command)
         self.assertTrue(decision.denied)

@@ -19,7 +19,7 @@ from hoopgw import cards
 from hoopgw import columnpolicy
 from hoopgw import masking
 from hoopgw import options as o
-from hoopgw import sqlpolicy
+from hoopgw import sqlfacts
 from hoopgw.addon import AddonFactory
 from hoopgw.model import Decision
 from hoopgw.options import ConfigError, join
@@ -175,7 +175,7 @@ class Mask:
         # Binary COPY output carries no column types: it cannot be checked.
         if command.kind != "sql" or self._exempt(session):
             return None
-        facts = sqlpolicy.facts_of(session, command)
+        facts = sqlfacts.facts_of(session, command)
         if "COPY BINARY" in facts.labels and "COPY TO" in facts.kinds:
             return Decision.deny(
                 "binary COPY output cannot be checked for card numbers; copy in text or CSV format",
@@ -267,7 +267,7 @@ class Mask:
             return "deny: %s" % (decision.reason,)
         what = "masks card numbers in every result (%s)" % (self.masker.style,)
         if command.kind == "sql":
-            facts = sqlpolicy.facts_of(session, command)
+            facts = sqlfacts.facts_of(session, command)
             if not facts.error:
                 names = self._sensitive_names(facts)
                 replaced = [
@@ -286,7 +286,7 @@ class Mask:
         What the column policy decides, and the lineage of every output
         column (C{hoopgw explain} reads the catalog first).
         """
-        facts = sqlpolicy.facts_of(session, command)
+        facts = sqlfacts.facts_of(session, command)
         if "COPY BINARY" in facts.labels and "COPY TO" in facts.kinds:
             return "deny: binary COPY output cannot be checked for card numbers; copy in text or CSV format"
         if self.guard.catalog is None:
@@ -374,7 +374,7 @@ class Mask:
         # Statements that differ only in constants share their facts, and
         # so their plan.
         if command is not None and command.kind == "sql":
-            cache = sqlpolicy.facts_of(session, command).memo
+            cache = sqlfacts.facts_of(session, command).memo
         else:
             cache = session.metadata
         found = cache.get(key)
@@ -403,7 +403,7 @@ class Mask:
         positions = {index for index, name in enumerate(columns) if masker.sensitive(name)}
         if command is None or command.kind != "sql":
             return positions
-        facts = sqlpolicy.facts_of(session, command)
+        facts = sqlfacts.facts_of(session, command)
         if facts.error:
             return positions
         key = ("mask.positions", id(self.masker), tuple(columns))

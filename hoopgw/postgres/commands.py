@@ -4,7 +4,7 @@ facts policies match on, beside L{hoopgw.ssh.commands} and
 L{hoopgw.kubernetes.requestinfo}: the one place a SQL command is made.
 
 A statement is classified here, once, by PostgreSQL's own parser
-(L{hoopgw.sqlpolicy.facts_of}, memoised by the statement's text): its
+(L{hoopgw.sqlfacts.facts_of}, memoised by the statement's text): its
 kinds, tables, writes, functions, object types and whether an UPDATE or
 DELETE lacks a WHERE clause go into L{Command.facts}, and the
 classification itself into C{command.metadata["sql"]}, where block,
@@ -13,7 +13,7 @@ policy matched, and no addon parses the statement again.
 """
 
 from hoopgw import redact
-from hoopgw import sqlpolicy
+from hoopgw import sqlfacts
 from hoopgw.model import Command
 from hoopgw.postgres import wire
 from hoopgw.sql import statement_type
@@ -34,7 +34,7 @@ def sql_command(sql, protocol="simple", session=None, parse_error=None, paramete
         the Bind message gives them.
     @param classify: classify now (the front end); a command made without
         its session (a test's) is classified when an addon first asks,
-        with that addon's session (L{sqlpolicy.facts_of}).
+        with that addon's session (L{hoopgw.sqlfacts.facts_of}).
     """
     redacted, _ = redact.redact_sql(sql)
     facts = {"statement_type": statement_type(sql), "protocol": protocol}
@@ -48,7 +48,7 @@ def sql_command(sql, protocol="simple", session=None, parse_error=None, paramete
             for index, value in enumerate(parameters)
         )
     if classify:
-        sqlpolicy.facts_of(session, command)
+        sqlfacts.facts_of(session, command)
     return command
 
 

@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from hoopgw import columnpolicy
-from hoopgw import sqlpolicy
+from hoopgw import sqlfacts
 from hoopgw.postgres import catalog as catalog_module
 from hoopgw.postgres import lineage
 
@@ -307,7 +307,7 @@ class ColumnGuard:
         state = session.metadata.get("mask.columns")
         if analysis is not None and state is not None and command.outcome.get("status") == "ok":
             self._named(state, analysis)
-        facts = sqlpolicy.facts_of(session, command)
+        facts = sqlfacts.facts_of(session, command)
         if "DDL" in facts.labels or facts.kinds & {"CREATE TABLE AS", "SELECT INTO", "REFRESH MATERIALIZED VIEW"}:
             self.dirty = True
 
