@@ -169,6 +169,16 @@ class _Decider:
             self.result.callback(_failure_decision(name, failure))
 
 
+def _count_masked(command, chunk):
+    """
+    Once every result hook has had C{chunk}, add what they masked or
+    withheld to the command's C{outcome["masked"]}, for every front end.
+    """
+    if command is not None and (chunk.masked or chunk.withheld):
+        outcome = command.outcome
+        outcome["masked"] = outcome.get("masked", 0) + chunk.masked + chunk.withheld
+
+
 class AddonChain:
     """
     The addons of one connection, in order.
@@ -313,7 +323,8 @@ class AddonChain:
 
     def result(self, session, command, chunk):
         """
-        Pass a result chunk through every C{result_received} hook.
+        Pass a result chunk through every C{result_received} hook, and count
+        what they masked in C{command.outcome["masked"]}.
 
         @return: None when every hook finished at once, else a L{Deferred}
             firing when they all have.
@@ -327,6 +338,7 @@ class AddonChain:
                 raise ChainBroken(name, Failure())
             if not done:
                 return self._result_later(answer, name, hooks[position + 1 :], session, command, chunk)
+        _count_masked(command, chunk)
         return None
 
     @defer.inlineCallbacks
@@ -340,6 +352,7 @@ class AddonChain:
                 yield method(session, command, chunk)
             except BaseException:
                 raise ChainBroken(name, Failure())
+        _count_masked(command, chunk)
 
     def _notify(self, hook, arguments):
         """

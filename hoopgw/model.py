@@ -125,11 +125,22 @@ UNAVAILABLE = "unavailable"
 FAILED = "failed"
 REFUSALS = (UNAUTHENTICATED, FORBIDDEN, CANCELLED, UNAVAILABLE, FAILED)
 
-# The outcome statuses front ends record in C{Command.outcome["status"]}.
+# What became of a command, as front ends record it in
+# C{Command.outcome["status"]}: it ran (L{OK}; an SSH command L{EXITED} or
+# was L{SIGNALLED}), the target refused it (L{ERROR}), the chain denied it
+# (L{DENIED}), the client or target went away first (L{INTERRUPTED}), an
+# addon failed on its results, which were cut (L{WITHHELD}), a statement
+# queued behind a failed one never ran (L{NOT_RUN}), a portal stopped at
+# its row limit (L{SUSPENDED}).
 OK = "ok"
 ERROR = "error"
 DENIED = "denied"
 INTERRUPTED = "interrupted"
+WITHHELD = "withheld"
+NOT_RUN = "not-run"
+SUSPENDED = "suspended"
+EXITED = "exited"
+SIGNALLED = "signalled"
 
 
 @attr.s(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from zope.interface import implementer
 from hoopgw import options as o
 from hoopgw.chain import AddonChain
 from hoopgw.interfaces import IStore
-from hoopgw.model import SERVICE, Identity, ResultChunk, Session
+from hoopgw.model import OK, SERVICE, Identity, ResultChunk, Session
 from hoopgw.store import events as chaining
 
 
@@ -238,7 +238,7 @@ class ChainHarness:
         return chunk
 
     def finish(self, command, session=None, **outcome):
-        command.outcome.update(outcome or {"status": "ok"})
+        command.outcome.update(outcome or {"status": OK})
         return self._call("finish", False, session or self.session, command)
 
     def end(self, session=None):

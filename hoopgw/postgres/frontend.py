@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 from hoopgw.flow import Valve
 from hoopgw.memorytls import TLSFailed, server_context
-from hoopgw.model import DENY, Decision
+from hoopgw.model import DENIED, DENY, INTERRUPTED, Decision
 from hoopgw.options import ConfigError
 from hoopgw.sql import split_statements
 from hoopgw.postgres.commands import function_call_command, sql_command
@@ -413,7 +413,7 @@ class PostgresFrontend(protocol.Protocol):
                     addon=decision.addon,
                     sqlstate=decision.sqlstate,
                 )
-            command.outcome = {"status": "denied"}
+            command.outcome = {"status": DENIED}
             self.chain.finish(self.session, command)
         self._forward(wire.query(DENIAL_SQL))
         self._expect(Pending("denied", decision=decision, target="extended" if extended else "simple"))
@@ -554,7 +554,7 @@ class PostgresFrontend(protocol.Protocol):
         for pending in self._expected:
             for command in pending.commands[pending.index :]:
                 if not command.outcome or command.outcome.get("status") is None:
-                    command.outcome.update(status="interrupted", reason="the session ended before it finished")
+                    command.outcome.update(status=INTERRUPTED, reason="the session ended before it finished")
                     self.chain.finish(self.session, command)
         self._expected.clear()
         if self.session is not None and self.session.identity is not None and not self._admitting:
