@@ -340,7 +340,15 @@ class RuleSet:
     def __init__(self, rules, search_path=("public",)):
         self.rules = list(rules)
         self.search_path = tuple(search_path)
-        self.on_facts = any(matcher.on_facts for _, matcher in self.rules)
+        # The rules a SQL statement may meet: not those naming only facts
+        # of SSH or Kubernetes commands (programs, verbs ...), which no
+        # statement has.  The baseline has such rules, and they must not
+        # stop the answer for SQL being kept per classification.
+        self.sql_rules = [
+            (rule, matcher) for rule, matcher in self.rules
+            if matcher.command is None or matcher.sql or not matcher.command.commands_only
+        ]
+        self.on_facts = any(matcher.on_facts for _, matcher in self.sql_rules)
         self._key = ("rules", id(self))
 
     def __len__(self):
@@ -369,7 +377,7 @@ class RuleSet:
         return memo[self._key]
 
     def _first_sql(self, facts, command):
-        for rule, matcher in self.rules:
+        for rule, matcher in self.sql_rules:
             if command is not None:
                 why = matcher.match_sql(facts, self.search_path, command)
             else:

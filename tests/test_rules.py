@@ -72,3 +72,23 @@ class RuleSetTests(unittest.TestCase):
         error = self.assertRaises(ConfigError, rules.unique_names, [Named("a"), Named("b"), Named("a")], "rules")
         self.assertIn("rules[2].name", str(error))
         self.assertIn("already named 'a'", str(error))
+
+    def test_command_only_rules_leave_sql_memoised(self):
+        """
+        Rules that name only facts of SSH or Kubernetes commands (the
+        baseline has them) are not asked about SQL, so the answer for SQL
+        is still kept per classification; a rule on a command fact any
+        command may have (C{facts}) is asked every time.
+        """
+        engine = ruleset(("sudo", {"programs": ["sudo"]}), ("drops", {"kinds": ["DROP"]}))
+        self.assertFalse(engine.on_facts)
+        self.assertEqual([rule.name for rule, _ in engine.sql_rules], ["drops"])
+        command = sql_command("DROP TABLE t")
+        rule, _ = engine.first(session(), command)
+        self.assertEqual(rule.name, "drops")
+        self.assertIn(("rules", id(engine)), command.metadata["sql"].memo)
+        engine = ruleset(("extended", {"facts": {"protocol": ["extended"]}}))
+        self.assertTrue(engine.on_facts)
+        self.assertIsNone(engine.first(session(), sql_command("SELECT 1")))
+        rule, _ = engine.first(session(), sql_command("SELECT 1", [b"1"]))
+        self.assertEqual(rule.name, "extended")
