@@ -179,7 +179,8 @@ class Decision:
         return cls(ALLOW, rule=rule, reason=reason, addon=addon)
 
     @classmethod
-    def deny(cls, reason, rule=None, addon=None, refusal=FORBIDDEN, sqlstate=None):
+    def deny(cls, reason, rule=None, addon=None, sqlstate=None, refusal=FORBIDDEN):
+        # sqlstate stays fourth: addons written before refusal pass it so.
         if refusal not in REFUSALS:
             raise ValueError("%r is not a refusal; they are %s" % (refusal, ", ".join(REFUSALS)))
         return cls(DENY, rule=rule, reason=reason, addon=addon, sqlstate=sqlstate, refusal=refusal)
