@@ -6,10 +6,10 @@ target or a store: the answer to "why was this allowed?".
 """
 
 from hoopgw import config as configuration
-from hoopgw import redact
-from hoopgw.model import HUMAN, SERVICE, Command, Identity, Session
+from hoopgw.model import HUMAN, SERVICE, Identity, Session
 from hoopgw.options import ConfigError
-from hoopgw.sql import split_statements, statement_type
+from hoopgw.postgres.commands import sql_command
+from hoopgw.sql import split_statements
 from hoopgw.testing import FakeContext
 
 
@@ -131,15 +131,7 @@ def _commands(connection, text):
     statements, error = split_statements(text)
     commands = []
     for statement in statements:
-        command = Command(
-            kind="sql",
-            text=statement,
-            redacted=redact.redact_sql(statement)[0],
-            facts={"statement_type": statement_type(statement), "protocol": "simple"},
-        )
-        if error:
-            command.facts["parse_error"] = error
-        commands.append(command)
+        commands.append(sql_command(statement, "simple", parse_error=error, classify=False))
     return commands, "statement"
 
 

@@ -1064,7 +1064,7 @@ class StreamCutTests(unittest.TestCase):
             written, last = _drive(stream, pieces)
             self.assertNotIn(b"", written, pieces)
             self.assertEqual(b"".join(written) + last, expected, pieces)
-            self.assertEqual(exchange.masked, 2)
+            self.assertEqual(exchange.command.outcome["masked"], 2)
             self.assertEqual(front.broken, [])
 
     def test_log_digit_only_chunks(self):
@@ -1101,7 +1101,7 @@ class StreamCutTests(unittest.TestCase):
             received = [json.loads(line) for line in (b"".join(written) + last).splitlines()]
             self.assertEqual([event["object"]["data"]["pan"] for event in received],
                              ["411111******1111", "510510******5100"], pieces)
-            self.assertEqual(exchange.masked, 2)
+            self.assertEqual(exchange.command.outcome["masked"], 2)
 
     def test_watch_event_without_end(self):
         """

@@ -14,6 +14,7 @@ from hoopgw.model import DENY, Credentials, Decision, Session
 from hoopgw.postgres import upstream as upstream_module
 from hoopgw.postgres import wire
 from hoopgw.postgres.wire import StartupError
+from hoopgw.postgres.refusals import wire as sqlstate_of_refusal
 
 
 # The phases of a client connection, in order.
@@ -411,6 +412,7 @@ class Startup:
             client_address=frontend.client_address,
             target=self.settings.target_name,
             credentials=Credentials(user=parameters["user"], password=token, client_certificate=certificate),
+            wire=sqlstate_of_refusal,
             attributes={
                 "user": parameters["user"],
                 "database": parameters.get("database") or parameters["user"],

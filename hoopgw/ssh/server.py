@@ -17,7 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from hoopgw import __version__, admission
-from hoopgw.model import Decision
+from hoopgw.model import DENIED, Decision
 from hoopgw.ssh import auth, channels
 from hoopgw.ssh.commands import refused_request
 from hoopgw.ssh.publickeys import generated_host_key, load_private_key
@@ -157,7 +157,7 @@ class GatewayAvatar(conch_avatar.ConchUser):
         """
         rule = rule or command.facts.get("request", command.kind)
         command.decision = Decision.deny(reason, rule=rule, addon="gateway")
-        command.outcome.update(status="denied")
+        command.outcome.update(status=DENIED)
         self.chain.finish(self.session, command)
 
     def notify(self, text):
