@@ -23,7 +23,7 @@ from twisted.trial import unittest
 
 from hoopgw import config
 from hoopgw.options import ConfigError
-from hoopgw.throwaway import free_port
+from testbed.throwaway import free_port
 from tests import support
 from tests.support import in_thread, token
 from tests.test_postgres_store import GatewayProcess, source_for, store_settings

@@ -28,7 +28,7 @@ from hoopgw.store import postgres as pgstore
 from hoopgw.store import verify as verification
 from hoopgw.store.file import FileStore, StoreError
 from hoopgw.testing import exec_command, identity, session, sql_command
-from hoopgw.throwaway import free_port
+from testbed.throwaway import free_port
 from tests import evidence_support as es
 from tests import support
 from tests.support import human_token, in_thread, psql, token

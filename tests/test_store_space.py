@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from hoopgw.store import space
 from hoopgw.store.file import FileStore, StoreError, read_events
 from hoopgw.store.verify import verify_store
-from hoopgw.throwaway import free_port
+from testbed.throwaway import free_port
 from tests import support
 from tests.support import psql, token
 

@@ -25,7 +25,7 @@ from hoopgw.store import verify as verification
 from hoopgw.store.file import FileStore, StoreError, segment_paths
 from hoopgw.store.verify import verify_store
 from hoopgw.store.witness import FileWitness
-from hoopgw.throwaway import free_port
+from testbed.throwaway import free_port
 from tests import evidence_support as es
 from tests import support
 from tests.support import psql, token
