@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from hoopgw import options as o
 from hoopgw import redact
+from hoopgw.addon import AddonContext
 from hoopgw.chain import AddonChain
 from hoopgw.interfaces import IStore
 from hoopgw.model import SERVICE, Command, Identity, ResultChunk, Session
@@ -101,11 +102,9 @@ class FakeGateway:
 
 def FakeContext(connection=None, gateway=None):
     """
-    The context an addon is built with (L{hoopgw.gateway.AddonContext}),
+    The context an addon is built with (L{hoopgw.addon.AddonContext}),
     around a L{FakeConnection} and a L{FakeGateway}.
     """
-    from hoopgw.gateway import AddonContext
-
     return AddonContext(connection=connection or FakeConnection(), gateway=gateway or FakeGateway())
 
 

@@ -744,7 +744,7 @@ class SharedReplayCacheTests(unittest.TestCase):
         and not remembered: once the store has reconnected by itself, the
         same token opens its session.
         """
-        from hoopgw.store.file import StoreError
+        from hoopgw.store.errors import StoreError
         from tests.test_postgres_store import superuser
 
         self.assertTrue((yield self.first.use("jti-0", 2000)))
