@@ -12,39 +12,25 @@ import socket
 import attr
 from twisted.application import service, strports
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from hoopgw import __version__, logs
+from hoopgw.addon import AddonContext
 from hoopgw.chain import AddonChain
 from hoopgw.config import PROTOCOLS
 from hoopgw.options import ConfigError
 from hoopgw.refusals import RefusalFloods
 
 
-@attr.s(frozen=True)
-class AddonContext:
+class StartupError(SystemExit):
     """
-    What an addon gets when it is built for a connection.
+    The gateway cannot start: twistd prints this sentence and exits 1,
+    without a traceback (a UsageError raised here would print one).
     """
 
-    connection = attr.ib()
-    gateway = attr.ib(repr=False)
-
-    @property
-    def store(self):
-        return self.gateway.store
-
-    @property
-    def reactor(self):
-        return self.gateway.reactor
-
-    @property
-    def identity_providers(self):
-        return self.gateway.identity_providers
-
-    @property
-    def approvals(self):
-        return self.gateway.approvals
+    def __init__(self, message):
+        SystemExit.__init__(self, "hoopgw cannot start: %s" % (message,))
 
 
 class Gateway(service.MultiService):
@@ -236,10 +222,6 @@ class Gateway(service.MultiService):
         is taken stops the start with a sentence naming the listener, not
         a traceback.
         """
-        from twisted.internet.error import CannotListenError
-
-        from hoopgw.tap import StartupError
-
         service.Service.privilegedStartService(self)
         for child in self:
             try:

@@ -62,7 +62,7 @@ def peering_key(config):
     """
     import psycopg2
 
-    from hoopgw.store.file import StoreError
+    from hoopgw.store.errors import StoreError
     from hoopgw.store.postgres import _connect_arguments
 
     try:
@@ -156,7 +156,7 @@ def _unchecked(failure):
     Whatever kept the store from answering (an outage, a lost connection,
     a database error) is a L{StoreError}: the token is refused, not let in.
     """
-    from hoopgw.store.file import StoreError
+    from hoopgw.store.errors import StoreError
 
     if failure.check(StoreError):
         return failure

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hoopgw import options as o
+from hoopgw.addon import AddonContext
 from hoopgw.chain import AddonChain
 from hoopgw.interfaces import IStore
 from hoopgw.model import OK, SERVICE, Identity, ResultChunk, Session
@@ -99,11 +100,9 @@ class FakeGateway:
 
 def FakeContext(connection=None, gateway=None):
     """
-    The context an addon is built with (L{hoopgw.gateway.AddonContext}),
+    The context an addon is built with (L{hoopgw.addon.AddonContext}),
     around a L{FakeConnection} and a L{FakeGateway}.
     """
-    from hoopgw.gateway import AddonContext
-
     return AddonContext(connection=connection or FakeConnection(), gateway=gateway or FakeGateway())
 
 

@@ -16,7 +16,7 @@ from hoopgw import cast as casts
 from hoopgw.model import Command, Credentials, Session
 from hoopgw.store import signing
 from hoopgw.store.file import read_events, segment_paths
-from hoopgw.throwaway import free_port
+from testbed.throwaway import free_port
 from tests import support
 
 _keys = {}

@@ -17,8 +17,9 @@ from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.trial import unittest
 
 from hoopgw import cast as casts
-from hoopgw import cli, pki
-from hoopgw.kubernetes.standin import StandinAPIServer
+from hoopgw import cli
+from testbed import pki
+from testbed.standin import StandinAPIServer
 from hoopgw.model import Decision
 from hoopgw.store.verify import verify_store
 from tests import support
@@ -1516,7 +1517,7 @@ class WebSocketLimitTests(unittest.TestCase):
         1009) before mitmproxy has buffered more than that; nothing of it
         reaches kubectl, and the record says why.
         """
-        from hoopgw.kubernetes import standin
+        from testbed import standin
 
         cluster = Cluster(self, addons=("identity", "mask", "record"))
         yield cluster.ready()

@@ -14,8 +14,8 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from hoopgw.store.file import StoreError
-from hoopgw.throwaway import free_port
+from hoopgw.store.errors import StoreError
+from testbed.throwaway import free_port
 from tests import support
 from tests.support import GatewayHarness, human_token, postgres_connection, psql, token
 

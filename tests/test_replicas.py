@@ -23,7 +23,7 @@ from twisted.trial import unittest
 
 from hoopgw import config
 from hoopgw.options import ConfigError
-from hoopgw.throwaway import free_port
+from testbed.throwaway import free_port
 from tests import support
 from tests.support import in_thread, token
 from tests.test_postgres_store import GatewayProcess, source_for, store_settings
@@ -744,7 +744,7 @@ class SharedReplayCacheTests(unittest.TestCase):
         and not remembered: once the store has reconnected by itself, the
         same token opens its session.
         """
-        from hoopgw.store.file import StoreError
+        from hoopgw.store.errors import StoreError
         from tests.test_postgres_store import superuser
 
         self.assertTrue((yield self.first.use("jti-0", 2000)))

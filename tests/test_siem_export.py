@@ -347,7 +347,7 @@ class LagTests(ExportTestCase):
         An export.lagging the store refuses (it is closing, or failed) is
         not taken as made: the sink makes it again at a later check.
         """
-        from hoopgw.store.file import StoreError
+        from hoopgw.store.errors import StoreError
 
         self.open_store()
         attempts = []

@@ -47,7 +47,7 @@ from hoopgw.approvals.broker import (
     _timed_out,
 )
 from hoopgw.model import SERVICE, Decision, Identity
-from hoopgw.store.file import StoreError
+from hoopgw.store.errors import StoreError
 from hoopgw.store.postgres import APPROVALS_PRIVILEGES, LOCK_CLASS, gateway_lock, run_schema
 
 # How often a gateway looks for what a lost wake-up or a dead gateway left

@@ -17,7 +17,7 @@ from hoopgw import options as o
 from hoopgw.identity.errors import IdentityError
 from hoopgw.identity.keys import RemoteKeySet, check_url
 from hoopgw.identity.replay import ReplayCache
-from hoopgw.store.file import StoreError
+from hoopgw.store.errors import StoreError
 from hoopgw.model import HUMAN, SERVICE, Identity
 from hoopgw.options import ConfigError, join
 

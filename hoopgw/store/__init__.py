@@ -4,7 +4,8 @@ The evidence store: append-only, hash-chained events.
 
 from twisted.logger import Logger
 
-from hoopgw.store.file import FileStore, StoreError
+from hoopgw.store.file import FileStore
+from hoopgw.store.errors import StoreError
 
 
 def open_store(config, reactor):

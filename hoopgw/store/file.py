@@ -28,18 +28,13 @@ from hoopgw import metrics
 from hoopgw.interfaces import IStore
 from hoopgw.store import events, space
 from hoopgw.store.checkpoints import GATEWAY_RECOVERED, ChainState, CheckpointSchedule
+from hoopgw.store.errors import StoreError
 from hoopgw.store.sync import SyncProcess, SyncProcessLost
 
 
 SEGMENT = re.compile(r"^events-(\d{12})\.jsonl$")
 ARCHIVED = re.compile(r"^events-(\d{12})\.jsonl\.gz$")
 ARCHIVE = "archive"
-
-
-class StoreError(Exception):
-    """
-    The store cannot take events; the gateway must not run commands.
-    """
 
 
 def segment_paths(directory):

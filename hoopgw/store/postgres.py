@@ -69,7 +69,7 @@ from hoopgw.store.checkpoints import (
     ChainState,
     CheckpointSchedule,
 )
-from hoopgw.store.file import StoreError
+from hoopgw.store.errors import SourceError, StoreError
 
 # The advisory lock namespace (pg_advisory_lock(int, int)'s first key):
 # "hoop" in ASCII.  Object 0 serialises appends; other objects are gateways.
@@ -227,14 +227,15 @@ APPROVALS_PRIVILEGES = {"approvals": "SELECT, INSERT, UPDATE"}
 AUDITOR_TABLES = ("events", "attachments", "keys", "approvals")
 
 
-def least_privilege_sql(schema, gateway_role, auditor_roles=()):
+def least_privilege_sql(schema, gateway_role, auditor_roles=(), extra_ddl=()):
     """
-    The DDL of the whole store (events, attachments, keys, the approvals
-    index) for the role that owns it to run, and the grants that let
-    C{gateway_role} write the record and C{auditor_roles} only read it.
-    """
-    from hoopgw.approvals.shared import schema_sql as approvals_sql
+    The DDL of the whole store for the role that owns it to run, and the
+    grants that let C{gateway_role} write the record and C{auditor_roles}
+    only read it.
 
+    @param extra_ddl: the DDL of what the store's users keep in its schema
+        (the approvals index), run after the store's own.
+    """
     quoted = _identifier(gateway_role)
     grants = ["GRANT USAGE ON SCHEMA {s} TO %s;" % (quoted,)]
     for table, privileges in sorted({**GATEWAY_PRIVILEGES, **APPROVALS_PRIVILEGES}.items()):
@@ -243,7 +244,7 @@ def least_privilege_sql(schema, gateway_role, auditor_roles=()):
         quoted = _identifier(auditor)
         grants.append("GRANT USAGE ON SCHEMA {s} TO %s;" % (quoted,))
         grants.append("GRANT SELECT ON %s TO %s;" % (", ".join("{s}." + table for table in AUDITOR_TABLES), quoted))
-    return schema_sql(schema) + approvals_sql(schema) + "\n".join(grants).format(s=schema) + "\n"
+    return schema_sql(schema) + "".join(extra_ddl) + "\n".join(grants).format(s=schema) + "\n"
 
 
 def _identifier(name):
@@ -946,8 +947,6 @@ class PostgresSource:
     anchor = None
 
     def __init__(self, dsn, schema=None, password=None):
-        from hoopgw.store.sources import SourceError
-
         self.dsn = dsn
         self.name = _without_password(dsn)
         self.schema = schema
