@@ -384,3 +384,41 @@ class TamperTests(unittest.TestCase):
         report = verify_store(path, es.signing_key()[1], expect_head="12")
         self.assertEqual(report.kind, verification.UNREADABLE)
         self.assertIn("SEQ:HASH", report.problem)
+
+
+class ExportedWitnessTests(unittest.TestCase):
+    """
+    The native lines a SIEM export delivered serve as a witness: their
+    checkpoints are heads the record must still hold.
+    """
+
+    timeout = 300
+
+    @defer.inlineCallbacks
+    def test_export_copy_as_witness(self):
+        """
+        A copy of the record's lines, as a SIEM file sink holds them,
+        verifies the intact record with --witness and catches the record
+        cut back before its last checkpoint; an edited line in the copy is
+        refused as an edited witness.
+        """
+        path, _ = yield record(self, "restarts")
+        exported = os.path.join(os.path.abspath(self.mktemp()), "siem.jsonl")
+        os.makedirs(os.path.dirname(exported))
+        (segment,) = segment_paths(path)
+        shutil.copy(segment, exported)
+        key = es.signing_key()[1]
+        self.assertTrue(verify_store(path, key, witness=exported).ok)
+        tampering = Tampering(self, path, exported)
+        last_checkpoint = max(
+            index for index, event in enumerate(tampering.events) if event["type"] == chaining.CHECKPOINT
+        )
+        tampering.write(tampering.lines[:last_checkpoint])
+        report = verify_store(tampering.copy, key, witness=exported)
+        self.assertFalse(report.ok)
+        events = events_of(path)
+        edited = dict(events[2], ts="2020-01-01T00:00:00.000000Z")
+        with open(exported, "wb") as handle:
+            handle.writelines([as_line(event) for event in events[:2]] + [as_line(edited)])
+        report = verify_store(path, key, witness=exported)
+        self.assertEqual(report.kind, verification.WITNESS, report.problem)

@@ -165,8 +165,11 @@ def parse_head(text, where="--expect-head"):
 def read_witness(path, trusted=None):
     """
     The heads a witness file holds: one signed checkpoint a line, as the
-    gateway published them (L{hoopgw.store.witness}).  Each line must be
-    intact (its hash) and, with C{trusted}, signed by that key.
+    gateway published them (L{hoopgw.store.witness}), or the native event
+    lines a SIEM export delivered (its file sink, or what a collector
+    stored of them), whose checkpoints are the heads and whose other
+    events are passed over.  Each line must be intact (its hash) and, for
+    a checkpoint with C{trusted}, signed by that key.
 
     @return: a list of C{(seq, hash, label)}.
     @raise Problem: when the witness cannot be read or a line is not intact.
@@ -187,11 +190,12 @@ def read_witness(path, trusted=None):
             event = None
         if (
             not isinstance(event, dict)
-            or event.get("type") != chaining.CHECKPOINT
             or not isinstance(event.get("seq"), int)
             or chaining.digest(event) != event.get("hash")
         ):
-            raise Problem(WITNESS, "the witness %s is not an intact signed checkpoint: the witness was edited" % (where,))
+            raise Problem(WITNESS, "the witness %s is not an intact event: the witness was edited" % (where,))
+        if event.get("type") != chaining.CHECKPOINT:
+            continue
         if trusted is not None and not (
             event.get("key_id") == trusted.key_id
             and trusted.check(chaining.checkpoint_message(event), event.get("signature") or "")
