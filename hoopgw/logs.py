@@ -111,13 +111,28 @@ def limit_hit(what, limit, detail="", session=None):
     )
 
 
-def store_state(state, reason=""):
+# Store states that mean events are being refused: logged as critical.
+_STORE_DOWN = ("failed", "unavailable", "unreachable", "stalled", "low-space")
+
+
+def store_state(state, reason="", backend="", **facts):
     """
-    The evidence store changed state: C{failed}, C{unavailable},
-    C{recovered} ...
+    The evidence store changed state: C{low-space} (new sessions refused),
+    C{space-ok}, C{stalled} (the volume is full: every event refused),
+    C{resumed}, C{failed} (for good), C{unreachable} (a PostgreSQL store's
+    database is away), C{reconnected}.  C{facts}: counts (C{refused},
+    C{seconds} ...), fields of the line.
     """
-    _emit("critical" if state in ("failed", "unavailable") else "info", "store.state",
-          "evidence store {state}{detail}", state=state, detail=": " + reason if reason else "", reason=reason)
+    _emit(
+        "critical" if state in _STORE_DOWN else "warn",
+        "store.state",
+        "evidence store {state}{detail}",
+        state=state,
+        detail=": " + reason if reason else "",
+        reason=reason,
+        backend=backend,
+        **facts,
+    )
 
 
 def _facts(event):
