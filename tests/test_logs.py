@@ -100,6 +100,65 @@ class ChainLogTests(unittest.TestCase):
         self.successResultOf(chain.refuse_session(session, Decision.deny("two credentials", rule="credentials")))
         self.assertEqual([(event["event"], event["session"]) for event in self.events], [("session.refused", session.id)])
 
+    def test_refusal_flood_is_bounded(self):
+        """
+        A hundred refused logins from one address in one interval give the
+        first in_full refusal lines per reason (as many as the record
+        keeps in full) and, when the interval ends, one summary line with
+        the counts per reason; another address's refusals are logged in
+        full on their own; the next interval starts afresh.
+        """
+        from twisted.internet import task
+
+        from hoopgw.refusals import RefusalFloods
+
+        clock = task.Clock()
+        written = []
+        floods = RefusalFloods(clock, written.append, in_full=3, interval=60.0)
+
+        class Record:
+            # What the record addon does with a session refused before it.
+            def session_ended(self, session):
+                if session.refusal is not None:
+                    floods.admit(session)
+
+        refusal = Decision.deny("the token is not valid", rule="identity:invalid-token")
+        chain = AddonChain([("identity", Identify(refusal=refusal)), ("record", Record())], allowed_groups={"payments-bots"})
+
+        def attempt(address, decision=None):
+            session = testing.session()
+            session.client_address = address
+            if decision is None:
+                return self.successResultOf(chain.start_session(session))
+            return self.successResultOf(chain.refuse_session(session, decision))
+
+        for number in range(100):
+            attempt("203.0.113.9:%d" % (40000 + number,))
+        for number in range(5):
+            attempt("203.0.113.9:%d" % (41000 + number,), Decision.deny("two credentials", rule="credentials"))
+        attempt("198.51.100.7:5000")
+        refused = [event for event in self.events if event["event"] == "session.refused"]
+        self.assertEqual(
+            [(event["client"].rpartition(":")[0], event["rule"]) for event in refused],
+            [("203.0.113.9", "identity:invalid-token")] * 3 + [("203.0.113.9", "credentials")] * 3
+            + [("198.51.100.7", "identity:invalid-token")],
+        )
+        self.assertEqual([event for event in self.events if event["event"] == "session.refused.summary"], [])
+        clock.advance(60)
+        (summary,) = [event for event in self.events if event["event"] == "session.refused.summary"]
+        self.assertEqual((summary["client"], summary["refused"]), ("203.0.113.9", 99))
+        self.assertEqual(summary["reasons"], ["credentials", "identity:invalid-token"])
+        line = formatEvent(summary)
+        self.assertIn("99 more refused attempts from 203.0.113.9 since ", line)
+        self.assertIn("credentials 2, identity:invalid-token 97", line)
+        self.assertEqual(summary["log_level"], LogLevel.warn)
+        # The record's summary event says the same.
+        self.assertEqual([event["by_reason"] for event in written],
+                         [{"identity:invalid-token": 97, "credentials": 2}])
+        # A new interval: the next refusal is logged in full again.
+        attempt("203.0.113.9:42000")
+        self.assertEqual(len([event for event in self.events if event["event"] == "session.refused"]), len(refused) + 1)
+
     def test_no_secrets(self):
         """
         A reason quoting a token and a card number (an addon's sentence
