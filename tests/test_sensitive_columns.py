@@ -586,6 +586,7 @@ class ReportTests(unittest.TestCase, LeakCheck):
         self.assertIn(": `SELECT reverse(number) FROM vault.cards` (column vault.cards.number, "
                       "expression reverse(vault.cards.number))", section)
         self.assertRegex(section, r"- mask:sad[-a-z]*: 1")
+        self.assertIn("`SELECT verification || 'x' FROM vault.cards` (column vault.cards.verification", section)
         self.assertNoSecret(report, "the report")
         self.assertNoCvv(report.replace("hoopgw", ""), "the report")
 

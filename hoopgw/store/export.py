@@ -329,14 +329,16 @@ EXAMPLES = 3
 EXAMPLE_TEXT = 160
 
 
-def _cell(text):
+def _cell(text, table=True):
     """
-    Text for one line of Markdown: a table cell or a list item.
+    Text for one line of Markdown: a table cell (its pipes escaped) or a
+    list item's code span (where a backslash would show).
     """
     text = " ".join(str(text).split())
     if len(text) > EXAMPLE_TEXT:
         text = text[: EXAMPLE_TEXT - 3] + "..."
-    return text.replace("|", "\\|").replace("`", "'")
+    text = text.replace("`", "'")
+    return text.replace("|", "\\|") if table else text
 
 
 def sensitive_section(parsed):
@@ -425,8 +427,9 @@ def sensitive_section(parsed):
                 for event, finding in items[:EXAMPLES]:
                     lines.append(
                         "  - session %s at %s: `%s` (column %s, expression %s)"
-                        % (_cell(event.get("session")), _cell(event.get("ts")), _cell(event.get("text", "")),
-                           _cell(finding.get("column") or "-"), _cell(finding.get("expression") or "-"))
+                        % (_cell(event.get("session"), False), _cell(event.get("ts"), False),
+                           _cell(event.get("text", ""), False), _cell(finding.get("column") or "-", False),
+                           _cell(finding.get("expression") or "-", False))
                     )
         lines.append("")
     return lines
