@@ -293,8 +293,14 @@ class AddonChain:
         session.refusal = decision
         if self.monitor is not None:
             self.monitor.session_refused(session, decision)
-        logs.session_refused(session, decision)
-        return defer.maybeDeferred(self.end_session, session).addCallback(lambda _: decision)
+
+        def logged(result):
+            # After the addons: the record addon's flood bound has decided
+            # whether this refusal is one to write in full or to count.
+            logs.session_refused(session, decision)
+            return result
+
+        return defer.maybeDeferred(self.end_session, session).addBoth(logged).addCallback(lambda _: decision)
 
     def submit(self, session, command):
         """

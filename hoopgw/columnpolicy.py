@@ -87,7 +87,26 @@ def sensitive_columns_file(value, path):
         raise ConfigError(path, "%s is not valid YAML: %s" % (resolved, error))
     if not isinstance(document, dict) or "sensitive_columns" not in document:
         raise ConfigError(path, "%s holds no sensitive_columns mapping" % (resolved,))
-    return sensitive_columns(document["sensitive_columns"] or {}, "%s (%s)" % (path, os.path.basename(resolved)))
+    columns = FileColumns(sensitive_columns(document["sensitive_columns"] or {}, "%s (%s)" % (path, os.path.basename(resolved))))
+    # What hoopgw discover wrote says so in its first line; the record
+    # then says the columns were discovered, not typed by someone.
+    with open(resolved, encoding="utf-8") as handle:
+        columns.origin = "discovered" if DISCOVERED_MARK in handle.readline() else "sensitive_columns_file"
+    return columns
+
+
+# The first line of a file hoopgw discover --write writes.
+DISCOVERED_MARK = "Proposed by hoopgw discover"
+
+
+class FileColumns(dict):
+    """
+    The sensitive columns read from a C{sensitive_columns_file}, with
+    C{origin}: how they were found (C{discovered} when C{hoopgw discover}
+    wrote the file).
+    """
+
+    origin = "sensitive_columns_file"
 
 
 @attr.s(frozen=True)

@@ -58,7 +58,19 @@ def session_started(session):
     )
 
 
+# Set in a refused session's metadata when the flood bound counted it in
+# its address's summary instead of recording it (L{hoopgw.refusals}).
+SUMMARISED = "refusal_summarised"
+
+
 def session_refused(session, decision):
+    """
+    A refused session's line, unless it is one of a flood: then the
+    address's summary line (L{refusals_summarised}) counts it, as the
+    record's summary event does.
+    """
+    if session.metadata.get(SUMMARISED):
+        return
     _emit(
         "warn",
         "session.refused",
@@ -66,6 +78,27 @@ def session_refused(session, decision):
         reason=decision.reason or "",
         rule=decision.rule or "",
         **_session_fields(session),
+    )
+
+
+def refusals_summarised(summary):
+    """
+    One line per client address and interval for the refusals a flood
+    bound counted (the C{session.refused.summary} event's counts).
+    """
+    by_reason = summary.get("by_reason") or {}
+    _emit(
+        "warn",
+        "session.refused.summary",
+        "{refused} more refused attempts from {client} since {first} were counted, not logged one by one "
+        "(a flood of refusals): {by_reason_text}",
+        client=summary.get("client", "-"),
+        refused=summary.get("refused", 0),
+        first=summary.get("first") or "-",
+        last=summary.get("last") or "-",
+        by_reason_text=", ".join("%s %d" % item for item in sorted(by_reason.items())),
+        reasons=sorted(by_reason),
+        identities=len(summary.get("identities") or ()) + summary.get("more_identities", 0),
     )
 
 
@@ -111,13 +144,28 @@ def limit_hit(what, limit, detail="", session=None):
     )
 
 
-def store_state(state, reason=""):
+# Store states that mean events are being refused: logged as critical.
+_STORE_DOWN = ("failed", "unavailable", "unreachable", "stalled", "low-space")
+
+
+def store_state(state, reason="", backend="", **facts):
     """
-    The evidence store changed state: C{failed}, C{unavailable},
-    C{recovered} ...
+    The evidence store changed state: C{low-space} (new sessions refused),
+    C{space-ok}, C{stalled} (the volume is full: every event refused),
+    C{resumed}, C{failed} (for good), C{unreachable} (a PostgreSQL store's
+    database is away), C{reconnected}.  C{facts}: counts (C{refused},
+    C{seconds} ...), fields of the line.
     """
-    _emit("critical" if state in ("failed", "unavailable") else "info", "store.state",
-          "evidence store {state}{detail}", state=state, detail=": " + reason if reason else "", reason=reason)
+    _emit(
+        "critical" if state in _STORE_DOWN else "warn",
+        "store.state",
+        "evidence store {state}{detail}",
+        state=state,
+        detail=": " + reason if reason else "",
+        reason=reason,
+        backend=backend,
+        **facts,
+    )
 
 
 def _facts(event):

@@ -44,6 +44,9 @@ class _Value:
     def dec(self, amount=1):
         self.value -= amount
 
+    def set(self, value):
+        self.value = value
+
 
 class _Buckets:
     __slots__ = ("bounds", "counts", "sum")
@@ -205,6 +208,25 @@ identity_key_fetches = Counter(
     registry=REGISTRY,
 )
 
+export_delivered = Counter(
+    "hoopgw_export_delivered_events",
+    "Events an export sink handed to its receiver (after its filter), since the gateway started.",
+    ("sink",),
+    registry=REGISTRY,
+)
+export_failures = Counter(
+    "hoopgw_export_failures",
+    "Failed export attempts (read, format or delivery) of a sink, each retried after a back-off.",
+    ("sink",),
+    registry=REGISTRY,
+)
+export_last_success = Gauge(
+    "hoopgw_export_last_success_timestamp_seconds",
+    "When an export sink last delivered a batch or found itself caught up (Unix time).",
+    ("sink",),
+    registry=REGISTRY,
+)
+
 
 def approval_wait(connection, outcome):
     """
@@ -321,6 +343,16 @@ class GatewayCollector:
         family = StateSetMetricFamily("hoopgw_store_state", "The evidence store's state (ok, failed, unreachable, closed).")
         family.add_metric([], {name: name == state for name in sorted(set(STORE_STATES) | {state})})
         yield family
+        export = getattr(self.gateway, "export", None)
+        if export is not None and export.runners:
+            # Read now, not at the sink's last cycle: a sink waiting out a
+            # back-off falls behind between its attempts.
+            family = GaugeMetricFamily(
+                "hoopgw_export_lag_events", "Events in the store an export sink has not delivered yet.", labels=("sink",)
+            )
+            for name, runner in sorted(export.runners.items()):
+                family.add_metric([name], runner.lag()[0])
+            yield family
 
 
 class GatewayRegistry:

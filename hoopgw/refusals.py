@@ -12,6 +12,7 @@ import collections
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from hoopgw import logs
 from hoopgw import options as o
 from hoopgw import redact
 from hoopgw.store.events import timestamp
@@ -139,6 +140,8 @@ class RefusalFloods:
             window.full[reason] += 1
             return True
         window.summarised[reason] += 1
+        # Its log line is left out too: the summary's line counts it.
+        session.metadata[logs.SUMMARISED] = True
         if window.first is None:
             window.first = now
         window.last = now
@@ -178,11 +181,7 @@ class RefusalFloods:
             event["more_identities"] = window.more_identities
         if self.gateway is not None:
             event["gateway"] = self.gateway
-        self.log.warn(
-            "{count} refused attempts from {client} were counted in one summary (a flood of refusals)",
-            count=event["refused"],
-            client=host,
-        )
+        logs.refusals_summarised(event)
         writing = defer.maybeDeferred(self.record, event)
         self._writing.add(writing)
 

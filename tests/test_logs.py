@@ -12,6 +12,7 @@ import signal
 import subprocess
 
 import yaml
+from twisted.internet import defer
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
@@ -98,6 +99,65 @@ class ChainLogTests(unittest.TestCase):
         session = testing.session()
         self.successResultOf(chain.refuse_session(session, Decision.deny("two credentials", rule="credentials")))
         self.assertEqual([(event["event"], event["session"]) for event in self.events], [("session.refused", session.id)])
+
+    def test_refusal_flood_is_bounded(self):
+        """
+        A hundred refused logins from one address in one interval give the
+        first in_full refusal lines per reason (as many as the record
+        keeps in full) and, when the interval ends, one summary line with
+        the counts per reason; another address's refusals are logged in
+        full on their own; the next interval starts afresh.
+        """
+        from twisted.internet import task
+
+        from hoopgw.refusals import RefusalFloods
+
+        clock = task.Clock()
+        written = []
+        floods = RefusalFloods(clock, written.append, in_full=3, interval=60.0)
+
+        class Record:
+            # What the record addon does with a session refused before it.
+            def session_ended(self, session):
+                if session.refusal is not None:
+                    floods.admit(session)
+
+        refusal = Decision.deny("the token is not valid", rule="identity:invalid-token")
+        chain = AddonChain([("identity", Identify(refusal=refusal)), ("record", Record())], allowed_groups={"payments-bots"})
+
+        def attempt(address, decision=None):
+            session = testing.session()
+            session.client_address = address
+            if decision is None:
+                return self.successResultOf(chain.start_session(session))
+            return self.successResultOf(chain.refuse_session(session, decision))
+
+        for number in range(100):
+            attempt("203.0.113.9:%d" % (40000 + number,))
+        for number in range(5):
+            attempt("203.0.113.9:%d" % (41000 + number,), Decision.deny("two credentials", rule="credentials"))
+        attempt("198.51.100.7:5000")
+        refused = [event for event in self.events if event["event"] == "session.refused"]
+        self.assertEqual(
+            [(event["client"].rpartition(":")[0], event["rule"]) for event in refused],
+            [("203.0.113.9", "identity:invalid-token")] * 3 + [("203.0.113.9", "credentials")] * 3
+            + [("198.51.100.7", "identity:invalid-token")],
+        )
+        self.assertEqual([event for event in self.events if event["event"] == "session.refused.summary"], [])
+        clock.advance(60)
+        (summary,) = [event for event in self.events if event["event"] == "session.refused.summary"]
+        self.assertEqual((summary["client"], summary["refused"]), ("203.0.113.9", 99))
+        self.assertEqual(summary["reasons"], ["credentials", "identity:invalid-token"])
+        line = formatEvent(summary)
+        self.assertIn("99 more refused attempts from 203.0.113.9 since ", line)
+        self.assertIn("credentials 2, identity:invalid-token 97", line)
+        self.assertEqual(summary["log_level"], LogLevel.warn)
+        # The record's summary event says the same.
+        self.assertEqual([event["by_reason"] for event in written],
+                         [{"identity:invalid-token": 97, "credentials": 2}])
+        # A new interval: the next refusal is logged in full again.
+        attempt("203.0.113.9:42000")
+        self.assertEqual(len([event for event in self.events if event["event"] == "session.refused"]), len(refused) + 1)
 
     def test_no_secrets(self):
         """
@@ -201,3 +261,122 @@ class TwistdJsonLogTests(unittest.TestCase):
         self.assertEqual([record["changed"] for record in reloaded], [["payments"]], output)
         self.assertNotIn(PAN, output)
         self.assertNotIn(TOKEN.split(".")[2], output)
+
+
+class StoreStateLogTests(unittest.TestCase):
+    """
+    One C{store.state} line per change of the evidence store's state, on a
+    real volume and a real PostgreSQL store, with no secret in it.
+    """
+
+    def setUp(self):
+        self.events = []
+        observer = lambda event: self.events.append(event) if event.get("log_namespace") == "hoopgw" else None
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def states(self):
+        return [(event["state"], formatEvent(event)) for event in self.events if event.get("event") == "store.state"]
+
+    def test_file_store(self):
+        """
+        On a small tmpfs: low on space, space again, the volume full
+        (stalled), writing again (resumed), and a failure each give one
+        line with the state and why; a secret in a failure's reason is
+        redacted.
+        """
+        from hoopgw.store import space
+        from hoopgw.store.errors import StoreError
+        from hoopgw.store.file import FileStore
+        from twisted.internet import reactor
+        from tests.test_store_space import fill, small_volume
+
+        volume = small_volume(self)
+        store = FileStore(os.path.join(volume, "audit"), reactor, fsync=False, low_water=512 * 1024,
+                          low_water_percent=100, reserve=128 * 1024, space_check_interval=0)
+        os.makedirs(store.directory, exist_ok=True)
+        store.open()
+        store.start()
+        self.addCleanup(store.close)
+        self.successResultOf(store.append({"type": "session.start", "session": "s-1"}))
+        self.assertEqual(self.states(), [])
+        filler = fill(volume, 256 * 1024)
+        self.failureResultOf(store.append({"type": "session.start", "session": "s-2"}), StoreError)
+        self.failureResultOf(store.append({"type": "session.start", "session": "s-3"}), StoreError)
+        os.unlink(filler)
+        store.check_space()
+        self.assertEqual([state for state, _ in self.states()], ["low-space", "space-ok"])
+        self.assertIn("evidence store low-space: ", self.states()[0][1])
+
+        filler = fill(volume, 0)
+        text = "x" * 50000
+        while store.state() != space.FAILED:
+            d = store.append({"type": "command", "session": "s-1", "text": text})
+            if store.state() == space.FAILED:
+                self.failureResultOf(d, StoreError)
+            else:
+                self.successResultOf(d)
+        os.unlink(filler)
+        store._last_resume = None
+        self.successResultOf(store.append({"type": "session.end", "session": "s-1"}))
+        found = self.states()
+        self.assertEqual([state for state, _ in found][2:], ["stalled", "resumed"])
+        self.assertIn("No space left on device", found[2][1])
+        self.assertIn("event(s) were refused meanwhile", found[3][1])
+
+        store._fail("a test broke the store (password=hunter2)")
+        state, line = self.states()[-1]
+        self.assertEqual(state, "failed")
+        self.assertIn("evidence store failed: a test broke the store", line)
+        self.assertNotIn("hunter2", line)
+        self.assertEqual(self.events[-1]["log_level"], LogLevel.critical)
+
+    @defer.inlineCallbacks
+    def test_postgres_store_lost_and_back(self):
+        """
+        A PostgreSQL store whose database drops it and refuses it logs one
+        line when it is lost and one when it has reconnected (with how
+        long and how many events were refused); the store's password is in
+        neither.
+        """
+        from twisted.internet import reactor, task
+
+        from hoopgw.store.errors import StoreError
+        from hoopgw.store.postgres import PostgresStore, parse_options
+        from hoopgw.store import postgres as pgstore
+        from tests import test_postgres_store as shared
+        from tests.support import in_thread
+
+        settings = yield in_thread(shared.store_settings)
+        config = parse_options(settings["postgres"], "gateway.store.postgres")
+        yield in_thread(pgstore.prepare_schema, config)
+        store = PostgresStore(config, reactor)
+        self.addCleanup(store.close)
+        yield store.start()
+        yield store.append({"type": "test", "n": 1})
+        yield in_thread(shared.superuser, "ALTER ROLE audit_writer NOLOGIN")
+        self.addCleanup(shared.superuser, "ALTER ROLE audit_writer LOGIN")
+        yield in_thread(
+            shared.superuser,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'audit_writer' AND datname = 'audit'",
+        )
+        for _ in range(400):
+            if store.outage is not None:
+                break
+            yield store.append({"type": "test", "n": 2}).addErrback(lambda failure: failure.trap(StoreError))
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertIsNotNone(store.outage)
+        yield store.append({"type": "test", "n": 3}).addErrback(lambda failure: failure.trap(StoreError))
+        yield in_thread(shared.superuser, "ALTER ROLE audit_writer LOGIN")
+        for _ in range(600):
+            if store.outage is None:
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertIsNone(store.outage)
+        found = self.states()
+        self.assertEqual([state for state, _ in found], ["unreachable", "reconnected"], found)
+        self.assertIn("evidence store unreachable: lost its PostgreSQL database: ", found[0][1])
+        self.assertRegex(found[1][1], r"evidence store reconnected: its PostgreSQL database is back after [0-9.]+ s; "
+                                      r"[1-9][0-9]* event\(s\) were refused meanwhile")
+        for _, line in found:
+            self.assertNotIn(shared.AUDIT_PASSWORD, line)

@@ -388,3 +388,74 @@ class ConfigurationTests(unittest.TestCase):
         ]:
             error = self.assertRaises(ConfigError, self.parse, metrics)
             self.assertIn(where, str(error))
+
+
+class ExportingMetricsHarness(MetricsGatewayHarness):
+    """
+    A gateway with its metrics listener and C{gateway.export} set.
+    """
+
+    def __init__(self, test, export, **settings):
+        self._export = export
+        MetricsGatewayHarness.__init__(self, test, **settings)
+
+    def start(self, test, document):
+        document["gateway"]["export"] = self._export
+        MetricsGatewayHarness.start(self, test, document)
+
+
+class ExportMetricsTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_sink_down_and_caught_up(self):
+        """
+        While an export sink's HTTPS collector is down, the scrape shows the
+        sink's lag (every event of the record so far), its failures counting
+        up and nothing delivered; once the collector is up and the sink has
+        caught up, the lag is 0, the delivered counter is the events the
+        collector got, and the last success is no earlier than the
+        collector's start.
+        """
+        from tests import siem_receivers
+
+        directory = os.path.abspath(self.mktemp())
+        certificates = siem_receivers.test_pki(os.path.join(directory, "pki"))
+        collector = siem_receivers.Collector(certificates)
+        self.addCleanup(collector.stop)
+        sink = "metrics-siem"
+        harness = ExportingMetricsHarness(self, {sink: {
+            "type": "https", "url": collector.url, "ca": certificates["ca"],
+            "poll_interval": "0.05s", "retry_initial": "0.05s", "retry_max": "0.2s",
+        }})
+        runner = harness.gateway.export.runners[sink]
+        _, err, code = yield psql(harness.dsn(), "-c", "SELECT 1", password=token())
+        self.assertEqual(code, 0, err)
+        yield harness.wait_for("session.end")
+        for _ in range(200):
+            if runner.state["failures"] >= 2:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        down = yield harness.scrape()
+        head = harness.store.seq
+        self.assertGreaterEqual(head, 3)
+        self.assertEqual(value(down, "hoopgw_export_lag_events", sink=sink), head)
+        self.assertGreaterEqual(value(down, "hoopgw_export_failures_total", sink=sink), 2)
+        self.assertEqual(value(down, "hoopgw_export_delivered_events_total", sink=sink), 0)
+        started = reactor.seconds()
+        collector.start()
+        for _ in range(200):
+            if runner.cursor == harness.store.seq and runner.cursor:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        # Until the next cycle after catching up sets the last success.
+        for _ in range(200):
+            up = yield harness.scrape()
+            if value(up, "hoopgw_export_last_success_timestamp_seconds", sink=sink) >= started:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(value(up, "hoopgw_export_lag_events", sink=sink), harness.store.seq - runner.cursor)
+        self.assertEqual(value(up, "hoopgw_export_lag_events", sink=sink), 0)
+        self.assertEqual(value(up, "hoopgw_export_delivered_events_total", sink=sink), len(collector.documents))
+        self.assertEqual(sorted(collector.seqs()), list(range(1, runner.cursor + 1)))
+        self.assertGreaterEqual(value(up, "hoopgw_export_last_success_timestamp_seconds", sink=sink), started)
+        self.assertGreaterEqual(value(up, "hoopgw_export_failures_total", sink=sink),
+                                value(down, "hoopgw_export_failures_total", sink=sink))

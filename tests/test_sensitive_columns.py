@@ -10,12 +10,14 @@ C{hoopgw explain} against the same database.
 
 import io
 import os
+import tarfile
 
 import psycopg2
 import yaml
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from tests import evidence_support as es
 from tests import support
 from tests.support import GatewayHarness, in_thread, token
 
@@ -527,6 +529,66 @@ class DiscoverTests(unittest.TestCase, LeakCheck):
         self.assertEqual((status, code), ("error", "42501"), text)
         status, text, _ = yield client.run("SELECT number, verification FROM vault.cards WHERE id = 1")
         self.assertEqual(text, "411111******1111|***")
+        # The record says the columns came from discover's file.
+        (start,) = second.events("session.start")
+        listed = start["attributes"]["sensitive_columns"]["columns"]
+        self.assertEqual(listed["vault.cards.number"], "pan (discovered)")
+
+
+class ReportTests(unittest.TestCase, LeakCheck):
+    """
+    The evidence bundle's PCI report lists the sensitive columns and the
+    statements the column policy refused, from a real signed record.
+    """
+
+    def setUp(self):
+        setUpModule()
+
+    @defer.inlineCallbacks
+    def test_report_lists_columns_and_refusals(self):
+        """
+        After a session that reads the card number masked and tries two
+        transformations and a CVV read, REPORT.md has a sensitive columns
+        section for the connection: each column with its kind, how it was
+        found and how many statements used it; the refusals counted by
+        finding, with the session, the redacted text, the column and the
+        expression; and no card number or CVV.
+        """
+        port = support.free_port()
+        gateway = es.SignedGateway(
+            self, port=port,
+            connections={"payments": support.postgres_connection(port, addons=["identity", mask_options(), "record"])},
+        )
+        client = Client(gateway.dsn(password=token()))
+        status, text, _ = yield client.run("SELECT number FROM vault.cards WHERE id = 1")
+        self.assertEqual((status, text), ("ok", "411111******1111"))
+        for sql in ("SELECT reverse(number) FROM vault.cards", "SELECT upper(number) FROM vault.cards",
+                    "SELECT verification || 'x' FROM vault.cards"):
+            status, text, code = yield client.run(sql)
+            self.assertEqual((status, code), ("error", "42501"), text)
+        client.close()
+        yield gateway.wait_for("session.end")
+        yield gateway.stop()
+        output = os.path.abspath(self.mktemp()) + ".tar.gz"
+        out = io.StringIO()
+        self.assertEqual(cli.main(["export", "--store", gateway.store_path, "-o", output], out=out), 0, out.getvalue())
+        with tarfile.open(output) as archive:
+            report = archive.extractfile("evidence/REPORT.md").read().decode()
+        section = report[report.index("## Sensitive columns (PCI DSS 3.3.1, 3.4.1)"):]
+        self.assertIn("### Connection payments", section)
+        self.assertIn("1 sessions listed the sensitive columns below; 3 statements refused by the column policy.", section)
+        self.assertIn("| vault.cards.number | pan | configured | 3 |", section)
+        self.assertIn("| vault.cards.verification | sad | configured | 1 |", section)
+        self.assertIn("- mask:pan-transform: 2", section)
+        session = gateway.events("session.start")[0]["session"]
+        self.assertIn(
+            "  - session %s at " % (session,), section)
+        self.assertIn(": `SELECT reverse(number) FROM vault.cards` (column vault.cards.number, "
+                      "expression reverse(vault.cards.number))", section)
+        self.assertRegex(section, r"- mask:sad[-a-z]*: 1")
+        self.assertIn("`SELECT verification || 'x' FROM vault.cards` (column vault.cards.verification", section)
+        self.assertNoSecret(report, "the report")
+        self.assertNoCvv(report.replace("hoopgw", ""), "the report")
 
 
 class ExplainTests(unittest.TestCase):

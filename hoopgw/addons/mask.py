@@ -134,6 +134,12 @@ class Mask:
                 context.reactor.seconds,
                 options["catalog_refresh"],
             )
+            from_file = options["sensitive_columns_file"] or {}
+            self.guard.origins = {
+                "%s.%s.%s" % key[1:]: getattr(from_file, "origin", "configured")
+                for key in from_file
+                if key not in options["sensitive_columns"]
+            }
         if sensitive:
             # A constraint violation's detail quoting the key of a
             # sensitive column is withheld, whatever the column's name.

@@ -15,6 +15,7 @@ import random
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from hoopgw import metrics
 from hoopgw.export import formats
 from hoopgw.store import events as chaining
 
@@ -90,6 +91,9 @@ class SinkRunner:
         # Whether the cursor was checked against the store (once a run).
         self._checked = False
         self._first_pending = None
+        self._delivered = metrics.export_delivered.labels(config.name)
+        self._failures = metrics.export_failures.labels(config.name)
+        self._last_success = metrics.export_last_success.labels(config.name)
         state = load_state(self.path)
         if state is None:
             start = head() if config.start == "end" else 0
@@ -158,6 +162,7 @@ class SinkRunner:
             if documents:
                 yield self.sink.deliver(documents)
         except Exception as failure:
+            self._failures.inc()
             self.state["failures"] = self.state.get("failures", 0) + 1
             self.state["last_error"] = str(failure) or type(failure).__name__
             self.state["last_error_at"] = chaining.timestamp(self.reactor.seconds())
@@ -165,6 +170,7 @@ class SinkRunner:
             self._save()
             yield self._check_lag()
             return self._backoff()
+        self._last_success.set(self.reactor.seconds())
         if not batch:
             # Caught up (a failed read before does not count any more).
             self._first_pending = None
@@ -176,6 +182,7 @@ class SinkRunner:
         last = batch[-1][1]
         self.state["cursor"] = {"seq": last["seq"], "hash": last.get("hash"), "ts": last.get("ts")}
         self.state["delivered"] = self.state.get("delivered", 0) + len(documents)
+        self._delivered.inc(len(documents))
         self.state["failures"] = 0
         self.state["last_delivery"] = chaining.timestamp(self.reactor.seconds())
         self._first_pending = None

@@ -75,6 +75,9 @@ class ColumnGuard:
         # Configured columns the catalog does not have (a typo, a rename).
         self.missing = []
         self._cache = collections.OrderedDict()
+        # "SCHEMA.TABLE.COLUMN": how a configured column was found when not
+        # typed in the configuration ("discovered": hoopgw discover's file).
+        self.origins = {}
 
     # The catalog.
 
@@ -160,6 +163,10 @@ class ColumnGuard:
     # Sensitive columns listed on a session's start, at most.
     LISTED = 100
 
+    def _how(self, catalog, column):
+        how = catalog.sources.get(column, "configured")
+        return self.origins.get(column, how) if how == "configured" else how
+
     def _describe(self, session):
         """
         The session's start says which sensitive columns the catalog has,
@@ -172,7 +179,7 @@ class ColumnGuard:
         columns = sorted(catalog.kinds.items())
         summary = {
             "columns": {
-                column: "%s (%s)" % (kind, catalog.sources.get(column, "configured"))
+                column: "%s (%s)" % (kind, self._how(catalog, column))
                 for column, kind in columns[: self.LISTED]
             },
             "catalog_version": catalog.version,

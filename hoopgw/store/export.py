@@ -318,5 +318,118 @@ def pci_report(index, parsed, casts, view_events, manifest):
         "| --- | --- | --- |",
     ]
     lines.extend("| %s | %s | %s |" % row for row in rows)
+    lines.extend(sensitive_section(parsed))
     lines.extend(["", "Verify before relying on any of this: `hoopgw verify evidence.tar.gz --key <your copy of the public key>`.", ""])
     return "\n".join(lines)
+
+
+# Examples of refused statements shown per finding in the report.
+EXAMPLES = 3
+# A statement's text is cut in the report's examples (the record has it all).
+EXAMPLE_TEXT = 160
+
+
+def _cell(text, table=True):
+    """
+    Text for one line of Markdown: a table cell (its pipes escaped) or a
+    list item's code span (where a backslash would show).
+    """
+    text = " ".join(str(text).split())
+    if len(text) > EXAMPLE_TEXT:
+        text = text[: EXAMPLE_TEXT - 3] + "..."
+    text = text.replace("`", "'")
+    return text.replace("|", "\\|") if table else text
+
+
+def sensitive_section(parsed):
+    """
+    The report's section on sensitive columns (PCI DSS 3.3.1, 3.4.1), read
+    from the events as the gateway wrote them: per connection, the columns
+    its sessions' C{session.start} listed (kind and how each was found) with
+    the statements that touched each, and the statements the column policy
+    refused, counted by finding, with a few examples.
+    """
+    connections = {}
+
+    def of(event):
+        return connections.setdefault(
+            event.get("connection") or "?", {"columns": {}, "used": {}, "missing": set(), "refused": {}, "sessions": set()}
+        )
+
+    for event in parsed:
+        kind = event.get("type")
+        if kind == "session.start":
+            listed = (event.get("attributes") or {}).get("sensitive_columns")
+            if isinstance(listed, dict):
+                entry = of(event)
+                entry["sessions"].add(event.get("session"))
+                for column, how in (listed.get("columns") or {}).items():
+                    entry["columns"][column] = str(how)
+                entry["missing"].update(str(column) for column in listed.get("missing") or ())
+            continue
+        if kind not in ("command", "command.end"):
+            continue
+        facts = (event.get("facts") or {}).get("sensitive_columns")
+        if not isinstance(facts, dict):
+            continue
+        entry = of(event)
+        denied = (event.get("decision") or {}).get("verdict") == "deny"
+        # A statement the record addon saw has a command event; its refusal
+        # comes later, so only the end of a refused one is counted as used.
+        if kind == "command" or denied:
+            touched = set()
+            for output in facts.get("outputs") or ():
+                touched.update(source.get("column") for source in output.get("from") or ())
+            for group in ("uses", "writes", "findings"):
+                touched.update(item.get("column") for item in facts.get(group) or ())
+            for column in touched - {None}:
+                entry["used"][column] = entry["used"].get(column, 0) + 1
+        if kind == "command.end" and denied:
+            findings = [item for item in facts.get("findings") or () if item.get("action") == "deny"] or [
+                {"rule": (event.get("decision") or {}).get("rule") or "unresolved",
+                 "column": "", "expression": "; ".join(facts.get("unresolved") or ())}
+            ]
+            rule = findings[0].get("rule") or "?"
+            refusals = entry["refused"].setdefault(rule, [])
+            refusals.append((event, findings[0]))
+    lines = ["", "## Sensitive columns (PCI DSS 3.3.1, 3.4.1)", ""]
+    if not connections:
+        lines.append("No session in this period ran with sensitive_columns configured (see docs/sensitive-columns.rst).")
+        return lines
+    for name in sorted(connections):
+        entry = connections[name]
+        refused = sum(len(items) for items in entry["refused"].values())
+        lines.extend([
+            "### Connection %s" % (_cell(name),),
+            "",
+            "%d sessions listed the sensitive columns below; %d statements refused by the column policy."
+            % (len(entry["sessions"]), refused),
+            "",
+            "| Column | Kind | How it was found | Statements that used it |",
+            "| --- | --- | --- | --- |",
+        ])
+        columns = dict(entry["columns"])
+        for column in entry["used"]:
+            columns.setdefault(column, "? (not listed at session start)")
+        for column in sorted(columns):
+            how = columns[column]
+            kind, _, found = how.partition(" (")
+            lines.append("| %s | %s | %s | %d |" % (_cell(column), _cell(kind), _cell(found.rstrip(")") or "?"),
+                                                    entry["used"].get(column, 0)))
+        if entry["missing"]:
+            lines.extend(["", "Configured but missing from the target's catalog: %s."
+                          % (", ".join(_cell(column) for column in sorted(entry["missing"])),)])
+        if entry["refused"]:
+            lines.extend(["", "Refused statements by finding:", ""])
+            for rule in sorted(entry["refused"]):
+                items = entry["refused"][rule]
+                lines.append("- %s: %d" % (_cell(rule), len(items)))
+                for event, finding in items[:EXAMPLES]:
+                    lines.append(
+                        "  - session %s at %s: `%s` (column %s, expression %s)"
+                        % (_cell(event.get("session"), False), _cell(event.get("ts"), False),
+                           _cell(event.get("text", ""), False), _cell(finding.get("column") or "-", False),
+                           _cell(finding.get("expression") or "-", False))
+                    )
+        lines.append("")
+    return lines

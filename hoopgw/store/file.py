@@ -24,7 +24,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from hoopgw import metrics
+from hoopgw import logs, metrics
 from hoopgw.interfaces import IStore
 from hoopgw.store import events, space
 from hoopgw.store.checkpoints import GATEWAY_RECOVERED, ChainState, CheckpointSchedule
@@ -515,9 +515,8 @@ class FileStore:
             self._fail("cutting a torn write from %s failed: %s" % (self._segment, error.strerror))
         if self._stalled is None:
             if not self._resuming:
-                self.log.critical(
-                    "The audit store cannot write: {reason}; every event is refused until space is freed, "
-                    "then the store resumes by itself", reason=reason)
+                logs.store_state("stalled", "cannot write: %s; every event is refused until space is freed, "
+                                 "then the store resumes by itself" % (reason,), backend="file")
             # (While resuming, L{_resume} puts back what it stalled with.)
             self._stalled = {"since": events.timestamp(), "reason": reason, "refused": 1}
 
@@ -578,10 +577,8 @@ class FileStore:
             return
         change = self._guard.measured(free, total, events.timestamp())
         if change is not None:
-            if change["type"] == space.STORE_LOW_SPACE:
-                self.log.critical("{reason}", reason=change["reason"])
-            else:
-                self.log.warn("{reason}", reason=change["reason"])
+            logs.store_state(space.LOW_SPACE if change["type"] == space.STORE_LOW_SPACE else "space-ok",
+                             change["reason"], backend="file")
             self._write_event(change).addErrback(lambda failure: None)
         if not self._guard.low:
             self._keep_reserve()
@@ -613,7 +610,8 @@ class FileStore:
             # Still no room: it stays stalled as it was.
             self._stalled = stalled
             return
-        self.log.warn("The audit store writes again; {refused} event(s) were refused meanwhile", refused=stalled["refused"])
+        logs.store_state("resumed", "writing again after %s; %d event(s) were refused meanwhile"
+                         % (stalled["reason"], stalled["refused"]), backend="file", refused=stalled["refused"])
         self.check_space()
 
     def _sync(self):
@@ -729,7 +727,7 @@ class FileStore:
         append from now on (fail closed).
         """
         self._broken = reason
-        self.log.critical("Audit store failure: {reason}", reason=reason)
+        logs.store_state("failed", "%s; every event is refused (fail closed)" % (reason,), backend="file")
         if self._lazy is not None and self._lazy.active():
             self._lazy.cancel()
         self._lazy = None

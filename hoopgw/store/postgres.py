@@ -56,6 +56,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from hoopgw import logs
 from hoopgw import options as o
 from hoopgw.interfaces import IStore
 from hoopgw.options import ConfigError
@@ -392,8 +393,8 @@ class PostgresStore:
             change = self._guard.measured(max(total - used, 0), total, chaining.timestamp())
             if change is not None:
                 change["database_bytes"] = used
-                (self.log.critical if change["type"] == space.STORE_LOW_SPACE else self.log.warn)(
-                    "{reason}", reason=change["reason"])
+                logs.store_state(space.LOW_SPACE if change["type"] == space.STORE_LOW_SPACE else "space-ok",
+                                 change["reason"], backend="postgres")
                 return self._enqueue(change)
 
         return self.read(measure).addCallback(measured).addErrback(
@@ -473,7 +474,8 @@ class PostgresStore:
     def _fail(self, reason):
         if self._broken is None:
             self._broken = reason
-            self.log.critical("Audit store failure: {reason}", reason=reason)
+            logs.store_state("failed", "%s; every event is refused (fail closed)" % (reason,),
+                             backend="postgres")
 
     # Outages.
 
@@ -497,7 +499,8 @@ class PostgresStore:
         if connection is not None and not connection.closed:
             connection.close()
         if self.outage is None:
-            self.log.critical("The audit store is unreachable: {reason}; refusing every event until it is back", reason=reason)
+            logs.store_state("unreachable", "lost its PostgreSQL database: %s; every event is refused until it is back"
+                             % (reason,), backend="postgres")
             self.outage = {"since": chaining.timestamp(), "began": time.monotonic(), "reason": reason, "refused": 0,
                            "ended": [], "delay": RETRY_FIRST}
         if self._retry is None and not self._closed:
@@ -534,8 +537,8 @@ class PostgresStore:
             return
         outage, self.outage = self.outage, None
         seconds = round(time.monotonic() - outage["began"], 3)
-        self.log.warn("The audit store is back after {seconds} s; {refused} event(s) were refused meanwhile",
-                      seconds=seconds, refused=outage["refused"])
+        logs.store_state("reconnected", "its PostgreSQL database is back after %s s; %d event(s) were refused meanwhile"
+                         % (seconds, outage["refused"]), backend="postgres", seconds=seconds, refused=outage["refused"])
         event = {
             "type": STORE_RECONNECTED,
             "gateway": self._gateway,
