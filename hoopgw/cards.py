@@ -103,6 +103,18 @@ def mask_bytes(data, style=BIN_AND_LAST_FOUR):
 
     @return: C{(masked bytes, number of PANs masked)}.
     """
+    masked, count = _mask_bytes_once(data, style)
+    # Hiding digits can leave digits that touched them standing alone as a
+    # card number ("5555-5555-5555-44444111 1111 1111 1111" leaves "4111
+    # 1111 1111 1111" after the stars): mask again until nothing changes.
+    # Each pass hides digits, so this ends.
+    again = count
+    while again:
+        masked, again = _mask_bytes_once(masked, style)
+    return masked, count
+
+
+def _mask_bytes_once(data, style):
     keep_front = _keep_front(style)
     out = None
     count = 0
@@ -127,6 +139,15 @@ def mask_text(text, style=BIN_AND_LAST_FOUR):
 
     @return: C{(masked text, number of PANs masked)}.
     """
+    masked, count = _mask_text_once(text, style)
+    # As in mask_bytes: what the stars leave standing alone is masked too.
+    again = count
+    while again:
+        masked, again = _mask_text_once(masked, style)
+    return masked, count
+
+
+def _mask_text_once(text, style):
     if not _RUN_TEXT.search(text):
         return text, 0
     keep_front = _keep_front(style)

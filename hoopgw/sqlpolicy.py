@@ -21,7 +21,7 @@ import attr
 import orjson
 from pglast import parser
 
-from hoopgw import commandpolicy
+from hoopgw import commandpolicy, redact
 from hoopgw import options as o
 from hoopgw.options import ConfigError, join
 
@@ -843,7 +843,11 @@ def _classify(sql):
 
 
 def _parse_error(error):
-    return str(error) or type(error).__name__
+    # The parser quotes the statement near the error ("syntax error at or
+    # near '4111...'"), and this text goes into denials, the record and the
+    # client's error: it is free text from the client like the statement.
+    text, _ = redact.redact_text(str(error) or type(error).__name__)
+    return text
 
 
 def for_command(session, command):
