@@ -103,18 +103,6 @@ def mask_bytes(data, style=BIN_AND_LAST_FOUR):
 
     @return: C{(masked bytes, number of PANs masked)}.
     """
-    masked, count = _mask_bytes_once(data, style)
-    # Hiding digits can leave digits that touched them standing alone as a
-    # card number ("5555-5555-5555-44444111 1111 1111 1111" leaves "4111
-    # 1111 1111 1111" after the stars): mask again until nothing changes.
-    # Each pass hides digits, so this ends.
-    again = count
-    while again:
-        masked, again = _mask_bytes_once(masked, style)
-    return masked, count
-
-
-def _mask_bytes_once(data, style):
     keep_front = _keep_front(style)
     out = None
     count = 0
@@ -140,7 +128,12 @@ def mask_text(text, style=BIN_AND_LAST_FOUR):
     @return: C{(masked text, number of PANs masked)}.
     """
     masked, count = _mask_text_once(text, style)
-    # As in mask_bytes: what the stars leave standing alone is masked too.
+    # Hiding digits can leave digits that touched them standing alone as a
+    # card number ("5555-5555-5555-44444111 1111 1111 1111" leaves "4111
+    # 1111 1111 1111" after the stars), which a scan of the record would
+    # find: mask again until nothing changes.  Each pass hides digits, so
+    # this ends.  (Rows and streams to the client keep the one pass: there
+    # the rule is the original text's, where those digits touched others.)
     again = count
     while again:
         masked, again = _mask_text_once(masked, style)
