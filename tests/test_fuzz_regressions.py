@@ -14,7 +14,7 @@ from hoopgw.sql import split_statements
 from hoopgw.postgres import wire
 from tests.hostile_target import MASKED_PAN, PAN, HostileTargetFactory
 from tests.support import in_thread
-from tests.test_postgres_target import HostileTargetCase
+from tests.test_postgres_target import HostileTargetCase, fatal, read_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,6 +53,36 @@ class UnknownFieldTests(HostileTargetCase):
         self.assertEqual(fields, {"severity": "NOTICE", "code": "00000", "message": "card " + MASKED_PAN})
         self.assertEqual(second[-1], (b"Z", b"I"))
         self.assertNotIn(PAN.encode(), self.gateway.raw_store())
+
+
+class ShortLengthTests(HostileTargetCase):
+    """
+    A message whose length field is under 4, after login.
+    """
+
+    def setUp(self):
+        self.start(HostileTargetFactory())
+
+    @defer.inlineCallbacks
+    def test_length_under_four(self):
+        """
+        The client gets FATAL 08P01 saying the length field is short (the
+        sentence used to call a 0-byte message larger than the gateway
+        accepts, with 54000), and the record's session.end says the same.
+        """
+
+        def run():
+            client = self.client()
+            client.startup()
+            client.send(b"Q\x00\x00\x00\x02")
+            return read_all(client)
+
+        messages = yield in_thread(run)
+        fields = fatal(messages)
+        sentence = "a message's length field says 2 bytes, less than its own 4"
+        self.assertEqual((fields["code"], fields["message"]), ("08P01", sentence))
+        (ended,) = yield self.gateway.wait_for("session.end")
+        self.assertEqual(ended["reason"], "protocol violation: " + sentence)
 
 
 class ParseErrorTextTests(HostileTargetCase):
