@@ -4,6 +4,7 @@ run of the fuzzer itself so CI exercises it.
 """
 
 import os
+import struct
 import sys
 
 from twisted.internet import defer, utils
@@ -11,8 +12,8 @@ from twisted.trial import unittest
 
 from hoopgw import cards, sqlpolicy
 from hoopgw.sql import split_statements
-from hoopgw.postgres import wire
-from tests.hostile_target import MASKED_PAN, PAN, HostileTargetFactory
+from hoopgw.postgres import backend, wire
+from tests.hostile_target import MASKED_PAN, PAN, HostileTargetFactory, data_row, result
 from tests.support import in_thread
 from tests.test_postgres_target import HostileTargetCase, fatal, read_all
 
@@ -182,3 +183,72 @@ class MaskAgainTests(unittest.SynchronousTestCase):
         self.assertEqual(masked, "5555-5555-55**-****4111 11** **** 1111")
         self.assertEqual(count, 1)
         self.assertEqual(cards.mask_text(masked), (masked, 0))
+
+
+class ColumnNameTests(HostileTargetCase):
+    """
+    A column's name is a text like any other the target sends.
+    """
+
+    def setUp(self):
+        self.start(HostileTargetFactory())
+
+    @defer.inlineCallbacks
+    def test_card_number_as_column_name(self):
+        """
+        A RowDescription naming a column with a card number (an alias
+        such as C{AS x5105105105105100}) reaches the client masked, and
+        the record's result columns hold it masked too (both used to hold
+        it in clear).
+        """
+        self.factory.replies["SELECT card"] = result(data_row("1"), columns=("x" + PAN,))
+
+        def run():
+            client = self.client()
+            client.startup()
+            return client.query("SELECT card")
+
+        messages = yield in_thread(run)
+        self.assertEqual([kind for kind, _ in messages], [b"T", b"D", b"C", b"Z"])
+        self.assertEqual(backend.row_description(messages[0][1])[0][0], "x" + MASKED_PAN)
+        (ended,) = yield self.gateway.wait_for("command.end")
+        self.assertEqual(ended["results"]["columns"], ["x" + MASKED_PAN])
+        self.assertNotIn(PAN.encode(), self.gateway.raw_store())
+
+
+class FunctionAnswerTests(HostileTargetCase):
+    """
+    A FunctionCall is answered by one FunctionCallResponse.
+    """
+
+    def setUp(self):
+        factory = HostileTargetFactory()
+
+        def answer(target, kind, payload):
+            if kind == b"F":
+                response = wire.message(b"V", struct.pack("!i", 1) + b"7")
+                target.transport.write(response + response + wire.ready_for_query(b"I"))
+
+        factory.answer = answer
+        self.start(factory)
+
+    @defer.inlineCallbacks
+    def test_second_answer_refused(self):
+        """
+        A target answering one FunctionCall twice ends the session with
+        FATAL 08P01 and a sentence (the second answer used to raise
+        AttributeError in the relay: a traceback and no answer).
+        """
+
+        def run():
+            client = self.client()
+            client.startup()
+            client.send(wire.message(b"F", struct.pack("!IHHih", 177, 0, 0, -1, 0)))
+            return read_all(client)
+
+        messages = yield in_thread(run)
+        fields = fatal(messages)
+        sentence = "the target sent a FunctionCallResponse that answers no FunctionCall"
+        self.assertEqual((fields["code"], fields["message"]), ("08P01", sentence + "; the session is closed"))
+        (ended,) = yield self.gateway.wait_for("session.end")
+        self.assertEqual(ended["reason"], sentence)
