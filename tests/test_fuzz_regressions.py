@@ -56,6 +56,36 @@ class UnknownFieldTests(HostileTargetCase):
         self.assertNotIn(PAN.encode(), self.gateway.raw_store())
 
 
+class PlainFieldTests(HostileTargetCase):
+    """
+    The fields PostgreSQL fills with its own words (severity, code,
+    routine...) are the target's words all the same.
+    """
+
+    def setUp(self):
+        self.start(HostileTargetFactory())
+
+    @defer.inlineCallbacks
+    def test_code_field_masked(self):
+        """
+        A notice whose code field ran into its message (the NUL between
+        them flipped) carries a card number in the code: the client gets
+        it masked (the code field used to be passed as it was).
+        """
+        notice = wire.message(b"N", b"SNOTICE\x00C00000\x10Mcard " + PAN.encode() + b"\x00Rr" + PAN.encode() + b"\x00\x00")
+        self.factory.replies["SELECT card"] = notice + wire.ready_for_query(b"I")
+
+        def run():
+            client = self.client()
+            client.startup()
+            return client.query("SELECT card")
+
+        messages = yield in_thread(run)
+        self.assertEqual([kind for kind, _ in messages], [b"N", b"Z"])
+        fields = wire.parse_fields(messages[0][1])
+        self.assertEqual((fields["code"], fields["routine"]), ("00000\x10Mcard " + MASKED_PAN, "r" + MASKED_PAN))
+
+
 class ShortLengthTests(HostileTargetCase):
     """
     A message whose length field is under 4, after login.
