@@ -1,7 +1,8 @@
 """
 How an addon class becomes a loadable plugin: wrap it in an
 L{AddonFactory} at module level, and hoopgw finds it (in C{hoopgw.plugins}
-or in a file named by path in the configuration).
+or in a file named by path in the configuration); and the L{AddonContext}
+it is built with.
 """
 
 import attr
@@ -52,3 +53,29 @@ class AddonFactory:
 
     def build(self, options, context):
         return self.addon_class(options, context)
+
+
+@attr.s(frozen=True)
+class AddonContext:
+    """
+    What an addon gets when it is built for a connection.
+    """
+
+    connection = attr.ib()
+    gateway = attr.ib(repr=False)
+
+    @property
+    def store(self):
+        return self.gateway.store
+
+    @property
+    def reactor(self):
+        return self.gateway.reactor
+
+    @property
+    def identity_providers(self):
+        return self.gateway.identity_providers
+
+    @property
+    def approvals(self):
+        return self.gateway.approvals

@@ -14,7 +14,7 @@ import attr
 from twisted.internet import defer
 
 from hoopgw import options as o
-from hoopgw.model import Decision
+from hoopgw.model import UNAVAILABLE, Decision
 from hoopgw.options import ConfigError
 
 # A paused connection never holds a new session longer than this.
@@ -87,7 +87,7 @@ class Pause:
             "the connection %s is paused by an operator (%s); try again later" % (self.connection, self.reason),
             rule="paused",
             addon="gateway",
-            sqlstate="57P03",
+            refusal=UNAVAILABLE,
         )
 
     def __call__(self, session):
@@ -141,7 +141,7 @@ class AdminActions:
         """
         for pause in self.paused.values():
             pause.release(
-                Decision.deny("the gateway is stopping", rule="paused", addon="gateway", sqlstate="57P01")
+                Decision.deny("the gateway is stopping", rule="paused", addon="gateway", refusal=UNAVAILABLE)
             )
 
     def record(self, event):

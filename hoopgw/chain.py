@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hoopgw import logs
-from hoopgw.model import APPROVED, DENY, Decision
+from hoopgw.model import APPROVED, CANCELLED, DENY, FAILED, UNAUTHENTICATED, Decision
 
 
 HOOKS = (
@@ -41,15 +41,15 @@ class ChainBroken(Exception):
         return "the %s addon failed: %s" % (self.addon, self.failure.getErrorMessage())
 
 
-def _failure_decision(name, failure, sqlstate):
+def _failure_decision(name, failure):
     if failure.check(defer.CancelledError):
-        return Decision.deny("the client gave up waiting", rule="%s:cancelled" % (name,), addon=name, sqlstate="57014")
+        return Decision.deny("the client gave up waiting", rule="%s:cancelled" % (name,), addon=name, refusal=CANCELLED)
     return Decision.deny(
         "the %s addon failed (%s: %s), so the gateway refuses"
         % (name, failure.type.__name__, failure.getErrorMessage()),
         rule="%s:error" % (name,),
         addon=name,
-        sqlstate=sqlstate,
+        refusal=FAILED,
     )
 
 
@@ -70,6 +70,7 @@ def _combine(current, decision, name):
             addon=name,
             approval=decision.approval,
             sqlstate=decision.sqlstate,
+            refusal=decision.refusal,
         )
     if decision.verdict == DENY or decision.verdict == APPROVED or current is None:
         return decision
@@ -99,12 +100,11 @@ class _Decider:
     synchronously as long as the addons answer at once.
     """
 
-    __slots__ = ("hooks", "arguments", "sqlstate", "after_each", "result", "inflight", "track")
+    __slots__ = ("hooks", "arguments", "after_each", "result", "inflight", "track")
 
-    def __init__(self, hooks, arguments, sqlstate, after_each, track=None):
+    def __init__(self, hooks, arguments, after_each, track=None):
         self.hooks = hooks
         self.arguments = arguments
-        self.sqlstate = sqlstate
         self.after_each = after_each
         self.result = None
         self.inflight = None
@@ -131,7 +131,7 @@ class _Decider:
                     return self._wait(answer, index, decision, name)
                 decision = self.fold(decision, name, answer)
             except BaseException:
-                decision = _failure_decision(name, Failure(), self.sqlstate)
+                decision = _failure_decision(name, Failure())
             if decision is not None and decision.verdict == DENY:
                 break
         if self.result is not None:
@@ -157,7 +157,7 @@ class _Decider:
         try:
             decision = self.fold(decision, name, answer)
         except BaseException:
-            decision = _failure_decision(name, Failure(), self.sqlstate)
+            decision = _failure_decision(name, Failure())
         if decision is not None and decision.verdict == DENY:
             self.result.callback(decision)
         else:
@@ -166,7 +166,17 @@ class _Decider:
     def _failed(self, failure, name):
         self.inflight = None
         if not self.result.called:
-            self.result.callback(_failure_decision(name, failure, self.sqlstate))
+            self.result.callback(_failure_decision(name, failure))
+
+
+def _count_masked(command, chunk):
+    """
+    Once every result hook has had C{chunk}, add what they masked or
+    withheld to the command's C{outcome["masked"]}, for every front end.
+    """
+    if command is not None and (chunk.masked or chunk.withheld):
+        outcome = command.outcome
+        outcome["masked"] = outcome.get("masked", 0) + chunk.masked + chunk.withheld
 
 
 class AddonChain:
@@ -220,7 +230,6 @@ class AddonChain:
                 % (session.identity.subject, ", ".join(sorted(self.allowed_groups))),
                 rule="allowed_groups",
                 addon="gateway",
-                sqlstate="28000",
             )
         return None
 
@@ -235,7 +244,7 @@ class AddonChain:
         """
         checked = []
         decider = _Decider(
-            self._hooks["session_started"], (session,), "28000", lambda: self._check_groups(session, checked)
+            self._hooks["session_started"], (session,), lambda: self._check_groups(session, checked)
         )
 
         def decided(decision):
@@ -245,7 +254,7 @@ class AddonChain:
                         "no addon established who you are; this connection's chain needs the identity addon",
                         rule="no-identity",
                         addon="gateway",
-                        sqlstate="28000",
+                        refusal=UNAUTHENTICATED,
                     )
                 else:
                     decision = self._check_groups(session, checked) or decision or Decision.allow()
@@ -279,6 +288,8 @@ class AddonChain:
         @return: a L{Deferred} firing with C{decision} once every addon has
             finished.
         """
+        if session.wire is not None:
+            decision = session.wire(decision, "session")
         session.refusal = decision
         if self.monitor is not None:
             self.monitor.session_refused(session, decision)
@@ -298,9 +309,11 @@ class AddonChain:
         hooks = self._hooks["command_received"]
         if not hooks:
             return command.decision
-        outcome = _Decider(hooks, (session, command), "42501", None, lambda decision: setattr(command, "decision", decision)).run(0, None)
+        outcome = _Decider(hooks, (session, command), None, lambda decision: setattr(command, "decision", decision)).run(0, None)
 
         def decided(decision):
+            if decision is not None and decision.verdict == DENY and session.wire is not None:
+                decision = session.wire(decision, "command")
             command.decision = decision or command.decision
             return command.decision
 
@@ -310,7 +323,8 @@ class AddonChain:
 
     def result(self, session, command, chunk):
         """
-        Pass a result chunk through every C{result_received} hook.
+        Pass a result chunk through every C{result_received} hook, and count
+        what they masked in C{command.outcome["masked"]}.
 
         @return: None when every hook finished at once, else a L{Deferred}
             firing when they all have.
@@ -324,6 +338,7 @@ class AddonChain:
                 raise ChainBroken(name, Failure())
             if not done:
                 return self._result_later(answer, name, hooks[position + 1 :], session, command, chunk)
+        _count_masked(command, chunk)
         return None
 
     @defer.inlineCallbacks
@@ -337,6 +352,7 @@ class AddonChain:
                 yield method(session, command, chunk)
             except BaseException:
                 raise ChainBroken(name, Failure())
+        _count_masked(command, chunk)
 
     def _notify(self, hook, arguments):
         """

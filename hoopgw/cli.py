@@ -106,7 +106,8 @@ def _evidence(name):
 
 
 def _events(arguments, out):
-    from hoopgw.store.sources import SourceError, open_source
+    from hoopgw.store.sources import open_source
+    from hoopgw.store.errors import SourceError
 
     try:
         source = open_source(arguments.store)
@@ -279,10 +280,13 @@ def _approvals(arguments, out):
 def _store_init(arguments, out):
     import psycopg2
 
+    from hoopgw.approvals.shared import schema_sql as approvals_sql
     from hoopgw.store.postgres import least_privilege_sql
 
     try:
-        sql = least_privilege_sql(arguments.schema, arguments.gateway_role, arguments.auditor_role or ())
+        sql = least_privilege_sql(
+            arguments.schema, arguments.gateway_role, arguments.auditor_role or (), (approvals_sql(arguments.schema),)
+        )
     except ValueError as error:
         print("hoopgw store-init: %s" % (error,), file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ patterns: what an SSH exec or a C{kubectl exec} runs (programs, commands
 with their arguments, pipelines), sftp operations and the SSH login, and
 Kubernetes requests as RBAC names them (verbs, resources with their
 subresources, API groups, namespaces, resource names); and any fact by
-name.  A rule's SQL keys are read by L{hoopgw.sqlpolicy}, which combines
+name.  A rule's SQL keys are read by L{hoopgw.rules}, which combines
 them with these.
 
 A pattern may hold alternatives in braces, as a shell expands them:

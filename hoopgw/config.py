@@ -75,6 +75,9 @@ class ConnectionConfig:
     addons = attr.ib()
     settings = attr.ib()
     description = attr.ib(default="")
+    # SO_REUSEPORT on the listening socket: several gateway processes
+    # share the port (docs/replicas.rst).
+    reuse_port = attr.ib(default=False)
 
     @property
     def target_name(self):
@@ -97,6 +100,8 @@ class StoreConfig:
     low_water_percent = attr.ib(default=5.0)
     reserve = attr.ib(default=4 * 1024 * 1024)
     space_check_interval = attr.ib(default=5.0)
+    durability = attr.ib(default="write-ahead-fsync")
+    sync_interval = attr.ib(default=0.05)
 
 
 @attr.s(frozen=True)
@@ -134,10 +139,24 @@ STORE_OPTIONS = (
     ),
     o.Option("path", o.directory_path, "var/audit", "The store's folder, relative to this file."),
     o.Option(
+        "durability",
+        o.choice("write-ahead-fsync", "write-ahead"),
+        "write-ahead-fsync",
+        "What a command waits for before it is forwarded: 'write-ahead-fsync', its event synced to disk "
+        "(nothing acknowledged is lost, even on a power loss); 'write-ahead', its event written to the "
+        "operating system (a gateway crash loses nothing; a power loss may lose the last sync_interval).",
+    ),
+    o.Option(
+        "sync_interval",
+        lambda value, path: _positive_duration(value, path),
+        0.05,
+        "With durability write-ahead: the longest an event stays written but not synced to disk.",
+    ),
+    o.Option(
         "fsync",
         o.boolean,
         True,
-        "Wait for the disk before a command runs (write-ahead). Turn off only for throwaway demos.",
+        "Deprecated: 'fsync: false' is read as 'durability: write-ahead'.",
     ),
     o.Option(
         "sync_process",
@@ -219,6 +238,14 @@ ADMIN_OPTIONS = (
     o.Option("tls_certificate", o.file_path, None, "PEM certificate for HTTPS on the admin listener."),
     o.Option("tls_key", o.file_path, None, "PEM private key for HTTPS on the admin listener."),
     o.Option(
+        "reuse_port",
+        o.boolean,
+        False,
+        "SO_REUSEPORT on the admin listener, so that replicas of one configuration share its port "
+        "(docs/replicas.rst): approvals are shared through the PostgreSQL store; /api/admin acts on the "
+        "replica that answers.",
+    ),
+    o.Option(
         "identity_providers",
         o.string_list,
         None,
@@ -256,6 +283,13 @@ METRICS_OPTIONS = (
         o.REQUIRED,
         "A Twisted endpoint string for /metrics (Prometheus), /healthz and /readyz, such as "
         "tcp:9187:interface=127.0.0.1. Plain HTTP: keep it on loopback or a monitoring network.",
+    ),
+    o.Option(
+        "reuse_port",
+        o.boolean,
+        False,
+        "SO_REUSEPORT on the metrics listener, so that replicas of one configuration share its port "
+        "(docs/replicas.rst); each request is answered by one replica, with its own figures.",
     ),
     o.Option(
         "readiness_cache",
@@ -391,7 +425,7 @@ def _parse_addon(entry, path, known):
 
 # The keys every connection has, whatever its protocol (the protocol's own
 # settings are checked by its package).
-CONNECTION_KEYS = ("protocol", "listen", "allowed_groups", "description", "addons")
+CONNECTION_KEYS = ("protocol", "listen", "allowed_groups", "description", "addons", "reuse_port")
 
 
 def _parse_connection(name, raw, path, known_addons, providers):
@@ -433,6 +467,11 @@ def _parse_connection(name, raw, path, known_addons, providers):
             "is required: list the groups whose members may use this connection",
         )
     description = problems.check(o.optional_string, raw.pop("description", None), join(path, "description")) or ""
+    reuse_port = problems.check(o.boolean, raw.pop("reuse_port", False), join(path, "reuse_port"))
+    if reuse_port is True and listen is not o.INVALID:
+        from hoopgw import listeners
+
+        problems.check(listeners.check, listen, path)
     raw_addons = problems.check(
         o.list_of(lambda value, where: value), raw.pop("addons", None) or [], join(path, "addons")
     )
@@ -459,7 +498,14 @@ def _parse_connection(name, raw, path, known_addons, providers):
         addons=addons,
         settings=settings,
         description=description,
+        reuse_port=reuse_port is True,
     )
+    if connection.reuse_port and protocol == "ssh" and settings is not o.INVALID and not settings.host_keys:
+        problems.add(
+            join(path, "reuse_port"),
+            "needs host_keys on an SSH connection: every process sharing the port must show clients the same "
+            "host key (a generated one is per state_dir)",
+        )
     for spec in addons:
         check = getattr(spec.factory, "check_connection", None)
         if check is not None:
@@ -569,6 +615,12 @@ def _parse_gateway(raw):
     store = problems.check(
         lambda: StoreConfig(**o.parse_options(STORE_OPTIONS, gateway_raw["store"], "gateway.store"))
     )
+    if store is not o.INVALID and not store.fsync:
+        if store.durability == "write-ahead-fsync" and "durability" in gateway_raw["store"]:
+            problems.add("gateway.store.fsync", "contradicts durability: write-ahead-fsync; remove fsync (deprecated)")
+        else:
+            # The deprecated switch: events are still synced, in the background.
+            store = attr.evolve(store, durability="write-ahead")
     if store is not o.INVALID and store.backend == "postgres" and store.postgres is None:
         problems.add("gateway.store.postgres", "is required with backend postgres: give at least its dsn")
     admin = None
@@ -588,6 +640,11 @@ def _parse_gateway(raw):
     metrics = None
     if gateway_raw.get("metrics") is not None:
         metrics = problems.check(o.parse_options, METRICS_OPTIONS, gateway_raw["metrics"], "gateway.metrics")
+    for name, listener in (("admin", admin), ("metrics", metrics)):
+        if isinstance(listener, dict) and listener["reuse_port"]:
+            from hoopgw import listeners
+
+            problems.check(listeners.check, listener["listen"], "gateway." + name)
     refused = problems.check(refusals.parse, gateway_raw.get("refusals") or {}, "gateway.refusals")
     problems.done()
     return GatewayConfig(

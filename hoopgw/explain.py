@@ -6,11 +6,11 @@ target or a store: the answer to "why was this allowed?".
 """
 
 from hoopgw import config as configuration
-from hoopgw import redact
-from hoopgw.model import HUMAN, SERVICE, Command, Identity, Session
+from hoopgw import offline
+from hoopgw.model import HUMAN, SERVICE, Identity, Session
 from hoopgw.options import ConfigError
-from hoopgw.sql import split_statements, statement_type
-from hoopgw.testing import FakeContext
+from hoopgw.postgres.commands import sql_command
+from hoopgw.sql import split_statements
 
 
 # What built-in addons without an explain method do with a statement.
@@ -35,8 +35,8 @@ def explain(config, connection_name, sql, subject="explain", groups=None, kind=S
             "there is no connection %r; this configuration has %s"
             % (connection_name, ", ".join(sorted(config.connections))),
         )
-    # Built with nothing that runs: a store in memory, no broker.
-    context = FakeContext(connection=connection)
+    # Built with nothing that runs: no store, no broker.
+    context = offline.context(connection)
     addons = [(spec.name, spec.factory.build(spec.options, context)) for spec in connection.addons]
     for _, addon in addons:
         guard = getattr(addon, "guard", None)
@@ -131,15 +131,7 @@ def _commands(connection, text):
     statements, error = split_statements(text)
     commands = []
     for statement in statements:
-        command = Command(
-            kind="sql",
-            text=statement,
-            redacted=redact.redact_sql(statement)[0],
-            facts={"statement_type": statement_type(statement), "protocol": "simple"},
-        )
-        if error:
-            command.facts["parse_error"] = error
-        commands.append(command)
+        commands.append(sql_command(statement, "simple", parse_error=error, classify=False))
     return commands, "statement"
 
 

@@ -12,39 +12,25 @@ import socket
 import attr
 from twisted.application import service, strports
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from hoopgw import __version__, logs
+from hoopgw.addon import AddonContext
 from hoopgw.chain import AddonChain
 from hoopgw.config import PROTOCOLS
 from hoopgw.options import ConfigError
 from hoopgw.refusals import RefusalFloods
 
 
-@attr.s(frozen=True)
-class AddonContext:
+class StartupError(SystemExit):
     """
-    What an addon gets when it is built for a connection.
+    The gateway cannot start: twistd prints this sentence and exits 1,
+    without a traceback (a UsageError raised here would print one).
     """
 
-    connection = attr.ib()
-    gateway = attr.ib(repr=False)
-
-    @property
-    def store(self):
-        return self.gateway.store
-
-    @property
-    def reactor(self):
-        return self.gateway.reactor
-
-    @property
-    def identity_providers(self):
-        return self.gateway.identity_providers
-
-    @property
-    def approvals(self):
-        return self.gateway.approvals
+    def __init__(self, message):
+        SystemExit.__init__(self, "hoopgw cannot start: %s" % (message,))
 
 
 class Gateway(service.MultiService):
@@ -82,6 +68,11 @@ class Gateway(service.MultiService):
         self.identity_providers = {
             name: provider.build(reactor) for name, provider in config.identity_providers.items()
         }
+        from hoopgw.replicas import Replicas
+
+        # With a PostgreSQL store: used tokens and cancel requests shared
+        # with the other processes on it (docs/replicas.rst); None otherwise.
+        self.replicas = Replicas.for_gateway(self)
         from hoopgw.approvals import make_broker
 
         self.refusals = RefusalFloods(reactor, self.record, gateway=self.instance, **config.gateway.refusals)
@@ -101,6 +92,10 @@ class Gateway(service.MultiService):
                 # A protocol whose listener is not a Twisted factory (mitmproxy
                 # listens itself) hands back its own service.
                 listener = factory
+            elif connection.reuse_port:
+                from hoopgw import listeners
+
+                listener = listeners.service(reactor, connection.listen, self.monitors[connection.name].listening(factory))
             else:
                 listener = strports.service(connection.listen, self.monitors[connection.name].listening(factory))
             listener.setName("connection:%s" % (connection.name,))
@@ -227,10 +222,6 @@ class Gateway(service.MultiService):
         is taken stops the start with a sentence naming the listener, not
         a traceback.
         """
-        from twisted.internet.error import CannotListenError
-
-        from hoopgw.tap import StartupError
-
         service.Service.privilegedStartService(self)
         for child in self:
             try:
@@ -261,6 +252,11 @@ class Gateway(service.MultiService):
                 "version": __version__,
                 "config": self.config.path,
                 "config_sha256": self.config.digest,
+                # What a command's event waits for before it is forwarded.
+                "durability": self.config.gateway.store.durability,
+                "sync_interval": self.config.gateway.store.sync_interval
+                if self.config.gateway.store.durability == "write-ahead"
+                else None,
                 "connections": {
                     name: {
                         "protocol": connection.protocol,
@@ -273,6 +269,8 @@ class Gateway(service.MultiService):
                 },
             }
         ).addErrback(lambda failure: self.log.failure("Recording the gateway start failed", failure))
+        if self.replicas is not None:
+            self.replicas.start()
         if self.approvals is not None:
             self.approvals.start()
         if self.export is not None:
@@ -297,6 +295,8 @@ class Gateway(service.MultiService):
         )
         if self.approvals is not None:
             self.approvals.close()
+        if self.replicas is not None:
+            self.replicas.stop()
         for provider in self.identity_providers.values():
             # Pooled directory connections.
             close = getattr(provider, "close", None)
@@ -325,7 +325,9 @@ def _needs_restart(old, new):
         return "connections were added or removed: restart the gateway to apply that"
     for name, connection in new.connections.items():
         before = old.connections[name]
-        if (before.protocol, before.listen, before.settings) != (connection.protocol, connection.listen, connection.settings):
+        if (before.protocol, before.listen, before.settings, before.reuse_port) != (
+            connection.protocol, connection.listen, connection.settings, connection.reuse_port
+        ):
             return "the connection %r changed its listener or target: restart the gateway to apply that" % (name,)
     return None
 

@@ -241,7 +241,12 @@ def metrics_service(settings, gateway):
     site.displayTracebacks = False
     # Scrapes every few seconds would fill the log.
     site.log = lambda request: None
-    endpoint = endpoints.serverFromString(gateway.reactor, settings["listen"])
+    if settings.get("reuse_port"):
+        from hoopgw import listeners
+
+        endpoint = listeners.endpoint(gateway.reactor, settings["listen"])
+    else:
+        endpoint = endpoints.serverFromString(gateway.reactor, settings["listen"])
     service = internet.StreamServerEndpointService(endpoint, site)
     service.setName("metrics")
     return service

@@ -46,7 +46,7 @@ class IAddonFactory(Interface):
         Make the addon for one connection.
 
         @param options: the validated options, a mapping of option name to value.
-        @param context: the L{hoopgw.gateway.AddonContext}: the gateway's
+        @param context: the L{hoopgw.addon.AddonContext}: the gateway's
             store, identity providers, approvals broker, clock, and the
             connection's configuration.
         @return: an object with any subset of the L{IAddon} hooks.

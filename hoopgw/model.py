@@ -81,6 +81,11 @@ class Session:
     The front end creates it with the client's L{Credentials}; the identity
     addon sets L{identity} in C{session_started}.  Addons may keep their own
     per-session state in L{metadata}, keyed by their name.
+
+    @ivar wire: set by a front end whose refusals carry a code of their
+        own: C{wire(decision, stage)} (stage C{"session"} or
+        C{"command"}) returns the denial with it (PostgreSQL: the
+        SQLSTATE), so the record holds the code the client got.
     """
 
     connection = attr.ib()
@@ -95,6 +100,7 @@ class Session:
     metadata = attr.ib(factory=dict, repr=False)
     refusal = attr.ib(default=None)
     notifier = attr.ib(default=None, repr=False)
+    wire = attr.ib(default=None, repr=False)
 
     def notify(self, text):
         """
@@ -109,6 +115,33 @@ ALLOW = "allow"
 DENY = "deny"
 APPROVED = "approved"
 
+# What kind of refusal a denial is, in no protocol's terms; each front end
+# says it on its wire (a SQLSTATE, an SSH exit status or message, an HTTP
+# status).
+UNAUTHENTICATED = "unauthenticated"
+FORBIDDEN = "forbidden"
+CANCELLED = "cancelled"
+UNAVAILABLE = "unavailable"
+FAILED = "failed"
+REFUSALS = (UNAUTHENTICATED, FORBIDDEN, CANCELLED, UNAVAILABLE, FAILED)
+
+# What became of a command, as front ends record it in
+# C{Command.outcome["status"]}: it ran (L{OK}; an SSH command L{EXITED} or
+# was L{SIGNALLED}), the target refused it (L{ERROR}), the chain denied it
+# (L{DENIED}), the client or target went away first (L{INTERRUPTED}), an
+# addon failed on its results, which were cut (L{WITHHELD}), a statement
+# queued behind a failed one never ran (L{NOT_RUN}), a portal stopped at
+# its row limit (L{SUSPENDED}).
+OK = "ok"
+ERROR = "error"
+DENIED = "denied"
+INTERRUPTED = "interrupted"
+WITHHELD = "withheld"
+NOT_RUN = "not-run"
+SUSPENDED = "suspended"
+EXITED = "exited"
+SIGNALLED = "signalled"
+
 
 @attr.s(frozen=True, slots=True)
 class Decision:
@@ -121,7 +154,14 @@ class Decision:
     @ivar addon: the addon that decided.
     @ivar approval: for L{APPROVED}, a mapping with the approval id, the
         approvers and their reasons.
-    @ivar sqlstate: for PostgreSQL, the SQLSTATE of the refusal.
+    @ivar refusal: for L{DENY}, what kind of refusal, one of L{REFUSALS}:
+        L{UNAUTHENTICATED} (who the client is was not proven),
+        L{FORBIDDEN} (a policy refuses it), L{CANCELLED} (the client gave
+        up waiting), L{UNAVAILABLE} (paused or stopping: try later),
+        L{FAILED} (an addon failed, so the gateway refuses).
+    @ivar sqlstate: the PostgreSQL front end's SQLSTATE for the refusal,
+        set by that front end (through L{Session.wire}); addons and the
+        core say L{refusal} instead.
     """
 
     verdict = attr.ib()
@@ -130,6 +170,7 @@ class Decision:
     addon = attr.ib(default=None)
     approval = attr.ib(default=None)
     sqlstate = attr.ib(default=None)
+    refusal = attr.ib(default=None)
 
     @classmethod
     def allow(cls, reason="", rule=None, addon=None):
@@ -138,8 +179,11 @@ class Decision:
         return cls(ALLOW, rule=rule, reason=reason, addon=addon)
 
     @classmethod
-    def deny(cls, reason, rule=None, addon=None, sqlstate=None):
-        return cls(DENY, rule=rule, reason=reason, addon=addon, sqlstate=sqlstate)
+    def deny(cls, reason, rule=None, addon=None, sqlstate=None, refusal=FORBIDDEN):
+        # sqlstate stays fourth: addons written before refusal pass it so.
+        if refusal not in REFUSALS:
+            raise ValueError("%r is not a refusal; they are %s" % (refusal, ", ".join(REFUSALS)))
+        return cls(DENY, rule=rule, reason=reason, addon=addon, sqlstate=sqlstate, refusal=refusal)
 
     @classmethod
     def approved(cls, approval, reason="", rule=None, addon=None):
@@ -153,7 +197,7 @@ class Decision:
         if self is _ALLOW:
             return {"verdict": ALLOW}
         result = {"verdict": self.verdict}
-        for name in ("rule", "reason", "addon", "approval", "sqlstate"):
+        for name in ("rule", "reason", "addon", "approval", "refusal", "sqlstate"):
             value = getattr(self, name)
             if value:
                 result[name] = value

@@ -6,7 +6,8 @@ from twisted.python import usage
 
 from hoopgw import config as configuration
 from hoopgw.options import ConfigError, report
-from hoopgw.store import StoreError, open_store
+from hoopgw.store import open_store
+from hoopgw.store.errors import StoreError
 
 
 class Options(usage.Options):
@@ -50,23 +51,13 @@ def exit_zero_on_sigterm(reactor):
     reactor.addSystemEventTrigger("after", "shutdown", clear)
 
 
-class StartupError(SystemExit):
-    """
-    The gateway cannot start: twistd prints this sentence and exits 1,
-    without a traceback (a UsageError raised here would print one).
-    """
-
-    def __init__(self, message):
-        SystemExit.__init__(self, "hoopgw cannot start: %s" % (message,))
-
-
 def makeService(options):
     """
     Check the configuration, open the store and build the gateway service.
     """
     from twisted.internet import reactor
 
-    from hoopgw.gateway import Gateway
+    from hoopgw.gateway import Gateway, StartupError
 
     try:
         config = configuration.load(options["config"])

@@ -26,11 +26,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hoopgw import options as o
-from hoopgw import redact
+from hoopgw.addon import AddonContext
 from hoopgw.chain import AddonChain
 from hoopgw.interfaces import IStore
-from hoopgw.model import SERVICE, Command, Identity, ResultChunk, Session
-from hoopgw.sql import statement_type
+from hoopgw.model import OK, SERVICE, Identity, ResultChunk, Session
 from hoopgw.store import events as chaining
 
 
@@ -101,11 +100,9 @@ class FakeGateway:
 
 def FakeContext(connection=None, gateway=None):
     """
-    The context an addon is built with (L{hoopgw.gateway.AddonContext}),
+    The context an addon is built with (L{hoopgw.addon.AddonContext}),
     around a L{FakeConnection} and a L{FakeGateway}.
     """
-    from hoopgw.gateway import AddonContext
-
     return AddonContext(connection=connection or FakeConnection(), gateway=gateway or FakeGateway())
 
 
@@ -144,32 +141,30 @@ def identity(subject="ci-bot", groups=("payments-bots",), kind=SERVICE, issuer="
 
 def session(subject="ci-bot", groups=("payments-bots",), kind=SERVICE, connection="test", protocol="postgres"):
     """
-    A session whose identity is already established.
+    A session whose identity is already established; a PostgreSQL one's
+    refusals carry their SQLSTATE, as the front end's do.
     """
+    wire = None
+    if protocol == "postgres":
+        from hoopgw.postgres.refusals import wire
     return Session(
         connection=connection,
         protocol=protocol,
         client_address="127.0.0.1:50000",
         target="postgresql://app@db.test:5432/payments",
         identity=identity(subject, groups, kind),
+        wire=wire,
     )
 
 
 def sql_command(sql, parameters=()):
     """
-    A SQL statement as the PostgreSQL front end makes it.
+    A SQL statement as the PostgreSQL front end makes it (classified when
+    an addon first asks, with that addon's session).
     """
-    redacted, _ = redact.redact_sql(sql)
-    command = Command(
-        kind="sql",
-        text=sql,
-        redacted=redacted,
-        facts={"statement_type": statement_type(sql), "protocol": "simple" if not parameters else "extended"},
-    )
-    if parameters:
-        command.parameters = tuple(parameters)
-        command.redacted_parameters = tuple(redact.redact_parameter(value) for value in parameters)
-    return command
+    from hoopgw.postgres.commands import sql_command as make
+
+    return make(sql, "simple" if not parameters else "extended", parameters=parameters, classify=False)
 
 
 def exec_command(line, login="deploy", pty=False):
@@ -242,7 +237,7 @@ class ChainHarness:
         return chunk
 
     def finish(self, command, session=None, **outcome):
-        command.outcome.update(outcome or {"status": "ok"})
+        command.outcome.update(outcome or {"status": OK})
         return self._call("finish", False, session or self.session, command)
 
     def end(self, session=None):

@@ -62,7 +62,7 @@ class GatewayRun:
         import yaml
 
         from hoopgw.identity import dev
-        from hoopgw.throwaway import PostgresCluster, free_port
+        from testbed.throwaway import PostgresCluster, free_port
 
         password = os.urandom(8).hex()
         self.cluster = PostgresCluster()
@@ -91,7 +91,7 @@ class GatewayRun:
             "addons": ["identity", "record"],
         }
         if self.tls:
-            from hoopgw import pki
+            from testbed import pki
 
             authority = pki.make_ca("run CA")
             certificate, key = authority.issue("localhost", dns_names=["localhost"], ip_addresses=["127.0.0.1"]).write(

@@ -18,7 +18,7 @@ import urllib.request
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 
-from hoopgw.throwaway import free_port
+from testbed.throwaway import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [

@@ -16,7 +16,7 @@ from hoopgw import cast as casts
 from hoopgw.model import Command, Credentials, Session
 from hoopgw.store import signing
 from hoopgw.store.file import read_events, segment_paths
-from hoopgw.throwaway import free_port
+from testbed.throwaway import free_port
 from tests import support
 
 _keys = {}
@@ -160,3 +160,13 @@ def copy_store(source, test):
 
 def as_line(event):
     return json.dumps(event).encode() + b"\n"
+
+
+def forget_refusals(gateway):
+    """
+    Drop the gateway's open refusal windows unwritten, as a crash does.
+    """
+    for window in gateway.refusals._windows.values():
+        if window.timer is not None and window.timer.active():
+            window.timer.cancel()
+    gateway.refusals._windows.clear()

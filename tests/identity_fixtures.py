@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import reactor
 from twisted.web import resource, server
 
-from hoopgw import pki
+from testbed import pki
 from hoopgw.identity import dev
-from hoopgw.throwaway import LdapServer
+from testbed.throwaway import LdapServer
 from tests import support
 
 _shared = {}
@@ -329,7 +329,7 @@ class IdentityGateway(support.GatewayHarness):
     """
 
     def __init__(self, test, providers=None, identity=None, connection=None, **connection_settings):
-        from hoopgw.throwaway import free_port
+        from testbed.throwaway import free_port
 
         self.directory = os.path.abspath(test.mktemp())
         os.makedirs(self.directory)

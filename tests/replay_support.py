@@ -9,7 +9,7 @@ import json
 from twisted.internet import reactor
 
 from hoopgw.replay import tap
-from hoopgw.throwaway import free_port
+from testbed.throwaway import free_port
 from tests import evidence_support as es
 from tests.browser import Chromium
 from tests.support import token

@@ -16,7 +16,7 @@ import time
 from twisted.internet import defer, reactor, ssl, task
 from twisted.web import resource, server
 
-from hoopgw import pki
+from testbed import pki
 from tests.support import free_port
 
 _pki = {}

@@ -11,7 +11,7 @@ import subprocess
 
 from twisted.internet import defer, protocol, reactor
 
-from hoopgw.throwaway import SshServer, free_port, ssh_keygen
+from testbed.throwaway import SshServer, free_port, ssh_keygen
 from tests import support
 from tests.support import GatewayHarness
 

@@ -16,12 +16,12 @@ from twisted.internet import defer, reactor, threads
 from twisted.internet.utils import getProcessOutputAndValue
 
 from hoopgw import config as configuration
-from hoopgw import pki
+from testbed import pki
 from hoopgw.gateway import Gateway
 from hoopgw.identity import dev
 from hoopgw.store import open_store
 from hoopgw.store.file import read_events
-from hoopgw.throwaway import PostgresCluster, free_port
+from testbed.throwaway import PostgresCluster, free_port
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "hoopgw-test"

@@ -21,7 +21,7 @@ from hoopgw.approvals import ApprovalError, ApprovalRule, Broker
 from hoopgw.approvals.webhook import Webhook
 from hoopgw.model import HUMAN, SERVICE, Decision
 from hoopgw.testing import MemoryStore, identity, session, sql_command
-from hoopgw.throwaway import free_port
+from testbed.throwaway import free_port
 
 from tests import support
 from tests.support import AdminGatewayHarness, human_token, psql, token

@@ -214,3 +214,35 @@ class ChainTests(unittest.TestCase):
         chain.finish(session(), sql_command("SELECT 1"))
         self.assertEqual(calls, [("r", "command_finished")])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_masked_counted_once_hooks_finish(self):
+        """
+        The chain counts what result hooks masked or withheld in the
+        command's C{outcome["masked"]}, for every front end, and only once
+        every hook has finished with the chunk (a hook that waits counts
+        when it is done).
+        """
+        waiting = defer.Deferred()
+
+        class MasksLater:
+            def result_received(self, session, command, chunk):
+                def done(_):
+                    chunk.masked += 2
+                    chunk.withheld += 1
+
+                return waiting.addCallback(done)
+
+        class MasksNow:
+            def result_received(self, session, command, chunk):
+                chunk.masked += 1
+
+        chain = AddonChain([("now", MasksNow()), ("later", MasksLater())])
+        command = sql_command("SELECT 1")
+        pending = chain.result(session(), command, rows(["a"], [["x"]]))
+        self.assertNotIn("masked", command.outcome)
+        waiting.callback(None)
+        self.successResultOf(pending)
+        self.assertEqual(command.outcome["masked"], 4)
+        chain = AddonChain([("now", MasksNow())])
+        self.assertIsNone(chain.result(session(), command, rows(["a"], [["x"]])))
+        self.assertEqual(command.outcome["masked"], 5)

@@ -421,6 +421,7 @@ class RecoveryTests(unittest.TestCase):
         yield harness.wait_for("session.end")
         # The crash: the process is gone, its lock with it; nothing more is written.
         harness.gateway.running = False
+        es.forget_refusals(harness.gateway)
         harness.store._schedule.stop()
         harness.store._space_timer.stop()
         harness.store._syncer.stop()

@@ -77,7 +77,7 @@ class ExampleTests(unittest.TestCase):
         (/etc/hoopgw, var/demo) and their environment variables set, every
         example loads whole: nothing but the host's files was skipped.
         """
-        from hoopgw import pki
+        from testbed import pki
         from hoopgw.identity import dev
         from hoopgw.store import signing
 

@@ -10,7 +10,7 @@ import sys
 from twisted.internet import defer, utils
 from twisted.trial import unittest
 
-from hoopgw import cards, sqlpolicy
+from hoopgw import cards, sqlfacts, sqlpolicy
 from hoopgw.sql import split_statements
 from hoopgw.postgres import backend, wire
 from tests.hostile_target import MASKED_PAN, PAN, HostileTargetFactory, data_row, result
@@ -282,3 +282,18 @@ class FunctionAnswerTests(HostileTargetCase):
         self.assertEqual((fields["code"], fields["message"]), ("08P01", sentence + "; the session is closed"))
         (ended,) = yield self.gateway.wait_for("session.end")
         self.assertEqual(ended["reason"], sentence)
+
+
+class RecordedFactsTests(unittest.SynchronousTestCase):
+    """
+    The facts of a statement, as the record holds them.
+    """
+
+    def test_card_number_in_table_name(self):
+        """
+        A table or function named with a card number in it is recorded
+        with the number masked (the names used to be recorded as written).
+        """
+        facts = sqlfacts.recorded_facts(sqlfacts.classify('SELECT x%s() FROM "cards%s"' % (PAN, PAN)))
+        self.assertEqual(facts["tables"], ["cards" + MASKED_PAN])
+        self.assertEqual(facts["functions"], ["x" + MASKED_PAN])

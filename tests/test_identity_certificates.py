@@ -13,7 +13,7 @@ from OpenSSL import crypto
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from hoopgw import pki
+from testbed import pki
 from hoopgw.identity import certificates
 from hoopgw.identity.errors import IdentityError
 from hoopgw.options import ConfigError

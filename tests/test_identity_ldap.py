@@ -14,7 +14,7 @@ from twisted.trial import unittest
 from hoopgw.identity import ldap
 from hoopgw.identity.errors import IdentityError
 from hoopgw.options import ConfigError
-from hoopgw.throwaway import free_port
+from testbed.throwaway import free_port
 from tests import identity_fixtures as fixtures
 from tests import support
 from tests.identity_fixtures import IdentityGateway
@@ -115,7 +115,7 @@ class DirectoryTests(unittest.TestCase):
         A pooled connection the directory has closed meanwhile (slapd's
         idletimeout) is replaced at once: the lookup still answers.
         """
-        from hoopgw.throwaway import LdapServer
+        from testbed.throwaway import LdapServer
 
         server = LdapServer(idle_timeout=1)
         server.start()

@@ -15,7 +15,7 @@ from lxml import etree
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from hoopgw import pki
+from testbed import pki
 from hoopgw.identity import saml
 from hoopgw.identity.errors import IdentityError
 from tests import identity_fixtures as fixtures

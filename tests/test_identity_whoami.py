@@ -139,7 +139,7 @@ class WhoamiTests(unittest.TestCase):
         A certificate no CA of a connection's tls.client_ca issued would
         not be verified by its TLS: whoami says so and decides without it.
         """
-        from hoopgw import pki
+        from testbed import pki
 
         _, certificate_path, _ = fixtures.client_certificate(
             "whoami-impostor", "x", authority=pki.make_ca("another client CA"),
@@ -223,7 +223,7 @@ class ConfigurationTests(unittest.TestCase):
         """
         etc/identity.yaml, with its files made up, is a valid configuration.
         """
-        from hoopgw import pki
+        from testbed import pki
 
         directory = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(directory, "etc"))

@@ -17,8 +17,9 @@ from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.trial import unittest
 
 from hoopgw import cast as casts
-from hoopgw import cli, pki
-from hoopgw.kubernetes.standin import StandinAPIServer
+from hoopgw import cli
+from testbed import pki
+from testbed.standin import StandinAPIServer
 from hoopgw.model import Decision
 from hoopgw.store.verify import verify_store
 from tests import support
@@ -1064,7 +1065,7 @@ class StreamCutTests(unittest.TestCase):
             written, last = _drive(stream, pieces)
             self.assertNotIn(b"", written, pieces)
             self.assertEqual(b"".join(written) + last, expected, pieces)
-            self.assertEqual(exchange.masked, 2)
+            self.assertEqual(exchange.command.outcome["masked"], 2)
             self.assertEqual(front.broken, [])
 
     def test_log_digit_only_chunks(self):
@@ -1101,7 +1102,7 @@ class StreamCutTests(unittest.TestCase):
             received = [json.loads(line) for line in (b"".join(written) + last).splitlines()]
             self.assertEqual([event["object"]["data"]["pan"] for event in received],
                              ["411111******1111", "510510******5100"], pieces)
-            self.assertEqual(exchange.masked, 2)
+            self.assertEqual(exchange.command.outcome["masked"], 2)
 
     def test_watch_event_without_end(self):
         """
@@ -1516,7 +1517,7 @@ class WebSocketLimitTests(unittest.TestCase):
         1009) before mitmproxy has buffered more than that; nothing of it
         reaches kubectl, and the record says why.
         """
-        from hoopgw.kubernetes import standin
+        from testbed import standin
 
         cluster = Cluster(self, addons=("identity", "mask", "record"))
         yield cluster.ready()

@@ -20,9 +20,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from hoopgw import config as configuration
-from hoopgw import pki
+from testbed import pki
 from hoopgw.identity import whoami
-from hoopgw.kubernetes.standin import StandinAPIServer
+from testbed.standin import StandinAPIServer
 from hoopgw.options import ConfigError
 from tests import identity_fixtures as fixtures
 from tests import support

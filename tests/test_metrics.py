@@ -14,8 +14,8 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from hoopgw.store.file import StoreError
-from hoopgw.throwaway import free_port
+from hoopgw.store.errors import StoreError
+from testbed.throwaway import free_port
 from tests import support
 from tests.support import GatewayHarness, human_token, postgres_connection, psql, token
 
@@ -371,7 +371,7 @@ class ConfigurationTests(unittest.TestCase):
         self.assertEqual(
             config.gateway.metrics,
             {"listen": "tcp:9187:interface=127.0.0.1", "readiness_cache": 5.0, "connect_timeout": 2.0,
-             "store_min_free_bytes": 0},
+             "store_min_free_bytes": 0, "reuse_port": False},
         )
 
     def test_errors_name_the_key(self):

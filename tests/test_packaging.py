@@ -70,9 +70,9 @@ def gateway_files(directory):
     @return: C{(configuration path, gateway port, a free port for the
         replay server)}.
     """
-    from hoopgw import pki
+    from testbed import pki
     from hoopgw.identity import dev
-    from hoopgw.throwaway import free_port
+    from testbed.throwaway import free_port
 
     os.makedirs(directory)
     authority = pki.make_ca("packaging test CA")

@@ -1,5 +1,5 @@
 """
-Tests for L{hoopgw.pki}: the throwaway CA and the certificates it signs.
+Tests for L{testbed.pki}: the throwaway CA and the certificates it signs.
 """
 
 import datetime
@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.trial import unittest
 
-from hoopgw import pki
+from testbed import pki
 
 
 def _now():

@@ -279,7 +279,7 @@ class TargetAuthenticationTests(unittest.TestCase):
         starting, with the connection and the files named.
         """
         from hoopgw.options import ConfigError
-        from hoopgw.pki import make_ca
+        from testbed.pki import make_ca
 
         certificate, _, _ = support.gateway_certificate()
         directory = os.path.abspath(self.mktemp())

@@ -21,9 +21,9 @@ from twisted.trial import unittest
 from hoopgw import cli
 from hoopgw.store import postgres as pgstore
 from hoopgw.store import verify as verification
-from hoopgw.store.file import StoreError
+from hoopgw.store.errors import StoreError
 from hoopgw.store.postgres import PostgresSource, PostgresStore, parse_options
-from hoopgw.throwaway import free_port
+from testbed.throwaway import free_port
 from tests import evidence_support as es
 from tests import support
 from tests.support import in_thread, psql, token

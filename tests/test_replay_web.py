@@ -17,7 +17,7 @@ from twisted.trial import unittest
 from hoopgw.replay import tap
 from hoopgw.store import verify as verification
 from hoopgw.store.file import read_events
-from hoopgw.throwaway import free_port
+from testbed.throwaway import free_port
 from tests import evidence_support as es
 from tests import support
 from tests.browser import Chromium

@@ -22,13 +22,15 @@ from twisted.web.client import HTTPConnectionPool
 
 from hoopgw import cli
 from hoopgw.approvals import ApprovalError, ApprovalRule
+from hoopgw.approvals.evidence import ApprovalsCheck, ApprovalsProblem
 from hoopgw.approvals.shared import SharedBroker, channel
 from hoopgw.model import HUMAN
 from hoopgw.store import postgres as pgstore
 from hoopgw.store import verify as verification
-from hoopgw.store.file import FileStore, StoreError
+from hoopgw.store.file import FileStore
+from hoopgw.store.errors import StoreError
 from hoopgw.testing import exec_command, identity, session, sql_command
-from hoopgw.throwaway import free_port
+from testbed.throwaway import free_port
 from tests import evidence_support as es
 from tests import support
 from tests.support import human_token, in_thread, psql, token
@@ -199,7 +201,7 @@ class ApprovalsEvidenceTests(unittest.TestCase):
         for event in events:
             yield store.append(dict(event))
         yield store.close()
-        return verification.verify_store(directory)
+        return verification.verify_store(directory, checks=(ApprovalsCheck,))
 
     @defer.inlineCallbacks
     def test_approved_statement(self):
@@ -234,7 +236,7 @@ class ApprovalsEvidenceTests(unittest.TestCase):
             if events[0]["type"] != "command":
                 events = (self.REQUEST,) + events
             report = yield self.verify(*events)
-            self.assertEqual(report.kind, verification.APPROVAL, (phrase, report.problem))
+            self.assertEqual(report.kind, ApprovalsProblem.kind, (phrase, report.problem))
             self.assertIn(phrase, report.problem)
 
 

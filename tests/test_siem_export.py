@@ -324,7 +324,7 @@ class LagTests(ExportTestCase):
         self.open_store()
         self.start_export({"siem": self.fast(type="https", url=collector.url, ca=certificates["ca"], max_lag_events=10)})
         yield self.append_sessions(1, 4)
-        lagging = yield wait_until(lambda: [e for _, _, _, e in read_events(self.store_path) if e.get("type") == "export.lagging"])
+        yield wait_until(lambda: [e for _, _, _, e in read_events(self.store_path) if e.get("type") == "export.lagging"])
         collector.start()
         self.addCleanup(collector.stop)
         yield wait_until(lambda: any(e.get("type") == "export.recovered" for _, _, _, e in read_events(self.store_path)))
@@ -347,7 +347,7 @@ class LagTests(ExportTestCase):
         An export.lagging the store refuses (it is closing, or failed) is
         not taken as made: the sink makes it again at a later check.
         """
-        from hoopgw.store.file import StoreError
+        from hoopgw.store.errors import StoreError
 
         self.open_store()
         attempts = []

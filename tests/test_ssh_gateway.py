@@ -1009,7 +1009,7 @@ class HostKeyTests(unittest.TestCase):
 
 class ThrowawaySshServerTests(unittest.TestCase):
     """
-    hoopgw.throwaway.SshServer, the tests' target.
+    testbed.throwaway.SshServer, the tests' target.
     """
 
     @defer.inlineCallbacks
@@ -1017,7 +1017,7 @@ class ThrowawaySshServerTests(unittest.TestCase):
         """
         Only an authorized key logs in, and stop removes the server's folder.
         """
-        from hoopgw.throwaway import SshServer
+        from testbed.throwaway import SshServer
 
         server = SshServer()
         server.start()
@@ -1372,7 +1372,7 @@ class TargetBannerTests(unittest.TestCase):
         """
         from twisted.logger import formatEvent, globalLogPublisher
 
-        from hoopgw.throwaway import SshServer
+        from testbed.throwaway import SshServer
 
         directory = self.mktemp()
         os.makedirs(directory)

@@ -10,7 +10,8 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from hoopgw import cli
-from hoopgw.store.file import LAZY_SYNC, FileStore, StoreError, segment_paths
+from hoopgw.store.file import LAZY_SYNC, FileStore, segment_paths
+from hoopgw.store.errors import StoreError
 from hoopgw.store.sync import SyncFailed
 from hoopgw.store.verify import verify_store
 

@@ -14,9 +14,10 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from hoopgw.store import space
-from hoopgw.store.file import FileStore, StoreError, read_events
+from hoopgw.store.file import FileStore, read_events
+from hoopgw.store.errors import StoreError
 from hoopgw.store.verify import verify_store
-from hoopgw.throwaway import free_port
+from testbed.throwaway import free_port
 from tests import support
 from tests.support import psql, token
 

@@ -22,10 +22,11 @@ from hoopgw import cli
 from hoopgw.store import events as chaining
 from hoopgw.store import signing
 from hoopgw.store import verify as verification
-from hoopgw.store.file import FileStore, StoreError, segment_paths
+from hoopgw.store.file import FileStore, segment_paths
+from hoopgw.store.errors import StoreError
 from hoopgw.store.verify import verify_store
 from hoopgw.store.witness import FileWitness
-from hoopgw.throwaway import free_port
+from testbed.throwaway import free_port
 from tests import evidence_support as es
 from tests import support
 from tests.support import psql, token
@@ -67,6 +68,7 @@ def crash(harness):
     """
     store = harness.store
     harness.gateway.running = False
+    es.forget_refusals(harness.gateway)
     store._schedule.stop()
     store._space_timer.stop()
     if store._syncer is not None:

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 
 from hoopgw import metrics
 from hoopgw import options as o
-from hoopgw import sqlpolicy
+from hoopgw import rules as rules_module
 from hoopgw.addon import AddonFactory
 from hoopgw.approvals import ApprovalRule
 from hoopgw.approvals import webhook as webhooks
@@ -31,7 +31,7 @@ RULE_OPTIONS = (
 
 
 def _rule(raw, path):
-    matcher, values = sqlpolicy.Matcher.parse(raw, path, RULE_OPTIONS)
+    matcher, values = rules_module.Matcher.parse(raw, path, RULE_OPTIONS)
     if not values["approvers"]:
         raise ConfigError(o.join(path, "approvers"), "list at least one approver group")
     rule = ApprovalRule(
@@ -46,12 +46,7 @@ def _rule(raw, path):
 
 
 def _rules(value, path):
-    rules = o.list_of(_rule)(value, path)
-    names = [rule.name for rule, _ in rules]
-    for index, name in enumerate(names):
-        if names.index(name) != index:
-            raise ConfigError(o.join(o.join(path, index), "name"), "another rule is already named %r" % (name,))
-    return rules
+    return rules_module.unique_names(o.list_of(_rule)(value, path), path, lambda pair: pair[0].name)
 
 
 class Approve:
@@ -96,11 +91,9 @@ class Approve:
 
     def __init__(self, options, context):
         self.rules = options["rules"]
-        self.search_path = tuple(options["search_path"])
+        self.ruleset = rules_module.RuleSet(self.rules, options["search_path"])
         self.connection = context.connection.name
         self.broker = context.approvals
-        # Rules on command facts vary with more than the statement's text.
-        self._on_facts = any(matcher.on_facts for _, matcher in self.rules)
         if self.broker is not None:
             for rule, _ in self.rules:
                 self.broker.register(self.connection, rule, options["notify"])
@@ -109,32 +102,7 @@ class Approve:
         """
         The first rule C{command} matches: C{(rule, why)} or None.
         """
-        if command.kind != "sql":
-            # Other protocols' commands meet the rules that name their facts.
-            for rule, matcher in self.rules:
-                why = matcher.match_command(command)
-                if why is not None:
-                    return rule, why
-            return None
-        facts = sqlpolicy.for_command(session, command)
-        if self._on_facts:
-            return self._match(facts, command)
-        key = ("approve", id(self))
-        if key not in facts.memo:
-            facts.memo[key] = self._match(facts)
-        return facts.memo[key]
-
-    def _match(self, facts, command=None):
-        if facts.error:
-            return None
-        for rule, matcher in self.rules:
-            if command is not None:
-                why = matcher.match_sql(facts, self.search_path, command)
-            else:
-                why = matcher.match(facts, self.search_path)
-            if why is not None:
-                return rule, why
-        return None
+        return self.ruleset.first(session, command)
 
     def command_received(self, session, command):
         found = self.match(session, command)
@@ -146,7 +114,6 @@ class Approve:
             return Decision.deny(
                 "this statement needs approval (rule %s) and the gateway has no approvals broker" % (rule.name,),
                 rule="approve:%s" % (rule.name,),
-                sqlstate="42501",
             )
         return metrics.approval_wait(self.connection, broker.decide(session, command, rule))
 

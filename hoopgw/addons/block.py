@@ -12,7 +12,8 @@ read is refused (fail closed) unless the connection says otherwise.
 from twisted.logger import Logger
 
 from hoopgw import options as o
-from hoopgw import sqlpolicy
+from hoopgw import rules as rules_module
+from hoopgw import sqlfacts
 from hoopgw.addon import AddonFactory
 from hoopgw.model import Decision
 from hoopgw.options import ConfigError
@@ -94,7 +95,7 @@ def _presets(value, path):
 
 def preset_rules(names):
     return [
-        Rule(name, sqlpolicy.Matcher.parse(raw, name)[0], reason)
+        Rule(name, rules_module.Matcher.parse(raw, name)[0], reason)
         for preset in names
         for name, raw, reason in PRESETS[preset]
     ]
@@ -117,26 +118,21 @@ class Rule:
 
     @classmethod
     def parse(cls, raw, path):
-        matcher, extra = sqlpolicy.Matcher.parse(raw, path, cls.OPTIONS)
+        matcher, extra = rules_module.Matcher.parse(raw, path, cls.OPTIONS)
         return cls(extra["name"], matcher, extra["reason"])
 
 
 def _rules(value, path):
-    rules = o.list_of(Rule.parse)(value, path)
-    names = [rule.name for rule in rules]
-    for index, name in enumerate(names):
-        if names.index(name) != index:
-            raise ConfigError(o.join(o.join(path, index), "name"), "another rule is already named %r" % (name,))
-    return rules
+    return rules_module.unique_names(o.list_of(Rule.parse)(value, path), path)
 
 
 def _allow_only(value, path):
-    return None if value is None else sqlpolicy.AllowList.parse(value, path)
+    return None if value is None else rules_module.AllowList.parse(value, path)
 
 
 def baseline_rules(leave_out=()):
     return [
-        Rule(name, sqlpolicy.Matcher.parse(raw, name)[0], reason)
+        Rule(name, rules_module.Matcher.parse(raw, name)[0], reason)
         for name, raw, reason in BASELINE
         if name not in leave_out
     ]
@@ -221,6 +217,7 @@ class Block:
             + preset_rules(options["presets"])
             + list(options["rules"])
         )
+        self.ruleset = rules_module.RuleSet(((rule, rule.matcher) for rule in self.rules), options["search_path"])
         self.allow_only = options["allow_only"]
         self.allow_unparseable = options["allow_unparseable"]
         self.search_path = tuple(options["search_path"])
@@ -232,69 +229,63 @@ class Block:
         """
         @return: C{(Decision or None, explanation)}.
         """
+        unreadable = self._unreadable(session, command)
+        if unreadable is not None:
+            return unreadable
+        found = self.ruleset.first(session, command)
+        if found is not None:
+            rule, why = found
+            reason = "rule %s matched (%s)" % (rule.name, "; ".join(why))
+            if rule.reason:
+                reason += ": " + rule.reason
+            return _deny(reason, "block:%s" % (rule.name,)), reason
         if command.kind != "sql":
-            # Other protocols' commands meet the rules that name their facts.
-            error = command.facts.get("parse_error")
-            if error and not self.allow_unparseable:
-                reason = "the gateway cannot read this command line (%s), so it cannot check it" % (error,)
-                return _deny(reason, "block:unparseable"), reason
-            for rule in self.rules:
-                why = rule.matcher.match_command(command)
-                if why is not None:
-                    reason = "rule %s matched (%s)" % (rule.name, "; ".join(why))
-                    if rule.reason:
-                        reason += ": " + rule.reason
-                    return _deny(reason, "block:%s" % (rule.name,)), reason
             return None, "no rule for %s commands matched" % (command.kind,)
-        facts = sqlpolicy.for_command(session, command)
-        if any(rule.matcher.on_facts for rule in self.rules):
-            # Rules on command facts (protocol, ...) vary with more than the text.
-            return self._decide(facts, command)
-        # The answer depends only on the facts, which are shared by every
-        # statement that differs only in its constants: work it out once.
-        key = ("block", id(self))
-        found = facts.memo.get(key)
-        if found is None:
-            found = facts.memo[key] = self._decide(facts)
-        return found
-
-    def _decide(self, facts, command=None):
-        if facts.error:
-            if self.allow_unparseable:
-                return None, "the SQL does not parse (%s); this connection lets it through" % (facts.error,)
-            return _deny(
-                "the gateway cannot parse this SQL (%s), so it cannot check it" % (facts.error,), "block:unparseable"
-            ), "unparseable SQL is refused"
-        for rule in self.rules:
-            if command is not None:
-                why = rule.matcher.match_sql(facts, self.search_path, command)
-            elif rule.matcher.on_facts:
-                continue
-            else:
-                why = rule.matcher.match(facts, self.search_path)
-            if why is not None:
-                reason = "rule %s matched (%s)" % (rule.name, "; ".join(why))
-                if rule.reason:
-                    reason += ": " + rule.reason
-                return _deny(reason, "block:%s" % (rule.name,)), reason
         if self.allow_only is not None:
-            refusal = self.allow_only.refuse(facts, self.search_path)
+            refusal = self._outside_allow_list(sqlfacts.facts_of(session, command))
             if refusal is not None:
                 return _deny(refusal, "block:allow-only"), refusal
             return None, "allowed by the allow-list"
         return None, "no rule matched (%d rules)" % (len(self.rules),)
 
+    def _unreadable(self, session, command):
+        """
+        What cannot be read cannot be checked: refused, unless this
+        connection lets it through.
+        """
+        if command.kind != "sql":
+            error = command.facts.get("parse_error")
+            if error and not self.allow_unparseable:
+                reason = "the gateway cannot read this command line (%s), so it cannot check it" % (error,)
+                return _deny(reason, "block:unparseable"), reason
+            return None
+        error = sqlfacts.facts_of(session, command).error
+        if error is None:
+            return None
+        if self.allow_unparseable:
+            return None, "the SQL does not parse (%s); this connection lets it through" % (error,)
+        return _deny(
+            "the gateway cannot parse this SQL (%s), so it cannot check it" % (error,), "block:unparseable"
+        ), "unparseable SQL is refused"
+
+    def _outside_allow_list(self, facts):
+        # Like the rules' answer, the same for every statement that differs
+        # only in its constants.
+        key = ("block.allow-only", id(self))
+        if key not in facts.memo:
+            facts.memo[key] = self.allow_only.refuse(facts, self.search_path)
+        return facts.memo[key]
+
     def explain(self, session, command):
         decision, why = self.decide(session, command)
-        if command.kind != "sql":
-            return "%s: %s" % ("deny" if decision is not None else "allow", why)
-        facts = sqlpolicy.for_command(session, command)
         verdict = "deny" if decision is not None else "allow"
-        return "%s: %s; facts %s" % (verdict, why, facts.to_json())
+        if command.kind != "sql":
+            return "%s: %s" % (verdict, why)
+        return "%s: %s; facts %s" % (verdict, why, sqlfacts.facts_of(session, command).to_json())
 
 
 def _deny(reason, rule):
-    return Decision.deny(reason, rule=rule, sqlstate="42501")
+    return Decision.deny(reason, rule=rule)
 
 
 factory = AddonFactory(Block)

@@ -19,7 +19,7 @@ from hoopgw.identity import saml
 from hoopgw.identity.errors import IdentityError
 from hoopgw.identity.ldap import with_directory_groups
 from hoopgw.identity.oidc import NOT_A_TOKEN, unverified_claims
-from hoopgw.model import Decision
+from hoopgw.model import UNAUTHENTICATED, Decision
 from hoopgw.options import ConfigError
 
 # A compact JWS: three base64url parts separated by dots.
@@ -357,7 +357,7 @@ def _evidence_of(identity):
 
 
 def _refuse(reason, code):
-    return Decision.deny(reason, rule="identity:%s" % (code,), addon="identity", sqlstate="28P01")
+    return Decision.deny(reason, rule="identity:%s" % (code,), addon="identity", refusal=UNAUTHENTICATED)
 
 
 factory = AddonFactory(IdentityAddon)

@@ -19,7 +19,7 @@ from hoopgw import cards
 from hoopgw import columnpolicy
 from hoopgw import masking
 from hoopgw import options as o
-from hoopgw import sqlpolicy
+from hoopgw import sqlfacts
 from hoopgw.addon import AddonFactory
 from hoopgw.model import Decision
 from hoopgw.options import ConfigError, join
@@ -175,12 +175,11 @@ class Mask:
         # Binary COPY output carries no column types: it cannot be checked.
         if command.kind != "sql" or self._exempt(session):
             return None
-        facts = sqlpolicy.for_command(session, command)
+        facts = sqlfacts.facts_of(session, command)
         if "COPY BINARY" in facts.labels and "COPY TO" in facts.kinds:
             return Decision.deny(
                 "binary COPY output cannot be checked for card numbers; copy in text or CSV format",
                 rule="mask:binary-copy",
-                sqlstate="42501",
             )
         if self.guard is None:
             return None
@@ -201,11 +200,11 @@ class Mask:
         if problem is None:
             return None
         command.facts["sensitive_columns"] = {"decision": "deny", "unresolved": [problem]}
-        return Decision.deny(problem, rule="mask:unresolved", sqlstate="42501")
+        return Decision.deny(problem, rule="mask:unresolved")
 
     def _unavailable(self, error):
         reason = getattr(error, "value", error)
-        return Decision.deny(str(reason), rule="mask:catalog", sqlstate="42501")
+        return Decision.deny(str(reason), rule="mask:catalog")
 
     def _verdict(self, outcome, session, command):
         """
@@ -221,14 +220,13 @@ class Mask:
             finding = verdict.first(columnpolicy.DENY)
             others = sum(1 for item in verdict.findings if item.action == columnpolicy.DENY) - 1
             reason = finding.reason + (" (and %d more reason%s)" % (others, "s" if others > 1 else "") if others else "")
-            return Decision.deny(reason, rule=finding.rule, sqlstate="42501")
+            return Decision.deny(reason, rule=finding.rule)
         if action == columnpolicy.APPROVE:
             if self.broker is None:
                 return Decision.deny(
                     "%s; it needs approval and the gateway has no approvals broker"
                     % (verdict.first(columnpolicy.APPROVE).reason,),
                     rule=verdict.first(columnpolicy.APPROVE).rule,
-                    sqlstate="42501",
                 )
             return self.broker.decide(session, command, self.approval_rule)
         return None
@@ -269,7 +267,7 @@ class Mask:
             return "deny: %s" % (decision.reason,)
         what = "masks card numbers in every result (%s)" % (self.masker.style,)
         if command.kind == "sql":
-            facts = sqlpolicy.for_command(session, command)
+            facts = sqlfacts.facts_of(session, command)
             if not facts.error:
                 names = self._sensitive_names(facts)
                 replaced = [
@@ -288,7 +286,7 @@ class Mask:
         What the column policy decides, and the lineage of every output
         column (C{hoopgw explain} reads the catalog first).
         """
-        facts = sqlpolicy.for_command(session, command)
+        facts = sqlfacts.facts_of(session, command)
         if "COPY BINARY" in facts.labels and "COPY TO" in facts.kinds:
             return "deny: binary COPY output cannot be checked for card numbers; copy in text or CSV format"
         if self.guard.catalog is None:
@@ -376,7 +374,7 @@ class Mask:
         # Statements that differ only in constants share their facts, and
         # so their plan.
         if command is not None and command.kind == "sql":
-            cache = sqlpolicy.for_command(session, command).memo
+            cache = sqlfacts.facts_of(session, command).memo
         else:
             cache = session.metadata
         found = cache.get(key)
@@ -405,7 +403,7 @@ class Mask:
         positions = {index for index, name in enumerate(columns) if masker.sensitive(name)}
         if command is None or command.kind != "sql":
             return positions
-        facts = sqlpolicy.for_command(session, command)
+        facts = sqlfacts.facts_of(session, command)
         if facts.error:
             return positions
         key = ("mask.positions", id(self.masker), tuple(columns))

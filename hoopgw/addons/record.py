@@ -87,7 +87,7 @@ class Record:
         return failure
 
     def session_started(self, session):
-        state = session.metadata["record"] = {"commands": 0, "started": True}
+        session.metadata["record"] = {"commands": 0, "started": True}
         event = dict(session_fields(session), type="session.start", attributes=session.attributes)
         if self._gateway:
             event["gateway"] = self._gateway

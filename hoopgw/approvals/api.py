@@ -204,7 +204,12 @@ def admin_service(admin, gateway):
     actions = AdminActions(gateway, admin["admin_groups"])
     site = server.Site(AdminAPI(gateway.approvals, providers, actions))
     site.displayTracebacks = False
-    endpoint = endpoints.serverFromString(gateway.reactor, admin["listen"])
+    if admin.get("reuse_port"):
+        from hoopgw import listeners
+
+        endpoint = listeners.endpoint(gateway.reactor, admin["listen"])
+    else:
+        endpoint = endpoints.serverFromString(gateway.reactor, admin["listen"])
     factory = site
     if admin["tls_certificate"]:
         with open(admin["tls_certificate"], "rb") as handle:

@@ -279,7 +279,7 @@ class Broker:
             requester=session.identity,
             text=command.redacted,
             parameters=tuple(command.redacted_parameters),
-            facts=command.metadata.get("sql").to_json() if command.metadata.get("sql") is not None else dict(command.facts),
+            facts=dict(command.facts),
             digest=approval_digest(command, session.identity, session.connection),
             created=now,
             expires=now + rule.timeout,
@@ -481,7 +481,6 @@ class Broker:
                 Decision.deny(
                     "%s denied this %s: %s" % (approver.subject, request.noun, reason),
                     rule="approve:%s:denied" % (request.rule.name,),
-                    sqlstate="42501",
                 ),
             )
         if len([v for v in request.approvals if v["verdict"] == "approve"]) >= request.rule.approvals:
@@ -551,7 +550,6 @@ class Broker:
             Decision.deny(
                 "the approval request could not be recorded (%s)" % (failure.getErrorMessage(),),
                 rule="approve:%s:error" % (request.rule.name,),
-                sqlstate="42501",
             ),
         )
 
@@ -725,12 +723,11 @@ def _timed_out(request):
     return Decision.deny(
         "nobody approved this %s within %s" % (request.noun, _duration(request.rule.timeout)),
         rule="approve:%s:timeout" % (request.rule.name,),
-        sqlstate="42501",
     )
 
 
 def _gave_up(request, reason="the client gave up waiting"):
-    return Decision.deny(reason, rule="approve:%s:cancelled" % (request.rule.name,), sqlstate="42501")
+    return Decision.deny(reason, rule="approve:%s:cancelled" % (request.rule.name,))
 
 
 def _grant_event(grant):

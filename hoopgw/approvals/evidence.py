@@ -11,15 +11,18 @@ it, the chain they share must say so.
 import collections
 
 from hoopgw.model import HUMAN
+from hoopgw.store.verify import CheckFailed
 
 OUTCOMES = ("approval.approved", "approval.denied", "approval.expired", "approval.cancelled", "approval.failed")
 
 
-class ApprovalsProblem(Exception):
+class ApprovalsProblem(CheckFailed):
     """
     The record shows an approval the rules would not have allowed; C{str()}
     says which and where.
     """
+
+    kind = "approval"
 
 
 class ApprovalsCheck:

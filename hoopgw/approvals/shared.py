@@ -47,7 +47,7 @@ from hoopgw.approvals.broker import (
     _timed_out,
 )
 from hoopgw.model import SERVICE, Decision, Identity
-from hoopgw.store.file import StoreError
+from hoopgw.store.errors import StoreError
 from hoopgw.store.postgres import APPROVALS_PRIVILEGES, LOCK_CLASS, gateway_lock, run_schema
 
 # How often a gateway looks for what a lost wake-up or a dead gateway left
@@ -220,6 +220,7 @@ def _decision(outcome):
         addon=outcome.get("addon"),
         approval=outcome.get("approval"),
         sqlstate=outcome.get("sqlstate"),
+        refusal=outcome.get("refusal") or ("forbidden" if outcome.get("verdict", "deny") == "deny" else None),
     )
 
 
@@ -456,7 +457,6 @@ class SharedBroker(Broker):
                     Decision.deny(
                         "the approval request could not be recorded (%s)" % (failure.getErrorMessage(),),
                         rule="approve:%s:error" % (rule.name,),
-                        sqlstate="42501",
                     )
                 )
 
@@ -517,7 +517,6 @@ class SharedBroker(Broker):
                 Decision.deny(
                     "the approval request could not be decided in the record (%s)" % (failure.getErrorMessage(),),
                     rule="approve:%s:error" % (request.rule.name,),
-                    sqlstate="42501",
                 )
             )
 
@@ -550,7 +549,6 @@ class SharedBroker(Broker):
             return Decision.deny(
                 "the decision recorded for %s is not bound to this statement; it is refused" % (request.id,),
                 rule="approve:%s:error" % (request.rule.name,),
-                sqlstate="42501",
             )
         return _decision(outcome) if outcome else _gave_up(request, "the request ended without a decision")
 

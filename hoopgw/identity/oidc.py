@@ -17,6 +17,7 @@ from hoopgw import options as o
 from hoopgw.identity.errors import IdentityError
 from hoopgw.identity.keys import RemoteKeySet, check_url
 from hoopgw.identity.replay import ReplayCache
+from hoopgw.store.errors import StoreError
 from hoopgw.model import HUMAN, SERVICE, Identity
 from hoopgw.options import ConfigError, join
 
@@ -113,7 +114,8 @@ OPTIONS = (
         o.boolean,
         False,
         "Refuse a token whose jti was already used, until it expires: each token opens one session. "
-        "Needs max_lifetime. The memory of used tokens is per gateway process.",
+        "Needs max_lifetime. The memory of used tokens is per gateway process with the file store, shared by "
+        "every process with the PostgreSQL store (docs/replicas.rst).",
     ),
     o.Option(
         "refresh_interval",
@@ -337,19 +339,31 @@ class OIDCProvider:
                 )
         identity = self._identity(claims, kid, algorithm, origin, evidence)
         if self.replay is not None:
-            self._check_replay(claims, consume, evidence)
+            yield self._check_replay(claims, consume, evidence)
         return identity
 
+    @defer.inlineCallbacks
     def _check_replay(self, claims, consume, evidence):
         jti = claims.get("jti")
         if not isinstance(jti, str) or not jti:
             raise IdentityError(
                 "the token has no jti, and this issuer's tokens must each be used once", "replay", evidence
             )
+        # The cache may answer later: shared between replicas, it asks the
+        # PostgreSQL store (hoopgw.replicas).
         try:
-            fresh = not self.replay.seen(jti) if not consume else self.replay.use(jti, claims["exp"] + self.config.leeway)
+            if consume:
+                fresh = yield defer.maybeDeferred(self.replay.use, jti, claims["exp"] + self.config.leeway)
+            else:
+                fresh = not (yield defer.maybeDeferred(self.replay.seen, jti))
         except OverflowError:
             raise IdentityError("the gateway holds too many unexpired tokens to check this one for replay", "replay", evidence)
+        except StoreError as error:
+            raise IdentityError(
+                "the token could not be checked for replay against the other replicas (%s); try again" % (error,),
+                "replay",
+                evidence,
+            )
         if not fresh:
             raise IdentityError(
                 "the token (jti %s) was already used; each token opens one session, so fetch a new one" % (jti,),

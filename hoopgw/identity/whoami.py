@@ -7,28 +7,14 @@ why.  A dry run: single-use tokens are not marked used.
 
 import json
 
-import attr
 from cryptography import x509
 from OpenSSL import crypto
 from twisted.internet import defer
 
 from hoopgw.identity.certificates import as_certificate
 from hoopgw.identity.errors import IdentityError
-from hoopgw.gateway import AddonContext
+from hoopgw import offline
 from hoopgw.model import Credentials
-
-
-@attr.s
-class _Gateway:
-    """
-    What an identity addon reaches through its context, without a store
-    or listeners.
-    """
-
-    reactor = attr.ib()
-    identity_providers = attr.ib()
-    store = None
-    approvals = None
 
 
 @defer.inlineCallbacks
@@ -41,7 +27,9 @@ def evaluate(config, reactor, token=None, certificate=None, only=None):
         connection: C{connection}, C{allowed}, C{reason}, and C{identity}
         (its JSON form) when one was established.
     """
-    gateway = _Gateway(reactor, {name: provider.build(reactor) for name, provider in config.identity_providers.items()})
+    gateway = offline.OfflineGateway(
+        reactor, {name: provider.build(reactor) for name, provider in config.identity_providers.items()}
+    )
     results = []
     for name, connection in sorted(config.connections.items()):
         if only is not None and name != only:
@@ -52,7 +40,7 @@ def evaluate(config, reactor, token=None, certificate=None, only=None):
         if spec is None:
             entry.update(allowed=False, reason="its chain has no identity addon, so nobody gets in")
             continue
-        addon = spec.factory.build(spec.options, AddonContext(connection=connection, gateway=gateway))
+        addon = spec.factory.build(spec.options, offline.context(connection, gateway))
         presented, chain = _presented(certificate)
         if presented is not None:
             unheard = _certificate_unheard(connection, presented, chain)

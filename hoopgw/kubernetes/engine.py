@@ -224,7 +224,7 @@ class Engine:
         )
         self.master.addons.trigger(hooks.RunningHook())
 
-    def listen(self, mode, host, port, frontend, max_body_bytes=None):
+    def listen(self, mode, host, port, frontend, max_body_bytes=None, reuse_port=False):
         """
         Start a reverse-proxy mode listening on C{host:port} for
         C{frontend}.  The socket is bound at once, so a port in use fails
@@ -240,6 +240,9 @@ class Engine:
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                # Several gateway processes share the port (docs/replicas.rst).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
             sock.listen(128)
         except OSError:

@@ -26,16 +26,26 @@ from hoopgw.chain import ChainBroken, settled
 from hoopgw.identity.certificates import as_certificate, fingerprint
 from hoopgw.kubernetes import bodies, channels, engine as engines, tls
 from hoopgw.kubernetes.requestinfo import request_command, request_info
-from hoopgw.model import DENY, Credentials, Decision, ResultChunk, Session
+from hoopgw.model import DENIED, DENY, ERROR, FAILED, OK, UNAUTHENTICATED, UNAVAILABLE, WITHHELD, Credentials, Decision, ResultChunk, Session
 from hoopgw.options import ConfigError
 
 KEY = "hoopgw"
 JSON = "application/json"
 # Content types the gateway can read; a client asking for protobuf gets JSON.
 _PROTOBUF = "application/vnd.kubernetes.protobuf"
-# Refusals of the session that are about who the client is (401), as
-# opposed to what it may use (403).
-_IDENTITY_RULES = ("identity:", "no-identity")
+
+
+def refusal_status(decision):
+    """
+    The HTTP status for a refused session: 401 when who the client is was
+    not proven (or the identity addon failed to say), 503 when the
+    connection is paused or the gateway stopping, else 403.
+    """
+    if decision.refusal == UNAUTHENTICATED or (decision.refusal == FAILED and decision.addon == "identity"):
+        return 401
+    if decision.refusal == UNAVAILABLE:
+        return 503
+    return 403
 
 
 class Exchange:
@@ -44,7 +54,7 @@ class Exchange:
     """
 
     __slots__ = (
-        "received", "session", "command", "info", "refused", "streamed", "finished", "masked",
+        "received", "session", "command", "info", "refused", "streamed", "finished",
         "warnings", "subprotocol", "cast", "exit", "broken", "impersonated", "client", "released",
     )
 
@@ -56,7 +66,6 @@ class Exchange:
         self.refused = False
         self.streamed = False
         self.finished = False
-        self.masked = 0
         self.warnings = []
         self.subprotocol = None
         self.cast = None
@@ -422,7 +431,7 @@ class Frontend:
         session = self._new_session(flow, token)
         decision = await _wait(self.chain.start_session(session), self.loop)
         if decision.verdict == DENY:
-            code = 401 if (decision.rule or "").startswith(_IDENTITY_RULES) else 403
+            code = refusal_status(decision)
             message = "hoopgw refused the session: %s" % (decision.reason,)
             # kubectl meets the refusal in its discovery request, whose
             # errors it prints without the Status message ("You must be
@@ -628,7 +637,6 @@ class Frontend:
         except ChainBroken as error:
             self._withhold(flow, exchange, str(error))
             return
-        exchange.masked += chunk.masked + chunk.withheld
         if opened:
             document = json.loads(chunk.data)
             bodies.close_secrets(document, opened)
@@ -696,19 +704,17 @@ class Frontend:
             failure = _status_of(response)
         outcome = command.outcome
         if command.decision is not None and command.decision.denied:
-            outcome["status"] = "denied"
+            outcome["status"] = DENIED
         elif exchange.broken:
-            outcome.update(status="withheld", reason=exchange.broken)
+            outcome.update(status=WITHHELD, reason=exchange.broken)
         elif error is not None and exchange.streamed and response is not None:
             # A watch or a followed log ends when the client closes it.
-            outcome.update(status="ok", ended=redact.redact_text(error)[0])
+            outcome.update(status=OK, ended=redact.redact_text(error)[0])
         elif error is not None:
-            outcome.update(status="error", error=redact.redact_text(error)[0])
+            outcome.update(status=ERROR, error=redact.redact_text(error)[0])
         else:
-            outcome["status"] = "ok" if code < 400 else "error"
+            outcome["status"] = OK if code < 400 else "error"
         outcome["code"] = code
-        if exchange.masked:
-            outcome["masked"] = exchange.masked
         if exchange.exit is not None:
             outcome["exit"] = exchange.exit
         request = flow.request
@@ -833,7 +839,6 @@ class Frontend:
         """
         chunk = ResultChunk("body", data=data, fields={"content_type": JSON, "exec_status": True})
         await _wait(self.chain.result(exchange.session, exchange.command, chunk), self.loop)
-        exchange.masked += chunk.masked + chunk.withheld
         return chunk.data
 
     async def _terminal_output(self, exchange, channel, data, final):
@@ -845,7 +850,6 @@ class Frontend:
         """
         chunk = ResultChunk("stream", data=data, stream=channels.STREAMS[channel], final=final)
         await _wait(self.chain.result(exchange.session, exchange.command, chunk), self.loop)
-        exchange.masked += chunk.masked + chunk.withheld
         return chunk.data
 
     async def _release_output(self, flow, exchange, base64_framing, is_text):
@@ -1066,7 +1070,6 @@ class _WatchStream:
             waiting.cancel()
             frontend._stream_broken(self.flow, exchange, "an addon would make the watch stream wait")
             return None
-        exchange.masked += chunk.masked + chunk.withheld
         if opened:
             document = json.loads(chunk.data)
             bodies.close_secrets(document, opened)
@@ -1122,7 +1125,6 @@ class _LogStream:
             waiting.cancel()
             frontend._stream_broken(self.flow, exchange, "an addon would make the log stream wait")
             return _NOTHING_YET
-        exchange.masked += chunk.masked + chunk.withheld
         if final:
             return chunk.data
         return _chunks(chunk.data)
@@ -1155,7 +1157,8 @@ class KubernetesService(service.Service):
         settings = self.connection.settings
         try:
             self.listening = engine.listen(
-                settings.mode, settings.listen_host, settings.listen_port, self.frontend, settings.max_body_bytes
+                settings.mode, settings.listen_host, settings.listen_port, self.frontend, settings.max_body_bytes,
+                reuse_port=self.connection.reuse_port,
             )
         except OSError:
             engines.release(engine)

@@ -11,12 +11,12 @@ import struct
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
-from hoopgw import redact
 from hoopgw.flow import Valve
 from hoopgw.memorytls import TLSFailed, server_context
-from hoopgw.model import DENY, Command, Decision
+from hoopgw.model import DENIED, DENY, INTERRUPTED, Decision
 from hoopgw.options import ConfigError
-from hoopgw.sql import split_statements, statement_type
+from hoopgw.sql import split_statements
+from hoopgw.postgres.commands import function_call_command, sql_command
 from hoopgw.postgres import upstream as upstream_module
 from hoopgw.postgres import wire
 from hoopgw.postgres.startup import (
@@ -364,18 +364,7 @@ class PostgresFrontend(protocol.Protocol):
         self._expected.append(pending)
 
     def _new_command(self, sql, protocol_name, parse_error=None, parameters=(), formats=()):
-        redacted, _ = redact.redact_sql(sql)
-        facts = {"statement_type": statement_type(sql), "protocol": protocol_name}
-        if parse_error:
-            facts["parse_error"] = parse_error
-        command = Command(kind="sql", text=sql, redacted=redacted, facts=facts)
-        if parameters:
-            command.parameters = parameters
-            command.redacted_parameters = tuple(
-                redact.redact_parameter(value, wire.parameter_format(formats, index) == 1)
-                for index, value in enumerate(parameters)
-            )
-        return command
+        return sql_command(sql, protocol_name, self.session, parse_error, parameters, formats)
 
     def _simple_query(self, payload, raw):
         sql = payload.rstrip(b"\x00").decode("utf-8", "surrogateescape")
@@ -432,7 +421,7 @@ class PostgresFrontend(protocol.Protocol):
                     addon=decision.addon,
                     sqlstate=decision.sqlstate,
                 )
-            command.outcome = {"status": "denied"}
+            command.outcome = {"status": DENIED}
             self.chain.finish(self.session, command)
         self._forward(wire.query(DENIAL_SQL))
         self._expect(Pending("denied", decision=decision, target="extended" if extended else "simple"))
@@ -476,17 +465,7 @@ class PostgresFrontend(protocol.Protocol):
 
     def _function_call(self, payload, raw):
         oid, formats, values = wire.parse_function_call(payload)
-        command = Command(
-            kind="function-call",
-            text="function call (oid %d)" % (oid,),
-            redacted="function call (oid %d)" % (oid,),
-            facts={"function_oid": oid, "protocol": "function-call"},
-            parameters=values,
-            redacted_parameters=tuple(
-                redact.redact_parameter(value, wire.parameter_format(formats, index) == 1)
-                for index, value in enumerate(values)
-            ),
-        )
+        command = function_call_command(oid, formats, values)
         return _then(self.chain.submit(self.session, command), self._function_decided, command, raw)
 
     def _function_decided(self, decision, command, raw):
@@ -511,10 +490,13 @@ class PostgresFrontend(protocol.Protocol):
 
     # Cancel and teardown.
 
-    def cancel(self):
+    def cancel(self, via=None):
         """
         The client sent a CancelRequest with this session's key: stop a
         pending decision, or ask the target to cancel what runs.
+
+        @param via: the gateway process the CancelRequest reached, when it
+            was another one sharing the store (hoopgw.replicas).
         """
         command = None
         if self._waiting is not None:
@@ -529,6 +511,8 @@ class PostgresFrontend(protocol.Protocol):
                 event["command"] = command.id
             if self.session.identity is not None:
                 event["subject"] = self.session.identity.subject
+            if via is not None:
+                event["via"] = via
             self.factory.gateway.record(event).addErrback(
                 lambda failure: self.log.failure("Recording a cancel failed", failure)
             )
@@ -583,7 +567,7 @@ class PostgresFrontend(protocol.Protocol):
         for pending in self._expected:
             for command in pending.commands[pending.index :]:
                 if not command.outcome or command.outcome.get("status") is None:
-                    command.outcome.update(status="interrupted", reason="the session ended before it finished")
+                    command.outcome.update(status=INTERRUPTED, reason="the session ended before it finished")
                     self.chain.finish(self.session, command)
         self._expected.clear()
         if self.session is not None and self.session.identity is not None and not self._admitting:
@@ -630,6 +614,9 @@ class PostgresFactory(protocol.ServerFactory):
         self.tls_context = _server_context(connection.name, self.settings.tls)
         self.admission = Admission(self.settings)
         self.active = {}
+        # Cancel requests for sessions of other processes sharing the store.
+        replicas = getattr(gateway, "replicas", None)
+        self.peers = replicas.cancels if replicas is not None else None
         self.ending = set()
         self.open = set()
 
@@ -646,10 +633,13 @@ class PostgresFactory(protocol.ServerFactory):
             key = (int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF, int.from_bytes(os.urandom(4), "big"))
             if key not in self.active:
                 self.active[key] = frontend
+                if self.peers is not None:
+                    self.peers.register(self.connection.name, key, self)
                 return key
 
     def unregister(self, key):
-        self.active.pop(key, None)
+        if self.active.pop(key, None) is not None and self.peers is not None:
+            self.peers.unregister(self.connection.name, key)
 
     def cancel(self, process_id, secret):
         """

@@ -14,7 +14,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from hoopgw import columnpolicy
-from hoopgw import sqlpolicy
+from hoopgw import sqlfacts
+from hoopgw.model import OK
 from hoopgw.postgres import catalog as catalog_module
 from hoopgw.postgres import lineage
 
@@ -305,9 +306,9 @@ class ColumnGuard:
             return
         analysis = command.metadata.get("mask.analysis")
         state = session.metadata.get("mask.columns")
-        if analysis is not None and state is not None and command.outcome.get("status") == "ok":
+        if analysis is not None and state is not None and command.outcome.get("status") == OK:
             self._named(state, analysis)
-        facts = sqlpolicy.for_command(session, command)
+        facts = sqlfacts.facts_of(session, command)
         if "DDL" in facts.labels or facts.kinds & {"CREATE TABLE AS", "SELECT INTO", "REFRESH MATERIALIZED VIEW"}:
             self.dirty = True
 

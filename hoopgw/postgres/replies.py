@@ -11,7 +11,7 @@ from twisted.logger import Logger
 
 from hoopgw import cards, redact
 from hoopgw.chain import ChainBroken
-from hoopgw.model import ResultChunk
+from hoopgw.model import ERROR, NOT_RUN, OK, SUSPENDED, ResultChunk
 from hoopgw.postgres import backend, wire
 
 # Whether rows may arrive now: not outside a result (NO_ROWS); in a result
@@ -304,15 +304,11 @@ class TargetReplies:
         return wire.fields_message(bytes((kind,)), chunk.fields)
 
     def _through_chain(self, command, chunk, out, encode):
-        if command is not None:
-            outcome = command.outcome
         try:
             waiting = self.chain.result(self.frontend.session, command, chunk)
         except ChainBroken as error:
             self._withhold(error)
             return None
-        if command is not None and (chunk.masked or chunk.withheld):
-            outcome["masked"] = outcome.get("masked", 0) + chunk.masked + chunk.withheld
         if waiting is None:
             encoded = encode()
             if isinstance(encoded, list):
@@ -373,7 +369,7 @@ class TargetReplies:
         if head is not None and head.kind in ("query", "execute"):
             command = head.command
             if command is not None:
-                command.outcome.update(status="ok", tag=tag, rows=wire.rows_from_tag(tag))
+                command.outcome.update(status=OK, tag=tag, rows=wire.rows_from_tag(tag))
                 self.chain.finish(self.frontend.session, command)
             head.index += 1
             if head.kind == "execute":
@@ -436,7 +432,7 @@ class TargetReplies:
         head = self._head
         if head is not None and head.kind == "execute":
             command = head.command
-            command.outcome.update(status="suspended")
+            command.outcome.update(status=SUSPENDED)
             self.chain.finish(self.frontend.session, command)
             self.frontend._expected.popleft()
         self._rows = NO_ROWS
@@ -450,7 +446,7 @@ class TargetReplies:
             # to nothing, is not PostgreSQL's.
             raise backend.MalformedTarget(kind, "that answers no FunctionCall")
         command = head.command
-        command.outcome.update(status="ok")
+        command.outcome.update(status=OK)
         self.chain.finish(self.frontend.session, command)
         head.index += 1
         if not self.frontend._result_hooks:
@@ -513,7 +509,7 @@ class TargetReplies:
             )
             return None
         message = redact.redact_text(fields.get("message", ""))[0]
-        outcome = {"status": "error", "sqlstate": fields.get("code"), "error": message}
+        outcome = {"status": ERROR, "sqlstate": fields.get("code"), "error": message}
         if head is not None and head.kind in ("query", "function"):
             command = head.command
             if command is not None:
@@ -547,7 +543,7 @@ class TargetReplies:
     def _not_run(self, pending, reason):
         for command in pending.commands[pending.index :]:
             if not command.outcome:
-                command.outcome.update(status="not-run", reason=reason)
+                command.outcome.update(status=NOT_RUN, reason=reason)
                 self.chain.finish(self.frontend.session, command)
         pending.index = len(pending.commands)
 

@@ -14,6 +14,7 @@ from hoopgw.model import DENY, Credentials, Decision, Session
 from hoopgw.postgres import upstream as upstream_module
 from hoopgw.postgres import wire
 from hoopgw.postgres.wire import StartupError
+from hoopgw.postgres.refusals import wire as sqlstate_of_refusal
 
 
 # The phases of a client connection, in order.
@@ -301,7 +302,22 @@ class Startup:
         """
         if len(body) != 8:
             raise StartupError("08P01", "postgres:cancel-length", "invalid length of cancel request packet")
-        if not self.factory.cancel(wire.unpack_int32(body, 0), wire.unpack_int32(body, 4)):
+        key = (wire.unpack_int32(body, 0), wire.unpack_int32(body, 4))
+        if self.factory.cancel(*key):
+            self._cancelled(True)
+            return
+        peers = self.factory.peers
+        if peers is None:
+            self._cancelled(False)
+            return
+        # Another process sharing the store may hold the session: the
+        # connection stays open, reading nothing more, until it answers or
+        # the wait ends; only then is an unknown key recorded (once).
+        self.frontend._state = CLOSED
+        peers.forward(self.factory.connection.name, key).addCallback(self._cancelled)
+
+    def _cancelled(self, held):
+        if not held:
             self.refuse(
                 StartupError("57014", "postgres:cancel-unknown-key", "a cancel request named no session of this gateway"),
                 answer=False,
@@ -396,6 +412,7 @@ class Startup:
             client_address=frontend.client_address,
             target=self.settings.target_name,
             credentials=Credentials(user=parameters["user"], password=token, client_certificate=certificate),
+            wire=sqlstate_of_refusal,
             attributes={
                 "user": parameters["user"],
                 "database": parameters.get("database") or parameters["user"],

@@ -7,8 +7,9 @@ import os
 import sys
 
 from hoopgw.options import ConfigError
-from hoopgw.replay.index import DECISIONS, parse_time
-from hoopgw.store.sources import SourceError, open_source
+from hoopgw.store.index import DECISIONS, parse_time
+from hoopgw.store.sources import open_source
+from hoopgw.store.errors import SourceError
 
 
 def add_filters(parser):
@@ -47,9 +48,13 @@ def _filters(arguments):
 
 
 def verify(arguments, out):
+    from hoopgw.approvals.evidence import ApprovalsCheck
     from hoopgw.store.verify import verify as check
 
-    report = check(arguments.store, arguments.key, expect_head=arguments.expect_head, witness=arguments.witness)
+    report = check(
+        arguments.store, arguments.key, expect_head=arguments.expect_head, witness=arguments.witness,
+        checks=(ApprovalsCheck,),
+    )
     print(report.summary(), file=out)
     return 0 if report.ok else 1
 

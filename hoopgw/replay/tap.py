@@ -98,9 +98,11 @@ def build(options, reactor):
     """
     from hoopgw.gateway import load_signer
     from hoopgw.replay.web import Auditors, RecordReader, ReplayApp, ViewLog
-    from hoopgw.store.file import FileStore, StoreError
+    from hoopgw.store.file import FileStore
+    from hoopgw.store.errors import StoreError
     from hoopgw.store.signing import Signer, SigningKeyError, Verifier
-    from hoopgw.store.sources import FileSource, SourceError, is_postgres, open_source
+    from hoopgw.store.sources import FileSource, is_postgres, open_source
+    from hoopgw.store.errors import SourceError
 
     try:
         config = configuration.load(options["config"])

@@ -10,7 +10,7 @@ import json
 import time
 
 from hoopgw import cast as casts
-from hoopgw.replay.index import Index, to_epoch
+from hoopgw.store.index import Index, to_epoch
 
 
 def list_sessions(source, out, **filters):

@@ -24,10 +24,11 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from hoopgw.approvals.evidence import ApprovalsCheck
 from hoopgw.identity.oidc import IdentityError, unverified_claims
 from hoopgw.options import ConfigError
 from hoopgw.replay import terminal
-from hoopgw.replay.index import DECISIONS, Index, parse_time
+from hoopgw.store.index import DECISIONS, Index, parse_time
 from hoopgw.store.verify import verify_source
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
@@ -63,7 +64,7 @@ class RecordReader:
             fingerprint = self.source.fingerprint()
             if self._snapshot is None or self._snapshot.fingerprint != fingerprint:
                 index = Index(self.source.entries())
-                report = verify_source(self.source, self.key)
+                report = verify_source(self.source, self.key, checks=(ApprovalsCheck,))
                 self._snapshot = Snapshot(fingerprint, index, report)
             return self._snapshot
 

@@ -19,7 +19,6 @@ from twisted.conch.ssh.common import NS, getNS
 from twisted.cred import credentials as cred_credentials
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import IRealm
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -324,55 +323,6 @@ class TokenChecker(_Checker):
             )
         self.front.key_proof = None
         return self.admit(session, login)
-
-
-@implementer(IRealm)
-class GatewayRealm:
-    """
-    Turns an admitted session into an avatar, once the gateway is logged
-    in to the target on the client's behalf.
-    """
-
-    log = Logger()
-
-    def __init__(self, front):
-        self.front = front
-
-    def requestAvatar(self, session, mind, *interfaces):
-        if IConchUser not in interfaces:
-            raise NotImplementedError("hoopgw only serves SSH")
-        front = self.front
-        factory = front.factory
-        login = session.attributes["login"]
-        proof = front.key_proof
-        if front.lost:
-            session.attributes["end_reason"] = "client disconnected"
-            return factory.chain.end_session(session).addCallback(lambda _: defer.fail(Refused("disconnected")))
-        where = "connections.%s.target" % (factory.connection.name,)
-        connecting = upstream.connect(factory.reactor, factory.settings.target, login, where)
-
-        def connected(target):
-            from hoopgw.ssh.server import GatewayAvatar
-
-            avatar = GatewayAvatar(front, session, target, proof)
-            if front.lost:
-                avatar.end("client disconnected")
-                raise Refused("disconnected")
-            return IConchUser, avatar, avatar.logout
-
-        def failed(failure):
-            failure.trap(upstream.TargetError)
-            self.log.warn(
-                "{connection}: the target is unavailable: {reason}",
-                connection=factory.connection.name,
-                reason=failure.getErrorMessage(),
-            )
-            session.attributes["end_reason"] = "target unavailable: %s" % (failure.getErrorMessage(),)
-            session.attributes["target_error"] = failure.value.reason
-            ending = factory.chain.end_session(session)
-            return ending.addBoth(lambda _: failure)
-
-        return connecting.addCallbacks(connected, failed)
 
 
 def _describe_offer(blob):

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from hoopgw import admission
 from hoopgw import cast as casts
 from hoopgw.chain import ChainBroken
-from hoopgw.model import Decision, ResultChunk
+from hoopgw.model import DENIED, ERROR, EXITED, INTERRUPTED, SIGNALLED, WITHHELD, Decision, ResultChunk
 from hoopgw.ssh import certificates
 from hoopgw.ssh.commands import exec_command, forward_command, refused_request, sftp_command, shell_command
 from hoopgw.ssh.publickeys import Reader, WireError, string
@@ -300,7 +300,7 @@ class SessionChannel(_ClientSide):
         self._deciding = None
         self.avatar.pending.discard(self)
         if self.localClosed or self.remoteClosed:
-            self.command.outcome.update(status="interrupted", reason="the client left before the decision")
+            self.command.outcome.update(status=INTERRUPTED, reason="the client left before the decision")
             self._finish()
             return 0
         if decision.denied:
@@ -309,7 +309,7 @@ class SessionChannel(_ClientSide):
 
     def _refused(self, request):
         decision = self.command.decision
-        self.command.outcome.update(status="denied")
+        self.command.outcome.update(status=DENIED)
         self._finish()
         what = {b"exec": "command", b"shell": "shell", b"subsystem": "subsystem"}[request]
         message = "hoopgw denied this %s: %s" % (what, decision.reason)
@@ -333,7 +333,7 @@ class SessionChannel(_ClientSide):
     def _open_target(self, request, payload):
         target_conn = self.avatar.target
         if target_conn is None or target_conn.closed:
-            self.command.outcome.update(status="error", error="the target connection is gone")
+            self.command.outcome.update(status=ERROR, error="the target connection is gone")
             self._finish()
             return 0
         self.target = TargetChannel(self, b"session")
@@ -360,7 +360,7 @@ class SessionChannel(_ClientSide):
     def _target_started(self, _):
         if self.localClosed or self.remoteClosed:
             self.target.send_close()
-            self.command.outcome.update(status="interrupted", reason="the client left before the command started")
+            self.command.outcome.update(status=INTERRUPTED, reason="the client left before the command started")
             self._finish()
             return 0
         self.started = True
@@ -392,9 +392,9 @@ class SessionChannel(_ClientSide):
         if not failure.check(ConchError):
             self.log.failure("Starting a command on the target failed", failure)
         if self.localClosed or self.remoteClosed:
-            self.command.outcome.update(status="interrupted", reason="the client left before the command started")
+            self.command.outcome.update(status=INTERRUPTED, reason="the client left before the command started")
         else:
-            self.command.outcome.update(status="error", error=reason)
+            self.command.outcome.update(status=ERROR, error=reason)
         self._finish()
         if self.target is not None:
             self.target.send_close()
@@ -435,7 +435,7 @@ class SessionChannel(_ClientSide):
         if self.target is not None and not self.target.localClosed:
             self.target.send_close()
         if self.command is not None and not self.finished and not self._target_done:
-            self.command.outcome.update(status="interrupted", reason="the client closed the channel")
+            self.command.outcome.update(status=INTERRUPTED, reason="the client closed the channel")
         RelayChannel.closeReceived(self)
 
     def closed(self):
@@ -485,14 +485,14 @@ class SessionChannel(_ClientSide):
             reader = Reader(data)
             if name == b"exit-status":
                 code = reader.uint32()
-                outcome.update(status="exited", exit_status=code)
+                outcome.update(status=EXITED, exit_status=code)
                 data = struct.pack(">L", code)
             else:
                 signal = admission.client_text(reader.string()[:32])
                 core_dumped = reader.boolean()
                 message = admission.client_text(reader.string())
                 language = reader.string()[:32] if reader.remaining else b""
-                outcome.update(status="signalled", signal=signal, core_dumped=core_dumped)
+                outcome.update(status=SIGNALLED, signal=signal, core_dumped=core_dumped)
                 if message:
                     outcome["error"] = message[:200]
                 data = (
@@ -500,7 +500,7 @@ class SessionChannel(_ClientSide):
                     + string(language if language.isascii() else b"")
                 )
         except WireError:
-            outcome.update(status="exited", exit_status=None, error="the target sent a malformed %s" % (name.decode(),))
+            outcome.update(status=EXITED, exit_status=None, error="the target sent a malformed %s" % (name.decode(),))
             return
         self._queue(("request", (name, data)))
 
@@ -552,9 +552,6 @@ class SessionChannel(_ClientSide):
 
     def _chunk_done(self, _, chunk):
         self._busy = None
-        if chunk.masked or chunk.withheld:
-            outcome = self.command.outcome
-            outcome["masked"] = outcome.get("masked", 0) + chunk.masked + chunk.withheld
         self._emit(chunk.stream, chunk.data)
 
     def _chunk_failed(self, failure):
@@ -585,7 +582,7 @@ class SessionChannel(_ClientSide):
         self.log.error("Withholding a command's output: {problem}", problem=str(problem))
         self._withheld = True
         self._pipeline.clear()
-        self.command.outcome.update(status="withheld", error=str(problem))
+        self.command.outcome.update(status=WITHHELD, error=str(problem))
         if self.target is not None and not self.target.localClosed:
             self.target.send_close()
         self.send_stderr(("\r\nhoopgw withheld this command's output because %s\r\n" % (problem,)).encode("utf-8"))
@@ -628,7 +625,7 @@ class SessionChannel(_ClientSide):
     def sftp_broken(self, reason):
         self.log.warn("Closing an sftp channel: {reason}", reason=reason)
         if self.command is not None:
-            self.command.outcome.update(status="error", error=reason)
+            self.command.outcome.update(status=ERROR, error=reason)
         if self.target is not None and not self.target.localClosed:
             self.target.send_close()
         self.send_close()
@@ -639,7 +636,7 @@ class SessionChannel(_ClientSide):
     def internal_error(self, failure):
         self.log.failure("Internal error in an SSH channel", failure)
         if self.command is not None:
-            self.command.outcome.update(status="error", error="internal error: %s" % (failure.getErrorMessage(),))
+            self.command.outcome.update(status=ERROR, error="internal error: %s" % (failure.getErrorMessage(),))
         if self.target is not None and not self.target.localClosed:
             self.target.send_close()
         self.send_stderr(b"\r\nhoopgw failed internally and closed this channel; the failure is logged\r\n")
@@ -744,7 +741,7 @@ def open_forward(avatar, window, max_packet, data):
 
 def _forward_decided(decision, avatar, command, window, max_packet, data):
     if decision.denied:
-        command.outcome.update(status="denied")
+        command.outcome.update(status=DENIED)
         avatar.chain.finish(avatar.session, command)
         raise ChannelRefused(
             connection.OPEN_ADMINISTRATIVELY_PROHIBITED, "hoopgw denied this forward: %s" % (decision.reason,)
@@ -753,7 +750,7 @@ def _forward_decided(decision, avatar, command, window, max_packet, data):
     front.target = TargetChannel(front, b"direct-tcpip")
 
     def failed(reason):
-        command.outcome.update(status="error", error=reason)
+        command.outcome.update(status=ERROR, error=reason)
         avatar.chain.finish(avatar.session, command)
         raise ChannelRefused(connection.OPEN_CONNECT_FAILED, "the target could not open it: %s" % (reason,))
 

@@ -3,22 +3,25 @@ The SSH front end's server side: the listening factory with the
 gateway's host keys, one transport per client connection (with its own
 portal), the connection service that opens channels (also after a
 decision) and flow-controls them, and the avatar that owns a session and
-its connection to the target.
+its connection to the target, and the realm that makes that avatar once
+the gateway has logged in to the target.
 """
 
 import os
 import struct
 
 from twisted.conch import avatar as conch_avatar
+from twisted.conch.interfaces import IConchUser
 from twisted.conch.openssh_compat import primes
 from twisted.conch.ssh import common, connection, factory, transport
-from twisted.cred.portal import Portal
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from hoopgw import __version__, admission
-from hoopgw.model import Decision
-from hoopgw.ssh import auth, channels
+from hoopgw.model import DENIED, Decision
+from hoopgw.ssh import auth, channels, upstream
 from hoopgw.ssh.commands import refused_request
 from hoopgw.ssh.publickeys import generated_host_key, load_private_key
 from hoopgw.ssh.relay import FlowControl
@@ -157,7 +160,7 @@ class GatewayAvatar(conch_avatar.ConchUser):
         """
         rule = rule or command.facts.get("request", command.kind)
         command.decision = Decision.deny(reason, rule=rule, addon="gateway")
-        command.outcome.update(status="denied")
+        command.outcome.update(status=DENIED)
         self.chain.finish(self.session, command)
 
     def notify(self, text):
@@ -235,7 +238,7 @@ class GatewayServerTransport(transport.SSHServerTransport):
         self._abort = None
         self._counted = False
         self._grace = None
-        self.portal = Portal(auth.GatewayRealm(self), [auth.KeyChecker(self), auth.TokenChecker(self)])
+        self.portal = Portal(GatewayRealm(self), [auth.KeyChecker(self), auth.TokenChecker(self)])
         self.factory.fronts.add(self)
         transport.SSHServerTransport.connectionMade(self)
         limits = self.factory.admission
@@ -480,3 +483,50 @@ class SSHGatewayFactory(factory.SSHFactory):
         for front in list(self.fronts):
             front.disconnect("hoopgw is shutting down: %s" % (reason,))
         return defer.DeferredList([avatar.done for avatar in avatars], consumeErrors=True)
+
+
+@implementer(IRealm)
+class GatewayRealm:
+    """
+    Turns an admitted session into an avatar, once the gateway is logged
+    in to the target on the client's behalf.
+    """
+
+    log = Logger()
+
+    def __init__(self, front):
+        self.front = front
+
+    def requestAvatar(self, session, mind, *interfaces):
+        if IConchUser not in interfaces:
+            raise NotImplementedError("hoopgw only serves SSH")
+        front = self.front
+        factory = front.factory
+        login = session.attributes["login"]
+        proof = front.key_proof
+        if front.lost:
+            session.attributes["end_reason"] = "client disconnected"
+            return factory.chain.end_session(session).addCallback(lambda _: defer.fail(auth.Refused("disconnected")))
+        where = "connections.%s.target" % (factory.connection.name,)
+        connecting = upstream.connect(factory.reactor, factory.settings.target, login, where)
+
+        def connected(target):
+            avatar = GatewayAvatar(front, session, target, proof)
+            if front.lost:
+                avatar.end("client disconnected")
+                raise auth.Refused("disconnected")
+            return IConchUser, avatar, avatar.logout
+
+        def failed(failure):
+            failure.trap(upstream.TargetError)
+            self.log.warn(
+                "{connection}: the target is unavailable: {reason}",
+                connection=factory.connection.name,
+                reason=failure.getErrorMessage(),
+            )
+            session.attributes["end_reason"] = "target unavailable: %s" % (failure.getErrorMessage(),)
+            session.attributes["target_error"] = failure.value.reason
+            ending = factory.chain.end_session(session)
+            return ending.addBoth(lambda _: failure)
+
+        return connecting.addCallbacks(connected, failed)

@@ -14,6 +14,7 @@ import struct
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from hoopgw.model import DENIED, INTERRUPTED, OK
 from hoopgw.ssh.commands import sftp_command
 from hoopgw.ssh.publickeys import Reader, WireError, string
 
@@ -243,11 +244,11 @@ class SftpRelay:
     def _decided(self, decision, command, request_id, packet, kind):
         self.front.avatar.pending.discard(self.front)
         if self.closed:
-            command.outcome.update(status="interrupted", reason="the sftp session ended before it ran")
+            command.outcome.update(status=INTERRUPTED, reason="the sftp session ended before it ran")
             self.chain.finish(self.session, command)
             return
         if decision.denied:
-            command.outcome.update(status="denied")
+            command.outcome.update(status=DENIED)
             self.chain.finish(self.session, command)
             reason = "hoopgw denied this: %s" % (decision.reason,)
             self.front.send_data(status(request_id, FX_PERMISSION_DENIED, reason))
@@ -287,7 +288,7 @@ class SftpRelay:
         if kind == "close":
             state = self._handles.pop(value, None)
             if state is not None:
-                outcome = self._status_outcome(packet) if reply == STATUS else {"status": "ok"}
+                outcome = self._status_outcome(packet) if reply == STATUS else {"status": OK}
                 outcome.update(bytes_read=state.read, bytes_written=state.written)
                 state.command.outcome.update(outcome)
                 self.chain.finish(self.session, state.command)
@@ -296,14 +297,14 @@ class SftpRelay:
         if kind == "open" and reply == HANDLE:
             self._handles[Reader(packet, 9).string()] = _Handle(command)
             return
-        command.outcome.update(self._status_outcome(packet) if reply == STATUS else {"status": "ok"})
+        command.outcome.update(self._status_outcome(packet) if reply == STATUS else {"status": OK})
         self.chain.finish(self.session, command)
 
     @staticmethod
     def _status_outcome(packet):
         reader = Reader(packet, 9)
         code = reader.uint32()
-        outcome = {"status": "ok" if code == FX_OK else "error", "code": STATUS_NAMES.get(code, str(code))}
+        outcome = {"status": OK if code == FX_OK else "error", "code": STATUS_NAMES.get(code, str(code))}
         if code != FX_OK and reader.remaining >= 4:
             outcome["message"] = reader.string().decode("utf-8", "replace")[:200]
         return outcome
@@ -320,12 +321,12 @@ class SftpRelay:
             self._waiting.cancel()
         for state in self._handles.values():
             state.command.outcome.update(
-                status="interrupted", reason=reason, bytes_read=state.read, bytes_written=state.written
+                status=INTERRUPTED, reason=reason, bytes_read=state.read, bytes_written=state.written
             )
             self.chain.finish(self.session, state.command)
         self._handles.clear()
         for kind, value in self._requests.values():
             if kind in ("open", "command"):
-                value.outcome.update(status="interrupted", reason=reason)
+                value.outcome.update(status=INTERRUPTED, reason=reason)
                 self.chain.finish(self.session, value)
         self._requests.clear()

@@ -2,7 +2,10 @@
 The evidence store: append-only, hash-chained events.
 """
 
-from hoopgw.store.file import FileStore, StoreError
+from twisted.logger import Logger
+
+from hoopgw.store.file import FileStore
+from hoopgw.store.errors import StoreError
 
 
 def open_store(config, reactor):
@@ -20,17 +23,21 @@ def open_store(config, reactor):
                 "export bundles on a schedule (hoopgw export) and archive them instead"
             )
         store = PostgresStore(
-            config.postgres, reactor, low_water=config.low_water, low_water_percent=config.low_water_percent,
+            config.postgres, reactor, durability=config.durability, low_water=config.low_water, low_water_percent=config.low_water_percent,
             space_check_interval=config.space_check_interval,
         )
     else:
         store = FileStore(
-            config.path, reactor, fsync=config.fsync, segment_bytes=config.segment_bytes, sync_process=config.sync_process,
+            config.path, reactor, durability=config.durability, sync_interval=config.sync_interval,
+            segment_bytes=config.segment_bytes, sync_process=config.sync_process,
             low_water=config.low_water, low_water_percent=config.low_water_percent, reserve=config.reserve,
             space_check_interval=config.space_check_interval,
         )
         if config.retention is not None:
             store.use_retention(config.retention)
+    if not config.fsync:
+        Logger().warn("gateway.store.fsync: false is deprecated; it is read as durability: write-ahead "
+                      "(see docs/performance.rst)")
     store.open()
     return store
 

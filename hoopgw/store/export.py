@@ -18,7 +18,7 @@ import time
 
 from hoopgw import __version__, cards
 from hoopgw.cast import committed
-from hoopgw.replay.index import Index, to_epoch
+from hoopgw.store.index import Index, to_epoch
 from hoopgw.store import events as chaining
 from hoopgw.store.sources import BUNDLE_FORMAT
 

@@ -12,7 +12,8 @@ checkpoints, exactly as the file store does in a folder.
   the lock, so sequence numbers and links never fork.
 - Write-ahead, group-committed: appends that arrive while a batch commits
   go together in the next one, and an append's Deferred fires only once its
-  transaction has committed (synchronous_commit on).
+  transaction has committed (synchronous_commit on; off with durability
+  write-ahead: committed in the server, its WAL flushed moments later).
 - Each running gateway holds a session-level advisory lock named after its
   instance, taken in the transaction that records its start: a gateway
   whose start has no stop and whose lock is free has crashed, which the
@@ -68,7 +69,7 @@ from hoopgw.store.checkpoints import (
     ChainState,
     CheckpointSchedule,
 )
-from hoopgw.store.file import StoreError
+from hoopgw.store.errors import SourceError, StoreError
 
 # The advisory lock namespace (pg_advisory_lock(int, int)'s first key):
 # "hoop" in ASCII.  Object 0 serialises appends; other objects are gateways.
@@ -130,7 +131,10 @@ def gateway_lock(instance):
 
 def schema_sql(schema):
     """
-    The DDL of the store, idempotent.
+    The DDL of the store, idempotent.  C{used_tokens} (JWT replay
+    protection) and C{peering} (the key of cancel requests between
+    replicas) are what replicas share besides the record (hoopgw.replicas):
+    not evidence, so not append-only, and not for auditors.
     """
     return """
 CREATE SCHEMA IF NOT EXISTS {s};
@@ -154,6 +158,16 @@ CREATE TABLE IF NOT EXISTS {s}.keys (
     key_id text PRIMARY KEY,
     public_key text NOT NULL,
     created timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {s}.used_tokens (
+    token text PRIMARY KEY,
+    expires double precision NOT NULL,
+    gateway text
+);
+CREATE INDEX IF NOT EXISTS used_tokens_expires ON {s}.used_tokens (expires);
+CREATE TABLE IF NOT EXISTS {s}.peering (
+    id integer PRIMARY KEY CHECK (id = 1),
+    key bytea NOT NULL
 );
 CREATE OR REPLACE FUNCTION {s}.refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -202,19 +216,26 @@ def prepare_schema(config):
 # What the gateway's role needs on each table of a schema another role
 # owns (the approvals index is updated as requests are decided), and what
 # an auditor's role needs to verify and read the record.
-GATEWAY_PRIVILEGES = {"events": "SELECT, INSERT", "attachments": "SELECT, INSERT", "keys": "SELECT, INSERT"}
+GATEWAY_PRIVILEGES = {
+    "events": "SELECT, INSERT",
+    "attachments": "SELECT, INSERT",
+    "keys": "SELECT, INSERT",
+    "used_tokens": "SELECT, INSERT, UPDATE, DELETE",
+    "peering": "SELECT, INSERT",
+}
 APPROVALS_PRIVILEGES = {"approvals": "SELECT, INSERT, UPDATE"}
 AUDITOR_TABLES = ("events", "attachments", "keys", "approvals")
 
 
-def least_privilege_sql(schema, gateway_role, auditor_roles=()):
+def least_privilege_sql(schema, gateway_role, auditor_roles=(), extra_ddl=()):
     """
-    The DDL of the whole store (events, attachments, keys, the approvals
-    index) for the role that owns it to run, and the grants that let
-    C{gateway_role} write the record and C{auditor_roles} only read it.
-    """
-    from hoopgw.approvals.shared import schema_sql as approvals_sql
+    The DDL of the whole store for the role that owns it to run, and the
+    grants that let C{gateway_role} write the record and C{auditor_roles}
+    only read it.
 
+    @param extra_ddl: the DDL of what the store's users keep in its schema
+        (the approvals index), run after the store's own.
+    """
     quoted = _identifier(gateway_role)
     grants = ["GRANT USAGE ON SCHEMA {s} TO %s;" % (quoted,)]
     for table, privileges in sorted({**GATEWAY_PRIVILEGES, **APPROVALS_PRIVILEGES}.items()):
@@ -223,7 +244,7 @@ def least_privilege_sql(schema, gateway_role, auditor_roles=()):
         quoted = _identifier(auditor)
         grants.append("GRANT USAGE ON SCHEMA {s} TO %s;" % (quoted,))
         grants.append("GRANT SELECT ON %s TO %s;" % (", ".join("{s}." + table for table in AUDITOR_TABLES), quoted))
-    return schema_sql(schema) + approvals_sql(schema) + "\n".join(grants).format(s=schema) + "\n"
+    return schema_sql(schema) + "".join(extra_ddl) + "\n".join(grants).format(s=schema) + "\n"
 
 
 def _identifier(name):
@@ -298,8 +319,13 @@ class PostgresStore:
 
     log = Logger()
 
-    def __init__(self, config, reactor, low_water=256 * 1024 * 1024, low_water_percent=5.0, space_check_interval=5.0):
+    def __init__(self, config, reactor, low_water=256 * 1024 * 1024, low_water_percent=5.0, space_check_interval=5.0,
+                 durability="write-ahead-fsync"):
         self.config = config
+        # write-ahead: a batch's commit returns once PostgreSQL holds it,
+        # before its WAL is flushed (synchronous_commit off; the server's
+        # WAL writer flushes it within 3 x wal_writer_delay).
+        self.durability = durability
         self._reactor = reactor
         self._table = config.schema + ".events"
         self._connection = None
@@ -419,7 +445,8 @@ class PostgresStore:
                 # only once it holds the lock): read committed, whatever the
                 # database's default.
                 return connection.runOperation(
-                    "SET synchronous_commit = on; SET default_transaction_isolation = 'read committed'"
+                    "SET synchronous_commit = %s; SET default_transaction_isolation = 'read committed'"
+                    % ("off" if self.durability == "write-ahead" else "on",)
                 ).addCallback(lambda _: connection)
 
             def failed(failure):
@@ -920,8 +947,6 @@ class PostgresSource:
     anchor = None
 
     def __init__(self, dsn, schema=None, password=None):
-        from hoopgw.store.sources import SourceError
-
         self.dsn = dsn
         self.name = _without_password(dsn)
         self.schema = schema

@@ -13,14 +13,9 @@ import os
 import tarfile
 
 from hoopgw.store import file as filestore
+from hoopgw.store.errors import SourceError
 
 VIEWS = "views"
-
-
-class SourceError(Exception):
-    """
-    The record cannot be read; the message says what to do.
-    """
 
 
 class FileSource:

@@ -10,7 +10,6 @@ import re
 
 from twisted.internet import defer
 
-from hoopgw import options as o
 from hoopgw.options import ConfigError
 
 # What a store says of itself (L{FileStore.state}, L{PostgresStore.state}),

@@ -19,11 +19,11 @@ import os
 import attr
 
 from hoopgw import cast as casts
-from hoopgw.approvals.evidence import ApprovalsCheck, ApprovalsProblem
 from hoopgw.store import events as chaining
 from hoopgw.store.checkpoints import GATEWAY_RECOVERED, GATEWAY_START, GATEWAY_STOP, STORE_RECONNECTED
 from hoopgw.store.signing import SigningKeyError, Verifier
-from hoopgw.store.sources import SourceError, open_source
+from hoopgw.store.sources import open_source
+from hoopgw.store.errors import SourceError
 
 
 # The short names of problems, for programs (and tests) that act on them.
@@ -39,10 +39,19 @@ UNENDED = "unended"
 CAST_MISSING = "cast-missing"
 CAST_EDITED = "cast-edited"
 UNREADABLE = "unreadable"
-APPROVAL = "approval"
 TORN = "torn"
 TRUNCATED = "truncated"
 WITNESS = "witness"
+
+
+class CheckFailed(Exception):
+    """
+    Raised by a check given to the walk (C{checks=}) at the first event
+    its rules do not allow; C{kind} is the problem's short name, C{str()}
+    says which and where.
+    """
+
+    kind = "check"
 
 
 class Problem(Exception):
@@ -78,7 +87,8 @@ class Report:
     casts = attr.ib(default=0)
     notes = attr.ib(factory=list)
     views = attr.ib(default=None)
-    approvals = attr.ib(default=None)
+    # One line from each check given to the walk that had something to say.
+    findings = attr.ib(factory=list)
     # Sessions by how they ended: their own session.end, the recorded
     # crash of their run (by run), a store outage (store.reconnected).
     sessions_ended = attr.ib(default=0)
@@ -109,8 +119,8 @@ class Report:
                 ", ".join(sorted(self.key_ids)),
             )
         text += "\n  sessions: %s; asciicasts checked: %d" % (self._sessions_summary(), self.casts)
-        if self.approvals:
-            text += "\n  " + self.approvals
+        for finding in self.findings:
+            text += "\n  " + finding
         for note in self.notes:
             text += "\n  note: %s" % (note,)
         if self.views is not None:
@@ -196,8 +206,12 @@ class _Walk:
     One pass over a chain.
     """
 
-    def __init__(self, source, trusted_key=None, heads=()):
+    def __init__(self, source, trusted_key=None, heads=(), checks=()):
         self.source = source
+        # What the record must prove beyond its chain (approvals ...): each
+        # made with whole=, fed every event, asked for a summary at the end.
+        self.check_factories = tuple(checks)
+        self.checks = None
         # Heads the record must still hold: seq -> [(hash, who says so)].
         self.heads = {}
         for seq, digest, label in heads:
@@ -222,7 +236,6 @@ class _Walk:
         self.purged = None
         self.start_gap = None
         self.from_genesis = False
-        self.approvals = None
 
     def _learn_key(self, pem, where):
         try:
@@ -276,12 +289,13 @@ class _Walk:
         elif self.counts is not None:
             self.counts[kind] = self.counts.get(kind, 0) + 1
         self._lifecycle(kind, event, where)
-        if self.approvals is None:
-            self.approvals = ApprovalsCheck(whole=self.from_genesis)
-        try:
-            self.approvals.see(event)
-        except ApprovalsProblem as problem:
-            raise Problem(APPROVAL, "%s (%s)" % (problem, where))
+        if self.checks is None:
+            self.checks = [factory(whole=self.from_genesis) for factory in self.check_factories]
+        for check in self.checks:
+            try:
+                check.see(event)
+            except CheckFailed as problem:
+                raise Problem(problem.kind, "%s (%s)" % (problem, where))
         report.head = event["hash"]
         report.last_seq = seq
         report.events += 1
@@ -447,8 +461,10 @@ class _Walk:
 
     def _finish(self):
         report = self.report
-        if self.approvals is not None:
-            report.approvals = self.approvals.summary()
+        for check in self.checks or ():
+            finding = check.summary()
+            if finding:
+                report.findings.append(finding)
         live = self.source.live()
         running = self.source.running_gateways()
         if self.torn is not None:
@@ -621,7 +637,7 @@ def _describe_difference(signed, counted):
     )
 
 
-def verify_source(source, key=None, heads=()):
+def verify_source(source, key=None, heads=(), checks=()):
     """
     Verify a record (and the chain of its views, if it has one).
 
@@ -629,16 +645,20 @@ def verify_source(source, key=None, heads=()):
         published with the record.
     @param heads: C{(seq, hash, who says so)} the record must still hold
         (L{parse_head}, L{read_witness}).
+    @param checks: what else the record must prove, as factories called
+        with C{whole} (the walk starts at the genesis) that make an object
+        with C{see(event)}, raising L{CheckFailed}, and C{summary()}, one
+        line or None (L{hoopgw.approvals.evidence.ApprovalsCheck}).
     @return: a L{Report}.
     """
-    report = _Walk(source, key, heads).run()
+    report = _Walk(source, key, heads, checks).run()
     views = source.views()
     if views is not None:
         report.views = _Walk(views, None).run()
     return report
 
 
-def verify(spec, key_path=None, expect_head=None, witness=None):
+def verify(spec, key_path=None, expect_head=None, witness=None, checks=()):
     """
     Verify the record named by C{spec}: a store folder, an evidence bundle
     or a PostgreSQL store.
@@ -660,13 +680,13 @@ def verify(spec, key_path=None, expect_head=None, witness=None):
         return Report(problem=str(error), kind=UNREADABLE)
     except Problem as problem:
         return Report(problem=problem.message, kind=problem.kind)
-    return verify_source(source, key, heads)
+    return verify_source(source, key, heads, checks)
 
 
-def verify_store(directory, key_path=None, expect_head=None, witness=None):
+def verify_store(directory, key_path=None, expect_head=None, witness=None, checks=()):
     """
     Verify the file store in C{directory}.
     """
     if not os.path.isdir(directory):
         return Report(problem="%s is not a store folder" % (directory,), kind=UNREADABLE)
-    return verify(directory, key_path, expect_head=expect_head, witness=witness)
+    return verify(directory, key_path, expect_head=expect_head, witness=witness, checks=checks)

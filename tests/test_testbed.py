@@ -1,5 +1,5 @@
 """
-Tests for L{hoopgw.throwaway}: a real PostgreSQL cluster, started once for
+Tests for L{testbed.throwaway}: a real PostgreSQL cluster, started once for
 the module, with TLS and the three password methods.
 """
 
@@ -11,8 +11,8 @@ import stat
 import psycopg2
 from twisted.trial import unittest
 
-from hoopgw import pki
-from hoopgw.throwaway import (
+from testbed import pki
+from testbed.throwaway import (
     MD5_USER,
     TRUST_USER,
     PostgresCluster,

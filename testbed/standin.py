@@ -777,7 +777,7 @@ class _ExecSession:
 
 def main(argv=None):
     """
-    Run the stand-in on its own: C{python -m hoopgw.kubernetes.standin
+    Run the stand-in on its own: C{python -m testbed.standin
     --port P --certificate C --key K --token-file F [--configmap NAME=KEY=VALUE]}.
     """
     import argparse
