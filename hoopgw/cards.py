@@ -127,6 +127,20 @@ def mask_text(text, style=BIN_AND_LAST_FOUR):
 
     @return: C{(masked text, number of PANs masked)}.
     """
+    masked, count = _mask_text_once(text, style)
+    # Hiding digits can leave digits that touched them standing alone as a
+    # card number ("5555-5555-5555-44444111 1111 1111 1111" leaves "4111
+    # 1111 1111 1111" after the stars), which a scan of the record would
+    # find: mask again until nothing changes.  Each pass hides digits, so
+    # this ends.  (Rows and streams to the client keep the one pass: there
+    # the rule is the original text's, where those digits touched others.)
+    again = count
+    while again:
+        masked, again = _mask_text_once(masked, style)
+    return masked, count
+
+
+def _mask_text_once(text, style):
     if not _RUN_TEXT.search(text):
         return text, 0
     keep_front = _keep_front(style)

@@ -46,10 +46,6 @@ _INT32 = struct.Struct("!i")
 _UINT32 = struct.Struct("!I")
 _SEPARATORS = (32, 45)
 
-# Error and notice fields that are the server's own words, never data.
-_PLAIN_FIELDS = frozenset(
-    {"severity", "severity_nonlocalized", "code", "file", "line", "routine", "position", "internal_position", "process_id"}
-)
 _FAILING_ROW = re.compile(r"^Failing row contains \(.*\)\.?$", re.S)
 _KEY_DETAIL = re.compile(r"^Key \((?P<columns>.*?)\)=\((?P<values>.*)\)(?P<rest>[^)]*)$", re.S)
 
@@ -450,7 +446,10 @@ class Masker:
         """
         count = 0
         for name, value in list(fields.items()):
-            if name in _PLAIN_FIELDS or not isinstance(value, str):
+            # Every field, the "server's own words" too (severity, code,
+            # routine...): a hostile target puts anything in any of them,
+            # or runs a field into the next by a missing NUL.
+            if not isinstance(value, str):
                 continue
             if name == "detail" and sensitive_columns and (self.columns or self.detail_names):
                 value, replaced = self._detail(value)

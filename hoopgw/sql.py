@@ -7,6 +7,8 @@ import re
 
 from pglast import parser
 
+from hoopgw import redact
+
 _FIRST_WORD = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/|\()*([A-Za-z_]+)", re.S)
 
 
@@ -37,4 +39,7 @@ def split_statements(sql):
     try:
         return list(parser.split(sql)), None
     except Exception as error:
-        return [sql], str(error)
+        # The error quotes the statement near where it failed: free text
+        # from the client, redacted as the statement is before any record.
+        text, _ = redact.redact_text(str(error))
+        return [sql], text

@@ -21,6 +21,8 @@ import attr
 import orjson
 from pglast import parser
 
+from hoopgw import redact
+
 
 
 CACHE_SIZE = 4096
@@ -88,7 +90,10 @@ class Classification:
         for name in ("object_types", "tables", "writes", "functions"):
             value = getattr(self, name)
             if value:
-                result[name] = sorted(value)
+                # Names come from the client's text: a quoted identifier
+                # may be a card number ("cards5105...").  Rules match the
+                # names themselves, not this.
+                result[name] = sorted(redact.redact_text(item)[0] for item in value)
         if self.without_where:
             result["without_where"] = True
         return result
@@ -840,7 +845,11 @@ def _classify(sql):
 
 
 def _parse_error(error):
-    return str(error) or type(error).__name__
+    # The parser quotes the statement near the error ("syntax error at or
+    # near '4111...'"), and this text goes into denials, the record and the
+    # client's error: it is free text from the client like the statement.
+    text, _ = redact.redact_text(str(error) or type(error).__name__)
+    return text
 
 
 def facts_of(session, command):

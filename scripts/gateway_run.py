@@ -46,8 +46,12 @@ class GatewayRun:
     @ivar token: a valid token for the C{bench-bot} identity.
     """
 
-    def __init__(self, connection_settings=None, gateway_settings=None, tls=False):
+    def __init__(self, connection_settings=None, gateway_settings=None, tls=False, extra_connections=None):
         self.tls = tls
+        # More listeners, by name: each a connection's settings (its
+        # "listen" and "target" included); their ports go in self.ports.
+        self.extra_connections = extra_connections or {}
+        self.ports = {}
         self.directory = tempfile.mkdtemp(prefix="hoopgw-run-")
         self.connection_settings = connection_settings or {}
         self.gateway_settings = gateway_settings or {}
@@ -109,6 +113,12 @@ class GatewayRun:
             },
             "connections": {"bench": connection},
         }
+        for name, settings in self.extra_connections.items():
+            self.ports[name] = free_port()
+            extra = {"protocol": "postgres", "listen": "tcp:%d:interface=127.0.0.1" % (self.ports[name],),
+                     "allowed_groups": ["bench"]}
+            extra.update(settings)
+            config["connections"][name] = extra
         path = os.path.join(self.directory, "hoopgw.yaml")
         with open(path, "w") as handle:
             yaml.safe_dump(config, handle)
@@ -121,6 +131,8 @@ class GatewayRun:
             env=dict(os.environ, PYTHONPATH=ROOT),
         )
         wait_for_port(self.port)
+        for port in self.ports.values():
+            wait_for_port(port)
         with open(key_path, "rb") as handle:
             self.token = dev.mint(handle.read(), "bench-bot", "https://issuer.bench", "hoopgw-bench", ["bench"], lifetime=3600)
 

@@ -124,7 +124,8 @@ class Record:
             room = self._rows - len(sample["rows"])
             if room > 0:
                 if not sample.get("columns"):
-                    sample["columns"] = list(chunk.columns)
+                    # A column's name may be a card number (an alias).
+                    sample["columns"] = [cards.mask_text(name)[0] for name in chunk.columns]
                 binary = [index < len(chunk.formats) and chunk.formats[index] == 1 for index in range(len(chunk.columns))]
                 for row in chunk.rows[:room]:
                     sample["rows"].append(

@@ -182,16 +182,24 @@ class PostgresFrontend(protocol.Protocol):
         while end - position >= 5:
             length = wire.unpack_int32(buffer, position + 1)
             if length < 4 or length > maximum:
+                # A length under 4 does not even cover the length field:
+                # a framing error, not a message too large.
+                short = length < 4
                 if self._state == _PASSWORD:
                     self.startup.refuse(
                         StartupError(
                             "08P01",
                             "postgres:password-length",
-                            "a password message of %d bytes is larger than the gateway accepts before login" % (length,),
+                            ("a password message's length field says %d bytes, less than its own 4" if short else
+                             "a password message of %d bytes is larger than the gateway accepts before login")
+                            % (length,),
                         )
                     )
                     return
-                self._protocol_error("a message of %d bytes is larger than the gateway accepts" % (length,), "54000")
+                if short:
+                    self._protocol_error("a message's length field says %d bytes, less than its own 4" % (length,))
+                else:
+                    self._protocol_error("a message of %d bytes is larger than the gateway accepts" % (length,), "54000")
                 return
             stop = position + 1 + length
             if stop > end:

@@ -9,7 +9,7 @@ import struct
 
 from twisted.logger import Logger
 
-from hoopgw import redact
+from hoopgw import cards, redact
 from hoopgw.chain import ChainBroken
 from hoopgw.model import ERROR, NOT_RUN, OK, SUSPENDED, ResultChunk
 from hoopgw.postgres import backend, wire
@@ -345,6 +345,12 @@ class TargetReplies:
         # Columns matter to result hooks, to prepared statements'
         # descriptions, and to checking the rows that follow.
         columns = backend.row_description(payload)
+        if self.frontend._result_hooks and cards.might_hold_pan(payload):
+            # A column's name is the client's alias or the target's
+            # catalog: either may be a card number ("AS x6011...").
+            payload = _mask_column_names(payload)
+            raw = raw[:5] + payload
+            columns = backend.row_description(payload)
         self._columns = columns
         head = self._head
         if head is not None and head.kind == "describe":
@@ -435,12 +441,14 @@ class TargetReplies:
 
     def _function_result(self, kind, payload, raw, out):
         head = self._head
-        command = None
-        if head is not None and head.kind == "function":
-            command = head.command
-            command.outcome.update(status=OK)
-            self.chain.finish(self.frontend.session, command)
-            head.index += 1
+        if head is None or head.kind != "function" or head.command is None:
+            # A FunctionCall is answered once; a second answer, or one
+            # to nothing, is not PostgreSQL's.
+            raise backend.MalformedTarget(kind, "that answers no FunctionCall")
+        command = head.command
+        command.outcome.update(status=OK)
+        self.chain.finish(self.frontend.session, command)
+        head.index += 1
         if not self.frontend._result_hooks:
             out.append(raw)
             return None
@@ -555,3 +563,17 @@ def send(transport, pieces):
     aggregator = getattr(getattr(transport, "protocol", None), "_aggregator", None)
     if aggregator is not None:
         aggregator.flush()
+
+
+def _mask_column_names(payload):
+    """
+    A checked RowDescription's payload with card numbers in its column
+    names masked (same length: the framing does not change).
+    """
+    masked = bytearray(payload)
+    offset = 2
+    for _ in range(struct.unpack_from("!H", payload, 0)[0]):
+        end = payload.index(b"\x00", offset)
+        masked[offset:end] = cards.mask_bytes(payload[offset:end])[0]
+        offset = end + 19
+    return bytes(masked)

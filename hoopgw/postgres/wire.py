@@ -201,8 +201,13 @@ def ready_for_query(status):
 
 
 def _fields(fields):
+    # A field of a type PostgreSQL does not define (parse_fields keeps its
+    # code as its name) is left out: clients ignore such fields anyway, and
+    # a target's code may be any byte.
     payload = b"".join(
-        FIELD_CODES[name].encode("ascii") + cstring(value) for name, value in fields.items() if value is not None
+        FIELD_CODES[name].encode("ascii") + cstring(value)
+        for name, value in fields.items()
+        if value is not None and name in FIELD_CODES
     )
     return payload + b"\x00"
 
