@@ -294,7 +294,8 @@ class ReadinessTests(unittest.TestCase):
         self.addCleanup(shared.superuser, "ALTER ROLE audit_writer LOGIN")
         yield support.in_thread(
             shared.superuser,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'audit_writer' AND datname = 'audit'",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            ("hoopgw-store:" + settings["postgres"]["schema"],),
         )
         for _ in range(200):
             code, body = yield gateway.get("/readyz")

@@ -317,7 +317,8 @@ class OutageTests(unittest.TestCase):
         self.addCleanup(self.set_login, True)
         yield in_thread(
             superuser,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'audit_writer' AND datname = 'audit'",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            ("hoopgw-store:" + settings["postgres"]["schema"],),
         )
         error = yield in_thread(_query_error, kept, "SELECT 2")
         self.assertIn("store", error)

@@ -753,7 +753,8 @@ class SharedReplayCacheTests(unittest.TestCase):
         self.addCleanup(superuser, "ALTER ROLE audit_writer LOGIN")
         yield in_thread(
             superuser,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'audit_writer' AND datname = 'audit'",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            ("hoopgw-store:" + store.config.schema,),
         )
         for _ in range(300):
             if store.outage is not None:

@@ -194,6 +194,10 @@ CREATE OR REPLACE TRIGGER append_only_truncate BEFORE TRUNCATE ON {s}.keys
 
 def _connect_arguments(config):
     arguments = {"dsn": config.dsn}
+    if "application_name" not in config.dsn:
+        # What the database's operators see in pg_stat_activity: whose
+        # connections these are, and to which store.
+        arguments["application_name"] = ("hoopgw-store:%s" % (config.schema,))[:63]
     if config.password is not None:
         arguments["password"] = config.password.read_text()
     return arguments
