@@ -103,6 +103,15 @@ def mask_bytes(data, style=BIN_AND_LAST_FOUR):
 
     @return: C{(masked bytes, number of PANs masked)}.
     """
+    masked, count = _mask_bytes_once(data, style)
+    # As in mask_text: what the stars left standing alone is masked too.
+    again = count
+    while again:
+        masked, again = _mask_bytes_once(masked, style)
+    return masked, count
+
+
+def _mask_bytes_once(data, style):
     keep_front = _keep_front(style)
     out = None
     count = 0
@@ -132,8 +141,7 @@ def mask_text(text, style=BIN_AND_LAST_FOUR):
     # card number ("5555-5555-5555-44444111 1111 1111 1111" leaves "4111
     # 1111 1111 1111" after the stars), which a scan of the record would
     # find: mask again until nothing changes.  Each pass hides digits, so
-    # this ends.  (Rows and streams to the client keep the one pass: there
-    # the rule is the original text's, where those digits touched others.)
+    # this ends.
     again = count
     while again:
         masked, again = _mask_text_once(masked, style)

@@ -103,7 +103,8 @@ class Masker:
         out = bytearray(data)
         for position in hidden:
             out[position] = 42
-        return bytes(out), count
+        # What the stars left standing alone (see rows_in_place).
+        return cards.mask_bytes(bytes(out), self.style)[0], count
 
     def _positions(self, data, cut, final):
         """
@@ -199,6 +200,19 @@ class Masker:
             of C{(start, end)} pieces that do.
         @return: C{(new data or None, count)}.
         """
+        masked, count = self._rows_in_place_once(data, locate)
+        again = count
+        while again:
+            # Stars can leave digits that touched a hidden card number
+            # standing alone as one ("5555-5555-55**-****4111 1111 1111
+            # 1111"): mask again until nothing changes.  Each pass hides
+            # digits, so this ends; it costs only batches that held one.
+            more, again = self._rows_in_place_once(masked, locate)
+            if more is not None:
+                masked = more
+        return masked, count
+
+    def _rows_in_place_once(self, data, locate):
         if len(data) >= VECTOR_THRESHOLD:
             return self._rows_in_place_large(data, locate)
         plain = data.translate(_REGIONS)

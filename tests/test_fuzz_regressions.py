@@ -215,6 +215,41 @@ class MaskAgainTests(unittest.SynchronousTestCase):
         self.assertEqual(cards.mask_text(masked), (masked, 0))
 
 
+class TailLeftStandingToClientTests(HostileTargetCase):
+    """
+    The same in what reaches the client: rows in small and large batches,
+    and text the target sends outside rows.
+    """
+
+    def setUp(self):
+        self.start(HostileTargetFactory())
+
+    @defer.inlineCallbacks
+    def test_rows_masked_again(self):
+        """
+        A value holding a card number run into a longer digit group, then
+        a card number: no card number stands in the client's bytes, in a
+        one-row answer (plain byte scan) and in one of many rows (the
+        vectorised scan).
+        """
+        text = "5555-5555-5555-44444111 1111 1111 1111"
+        self.factory.replies["SELECT one"] = result(data_row(text))
+        self.factory.replies["SELECT many"] = result(*[data_row("row %04d filler" % (i,)) for i in range(300)] + [data_row(text)])
+
+        def run(sql):
+            client = self.client()
+            client.startup()
+            return client.query(sql)
+
+        for sql in ("SELECT one", "SELECT many"):
+            messages = yield in_thread(run, sql)
+            rows = [payload for kind, payload in messages if kind == b"D"]
+            received = b"".join(rows).decode("latin-1")
+            masked, count = cards.mask_text(received)
+            self.assertEqual(count, 0, "%s: a card number reached the client: %r" % (sql, rows[-1]))
+            self.assertIn("4111", received)
+
+
 class ColumnNameTests(HostileTargetCase):
     """
     A column's name is a text like any other the target sends.
