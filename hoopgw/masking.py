@@ -706,6 +706,15 @@ class StreamMasker:
         cut = len(data) if final else _tail_start(data)
         hide, count = self.masker._positions(data, cut, final)
         hide.update(self.forced)
+        more = hide
+        while more:
+            # What the stars leave standing alone as a card number is one
+            # too (see Masker.rows_in_place): read the starred bytes again.
+            starred = bytearray(data)
+            for position in hide:
+                starred[position] = 42
+            more = self.masker._positions(bytes(starred), cut, final)[0] - hide
+            hide |= more
         # What is held back is kept as it came, to be read again with what
         # follows; positions already decided stay hidden.
         self.held = data[cut:]
