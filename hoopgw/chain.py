@@ -216,6 +216,15 @@ class AddonChain:
         """
         return bool(self._hooks[hook])
 
+    def reads(self, facts):
+        """
+        Whether any addon reads C{facts} (an addon says so in its C{reads}
+        attribute, e.g. C{("sql",)}): a front end may skip working them out
+        (parsing a statement) when none does; an addon that did not say so
+        and asks anyway gets them worked out then.
+        """
+        return any(facts in getattr(addon, "reads", ()) for _, addon in self.addons)
+
     def _check_groups(self, session, state):
         """
         Once an addon has said who the client is, the connection's allowed

@@ -857,9 +857,10 @@ def facts_of(session, command):
     The classification of the SQL C{command}, made once and kept on the
     command (in C{metadata["sql"]}), its facts added to C{command.facts}
     so the record shows what the rules matched.  The PostgreSQL front end
-    classifies every statement as it makes it
-    (L{hoopgw.postgres.commands}); a command built without its session
-    (a test's) is classified when an addon first asks.  Statements it
+    classifies every statement as it makes it (L{hoopgw.postgres.commands})
+    when an addon of the chain reads the classification (its C{reads}
+    names C{"sql"}); otherwise, or for a command built without its session
+    (a test's), it is classified when an addon first asks.  Statements it
     names for later (PREPARE, DECLARE) are remembered for the session, and
     what an EXECUTE or FETCH runs is folded in.
     """

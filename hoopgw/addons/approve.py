@@ -55,6 +55,8 @@ class Approve:
     """
 
     name = "approve"
+    # The statement classification (hoopgw.sqlfacts) the front end makes.
+    reads = ("sql",)
     log = Logger()
     options = (
         o.Option(

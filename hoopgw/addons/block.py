@@ -152,6 +152,8 @@ class Block:
     """
 
     name = "block"
+    # The statement classification (hoopgw.sqlfacts) the front end makes.
+    reads = ("sql",)
     log = Logger()
     options = (
         o.Option(

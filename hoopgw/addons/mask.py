@@ -34,6 +34,8 @@ class Mask:
     """
 
     name = "mask"
+    # The statement classification (hoopgw.sqlfacts) the front end makes.
+    reads = ("sql",)
     log = Logger()
     options = (
         o.Option(

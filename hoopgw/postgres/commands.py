@@ -32,9 +32,10 @@ def sql_command(sql, protocol="simple", session=None, parse_error=None, paramete
     @param parameters: the bind parameters (C{bytes} or None each).
     @param formats: the parameters' format codes (0 text, 1 binary), as
         the Bind message gives them.
-    @param classify: classify now (the front end); a command made without
-        its session (a test's) is classified when an addon first asks,
-        with that addon's session (L{hoopgw.sqlfacts.facts_of}).
+    @param classify: classify now (the front end, when an addon of the
+        chain reads the classification); otherwise it is made when an
+        addon first asks, with that addon's session
+        (L{hoopgw.sqlfacts.facts_of}).
     """
     redacted, _ = redact.redact_sql(sql)
     facts = {"statement_type": statement_type(sql), "protocol": protocol}

@@ -106,6 +106,9 @@ class PostgresFrontend(protocol.Protocol):
         self._statements = {}
         self._portals = {}
         self._result_hooks = self.chain.has("result_received")
+        # Parse each statement only for a chain whose addons read what it
+        # says (block, approve, mask): identity and record alone need not.
+        self._classify = self.chain.reads("sql")
         self.replies = TargetReplies(self, lambda: self._state == _CLOSED)
         # How many bytes the client's next message needs to be whole.
         self._client_needed = 5
@@ -364,7 +367,7 @@ class PostgresFrontend(protocol.Protocol):
         self._expected.append(pending)
 
     def _new_command(self, sql, protocol_name, parse_error=None, parameters=(), formats=()):
-        return sql_command(sql, protocol_name, self.session, parse_error, parameters, formats)
+        return sql_command(sql, protocol_name, self.session, parse_error, parameters, formats, classify=self._classify)
 
     def _simple_query(self, payload, raw):
         sql = payload.rstrip(b"\x00").decode("utf-8", "surrogateescape")
