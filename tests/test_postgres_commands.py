@@ -84,3 +84,37 @@ class SQLCommandTests(unittest.TestCase):
         self.assertEqual(command.kind, "function-call")
         self.assertEqual(command.facts, {"function_oid": 1234, "protocol": "function-call"})
         self.assertEqual(command.redacted, "function call (oid 1234)")
+
+
+class ClassifiedWhenReadTests(unittest.TestCase):
+    """
+    Statements are parsed for a chain whose addons read the
+    classification, and not for one whose addons do not.
+    """
+
+    def test_chain_says_who_reads(self):
+        """
+        Block, approve and mask read the classification; identity and
+        record do not.
+        """
+        from hoopgw.addons.identity import factory as identity
+        from hoopgw.addons.mask import factory as mask
+        from hoopgw.addons.record import factory as record
+        from hoopgw.testing import ChainHarness
+
+        self.assertFalse(ChainHarness([(identity, {}), (record, {})]).chain.reads("sql"))
+        self.assertTrue(ChainHarness([(identity, {}), (factory, {}), (record, {})]).chain.reads("sql"))
+        self.assertTrue(ChainHarness([(mask, {}), (record, {})]).chain.reads("sql"))
+
+    def test_unread_statement_not_parsed(self):
+        """
+        Made without classification, a statement is not parsed until an
+        addon asks; then its facts arrive on the command.
+        """
+        with mock.patch.object(sqlfacts, "classify", wraps=sqlfacts.classify) as classify:
+            command = sql_command("UPDATE accounts SET balance = 0", "simple", session(), classify=False)
+            self.assertEqual(classify.call_count, 0)
+            self.assertNotIn("kinds", command.facts)
+            sqlfacts.facts_of(session(), command)
+            self.assertEqual(classify.call_count, 1)
+        self.assertTrue(command.facts["without_where"])
