@@ -8,7 +8,7 @@ has room for one) and recorded as a refused session through the chain.
 
 from twisted.logger import Logger
 
-from hoopgw import redact
+from hoopgw import admission, redact
 from hoopgw.memorytls import MemoryTLS
 from hoopgw.model import DENY, Credentials, Decision, Session
 from hoopgw.postgres import upstream as upstream_module
@@ -32,17 +32,16 @@ MAX_PASSWORD_BYTES = 1024 * 1024
 _CLAIM_CHARACTERS = 128
 
 
-class Admission:
+class Admission(admission.Admission):
     """
     The connections of one listener that are not logged in yet, counted in
-    total and per client address, so that clients that never log in cannot
-    take every connection slot.
+    total and per client address as the SSH and Kubernetes listeners count
+    them, so that clients that never log in cannot take every connection
+    slot; refused as PostgreSQL refuses too many clients.
     """
 
     def __init__(self, settings):
-        self.settings = settings
-        self.total = 0
-        self.by_source = {}
+        admission.Admission.__init__(self, settings.max_unauthenticated, settings.max_unauthenticated_per_source)
 
     def enter(self, source):
         """
@@ -50,31 +49,23 @@ class Admission:
 
         @return: None, or the L{StartupError} refusing it (not counted).
         """
-        settings = self.settings
-        if self.total >= settings.max_unauthenticated:
+        refused = self.refusal(source)
+        if refused is None:
+            admission.Admission.enter(self, source)
+            return None
+        if refused[0] == admission.TOO_MANY_UNAUTHENTICATED:
             return StartupError(
                 "53300",
                 "postgres:too-many-unauthenticated",
                 "sorry, too many clients already: %d connections are waiting to log in "
                 "(max_unauthenticated); try again later" % (self.total,),
             )
-        count = self.by_source.get(source, 0)
-        if count >= settings.max_unauthenticated_per_source:
-            return StartupError(
-                "53300",
-                "postgres:too-many-unauthenticated-per-source",
-                "sorry, too many clients already: %d connections from %s are waiting to log in "
-                "(max_unauthenticated_per_source); try again later" % (count, source),
-            )
-        self.total += 1
-        self.by_source[source] = count + 1
-        return None
-
-    def leave(self, source):
-        self.total -= 1
-        count = self.by_source.pop(source) - 1
-        if count:
-            self.by_source[source] = count
+        return StartupError(
+            "53300",
+            "postgres:too-many-unauthenticated-per-source",
+            "sorry, too many clients already: %d connections from %s are waiting to log in "
+            "(max_unauthenticated_per_source); try again later" % (self.by_source[source], source),
+        )
 
 
 class Startup:
