@@ -19,13 +19,12 @@ The admin URL comes from --url or HOOPGW_ADMIN_URL, the token from
 
 import json
 import os
-import sys
 import time
 from urllib.parse import quote
 
 import yaml
 
-from hoopgw.approvals.client import ClientError, _token, call
+from hoopgw.approvals.client import ClientError, call, run_command
 
 
 def add_arguments(parser):
@@ -115,19 +114,7 @@ def _action(arguments, token):
 
 
 def run(arguments, out):
-    if not arguments.url:
-        print("hoopgw admin: give the admin listener's URL with --url or HOOPGW_ADMIN_URL", file=sys.stderr)
-        return 2
-    try:
-        answer = _action(arguments, _token(arguments))
-    except ClientError as error:
-        print("hoopgw admin: %s" % (error,), file=sys.stderr)
-        return 1
-    if arguments.json:
-        print(json.dumps(answer, indent=2, sort_keys=True), file=out)
-    else:
-        _print(arguments.action, answer, out)
-    return 0
+    return run_command("hoopgw admin", arguments, out, _action, _print)
 
 
 def _when(timestamp):

@@ -98,19 +98,29 @@ def _token(arguments):
 
 
 def run(arguments, out):
+    return run_command("hoopgw approvals", arguments, out, _action, _print)
+
+
+def run_command(name, arguments, out, action, show):
+    """
+    Run a command of the admin listener's API: C{action(arguments, token)}
+    asks, C{show(action name, answer, out)} prints the answer (or
+    C{--json} prints it as it came).
+
+    @return: the exit status.
+    """
     if not arguments.url:
-        print("hoopgw approvals: give the admin listener's URL with --url or HOOPGW_ADMIN_URL", file=sys.stderr)
+        print("%s: give the admin listener's URL with --url or HOOPGW_ADMIN_URL" % (name,), file=sys.stderr)
         return 2
     try:
-        token = _token(arguments)
-        answer = _action(arguments, token)
+        answer = action(arguments, _token(arguments))
     except ClientError as error:
-        print("hoopgw approvals: %s" % (error,), file=sys.stderr)
+        print("%s: %s" % (name, error), file=sys.stderr)
         return 1
     if arguments.json:
         print(json.dumps(answer, indent=2, sort_keys=True), file=out)
     else:
-        _print(arguments.action, answer, out)
+        show(arguments.action, answer, out)
     return 0
 
 
