@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from hoopgw import cards
 from hoopgw import options as o
 from hoopgw.addon import AddonFactory
+from hoopgw.chain import settled
 
 
 def session_fields(session):
@@ -74,9 +75,21 @@ class Record:
             self.result_received = None
 
     def _append(self, event, urgent=True):
+        """
+        Hand C{event} to the store.
+
+        @return: None once it is written (as write-ahead asks, durable or
+            not), else a L{Deferred} firing with None when it is, or
+            failing if the store cannot take it.
+        """
         # A store that raises instead of failing its Deferred still fails
         # the command closed, with a sentence rather than a traceback.
-        return defer.maybeDeferred(self._store.append, event, urgent=urgent).addErrback(self._unwritten, event)
+        written = defer.maybeDeferred(self._store.append, event, urgent=urgent)
+        done, _ = settled(written)
+        if done:
+            # The common case: no callbacks to run on every event.
+            return None
+        return written.addCallbacks(_nothing, self._unwritten, errbackArgs=(event,))
 
     def _unwritten(self, failure, event):
         self.log.error(
@@ -93,7 +106,7 @@ class Record:
             event["gateway"] = self._gateway
         if session.identity is not None:
             event["identity"] = session.identity.to_json()
-        return self._append(event).addCallback(lambda _: None)
+        return self._append(event)
 
     def command_received(self, session, command):
         state = session.metadata.setdefault("record", {"commands": 0})
@@ -110,7 +123,7 @@ class Record:
         )
         if command.redacted_parameters:
             event["parameters"] = list(command.redacted_parameters)
-        return self._append(event).addCallback(lambda _: None)
+        return self._append(event)
 
     def result_received(self, session, command, chunk):
         if command is None:
@@ -160,7 +173,9 @@ class Record:
         # The outcome is not waited for: the client has its answer already,
         # so it rides with the next command's write-ahead sync (or a short
         # delay).  Should the store fail, it refuses every later command.
-        self._append(event, urgent=False).addErrback(self._lost)
+        written = self._append(event, urgent=False)
+        if written is not None:
+            written.addErrback(self._lost)
 
     def _lost(self, failure):
         # Already logged by _unwritten; the store refuses later commands.
@@ -188,6 +203,10 @@ class Record:
         if self._gateway:
             event["gateway"] = self._gateway
         return self._append(event)
+
+
+def _nothing(_):
+    return None
 
 
 def _sample_value(value, binary):
