@@ -33,19 +33,9 @@ import json
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from hoopgw.approvals.broker import (
-    FINISHED_KEPT,
-    ApprovalError,
-    ApprovalRule,
-    Broker,
-    Grant,
-    Request,
-    _gave_up,
-    _grant_decision,
-    _grant_event,
-    _revoke_event,
-    _timed_out,
-)
+from hoopgw.approvals import model
+from hoopgw.approvals.broker import FINISHED_KEPT, Broker
+from hoopgw.approvals.model import ApprovalError, ApprovalRule, Grant, Request
 from hoopgw.model import SERVICE, Decision, Identity
 from hoopgw.store.errors import StoreError
 from hoopgw.store.postgres import APPROVALS_PRIVILEGES, LOCK_CLASS, gateway_lock, run_schema
@@ -278,7 +268,7 @@ class SharedBroker(Broker):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         for request in self._waiting.values():
-            _stop_timer(request)
+            request.stop_timer()
         Broker.close(self)
 
     # Reading the store.
@@ -311,7 +301,7 @@ class SharedBroker(Broker):
     def _one(self, cursor, request_id):
         found = yield self._load(cursor, "request", "id = %s", (request_id,))
         if not found:
-            raise ApprovalError("there is no approval request %s" % (request_id,), 404)
+            raise model.no_request(request_id)
         return found[0]
 
     def get(self, request_id):
@@ -358,7 +348,7 @@ class SharedBroker(Broker):
         """
         request.status = status
         request.outcome = decision.to_json()
-        event = yield append(self._event(request, "approval.%s" % (status,), outcome=request.outcome))
+        event = yield append(self.ledger.outcome(request))
         yield self._update(
             cursor,
             "UPDATE {s}.approvals SET status = %s, closed = %s WHERE closed IS NULL AND id = %s",
@@ -413,17 +403,16 @@ class SharedBroker(Broker):
                 )
                 grant = next((grant for grant in found if grant.active(now)), None)
                 if grant is not None:
-                    grant.uses += 1
-                    event = yield append(self._grant_use_event(grant, session, command))
+                    event = yield append(self.ledger.grant_use(grant, session, command))
                     yield self._update(
                         cursor, "UPDATE {s}.approvals SET uses = uses + 1 WHERE closed IS NULL AND id = %s", (grant.id,)
                     )
-                    return _grant_decision(grant, event["digest"])
-            request = self._new_request(session, command, rule, now)
+                    return model.grant_decision(grant, event["digest"])
+            request = model.new_request(session, command, rule, now, self.instance)
             yield self._open(
                 cursor,
                 append,
-                self._request_event(request),
+                self.ledger.request(request),
                 (request.id, "request", "pending", request.connection, rule.name, session.identity.subject,
                  self.instance, request.expires),
             )
@@ -445,20 +434,14 @@ class SharedBroker(Broker):
                 self._end_if_pending(request.id, "cancelled", "the client gave up waiting")
                 return
             request.timer = self.reactor.callLater(max(0.0, request.expires - self.now()), self._expire, request)
-            session.notify(self.notice(request))
-            self._notify_webhooks(request, "approval.request")
+            self.notifier.waiting(session, request)
 
         def unrecorded(failure):
             self.log.failure("An approval request could not be recorded", failure)
             if holding.request is not None:
                 self._waiting.pop(holding.request.id, None)
             if not waiting.called:
-                waiting.callback(
-                    Decision.deny(
-                        "the approval request could not be recorded (%s)" % (failure.getErrorMessage(),),
-                        rule="approve:%s:error" % (rule.name,),
-                    )
-                )
+                waiting.callback(model.unrecorded(rule.name, failure))
 
         self.store.append_checked(work).addCallbacks(held, unrecorded)
         return waiting
@@ -472,7 +455,7 @@ class SharedBroker(Broker):
             holding.cancelled = True
             return
         if self._waiting.pop(request.id, None) is not None:
-            _stop_timer(request)
+            request.stop_timer()
             self._end_if_pending(request.id, "cancelled", "the client gave up waiting")
 
     def _expire(self, request):
@@ -490,14 +473,14 @@ class SharedBroker(Broker):
             request = yield self._one(cursor, request_id)
             if request.status != "pending":
                 return request, False
-            decision = _timed_out(request) if status == "expired" else _gave_up(request, reason)
+            decision = model.timed_out(request) if status == "expired" else model.gave_up(request, reason)
             yield self._close(cursor, append, request, status, decision)
             return request, True
 
         def ended(result):
             request, here = result
             if here:
-                self._notify_webhooks(request, "approval.%s" % (request.status,))
+                self.notifier.ended(request)
             self._apply(request)
 
         def failed(failure):
@@ -511,14 +494,9 @@ class SharedBroker(Broker):
         request = self._waiting.pop(request_id, None)
         if request is None:
             return
-        _stop_timer(request)
+        request.stop_timer()
         if not request.deferred.called:
-            request.deferred.callback(
-                Decision.deny(
-                    "the approval request could not be decided in the record (%s)" % (failure.getErrorMessage(),),
-                    rule="approve:%s:error" % (request.rule.name,),
-                )
-            )
+            request.deferred.callback(model.unrecorded(request.rule.name, failure, "decided in the record"))
 
     def _apply(self, final):
         """
@@ -529,7 +507,7 @@ class SharedBroker(Broker):
         if request is None or final.status == "pending":
             return
         del self._waiting[final.id]
-        _stop_timer(request)
+        request.stop_timer()
         if request.deferred.called:
             return
         request.deferred.callback(self._bound_decision(request, final))
@@ -550,7 +528,7 @@ class SharedBroker(Broker):
                 "the decision recorded for %s is not bound to this statement; it is refused" % (request.id,),
                 rule="approve:%s:error" % (request.rule.name,),
             )
-        return _decision(outcome) if outcome else _gave_up(request, "the request ended without a decision")
+        return _decision(outcome) if outcome else model.gave_up(request, "the request ended without a decision")
 
     def _vote(self, request_id, approver, reason, digest, approve):
         action = "approve" if approve else "deny"
@@ -562,17 +540,16 @@ class SharedBroker(Broker):
             if request.status == "pending" and self.now() >= request.expires:
                 # The time ran out before this vote: the timeout denies, as it
                 # does on the gateway holding the statement.
-                yield self._close(cursor, append, request, "expired", _timed_out(request))
+                yield self._close(cursor, append, request, "expired", model.timed_out(request))
                 late.append(request)
                 return request
-            cleaned = self._check_vote(request, approver, reason, digest, approve)
-            vote = yield append(self._vote_event(request, approver, cleaned, approve))
+            vote, settled = self._cast(request, approver, reason, digest, approve)
+            vote = yield append(vote)
             yield self._update(
                 cursor,
                 "UPDATE {s}.approvals SET votes = array_append(votes, %s) WHERE closed IS NULL AND id = %s",
                 (vote["seq"], request.id),
             )
-            settled = self._tally(request, approver, cleaned, approve)
             if settled is not None:
                 yield self._close(cursor, append, request, *settled)
             else:
@@ -581,11 +558,11 @@ class SharedBroker(Broker):
 
         def voted(request):
             if request.status != "pending":
-                self._notify_webhooks(request, "approval.%s" % (request.status,))
+                self.notifier.ended(request)
                 self._apply(request)
             if late:
                 error = ApprovalError("request %s is expired; it can no longer be %sd" % (request.id, action), 409)
-                return self._refused(error, approver, approval=request_id, action=action)
+                return self.ledger.refused(error, approver, approval=request_id, action=action)
             return request
 
         def refused(failure):
@@ -594,7 +571,7 @@ class SharedBroker(Broker):
                 # Decided already, perhaps through another gateway whose
                 # wake-up is still on its way: apply what the chain says.
                 self._settle([request_id])
-            return self._refused(failure.value, approver, approval=request_id, action=action)
+            return self.ledger.refused(failure.value, approver, approval=request_id, action=action)
 
         return self.store.append_checked(work).addCallbacks(voted, refused)
 
@@ -625,7 +602,7 @@ class SharedBroker(Broker):
         if self._waiting:
             self._settle(list(self._waiting))
         swept = self.store.append_checked(self._sweep)
-        swept.addCallback(lambda ended: [self._notify_webhooks(r, "approval.%s" % (r.status,)) for r in ended])
+        swept.addCallback(lambda ended: [self.notifier.ended(request) for request in ended])
         swept.addErrback(lambda failure: self.log.failure("Sweeping the shared approvals failed", failure))
         return swept
 
@@ -650,9 +627,9 @@ class SharedBroker(Broker):
                     "the gateway %s holding this statement stopped without deciding it (a crash or a kill); "
                     "its client is gone" % (request.gateway,)
                 )
-                yield self._close(cursor, append, request, "cancelled", _gave_up(request, reason))
+                yield self._close(cursor, append, request, "cancelled", model.gave_up(request, reason))
             elif now >= request.expires + GRACE:
-                yield self._close(cursor, append, request, "expired", _timed_out(request))
+                yield self._close(cursor, append, request, "expired", model.timed_out(request))
             else:
                 continue
             ended.append(request)
@@ -660,18 +637,13 @@ class SharedBroker(Broker):
 
     # Grants.
 
-    def grant(self, approver, connection, rule_name, subject, duration, reason):
-        try:
-            grant = self._new_grant(approver, connection, rule_name, subject, duration, reason)
-        except ApprovalError as error:
-            return self._refused(error, approver, action="grant", connection=connection, rule=rule_name, grantee=subject)
-
+    def _keep(self, grant):
         @defer.inlineCallbacks
         def work(cursor, append):
             yield self._open(
                 cursor,
                 append,
-                self.stamp(_grant_event(grant)),
+                self.ledger.grant(grant),
                 (grant.id, "grant", "active", grant.connection, grant.rule, grant.subject, None, grant.expires),
             )
             yield self._wake(cursor, grant.id, "grant.create")
@@ -684,10 +656,10 @@ class SharedBroker(Broker):
         def work(cursor, append):
             found = yield self._load(cursor, "grant", "id = %s", (grant_id,))
             if not found:
-                raise ApprovalError("there is no grant %s" % (grant_id,), 404)
+                raise model.no_grant(grant_id)
             grant = found[0]
-            self._revoked(grant, approver, self._check_revoke(grant, approver, reason))
-            event = yield append(self.stamp(_revoke_event(grant)))
+            self.judge.revoke(grant, approver, reason)
+            event = yield append(self.ledger.revoke(grant))
             yield self._update(
                 cursor,
                 "UPDATE {s}.approvals SET status = 'revoked', closed = %s WHERE closed IS NULL AND id = %s",
@@ -698,13 +670,7 @@ class SharedBroker(Broker):
 
         def refused(failure):
             failure.trap(ApprovalError)
-            return self._refused(failure.value, approver, action="revoke", grant=grant_id)
+            return self.ledger.refused(failure.value, approver, action="revoke", grant=grant_id)
 
         return self.store.append_checked(work).addErrback(refused)
-
-
-def _stop_timer(request):
-    if request.timer is not None and request.timer.active():
-        request.timer.cancel()
-    request.timer = None
 
