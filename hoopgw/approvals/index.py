@@ -15,7 +15,7 @@ from hoopgw.approvals import model
 from hoopgw.approvals.model import ApprovalRule, Grant, Request
 from hoopgw.model import SERVICE, Decision, Identity
 from hoopgw.store.errors import StoreError
-from hoopgw.store.postgres import APPROVALS_PRIVILEGES, run_schema
+from hoopgw.store.postgres import APPROVALS_PRIVILEGES, LOCK_CLASS, run_schema
 
 OUTCOMES = ("approval.approved", "approval.denied", "approval.expired", "approval.cancelled", "approval.failed")
 
@@ -254,6 +254,18 @@ class ApprovalsIndex:
             raise model.no_request(request_id)
         return found[0]
 
+    @defer.inlineCallbacks
+    def running(self, cursor):
+        """
+        The locks of the gateways running on the store
+        (L{hoopgw.store.postgres.gateway_lock} of their run): a request whose
+        gateway holds none has nobody left to end it.
+        """
+        yield cursor.execute(
+            "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND granted", (LOCK_CLASS,)
+        )
+        return {int(objid) for (objid,) in cursor.fetchall()}
+
     # Writing in the chain's transaction.
 
     @defer.inlineCallbacks
@@ -265,6 +277,23 @@ class ApprovalsIndex:
         yield cursor.execute(sql.format(s=self.schema), parameters)
         if cursor.rowcount != 1:
             raise StoreError("the approvals index has no open row %s to update; nothing was decided" % (parameters[-1],))
+
+    def used(self, cursor, grant_id):
+        return self.update(cursor, "UPDATE {s}.approvals SET uses = uses + 1 WHERE closed IS NULL AND id = %s", (grant_id,))
+
+    def voted(self, cursor, request_id, seq):
+        return self.update(
+            cursor,
+            "UPDATE {s}.approvals SET votes = array_append(votes, %s) WHERE closed IS NULL AND id = %s",
+            (seq, request_id),
+        )
+
+    def revoked(self, cursor, grant_id, seq):
+        return self.update(
+            cursor,
+            "UPDATE {s}.approvals SET status = 'revoked', closed = %s WHERE closed IS NULL AND id = %s",
+            (seq, grant_id),
+        )
 
     def wake(self, cursor, item_id, what):
         # Sent when the transaction commits, and only then.

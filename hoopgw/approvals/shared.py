@@ -37,7 +37,7 @@ from hoopgw.approvals.broker import FINISHED_KEPT, Broker
 from hoopgw.approvals.index import ApprovalsIndex, channel, recorded_decision, schema_sql
 from hoopgw.approvals.model import ApprovalError
 from hoopgw.model import Decision
-from hoopgw.store.postgres import LOCK_CLASS, gateway_lock
+from hoopgw.store.postgres import gateway_lock
 
 __all__ = ["GRACE", "RECONCILE_INTERVAL", "SharedBroker", "channel", "schema_sql"]
 
@@ -46,6 +46,7 @@ __all__ = ["GRACE", "RECONCILE_INTERVAL", "SharedBroker", "channel", "schema_sql
 # ended by whoever sees it (its own gateway normally ends it on time).
 RECONCILE_INTERVAL = 30.0
 GRACE = 5.0
+
 
 class _Holding:
     """
@@ -152,9 +153,7 @@ class SharedBroker(Broker):
                 grant = next((grant for grant in found if grant.active(now)), None)
                 if grant is not None:
                     event = yield append(self.ledger.grant_use(grant, session, command))
-                    yield self.index.update(
-                        cursor, "UPDATE {s}.approvals SET uses = uses + 1 WHERE closed IS NULL AND id = %s", (grant.id,)
-                    )
+                    yield self.index.used(cursor, grant.id)
                     return model.grant_decision(grant, event["digest"])
             request = model.new_request(session, command, rule, now, self.instance)
             yield self.index.open(
@@ -293,11 +292,7 @@ class SharedBroker(Broker):
                 return request
             vote, settled = self._cast(request, approver, reason, digest, approve)
             vote = yield append(vote)
-            yield self.index.update(
-                cursor,
-                "UPDATE {s}.approvals SET votes = array_append(votes, %s) WHERE closed IS NULL AND id = %s",
-                (vote["seq"], request.id),
-            )
+            yield self.index.voted(cursor, request.id, vote["seq"])
             if settled is not None:
                 yield self.index.close(cursor, append, request, *settled)
             else:
@@ -363,10 +358,7 @@ class SharedBroker(Broker):
         found = yield self.index.load(cursor, "request", "closed IS NULL AND gateway IS DISTINCT FROM %s", (self.instance,))
         if not found:
             return []
-        yield cursor.execute(
-            "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND granted", (LOCK_CLASS,)
-        )
-        running = {int(objid) for (objid,) in cursor.fetchall()}
+        running = yield self.index.running(cursor)
         now = self.now()
         ended = []
         for request in found:
@@ -408,11 +400,7 @@ class SharedBroker(Broker):
             grant = found[0]
             self.judge.revoke(grant, approver, reason)
             event = yield append(self.ledger.revoke(grant))
-            yield self.index.update(
-                cursor,
-                "UPDATE {s}.approvals SET status = 'revoked', closed = %s WHERE closed IS NULL AND id = %s",
-                (event["seq"], grant.id),
-            )
+            yield self.index.revoked(cursor, grant.id, event["seq"])
             yield self.index.wake(cursor, grant.id, "grant.revoke")
             return grant
 
