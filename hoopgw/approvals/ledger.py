@@ -133,7 +133,10 @@ class Ledger:
         return self.stamp(event)
 
     def grant(self, grant):
-        return self.stamp({"type": "grant.create", "connection": grant.connection, "subject": grant.subject, "grant": grant.to_json()})
+        return self._grant_event("grant.create", grant)
 
     def revoke(self, grant):
-        return self.stamp({"type": "grant.revoke", "connection": grant.connection, "subject": grant.subject, "grant": grant.to_json()})
+        return self._grant_event("grant.revoke", grant)
+
+    def _grant_event(self, kind, grant):
+        return self.stamp({"type": kind, "connection": grant.connection, "subject": grant.subject, "grant": grant.to_json()})

@@ -209,7 +209,8 @@ def approval_json(request):
         "rule": request.rule.name,
         "digest": request.digest,
         "approvers": [
-            {"subject": v["subject"], "issuer": v["issuer"], "reason": v["reason"], "at": v["at"]} for v in request.approvals
+            {"subject": vote["subject"], "issuer": vote["issuer"], "reason": vote["reason"], "at": vote["at"]}
+            for vote in request.approvals
         ],
     }
 
