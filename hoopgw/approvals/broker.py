@@ -41,6 +41,10 @@ class Broker:
     @param url: where approvers reach the admin API, for notices.
     @param instance: the gateway run (L{hoopgw.gateway.Gateway.instance})
         whose sessions wait here, named in the record.
+
+    @ivar judge: the L{Judge} of votes, grants and revocations.
+    @ivar ledger: the L{Ledger} that builds and records the events.
+    @ivar notifier: the L{Notifier} of clients and webhooks.
     """
 
     def __init__(self, reactor, record, approver_groups=frozenset(), url=None, clock=time.time, instance=None):
