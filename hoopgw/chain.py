@@ -22,6 +22,7 @@ HOOKS = (
     "command_received",
     "result_received",
     "command_finished",
+    "cancel_requested",
     "session_ended",
 )
 
@@ -409,6 +410,22 @@ class AddonChain:
         if self.monitor is not None:
             self.monitor.command_finished(session, command)
         return self._notify("command_finished", (session, command))
+
+    def cancel(self, session, command=None, via=None):
+        """
+        Tell every addon that the client asked to cancel what C{session} is
+        doing (a PostgreSQL CancelRequest naming its key): the record addon
+        writes C{command.cancel}.  The front end has already stopped a
+        pending decision or asked the target to cancel; a request naming no
+        session is refused with L{refuse_session} instead.
+
+        @param command: the L{hoopgw.model.Command} the target was running,
+            or None.
+        @param via: the run id of the gateway process the request reached,
+            when another one sharing the store routed it here.
+        @return: None, or a L{Deferred} if an addon is still busy.
+        """
+        return self._notify("cancel_requested", (session, command, via))
 
     def end_session(self, session):
         """

@@ -93,6 +93,18 @@ class IAddon(Interface):
         that were denied before reaching this addon.
         """
 
+    def cancel_requested(session, command, via):
+        """
+        The client asked to cancel what C{session} runs (a PostgreSQL
+        CancelRequest with its key); the front end has stopped a pending
+        decision or asked the target to cancel.  A request naming no
+        session is not a cancel but a refused session.
+
+        @param command: the L{hoopgw.model.Command} that ran, or None.
+        @param via: the run id of the gateway process the request reached,
+            when another one sharing the store routed it here; else None.
+        """
+
     def session_ended(session):
         """
         The session is over (also when it was refused:

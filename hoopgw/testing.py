@@ -240,6 +240,13 @@ class ChainHarness:
         command.outcome.update(outcome or {"status": OK})
         return self._call("finish", False, session or self.session, command)
 
+    def cancel(self, command=None, session=None, via=None):
+        """
+        The client asked to cancel what the session runs (C{command}, when
+        one runs): every addon's C{cancel_requested} is told.
+        """
+        return self._call("cancel", False, session or self.session, command, via)
+
     def end(self, session=None):
         return self._call("end_session", False, session or self.session)
 

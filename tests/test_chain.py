@@ -215,6 +215,73 @@ class ChainTests(unittest.TestCase):
         self.assertEqual(calls, [("r", "command_finished")])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_cancel_reaches_every_addon(self):
+        """
+        A client's cancel is a chain event: C{cancel_requested} reaches
+        every addon that has it, in order, with the command that ran and
+        the replica the request came through, even after one raised.
+        """
+        calls = []
+
+        class Sees:
+            def __init__(self, name):
+                self.name = name
+
+            def cancel_requested(self, session, command, via):
+                calls.append((self.name, command.text if command is not None else None, via))
+
+        class Bad:
+            def cancel_requested(self, session, command, via):
+                raise RuntimeError("nope")
+
+        chain = AddonChain([("a", Sees("a")), ("bad", Bad()), ("b", Sees("b")), ("r", Recorder("r", []))])
+        self.assertIsNone(chain.cancel(session(), sql_command("SELECT pg_sleep(9)"), via="run-2"))
+        chain.cancel(session())
+        self.assertEqual(
+            calls,
+            [("a", "SELECT pg_sleep(9)", "run-2"), ("b", "SELECT pg_sleep(9)", "run-2"), ("a", None, None), ("b", None, None)],
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+    def test_cancel_recorded(self):
+        """
+        The record addon writes a cancel as C{command.cancel}: the session's
+        fields, the command that ran and C{via}; without a command or a
+        routing replica, neither field.
+        """
+        from hoopgw.addons.record import factory as record
+        from hoopgw.testing import ChainHarness
+
+        harness = ChainHarness([(record, {})])
+        harness.session.identity = identity("etl-bot")
+        command = sql_command("SELECT pg_sleep(9)")
+        harness.cancel(command, via="run-2")
+        harness.cancel()
+        first, second = harness.store.of_type("command.cancel")
+        self.assertEqual(
+            {key: first[key] for key in ("session", "connection", "protocol", "subject", "command", "via")},
+            {
+                "session": harness.session.id,
+                "connection": harness.session.connection,
+                "protocol": "postgres",
+                "subject": "etl-bot",
+                "command": command.id,
+                "via": "run-2",
+            },
+        )
+        self.assertNotIn("command", second)
+        self.assertNotIn("via", second)
+
+    def test_interface_declares_every_hook(self):
+        """
+        L{hoopgw.interfaces.IAddon} declares every hook the chain calls, so
+        the addon author's reference is complete.
+        """
+        from hoopgw.chain import HOOKS
+        from hoopgw.interfaces import IAddon
+
+        self.assertEqual([hook for hook in HOOKS if hook not in IAddon.names()], [])
+
     def test_masked_counted_once_hooks_finish(self):
         """
         The chain counts what result hooks masked or withheld in the

@@ -530,9 +530,12 @@ class QueryTests(unittest.TestCase):
         err = yield ended
         self.assertIn("canceling statement due to user request", err)
         self.assertLess(time.time() - started, 10)
-        self.assertEqual(len(self.gateway.events("command.cancel")), 1)
+        (cancel,) = self.gateway.events("command.cancel")
         (sleep,) = [e for e in self.gateway.events("command.end") if e["outcome"].get("sqlstate") == "57014"]
         self.assertEqual(sleep["outcome"]["status"], "error")
+        # Recorded by the record addon through the chain: the session's fields and the statement it stopped.
+        self.assertEqual((cancel["session"], cancel["command"]), (sleep["session"], sleep["command"]))
+        self.assertEqual(cancel["protocol"], "postgres")
 
     @defer.inlineCallbacks
     def test_client_disconnect(self):

@@ -1221,7 +1221,7 @@ class BeforeLoginTests(unittest.TestCase):
 
 class _HostileExit:
     """
-    What L{channels.SessionChannel.target_exit} needs of its channel: the
+    What L{hoopgw.ssh.output.TargetOutput.exit} needs of its relay: the
     command's outcome and the queue towards the client.
     """
 
@@ -1243,10 +1243,10 @@ class TargetWordsTests(unittest.TestCase):
     """
 
     def exit(self, name, data):
-        from hoopgw.ssh import channels
+        from hoopgw.ssh import output
 
         channel = _HostileExit()
-        channels.SessionChannel.target_exit(channel, name, data)
+        output.TargetOutput.exit(channel, name, data)
         return channel
 
     def test_exit_signal_message_masked(self):

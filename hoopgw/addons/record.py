@@ -181,6 +181,16 @@ class Record:
         # Already logged by _unwritten; the store refuses later commands.
         return None
 
+    def cancel_requested(self, session, command, via):
+        event = dict(session_fields(session), type="command.cancel")
+        if command is not None:
+            event["command"] = command.id
+        if via is not None:
+            event["via"] = via
+        if self._gateway:
+            event["gateway"] = self._gateway
+        return self._append(event).addCallback(lambda _: None)
+
     def session_ended(self, session):
         state = session.metadata.get("record") or {}
         event = dict(

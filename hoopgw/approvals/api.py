@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
-from hoopgw.approvals.broker import ApprovalError
+from hoopgw.approvals.model import ApprovalError
 from hoopgw.identity.oidc import IdentityError, unverified_claims
 from hoopgw.options import ConfigError, duration
 

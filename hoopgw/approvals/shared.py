@@ -11,7 +11,7 @@ through any of them, and decided exactly once.
   appends the event it points to, a trigger lets it change only by
   recording what comes next (a closed row never changes again), and every
   request or grant a broker acts on is rebuilt from the chain's events
-  themselves.
+  themselves (L{hoopgw.approvals.index}).
 - Every decision is taken under the chain's lock
   (L{PostgresStore.append_checked}): the broker reads the request from the
   store, checks the vote exactly as the single broker does, and appends the
@@ -27,201 +27,25 @@ through any of them, and decided exactly once.
   and those long past their timeout.
 """
 
-import hashlib
 import json
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from hoopgw.approvals.broker import (
-    FINISHED_KEPT,
-    ApprovalError,
-    ApprovalRule,
-    Broker,
-    Grant,
-    Request,
-    _gave_up,
-    _grant_decision,
-    _grant_event,
-    _revoke_event,
-    _timed_out,
-)
-from hoopgw.model import SERVICE, Decision, Identity
-from hoopgw.store.errors import StoreError
-from hoopgw.store.postgres import APPROVALS_PRIVILEGES, LOCK_CLASS, gateway_lock, run_schema
+from hoopgw.approvals import model
+from hoopgw.approvals.broker import FINISHED_KEPT, Broker
+from hoopgw.approvals.index import ApprovalsIndex, channel, recorded_decision, schema_sql
+from hoopgw.approvals.model import ApprovalError
+from hoopgw.model import Decision
+from hoopgw.store.postgres import gateway_lock
+
+__all__ = ["GRACE", "RECONCILE_INTERVAL", "SharedBroker", "channel", "schema_sql"]
 
 # How often a gateway looks for what a lost wake-up or a dead gateway left
 # pending; and how long after its timeout another gateway's request is
 # ended by whoever sees it (its own gateway normally ends it on time).
 RECONCILE_INTERVAL = 30.0
 GRACE = 5.0
-
-OUTCOMES = ("approval.approved", "approval.denied", "approval.expired", "approval.cancelled", "approval.failed")
-
-
-def schema_sql(schema):
-    """
-    The DDL of the approvals index, idempotent.
-    """
-    return """
-CREATE TABLE IF NOT EXISTS {s}.approvals (
-    id text PRIMARY KEY,
-    kind text NOT NULL CHECK (kind IN ('request', 'grant')),
-    status text NOT NULL,
-    connection text NOT NULL,
-    rule text NOT NULL,
-    subject text NOT NULL,
-    gateway text,
-    expires double precision NOT NULL,
-    opened bigint NOT NULL UNIQUE REFERENCES {s}.events (seq),
-    votes bigint[] NOT NULL DEFAULT '{{}}',
-    closed bigint UNIQUE REFERENCES {s}.events (seq),
-    uses integer NOT NULL DEFAULT 0,
-    CHECK ((closed IS NULL) = (status IN ('pending', 'active')))
-);
-CREATE INDEX IF NOT EXISTS approvals_open ON {s}.approvals (kind, expires) WHERE closed IS NULL;
-CREATE INDEX IF NOT EXISTS approvals_grants ON {s}.approvals (connection, rule, subject) WHERE kind = 'grant' AND closed IS NULL;
-CREATE INDEX IF NOT EXISTS approvals_recent ON {s}.approvals (kind, status, opened);
-CREATE OR REPLACE FUNCTION {s}.approvals_guard() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP <> 'UPDATE' OR OLD.closed IS NOT NULL
-       OR (NEW.id, NEW.kind, NEW.connection, NEW.rule, NEW.subject, NEW.gateway, NEW.expires, NEW.opened)
-          IS DISTINCT FROM (OLD.id, OLD.kind, OLD.connection, OLD.rule, OLD.subject, OLD.gateway, OLD.expires, OLD.opened)
-       OR NEW.votes[1:cardinality(OLD.votes)] IS DISTINCT FROM OLD.votes
-       OR NEW.uses < OLD.uses THEN
-        RAISE EXCEPTION 'the approvals index %.% only follows the chain: % of %''s row % is refused',
-            TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP, OLD.kind, OLD.id
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'a decided request or an ended grant never changes; its events are in the chain';
-    END IF;
-    RETURN NEW;
-END
-$$;
-CREATE OR REPLACE TRIGGER follows_chain BEFORE UPDATE OR DELETE ON {s}.approvals
-    FOR EACH ROW EXECUTE FUNCTION {s}.approvals_guard();
-CREATE OR REPLACE TRIGGER append_only_truncate BEFORE TRUNCATE ON {s}.approvals
-    FOR EACH STATEMENT EXECUTE FUNCTION {s}.refuse_change();
-""".format(s=schema)
-
-
-def channel(schema):
-    """
-    The NOTIFY channel of one store's approvals (stores in other schemas of
-    the same database have their own).
-    """
-    name = "hoopgw_approvals_" + schema
-    if len(name) > 63:
-        name = "hoopgw_approvals_" + hashlib.sha256(schema.encode()).hexdigest()[:32]
-    return name
-
-
-def _key(event):
-    if event.get("type", "").startswith("grant."):
-        return (event.get("grant") or {}).get("id")
-    return event.get("approval")
-
-
-def _chained(lines, seq, kinds, expected):
-    """
-    The event at C{seq}, checked to be what the index says it is.
-
-    @raise StoreError: if the index and the chain disagree (someone wrote
-        the index by hand): the broker decides nothing on it.
-    """
-    event = lines.get(seq)
-    if event is None or event.get("type") not in kinds or _key(event) != expected:
-        raise StoreError(
-            "the approvals index points at event %s for %s, which the chain does not hold as such; "
-            "run hoopgw verify on the store and rebuild the index" % (seq, expected)
-        )
-    return event
-
-
-def _request(row, lines):
-    """
-    A request as the chain tells it: its event, its votes, its outcome.
-    """
-    request_id, _, opened, votes, closed, _ = row
-    event = _chained(lines, opened, ("approval.request",), request_id)
-    requester = event.get("requester") or {"subject": event["subject"]}
-    rule = ApprovalRule(
-        name=event["rule"],
-        approvers=event["approver_groups"],
-        approvals=event["approvals_required"],
-        timeout=event.get("timeout", event["expires"] - event.get("created", event["expires"])),
-    )
-    request = Request(
-        id=request_id,
-        connection=event["connection"],
-        session=event.get("session"),
-        command=event.get("command"),
-        rule=rule,
-        requester=Identity(
-            subject=requester["subject"], issuer=requester.get("issuer", ""), kind=requester.get("kind", SERVICE)
-        ),
-        text=event.get("text", ""),
-        parameters=tuple(event.get("parameters", ())),
-        facts=event.get("facts") or {},
-        digest=event["digest"],
-        created=event.get("created"),
-        expires=event["expires"],
-        gateway=event.get("gateway"),
-        noun=event.get("noun", "statement"),
-    )
-    for seq in votes:
-        vote = _chained(lines, seq, ("approval.vote",), request_id)
-        request.approvals.append(
-            {
-                "subject": vote["approver"]["subject"],
-                "issuer": vote["approver"].get("issuer", ""),
-                "verdict": vote["verdict"],
-                "reason": vote["reason"],
-                "at": vote.get("at"),
-            }
-        )
-    if closed is not None:
-        end = _chained(lines, closed, OUTCOMES, request_id)
-        request.status = end["type"][len("approval.") :]
-        request.outcome = end.get("outcome")
-    return request
-
-
-def _grant(row, lines):
-    """
-    A grant as the chain tells it, with its uses and its revocation.
-    """
-    grant_id, _, opened, _, closed, uses = row
-    made = _chained(lines, opened, ("grant.create",), grant_id)["grant"]
-    grant = Grant(
-        id=grant_id,
-        connection=made["connection"],
-        rule=made["rule"],
-        subject=made["subject"],
-        granted_by=made["granted_by"],
-        reason=made["reason"],
-        created=made["created"],
-        expires=made["expires"],
-        uses=uses,
-        approvers=tuple(made.get("approver_groups", ())),
-    )
-    if closed is not None:
-        grant.revoked = _chained(lines, closed, ("grant.revoke",), grant_id)["grant"].get("revoked")
-    return grant
-
-
-def _decision(outcome):
-    """
-    A L{Decision} from its recorded JSON form.
-    """
-    return Decision(
-        outcome.get("verdict", "deny"),
-        rule=outcome.get("rule"),
-        reason=outcome.get("reason", ""),
-        addon=outcome.get("addon"),
-        approval=outcome.get("approval"),
-        sqlstate=outcome.get("sqlstate"),
-        refusal=outcome.get("refusal") or ("forbidden" if outcome.get("verdict", "deny") == "deny" else None),
-    )
 
 
 class _Holding:
@@ -248,25 +72,17 @@ class SharedBroker(Broker):
         Broker.__init__(self, reactor, record, **options)
         self.store = store
         self.reconcile_interval = reconcile_interval
-        self._schema = store.config.schema
-        self._channel = channel(self._schema)
+        self.index = ApprovalsIndex(store, self.ledger)
         self._waiting = {}
         self._loop = None
         self._closed = False
-        run_schema(
-            store.config,
-            schema_sql(self._schema),
-            "the approvals index %s.approvals of the PostgreSQL store" % (self._schema,),
-            "create it as the schema's owner with 'hoopgw store-init' (it grants this role SELECT, INSERT and "
-            "UPDATE on it)",
-            APPROVALS_PRIVILEGES,
-        )
+        self.index.prepare()
 
     def start(self):
         """
         Listen for decisions, and sweep now and every so often.
         """
-        self.store.listen(self._channel, self._notified).addErrback(
+        self.store.listen(self.index.channel, self._notified).addErrback(
             lambda failure: self.log.failure("Listening for approvals on the shared store failed", failure)
         )
         self._loop = task.LoopingCall(self._reconcile)
@@ -278,44 +94,11 @@ class SharedBroker(Broker):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         for request in self._waiting.values():
-            _stop_timer(request)
+            request.stop_timer()
         Broker.close(self)
 
-    # Reading the store.
-
-    @defer.inlineCallbacks
-    def _load(self, cursor, kind, where, parameters=(), newest=None):
-        """
-        The requests or grants matching C{where}, rebuilt from the chain;
-        the C{newest} ones only when given, oldest first.
-        """
-        order = "opened DESC LIMIT %d" % (newest,) if newest else "opened"
-        yield cursor.execute(
-            "SELECT id, status, opened, votes, closed, uses FROM {s}.approvals WHERE kind = %s AND ({w}) ORDER BY {o}".format(
-                s=self._schema, w=where, o=order
-            ),
-            (kind,) + tuple(parameters),
-        )
-        rows = cursor.fetchall()
-        if newest:
-            rows.reverse()
-        seqs = sorted({seq for row in rows for seq in [row[2], row[4]] + list(row[3]) if seq is not None})
-        lines = {}
-        if seqs:
-            yield cursor.execute("SELECT seq, line FROM {s}.events WHERE seq = ANY(%s)".format(s=self._schema), (seqs,))
-            lines = {seq: json.loads(line) for seq, line in cursor.fetchall()}
-        build = _request if kind == "request" else _grant
-        return [build(row, lines) for row in rows]
-
-    @defer.inlineCallbacks
-    def _one(self, cursor, request_id):
-        found = yield self._load(cursor, "request", "id = %s", (request_id,))
-        if not found:
-            raise ApprovalError("there is no approval request %s" % (request_id,), 404)
-        return found[0]
-
     def get(self, request_id):
-        return self.store.read(lambda cursor: self._one(cursor, request_id))
+        return self.store.read(lambda cursor: self.index.request(cursor, request_id))
 
     def list(self, status="pending"):
         """
@@ -323,61 +106,17 @@ class SharedBroker(Broker):
         the latest ones (of one status).
         """
         if status == "pending":
-            return self.store.read(lambda cursor: self._load(cursor, "request", "closed IS NULL"))
+            return self.index.read("request", "closed IS NULL")
         if status:
-            return self.store.read(lambda cursor: self._load(cursor, "request", "status = %s", (status,), FINISHED_KEPT))
-        return self.store.read(lambda cursor: self._load(cursor, "request", "true", (), FINISHED_KEPT))
+            return self.index.read("request", "status = %s", (status,), FINISHED_KEPT)
+        return self.index.read("request", "true", (), FINISHED_KEPT)
 
     def grants_list(self, include_inactive=False):
         if include_inactive:
-            return self.store.read(lambda cursor: self._load(cursor, "grant", "true", (), FINISHED_KEPT))
+            return self.index.read("grant", "true", (), FINISHED_KEPT)
         now = self.now()
-        found = self.store.read(lambda cursor: self._load(cursor, "grant", "closed IS NULL AND expires > %s", (now,)))
+        found = self.index.read("grant", "closed IS NULL AND expires > %s", (now,))
         return found.addCallback(lambda grants: [grant for grant in grants if grant.active(now)])
-
-    # Writing in the chain's transaction.
-
-    @defer.inlineCallbacks
-    def _update(self, cursor, sql, parameters):
-        """
-        Move one open row of the index on; anything else is a bug or a
-        tampered index, and undoes the work.
-        """
-        yield cursor.execute(sql.format(s=self._schema), parameters)
-        if cursor.rowcount != 1:
-            raise StoreError("the approvals index has no open row %s to update; nothing was decided" % (parameters[-1],))
-
-    def _wake(self, cursor, item_id, what):
-        # Sent when the transaction commits, and only then.
-        return cursor.execute("SELECT pg_notify(%s, %s)", (self._channel, json.dumps({"approval": item_id, "event": what})))
-
-    @defer.inlineCallbacks
-    def _close(self, cursor, append, request, status, decision):
-        """
-        Record C{request}'s outcome; the index says it is closed.
-        """
-        request.status = status
-        request.outcome = decision.to_json()
-        event = yield append(self._event(request, "approval.%s" % (status,), outcome=request.outcome))
-        yield self._update(
-            cursor,
-            "UPDATE {s}.approvals SET status = %s, closed = %s WHERE closed IS NULL AND id = %s",
-            (status, event["seq"], request.id),
-        )
-        yield self._wake(cursor, request.id, status)
-
-    @defer.inlineCallbacks
-    def _open(self, cursor, append, event, row):
-        """
-        Record a new request or grant (C{event}), and index it (C{row}: its
-        id, kind, status, connection, rule, subject, gateway, expiry).
-        """
-        event = yield append(event)
-        yield cursor.execute(
-            "INSERT INTO {s}.approvals (id, kind, status, connection, rule, subject, gateway, expires, opened) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)".format(s=self._schema),
-            tuple(row) + (event["seq"],),
-        )
 
     # Requests.
 
@@ -405,7 +144,7 @@ class SharedBroker(Broker):
         def work(cursor, append):
             now = self.now()
             if grants:
-                found = yield self._load(
+                found = yield self.index.load(
                     cursor,
                     "grant",
                     "closed IS NULL AND connection = %s AND rule = %s AND subject = %s AND expires > %s",
@@ -413,17 +152,14 @@ class SharedBroker(Broker):
                 )
                 grant = next((grant for grant in found if grant.active(now)), None)
                 if grant is not None:
-                    grant.uses += 1
-                    event = yield append(self._grant_use_event(grant, session, command))
-                    yield self._update(
-                        cursor, "UPDATE {s}.approvals SET uses = uses + 1 WHERE closed IS NULL AND id = %s", (grant.id,)
-                    )
-                    return _grant_decision(grant, event["digest"])
-            request = self._new_request(session, command, rule, now)
-            yield self._open(
+                    event = yield append(self.ledger.grant_use(grant, session, command))
+                    yield self.index.used(cursor, grant.id)
+                    return model.grant_decision(grant, event["digest"])
+            request = model.new_request(session, command, rule, now, self.instance)
+            yield self.index.open(
                 cursor,
                 append,
-                self._request_event(request),
+                self.ledger.request(request),
                 (request.id, "request", "pending", request.connection, rule.name, session.identity.subject,
                  self.instance, request.expires),
             )
@@ -445,20 +181,14 @@ class SharedBroker(Broker):
                 self._end_if_pending(request.id, "cancelled", "the client gave up waiting")
                 return
             request.timer = self.reactor.callLater(max(0.0, request.expires - self.now()), self._expire, request)
-            session.notify(self.notice(request))
-            self._notify_webhooks(request, "approval.request")
+            self.notifier.waiting(session, request)
 
         def unrecorded(failure):
             self.log.failure("An approval request could not be recorded", failure)
             if holding.request is not None:
                 self._waiting.pop(holding.request.id, None)
             if not waiting.called:
-                waiting.callback(
-                    Decision.deny(
-                        "the approval request could not be recorded (%s)" % (failure.getErrorMessage(),),
-                        rule="approve:%s:error" % (rule.name,),
-                    )
-                )
+                waiting.callback(model.unrecorded(rule.name, failure))
 
         self.store.append_checked(work).addCallbacks(held, unrecorded)
         return waiting
@@ -472,7 +202,7 @@ class SharedBroker(Broker):
             holding.cancelled = True
             return
         if self._waiting.pop(request.id, None) is not None:
-            _stop_timer(request)
+            request.stop_timer()
             self._end_if_pending(request.id, "cancelled", "the client gave up waiting")
 
     def _expire(self, request):
@@ -487,17 +217,17 @@ class SharedBroker(Broker):
 
         @defer.inlineCallbacks
         def work(cursor, append):
-            request = yield self._one(cursor, request_id)
+            request = yield self.index.request(cursor, request_id)
             if request.status != "pending":
                 return request, False
-            decision = _timed_out(request) if status == "expired" else _gave_up(request, reason)
-            yield self._close(cursor, append, request, status, decision)
+            decision = model.timed_out(request) if status == "expired" else model.gave_up(request, reason)
+            yield self.index.close(cursor, append, request, status, decision)
             return request, True
 
         def ended(result):
             request, here = result
             if here:
-                self._notify_webhooks(request, "approval.%s" % (request.status,))
+                self.notifier.ended(request)
             self._apply(request)
 
         def failed(failure):
@@ -511,14 +241,9 @@ class SharedBroker(Broker):
         request = self._waiting.pop(request_id, None)
         if request is None:
             return
-        _stop_timer(request)
+        request.stop_timer()
         if not request.deferred.called:
-            request.deferred.callback(
-                Decision.deny(
-                    "the approval request could not be decided in the record (%s)" % (failure.getErrorMessage(),),
-                    rule="approve:%s:error" % (request.rule.name,),
-                )
-            )
+            request.deferred.callback(model.unrecorded(request.rule.name, failure, "decided in the record"))
 
     def _apply(self, final):
         """
@@ -529,7 +254,7 @@ class SharedBroker(Broker):
         if request is None or final.status == "pending":
             return
         del self._waiting[final.id]
-        _stop_timer(request)
+        request.stop_timer()
         if request.deferred.called:
             return
         request.deferred.callback(self._bound_decision(request, final))
@@ -550,7 +275,7 @@ class SharedBroker(Broker):
                 "the decision recorded for %s is not bound to this statement; it is refused" % (request.id,),
                 rule="approve:%s:error" % (request.rule.name,),
             )
-        return _decision(outcome) if outcome else _gave_up(request, "the request ended without a decision")
+        return recorded_decision(outcome) if outcome else model.gave_up(request, "the request ended without a decision")
 
     def _vote(self, request_id, approver, reason, digest, approve):
         action = "approve" if approve else "deny"
@@ -558,34 +283,29 @@ class SharedBroker(Broker):
 
         @defer.inlineCallbacks
         def work(cursor, append):
-            request = yield self._one(cursor, request_id)
+            request = yield self.index.request(cursor, request_id)
             if request.status == "pending" and self.now() >= request.expires:
                 # The time ran out before this vote: the timeout denies, as it
                 # does on the gateway holding the statement.
-                yield self._close(cursor, append, request, "expired", _timed_out(request))
+                yield self.index.close(cursor, append, request, "expired", model.timed_out(request))
                 late.append(request)
                 return request
-            cleaned = self._check_vote(request, approver, reason, digest, approve)
-            vote = yield append(self._vote_event(request, approver, cleaned, approve))
-            yield self._update(
-                cursor,
-                "UPDATE {s}.approvals SET votes = array_append(votes, %s) WHERE closed IS NULL AND id = %s",
-                (vote["seq"], request.id),
-            )
-            settled = self._tally(request, approver, cleaned, approve)
+            vote, settled = self._cast(request, approver, reason, digest, approve)
+            vote = yield append(vote)
+            yield self.index.voted(cursor, request.id, vote["seq"])
             if settled is not None:
-                yield self._close(cursor, append, request, *settled)
+                yield self.index.close(cursor, append, request, *settled)
             else:
-                yield self._wake(cursor, request.id, "vote")
+                yield self.index.wake(cursor, request.id, "vote")
             return request
 
         def voted(request):
             if request.status != "pending":
-                self._notify_webhooks(request, "approval.%s" % (request.status,))
+                self.notifier.ended(request)
                 self._apply(request)
             if late:
                 error = ApprovalError("request %s is expired; it can no longer be %sd" % (request.id, action), 409)
-                return self._refused(error, approver, approval=request_id, action=action)
+                return self.ledger.refused(error, approver, approval=request_id, action=action)
             return request
 
         def refused(failure):
@@ -594,7 +314,7 @@ class SharedBroker(Broker):
                 # Decided already, perhaps through another gateway whose
                 # wake-up is still on its way: apply what the chain says.
                 self._settle([request_id])
-            return self._refused(failure.value, approver, approval=request_id, action=action)
+            return self.ledger.refused(failure.value, approver, approval=request_id, action=action)
 
         return self.store.append_checked(work).addCallbacks(voted, refused)
 
@@ -614,7 +334,7 @@ class SharedBroker(Broker):
         """
         Apply what the chain says of requests this gateway holds.
         """
-        read = self.store.read(lambda cursor: self._load(cursor, "request", "id = ANY(%s)", (list(request_ids),)))
+        read = self.index.read("request", "id = ANY(%s)", (list(request_ids),))
         read.addCallback(lambda requests: [self._apply(request) for request in requests])
         read.addErrback(lambda failure: self.log.failure("Reading approval decisions failed", failure))
         return read
@@ -625,7 +345,7 @@ class SharedBroker(Broker):
         if self._waiting:
             self._settle(list(self._waiting))
         swept = self.store.append_checked(self._sweep)
-        swept.addCallback(lambda ended: [self._notify_webhooks(r, "approval.%s" % (r.status,)) for r in ended])
+        swept.addCallback(lambda ended: [self.notifier.ended(request) for request in ended])
         swept.addErrback(lambda failure: self.log.failure("Sweeping the shared approvals failed", failure))
         return swept
 
@@ -635,13 +355,10 @@ class SharedBroker(Broker):
         End other gateways' requests that nobody will end: their gateway is
         gone (its lock is free), or they are long past their timeout.
         """
-        found = yield self._load(cursor, "request", "closed IS NULL AND gateway IS DISTINCT FROM %s", (self.instance,))
+        found = yield self.index.load(cursor, "request", "closed IS NULL AND gateway IS DISTINCT FROM %s", (self.instance,))
         if not found:
             return []
-        yield cursor.execute(
-            "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND granted", (LOCK_CLASS,)
-        )
-        running = {int(objid) for (objid,) in cursor.fetchall()}
+        running = yield self.index.running(cursor)
         now = self.now()
         ended = []
         for request in found:
@@ -650,9 +367,9 @@ class SharedBroker(Broker):
                     "the gateway %s holding this statement stopped without deciding it (a crash or a kill); "
                     "its client is gone" % (request.gateway,)
                 )
-                yield self._close(cursor, append, request, "cancelled", _gave_up(request, reason))
+                yield self.index.close(cursor, append, request, "cancelled", model.gave_up(request, reason))
             elif now >= request.expires + GRACE:
-                yield self._close(cursor, append, request, "expired", _timed_out(request))
+                yield self.index.close(cursor, append, request, "expired", model.timed_out(request))
             else:
                 continue
             ended.append(request)
@@ -660,21 +377,16 @@ class SharedBroker(Broker):
 
     # Grants.
 
-    def grant(self, approver, connection, rule_name, subject, duration, reason):
-        try:
-            grant = self._new_grant(approver, connection, rule_name, subject, duration, reason)
-        except ApprovalError as error:
-            return self._refused(error, approver, action="grant", connection=connection, rule=rule_name, grantee=subject)
-
+    def _keep(self, grant):
         @defer.inlineCallbacks
         def work(cursor, append):
-            yield self._open(
+            yield self.index.open(
                 cursor,
                 append,
-                self.stamp(_grant_event(grant)),
+                self.ledger.grant(grant),
                 (grant.id, "grant", "active", grant.connection, grant.rule, grant.subject, None, grant.expires),
             )
-            yield self._wake(cursor, grant.id, "grant.create")
+            yield self.index.wake(cursor, grant.id, "grant.create")
             return grant
 
         return self.store.append_checked(work)
@@ -682,29 +394,19 @@ class SharedBroker(Broker):
     def revoke(self, grant_id, approver, reason):
         @defer.inlineCallbacks
         def work(cursor, append):
-            found = yield self._load(cursor, "grant", "id = %s", (grant_id,))
+            found = yield self.index.load(cursor, "grant", "id = %s", (grant_id,))
             if not found:
-                raise ApprovalError("there is no grant %s" % (grant_id,), 404)
+                raise model.no_grant(grant_id)
             grant = found[0]
-            self._revoked(grant, approver, self._check_revoke(grant, approver, reason))
-            event = yield append(self.stamp(_revoke_event(grant)))
-            yield self._update(
-                cursor,
-                "UPDATE {s}.approvals SET status = 'revoked', closed = %s WHERE closed IS NULL AND id = %s",
-                (event["seq"], grant.id),
-            )
-            yield self._wake(cursor, grant.id, "grant.revoke")
+            self.judge.revoke(grant, approver, reason)
+            event = yield append(self.ledger.revoke(grant))
+            yield self.index.revoked(cursor, grant.id, event["seq"])
+            yield self.index.wake(cursor, grant.id, "grant.revoke")
             return grant
 
         def refused(failure):
             failure.trap(ApprovalError)
-            return self._refused(failure.value, approver, action="revoke", grant=grant_id)
+            return self.ledger.refused(failure.value, approver, action="revoke", grant=grant_id)
 
         return self.store.append_checked(work).addErrback(refused)
-
-
-def _stop_timer(request):
-    if request.timer is not None and request.timer.active():
-        request.timer.cancel()
-    request.timer = None
 

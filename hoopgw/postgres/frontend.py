@@ -509,16 +509,8 @@ class PostgresFrontend(protocol.Protocol):
             head = self._expected[0] if self._expected else None
             command = head.command if head is not None else None
         if self.session is not None:
-            event = {"type": "command.cancel", "session": self.session.id, "connection": self.session.connection}
-            if command is not None:
-                event["command"] = command.id
-            if self.session.identity is not None:
-                event["subject"] = self.session.identity.subject
-            if via is not None:
-                event["via"] = via
-            self.factory.gateway.record(event).addErrback(
-                lambda failure: self.log.failure("Recording a cancel failed", failure)
-            )
+            # The record addon writes it; an addon that fails is logged by the chain.
+            self.chain.cancel(self.session, command, via)
 
     def _fatal(self, sqlstate, text, code=None):
         """

@@ -1,15 +1,15 @@
 """
 The channels of an admitted SSH session.  A client's session channel
-carries one command (exec, shell or the sftp subsystem): it goes through
-the chain, and only when allowed is a session channel opened on the
-target and the request replayed there.  The target's stdout and stderr
-come back through the chain's result hooks (masking holds bytes back
+carries one command (exec, shell or the sftp subsystem, made from its
+requests by L{hoopgw.ssh.requests}): it goes through the chain, and only
+when allowed is a session channel opened on the target and the request
+replayed there.  The target's stdout and stderr come back through the
+chain's result hooks (L{hoopgw.ssh.output}: masking holds bytes back
 across chunks and releases them on the final chunk), the exit status is
 passed through and recorded, and a terminal session is kept as an
 asciicast.
 """
 
-import collections
 import struct
 
 from twisted.conch.error import ConchError
@@ -19,20 +19,19 @@ from twisted.logger import Logger
 
 from hoopgw import admission
 from hoopgw import cast as casts
-from hoopgw.chain import ChainBroken
-from hoopgw.model import DENIED, ERROR, EXITED, INTERRUPTED, SIGNALLED, WITHHELD, Decision, ResultChunk
+from hoopgw.model import DENIED, ERROR, INTERRUPTED
 from hoopgw.ssh import certificates
-from hoopgw.ssh.commands import exec_command, forward_command, refused_request, sftp_command, shell_command
-from hoopgw.ssh.publickeys import Reader, WireError, string
+from hoopgw.ssh.commands import forward_command
+from hoopgw.ssh.output import TargetOutput
+from hoopgw.ssh.publickeys import Reader
 from hoopgw.ssh.relay import RelayChannel
+from hoopgw.ssh.requests import SessionRequests
 from hoopgw.ssh.sftp import SftpRelay
 
 
 # The exit status a client sees for a command the gateway denied, as a
 # shell reports a command it may not execute.
 DENIED_EXIT_STATUS = 126
-
-_STREAMS = ("stdout", "stderr")
 
 
 class ChannelRefused(Exception):
@@ -104,6 +103,10 @@ class _ClientSide(RelayChannel):
 
     target = None
 
+    def close_target(self):
+        if self.target is not None and not self.target.localClosed:
+            self.target.send_close()
+
     def blocked(self):
         if self.target is not None:
             self.target.hold("client-full")
@@ -115,65 +118,41 @@ class _ClientSide(RelayChannel):
 
 class SessionChannel(_ClientSide):
     """
-    A client's session channel: environment and pty requests are kept,
-    then one exec, shell or sftp request is decided by the chain and, if
-    allowed, replayed on a new session channel on the target.
+    A client's session channel: its requests (L{SessionRequests}) make one
+    exec, shell or sftp command, which the chain decides and, if allowed,
+    is replayed on a new session channel on the target; the client's bytes
+    go to the target, the target's come back through the chain
+    (L{TargetOutput}), and the command's outcome is recorded.
     """
 
     log = Logger()
-
-    _REQUESTS = {
-        b"env": "_env",
-        b"pty-req": "_pty",
-        b"exec": "_exec",
-        b"shell": "_shell",
-        b"subsystem": "_subsystem",
-        b"window-change": "_window_change",
-        b"signal": "_signal",
-        b"x11-req": "_x11",
-        b"auth-agent-req@openssh.com": "_agent",
-    }
 
     def __init__(self, avatar, **kwargs):
         RelayChannel.__init__(self, avatar=avatar, **kwargs)
         self.session = avatar.session
         self.chain = avatar.chain
         self.settings = avatar.settings
-        self.env = []
-        self.pty = None
         self.command = None
         self.target = None
         self.sftp = None
         self.cast = None
         self.started = False
         self.finished = False
+        self.requests = SessionRequests(self)
+        self.output = TargetOutput(self)
         self._early = []
         self._client_eof = False
-        self._pipeline = collections.deque()
-        self._busy = None
-        self._withheld = False
-        self._target_done = False
-        self._finals_sent = False
         self._after_reply = []
         self._deciding = None
-        self._hooks = self.chain.has("result_received")
-        self._counts = {"stdin": 0, "stdout": 0, "stderr": 0}
+        self._stdin = 0
         # Nothing the client sends is relayed before the command is allowed.
         self.hold("starting")
 
     def channelOpen(self, data):
         self.avatar.channels.add(self)
 
-    # Requests from the client.
-
     def requestReceived(self, request_type, data):
-        method = self._REQUESTS.get(request_type)
-        if method is None:
-            return 0
-        try:
-            return getattr(self, method)(data)
-        except WireError:
-            return 0
+        return self.requests.received(request_type, data)
 
     def replied(self):
         """
@@ -184,106 +163,24 @@ class SessionChannel(_ClientSide):
         for action in actions:
             action()
 
-    def _env(self, data):
-        reader = Reader(data)
-        name = reader.string()
-        reader.string()
-        if self.command is not None or not self.settings.forwards_env(name.decode("utf-8", "replace")):
-            return 0
-        self.env.append(data)
-        return 1
-
-    def _pty(self, data):
-        if self.command is not None:
-            return 0
-        reader = Reader(data)
-        term = reader.text()
-        cols, rows = reader.uint32(), reader.uint32()
-        certificate = self.avatar.certificate
-        if certificate is not None and not certificates.permits(certificate, "permit-pty"):
-            self.avatar.refuse(
-                refused_request("pty", "pty-req", term=term),
-                "the certificate does not permit a pty (ssh-keygen -O permit-pty)",
-                "certificate:permit-pty",
-            )
-            return 0
-        self.pty = {"term": term, "cols": cols, "rows": rows, "raw": data}
-        return 1
-
-    def _window_change(self, data):
-        cols, rows = struct.unpack(">2L", data[:8])
-        if self.pty is not None:
-            self.pty["cols"], self.pty["rows"] = cols, rows
-        if self.cast is not None:
-            self.cast.resize(cols, rows)
-        if self.started and self.target is not None and not self.target.localClosed:
-            self.target.send_request(b"window-change", data)
-        return 1
-
-    def _signal(self, data):
-        if self.started and self.target is not None and not self.target.localClosed:
-            self.target.send_request(b"signal", data)
-            return 1
-        return 0
-
-    def _x11(self, data):
-        self.avatar.refuse(
-            refused_request("x11-forwarding", "x11-req"), "X11 forwarding is never allowed through hoopgw"
-        )
-        return 0
-
-    def _agent(self, data):
-        self.avatar.refuse(
-            refused_request("agent-forwarding", "auth-agent-req@openssh.com"),
-            "agent forwarding is never allowed through hoopgw",
-        )
-        return 0
-
-    def _exec(self, data):
-        if self.command is not None:
-            return 0
-        line = Reader(data).string()
-        command = exec_command(line.decode("utf-8", "surrogateescape"), self.avatar.login, self.pty is not None)
-        if self.env:
-            command.facts["env"] = sorted(Reader(raw).text() for raw in self.env)
-        return self._start(command, b"exec", string(line))
-
-    def _shell(self, data):
-        if self.command is not None:
-            return 0
-        command = shell_command(self.avatar.login, self.pty is not None, self.pty and self.pty["term"])
-        denial = None
-        identity = self.session.identity
-        if not self.settings.shell_allowed(identity):
-            denial = Decision.deny(
-                "interactive shells are not allowed for %s identities on this connection; "
-                "run a command instead (ssh %s@gateway COMMAND)" % (identity.kind, self.avatar.login),
-                rule="shell",
-                addon="gateway",
-            )
-        return self._start(command, b"shell", b"", denial)
-
-    def _subsystem(self, data):
-        if self.command is not None:
-            return 0
-        name = Reader(data).string()
-        if name != b"sftp":
-            self.command = refused_request("subsystem", "subsystem %s" % (name.decode("utf-8", "replace"),))
-            self.command.facts["login"] = self.avatar.login
-            self.command.decision = Decision.deny(
-                "only the sftp subsystem is relayed", rule="subsystem", addon="gateway"
-            )
-            self._refused(b"subsystem")
-            return 0
-        command = sftp_command("start")
-        denial = None
-        if not self.settings.sftp:
-            denial = Decision.deny("sftp is not allowed on this connection", rule="sftp", addon="gateway")
-        return self._start(command, b"subsystem", data, denial)
+    def running(self):
+        """
+        Whether the command runs on the target, which can still be told
+        something (a window change, a signal).
+        """
+        return self.started and self.target is not None and not self.target.localClosed
 
     # Deciding and starting.
 
-    def _start(self, command, request, payload, denial=None):
+    def start(self, command, request, payload, denial=None):
+        """
+        Decide C{command}, which C{request} (C{exec}, C{shell},
+        C{subsystem}, with C{payload}) asked for: refused at once with
+        C{denial}, else by the chain; run on the target if allowed.
+
+        @return: the request's answer (1 or 0), or a L{Deferred} firing
+            with it.
+        """
         self.command = command
         command.facts.setdefault("login", self.avatar.login)
         if denial is not None:
@@ -301,7 +198,7 @@ class SessionChannel(_ClientSide):
         self.avatar.pending.discard(self)
         if self.localClosed or self.remoteClosed:
             self.command.outcome.update(status=INTERRUPTED, reason="the client left before the decision")
-            self._finish()
+            self.finish()
             return 0
         if decision.denied:
             return self._refused(request)
@@ -310,7 +207,7 @@ class SessionChannel(_ClientSide):
     def _refused(self, request):
         decision = self.command.decision
         self.command.outcome.update(status=DENIED)
-        self._finish()
+        self.finish()
         what = {b"exec": "command", b"shell": "shell", b"subsystem": "subsystem"}[request]
         message = "hoopgw denied this %s: %s" % (what, decision.reason)
         if decision.rule:
@@ -334,7 +231,7 @@ class SessionChannel(_ClientSide):
         target_conn = self.avatar.target
         if target_conn is None or target_conn.closed:
             self.command.outcome.update(status=ERROR, error="the target connection is gone")
-            self._finish()
+            self.finish()
             return 0
         self.target = TargetChannel(self, b"session")
         opening = target_conn.open(self.target)
@@ -345,11 +242,12 @@ class SessionChannel(_ClientSide):
     def _replay(self, _, request, payload):
         target = self.target
         conn = target.conn
-        for raw in self.env:
+        for raw in self.requests.env:
             conn.sendRequest(target, b"env", raw)
-        if self.pty is not None:
+        pty = self.requests.pty
+        if pty is not None:
             try:
-                yield conn.sendRequest(target, b"pty-req", self.pty["raw"], wantReply=1)
+                yield conn.sendRequest(target, b"pty-req", pty["raw"], wantReply=1)
             except ConchError:
                 raise ConchError("the target refused to allocate a pty")
         try:
@@ -361,14 +259,15 @@ class SessionChannel(_ClientSide):
         if self.localClosed or self.remoteClosed:
             self.target.send_close()
             self.command.outcome.update(status=INTERRUPTED, reason="the client left before the command started")
-            self._finish()
+            self.finish()
             return 0
         self.started = True
         command = self.command
+        pty = self.requests.pty
         if command.kind == "sftp":
             self.sftp = SftpRelay(self)
-        elif command.kind == "shell" or self.pty is not None:
-            pty = self.pty or {}
+        elif command.kind == "shell" or pty is not None:
+            pty = pty or {}
             self.cast = casts.Recorder(
                 pty.get("cols", 80),
                 pty.get("rows", 24),
@@ -395,7 +294,7 @@ class SessionChannel(_ClientSide):
             self.command.outcome.update(status=INTERRUPTED, reason="the client left before the command started")
         else:
             self.command.outcome.update(status=ERROR, error=reason)
-        self._finish()
+        self.finish()
         if self.target is not None:
             self.target.send_close()
         message = ("hoopgw: %s\r\n" % (reason,)).encode("utf-8")
@@ -416,7 +315,7 @@ class SessionChannel(_ClientSide):
         if self.sftp is not None:
             self.sftp.client_data(data)
             return
-        self._counts["stdin"] += len(data)
+        self._stdin += len(data)
         if self.cast is not None:
             self.cast.input(data)
         if not self.target.localClosed:
@@ -432,9 +331,8 @@ class SessionChannel(_ClientSide):
             self.target.send_eof()
 
     def closeReceived(self):
-        if self.target is not None and not self.target.localClosed:
-            self.target.send_close()
-        if self.command is not None and not self.finished and not self._target_done:
+        self.close_target()
+        if self.command is not None and not self.finished and not self.output.done:
             self.command.outcome.update(status=INTERRUPTED, reason="the client closed the channel")
         RelayChannel.closeReceived(self)
 
@@ -444,8 +342,7 @@ class SessionChannel(_ClientSide):
         if self._deciding is not None:
             # Cancelling the decision finishes the command as interrupted.
             self._deciding.cancel()
-        if self.target is not None and not self.target.localClosed:
-            self.target.send_close()
+        self.close_target()
         if self.sftp is not None:
             self.sftp.close("the channel closed")
         if self.command is None or self.finished:
@@ -455,151 +352,29 @@ class SessionChannel(_ClientSide):
             return
         self.command.outcome.setdefault("status", "interrupted")
         self.command.outcome.setdefault("reason", "the client disconnected")
-        self._finish()
+        self.finish()
 
-
-    # Target to client, through the chain.
+    # Target to client: see L{TargetOutput}.
 
     def target_output(self, stream, data):
-        self._counts[stream] += len(data)
-        if self.sftp is not None and stream == "stdout":
-            self.sftp.target_data(data)
-            return
-        if not self._hooks and self._busy is None and not self._pipeline:
-            self._emit(stream, data)
-            return
-        self._queue(("chunk", ResultChunk("stream", data=data, stream=stream)))
+        self.output.output(stream, data)
 
     def target_eof(self):
-        self._queue_finals()
-        self._queue(("eof", None))
+        self.output.eof()
 
     def target_exit(self, name, data):
-        """
-        The target's exit status or signal: recorded, and passed on as the
-        gateway re-encodes it (the signal's message masked and redacted
-        like any text from the target); a malformed one is not passed on.
-        """
-        outcome = self.command.outcome
-        try:
-            reader = Reader(data)
-            if name == b"exit-status":
-                code = reader.uint32()
-                outcome.update(status=EXITED, exit_status=code)
-                data = struct.pack(">L", code)
-            else:
-                signal = admission.client_text(reader.string()[:32])
-                core_dumped = reader.boolean()
-                message = admission.client_text(reader.string())
-                language = reader.string()[:32] if reader.remaining else b""
-                outcome.update(status=SIGNALLED, signal=signal, core_dumped=core_dumped)
-                if message:
-                    outcome["error"] = message[:200]
-                data = (
-                    string(signal.encode("utf-8")) + bytes((core_dumped,)) + string(message.encode("utf-8"))
-                    + string(language if language.isascii() else b"")
-                )
-        except WireError:
-            outcome.update(status=EXITED, exit_status=None, error="the target sent a malformed %s" % (name.decode(),))
-            return
-        self._queue(("request", (name, data)))
+        self.output.exit(name, data)
 
     def target_closed(self):
-        self._queue_finals()
-        self._queue(("close", None))
-
-    def _queue_finals(self):
-        if self._finals_sent or not self._hooks or self.sftp is not None:
-            return
-        self._finals_sent = True
-        for stream in _STREAMS:
-            self._queue(("chunk", ResultChunk("stream", data=b"", stream=stream, final=True)))
-
-    def _queue(self, action):
-        self._pipeline.append(action)
-        if self._busy is None:
-            self._drain()
-
-    def _drain(self):
-        pipeline = self._pipeline
-        while pipeline and self._busy is None and not self._withheld:
-            kind, value = pipeline.popleft()
-            if kind == "chunk":
-                self._through_chain(value)
-            elif kind == "eof":
-                self.send_eof()
-            elif kind == "request":
-                self.send_request(*value)
-            else:
-                self._target_finished()
-        if self._busy is None and self.target is not None:
-            self.target.release("addon")
-
-    def _through_chain(self, chunk):
-        try:
-            waiting = self.chain.result(self.session, self.command, chunk)
-        except ChainBroken as problem:
-            self._withhold(problem)
-            return
-        if waiting is None:
-            self._chunk_done(None, chunk)
-            return
-        self._busy = waiting
-        if self.target is not None:
-            self.target.hold("addon")
-        waiting.addCallbacks(self._chunk_done, self._chunk_failed, callbackArgs=(chunk,))
-        waiting.addCallback(self._resume_drain)
-
-    def _chunk_done(self, _, chunk):
-        self._busy = None
-        self._emit(chunk.stream, chunk.data)
-
-    def _chunk_failed(self, failure):
-        self._busy = None
-        if failure.check(ChainBroken):
-            self._withhold(failure.value)
-        else:
-            self.internal_error(failure)
-
-    def _resume_drain(self, _):
-        self._drain()
-
-    def _emit(self, stream, data):
-        if not data:
-            return
-        if stream == "stdout":
-            self.send_data(data)
-        else:
-            self.send_stderr(data)
-        if self.cast is not None:
-            self.cast.output(data)
-
-    def _withhold(self, problem):
-        """
-        An addon failed on the output: nothing more of it may reach the
-        client (fail closed).
-        """
-        self.log.error("Withholding a command's output: {problem}", problem=str(problem))
-        self._withheld = True
-        self._pipeline.clear()
-        self.command.outcome.update(status=WITHHELD, error=str(problem))
-        if self.target is not None and not self.target.localClosed:
-            self.target.send_close()
-        self.send_stderr(("\r\nhoopgw withheld this command's output because %s\r\n" % (problem,)).encode("utf-8"))
-        self.send_close()
-        self._finish()
-
-    def _target_finished(self):
-        self._target_done = True
-        if not self.sent_eof:
-            self.send_eof()
-        self.send_close()
-        self.command.outcome.setdefault("status", "closed")
-        self._finish()
+        self.output.closed()
 
     # Outcome.
 
-    def _finish(self):
+    def finish(self):
+        """
+        The command is over: its byte counts (or sftp operations) go in its
+        outcome, its terminal recording is stored, and the chain is told.
+        """
         if self.finished or self.command is None:
             return
         self.finished = True
@@ -609,9 +384,9 @@ class SessionChannel(_ClientSide):
                 command.outcome["operations"] = self.sftp.operations if self.sftp is not None else 0
             else:
                 command.outcome.update(
-                    stdin_bytes=self._counts["stdin"],
-                    stdout_bytes=self._counts["stdout"],
-                    stderr_bytes=self._counts["stderr"],
+                    stdin_bytes=self._stdin,
+                    stdout_bytes=self.output.counts["stdout"],
+                    stderr_bytes=self.output.counts["stderr"],
                 )
         if self.cast is None:
             self.chain.finish(self.session, command)
@@ -626,22 +401,20 @@ class SessionChannel(_ClientSide):
         self.log.warn("Closing an sftp channel: {reason}", reason=reason)
         if self.command is not None:
             self.command.outcome.update(status=ERROR, error=reason)
-        if self.target is not None and not self.target.localClosed:
-            self.target.send_close()
+        self.close_target()
         self.send_close()
         if self.sftp is not None:
             self.sftp.close(reason)
-        self._finish()
+        self.finish()
 
     def internal_error(self, failure):
         self.log.failure("Internal error in an SSH channel", failure)
         if self.command is not None:
             self.command.outcome.update(status=ERROR, error="internal error: %s" % (failure.getErrorMessage(),))
-        if self.target is not None and not self.target.localClosed:
-            self.target.send_close()
+        self.close_target()
         self.send_stderr(b"\r\nhoopgw failed internally and closed this channel; the failure is logged\r\n")
         self.send_close()
-        self._finish()
+        self.finish()
 
     def notify(self, text):
         """
@@ -699,8 +472,7 @@ class ForwardChannel(_ClientSide):
 
     def closed(self):
         self.avatar.channels.discard(self)
-        if self.target is not None and not self.target.localClosed:
-            self.target.send_close()
+        self.close_target()
         self._finish("closed")
 
 
