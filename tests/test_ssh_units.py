@@ -698,3 +698,31 @@ class HostKeyTests(unittest.TestCase):
             _, blob, _ = parse_public_key(handle.read())
         self.assertEqual(blob, first.public().blob())
 
+
+
+class MalformedRequestTests(unittest.TestCase):
+    """
+    Channel requests a hostile client can send with a short payload.
+    """
+
+    def test_short_window_change(self):
+        """
+        A window-change shorter than its two sizes is refused (0), not
+        raised out of the channel, and nothing of it reaches the pty or
+        the target.
+        """
+        from hoopgw.ssh.requests import SessionRequests
+
+        class Channel:
+            avatar = None
+            settings = None
+            cast = None
+
+            def running(self):
+                raise AssertionError("a malformed request must not reach the target")
+
+        requests = SessionRequests(Channel())
+        requests.pty = {"cols": 80, "rows": 24}
+        for payload in (b"", b"\x00\x00\x00", b"\x00\x00\x00\x50\x00\x00"):
+            self.assertEqual(requests.received(b"window-change", payload), 0)
+        self.assertEqual(requests.pty, {"cols": 80, "rows": 24})

@@ -54,7 +54,9 @@ class SessionRequests:
             return 0
         try:
             return getattr(self, method)(data)
-        except WireError:
+        except (WireError, struct.error):
+            # Malformed (a window-change shorter than its two sizes...):
+            # refused, as OpenSSH's sshd refuses it.
             return 0
 
     # Kept for the target, before the command.
