@@ -798,18 +798,45 @@ class CopyColumnMasker:
         self.delimiter = ord(delimiter) if delimiter else (44 if csv else 9)
         self.quote = ord(quote) if quote else 34
         self.header = header
-        self.held = b""
+        # The bytes after the last whole row, as they came: each is read
+        # once for row ends, and joined only when a row ends (a row cut
+        # into many pieces costs its size, not its size times the pieces).
+        self._held = []
+        self._held_size = 0
+        # Whether the held bytes end inside a quoted CSV field.
+        self._quoted = False
+        self._ends = re.compile(b"[\n%s]" % (re.escape(bytes((self.quote,))),)) if csv else None
         self.masked = 0
+
+    @property
+    def held(self):
+        """
+        The bytes of a row not yet whole.
+        """
+        return b"".join(self._held)
 
     def feed(self, data, final=False):
         """
         @return: C{(bytes to send now, values masked)}.
         """
-        data = self.held + data
+        ends = self._row_ends(data)
+        if not ends and not final:
+            if data:
+                self._held.append(data)
+                self._held_size += len(data)
+            if self._held_size > self.MAX_ROW:
+                raise MaskingError("a COPY row is longer than %d bytes" % (self.MAX_ROW,))
+            return b"", 0
+        if self._held:
+            ends = [self._held_size + end for end in ends]
+            self._held.append(data)
+            data = b"".join(self._held)
+        self._held = []
+        self._held_size = 0
         out = []
         count = 0
         start = 0
-        for end in self._row_ends(data):
+        for end in ends:
             row = data[start:end]
             start = end
             if self.header:
@@ -819,34 +846,44 @@ class CopyColumnMasker:
             row, found = self._row(row)
             out.append(row)
             count += found
-        self.held = data[start:]
-        if final and self.held:
-            row, found = self._row(self.held)
+        rest = data[start:]
+        if final and rest:
+            row, found = self._row(rest)
             out.append(row)
             count += found
-            self.held = b""
-        if len(self.held) > self.MAX_ROW:
-            raise MaskingError("a COPY row is longer than %d bytes" % (self.MAX_ROW,))
+            rest = b""
+        if final:
+            self._quoted = False
+        if rest:
+            self._held = [rest]
+            self._held_size = len(rest)
+            if self._held_size > self.MAX_ROW:
+                raise MaskingError("a COPY row is longer than %d bytes" % (self.MAX_ROW,))
         self.masked += count
         return b"".join(out), count
 
     def _row_ends(self, data):
         """
-        The offsets just after each complete row's newline.
+        The offsets in C{data} just after each newline that ends a row,
+        the quoting state carried over from the bytes before.
         """
         if not self.csv:
+            ends = []
             position = data.find(b"\n")
             while position >= 0:
-                yield position + 1
+                ends.append(position + 1)
                 position = data.find(b"\n", position + 1)
-            return
-        quoted = False
+            return ends
+        ends = []
+        quoted = self._quoted
         quote = self.quote
-        for index, byte in enumerate(data):
-            if byte == quote:
+        for match in self._ends.finditer(data):
+            if data[match.start()] == quote:
                 quoted = not quoted
-            elif byte == 10 and not quoted:
-                yield index + 1
+            elif not quoted:
+                ends.append(match.start() + 1)
+        self._quoted = quoted
+        return ends
 
     def _fields(self, row):
         """

@@ -177,6 +177,28 @@ def split_pieces(pieces, size):
     raise ValueError("fewer than %d bytes to split" % (size,))
 
 
+def regroup(pieces, size):
+    """
+    Consecutive byte strings joined into parts of at least C{size} bytes
+    (the last may be shorter), one at a time: a part is made only when the
+    one before was used (a generator); a piece of C{size} bytes or more is
+    a part of its own, not copied.
+    """
+    group = []
+    total = 0
+    for piece in pieces:
+        if not piece:
+            continue
+        group.append(piece)
+        total += len(piece)
+        if total >= size:
+            yield group[0] if len(group) == 1 else b"".join(group)
+            group = []
+            total = 0
+    if group:
+        yield group[0] if len(group) == 1 else b"".join(group)
+
+
 # Messages the gateway sends to clients.
 
 
