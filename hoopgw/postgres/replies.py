@@ -11,14 +11,20 @@ from twisted.logger import Logger
 
 from hoopgw import cards, redact
 from hoopgw.chain import ChainBroken
-from hoopgw.model import ERROR, NOT_RUN, OK, SUSPENDED, ResultChunk
-from hoopgw.postgres import backend, wire
+from hoopgw.model import ERROR, NOT_RUN, OK, OPAQUE, SUSPENDED, TEXT, ResultChunk
+from hoopgw.postgres import backend, values, wire
 
 # The size of the parts in which a large CopyData's data is handed to
 # result hooks: the reads that brought it are joined up to it.
 STREAM_PART = wire.LARGE_MESSAGE
 # Stream data of this size or more is framed without being copied.
 STREAM_FRAMED = 1 << 16
+
+# What hooks are told of a COPY stream in text (or CSV) and in binary.
+_TEXT_STREAM = (TEXT,)
+_OPAQUE_STREAM = (OPAQUE,)
+# A function's result: binary, of a type not known here.
+_FUNCTION_RESULT = values.describe([0], [1])
 
 # Whether rows may arrive now: not outside a result (NO_ROWS); in a result
 # whose field count the first row tells (None); else that count.
@@ -49,7 +55,10 @@ class TargetReplies:
         self._columns = ()
         self._rows = NO_ROWS
         self._copy = None
-        self._copy_format = 0
+        self._copy_kinds = _TEXT_STREAM
+        # The last result description read for hooks: (its columns, the
+        # result formats, what hooks are told of it).
+        self._described_for_hooks = None
         self._handlers = {
             wire.ROW_DESCRIPTION: self._row_description,
             wire.COMMAND_COMPLETE: self._command_complete,
@@ -211,7 +220,7 @@ class TargetReplies:
             firing once a hook that is waiting and the parts after it are.
         """
         for part in parts:
-            chunk = ResultChunk("stream", data=part, stream="copy", formats=(self._copy_format,))
+            chunk = ResultChunk("stream", data=part, stream="copy", kinds=self._copy_kinds)
             out = []
             waiting = self._through_chain(command, chunk, out, lambda chunk=chunk: self._encode_chunk(wire.COPY_DATA, chunk))
             if waiting is not None:
@@ -298,39 +307,49 @@ class TargetReplies:
         head = self._head
         command = head.command if head is not None else None
         if kind == wire.DATA_ROW:
-            names, formats, type_oids = self._row_columns(head)
+            names, kinds, decoders, replaceable = self._row_columns(head)
             data = buffer[start:stop]
             chunk = ResultChunk(
                 "rows",
                 data=data,
                 columns=names,
-                formats=formats,
-                type_oids=type_oids,
+                kinds=kinds,
+                decoders=decoders,
+                replaceable=replaceable,
                 decode=wire.decode_data_rows,
                 locate=wire.DataRowValues(data, self.settings.max_message_bytes < 1 << 29),
             )
         else:
             chunk = ResultChunk(
-                "stream", data=wire.copy_data_payloads(buffer, start, stop), stream="copy", formats=(self._copy_format,)
+                "stream", data=wire.copy_data_payloads(buffer, start, stop), stream="copy", kinds=self._copy_kinds
             )
         return self._through_chain(command, chunk, out, lambda: self._encode_chunk(kind, chunk))
 
     def _row_columns(self, head):
         """
-        The names, formats and types of the columns of the rows now
-        arriving.  An Execute's rows follow no RowDescription unless the
-        client described the portal: its columns come from the portal's
-        (or its statement's) description, its formats from its Bind.
+        The names of the columns of the rows now arriving, and their kinds,
+        decoders and replaceable flags (L{hoopgw.postgres.values}), worked
+        out once per description, not per batch of rows.  An Execute's
+        rows follow no RowDescription unless the client described the
+        portal: its columns come from the portal's (or its statement's)
+        description, its formats from its Bind.
         """
         columns = self._columns
+        result_formats = None
         if head is not None and head.kind == "execute" and head.target is not None:
             portal = head.target
             columns = portal.columns or columns
-            count = len(columns)
-            formats = [wire.parameter_format(portal.result_formats, index) for index in range(count)]
+            result_formats = portal.result_formats
+        described = self._described_for_hooks
+        if described is not None and described[0] is columns and described[1] is result_formats:
+            return described[2]
+        if result_formats is not None:
+            formats = [wire.parameter_format(result_formats, index) for index in range(len(columns))]
         else:
             formats = [column[2] for column in columns]
-        return [column[0] for column in columns], formats, [column[1] for column in columns]
+        told = ([column[0] for column in columns],) + values.describe([column[1] for column in columns], formats)
+        self._described_for_hooks = (columns, result_formats, told)
+        return told
 
     def _encode_chunk(self, kind, chunk):
         if chunk.kind == "rows":
@@ -491,7 +510,7 @@ class TargetReplies:
     def _copy_out(self, kind, payload, raw, out):
         if self._denying():
             raise backend.MalformedTarget(kind, "in answer to a statement the gateway denied")
-        self._copy_format = backend.copy_response(kind, payload)
+        self._copy_kinds = _TEXT_STREAM if backend.copy_response(kind, payload) == 0 else _OPAQUE_STREAM
         self._copy = "out"
         out.append(raw)
         return None
@@ -513,7 +532,7 @@ class TargetReplies:
         # The end of a copy stream: what a hook held back is released.
         head = self._head
         command = head.command if head is not None else None
-        chunk = ResultChunk("stream", stream="copy", formats=(self._copy_format,), final=True)
+        chunk = ResultChunk("stream", stream="copy", kinds=self._copy_kinds, final=True)
         return self._through_chain(command, chunk, out, lambda: _pieces(self._encode_chunk(wire.COPY_DATA, chunk)) + [raw])
 
     def _portal_suspended(self, kind, payload, raw, out):
@@ -546,7 +565,10 @@ class TargetReplies:
         # as an opaque binary value.
         length = wire.unpack_int32(payload)
         value = None if length == 0xFFFFFFFF else payload[4 : 4 + length]
-        chunk = ResultChunk("rows", columns=["result"], formats=[1], type_oids=[0], rows=[[value]])
+        kinds, decoders, replaceable = _FUNCTION_RESULT
+        chunk = ResultChunk(
+            "rows", columns=["result"], kinds=kinds, decoders=decoders, replaceable=replaceable, rows=[[value]]
+        )
         return self._through_chain(command, chunk, out, lambda: wire.function_call_response(chunk.rows[0][0]))
 
     def _notice(self, kind, payload, raw, out):
