@@ -36,8 +36,6 @@ MAX_DEPTH = 8
 _RUN = cards._RUN_BYTES
 _SEPARATORS = (32, 45)
 
-_FAILING_ROW = re.compile(r"^Failing row contains \(.*\)\.?$", re.S)
-_KEY_DETAIL = re.compile(r"^Key \((?P<columns>.*?)\)=\((?P<values>.*)\)(?P<rest>[^)]*)$", re.S)
 
 DEFAULT_COLUMNS = (
     r"(^|_)cvv2?($|_)",
@@ -421,41 +419,41 @@ class Masker:
 
     # Messages.
 
-    def fields(self, fields, sensitive_columns=True):
+    def fields(self, fields, quotes=None):
         """
         Mask the fields of an error, notice or notification in place.
 
+        @param quotes: what the front end found quoted in them
+            (L{hoopgw.model.ResultChunk.quotes}): a field that quotes a
+            whole row, or values of a sensitive column, is withheld.
         @return: the number of values masked.
         """
         count = 0
+        quotes = quotes or {}
         for name, value in list(fields.items()):
             # Every field, the "server's own words" too (severity, code,
             # routine...): a hostile target puts anything in any of them,
             # or runs a field into the next by a missing NUL.
             if not isinstance(value, str):
                 continue
-            if name == "detail" and sensitive_columns and (self.columns or self.detail_names):
-                value, replaced = self._detail(value)
+            quote = quotes.get(name)
+            if quote is not None and (self.columns or self.detail_names):
+                value, replaced = self._quoted(value, quote)
                 count += replaced
             masked, found = cards.mask_text(value, self.style)
             fields[name] = masked
             count += found
         return count
 
-    def _detail(self, detail):
+    def _quoted(self, value, quote):
         """
-        A constraint violation's detail can quote a whole row ("Failing
-        row contains (...)"), or the key of a sensitive column: withheld.
+        A field that quotes a whole row (a failed constraint's), or the
+        values of a sensitive column (a key's): withheld.
         """
-        if _FAILING_ROW.match(detail):
-            return "Failing row contains (values withheld by hoopgw).", 1
-        match = _KEY_DETAIL.match(detail)
-        if match and any(
-            self.sensitive(name.strip().strip('"')) or name.strip().strip('"') in self.detail_names
-            for name in match.group("columns").split(",")
-        ):
-            return "Key (%s)=(withheld by hoopgw)%s" % (match.group("columns"), match.group("rest")), 1
-        return detail, 0
+        columns, withheld = quote
+        if columns is None or any(self.sensitive(name) or name in self.detail_names for name in columns):
+            return withheld, 1
+        return value, 0
 
 
 _DOUBLE = numpy.array([0, 2, 4, 6, 8, 1, 3, 5, 7, 9], dtype=numpy.int64)

@@ -300,6 +300,11 @@ class ResultChunk:
         column); else it becomes None (SQL NULL).  A column with no entry
         is replaceable.
     @ivar fields: for C{"message"}, a mapping of field name to text.
+    @ivar quotes: for C{"message"}, what the front end found quoted in
+        its fields: C{{field name: (column names, or None for a whole
+        row, the field's text with the quoted values withheld)}}.  A hook
+        that must not let a column's values out replaces such a field by
+        the second text.
     @ivar stream: for C{"stream"}, its name (stdout, stderr, copy, ...).
     @ivar masked: how many values hooks masked in this chunk.
     @ivar withheld: how many values hooks withheld from this chunk.
@@ -317,12 +322,12 @@ class ResultChunk:
     """
 
     __slots__ = (
-        "kind", "data", "columns", "kinds", "decoders", "replaceable", "fields", "stream",
+        "kind", "data", "columns", "kinds", "decoders", "replaceable", "fields", "quotes", "stream",
         "masked", "_rows", "_decode", "rows_changed", "withheld", "final", "locate",
     )
 
     def __init__(self, kind, data=b"", columns=(), kinds=(), decoders=(), replaceable=(), fields=None,
-                 stream=None, rows=None, decode=None, final=False, locate=None):
+                 stream=None, rows=None, decode=None, final=False, locate=None, quotes=None):
         self.kind = kind
         self.data = data
         self.columns = columns
@@ -330,6 +335,7 @@ class ResultChunk:
         self.decoders = decoders
         self.replaceable = replaceable
         self.fields = fields
+        self.quotes = quotes
         self.stream = stream
         self.masked = 0
         self.withheld = 0

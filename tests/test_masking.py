@@ -300,15 +300,15 @@ class FieldsTests(unittest.TestCase):
             "detail": "Key (pan)=(4111111111111111) already exists.",
             "where": "PL/pgSQL function f() line 3 at RAISE: 5500000000000004",
         }
-        self.assertEqual(masker.fields(fields), 2)
+        self.assertEqual(masker.fields(fields, values.quotes(fields)), 2)
         self.assertEqual(fields["detail"], "Key (pan)=(411111******1111) already exists.")
         self.assertNotIn("5500000000000004", fields["where"])
         self.assertEqual(fields["code"], "23505")
         row = {"detail": "Failing row contains (7, 123, secret)."}
-        masker.fields(row)
+        masker.fields(row, values.quotes(row))
         self.assertNotIn("123", row["detail"])
         key = {"detail": "Key (cvv)=(123) already exists."}
-        masker.fields(key)
+        masker.fields(key, values.quotes(key))
         self.assertEqual(key["detail"], "Key (cvv)=(withheld by hoopgw) already exists.")
 
 

@@ -208,6 +208,52 @@ class LargeCopyMaskingTests(unittest.SynchronousTestCase):
         self.assertEqual([kind for kind, _ in messages(frontend.transport.written)], [b"H"])
 
 
+class WaitingHookTests(unittest.SynchronousTestCase):
+    """
+    A hook that answers a part of a large CopyData with a Deferred holds
+    the rest of the message, and what follows it, until it fires.
+    """
+
+    def test_parts_in_order(self):
+        """
+        The second part waits on the hook: the client has the first part
+        only; once the hook is done, the second, the rest and CopyDone
+        follow in order, the bytes exact.
+        """
+        from twisted.internet import defer
+
+        waiting = defer.Deferred()
+
+        class Slow:
+            name = "slow"
+            seen = 0
+
+            def result_received(self, session, command, chunk):
+                if chunk.kind == "stream" and not chunk.final:
+                    self.seen += 1
+                    if self.seen == 2:
+                        return waiting
+                return None
+
+        harness = testing.ChainHarness([Slow()])
+        frontend = Frontend(harness)
+        frontend._expected.append(Pending("query", [testing.sql_command("COPY cards TO STDOUT")]))
+        relay = replies.TargetReplies(frontend, lambda: frontend.fatal is not None)
+        relay.data_received(copy_out())
+        data = bytes(range(256)) * (3 * (1 << 12))
+        for piece in reads(wire.message(b"d", data)):
+            relay.data_received(piece)
+        relay.data_received(wire.message(b"c"))
+        before = messages(frontend.transport.written)
+        self.assertEqual([kind for kind, _ in before], [b"H", b"d"])
+        self.assertEqual(before[1][1], data[: len(before[1][1])])
+        waiting.callback(None)
+        after = messages(frontend.transport.written)
+        self.assertEqual([kind for kind, _ in after], [b"H"] + [b"d"] * (len(after) - 2) + [b"c"])
+        self.assertGreaterEqual(len(after), 4)
+        self.assertEqual(b"".join(payload for kind, payload in after if kind == b"d"), data)
+
+
 class Verdict:
     """
     What the column analysis says of a COPY TO (the parts of

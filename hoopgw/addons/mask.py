@@ -254,7 +254,7 @@ class Mask:
             if exempt:
                 self._count_unmasked(command, exempt, sum(cards.mask_text(str(value))[1] for value in chunk.fields.values()))
             else:
-                chunk.masked += self.masker.fields(chunk.fields)
+                chunk.masked += self.masker.fields(chunk.fields, chunk.quotes)
 
     def _count_unmasked(self, command, exempt, count):
         if command is not None and count:

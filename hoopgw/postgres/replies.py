@@ -576,7 +576,8 @@ class TargetReplies:
             out.append(raw)
             return None
         head = self._head
-        chunk = ResultChunk("message", fields=wire.parse_fields(payload), stream="notice")
+        fields = wire.parse_fields(payload)
+        chunk = ResultChunk("message", fields=fields, stream="notice", quotes=values.quotes(fields))
         command = head.command if head is not None else None
         return self._through_chain(command, chunk, out, lambda: self._encode_chunk(kind, chunk))
 
@@ -629,7 +630,7 @@ class TargetReplies:
                 self._not_run(skipped, "an earlier message of the pipeline failed")
         if frontend._result_hooks:
             command = head.command if head is not None else None
-            chunk = ResultChunk("message", fields=fields, stream="error")
+            chunk = ResultChunk("message", fields=fields, stream="error", quotes=values.quotes(fields))
             return self._through_chain(command, chunk, out, lambda: self._encode_chunk(kind, chunk))
         out.append(raw)
         return None

@@ -2,10 +2,12 @@
 PostgreSQL's values as result hooks see them: what kind each column's
 values are (L{hoopgw.model.TEXT}, L{hoopgw.model.NUMBER} or
 L{hoopgw.model.OPAQUE}), read from its type and format once per result
-description, and the decoders that read binary values for them.  Addons
-and the masking engine never see a type OID or a format code.
+description, and the decoders that read binary values for them; and what an error's
+detail quotes.  Addons and the masking engine never see a type OID, a
+format code or PostgreSQL's wording.
 """
 
+import re
 import struct
 
 from hoopgw.model import NUMBER, OPAQUE, TEXT
@@ -214,3 +216,27 @@ def describe(type_oids, formats):
         tuple(entry[1] for entry in described),
         tuple(entry[2] for entry in described),
     )
+
+
+_FAILING_ROW = re.compile(r"^Failing row contains \(.*\)\.?$", re.S)
+_KEY_DETAIL = re.compile(r"^Key \((?P<columns>.*?)\)=\((?P<values>.*)\)(?P<rest>[^)]*)$", re.S)
+
+
+def quotes(fields):
+    """
+    What an error's or notice's fields quote of the target's data (see
+    L{hoopgw.model.ResultChunk.quotes}): a constraint violation's detail
+    quotes a whole row ("Failing row contains (...)"), or the values of a
+    key's columns ("Key (pan)=(...) already exists.").
+    """
+    detail = fields.get("detail")
+    if not isinstance(detail, str):
+        return None
+    if _FAILING_ROW.match(detail):
+        return {"detail": (None, "Failing row contains (values withheld by hoopgw).")}
+    match = _KEY_DETAIL.match(detail)
+    if match:
+        columns = match.group("columns")
+        names = tuple(name.strip().strip('"') for name in columns.split(","))
+        return {"detail": (names, "Key (%s)=(withheld by hoopgw)%s" % (columns, match.group("rest")))}
+    return None
