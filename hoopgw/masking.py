@@ -185,7 +185,9 @@ class Masker:
 
         @param locate: C{locate(start, end)} -> None when the bytes
             C{[start, end)} certainly lie inside one value, else the list
-            of C{(start, end)} pieces that do.
+            of C{(start, end)} pieces that do; and, if it has one,
+            C{locate.inside(array, starts, ends)}, the same for many runs at
+            once (see L{hoopgw.model.ResultChunk.locate}).
         @return: C{(new data or None, count)}.
         """
         masked, count = self._rows_in_place_once(data, locate)
@@ -218,30 +220,10 @@ class Masker:
         count = 0
         if len(starts):
             lengths = ends - starts
-            size = len(array)
-            # Framing can only precede a value: a run whose three bytes
-            # before are all printable is inside one value.
-            safe = starts >= 3
-            safe[safe] &= (array[starts[safe] - 1] >= 32) & (array[starts[safe] - 2] >= 32) & (array[starts[safe] - 3] >= 32)
-            # A run that is exactly one value (a column holding a card
-            # number): the four bytes before it are its length, framing
-            # follows it (see wire.DataRowValues).
-            whole = ~safe & (starts >= 4) & (lengths <= cards.MAX_DIGITS)
-            if whole.any():
-                where = numpy.flatnonzero(whole)
-                first = starts[where]
-                length = (
-                    (array[first - 4].astype(numpy.int64) << 24)
-                    | (array[first - 3].astype(numpy.int64) << 16)
-                    | (array[first - 2].astype(numpy.int64) << 8)
-                    | array[first - 1]
-                )
-                last = ends[where]
-                after = numpy.minimum(last, size - 1)
-                following = numpy.minimum(last + 1, size - 1)
-                framed = (last == size) | (array[after] == 0) | ((array[after] == 68) & (array[following] == 0))
-                whole[where] = (length == lengths[where]) & framed
-            certain = safe | whole
+            # The runs the front end can tell at once lie inside one value
+            # (or are one whole value); the others are located exactly.
+            inside = getattr(locate, "inside", None)
+            certain = inside(array, starts, ends) if inside is not None else numpy.zeros(len(starts), dtype=bool)
             valid = certain & (lengths <= cards.MAX_DIGITS) & _luhn(array, starts, lengths)
             if valid.any():
                 out = array.copy()
@@ -249,7 +231,7 @@ class Masker:
                 for length in numpy.unique(lengths[valid]):
                     chosen = starts[valid & (lengths == length)]
                     out[chosen[:, None] + numpy.arange(keep, length - 4)] = 42
-            # Runs that may start with framing bytes: located exactly.
+            # Runs that may hold more than one value's bytes: located exactly.
             chains = chains + [(int(first), int(last)) for first, last in zip(starts[~certain], ends[~certain])]
         for start, end in chains:
             hidden, found = _located_positions(data, start, end, locate, keep)

@@ -319,6 +319,11 @@ class ResultChunk:
         C{(start, end)} pieces that are inside values.  A hook that
         changes values without changing their lengths uses it to edit
         L{data} in place (see L{replace_data}) instead of decoding rows.
+        It may also have C{locate.inside(array, starts, ends)}: given
+        C{data} as a numpy array of bytes and the bounds of many runs,
+        a numpy array of booleans saying which certainly lie inside one
+        value (what C{locate} would answer None for), for hooks that scan
+        a batch with vectorised operations.
     """
 
     __slots__ = (
