@@ -1,15 +1,16 @@
 """
 The masking engine: card numbers out of everything a target sends back,
-whatever the protocol.  Rows (text values, binary values by type), byte
-streams cut at arbitrary places, and the fields of error and notice
-messages; values of sensitive columns (CVV, track data, PIN) replaced
-whole.  Masking keeps lengths, so a batch of rows can be masked in place
-without being decoded.
+whatever the protocol.  Rows (text, numbers, opaque values read through
+the front end's decoders), byte streams cut at arbitrary places, and the
+fields of error and notice messages; values of sensitive columns (CVV,
+track data, PIN) replaced whole.  Masking keeps lengths, so a batch of
+rows can be masked in place without being decoded.
 
 Nothing here knows a wire format: the front end says where values lie
 (L{hoopgw.model.ResultChunk.locate}) and what each column's values are
 (text, number or opaque, with the decoders that read the latter:
-L{hoopgw.model.ResultChunk.kinds}).
+L{hoopgw.model.ResultChunk.kinds}), and what an error's fields quote
+(L{hoopgw.model.ResultChunk.quotes}).
 """
 
 import json

@@ -401,7 +401,8 @@ class TargetReplies:
     # waits for an addon.
 
     def _relay_as_is(self, kind, payload, raw, out):
-        out.append(raw)
+        if not self._denying():
+            out.append(raw)
 
     def _denying(self):
         """
