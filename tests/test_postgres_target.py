@@ -532,21 +532,7 @@ class RealTargetTests(unittest.TestCase):
         gateway = GatewayHarness(self, addons=["identity", "mask", "record"], allow_plaintext_password=True)
         chunk = b"x" * (100 * 1024 - 17) + b" " + PAN.encode()
         value = chunk * 30
-
-        def run():
-            client = RawClient(gateway.port, password=token())
-            self.addCleanup(client.close)
-            client.startup()
-            client.query("DROP TABLE IF EXISTS large_masked; CREATE TABLE large_masked (value text)")
-            client.send(wire.query("COPY large_masked FROM STDIN"))
-            client.until(b"G")
-            client.send(wire.message(b"d", value + b"\n") + wire.message(b"c"))
-            client.until(b"Z")
-            copied = client.query("COPY large_masked TO STDOUT")
-            client.query("DROP TABLE large_masked")
-            return copied
-
-        copied = yield in_thread(run)
+        _, copied, _ = yield in_thread(copy_round_trip, self, gateway, value)
         data = [payload for kind, payload in copied if kind == b"d"]
         self.assertGreaterEqual(len(data), 3)
         self.assertEqual(b"".join(data), value.replace(PAN.encode(), MASKED_PAN.encode()) + b"\n")
@@ -562,22 +548,7 @@ class RealTargetTests(unittest.TestCase):
             return original(pieces, size)
 
         self.patch(wire, "split_pieces", split_pieces)
-
-        def run():
-            client = RawClient(gateway.port, password=token())
-            self.addCleanup(client.close)
-            client.startup()
-            client.query("DROP TABLE IF EXISTS large_copy; CREATE TABLE large_copy (value text)")
-            client.send(wire.query("COPY large_copy FROM STDIN"))
-            client.until(b"G")
-            client.send(wire.message(b"d", value + b"\n") + wire.message(b"c"))
-            loaded = client.until(b"Z")
-            copied = client.query("COPY large_copy TO STDOUT")
-            length = client.query("SELECT length(value) FROM large_copy")
-            client.query("DROP TABLE large_copy")
-            return loaded, copied, length
-
-        loaded, copied, length = yield in_thread(run)
+        loaded, copied, length = yield in_thread(copy_round_trip, self, gateway, value)
         self.assertIn((b"C", b"COPY 1\x00"), loaded)
         data = [payload for kind, payload in copied if kind == b"d"]
         self.assertEqual(b"".join(data), value + b"\n")
@@ -588,6 +559,27 @@ class RealTargetTests(unittest.TestCase):
         self.assertIn((b"D", struct.pack("!HI", 1, 7) + str(len(value)).encode()), length)
         # Both messages took the path that never joins them.
         self.assertEqual(splits, [len(value) + 6, len(value) + 6])
+
+
+def copy_round_trip(test, gateway, value):
+    """
+    Through C{gateway}, load C{value} as one row with one CopyData (COPY
+    FROM STDIN), copy it out again (COPY TO STDOUT) and ask its length.
+
+    @return: the messages answering each: C{(loaded, copied, length)}.
+    """
+    client = RawClient(gateway.port, password=token())
+    test.addCleanup(client.close)
+    client.startup()
+    client.query("DROP TABLE IF EXISTS large_copy; CREATE TABLE large_copy (value text)")
+    client.send(wire.query("COPY large_copy FROM STDIN"))
+    client.until(b"G")
+    client.send(wire.message(b"d", value + b"\n") + wire.message(b"c"))
+    loaded = client.until(b"Z")
+    copied = client.query("COPY large_copy TO STDOUT")
+    length = client.query("SELECT length(value) FROM large_copy")
+    client.query("DROP TABLE large_copy")
+    return loaded, copied, length
 
 
 class ExtendedTargetFactory(HostileTargetFactory):
