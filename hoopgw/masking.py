@@ -1,22 +1,25 @@
 """
 The masking engine: card numbers out of everything a target sends back,
-whatever the protocol.  Rows (text values, binary values by type), byte
-streams cut at arbitrary places, and the fields of error and notice
-messages; values of sensitive columns (CVV, track data, PIN) replaced
-whole.  Masking keeps lengths, so a batch of rows can be masked in place
-without being decoded.
+whatever the protocol.  Rows (text, numbers, opaque values read through
+the front end's decoders), byte streams cut at arbitrary places, and the
+fields of error and notice messages; values of sensitive columns (CVV,
+track data, PIN) replaced whole.  Masking keeps lengths, so a batch of
+rows can be masked in place without being decoded.
 
 Nothing here knows a wire format: the front end says where values lie
-(L{hoopgw.model.ResultChunk.locate}) and which type each column has.
+(L{hoopgw.model.ResultChunk.locate}) and what each column's values are
+(text, number or opaque, with the decoders that read the latter:
+L{hoopgw.model.ResultChunk.kinds}), and what an error's fields quote
+(L{hoopgw.model.ResultChunk.quotes}).
 """
 
 import json
 import re
-import struct
 
 import numpy
 
 from hoopgw import cards
+from hoopgw.model import NUMBER, TEXT
 
 
 class MaskingError(Exception):
@@ -25,29 +28,15 @@ class MaskingError(Exception):
     """
 
 
-# Type OIDs (PostgreSQL's, the only typed rows so far) whose binary form
-# is their text: text, varchar, bpchar, name, "char", unknown, json, xml,
-# jsonb (a version byte, then text), cstring, and bytea (raw bytes).
-TEXT_TYPES = frozenset({25, 1043, 1042, 19, 18, 705, 114, 142, 3802, 2275})
-BYTEA = 17
-INT8 = 20
-FLOAT8 = 701
-NUMERIC = 1700
-RECORD = 2249
-# Binary types that cannot hold 13 digits: passed as they are.
-SMALL_TYPES = frozenset({16, 21, 23, 26, 700, 1082, 1083, 1114, 1184, 1186, 1266, 2950, 869, 650, 829, 774, 1560, 1562, 790})
-# Replacement for a sensitive column's value, where the type is text.
+# Replacement for a sensitive column's value, where any text may stand.
 REPLACEMENT = b"***"
-_REPLACEABLE = frozenset({25, 1043, 1042, 19, 705, 0})
+# How deep values inside values (arrays of records...) are read.
+MAX_DEPTH = 8
 
 
 _RUN = cards._RUN_BYTES
-_INT32 = struct.Struct("!i")
-_UINT32 = struct.Struct("!I")
 _SEPARATORS = (32, 45)
 
-_FAILING_ROW = re.compile(r"^Failing row contains \(.*\)\.?$", re.S)
-_KEY_DETAIL = re.compile(r"^Key \((?P<columns>.*?)\)=\((?P<values>.*)\)(?P<rest>[^)]*)$", re.S)
 
 DEFAULT_COLUMNS = (
     r"(^|_)cvv2?($|_)",
@@ -197,7 +186,9 @@ class Masker:
 
         @param locate: C{locate(start, end)} -> None when the bytes
             C{[start, end)} certainly lie inside one value, else the list
-            of C{(start, end)} pieces that do.
+            of C{(start, end)} pieces that do; and, if it has one,
+            C{locate.inside(array, starts, ends)}, the same for many runs at
+            once (see L{hoopgw.model.ResultChunk.locate}).
         @return: C{(new data or None, count)}.
         """
         masked, count = self._rows_in_place_once(data, locate)
@@ -230,30 +221,10 @@ class Masker:
         count = 0
         if len(starts):
             lengths = ends - starts
-            size = len(array)
-            # Framing can only precede a value: a run whose three bytes
-            # before are all printable is inside one value.
-            safe = starts >= 3
-            safe[safe] &= (array[starts[safe] - 1] >= 32) & (array[starts[safe] - 2] >= 32) & (array[starts[safe] - 3] >= 32)
-            # A run that is exactly one value (a column holding a card
-            # number): the four bytes before it are its length, framing
-            # follows it (see wire.DataRowValues).
-            whole = ~safe & (starts >= 4) & (lengths <= cards.MAX_DIGITS)
-            if whole.any():
-                where = numpy.flatnonzero(whole)
-                first = starts[where]
-                length = (
-                    (array[first - 4].astype(numpy.int64) << 24)
-                    | (array[first - 3].astype(numpy.int64) << 16)
-                    | (array[first - 2].astype(numpy.int64) << 8)
-                    | array[first - 1]
-                )
-                last = ends[where]
-                after = numpy.minimum(last, size - 1)
-                following = numpy.minimum(last + 1, size - 1)
-                framed = (last == size) | (array[after] == 0) | ((array[after] == 68) & (array[following] == 0))
-                whole[where] = (length == lengths[where]) & framed
-            certain = safe | whole
+            # The runs the front end can tell at once lie inside one value
+            # (or are one whole value); the others are located exactly.
+            inside = getattr(locate, "inside", None)
+            certain = inside(array, starts, ends) if inside is not None else numpy.zeros(len(starts), dtype=bool)
             valid = certain & (lengths <= cards.MAX_DIGITS) & _luhn(array, starts, lengths)
             if valid.any():
                 out = array.copy()
@@ -261,7 +232,7 @@ class Masker:
                 for length in numpy.unique(lengths[valid]):
                     chosen = starts[valid & (lengths == length)]
                     out[chosen[:, None] + numpy.arange(keep, length - 4)] = 42
-            # Runs that may start with framing bytes: located exactly.
+            # Runs that may hold more than one value's bytes: located exactly.
             chains = chains + [(int(first), int(last)) for first, last in zip(starts[~certain], ends[~certain])]
         for start, end in chains:
             hidden, found = _located_positions(data, start, end, locate, keep)
@@ -305,91 +276,66 @@ class Masker:
 
     # Rows, value by value.
 
-    def value(self, value, binary, type_oid):
+    def value(self, value, kind=TEXT, decoder=None, depth=0):
         """
-        One value of a row.
+        One value of a row, of a kind and with a decoder as
+        L{hoopgw.model.ResultChunk.kinds} describes.  Text is masked in
+        place; a number that is a card number, and a value that cannot be
+        read but might hold one, are withheld; values inside values (array
+        elements, record fields) are read in turn.
 
-        @return: C{(value, masked, withheld)}; a withheld value is None
-            (SQL NULL).
+        @return: C{(value or None, masked, withheld)}; a withheld value is
+            None (SQL NULL).
         """
-        if not binary:
-            if type_oid == BYTEA and value[:2] == b"\\x":
-                return self._hex_bytea(value)
+        if kind == TEXT:
             masked, count = cards.mask_bytes(value, self.style)
             return masked, count, 0
-        return self.binary(type_oid, value)
-
-    def _hex_bytea(self, value):
-        try:
-            raw = bytes.fromhex(value[2:].decode("ascii"))
-        except ValueError:
-            raise MaskingError("a bytea value is not valid hex")
-        masked, count = cards.mask_bytes(raw, self.style)
-        if not count:
-            return value, 0, 0
-        return b"\\x" + masked.hex().encode("ascii"), count, 0
-
-    def binary(self, type_oid, value, depth=0):
-        """
-        A value in binary format.  Text types are masked in place; numbers
-        that are card numbers, and values of types that cannot be read
-        but might hold one, are withheld.
-
-        @return: C{(value or None, masked, withheld)}.
-        """
-        if type_oid in TEXT_TYPES or type_oid == BYTEA:
-            masked, count = cards.mask_bytes(value, self.style)
-            return masked, count, 0
-        if type_oid in SMALL_TYPES:
-            return value, 0, 0
-        if type_oid == INT8:
-            if len(value) != 8:
-                raise MaskingError("an int8 value is not 8 bytes")
-            return self._number(str(abs(int.from_bytes(value, "big", signed=True))), value)
-        if type_oid == FLOAT8:
-            (number,) = struct.unpack("!d", value)
-            if number == number and abs(number) < 1e20 and number == int(number):
-                return self._number(str(abs(int(number))), value)
-            return value, 0, 0
-        if type_oid == NUMERIC:
-            text = _numeric_text(value)
-            if _RUN.search(text.encode("ascii")) and cards.mask_text(text)[1]:
+        if kind == NUMBER:
+            text = decoder(value)
+            if text and _RUN.search(text.encode("ascii")) and cards.mask_text(text)[1]:
                 return None, 0, 1
             return value, 0, 0
-        if depth > 8:
-            raise MaskingError("a value nests too deeply to be checked")
-        if not cards.might_hold_pan(value):
+        contents = decoder(value) if decoder is not None else None
+        if isinstance(contents, tuple):
+            # The value encodes text (hex): masked decoded, encoded again.
+            text, encode = contents
+            masked, count = cards.mask_bytes(text, self.style)
+            if not count:
+                return value, 0, 0
+            return encode(masked), count, 0
+        if contents is not None and not contents:
             return value, 0, 0
-        for reader in (_read_array, _read_record):
-            parts = reader(value)
-            if parts is not None:
-                return self._nested(value, parts, depth)
-        # Unknown binary that might hold a card number: not sent.
-        return None, 0, 1
-
-    def _number(self, digits, value):
-        if cards.MIN_DIGITS <= len(digits) <= cards.MAX_DIGITS and cards.luhn_valid(digits):
-            return None, 0, 1
-        return value, 0, 0
+        if depth > MAX_DEPTH:
+            raise MaskingError("a value nests too deeply to be checked")
+        if contents is None:
+            # Unknown binary that might hold a card number: not sent.
+            if cards.might_hold_pan(value):
+                return None, 0, 1
+            return value, 0, 0
+        return self._nested(value, contents, depth)
 
     def _nested(self, value, parts, depth):
         out = None
         masked = 0
-        for type_oid, start, end in parts:
-            inner, count, withheld = self.binary(type_oid, value[start:end], depth + 1)
+        for start, end, kind, decoder in parts:
+            inner, count, withheld = self.value(value[start:end], kind, decoder, depth + 1)
             if withheld:
                 return None, 0, 1
             if count:
+                if len(inner) != end - start:
+                    raise MaskingError("a value inside a value changed its length")
                 if out is None:
                     out = bytearray(value)
                 out[start:end] = inner
                 masked += count
         return (bytes(out) if out is not None else value), masked, 0
 
-    def rows(self, rows, formats, type_oids, replace=(), forced=()):
+    def rows(self, rows, kinds, decoders=(), replaceable=(), replace=(), forced=()):
         """
         Mask decoded rows in place (a list of lists of bytes or None).
 
+        @param kinds, decoders, replaceable: per column, as
+            L{hoopgw.model.ResultChunk} has them.
         @param replace: column positions whose values are replaced whole.
         @param forced: column positions known to hold card numbers: their
             digits are masked whether or not they pass the Luhn check.
@@ -397,20 +343,24 @@ class Masker:
         """
         changed = False
         masked = withheld = 0
-        columns = len(formats)
+        columns = len(kinds)
         for row in rows:
             for index, value in enumerate(row):
                 if value is None:
                     continue
-                binary = index < columns and formats[index] == 1
-                type_oid = type_oids[index] if index < len(type_oids) else 0
+                if index < columns:
+                    kind = kinds[index]
+                    decoder = decoders[index] if index < len(decoders) else None
+                else:
+                    kind, decoder = TEXT, None
                 if index in replace:
-                    row[index] = REPLACEMENT if type_oid in _REPLACEABLE else None
+                    free = replaceable[index] if index < len(replaceable) else True
+                    row[index] = REPLACEMENT if free else None
                     masked += 1
                     changed = True
                     continue
                 if index in forced:
-                    if binary and type_oid not in TEXT_TYPES:
+                    if kind != TEXT:
                         row[index] = None
                         withheld += 1
                     else:
@@ -419,7 +369,7 @@ class Masker:
                     changed = True
                     continue
                 try:
-                    new, count, held = self.value(value, binary, type_oid)
+                    new, count, held = self.value(value, kind, decoder)
                 except Exception:
                     # Whatever could not be checked is not sent.
                     new, count, held = None, 0, 1
@@ -452,41 +402,41 @@ class Masker:
 
     # Messages.
 
-    def fields(self, fields, sensitive_columns=True):
+    def fields(self, fields, quotes=None):
         """
         Mask the fields of an error, notice or notification in place.
 
+        @param quotes: what the front end found quoted in them
+            (L{hoopgw.model.ResultChunk.quotes}): a field that quotes a
+            whole row, or values of a sensitive column, is withheld.
         @return: the number of values masked.
         """
         count = 0
+        quotes = quotes or {}
         for name, value in list(fields.items()):
             # Every field, the "server's own words" too (severity, code,
             # routine...): a hostile target puts anything in any of them,
             # or runs a field into the next by a missing NUL.
             if not isinstance(value, str):
                 continue
-            if name == "detail" and sensitive_columns and (self.columns or self.detail_names):
-                value, replaced = self._detail(value)
+            quote = quotes.get(name)
+            if quote is not None and (self.columns or self.detail_names):
+                value, replaced = self._quoted(value, quote)
                 count += replaced
             masked, found = cards.mask_text(value, self.style)
             fields[name] = masked
             count += found
         return count
 
-    def _detail(self, detail):
+    def _quoted(self, value, quote):
         """
-        A constraint violation's detail can quote a whole row ("Failing
-        row contains (...)"), or the key of a sensitive column: withheld.
+        A field that quotes a whole row (a failed constraint's), or the
+        values of a sensitive column (a key's): withheld.
         """
-        if _FAILING_ROW.match(detail):
-            return "Failing row contains (values withheld by hoopgw).", 1
-        match = _KEY_DETAIL.match(detail)
-        if match and any(
-            self.sensitive(name.strip().strip('"')) or name.strip().strip('"') in self.detail_names
-            for name in match.group("columns").split(",")
-        ):
-            return "Key (%s)=(withheld by hoopgw)%s" % (match.group("columns"), match.group("rest")), 1
-        return detail, 0
+        columns, withheld = quote
+        if columns is None or any(self.sensitive(name) or name in self.detail_names for name in columns):
+            return withheld, 1
+        return value, 0
 
 
 _DOUBLE = numpy.array([0, 2, 4, 6, 8, 1, 3, 5, 7, 9], dtype=numpy.int64)
@@ -596,80 +546,6 @@ def _luhn(array, starts, lengths):
 _OFFSETS = [numpy.arange(length) for length in range(cards.MAX_DIGITS + 1)]
 _DOUBLED_AT = [(length - 1 - numpy.arange(length)) % 2 == 1 for length in range(cards.MAX_DIGITS + 1)]
 _PLAIN = [~doubled for doubled in _DOUBLED_AT]
-
-
-def _numeric_text(value):
-    """
-    The digits of a binary NUMERIC, as text ("12345.678").
-    """
-    if len(value) < 8:
-        raise MaskingError("a numeric value is too short")
-    count, weight, sign, scale = struct.unpack_from("!hhHh", value)
-    if sign == 0xC000:
-        return "NaN"
-    digits = struct.unpack_from("!%dH" % (count,), value, 8)
-    whole = []
-    fraction = []
-    for index, digit in enumerate(digits):
-        position = weight - index
-        (whole if position >= 0 else fraction).append("%04d" % (digit,))
-    if weight >= len(digits):
-        whole.extend(["0000"] * (weight - len(digits) + 1))
-    text = ("".join(whole).lstrip("0") or "0")
-    if fraction:
-        text += "." + "".join(fraction)
-    return text
-
-
-def _read_array(value):
-    """
-    The elements of a binary array: C{[(element type, start, end)]}, or
-    None if C{value} is not one.
-    """
-    try:
-        dimensions, _, element_type = struct.unpack_from("!iiI", value)
-        if not 0 <= dimensions <= 6:
-            return None
-        offset = 12
-        total = 1 if dimensions else 0
-        for _ in range(dimensions):
-            size = _INT32.unpack_from(value, offset)[0]
-            if size < 0:
-                return None
-            total *= size
-            offset += 8
-        parts = []
-        for _ in range(total):
-            length = _INT32.unpack_from(value, offset)[0]
-            offset += 4
-            if length >= 0:
-                parts.append((element_type, offset, offset + length))
-                offset += length
-        return parts if offset == len(value) else None
-    except struct.error:
-        return None
-
-
-def _read_record(value):
-    """
-    The fields of a binary record: C{[(type, start, end)]}, or None.
-    """
-    try:
-        count = _INT32.unpack_from(value, 0)[0]
-        if not 0 <= count <= 1600:
-            return None
-        offset = 4
-        parts = []
-        for _ in range(count):
-            type_oid = _UINT32.unpack_from(value, offset)[0]
-            length = _INT32.unpack_from(value, offset + 4)[0]
-            offset += 8
-            if length >= 0:
-                parts.append((type_oid, offset, offset + length))
-                offset += length
-        return parts if offset == len(value) else None
-    except struct.error:
-        return None
 
 
 class StreamMasker:
@@ -798,18 +674,45 @@ class CopyColumnMasker:
         self.delimiter = ord(delimiter) if delimiter else (44 if csv else 9)
         self.quote = ord(quote) if quote else 34
         self.header = header
-        self.held = b""
+        # The bytes after the last whole row, as they came: each is read
+        # once for row ends, and joined only when a row ends (a row cut
+        # into many pieces costs its size, not its size times the pieces).
+        self._held = []
+        self._held_size = 0
+        # Whether the held bytes end inside a quoted CSV field.
+        self._quoted = False
+        self._ends = re.compile(b"[\n%s]" % (re.escape(bytes((self.quote,))),)) if csv else None
         self.masked = 0
+
+    @property
+    def held(self):
+        """
+        The bytes of a row not yet whole.
+        """
+        return b"".join(self._held)
 
     def feed(self, data, final=False):
         """
         @return: C{(bytes to send now, values masked)}.
         """
-        data = self.held + data
+        ends = self._row_ends(data)
+        if not ends and not final:
+            if data:
+                self._held.append(data)
+                self._held_size += len(data)
+            if self._held_size > self.MAX_ROW:
+                raise MaskingError("a COPY row is longer than %d bytes" % (self.MAX_ROW,))
+            return b"", 0
+        if self._held:
+            ends = [self._held_size + end for end in ends]
+            self._held.append(data)
+            data = b"".join(self._held)
+        self._held = []
+        self._held_size = 0
         out = []
         count = 0
         start = 0
-        for end in self._row_ends(data):
+        for end in ends:
             row = data[start:end]
             start = end
             if self.header:
@@ -819,34 +722,44 @@ class CopyColumnMasker:
             row, found = self._row(row)
             out.append(row)
             count += found
-        self.held = data[start:]
-        if final and self.held:
-            row, found = self._row(self.held)
+        rest = data[start:]
+        if final and rest:
+            row, found = self._row(rest)
             out.append(row)
             count += found
-            self.held = b""
-        if len(self.held) > self.MAX_ROW:
-            raise MaskingError("a COPY row is longer than %d bytes" % (self.MAX_ROW,))
+            rest = b""
+        if final:
+            self._quoted = False
+        if rest:
+            self._held = [rest]
+            self._held_size = len(rest)
+            if self._held_size > self.MAX_ROW:
+                raise MaskingError("a COPY row is longer than %d bytes" % (self.MAX_ROW,))
         self.masked += count
         return b"".join(out), count
 
     def _row_ends(self, data):
         """
-        The offsets just after each complete row's newline.
+        The offsets in C{data} just after each newline that ends a row,
+        the quoting state carried over from the bytes before.
         """
         if not self.csv:
+            ends = []
             position = data.find(b"\n")
             while position >= 0:
-                yield position + 1
+                ends.append(position + 1)
                 position = data.find(b"\n", position + 1)
-            return
-        quoted = False
+            return ends
+        ends = []
+        quoted = self._quoted
         quote = self.quote
-        for index, byte in enumerate(data):
-            if byte == quote:
+        for match in self._ends.finditer(data):
+            if data[match.start()] == quote:
                 quoted = not quoted
-            elif byte == 10 and not quoted:
-                yield index + 1
+            elif not quoted:
+                ends.append(match.start() + 1)
+        self._quoted = quoted
+        return ends
 
     def _fields(self, row):
         """

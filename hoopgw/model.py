@@ -255,6 +255,14 @@ class Command:
         return b"\x1f".join(parts)
 
 
+# What the values of a result's column are to a hook (ResultChunk.kinds),
+# in no protocol's terms.
+TEXT = "text"
+NUMBER = "number"
+OPAQUE = "opaque"
+VALUE_KINDS = (TEXT, NUMBER, OPAQUE)
+
+
 class ResultChunk:
     """
     A piece of what a target sends back for a command, handed to the
@@ -267,37 +275,72 @@ class ResultChunk:
         the content to change; for C{"rows"}, the encoded batch, which a
         hook may scan quickly before it decodes L{rows}.
     @ivar columns: for C{"rows"}, the column names.
-    @ivar formats: for C{"rows"}, the per-column format codes (0 text,
-        1 binary).
-    @ivar type_oids: for C{"rows"}, the per-column type OIDs.
+    @ivar kinds: for C{"rows"}, what each column's values are; for a
+        C{"stream"} the front end knows the form of, one entry for the
+        whole stream.  L{TEXT}: characters, which a hook may read and
+        rewrite as text (a masked value keeps its length).  L{NUMBER}: a
+        number in a form that is not text; its C{decoders} entry gives its
+        digits as text (C{"12345.678"}; C{""} when it has none to read); a
+        hook may pass it or remove it, never rewrite it.  L{OPAQUE}: bytes
+        that are not text, which a hook must not rewrite as text; its
+        C{decoders} entry, when there is one, says what they hold (see
+        below).  A column with no entry is L{TEXT}.
+    @ivar decoders: for C{"rows"}, per column, None for L{TEXT}, else a
+        function of one value.  An L{OPAQUE} value's decoder returns None
+        (it cannot be read: a hook that cannot tell what it holds removes
+        it), a list of C{(start, end, kind, decoder)} (the values inside
+        it, at C{value[start:end]}, each of a kind as above: a L{TEXT} one
+        may be rewritten in place at the same length; an empty list: it
+        holds nothing that could be text or a long number), or a pair
+        C{(text, encode)} (it encodes the bytes C{text}; C{encode(new)} is
+        the value holding C{new} instead).  A decoder raises
+        C{ValueError} for a value it finds malformed.
+    @ivar replaceable: for C{"rows"}, per column, whether a value a hook
+        removes whole may be replaced by any text (a character string
+        column); else it becomes None (SQL NULL).  A column with no entry
+        is replaceable.
     @ivar fields: for C{"message"}, a mapping of field name to text.
+    @ivar quotes: for C{"message"}, what the front end found quoted in
+        its fields: C{{field name: (column names, or None for a whole
+        row, the field's text with the quoted values withheld)}}.  A hook
+        that must not let a column's values out replaces such a field by
+        the second text.
     @ivar stream: for C{"stream"}, its name (stdout, stderr, copy, ...).
     @ivar masked: how many values hooks masked in this chunk.
     @ivar withheld: how many values hooks withheld from this chunk.
     @ivar final: for C{"stream"}, this is the stream's last chunk (possibly
         empty): a hook that held bytes back (a card number that may
-        continue in the next chunk) must release them now.
+        continue in the next chunk) must release them now.  One message
+        of a stream may come as several chunks (a large PostgreSQL
+        CopyData is handed over in parts of about 1 MiB).
     @ivar locate: for C{"rows"}, if the front end offers it, a function
         C{locate(start, end)} saying where the bytes C{data[start:end]}
         lie: None when certainly inside one value, else the list of
         C{(start, end)} pieces that are inside values.  A hook that
         changes values without changing their lengths uses it to edit
         L{data} in place (see L{replace_data}) instead of decoding rows.
+        It may also have C{locate.inside(array, starts, ends)}: given
+        C{data} as a numpy array of bytes and the bounds of many runs,
+        a numpy array of booleans saying which certainly lie inside one
+        value (what C{locate} would answer None for), for hooks that scan
+        a batch with vectorised operations.
     """
 
     __slots__ = (
-        "kind", "data", "columns", "formats", "type_oids", "fields", "stream",
+        "kind", "data", "columns", "kinds", "decoders", "replaceable", "fields", "quotes", "stream",
         "masked", "_rows", "_decode", "rows_changed", "withheld", "final", "locate",
     )
 
-    def __init__(self, kind, data=b"", columns=(), formats=(), type_oids=(), fields=None, stream=None,
-                 rows=None, decode=None, final=False, locate=None):
+    def __init__(self, kind, data=b"", columns=(), kinds=(), decoders=(), replaceable=(), fields=None,
+                 stream=None, rows=None, decode=None, final=False, locate=None, quotes=None):
         self.kind = kind
         self.data = data
         self.columns = columns
-        self.formats = formats
-        self.type_oids = type_oids
+        self.kinds = kinds
+        self.decoders = decoders
+        self.replaceable = replaceable
         self.fields = fields
+        self.quotes = quotes
         self.stream = stream
         self.masked = 0
         self.withheld = 0

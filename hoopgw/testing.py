@@ -29,7 +29,7 @@ from hoopgw import options as o
 from hoopgw.addon import AddonContext
 from hoopgw.chain import AddonChain
 from hoopgw.interfaces import IStore
-from hoopgw.model import OK, SERVICE, Identity, ResultChunk, Session
+from hoopgw.model import OK, SERVICE, TEXT, Identity, ResultChunk, Session
 from hoopgw.store import events as chaining
 
 
@@ -193,7 +193,7 @@ def rows(columns, values):
     A result chunk of rows, each value text (encoded as UTF-8) or None.
     """
     encoded = [[None if value is None else str(value).encode("utf-8") for value in row] for row in values]
-    return ResultChunk("rows", columns=list(columns), formats=[0] * len(columns), rows=encoded)
+    return ResultChunk("rows", columns=list(columns), kinds=(TEXT,) * len(columns), rows=encoded)
 
 
 class ChainHarness:

@@ -16,6 +16,7 @@ from hoopgw.addons import mask
 from hoopgw.options import ConfigError
 from hoopgw.postgres import guard as guard_module
 from hoopgw.postgres import lineage
+from hoopgw.postgres import values as postgres_values
 
 
 DOCUMENT = {
@@ -473,7 +474,7 @@ class MaskAddonTests(unittest.TestCase):
         builtin = Command(kind="function-call", text="function call (oid 764)", facts={"function_oid": 764})
         self.assertFalse(harness.submit(builtin).denied)
         fields = {"detail": "Key (pan)=(4111111111111112) already exists."}
-        addon.masker.fields(fields)
+        addon.masker.fields(fields, postgres_values.quotes(fields))
         self.assertEqual(fields["detail"], "Key (pan)=(withheld by hoopgw) already exists.")
 
 

@@ -12,8 +12,8 @@ from twisted.trial import unittest
 
 from hoopgw import cards, masking
 from hoopgw.addons.mask import factory as mask_factory
-from hoopgw.model import ResultChunk
-from hoopgw.postgres import wire
+from hoopgw.model import TEXT, ResultChunk
+from hoopgw.postgres import values, wire
 from hoopgw.testing import ChainHarness, FakeContext, build, exec_command, kubernetes_command, sql_command
 
 
@@ -109,6 +109,18 @@ class RowsTests(unittest.TestCase):
             ):
                 self.assertEqual(wire.decode_data_rows(masked or data), expected)
 
+    def binary(self, type_oid, value):
+        """
+        What the masker makes of a binary value of a PostgreSQL type, told
+        as the front end tells it (L{values.column}).
+        """
+        kind, decoder, _ = values.column(type_oid, 1)
+        return self.masker.value(value, kind, decoder)
+
+    def rows(self, rows, formats, type_oids, replace=()):
+        kinds, decoders, replaceable = values.describe(type_oids, formats)
+        return self.masker.rows(rows, kinds, decoders, replaceable, replace)
+
     def test_binary_values(self):
         """
         Binary values: text types masked in place; an int8 or numeric that
@@ -116,26 +128,57 @@ class RowsTests(unittest.TestCase):
         jsonb masked after its version byte; an unknown type that might hold
         a card number withheld.
         """
-        masker = self.masker
-        self.assertEqual(masker.binary(25, VISA.encode()), (b"411111******1111", 1, 0))
-        self.assertEqual(masker.binary(20, struct.pack("!q", int(VISA))), (None, 0, 1))
-        self.assertEqual(masker.binary(20, struct.pack("!q", 42))[2], 0)
+        binary = self.binary
+        self.assertEqual(binary(25, VISA.encode()), (b"411111******1111", 1, 0))
+        self.assertEqual(binary(20, struct.pack("!q", int(VISA))), (None, 0, 1))
+        self.assertEqual(binary(20, struct.pack("!q", 42))[2], 0)
         numeric = struct.pack("!hhHh", 4, 3, 0, 0) + struct.pack("!4H", 4111, 1111, 1111, 1111)
-        self.assertEqual(masker.binary(1700, numeric), (None, 0, 1))
-        self.assertEqual(masker.binary(701, struct.pack("!d", float(VISA))), (None, 0, 1))
+        self.assertEqual(binary(1700, numeric), (None, 0, 1))
+        self.assertEqual(binary(701, struct.pack("!d", float(VISA))), (None, 0, 1))
         element = VISA.encode()
         array = struct.pack("!iiIii", 1, 0, 25, 2, 1) + struct.pack("!i", len(element)) + element + struct.pack("!i", -1)
-        value, count, withheld = masker.binary(1009, array)
+        value, count, withheld = binary(1009, array)
         self.assertEqual((count, withheld), (1, 0))
         self.assertIn(b"411111******1111", value)
         self.assertEqual(len(value), len(array))
         record = struct.pack("!i", 2) + struct.pack("!Ii", 23, 4) + struct.pack("!i", 7) + struct.pack("!Ii", 25, 16) + element
-        value, count, _ = masker.binary(16000, record)
+        value, count, _ = binary(16000, record)
         self.assertEqual(count, 1)
         self.assertNotIn(element, value)
         jsonb = b"\x01" + json.dumps({"pan": MASTERCARD_SPACED}).encode()
-        self.assertIn(b"5500 00** **** 0004", masker.binary(3802, jsonb)[0])
-        self.assertEqual(masker.binary(99999, b"\x00\x07" + element), (None, 0, 1))
+        self.assertIn(b"5500 00** **** 0004", binary(3802, jsonb)[0])
+        self.assertEqual(binary(99999, b"\x00\x07" + element), (None, 0, 1))
+
+    def test_binary_numbers_inside_arrays(self):
+        """
+        An int8 array whose element is a card number is withheld whole,
+        though its bytes hold no digit a text scan would see; one of
+        small numbers passes as it is.
+        """
+        def int8_array(*numbers):
+            header = struct.pack("!iiIii", 1, 0, 20, len(numbers), 1)
+            return header + b"".join(struct.pack("!iq", 8, number) for number in numbers)
+
+        self.assertEqual(self.binary(1016, int8_array(7, int(VISA))), (None, 0, 1))
+        small = int8_array(7, 42)
+        self.assertEqual(self.binary(1016, small), (small, 0, 0))
+
+    def test_bytea(self):
+        """
+        A bytea in text format is read as the bytes its hex encodes: a card
+        number in them is masked and encoded again, even one whose hex
+        holds no long run of digits (dashes encode as 2d); one in escape
+        format is masked as text; bad hex is withheld.  In binary format
+        its bytes are masked in place.
+        """
+        kind, decoder, replaceable = values.column(values.BYTEA, 0)
+        self.assertFalse(replaceable)
+        dashed = b"\\x" + b"4111-1111-1111-1111".hex().encode()
+        value, count, withheld = self.masker.value(dashed, kind, decoder)
+        self.assertEqual((value, count, withheld), (b"\\x" + b"4111-11**-****-1111".hex().encode(), 1, 0))
+        self.assertEqual(self.masker.value(b"card " + element_text(), kind, decoder), (b"card 411111******1111", 1, 0))
+        self.assertEqual(self.rows([[b"\\xzz"]], [0], [values.BYTEA]), (True, 0, 1))
+        self.assertEqual(self.binary(values.BYTEA, b"x" + element_text()), (b"x411111******1111", 1, 0))
 
     def test_column_rules(self):
         """
@@ -143,10 +186,13 @@ class RowsTests(unittest.TestCase):
         other types with NULL) and counted.
         """
         rows = [[b"1", b"123", b"4111111111111111"], [b"2", None, b"none"]]
-        changed, masked, withheld = self.masker.rows(rows, [0, 0, 0], [23, 25, 25], replace={1})
+        changed, masked, withheld = self.rows(rows, [0, 0, 0], [23, 25, 25], replace={1})
         self.assertTrue(changed)
         self.assertEqual(rows, [[b"1", b"***", b"411111******1111"], [b"2", None, b"none"]])
         self.assertEqual((masked, withheld), (2, 0))
+        rows = [[b"123", b"4"]]
+        self.rows(rows, [0, 1], [23, 23], replace={0, 1})
+        self.assertEqual(rows, [[None, None]])
 
     def test_failure_withholds(self):
         """
@@ -154,8 +200,12 @@ class RowsTests(unittest.TestCase):
         withheld, never passed through.
         """
         rows = [[b"\x00\x01"]]
-        changed, masked, withheld = self.masker.rows(rows, [1], [1700])
+        changed, masked, withheld = self.rows(rows, [1], [1700])
         self.assertEqual((changed, withheld, rows), (True, 1, [[None]]))
+
+
+def element_text():
+    return VISA.encode()
 
 
 class StreamTests(unittest.TestCase):
@@ -250,15 +300,15 @@ class FieldsTests(unittest.TestCase):
             "detail": "Key (pan)=(4111111111111111) already exists.",
             "where": "PL/pgSQL function f() line 3 at RAISE: 5500000000000004",
         }
-        self.assertEqual(masker.fields(fields), 2)
+        self.assertEqual(masker.fields(fields, values.quotes(fields)), 2)
         self.assertEqual(fields["detail"], "Key (pan)=(411111******1111) already exists.")
         self.assertNotIn("5500000000000004", fields["where"])
         self.assertEqual(fields["code"], "23505")
         row = {"detail": "Failing row contains (7, 123, secret)."}
-        masker.fields(row)
+        masker.fields(row, values.quotes(row))
         self.assertNotIn("123", row["detail"])
         key = {"detail": "Key (cvv)=(123) already exists."}
-        masker.fields(key)
+        masker.fields(key, values.quotes(key))
         self.assertEqual(key["detail"], "Key (cvv)=(withheld by hoopgw) already exists.")
 
 
@@ -276,8 +326,7 @@ class MaskAddonTests(unittest.TestCase):
             "rows",
             data=data,
             columns=columns,
-            formats=[0] * len(columns),
-            type_oids=[25] * len(columns),
+            kinds=(TEXT,) * len(columns),
             decode=wire.decode_data_rows,
             locate=wire.DataRowValues(data),
         )

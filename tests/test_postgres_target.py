@@ -14,9 +14,11 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from hoopgw.postgres import auth, wire
+from hoopgw.postgres.frontend import DENIAL_SQL
 from tests import support
 from tests.hostile_target import (
     MASKED_PAN,
+    command_complete,
     PAN,
     HostileTargetFactory,
     authentication,
@@ -28,7 +30,7 @@ from tests.hostile_target import (
     trust_login,
 )
 from tests.support import GatewayHarness, in_thread, token
-from tests.test_postgres_protocol import RawClient, execute, parse, sync
+from tests.test_postgres_protocol import RawClient, bind, execute, parse, sync
 
 
 def read_all(client):
@@ -504,9 +506,11 @@ class RealTargetTests(unittest.TestCase):
     def test_large_copy_data_both_ways(self):
         """
         One CopyData message of 3 MiB from the client (COPY FROM STDIN) and
-        one from the target (COPY TO STDOUT) are relayed whole and exact,
-        though each arrives in many reads; the client's is passed on as it
-        was read, the target's joined once for the record addon's hook.
+        one from the target (COPY TO STDOUT) are relayed exact, though each
+        arrives in many reads; the client's is passed on as it was read,
+        the target's handed to the hooks (mask, record) in parts of about
+        1 MiB, each sent on as a CopyData of its own: the client gets the
+        same bytes in the same order.
         """
         return self.large_copy(self.gateway)
 
@@ -516,6 +520,22 @@ class RealTargetTests(unittest.TestCase):
         passed on as it was read too.
         """
         return self.large_copy(GatewayHarness(self, addons=["identity"], allow_plaintext_password=True))
+
+    @defer.inlineCallbacks
+    def test_large_copy_data_masked(self):
+        """
+        A row of 3 MiB holding a card number every 100 KiB, copied out of
+        the real server through the mask addon: its one CopyData reaches
+        the hooks in parts, and the client gets every byte but the card
+        numbers' middle digits, none of them in clear, in order.
+        """
+        gateway = GatewayHarness(self, addons=["identity", "mask", "record"], allow_plaintext_password=True)
+        chunk = b"x" * (100 * 1024 - 17) + b" " + PAN.encode()
+        value = chunk * 30
+        _, copied, _ = yield in_thread(copy_round_trip, self, gateway, value)
+        data = [payload for kind, payload in copied if kind == b"d"]
+        self.assertGreaterEqual(len(data), 3)
+        self.assertEqual(b"".join(data), value.replace(PAN.encode(), MASKED_PAN.encode()) + b"\n")
 
     @defer.inlineCallbacks
     def large_copy(self, gateway):
@@ -528,27 +548,155 @@ class RealTargetTests(unittest.TestCase):
             return original(pieces, size)
 
         self.patch(wire, "split_pieces", split_pieces)
-
-        def run():
-            client = RawClient(gateway.port, password=token())
-            self.addCleanup(client.close)
-            client.startup()
-            client.query("DROP TABLE IF EXISTS large_copy; CREATE TABLE large_copy (value text)")
-            client.send(wire.query("COPY large_copy FROM STDIN"))
-            client.until(b"G")
-            client.send(wire.message(b"d", value + b"\n") + wire.message(b"c"))
-            loaded = client.until(b"Z")
-            copied = client.query("COPY large_copy TO STDOUT")
-            length = client.query("SELECT length(value) FROM large_copy")
-            client.query("DROP TABLE large_copy")
-            return loaded, copied, length
-
-        loaded, copied, length = yield in_thread(run)
+        loaded, copied, length = yield in_thread(copy_round_trip, self, gateway, value)
         self.assertIn((b"C", b"COPY 1\x00"), loaded)
-        self.assertEqual([payload for kind, payload in copied if kind == b"d"], [value + b"\n"])
+        data = [payload for kind, payload in copied if kind == b"d"]
+        self.assertEqual(b"".join(data), value + b"\n")
+        if gateway is self.gateway:
+            self.assertGreaterEqual(len(data), 3)
+        else:
+            self.assertEqual(len(data), 1)
         self.assertIn((b"D", struct.pack("!HI", 1, 7) + str(len(value)).encode()), length)
         # Both messages took the path that never joins them.
         self.assertEqual(splits, [len(value) + 6, len(value) + 6])
+
+
+def copy_round_trip(test, gateway, value):
+    """
+    Through C{gateway}, load C{value} as one row with one CopyData (COPY
+    FROM STDIN), copy it out again (COPY TO STDOUT) and ask its length.
+
+    @return: the messages answering each: C{(loaded, copied, length)}.
+    """
+    client = RawClient(gateway.port, password=token())
+    test.addCleanup(client.close)
+    client.startup()
+    client.query("DROP TABLE IF EXISTS large_copy; CREATE TABLE large_copy (value text)")
+    client.send(wire.query("COPY large_copy FROM STDIN"))
+    client.until(b"G")
+    client.send(wire.message(b"d", value + b"\n") + wire.message(b"c"))
+    loaded = client.until(b"Z")
+    copied = client.query("COPY large_copy TO STDOUT")
+    length = client.query("SELECT length(value) FROM large_copy")
+    client.query("DROP TABLE large_copy")
+    return loaded, copied, length
+
+
+class ExtendedTargetFactory(HostileTargetFactory):
+    """
+    A hostile target that also answers the extended protocol's Parse,
+    Bind and Sync as PostgreSQL does.
+    """
+
+    def answer(self, target, kind, payload):
+        if kind == b"P":
+            target.transport.write(wire.message(b"1"))
+        elif kind == b"B":
+            target.transport.write(wire.message(b"2"))
+        elif kind == b"S":
+            target.transport.write(wire.ready_for_query(b"I"))
+        else:
+            HostileTargetFactory.answer(self, target, kind, payload)
+
+
+class DenialStandInTests(HostileTargetCase):
+    """
+    A denied statement is replaced on the target by one that must fail
+    (L{DENIAL_SQL}), whose error the gateway replaces by the denial.  A
+    target that lies, answering it with rows or a CommandComplete, gets
+    nothing of its answer to the client, and the client gets the denial.
+    """
+
+    addons = ("identity", "block", "mask", "record")
+
+    def lie(self, answer):
+        self.start(ExtendedTargetFactory(replies={DENIAL_SQL: answer}))
+
+    def assertDenied(self, messages):
+        self.assertEqual([kind for kind, _ in messages], [b"E", b"Z"])
+        fields = wire.parse_fields(messages[0][1])
+        self.assertEqual(fields["severity"], "ERROR")
+        self.assertTrue(fields["message"].startswith("hoopgw denied this statement: "), fields)
+        self.assertNotIn(PAN.encode(), b"".join(payload for _, payload in messages))
+
+    @defer.inlineCallbacks
+    def check(self, answer):
+        """
+        A statement the block addon denies (it does not parse), by the
+        simple and the extended protocol; then an allowed one, answered
+        as usual.
+        """
+        self.lie(answer)
+
+        def run():
+            client = self.client()
+            client.startup()
+            simple = client.query("SELECT 1 'x")
+            client.send(parse("", "SELECT 2 'x") + bind("", "") + execute("") + sync())
+            extended = client.until(b"Z")
+            return simple, extended, client.query("SELECT x")
+
+        simple, extended, after = yield in_thread(run)
+        self.assertDenied(simple)
+        # The target parsed and bound the statement; its Execute was denied.
+        self.assertEqual([kind for kind, _ in extended[:2]], [b"1", b"2"])
+        self.assertDenied(extended[2:])
+        self.assertEqual([kind for kind, _ in after], [b"T", b"D", b"C", b"Z"])
+        yield self.gateway.wait_for("command.end", 3)
+        self.assertNotIn(PAN.encode(), self.gateway.raw_store())
+        self.assertEqual(self.gateway.events("session.end"), [])
+
+    def test_rows_instead_of_error(self):
+        """
+        Rows holding a card number, CommandComplete and ReadyForQuery in
+        answer to the stand-in: the client sees only the denial.
+        """
+        return self.check(result(data_row(PAN), columns=("hoopgw_statement_denied",)))
+
+    def test_command_complete_instead_of_error(self):
+        """
+        Only CommandComplete and ReadyForQuery: the client still gets the
+        denial.
+        """
+        return self.check(command_complete("SELECT 0") + wire.ready_for_query(b"I"))
+
+    def test_error_then_rows(self):
+        """
+        The error, then rows anyway: rows outside any result end the
+        session, none of them passed on.
+        """
+        return self.closed(
+            wire.error_response("22012", "division by zero") + data_row(PAN) + wire.ready_for_query(b"I"),
+            "the target sent a DataRow outside a result",
+        )
+
+    def test_copy_instead_of_error(self):
+        """
+        A COPY in answer to the stand-in ends the session: the client gets
+        a FATAL error and nothing of the copy.
+        """
+        return self.closed(
+            wire.message(b"H", b"\x00\x00\x00") + wire.message(b"d", PAN.encode() + b"\n"),
+            "the target sent a CopyOutResponse in answer to a statement the gateway denied",
+        )
+
+    @defer.inlineCallbacks
+    def closed(self, answer, sentence):
+        self.lie(answer)
+
+        def run():
+            client = self.client()
+            client.startup()
+            client.send(wire.query("SELECT 1 'x"))
+            return read_all(client)
+
+        messages = yield in_thread(run)
+        fields = fatal(messages)
+        self.assertEqual(fields["message"], sentence + "; the session is closed")
+        self.assertNotIn(PAN.encode(), b"".join(payload for _, payload in messages))
+        (ended,) = yield self.gateway.wait_for("session.end")
+        self.assertEqual(ended["reason"], sentence)
+        self.assertNotIn(PAN.encode(), self.gateway.raw_store())
 
 
 class StoreFailureTextTests(unittest.SynchronousTestCase):

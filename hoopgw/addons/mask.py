@@ -21,7 +21,7 @@ from hoopgw import masking
 from hoopgw import options as o
 from hoopgw import sqlfacts
 from hoopgw.addon import AddonFactory
-from hoopgw.model import Decision
+from hoopgw.model import TEXT, Decision
 from hoopgw.options import ConfigError, join
 
 # The approval rule a connection's "approve" column policies go through.
@@ -254,7 +254,7 @@ class Mask:
             if exempt:
                 self._count_unmasked(command, exempt, sum(cards.mask_text(str(value))[1] for value in chunk.fields.values()))
             else:
-                chunk.masked += self.masker.fields(chunk.fields)
+                chunk.masked += self.masker.fields(chunk.fields, chunk.quotes)
 
     def _count_unmasked(self, command, exempt, count):
         if command is not None and count:
@@ -349,7 +349,9 @@ class Mask:
             return
         if not replace and not forced and not opaque and not cards.might_hold_pan(chunk.data):
             return
-        changed, masked, withheld = self.masker.rows(chunk.rows, chunk.formats, chunk.type_oids, replace, forced)
+        changed, masked, withheld = self.masker.rows(
+            chunk.rows, chunk.kinds, chunk.decoders, chunk.replaceable, replace, forced
+        )
         if changed:
             chunk.rows_changed = True
             chunk.masked += masked
@@ -375,8 +377,7 @@ class Mask:
             "mask.plan",
             id(self),
             tuple(chunk.columns),
-            tuple(chunk.formats),
-            tuple(chunk.type_oids),
+            tuple(chunk.kinds),
             tuple(sorted(positions.items())),
         )
         # Statements that differ only in constants share their facts, and
@@ -391,14 +392,10 @@ class Mask:
         replace = frozenset(self._sensitive_positions(session, command, chunk.columns))
         replace = replace | {index for index, kind in positions.items() if kind == "sad"}
         forced = frozenset(index for index, kind in positions.items() if kind == "pan")
-        formats = [chunk.formats[index] if index < len(chunk.formats) else 0 for index in range(len(chunk.columns))]
-        types = [chunk.type_oids[index] if index < len(chunk.type_oids) else 0 for index in range(len(chunk.columns))]
-        # Text values can be masked in place; binary numbers, arrays and
-        # records, and hex-encoded bytea, must be decoded to be checked.
-        text = [
-            (type_oid != masking.BYTEA) if format_code == 0 else (type_oid in masking.TEXT_TYPES)
-            for format_code, type_oid in zip(formats, types)
-        ]
+        # Text values can be masked in place; numbers and opaque values
+        # (arrays, records, bytes) must be decoded to be checked.
+        kinds = chunk.kinds
+        text = [index >= len(kinds) or kinds[index] == TEXT for index in range(len(chunk.columns))]
         in_place = bool(chunk.columns) and all(text) and not forced
         opaque = not all(text) or not chunk.columns
         plan = cache[key] = (replace, in_place, opaque, forced)
@@ -488,7 +485,7 @@ class Mask:
         return masking.StreamMasker(self.masker)
 
     def _stream(self, session, command, chunk, exempt):
-        if chunk.formats and chunk.formats[0] == 1:
+        if chunk.kinds and chunk.kinds[0] != TEXT:
             raise masking.MaskingError("a binary %s stream cannot be checked for card numbers" % (chunk.stream,))
         if exempt:
             self._count_unmasked(command, exempt, self.masker.text(chunk.data)[1])

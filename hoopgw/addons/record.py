@@ -17,6 +17,7 @@ from hoopgw import cards
 from hoopgw import options as o
 from hoopgw.addon import AddonFactory
 from hoopgw.chain import settled
+from hoopgw.model import TEXT
 
 
 def session_fields(session):
@@ -139,7 +140,7 @@ class Record:
                 if not sample.get("columns"):
                     # A column's name may be a card number (an alias).
                     sample["columns"] = [cards.mask_text(name)[0] for name in chunk.columns]
-                binary = [index < len(chunk.formats) and chunk.formats[index] == 1 for index in range(len(chunk.columns))]
+                binary = [index < len(chunk.kinds) and chunk.kinds[index] != TEXT for index in range(len(chunk.columns))]
                 for row in chunk.rows[:room]:
                     sample["rows"].append(
                         [_sample_value(value, index < len(binary) and binary[index]) for index, value in enumerate(row)]

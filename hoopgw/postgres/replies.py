@@ -11,8 +11,20 @@ from twisted.logger import Logger
 
 from hoopgw import cards, redact
 from hoopgw.chain import ChainBroken
-from hoopgw.model import ERROR, NOT_RUN, OK, SUSPENDED, ResultChunk
-from hoopgw.postgres import backend, wire
+from hoopgw.model import ERROR, NOT_RUN, OK, OPAQUE, SUSPENDED, TEXT, ResultChunk
+from hoopgw.postgres import backend, values, wire
+
+# The size of the parts in which a large CopyData's data is handed to
+# result hooks: the reads that brought it are joined up to it.
+STREAM_PART = wire.LARGE_MESSAGE
+# Stream data of this size or more is framed without being copied.
+STREAM_FRAMED = 1 << 16
+
+# What hooks are told of a COPY stream in text (or CSV) and in binary.
+_TEXT_STREAM = (TEXT,)
+_OPAQUE_STREAM = (OPAQUE,)
+# A function's result: binary, of a type not known here.
+_FUNCTION_RESULT = values.describe([0], [1])
 
 # Whether rows may arrive now: not outside a result (NO_ROWS); in a result
 # whose field count the first row tells (None); else that count.
@@ -43,7 +55,10 @@ class TargetReplies:
         self._columns = ()
         self._rows = NO_ROWS
         self._copy = None
-        self._copy_format = 0
+        self._copy_kinds = _TEXT_STREAM
+        # The last result description read for hooks: (its columns, the
+        # result formats, what hooks are told of it).
+        self._described_for_hooks = None
         self._handlers = {
             wire.ROW_DESCRIPTION: self._row_description,
             wire.COMMAND_COMPLETE: self._command_complete,
@@ -129,11 +144,16 @@ class TargetReplies:
                         raise backend.MalformedTarget(kind, "outside a COPY TO")
                     else:
                         batch_end = wire.run_end(buffer, position, end, maximum)
-                    if not hooks:
+                    if not hooks and not self._denying():
                         position = batch_end
                         continue
                     if span < position:
                         out.append(buffer[span:position])
+                    if self._denying():
+                        # The stand-in for a denied statement has no result
+                        # the client may see (a lying target gave one).
+                        position = span = batch_end
+                        continue
                     waiting = self._result(kind, buffer, position, batch_end, out)
                     position = span = batch_end
                 else:
@@ -168,7 +188,17 @@ class TargetReplies:
     def _large_copy_data(self, hooks):
         """
         A large CopyData is passed on as the reads that brought it when no
-        addon looks at results; else its data is joined once for them.
+        addon looks at results.  Else its data goes through the hooks in
+        parts of about L{STREAM_PART} bytes (the reads joined up to that
+        size), each part sent on as a CopyData of its own as soon as the
+        hooks are done with it (the protocol lets a stream be cut into
+        messages anywhere).  A card number across two parts is caught as
+        one across two messages is: the stream masker holds back what may
+        be the start of one.  No buffer of the whole message's size is
+        made, and no part is kept once sent, so one message costs what as
+        many bytes in smaller messages cost.
+
+        @return: None, or a Deferred while a hook is waiting.
         """
         message, self._pieces = wire.split_pieces(self._pieces, self._needed)
         self._buffered -= self._needed
@@ -179,12 +209,34 @@ class TargetReplies:
         message[0] = message[0][5:]
         head = self._head
         command = head.command if head is not None else None
-        chunk = ResultChunk("stream", data=b"".join(message), stream="copy", formats=(self._copy_format,))
-        out = []
-        waiting = self._through_chain(command, chunk, out, lambda: self._encode_chunk(wire.COPY_DATA, chunk))
-        if out:
-            send(self.frontend.transport, out)
-        return waiting
+        return self._copy_parts(command, wire.regroup(message, STREAM_PART))
+
+    def _copy_parts(self, command, parts):
+        """
+        Pass the parts of one CopyData through the chain in order, and send
+        what the hooks give back for each.
+
+        @return: None when done (or the result was withheld), or a Deferred
+            firing once a hook that is waiting and the parts after it are.
+        """
+        for part in parts:
+            chunk = ResultChunk("stream", data=part, stream="copy", kinds=self._copy_kinds)
+            out = []
+            waiting = self._through_chain(command, chunk, out, lambda chunk=chunk: self._encode_chunk(wire.COPY_DATA, chunk))
+            if waiting is not None:
+                return waiting.addCallback(self._copy_part_done, command, parts)
+            if self._closed():
+                return None
+            if out:
+                send(self.frontend.transport, out)
+        return None
+
+    def _copy_part_done(self, encoded, command, parts):
+        if self._closed():
+            return None
+        if encoded:
+            send(self.frontend.transport, _pieces(encoded))
+        return self._copy_parts(command, parts)
 
     def _suspend(self, waiting, rest, out):
         """
@@ -255,45 +307,55 @@ class TargetReplies:
         head = self._head
         command = head.command if head is not None else None
         if kind == wire.DATA_ROW:
-            names, formats, type_oids = self._row_columns(head)
+            names, kinds, decoders, replaceable = self._row_columns(head)
             data = buffer[start:stop]
             chunk = ResultChunk(
                 "rows",
                 data=data,
                 columns=names,
-                formats=formats,
-                type_oids=type_oids,
+                kinds=kinds,
+                decoders=decoders,
+                replaceable=replaceable,
                 decode=wire.decode_data_rows,
                 locate=wire.DataRowValues(data, self.settings.max_message_bytes < 1 << 29),
             )
         else:
             chunk = ResultChunk(
-                "stream", data=wire.copy_data_payloads(buffer, start, stop), stream="copy", formats=(self._copy_format,)
+                "stream", data=wire.copy_data_payloads(buffer, start, stop), stream="copy", kinds=self._copy_kinds
             )
         return self._through_chain(command, chunk, out, lambda: self._encode_chunk(kind, chunk))
 
     def _row_columns(self, head):
         """
-        The names, formats and types of the columns of the rows now
-        arriving.  An Execute's rows follow no RowDescription unless the
-        client described the portal: its columns come from the portal's
-        (or its statement's) description, its formats from its Bind.
+        The names of the columns of the rows now arriving, and their kinds,
+        decoders and replaceable flags (L{hoopgw.postgres.values}), worked
+        out once per description, not per batch of rows.  An Execute's
+        rows follow no RowDescription unless the client described the
+        portal: its columns come from the portal's (or its statement's)
+        description, its formats from its Bind.
         """
         columns = self._columns
+        result_formats = None
         if head is not None and head.kind == "execute" and head.target is not None:
             portal = head.target
             columns = portal.columns or columns
-            count = len(columns)
-            formats = [wire.parameter_format(portal.result_formats, index) for index in range(count)]
+            result_formats = portal.result_formats
+        described = self._described_for_hooks
+        if described is not None and described[0] is columns and described[1] is result_formats:
+            return described[2]
+        if result_formats is not None:
+            formats = [wire.parameter_format(result_formats, index) for index in range(len(columns))]
         else:
             formats = [column[2] for column in columns]
-        return [column[0] for column in columns], formats, [column[1] for column in columns]
+        told = ([column[0] for column in columns],) + values.describe([column[1] for column in columns], formats)
+        self._described_for_hooks = (columns, result_formats, told)
+        return told
 
     def _encode_chunk(self, kind, chunk):
         if chunk.kind == "rows":
             return wire.encode_data_rows(chunk.rows) if chunk.rows_changed else chunk.data
         if chunk.kind == "stream":
-            if len(chunk.data) >= wire.LARGE_MESSAGE:
+            if len(chunk.data) >= STREAM_FRAMED:
                 # Framed without copying the data once more.
                 return [b"d" + wire.int32(len(chunk.data) + 4), chunk.data]
             return wire.message(b"d", chunk.data) if chunk.data else b""
@@ -339,12 +401,44 @@ class TargetReplies:
     # waits for an addon.
 
     def _relay_as_is(self, kind, payload, raw, out):
-        out.append(raw)
+        if not self._denying():
+            out.append(raw)
+
+    def _denying(self):
+        """
+        Whether the target is answering the stand-in for a denied
+        statement (L{hoopgw.postgres.frontend.DENIAL_SQL}): it must fail,
+        and nothing it answers but its failure (replaced by the denial) may
+        reach the client.
+        """
+        expected = self.frontend._expected
+        return bool(expected) and expected[0].kind == "denied"
+
+    def _denial(self, head):
+        """
+        The error the client gets for a denied statement, once.
+        """
+        head.failed = True
+        decision = head.decision
+        if isinstance(decision, bytes):
+            # The gateway's own answer to a client's protocol error.
+            return decision
+        return wire.error_response(
+            decision.sqlstate or "42501",
+            "hoopgw denied this statement: %s" % (decision.reason,),
+            detail="rule: %s" % (decision.rule,) if decision.rule else None,
+        )
 
     def _row_description(self, kind, payload, raw, out):
         # Columns matter to result hooks, to prepared statements'
         # descriptions, and to checking the rows that follow.
         columns = backend.row_description(payload)
+        if self._denying():
+            # A lying target's result for the denial's stand-in: its rows
+            # are checked, and withheld.
+            self._columns = columns
+            self._rows = len(columns)
+            return None
         if self.frontend._result_hooks and cards.might_hold_pan(payload):
             # A column's name is the client's alias or the target's
             # catalog: either may be a card number ("AS x6011...").
@@ -364,6 +458,9 @@ class TargetReplies:
         return None
 
     def _command_complete(self, kind, payload, raw, out):
+        if self._denying():
+            self._end_result()
+            return None
         tag = payload.rstrip(b"\x00").decode("utf-8", "replace") if kind == wire.COMMAND_COMPLETE else ""
         head = self._head
         if head is not None and head.kind in ("query", "execute"):
@@ -386,6 +483,11 @@ class TargetReplies:
     def _ready_for_query(self, kind, payload, raw, out):
         self._end_result()
         head = self._head
+        if head is not None and head.kind == "denied" and not head.failed:
+            # The target did not fail the denial's stand-in as it must: the
+            # client gets the denial all the same.
+            self.log.warn("The target answered the stand-in for a denied statement without failing it")
+            out.append(self._denial(head))
         if head is not None and head.kind in ("query", "sync", "function", "denied"):
             self.frontend._expected.popleft()
             self._not_run(head, "the query ended before this statement ran")
@@ -396,6 +498,8 @@ class TargetReplies:
 
     def _complete(self, kind, payload, raw, out):
         head = self._head
+        if head is not None and head.kind == "denied":
+            return None
         if head is not None and head.kind in ("parse", "bind", "close", "describe"):
             self.frontend._expected.popleft()
             if kind == wire.NO_DATA and head.decision == "injected":
@@ -405,12 +509,16 @@ class TargetReplies:
         return None
 
     def _copy_out(self, kind, payload, raw, out):
-        self._copy_format = backend.copy_response(kind, payload)
+        if self._denying():
+            raise backend.MalformedTarget(kind, "in answer to a statement the gateway denied")
+        self._copy_kinds = _TEXT_STREAM if backend.copy_response(kind, payload) == 0 else _OPAQUE_STREAM
         self._copy = "out"
         out.append(raw)
         return None
 
     def _copy_in(self, kind, payload, raw, out):
+        if self._denying():
+            raise backend.MalformedTarget(kind, "in answer to a statement the gateway denied")
         self._copy = "in"
         out.append(raw)
         return None
@@ -425,11 +533,13 @@ class TargetReplies:
         # The end of a copy stream: what a hook held back is released.
         head = self._head
         command = head.command if head is not None else None
-        chunk = ResultChunk("stream", stream="copy", formats=(self._copy_format,), final=True)
+        chunk = ResultChunk("stream", stream="copy", kinds=self._copy_kinds, final=True)
         return self._through_chain(command, chunk, out, lambda: _pieces(self._encode_chunk(wire.COPY_DATA, chunk)) + [raw])
 
     def _portal_suspended(self, kind, payload, raw, out):
         head = self._head
+        if head is not None and head.kind == "denied":
+            raise backend.MalformedTarget(kind, "in answer to a statement the gateway denied")
         if head is not None and head.kind == "execute":
             command = head.command
             command.outcome.update(status=SUSPENDED)
@@ -456,7 +566,10 @@ class TargetReplies:
         # as an opaque binary value.
         length = wire.unpack_int32(payload)
         value = None if length == 0xFFFFFFFF else payload[4 : 4 + length]
-        chunk = ResultChunk("rows", columns=["result"], formats=[1], type_oids=[0], rows=[[value]])
+        kinds, decoders, replaceable = _FUNCTION_RESULT
+        chunk = ResultChunk(
+            "rows", columns=["result"], kinds=kinds, decoders=decoders, replaceable=replaceable, rows=[[value]]
+        )
         return self._through_chain(command, chunk, out, lambda: wire.function_call_response(chunk.rows[0][0]))
 
     def _notice(self, kind, payload, raw, out):
@@ -464,7 +577,8 @@ class TargetReplies:
             out.append(raw)
             return None
         head = self._head
-        chunk = ResultChunk("message", fields=wire.parse_fields(payload), stream="notice")
+        fields = wire.parse_fields(payload)
+        chunk = ResultChunk("message", fields=fields, stream="notice", quotes=values.quotes(fields))
         command = head.command if head is not None else None
         return self._through_chain(command, chunk, out, lambda: self._encode_chunk(kind, chunk))
 
@@ -495,18 +609,8 @@ class TargetReplies:
         expected = frontend._expected
         head = self._head
         if head is not None and head.kind == "denied":
-            decision = head.decision
-            if isinstance(decision, bytes):
-                # The gateway's own answer to a client's protocol error.
-                out.append(decision)
-                return None
-            out.append(
-                wire.error_response(
-                    decision.sqlstate or "42501",
-                    "hoopgw denied this statement: %s" % (decision.reason,),
-                    detail="rule: %s" % (decision.rule,) if decision.rule else None,
-                )
-            )
+            if not head.failed:
+                out.append(self._denial(head))
             return None
         message = redact.redact_text(fields.get("message", ""))[0]
         outcome = {"status": ERROR, "sqlstate": fields.get("code"), "error": message}
@@ -527,7 +631,7 @@ class TargetReplies:
                 self._not_run(skipped, "an earlier message of the pipeline failed")
         if frontend._result_hooks:
             command = head.command if head is not None else None
-            chunk = ResultChunk("message", fields=fields, stream="error")
+            chunk = ResultChunk("message", fields=fields, stream="error", quotes=values.quotes(fields))
             return self._through_chain(command, chunk, out, lambda: self._encode_chunk(kind, chunk))
         out.append(raw)
         return None

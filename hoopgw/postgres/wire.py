@@ -177,6 +177,28 @@ def split_pieces(pieces, size):
     raise ValueError("fewer than %d bytes to split" % (size,))
 
 
+def regroup(pieces, size):
+    """
+    Consecutive byte strings joined into parts of at least C{size} bytes
+    (the last may be shorter), one at a time: a part is made only when the
+    one before was used (a generator); a piece of C{size} bytes or more is
+    a part of its own, not copied.
+    """
+    group = []
+    total = 0
+    for piece in pieces:
+        if not piece:
+            continue
+        group.append(piece)
+        total += len(piece)
+        if total >= size:
+            yield group[0] if len(group) == 1 else b"".join(group)
+            group = []
+            total = 0
+    if group:
+        yield group[0] if len(group) == 1 else b"".join(group)
+
+
 # Messages the gateway sends to clients.
 
 
@@ -579,6 +601,43 @@ class DataRowValues:
                 pieces.append((first, last))
             index += 1
         return pieces
+
+    def inside(self, array, starts, ends):
+        """
+        What L{__call__} tells without an index, for many runs at once:
+        whether each run of digits C{data[start:end]} certainly lies
+        inside one value (or is one whole value).
+
+        @param array: C{data} as a numpy array of bytes.
+        @return: a numpy array of booleans.
+        """
+        certain = numpy.zeros(len(starts), dtype=bool)
+        if not self.fast:
+            return certain
+        size = len(array)
+        lengths = ends - starts
+        # Framing can only precede a value: a run whose three bytes before
+        # are all printable is inside one value.
+        safe = starts >= 3
+        safe[safe] &= (array[starts[safe] - 1] >= 32) & (array[starts[safe] - 2] >= 32) & (array[starts[safe] - 3] >= 32)
+        # A run that is exactly one value: the four bytes before it are
+        # its length, framing follows it.
+        whole = ~safe & (starts >= 4) & (lengths < 65536)
+        if whole.any():
+            where = numpy.flatnonzero(whole)
+            first = starts[where]
+            length = (
+                (array[first - 4].astype(numpy.int64) << 24)
+                | (array[first - 3].astype(numpy.int64) << 16)
+                | (array[first - 2].astype(numpy.int64) << 8)
+                | array[first - 1]
+            )
+            last = ends[where]
+            after = numpy.minimum(last, size - 1)
+            following = numpy.minimum(last + 1, size - 1)
+            framed = (last == size) | (array[after] == 0) | ((array[after] == 68) & (array[following] == 0))
+            whole[where] = (length == lengths[where]) & framed
+        return safe | whole
 
     def _index(self):
         data = self.data
