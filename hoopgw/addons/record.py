@@ -190,7 +190,7 @@ class Record:
             event["via"] = via
         if self._gateway:
             event["gateway"] = self._gateway
-        return self._append(event).addCallback(lambda _: None)
+        return self._append(event)
 
     def session_ended(self, session):
         state = session.metadata.get("record") or {}
