@@ -367,6 +367,29 @@ class ResultChunk:
         self._rows = rows
         self.rows_changed = True
 
+    def kind_of(self, index):
+        """
+        The kind of column C{index}'s values (L{TEXT} when the front end
+        gave none).
+        """
+        kinds = self.kinds
+        return kinds[index] if index < len(kinds) else TEXT
+
+    def decoder_of(self, index):
+        """
+        Column C{index}'s decoder, or None (a L{TEXT} column's).
+        """
+        decoders = self.decoders
+        return decoders[index] if index < len(decoders) else None
+
+    def removed(self, index):
+        """
+        What a value of column C{index} becomes when a hook removes it
+        whole: C{b"***"} where any text may stand in, else None (SQL NULL).
+        """
+        replaceable = self.replaceable
+        return b"***" if index >= len(replaceable) or replaceable[index] else None
+
     def replace_data(self, data):
         """
         For C{"rows"}: replace the encoded batch with C{data}, the same
