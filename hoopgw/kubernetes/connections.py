@@ -33,6 +33,10 @@ class ClientConnections:
         self.attempted = set()
 
     def connected(self, client):
+        """
+        A client connected: refused at once over a limit, else counted
+        and given until its deadlines to finish its handshake and log in.
+        """
         source = client.peername[0] if client.peername else "unknown"
         refused = self.admission.refusal(source)
         if refused is not None:
@@ -144,6 +148,10 @@ class ClientConnections:
         return tls.client_certificate(self.tls_connections.get(client.id))
 
     def disconnected(self, client):
+        """
+        A client's connection closed: it counts no more, and if no request
+        of it came, its attempt is recorded now.
+        """
         self.tls_connections.pop(client.id, None)
         self.proven(client)
         if client.id not in self.attempted:

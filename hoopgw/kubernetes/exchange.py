@@ -86,6 +86,10 @@ class Exchange:
         self.released = False
 
     def add_warnings(self, headers):
+        """
+        Tell the client, in C{headers}, what the chain told it while its
+        request waited.
+        """
         for warning in self.warnings:
             headers.add("warning", warning_header(warning))
 
