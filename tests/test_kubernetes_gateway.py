@@ -1011,7 +1011,7 @@ def _stream_frontend():
     front.chain = harness.chain
     front.engine = None
     front.broken = []
-    front._stream_broken = lambda flow, exchange, reason, delay=None: (
+    front.stream_broken = lambda flow, exchange, reason, delay=None: (
         front.broken.append(reason), setattr(exchange, "broken", reason))
     return front, harness.session
 
@@ -1039,16 +1039,17 @@ class StreamCutTests(unittest.TestCase):
 
     def _stream(self, kind, limit=64 * 1024 * 1024):
         from hoopgw import testing
-        from hoopgw.kubernetes import frontend as frontends
+        from hoopgw.kubernetes import streams
+        from hoopgw.kubernetes.exchange import Exchange
 
         front, session = _stream_frontend()
-        exchange = frontends.Exchange(time.time())
+        exchange = Exchange(time.time())
         exchange.session = session
         if kind == "log":
             exchange.command = testing.kubernetes_command("GET", "/api/v1/namespaces/default/pods/web-1/log?follow=true")
-            return front, exchange, frontends._LogStream(front, None, exchange)
+            return front, exchange, streams.LogStream(front, None, exchange)
         exchange.command = testing.kubernetes_command("GET", "/api/v1/namespaces/default/configmaps?watch=true")
-        return front, exchange, frontends._WatchStream(front, None, exchange, limit)
+        return front, exchange, streams.WatchStream(front, None, exchange, limit)
 
     def test_log_cut_everywhere(self):
         """
@@ -1332,7 +1333,8 @@ class BeforeLoginTests(unittest.TestCase):
         """
         cluster = Cluster(self)
         frontend = cluster.service.frontend
-        frontend.admission.max_total, frontend.admission.max_per_source = 3, 2
+        admission = frontend.connections.admission
+        admission.max_total, admission.max_per_source = 3, 2
         yield cluster.ready()
         idle = []
         for _ in range(2):
@@ -1456,12 +1458,14 @@ class HostileExecTests(unittest.TestCase):
 
     def setUp(self):
         from hoopgw import testing
-        from hoopgw.kubernetes import frontend as frontends
+        from hoopgw.kubernetes.exchange import Exchange
+        from hoopgw.kubernetes.terminal import Terminal
 
         self.front, session = _stream_frontend()
         self.front.result_hooks = True
         self.front.loop = None
-        self.exchange = frontends.Exchange(time.time())
+        self.terminal = Terminal(self.front)
+        self.exchange = Exchange(time.time())
         self.exchange.session = session
         self.exchange.command = testing.kubernetes_command(
             "GET", "/api/v1/namespaces/default/pods/web-1/exec?command=sh&stdout=true", websocket=True)
@@ -1473,7 +1477,7 @@ class HostileExecTests(unittest.TestCase):
             metadata = {}
 
         message = _Message(content)
-        result = self.front._terminal_message(Flow(), self.exchange, message)
+        result = self.terminal._message(Flow(), self.exchange, message)
         # Every hook answers at once here: the coroutine ends without waiting.
         with self.assertRaises(StopIteration):
             result.send(None)

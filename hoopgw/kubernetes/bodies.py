@@ -11,6 +11,7 @@ import datetime
 import json
 
 from hoopgw import redact
+from hoopgw.model import ResultChunk
 
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
@@ -187,6 +188,46 @@ def close_secrets(document, opened):
         holder = _walk(document, where[:-1])
         if holder is not None and isinstance(holder.get(where[-1]), str):
             holder[where[-1]] = _close(holder[where[-1]])
+
+
+def body_chunk(content, content_type):
+    """
+    The chunk the chain sees for a JSON body (a response's, or one watch
+    event): Secret values opened.
+
+    @return: the chunk, and where values were opened (for L{body_bytes}).
+    """
+    opened = None
+    data = content
+    if b'"Secret' in content or b'"binaryData"' in content:
+        try:
+            document = json.loads(content)
+        except ValueError:
+            document = None
+        if document is not None:
+            opened = open_secrets(document)
+            if opened:
+                data = _compact(document)
+    fields = {"content_type": content_type}
+    if opened:
+        fields["base64_opened"] = describe_opened(opened)
+    return ResultChunk("body", data=data, fields=fields), opened
+
+
+def body_bytes(chunk, opened):
+    """
+    The body to send once the chain is done with C{chunk} (made by
+    L{body_chunk}): what was opened closed again.
+    """
+    if not opened:
+        return chunk.data
+    document = json.loads(chunk.data)
+    close_secrets(document, opened)
+    return _compact(document)
+
+
+def _compact(document):
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
 def _walk(document, path):
