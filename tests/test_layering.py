@@ -91,9 +91,13 @@ FORBIDDEN = [
     ("hoopgw.store", "hoopgw.gateway"),
     ("hoopgw.identity", "hoopgw.gateway"),
     ("hoopgw.postgres.wire", "hoopgw.addons"),
+    # An addon sees what every front end gives it, never a front end's
+    # parts (mask asks PostgreSQL's column guard, which is no front end).
     ("hoopgw.addons", "hoopgw.postgres.frontend"),
-    ("hoopgw.addons", "hoopgw.ssh.server"),
-    ("hoopgw.addons", "hoopgw.kubernetes.frontend"),
+    ("hoopgw.addons", "hoopgw.postgres.startup"),
+    ("hoopgw.addons", "hoopgw.postgres.replies"),
+    ("hoopgw.addons", "hoopgw.ssh"),
+    ("hoopgw.addons", "hoopgw.kubernetes"),
     ("hoopgw.addons", "hoopgw.store.file"),
     ("hoopgw.addons", "hoopgw.store.postgres"),
     ("hoopgw", "hoopgw.testing"),
