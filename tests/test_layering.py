@@ -95,6 +95,8 @@ FORBIDDEN = [
     ("hoopgw.addons", "hoopgw.ssh.server"),
     ("hoopgw.addons", "hoopgw.kubernetes.frontend"),
     ("hoopgw.addons", "hoopgw.store.file"),
+    ("hoopgw.addons", "hoopgw.store.segments"),
+    ("hoopgw.addons", "hoopgw.store.commit"),
     ("hoopgw.addons", "hoopgw.store.postgres"),
     ("hoopgw", "hoopgw.testing"),
 ]

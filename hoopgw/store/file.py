@@ -186,9 +186,12 @@ class FileStore:
                 raise StoreError("another gateway process is writing to the store at %s" % (self.directory,))
             raise
         path, self.chain, self._recovered = find_end(self.directory)
-        running = self.chain.running
+        # The previous run left gateways marked running, or events after the
+        # last checkpoint of a signed record: it did not stop cleanly, which
+        # the next start says in the chain.
+        running = sorted(self.chain.running)
         unclean = self.chain.recovered(
-            sorted(running), bool(running), "the previous run ended without stopping cleanly (a crash or a kill)")
+            running, bool(running), "the previous run ended without stopping cleanly (a crash or a kill)")
         if running or unclean["unsigned"]:
             self._unclean = unclean
         self._segment.open(path)
