@@ -288,9 +288,8 @@ class FileStore:
 
     def check_space(self):
         """
-        Measure the free space: below the low-water mark, new sessions are
-        refused (C{store.low-space}, once); above it again, admitted
-        (C{store.space-ok}).  After a full disk, try to resume.
+        Measure the free space now (L{space.SpaceKeeper.check}), unless the
+        store is closed or failed.
         """
         if self._segment.fd is None or self._broken is not None:
             return
