@@ -150,7 +150,7 @@ class FileStoreTests(unittest.TestCase):
         clock = task.Clock()
         store = FileStore(self.path, clock, durability=WRITE_AHEAD, sync_interval=0.05)
         store.open()
-        disk = store._syncer = SlowDisk()
+        disk = store._commit.syncer = SlowDisk()
         store.append({"type": "command", "n": 1})
         clock.advance(0.05)
         clock.advance(0)
@@ -176,7 +176,7 @@ class FileStoreTests(unittest.TestCase):
         self.assertEqual((len(disk.asked), store.syncs), (3, 2))
         disk.asked[2].callback(None)
         self.assertEqual((store.syncs, clock.getDelayedCalls()), (3, []))
-        store._syncer = None
+        store._commit.syncer = None
         store.close()
 
     @defer.inlineCallbacks

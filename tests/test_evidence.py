@@ -424,8 +424,8 @@ class RecoveryTests(unittest.TestCase):
         es.forget_refusals(harness.gateway)
         harness.store._schedule.stop()
         harness.store._space_timer.stop()
-        harness.store._syncer.stop()
-        harness.store._syncer = None
+        harness.store._commit.syncer.stop()
+        harness.store._commit.syncer = None
         os.close(harness.store._lock_fd)
         harness.store._lock_fd = None
         for listener in list(harness.gateway):
@@ -434,8 +434,8 @@ class RecoveryTests(unittest.TestCase):
         report = verify_store(harness.store_path, es.signing_key()[1])
         self.assertEqual(report.kind, verification.UNSIGNED_TAIL, report.problem)
 
-        os.close(harness.store._fd)
-        harness.store._fd = None
+        os.close(harness.store._segment.fd)
+        harness.store._segment.fd = None
         again = es.SignedGateway(self, directory=directory)
         out, err, code = yield psql(again.dsn(), "-c", "SELECT 2", password=token())
         yield again.wait_for("session.end", 2)

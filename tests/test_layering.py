@@ -99,6 +99,8 @@ FORBIDDEN = [
     ("hoopgw.addons", "hoopgw.ssh"),
     ("hoopgw.addons", "hoopgw.kubernetes"),
     ("hoopgw.addons", "hoopgw.store.file"),
+    ("hoopgw.addons", "hoopgw.store.segments"),
+    ("hoopgw.addons", "hoopgw.store.commit"),
     ("hoopgw.addons", "hoopgw.store.postgres"),
     ("hoopgw", "hoopgw.testing"),
 ]

@@ -317,7 +317,7 @@ class StoreStateLogTests(unittest.TestCase):
             else:
                 self.successResultOf(d)
         os.unlink(filler)
-        store._last_resume = None
+        store._space._last_resume = None
         self.successResultOf(store.append({"type": "session.end", "session": "s-1"}))
         found = self.states()
         self.assertEqual([state for state, _ in found][2:], ["stalled", "resumed"])

@@ -265,7 +265,7 @@ class ReadinessTests(unittest.TestCase):
         gateway = MetricsGatewayHarness(self)
         code, body = yield gateway.get("/readyz")
         self.assertEqual(code, 200, body)
-        while gateway.store._syncing or gateway.store._waiting:
+        while gateway.store._commit.syncing or gateway.store._commit.waiting:
             yield task.deferLater(reactor, 0.01, lambda: None)
         gateway.store._fail("a test broke the store")
         code, body = yield gateway.get("/readyz")

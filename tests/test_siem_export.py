@@ -94,7 +94,7 @@ class ExportTestCase(unittest.TestCase):
 
     def close_store(self):
         store, self.store = self.store, None
-        if store is not None and store._fd is not None:
+        if store is not None and store._segment.fd is not None:
             return store.close()
 
     def start_export(self, sinks):

@@ -63,13 +63,13 @@ class StoreTests(unittest.TestCase):
         and fire in order once durable; closing ends the process.
         """
         store = self.open(sync_process=True)
-        process = store._syncer._process
+        process = store._commit.syncer._process
         self.assertIsNone(process.poll())
         appended = [store.append({"type": "test", "n": index}) for index in range(5)]
 
         def check(events):
             self.assertEqual([event["seq"] for event in events], [1, 2, 3, 4, 5])
-            self.assertIsNotNone(store._syncer)
+            self.assertIsNotNone(store._commit.syncer)
             return store.close().addCallback(lambda _: self.assertEqual(process.poll(), 0))
 
         return defer.gatherResults(appended).addCallback(check)
@@ -95,10 +95,10 @@ class StoreTests(unittest.TestCase):
         def check(events):
             self.assertEqual([event["n"] for event in events], list(range(40)))
             # The last rotation's request may still be under way: answered in order.
-            return store._syncer.sync().addCallback(lambda _: following(events))
+            return store._commit.syncer.sync().addCallback(lambda _: following(events))
 
         def following(_):
-            descriptors = "/proc/%d/fd" % (store._syncer.pid,)
+            descriptors = "/proc/%d/fd" % (store._commit.syncer.pid,)
             paths = [os.readlink(os.path.join(descriptors, fd)) for fd in os.listdir(descriptors)]
             self.assertEqual([path for path in paths if path.startswith(self.path)], [segment_paths(self.path)[-1]])
             return store.close()
@@ -144,21 +144,21 @@ class StoreTests(unittest.TestCase):
         lost = []
 
         def kill(_):
-            lost.append(store._syncer.pid)
-            store._syncer._process.kill()
-            store._syncer._process.wait()
+            lost.append(store._commit.syncer.pid)
+            store._commit.syncer._process.kill()
+            store._commit.syncer._process.wait()
             return store.append({"type": "test", "n": 2})
 
         def check(event):
             self.assertEqual(event["seq"], 2)
-            self.assertIsNotNone(store._syncer)
-            self.assertNotEqual(store._syncer.pid, lost[0])
-            self.assertEqual(os.readlink("/proc/%d/fd/3" % (store._syncer.pid,)), store._segment)
+            self.assertIsNotNone(store._commit.syncer)
+            self.assertNotEqual(store._commit.syncer.pid, lost[0])
+            self.assertEqual(os.readlink("/proc/%d/fd/3" % (store._commit.syncer.pid,)), store._segment.path)
             return store.append({"type": "test", "n": 3})
 
         def loop(event):
             self.assertEqual(event["seq"], 3)
-            self.assertEqual(store._restarts, 0)
+            self.assertEqual(store._commit._restarts, 0)
 
         return first.addCallback(kill).addCallback(check).addCallback(loop)
 
@@ -168,26 +168,25 @@ class StoreTests(unittest.TestCase):
         SYNC_RESTARTS replacements, to syncing in the event loop, which
         covers what was asked: the appends still succeed.
         """
-        from hoopgw.store import file as filestore
         from hoopgw.store import sync
 
         store = self.open(sync_process=True)
         # Every new process is broken from the start.
         self.patch(sync, "PROGRAM", os.devnull)
-        self.patch(filestore.SyncProcess, "__init__", _dies_at_once(sync.SyncProcess.__init__))
+        self.patch(sync.SyncProcess, "__init__", _dies_at_once(sync.SyncProcess.__init__))
         syncs, real = [], os.fdatasync
         self.patch(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd))[1])
         first = store.append({"type": "test", "n": 1})
 
         def kill(_):
-            store._syncer._process.kill()
-            store._syncer._process.wait()
+            store._commit.syncer._process.kill()
+            store._commit.syncer._process.wait()
             return store.append({"type": "test", "n": 2})
 
         def check(event):
             self.assertEqual(event["seq"], 2)
-            self.assertIsNone(store._syncer)
-            self.assertIn(store._fd, syncs)
+            self.assertIsNone(store._commit.syncer)
+            self.assertIn(store._segment.fd, syncs)
 
         return first.addCallback(kill).addCallback(check)
 
@@ -199,7 +198,7 @@ class StoreTests(unittest.TestCase):
         store = self.open(sync_process=True)
         appended = store.append({"type": "test", "n": 1})
         # The process loses its segment before the append's sync reaches it.
-        lost = self.assertFailure(store._syncer.open("/nonexistent/segment"), SyncFailed)
+        lost = self.assertFailure(store._commit.syncer.open("/nonexistent/segment"), SyncFailed)
 
         def check(_):
             self.assertIn("no segment is open", store._broken)
@@ -441,8 +440,8 @@ class StoreTests(unittest.TestCase):
         When a write fails, the append fails and so does every later one.
         """
         store = self.open()
-        os.close(store._fd)
-        store._fd = os.open(os.devnull, os.O_RDONLY)
+        os.close(store._segment.fd)
+        store._segment.fd = os.open(os.devnull, os.O_RDONLY)
         self.failureResultOf(store.append({"type": "test"}), StoreError)
         self.failureResultOf(store.append({"type": "test"}), StoreError)
 

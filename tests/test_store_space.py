@@ -133,7 +133,7 @@ class SpaceTests(unittest.TestCase):
             written += 1
         self.assertGreater(written, 0)
         self.assertFalse(os.path.exists(os.path.join(store.directory, "reserve")))
-        with open(store._segment, "rb") as handle:
+        with open(store._segment.path, "rb") as handle:
             data = handle.read()
         self.assertTrue(data.endswith(b"\n"))
         for line in data.splitlines():
@@ -146,14 +146,14 @@ class SpaceTests(unittest.TestCase):
             if store.state() == space.FAILED:
                 self.failureResultOf(d, StoreError)
                 break
-        store._last_resume = None
+        store._space._last_resume = None
         refusal = self.failureResultOf(store.append({"type": "command", "session": "s-1"}), StoreError)
         self.assertIn("No space left on device", refusal.getErrorMessage())
         self.assertIn("resumes by itself", refusal.getErrorMessage())
 
         os.unlink(filler)
         os.unlink(second)
-        store._last_resume = None
+        store._space._last_resume = None
         self.successResultOf(store.append({"type": "session.end", "session": "s-1"}))
         self.assertNotEqual(store.state(), space.FAILED)
         events = [event for _, _, _, event in read_events(store.directory)]

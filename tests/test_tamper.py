@@ -71,13 +71,13 @@ def crash(harness):
     es.forget_refusals(harness.gateway)
     store._schedule.stop()
     store._space_timer.stop()
-    if store._syncer is not None:
-        store._syncer.stop()
-        store._syncer = None
+    if store._commit.syncer is not None:
+        store._commit.syncer.stop()
+        store._commit.syncer = None
     os.close(store._lock_fd)
     store._lock_fd = None
-    os.close(store._fd)
-    store._fd = None
+    os.close(store._segment.fd)
+    store._segment.fd = None
     return defer.gatherResults([listener.stopService() for listener in list(harness.gateway)])
 
 
@@ -144,7 +144,7 @@ def full_disk_record(test):
         # The last fails (it does not fit): refused, as the gateway is.
         store.append({"type": "command", "session": "s-1", "text": "x" * 40000}).addErrback(lambda _: None)
     os.unlink(filler)
-    store._last_resume = None
+    store._space._last_resume = None
     store.append({"type": "session.end", "session": "s-1", "gateway": "g-full"})
     store.append({"type": "gateway.stop", "gateway": "g-full"})
     test.successResultOf(store.close())

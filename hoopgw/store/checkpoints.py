@@ -74,6 +74,26 @@ class ChainState:
         """
         return {"counts": dict(self.counts), "gateways": sorted(self.running)}
 
+    def recovered(self, crashed, signing, reason, by=None):
+        """
+        The C{gateway.recovered} event saying that the runs C{crashed}
+        ended without stopping, and which events after the last checkpoint
+        their writer never signed: those of a chain that has a checkpoint,
+        or of one that C{signing} says was to be signed.
+
+        @param by: the id of the run recovering them, or None.
+        """
+        unsigned = (self.last_checkpoint is not None or signing) and self.since_checkpoint > 0
+        event = {
+            "type": GATEWAY_RECOVERED,
+            "crashed": crashed,
+            "unsigned": {"from": (self.last_checkpoint or 0) + 1, "to": self.seq} if unsigned else None,
+            "reason": reason,
+        }
+        if by is not None:
+            event["by"] = by
+        return event
+
     @classmethod
     def rebuild(cls, tail):
         """

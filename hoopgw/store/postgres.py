@@ -63,13 +63,13 @@ from hoopgw.options import ConfigError
 from hoopgw.store import events as chaining
 from hoopgw.store import space
 from hoopgw.store.checkpoints import (
-    GATEWAY_RECOVERED,
     GATEWAY_START,
     GATEWAY_STOP,
     STORE_RECONNECTED,
     ChainState,
     CheckpointSchedule,
 )
+from hoopgw.store.commit import WRITE_AHEAD, WRITE_AHEAD_FSYNC
 from hoopgw.store.errors import SourceError, StoreError
 
 # The advisory lock namespace (pg_advisory_lock(int, int)'s first key):
@@ -325,7 +325,7 @@ class PostgresStore:
     log = Logger()
 
     def __init__(self, config, reactor, low_water=256 * 1024 * 1024, low_water_percent=5.0, space_check_interval=5.0,
-                 durability="write-ahead-fsync"):
+                 durability=WRITE_AHEAD_FSYNC):
         self.config = config
         # write-ahead: a batch's commit returns once PostgreSQL holds it,
         # before its WAL is flushed (synchronous_commit off; the server's
@@ -356,7 +356,7 @@ class PostgresStore:
         self._recovering = None
         self._witness = None
         self._publish = []
-        self._guard = space.LowWater(low_water, low_water_percent)
+        self._guard = space.LowWater(low_water, low_water_percent, "postgres")
         self._space_interval = space_check_interval
         self._space_timer = None
 
@@ -397,8 +397,6 @@ class PostgresStore:
             change = self._guard.measured(max(total - used, 0), total, chaining.timestamp())
             if change is not None:
                 change["database_bytes"] = used
-                logs.store_state(space.LOW_SPACE if change["type"] == space.STORE_LOW_SPACE else "space-ok",
-                                 change["reason"], backend="postgres")
                 return self._enqueue(change)
 
         return self.read(measure).addCallback(measured).addErrback(
@@ -422,11 +420,7 @@ class PostgresStore:
         if self._schedule is not None:
             self._schedule.start()
         if self.config.max_bytes is not None and self._space_interval and self._space_timer is None:
-            from twisted.internet import task
-
-            self._space_timer = task.LoopingCall(self.check_space)
-            self._space_timer.clock = self._reactor
-            self._space_timer.start(self._space_interval, now=False)
+            self._space_timer = space.every(self._reactor, self._space_interval, self.check_space, now=False)
         return self._connect().addCallback(lambda _: self.check_space())
 
     def _connect(self):
@@ -451,7 +445,7 @@ class PostgresStore:
                 # database's default.
                 return connection.runOperation(
                     "SET synchronous_commit = %s; SET default_transaction_isolation = 'read committed'"
-                    % ("off" if self.durability == "write-ahead" else "on",)
+                    % ("off" if self.durability == WRITE_AHEAD else "on",)
                 ).addCallback(lambda _: connection)
 
             def failed(failure):
@@ -774,16 +768,11 @@ class PostgresStore:
         # The events after the last checkpoint: the crashed runs' among
         # them were never signed by their writer; the checkpoint written
         # with this event signs them.
-        unsigned = (state.last_checkpoint is not None or self.signer is not None) and state.since_checkpoint > 0
-        event = {
-            "type": GATEWAY_RECOVERED,
-            "crashed": crashed,
-            "unsigned": {"from": (state.last_checkpoint or 0) + 1, "to": state.seq} if unsigned else None,
-            "reason": "these gateways' runs ended without stopping (a crash or a kill); their connection to the store is gone",
-        }
-        if self._recovering is not None:
-            event["by"] = self._recovering
-        return event
+        return state.recovered(
+            crashed, self.signer is not None,
+            "these gateways' runs ended without stopping (a crash or a kill); their connection to the store is gone",
+            by=self._recovering,
+        )
 
     def write_attachment(self, name, data):
         """

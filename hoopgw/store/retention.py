@@ -19,9 +19,12 @@ import os
 import shutil
 
 import attr
+from twisted.internet import defer, threads
 
 from hoopgw import options as o
 from hoopgw.options import ConfigError, join
+from hoopgw.store import events
+from hoopgw.store.segments import ARCHIVE, ARCHIVED, segment_paths, sync_folder
 
 DAY = 86400.0
 
@@ -101,11 +104,7 @@ def compress(path, directory):
         if hashlib.sha256(source.read()).digest() != hashlib.sha256(packed.read()).digest():
             raise IOError("the archive of %s does not read back the same" % (path,))
     os.replace(partial, target)
-    directory_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
+    sync_folder(directory)
     with open(target, "rb") as handle:
         digest = hashlib.sha256(handle.read()).hexdigest()
     return target, digest, os.path.getsize(target)
@@ -142,3 +141,68 @@ def bounds(path):
                     first = line
                 last = line
     return (json.loads(first) if first else None), (json.loads(last) if last else None)
+
+
+@defer.inlineCallbacks
+def archive(store, policy, now, writing):
+    """
+    Apply C{policy} to the file store C{store} now: compress segments
+    whose newest event is older than the online period into C{archive/},
+    and with purge, remove archived segments older than the keep period.
+    The chain records each step and a checkpoint signs it before any file
+    goes.  The segment being written (C{writing}) stays.
+
+    @return: a Deferred firing with C{(archived names, purged names)}.
+    """
+    archive_dir = os.path.join(store.directory, ARCHIVE)
+    archived, removals = [], []
+    for path in segment_paths(store.directory):
+        if path == writing:
+            break
+        first, last = yield threads.deferToThread(bounds, path)
+        if last is None or now - events.epoch(last["ts"]) < policy.online:
+            break
+        target, digest, size = yield threads.deferToThread(compress, path, archive_dir)
+        yield store.append({
+            "type": "store.archived",
+            "segment": os.path.basename(path),
+            "archive": os.path.join(ARCHIVE, os.path.basename(target)),
+            "first_seq": first["seq"],
+            "last_seq": last["seq"],
+            "last_hash": last["hash"],
+            "sha256": digest,
+            "bytes": size,
+            "reason": "older than %d days online (%s)" % (policy.online / 86400, policy.describe()),
+        })
+        archived.append(os.path.basename(path))
+        removals.append(path)
+    purged = []
+    if policy.purge:
+        names = sorted(name for name in os.listdir(archive_dir) if ARCHIVED.match(name)) if os.path.isdir(archive_dir) else []
+        for name in names:
+            path = os.path.join(archive_dir, name)
+            first, last = yield threads.deferToThread(bounds, path)
+            if last is None or now - events.epoch(last["ts"]) < policy.keep:
+                break
+            recordings = yield threads.deferToThread(committed_casts, path)
+            yield store.append({
+                "type": "store.purged",
+                "archive": os.path.join(ARCHIVE, os.path.basename(path)),
+                "first_seq": first["seq"],
+                "up_to": {"seq": last["seq"], "hash": last["hash"]},
+                "casts": len(recordings),
+                "reason": "older than %d days kept (%s)" % (policy.keep / 86400, policy.describe()),
+            })
+            purged.append(os.path.basename(path))
+            removals.append(path)
+            removals.extend(
+                os.path.join(store.casts, name)
+                for name in recordings
+                if os.sep not in name and not name.startswith(".") and os.path.exists(os.path.join(store.casts, name))
+            )
+    if removals:
+        if store.signer is not None:
+            yield store.checkpoint("retention")
+        for path in removals:
+            os.unlink(path)
+    return archived, purged
