@@ -521,6 +521,16 @@ class PostgresFrontend(protocol.Protocol):
         self._state = _CLOSED
         self._close()
 
+    def end(self, reason):
+        """
+        End the session without a word more to the client, which has had
+        the target's last (a FATAL error): close both connections.
+        """
+        if self.session is not None:
+            self.session.attributes.setdefault("end_reason", reason)
+        self._state = _CLOSED
+        self._close()
+
     def disconnect(self, message):
         """
         An operator ended this session (hoopgw.admin): the client reads why

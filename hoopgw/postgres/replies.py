@@ -5,6 +5,7 @@ before any of it reaches the client, the client's statements' outcomes
 kept, and results passed through the addon chain.
 """
 
+import re
 import struct
 
 from twisted.logger import Logger
@@ -19,6 +20,8 @@ from hoopgw.postgres import backend, values, wire
 STREAM_PART = wire.LARGE_MESSAGE
 # Stream data of this size or more is framed without being copied.
 STREAM_FRAMED = 1 << 16
+
+_SQLSTATE = re.compile(r"[0-9A-Z]{5}")
 
 # What hooks are told of a COPY stream in text (or CSV) and in binary.
 _TEXT_STREAM = (TEXT,)
@@ -56,6 +59,9 @@ class TargetReplies:
         self._rows = NO_ROWS
         self._copy = None
         self._copy_kinds = _TEXT_STREAM
+        # Why the session ends once what is being relayed is out: the
+        # target sent a FATAL (or PANIC) error, after which nothing is valid.
+        self._ending = None
         # The last result description read for hooks: (its columns, the
         # result formats, what hooks are told of it).
         self._described_for_hooks = None
@@ -171,6 +177,9 @@ class TargetReplies:
                     return
                 if self._closed():
                     return
+                if self._ending is not None:
+                    self._end(out)
+                    return
         except backend.MalformedTarget as error:
             self._broken(str(error))
             return
@@ -260,11 +269,28 @@ class TargetReplies:
                 frontend.transport.writeSequence(chunk_bytes)
             elif chunk_bytes:
                 frontend.transport.write(chunk_bytes)
+            if self._ending is not None:
+                self._end([])
+                return
             frontend.upstream_valve.resume("addon")
             if self._pieces:
                 self._relay()
 
         waiting.addCallback(done).addErrback(self._result_failed)
+
+    def _end(self, out):
+        """
+        The target ended the session with a FATAL error: the client has it
+        (masked as any error is), nothing the target sends after it is
+        relayed, and both connections close, whether or not the target
+        closes its own (one that kept it open would leave the client
+        waiting for a ReadyForQuery that cannot come).
+        """
+        self._pieces = []
+        self._buffered = 0
+        if out:
+            send(self.frontend.transport, out)
+        self.frontend.end(self._ending)
 
     def _broken(self, reason):
         """
@@ -608,12 +634,19 @@ class TargetReplies:
         frontend = self.frontend
         expected = frontend._expected
         head = self._head
+        severity = fields.get("severity_nonlocalized") or fields.get("severity")
+        if severity in ("FATAL", "PANIC"):
+            # The record's reason names the SQLSTATE, never the target's text.
+            code = fields.get("code", "")
+            self._ending = "the target ended the session: %s %s" % (
+                severity, code if _SQLSTATE.fullmatch(code) else "(no valid SQLSTATE)")
         if head is not None and head.kind == "denied":
             if not head.failed:
                 out.append(self._denial(head))
             return None
         message = redact.redact_text(fields.get("message", ""))[0]
         outcome = {"status": ERROR, "sqlstate": fields.get("code"), "error": message}
+
         if head is not None and head.kind in ("query", "function"):
             command = head.command
             if command is not None:
