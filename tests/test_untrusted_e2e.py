@@ -4,13 +4,21 @@ clients and a hostile target against a gateway configured from the README:
 each test keeps one of its findings fixed.
 """
 
+import ssl
 import struct
 
+from twisted.internet import defer
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
+from hoopgw.memorytls import MemoryTLS, server_context
 from hoopgw.postgres import wire
+from testbed import pki
 from hoopgw.postgres.startup import CLOSED, STARTUP
+from tests.hostile_target import PAN, HostileTargetFactory, listen, row_description
+from tests.support import GatewayHarness
 from tests.test_postgres_startup import _answers, _frontend
+from tests.test_postgres_target import HostileTargetCase
 
 
 class ShortStartupPacketTests(unittest.SynchronousTestCase):
@@ -56,3 +64,92 @@ class ShortStartupPacketTests(unittest.SynchronousTestCase):
             frontend.dataReceived(piece)
         self.assertEqual(transport.value(), wire.authentication_cleartext_password())
         self.assertEqual(refusals.refused, [])
+
+
+
+class OversizedTargetMessageTests(HostileTargetCase):
+    """
+    The target's messages over max_message_bytes, with and without an
+    addon looking at results.
+    """
+
+    addons = ("identity", "mask", "record")
+
+    def start(self, factory, **target):
+        port = listen(self, factory)
+        settings = {"host": "127.0.0.1", "port": port, "tls": "disable", "ca": None, "password": None}
+        settings.update(target)
+        self.factory = factory
+        self.gateway = GatewayHarness(
+            self, addons=list(self.addons), target=settings, allow_plaintext_password=True,
+            max_message_bytes=1024 * 1024,
+        )
+        return self.gateway
+
+    @defer.inlineCallbacks
+    def test_oversized_data_row_ends_session_at_its_length(self):
+        """
+        A DataRow whose length word says 2 MiB, over max_message_bytes
+        (1 MiB), ends the session as soon as its length is read
+        (docs/postgres-untrusted-target.rst), though the rest of the
+        message never comes: the client is not left waiting.
+        """
+        self.start(HostileTargetFactory())
+        reply = row_description("x") + b"D" + struct.pack("!I", 2 * 1024 * 1024) + PAN.encode() * 100
+        yield self.assertRefused(reply, "the target sent a malformed or oversized DataRow")
+
+
+class OversizedTargetMessageCoreChainTests(OversizedTargetMessageTests):
+    """
+    The same with no addon looking at results.
+    """
+
+    addons = ("identity", "record")
+
+
+class CloseNotifyTests(unittest.SynchronousTestCase):
+    def pair(self):
+        """
+        A client and a server L{MemoryTLS} over StringTransports, their
+        handshake done.
+        """
+        directory = self.mktemp()
+        import os
+
+        os.makedirs(directory)
+        authority = pki.make_ca("close_notify CA")
+        certificate, key = authority.issue("localhost", dns_names=["localhost"]).write(directory, "server")
+        client_context = ssl.create_default_context(cafile=authority.write(directory, "ca")[0])
+        client = MemoryTLS(StringTransport(), client_context, server_hostname="localhost")
+        server = MemoryTLS(StringTransport(), server_context(certificate, key), server_side=True)
+        client.start()
+        for _ in range(4):
+            for source, sink in ((client, server), (server, client)):
+                data = source.transport.value()
+                source.transport.clear()
+                if data:
+                    sink.receive(data)
+        self.assertTrue(client.handshake_done and server.handshake_done)
+        return client, server
+
+    def test_close_notify_closes(self):
+        """
+        A peer's close_notify (a target ending its session after a FATAL)
+        closes the connection at once, after handing on what came before
+        it: a target that sends the alert but keeps TCP open (asyncio does,
+        up to 30 s) no longer leaves the session and its client waiting.
+        """
+        client, server = self.pair()
+        server.write(b"E-FATAL")
+        server.loseConnection()
+        self.assertEqual(client.receive(server.transport.value()), b"E-FATAL")
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_data_alone_keeps_connection(self):
+        """
+        Records without the alert leave the connection open.
+        """
+        client, server = self.pair()
+        server.write(b"hello")
+        self.assertEqual(client.receive(server.transport.value()), b"hello")
+        self.assertFalse(client.transport.disconnecting)
