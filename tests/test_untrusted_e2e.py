@@ -7,7 +7,7 @@ each test keeps one of its findings fixed.
 import ssl
 import struct
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
@@ -213,3 +213,56 @@ class TargetFatalTests(HostileTargetCase):
         "hoopgw/postgres/replies.py relays a target's FATAL and waits on; "
         "the session should end after it (left to the helper changing replies.py)"
     )
+
+
+class PipelinedDecisionTests(HostileTargetCase):
+    """
+    A client that keeps the gateway's inbox full (pipelining without
+    pause) still has its decided statements sent to the target.
+    """
+
+    @defer.inlineCallbacks
+    def test_decided_statement_sent_while_more_wait(self):
+        """
+        Three queries in one write, each held by an addon until the test
+        decides it: once the first is allowed, it reaches the target at
+        once, while the second still waits for its decision.  (Before, what
+        was decided went out only when the inbox was next empty: a client
+        that never let it empty had nothing run at all, its statements
+        piling up unsent in the gateway's memory, and, the gateway not
+        writing to it, its leaving went unnoticed.)
+        """
+        import os
+
+        from tests import untrusted_addons
+
+        del untrusted_addons.HELD[:]
+        self.addons = ("identity", {"path": os.path.abspath(untrusted_addons.__file__.replace(".pyc", ".py")),
+                                    "name": "test-hold"}, "record")
+        factory = HostileTargetFactory()
+        self.start(factory)
+        client = self.client()
+        yield in_thread(client.startup)
+        client.send(wire.query("SELECT 1") + wire.query("SELECT 2") + wire.query("SELECT 3"))
+        for _ in range(200):
+            if untrusted_addons.HELD:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        (text, first), = untrusted_addons.HELD
+        self.assertEqual(text, "SELECT 1")
+        untrusted_addons.allow(first)
+        for _ in range(200):
+            if [kind for kind, _ in factory.received if kind == b"Q"] and len(untrusted_addons.HELD) == 2:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        queries = [payload for kind, payload in factory.received if kind == b"Q"]
+        self.assertEqual(queries, [b"SELECT 1\x00"])
+        self.assertEqual([text for text, _ in untrusted_addons.HELD], ["SELECT 1", "SELECT 2"])
+        for _, decision in untrusted_addons.HELD[1:]:
+            if not decision.called:
+                untrusted_addons.allow(decision)
+        for _ in range(200):
+            if len(untrusted_addons.HELD) == 3:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        untrusted_addons.allow(untrusted_addons.HELD[2][1])

@@ -268,16 +268,25 @@ class PostgresFrontend(protocol.Protocol):
                 waiting.addCallback(self._resume).addErrback(self._internal_error)
         # Messages before a command that waits for its decision are held
         # back with it: they go out together, in one segment.
-        if self._to_upstream and self.upstream is not None and self._waiting is None:
-            _send(self.upstream.transport, self._to_upstream)
-            self._to_upstream = []
+        if self._waiting is None:
+            self._send_held()
         if len(inbox) > INBOX_HIGH_WATER:
             self.valve.pause("inbox")
         else:
             self.valve.resume("inbox")
 
+    def _send_held(self):
+        if self._to_upstream and self.upstream is not None:
+            _send(self.upstream.transport, self._to_upstream)
+            self._to_upstream = []
+
     def _resume(self, _):
         self._waiting = None
+        # The decided command goes out now with what was held before it,
+        # not when the inbox is next empty: a client that keeps its inbox
+        # full (pipelining without pause) would otherwise have nothing
+        # sent to the target at all, its statements piling up unsent.
+        self._send_held()
         self._pump()
 
     def _forward(self, data):
