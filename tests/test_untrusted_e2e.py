@@ -266,3 +266,35 @@ class PipelinedDecisionTests(HostileTargetCase):
                 break
             yield task.deferLater(reactor, 0.05, lambda: None)
         untrusted_addons.allow(untrusted_addons.HELD[2][1])
+
+    @defer.inlineCallbacks
+    def test_client_leaves_while_command_waits(self):
+        """
+        A client that leaves while its recorded statement waits for a
+        decision (an approval, the record's write-ahead) leaves a
+        command.end (interrupted) for it, before the session's end: no
+        command in the record is left without its end.
+        """
+        import os
+
+        from tests import untrusted_addons
+
+        del untrusted_addons.HELD[:]
+        # record before the holding addon: the command event is written, then the decision waits.
+        self.addons = ("identity", "record", {"path": os.path.abspath(untrusted_addons.__file__.replace(".pyc", ".py")),
+                                              "name": "test-hold"})
+        self.start(HostileTargetFactory())
+        client = self.client()
+        yield in_thread(client.startup)
+        client.send(wire.query("SELECT 1"))
+        for _ in range(200):
+            if untrusted_addons.HELD:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(len(untrusted_addons.HELD), 1)
+        client.close()
+        (ended,) = yield self.gateway.wait_for("session.end")
+        (recorded,) = self.gateway.events("command")
+        finished = [event for event in self.gateway.events("command.end") if event["command"] == recorded["command"]]
+        self.assertEqual([event["outcome"]["status"] for event in finished], ["interrupted"])
+        self.assertLess(finished[0]["seq"], ended["seq"])

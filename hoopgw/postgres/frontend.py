@@ -388,8 +388,23 @@ class PostgresFrontend(protocol.Protocol):
         commands = [self._new_command(text, "simple", parse_error) for text in statements]
         return _then(self._decide(commands), self._query_decided, commands, raw)
 
+    def _abandoned(self, commands):
+        """
+        The session closed while these commands waited for their decision
+        (the client left during an approval or the record's write-ahead):
+        each still ends, interrupted, so that no recorded command is left
+        without its end.
+        """
+        if self.session is None:
+            return
+        for command in commands:
+            if not command.outcome or command.outcome.get("status") is None:
+                command.outcome.update(status=INTERRUPTED, reason="the session ended before it finished")
+                self.chain.finish(self.session, command)
+
     def _query_decided(self, decision, commands, raw):
         if self._state != _READY:
+            self._abandoned(commands)
             return
         if decision.verdict == DENY:
             self._deny(commands, decision, extended=False)
@@ -460,6 +475,7 @@ class PostgresFrontend(protocol.Protocol):
 
     def _execute_decided(self, decision, command, portal, raw):
         if self._state != _READY:
+            self._abandoned([command])
             return
         if decision.verdict == DENY:
             self._deny([command], decision, extended=True)
@@ -482,6 +498,7 @@ class PostgresFrontend(protocol.Protocol):
 
     def _function_decided(self, decision, command, raw):
         if self._state != _READY:
+            self._abandoned([command])
             return
         if decision.verdict == DENY:
             self._deny([command], decision, extended=False)
