@@ -144,22 +144,34 @@ class MemoryTLS:
                 return b""
         pieces = []
         read = self._tls.read
+        # With no more bytes yet, read raises SSLWantReadError; an empty
+        # read is the peer's close_notify (the ssl module's clean end).
+        closed = False
         try:
             while True:
                 piece = read(262144)
                 if not piece:
+                    closed = True
                     break
                 pieces.append(piece)
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
-            pass
+            closed = True
         except ssl.SSLError as error:
             self._flush()
             raise TLSFailed(_describe(error))
         if self._outgoing.pending:
             # Answers the peer asked for (a key update).
             self._flush()
+        if closed:
+            # The peer sends nothing more.  One that says so and keeps the
+            # TCP connection open (asyncio waits up to 30 s for the
+            # answering alert) would otherwise leave the session, and the
+            # client behind it, waiting: close our side now; what the peer
+            # sent before the alert is still handed on (Twisted closes
+            # after this call returns).
+            self.loseConnection()
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _flush(self):

@@ -268,16 +268,25 @@ class PostgresFrontend(protocol.Protocol):
                 waiting.addCallback(self._resume).addErrback(self._internal_error)
         # Messages before a command that waits for its decision are held
         # back with it: they go out together, in one segment.
-        if self._to_upstream and self.upstream is not None and self._waiting is None:
-            _send(self.upstream.transport, self._to_upstream)
-            self._to_upstream = []
+        if self._waiting is None:
+            self._send_held()
         if len(inbox) > INBOX_HIGH_WATER:
             self.valve.pause("inbox")
         else:
             self.valve.resume("inbox")
 
+    def _send_held(self):
+        if self._to_upstream and self.upstream is not None:
+            _send(self.upstream.transport, self._to_upstream)
+            self._to_upstream = []
+
     def _resume(self, _):
         self._waiting = None
+        # The decided command goes out now with what was held before it,
+        # not when the inbox is next empty: a client that keeps its inbox
+        # full (pipelining without pause) would otherwise have nothing
+        # sent to the target at all, its statements piling up unsent.
+        self._send_held()
         self._pump()
 
     def _forward(self, data):
@@ -379,8 +388,23 @@ class PostgresFrontend(protocol.Protocol):
         commands = [self._new_command(text, "simple", parse_error) for text in statements]
         return _then(self._decide(commands), self._query_decided, commands, raw)
 
+    def _abandoned(self, commands):
+        """
+        The session closed while these commands waited for their decision
+        (the client left during an approval or the record's write-ahead):
+        each still ends, interrupted, so that no recorded command is left
+        without its end.
+        """
+        if self.session is None:
+            return
+        for command in commands:
+            if not command.outcome or command.outcome.get("status") is None:
+                command.outcome.update(status=INTERRUPTED, reason="the session ended before it finished")
+                self.chain.finish(self.session, command)
+
     def _query_decided(self, decision, commands, raw):
         if self._state != _READY:
+            self._abandoned(commands)
             return
         if decision.verdict == DENY:
             self._deny(commands, decision, extended=False)
@@ -451,6 +475,7 @@ class PostgresFrontend(protocol.Protocol):
 
     def _execute_decided(self, decision, command, portal, raw):
         if self._state != _READY:
+            self._abandoned([command])
             return
         if decision.verdict == DENY:
             self._deny([command], decision, extended=True)
@@ -473,6 +498,7 @@ class PostgresFrontend(protocol.Protocol):
 
     def _function_decided(self, decision, command, raw):
         if self._state != _READY:
+            self._abandoned([command])
             return
         if decision.verdict == DENY:
             self._deny([command], decision, extended=False)

@@ -86,7 +86,10 @@ class Startup:
         self.parameters = {}
         self.source = None
         self._negotiated = set()
-        self._needed = 8
+        # The length word alone decides a length out of bounds (a packet
+        # of 7 bytes is refused as soon as they are here, not after the
+        # startup timeout waiting for an eighth).
+        self._needed = 4
         self._timer = None
         self._counted = False
         self._recorded = False
@@ -233,7 +236,7 @@ class Startup:
                 packet = wire.read_startup_packet(buffer, position, maximum)
                 if packet is None:
                     remaining = len(buffer) - position
-                    self._needed = wire.unpack_int32(buffer, position) if remaining >= 4 else 8
+                    self._needed = wire.unpack_int32(buffer, position) if remaining >= 4 else 4
                     break
                 code, body, position = packet
                 handler = self._requests.get(code)
