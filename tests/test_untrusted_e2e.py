@@ -166,8 +166,8 @@ class TargetFatalTests(HostileTargetCase):
     def test_fatal_then_close(self):
         """
         A FATAL (with a card number) then the target closing: the client
-        gets the FATAL masked, then 57P01 "the target database closed the
-        connection", and the record says the target closed it.
+        gets the FATAL masked and nothing after it, and the record says the
+        target ended the session, with its SQLSTATE and not its text.
         """
         factory = HostileTargetFactory()
         self.start(factory)
@@ -181,18 +181,18 @@ class TargetFatalTests(HostileTargetCase):
         factory.answer = answer
         messages = yield self.query_until_closed(b"")
         texts = [wire.parse_fields(payload)["message"] for kind, payload in messages if kind == b"E"]
-        self.assertEqual(texts, ["terminating " + MASKED_PAN, "the target database closed the connection"])
+        self.assertEqual(texts, ["terminating " + MASKED_PAN])
         (ended,) = yield self.gateway.wait_for("session.end")
-        self.assertEqual(ended["reason"], "the target closed the connection")
+        self.assertEqual(ended["reason"], "the target ended the session: FATAL 57P01")
         self.assertNotIn(PAN.encode(), self.gateway.raw_store())
 
     @defer.inlineCallbacks
     def test_fatal_then_silence(self):
         """
         A FATAL after which the target keeps the connection open (no
-        PostgreSQL does; a hostile target may): the session should end
-        with the FATAL, not leave the client waiting for a ReadyForQuery
-        that cannot come.
+        PostgreSQL does; a hostile target may): the session ends with the
+        FATAL, rather than leave the client waiting for a ReadyForQuery
+        that cannot come, and the client reads nothing more.
         """
         factory = HostileTargetFactory()
         self.start(factory)
@@ -206,13 +206,12 @@ class TargetFatalTests(HostileTargetCase):
             return read_all(client)
 
         messages = yield in_thread(run)
+        self.assertEqual([kind for kind, _ in messages], [b"E"])
         self.assertEqual(wire.parse_fields(messages[0][1])["message"], "terminating " + MASKED_PAN)
-        yield self.gateway.wait_for("session.end")
-
-    test_fatal_then_silence.todo = (
-        "hoopgw/postgres/replies.py relays a target's FATAL and waits on; "
-        "the session should end after it (left to the helper changing replies.py)"
-    )
+        (ended,) = yield self.gateway.wait_for("session.end")
+        self.assertEqual(ended["reason"], "the target ended the session: FATAL 57P01")
+        (finished,) = self.gateway.events("command.end")
+        self.assertEqual(finished["outcome"]["status"], "error")
 
 
 class PipelinedDecisionTests(HostileTargetCase):
