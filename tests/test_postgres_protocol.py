@@ -538,3 +538,71 @@ class ReloadTests(unittest.TestCase):
         self.assertEqual(changed, [])
         (refused,) = gateway.events("config.reload_refused")
         self.assertIn("restart the gateway", refused["reason"])
+
+
+class SkipToSyncTests(unittest.TestCase):
+    """
+    An error in the extended protocol makes PostgreSQL skip every message
+    up to the next Sync; the gateway must expect no answer for what it
+    sends in that stretch, even when part of it goes out after the error
+    came back (a decision held it).
+    """
+
+    def setUp(self):
+        from tests import untrusted_addons
+
+        del untrusted_addons.HELD[:]
+        self.held = untrusted_addons
+        path = os.path.abspath(untrusted_addons.__file__.replace(".pyc", ".py"))
+        self.gateway = GatewayHarness(
+            self,
+            addons=["identity", {"path": path, "name": "test-hold"}, "record"],
+            allow_plaintext_password=True,
+        )
+        self.token = token()
+
+    @defer.inlineCallbacks
+    def wait_held(self, count):
+        for _ in range(400):
+            if len(self.held.HELD) >= count:
+                return
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        raise AssertionError("%d statement(s) held, not %d" % (len(self.held.HELD), count))
+
+    @defer.inlineCallbacks
+    def test_error_before_a_held_statement(self):
+        """
+        A pipeline, then Sync, in one write: a statement that fails at the
+        target as it runs (1/0), then one whose decision is still held when that error
+        comes back.  The client gets the error and one ReadyForQuery, the
+        held statement ends not run, and the session goes on; before, the
+        gateway waited for an answer PostgreSQL never sends (the session
+        hung).
+        """
+        client = RawClient(self.gateway.port, password=self.token)
+        self.addCleanup(client.close)
+        yield in_thread(client.startup)
+        client.send(
+            parse("", "SELECT 1 / g FROM generate_series(0, 0) AS g") + bind("", "") + execute("")
+            + parse("", "SELECT 2") + bind("", "") + execute("") + sync()
+        )
+        yield self.wait_held(1)
+        self.held.allow(self.held.HELD[0][1])
+        # The first statement reaches PostgreSQL and fails while the second waits.
+        yield self.wait_held(2)
+        for _ in range(100):
+            if self.gateway.events("command.end"):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.held.allow(self.held.HELD[1][1])
+        messages = yield in_thread(client.until, b"Z")
+        self.assertEqual([fields["code"] for fields in errors(messages)], ["22012"])
+        self.assertEqual([kind for kind, _ in messages].count(b"Z"), 1)
+        client.send(wire.query("SELECT 3"))
+        yield self.wait_held(3)
+        self.held.allow(self.held.HELD[2][1])
+        after = yield in_thread(client.until, b"Z")
+        self.assertEqual(tags(after), ["SELECT 1"])
+        ended = {event["command"]: event["outcome"]["status"] for event in self.gateway.events("command.end")}
+        started = [event["command"] for event in self.gateway.events("command")]
+        self.assertEqual([ended.get(command) for command in started[:2]], ["error", "not-run"])

@@ -102,6 +102,8 @@ class PostgresFrontend(protocol.Protocol):
         self._inbox = collections.deque()
         self._waiting = None
         self._skipping = False
+        # The target skips the client's messages up to the next Sync.
+        self._target_skipping = False
         self._expected = collections.deque()
         self._statements = {}
         self._portals = {}
@@ -373,6 +375,18 @@ class PostgresFrontend(protocol.Protocol):
         return None
 
     def _expect(self, pending):
+        """
+        Note what the target will answer next, in order.  While the target
+        skips to the next Sync after an error in the extended protocol
+        (L{TargetReplies} says so when the Sync was not read from the
+        client yet), what comes before that Sync gets no answer: it ends,
+        not run, as it is sent.
+        """
+        if self._target_skipping:
+            if pending.kind != "sync":
+                self.replies.not_run(pending, "an earlier message of the pipeline failed")
+                return
+            self._target_skipping = False
         self._expected.append(pending)
 
     def _new_command(self, sql, protocol_name, parse_error=None, parameters=(), formats=()):

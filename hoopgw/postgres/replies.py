@@ -662,6 +662,11 @@ class TargetReplies:
             while expected and expected[0].kind != "sync":
                 skipped = expected.popleft()
                 self._not_run(skipped, "an earlier message of the pipeline failed")
+            if not expected:
+                # The Sync is still to come from the client (a decision
+                # held the rest back while the first part ran): what is
+                # sent before it is skipped as well.
+                frontend._target_skipping = True
         if frontend._result_hooks:
             command = head.command if head is not None else None
             chunk = ResultChunk("message", fields=fields, stream="error", quotes=values.quotes(fields))
@@ -676,6 +681,13 @@ class TargetReplies:
             frontend._portals[name].columns = columns
         elif which == b"S" and name in frontend._statements:
             frontend._statements[name] = (frontend._statements[name][0], columns)
+
+    def not_run(self, pending, reason):
+        """
+        End the commands of C{pending}, which the target will not answer
+        (it skips to a Sync), as not run.
+        """
+        self._not_run(pending, reason)
 
     def _not_run(self, pending, reason):
         for command in pending.commands[pending.index :]:
