@@ -242,9 +242,17 @@ class LeakCheck:
         for secret in FORBIDDEN:
             self.assertNotIn(secret, text, what)
 
-    def assertNoCvv(self, text, what):
+    def assertNoCvv(self, text, what, among_hashes=False):
+        """
+        No verification value in C{text}.  In text full of hashes, ids and
+        timestamps (a report), a value counts only where no hex digit
+        touches it: three digits inside a SHA-256 are not a leak.
+        """
         for cvv in CVVS:
-            self.assertNotIn(cvv, text, what)
+            if among_hashes:
+                self.assertNotRegex(text, r"(?<![0-9a-fA-F])%s(?![0-9a-fA-F])" % (cvv,), what)
+            else:
+                self.assertNotIn(cvv, text, what)
 
 
 class SensitiveColumnsTests(unittest.TestCase, LeakCheck):
@@ -588,7 +596,7 @@ class ReportTests(unittest.TestCase, LeakCheck):
         self.assertRegex(section, r"- mask:sad[-a-z]*: 1")
         self.assertIn("`SELECT verification || 'x' FROM vault.cards` (column vault.cards.verification", section)
         self.assertNoSecret(report, "the report")
-        self.assertNoCvv(report.replace("hoopgw", ""), "the report")
+        self.assertNoCvv(report, "the report", among_hashes=True)
 
 
 class ExplainTests(unittest.TestCase):
