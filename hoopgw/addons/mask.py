@@ -485,7 +485,7 @@ class Mask:
         return masking.StreamMasker(self.masker)
 
     def _stream(self, session, command, chunk, exempt):
-        if chunk.kinds and chunk.kinds[0] != TEXT:
+        if chunk.kind_of(0) != TEXT:
             raise masking.MaskingError("a binary %s stream cannot be checked for card numbers" % (chunk.stream,))
         if exempt:
             self._count_unmasked(command, exempt, self.masker.text(chunk.data)[1])

@@ -140,10 +140,9 @@ class Record:
                 if not sample.get("columns"):
                     # A column's name may be a card number (an alias).
                     sample["columns"] = [cards.mask_text(name)[0] for name in chunk.columns]
-                binary = [index < len(chunk.kinds) and chunk.kinds[index] != TEXT for index in range(len(chunk.columns))]
                 for row in chunk.rows[:room]:
                     sample["rows"].append(
-                        [_sample_value(value, index < len(binary) and binary[index]) for index, value in enumerate(row)]
+                        [_sample_value(value, chunk.kind_of(index) != TEXT) for index, value in enumerate(row)]
                     )
         elif chunk.kind == "stream" and len(sample["bytes"]) < self._bytes:
             sample["bytes"] += chunk.data[: self._bytes - len(sample["bytes"])]
