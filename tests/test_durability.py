@@ -265,3 +265,30 @@ class PostgresStoreTests(unittest.TestCase):
             found[durability] = yield store.read(show)
             yield store.close()
         self.assertEqual(found, {WRITE_AHEAD_FSYNC: "on", WRITE_AHEAD: "off"})
+
+
+class SyncProgramTests(unittest.TestCase):
+    def test_gateway_gone_before_the_answer(self):
+        """
+        When the gateway has gone before the sync process answers (it could
+        not start, say), the process ends quietly: no traceback in the
+        gateway's log.
+        """
+        import subprocess
+        import sys
+
+        from hoopgw.store import sync
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        segment = os.path.join(directory, "segment")
+        open(segment, "wb").close()
+        process = subprocess.Popen(
+            [sys.executable, "-I", sync.PROGRAM],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        process.stdout.close()
+        _, errors = process.communicate(("open %s\nsync\n" % (segment,)).encode("utf-8"), timeout=30)
+        self.assertEqual((process.returncode, errors), (0, b""))

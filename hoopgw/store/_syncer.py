@@ -12,6 +12,9 @@ standard output, one line each, C{ok} or C{error REASON}:
     its folder entry is made durable too;
   - C{sync}: make everything written to the current segment so far durable.
 
+It ends when its standard input closes, or quietly when the gateway is no
+longer there to read an answer.
+
 fdatasync acts on the file, not on the descriptor: the gateway's writes,
 which returned before it asked, are covered.  The segment is opened before
 anything is written to it, so a write-back error on it is reported here.
@@ -46,7 +49,12 @@ def main():
             reply = b"ok\n"
         except OSError as error:
             reply = b"error " + (error.strerror or str(error)).encode("utf-8", "replace").replace(b"\n", b" ") + b"\n"
-        os.write(1, reply)
+        try:
+            os.write(1, reply)
+        except BrokenPipeError:
+            # The gateway has gone (it stopped, or could not start): nobody
+            # is left to hear the answer.
+            return
 
 
 if __name__ == "__main__":
