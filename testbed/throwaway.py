@@ -57,16 +57,65 @@ class ThrowawayError(Exception):
     """
 
 
+_PORTS_HANDED_OUT = set()
+
+
+def _ephemeral_ports():
+    """
+    The range the kernel takes client connections' local ports from.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            low, high = (int(word) for word in ranges.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return low, high
+
+
 def free_port(host="127.0.0.1"):
     """
-    A TCP port on C{host} that nobody was listening on a moment ago, found
-    by binding port 0 and letting the kernel choose.
+    A TCP port on C{host} that nobody was listening on a moment ago and that
+    this process has not handed out before.
+
+    It is chosen below the kernel's range for client connections' local
+    ports: a port the kernel chose (bind port 0, then close) could be taken
+    by a client connection, or chosen again, before its listener binds it,
+    and a busy machine showed both.
 
     @rtype: L{int}
     """
+    low, _ = _ephemeral_ports()
+    if low > 12000:
+        first, last = 10000, low - 1
+        start = first + secrets.randbelow(last - first + 1)
+        for offset in range(last - first + 1):
+            port = first + (start - first + offset) % (last - first + 1)
+            if port not in _PORTS_HANDED_OUT and _bindable(host, port):
+                _PORTS_HANDED_OUT.add(port)
+                return port
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        if port not in _PORTS_HANDED_OUT:
+            _PORTS_HANDED_OUT.add(port)
+            return port
+    raise OSError("no free TCP port on %s" % (host,))
+
+
+def _bindable(host, port):
+    """
+    Whether a listener could bind C{host}:C{port} now.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+        # As a listener would: a connection of an earlier test still in
+        # TIME_WAIT on the port does not stop it.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _conf_literal(value):
