@@ -323,3 +323,49 @@ def make_ca(common_name="hoopgw test CA", issuer=None):
             critical=False,
         )
     return CertificateAuthority(key, builder.sign(signer, hashes.SHA256()))
+
+
+def main(argv=None):
+    """
+    Write a throwaway CA and a server certificate it signed, for trying the
+    gateway by hand: C{python -m testbed.pki DIRECTORY [--name NAME ...]
+    [--client SUBJECT ...]}.
+
+    It writes C{ca.crt} (and its key), C{server.crt} and C{server.key} (for C{localhost}
+    and C{127.0.0.1} and every C{--name}: a DNS name or an IP address), and
+    C{SUBJECT.crt}/C{SUBJECT.key} client certificates, then prints the
+    paths.  Nothing it makes is meant to protect anything real.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m testbed.pki",
+        description="DEVELOPMENT ONLY: write a throwaway CA, a server certificate and client certificates.",
+    )
+    parser.add_argument("directory", help="where to write them (created if missing)")
+    parser.add_argument(
+        "--name", action="append", default=[], help="another DNS name or IP address for the server certificate"
+    )
+    parser.add_argument(
+        "--client", action="append", default=[], help="a client certificate for this subject (its CN)"
+    )
+    arguments = parser.parse_args(argv)
+    os.makedirs(arguments.directory, exist_ok=True)
+    dns_names, addresses = ["localhost"], ["127.0.0.1"]
+    for name in arguments.name:
+        try:
+            addresses.append(str(ipaddress.ip_address(name)))
+        except ValueError:
+            dns_names.append(name)
+    ca = make_ca()
+    written = list(ca.write(arguments.directory, "ca"))
+    server = ca.issue("localhost", dns_names=dns_names, ip_addresses=addresses)
+    written += server.write(arguments.directory, "server")
+    for subject in arguments.client:
+        written += ca.issue(subject, client=True, server=False).write(arguments.directory, subject)
+    for path in written:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,7 @@ C{Authorization} and C{Impersonate-*} header it saw, so a test can prove
 what reached it.
 """
 
+import base64
 import copy
 import datetime
 import json
@@ -155,6 +156,8 @@ class StandinAPIServer:
         self.watchers = []
         self.logs = {}
         self.followers = {}
+        # Pods whose container stopped: logs -f returns the log and ends.
+        self.stopped = set()
         # Headers added to every response: C{(name, value)} pairs.
         self.extra_headers = []
         self.port = None
@@ -299,8 +302,10 @@ class StandinAPIServer:
 
     def end_log(self, namespace, pod):
         """
-        The pod's container stopped: followers' streams end.
+        The pod's container stopped: followers' streams end, and later
+        ones get the log without following.
         """
+        self.stopped.add((namespace, pod))
         for follower in list(self.followers.pop((namespace, pod), ())):
             _finish(follower.request)
 
@@ -587,7 +592,7 @@ class _Root(resource.Resource):
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/plain")
         lines = self.api.logs.get((namespace, name), [])
-        if _first(query, "follow") not in ("true", "1"):
+        if _first(query, "follow") not in ("true", "1") or (namespace, name) in self.api.stopped:
             data = "".join(lines).encode("utf-8")
             request.setHeader(b"content-length", str(len(data)).encode())
             return data
@@ -680,12 +685,114 @@ class _Refusal(Exception):
         self.message = message
 
 
+def _protobuf_fields(data):
+    """
+    The fields of one protobuf message: C{(number, value)} in order, a
+    varint as an L{int}, a length-delimited field as L{bytes}.
+    """
+    fields = []
+    offset = 0
+
+    def varint():
+        nonlocal offset
+        result = shift = 0
+        while True:
+            if offset >= len(data) or shift > 63:
+                raise _Refusal(400, "BadRequest", "the protobuf body is malformed")
+            byte = data[offset]
+            offset += 1
+            result |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return result
+
+    while offset < len(data):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            fields.append((number, varint()))
+        elif wire == 2:
+            length = varint()
+            if offset + length > len(data):
+                raise _Refusal(400, "BadRequest", "the protobuf body is malformed")
+            fields.append((number, data[offset:offset + length]))
+            offset += length
+        elif wire in (1, 5):
+            offset += 8 if wire == 1 else 4
+        else:
+            raise _Refusal(400, "BadRequest", "the protobuf body is malformed")
+    return fields
+
+
+def _protobuf_map(entries, decode):
+    """
+    A protobuf map's entries (C{{1: key, 2: value}} messages) as a dict.
+    """
+    result = {}
+    for entry in entries:
+        parts = dict(_protobuf_fields(entry))
+        result[parts.get(1, b"").decode("utf-8")] = decode(parts.get(2, b""))
+    return result
+
+
+# What the stand-in reads of a protobuf body, by kind: field number ->
+# (JSON name, how to read it).  Enough for kubectl create configmap and
+# kubectl create secret generic.
+_TEXT = ("text", lambda value: value.decode("utf-8"))
+_BYTES = ("bytes", lambda value: base64.b64encode(value).decode("ascii"))
+_PROTOBUF_KINDS = {
+    "ConfigMap": {2: ("data", _TEXT), 3: ("binaryData", _BYTES)},
+    "Secret": {2: ("data", _BYTES), 3: ("type", None), 4: ("stringData", _TEXT)},
+}
+_PROTOBUF_METADATA = {1: "name", 2: "generateName", 3: "namespace", 11: "labels", 12: "annotations"}
+
+
+def _protobuf_body(data):
+    """
+    A Kubernetes protobuf body (C{k8s\\0} and a C{runtime.Unknown}) as the
+    JSON object it stands for, for the kinds in L{_PROTOBUF_KINDS}.
+    """
+    if not data.startswith(b"k8s\x00"):
+        raise _Refusal(400, "BadRequest", "the protobuf body does not start with the Kubernetes magic number")
+    envelope = dict(_protobuf_fields(data[4:]))
+    type_meta = dict(_protobuf_fields(envelope.get(1, b"")))
+    api_version = type_meta.get(1, b"").decode("utf-8")
+    kind = type_meta.get(2, b"").decode("utf-8")
+    if kind not in _PROTOBUF_KINDS:
+        raise _Refusal(415, "UnsupportedMediaType", "the stand-in reads protobuf bodies of %s only, not %s; send JSON (kubectl apply -f)" % (", ".join(sorted(_PROTOBUF_KINDS)), kind or "this kind"))
+    body = {"apiVersion": api_version, "kind": kind}
+    fields = _protobuf_fields(envelope.get(2, b""))
+    layout = _PROTOBUF_KINDS[kind]
+    for number, value in fields:
+        if number == 1:
+            meta = body.setdefault("metadata", {})
+            for meta_number, meta_value in _protobuf_fields(value):
+                name = _PROTOBUF_METADATA.get(meta_number)
+                if name in ("labels", "annotations"):
+                    meta.setdefault(name, {}).update(_protobuf_map([meta_value], _TEXT[1]))
+                elif name is not None:
+                    meta[name] = meta_value.decode("utf-8")
+        elif number in layout:
+            name, reader = layout[number]
+            if reader is None:
+                body[name] = value.decode("utf-8")
+            else:
+                body.setdefault(name, {}).update(_protobuf_map([value], reader[1]))
+    return body
+
+
 def _first(query, name):
     values = query.get(name)
     return values[-1] if values else None
 
 
 def _body(request):
+    content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
+    if "protobuf" in content_type:
+        # kubectl create configmap / secret send protobuf.
+        return _protobuf_body(request.content.read())
+    if "cbor" in content_type:
+        raise _Refusal(415, "UnsupportedMediaType", "the stand-in does not read %s" % (content_type,))
     try:
         body = json.loads(request.content.read() or b"{}")
     except ValueError:
@@ -778,7 +885,8 @@ class _ExecSession:
 def main(argv=None):
     """
     Run the stand-in on its own: C{python -m testbed.standin
-    --port P --certificate C --key K --token-file F [--configmap NAME=KEY=VALUE]}.
+    --port P --certificate C --key K --token-file F [--configmap NAME=KEY=VALUE]
+    [--pod NAME=LOGFILE]}.
     """
     import argparse
 
@@ -790,6 +898,13 @@ def main(argv=None):
     parser.add_argument("--key", required=True)
     parser.add_argument("--token-file", required=True, help="the bearer token clients must present")
     parser.add_argument("--configmap", action="append", default=[], help="NAME=KEY=VALUE in the default namespace")
+    parser.add_argument(
+        "--pod",
+        action="append",
+        default=[],
+        help="NAME=LOGFILE: a pod in the default namespace whose log is LOGFILE: what is appended to it "
+        "reaches logs -f as it was written; removing the file stops the container (logs -f ends)",
+    )
     arguments = parser.parse_args(argv)
     asyncioreactor.install()
     from twisted.internet import reactor
@@ -800,8 +915,47 @@ def main(argv=None):
     for entry in arguments.configmap:
         name, key, value = entry.split("=", 2)
         api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": name}, "data": {key: value}})
+    for entry in arguments.pod:
+        name, path = entry.split("=", 1)
+        api.create(("", "v1", "pods"), "default", {"metadata": {"name": name}})
+        LogFile(reactor, api, "default", name, path).start()
     api.listen(arguments.certificate, arguments.key, port=arguments.port)
     reactor.run()
+
+
+class LogFile:
+    """
+    A pod's log read from a file, for the stand-in run on its own: what is
+    appended to the file is the container's output, passed on to
+    C{logs -f} in the pieces it was read in; the file's removal is the
+    container stopping (what was written before it is passed on first).
+    """
+
+    INTERVAL = 0.05
+
+    def __init__(self, reactor, api, namespace, pod, path):
+        from twisted.internet import task
+
+        self.api = api
+        self.namespace = namespace
+        self.pod = pod
+        self.file = open(path, "rb")
+        self._loop = task.LoopingCall(self.poll)
+        self._loop.clock = reactor
+
+    def start(self):
+        self._loop.start(self.INTERVAL, now=True)
+
+    def poll(self):
+        removed = os.fstat(self.file.fileno()).st_nlink == 0
+        data = self.file.read()
+        if data:
+            self.api.logs.setdefault((self.namespace, self.pod), []).append(data.decode("utf-8", "replace"))
+            self.api.write_log(self.namespace, self.pod, data)
+        if removed:
+            self._loop.stop()
+            self.file.close()
+            self.api.end_log(self.namespace, self.pod)
 
 
 if __name__ == "__main__":
