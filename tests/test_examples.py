@@ -24,10 +24,11 @@ EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "etc", "*.yaml")))
 class ExampleTests(unittest.TestCase):
     def test_examples_exist(self):
         """
-        The examples this module checks are the four shipped ones.
+        The examples this module checks are the five shipped ones.
         """
         self.assertEqual(
-            [os.path.basename(path) for path in EXAMPLES], ["demo.yaml", "enforcement.yaml", "hoopgw.yaml", "identity.yaml"]
+            [os.path.basename(path) for path in EXAMPLES],
+            ["demo.yaml", "enforcement.yaml", "hoopgw.yaml", "identity.yaml", "kubernetes-trial.yaml"],
         )
 
     def test_check_config_skip_files(self):
@@ -74,9 +75,11 @@ class ExampleTests(unittest.TestCase):
     def test_whole_files(self):
         """
         With made-up files where the examples expect the gateway host's
-        (/etc/hoopgw, var/demo) and their environment variables set, every
-        example loads whole: nothing but the host's files was skipped.
+        (/etc/hoopgw, var/demo; var/k8s-trial made as the README says) and
+        their environment variables set, every example loads whole: nothing
+        but the host's files was skipped.
         """
+        import contextlib
         from testbed import pki
         from hoopgw.identity import dev
         from hoopgw.store import signing
@@ -84,6 +87,12 @@ class ExampleTests(unittest.TestCase):
         directory = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(directory, "etc"))
         os.makedirs(os.path.join(directory, "var", "demo"))
+        trial = os.path.join(directory, "var", "k8s-trial")
+        with contextlib.redirect_stdout(io.StringIO()):
+            pki.main([os.path.join(trial, "pki")])
+        dev.generate_key(os.path.join(trial, "keys"), kid="demo-1")
+        with open(os.path.join(trial, "cluster.token"), "w") as handle:
+            handle.write("made-up\n")
         certificate = pki.make_ca("example").certificate_pem()
         for path in EXAMPLES:
             with open(path) as handle:
