@@ -361,6 +361,46 @@ class OutageTests(unittest.TestCase):
         self.assertTrue(self.flushLoggedErrors(StoreError))
 
 
+    @defer.inlineCallbacks
+    def test_lost_before_the_first_event(self):
+        """
+        A store that reached its database, then lost it before writing any
+        event, is in an outage, retried, not failed for good: once its role
+        may log in again, it takes events.  (Under load, a gateway's
+        readiness could be asked between the two.)
+        """
+        settings = yield in_thread(store_settings)
+        config = parse_options(settings["postgres"], "gateway.store.postgres")
+        yield in_thread(pgstore.prepare_schema, config)
+        store = PostgresStore(config, reactor)
+        self.addCleanup(store.close)
+        yield store.start()
+        self.assertEqual(store.seq, 0)
+        yield in_thread(self.set_login, False)
+        self.addCleanup(self.set_login, True)
+        yield in_thread(
+            superuser,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            ("hoopgw-store:" + settings["postgres"]["schema"],),
+        )
+        for _ in range(200):
+            if store.outage is not None:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        error = yield self.assertFailure(store.append({"type": "checkpoint.test"}), StoreError)
+        self.assertIn("unreachable", str(error))
+        # Long enough for a reconnection attempt to be refused.
+        yield task.deferLater(reactor, 1.0, lambda: None)
+        self.assertIsNone(store._broken)
+        yield in_thread(self.set_login, True)
+        for _ in range(300):
+            if store.outage is None:
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        yield store.append({"type": "checkpoint.test"})
+        self.assertGreaterEqual(store.seq, 1)
+
+
 class ListenOutageTests(unittest.TestCase):
     timeout = 60
 

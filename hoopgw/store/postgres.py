@@ -341,6 +341,9 @@ class PostgresStore:
         self._broken = None
         self._closed = False
         self._first_batch = True
+        # Whether the store's database was ever reached: losing it after
+        # that is an outage, retried; never reaching it is a failure.
+        self._reached = False
         self.signer = None
         self._schedule = None
         self.unsigned = 0
@@ -439,6 +442,7 @@ class PostgresStore:
 
             def connected(_):
                 self._connection = connection
+                self._reached = True
                 # Each statement of a batch must see what the batch before it
                 # committed (it reads the head, and checked work reads state,
                 # only once it holds the lock): read committed, whatever the
@@ -451,8 +455,9 @@ class PostgresStore:
             def failed(failure):
                 self._connecting = None
                 reason = "connecting to the PostgreSQL store failed: %s" % (failure.getErrorMessage().strip(),)
-                if self.seq:
-                    # It was there before: an outage, retried.
+                if self._reached:
+                    # It was there before (whether or not an event was
+                    # written yet): an outage, retried.
                     self._lost(reason)
                 else:
                     self._fail(reason)
