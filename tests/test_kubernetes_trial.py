@@ -45,6 +45,9 @@ class ReadmeTrialTests(unittest.TestCase):
         os.makedirs(os.path.join(where, "etc"))
         for name in (".venv", "testbed"):
             os.symlink(os.path.join(ROOT, name), os.path.join(where, name))
+            # Gone once the test ends: a link to .venv left under _trial_temp
+            # would keep "git clean -x -e .venv" from clearing it.
+            self.addCleanup(os.unlink, os.path.join(where, name))
         with open(os.path.join(ROOT, "etc", "kubernetes-trial.yaml")) as source:
             settings = source.read()
         self.assertIn("16443", settings)
