@@ -338,6 +338,64 @@ class ExecTests(unittest.TestCase):
         self.assertEqual(command["outcome"]["stdout_bytes"], 7)
 
     @defer.inlineCallbacks
+    def shared_connection(self, *commands):
+        """
+        Run C{commands} one after another through one ssh ControlMaster
+        connection; ssh closes a shared channel once it has sent and
+        received EOF, before the exit status may have come.
+
+        @return: a Deferred firing with each command's C{(stdout, stderr,
+            exit code)} and the exec commands recorded.
+        """
+        control = os.path.join(tempfile.mkdtemp(prefix="hoopgw-mux-"), "c")
+        self.addCleanup(shutil.rmtree, os.path.dirname(control), True)
+        where = [SSH] + self.gateway.options() + ["-o", "ControlPath=" + control]
+        login = "%s@127.0.0.1" % (self.gateway.login,)
+        master = run(where + ["-o", "ControlMaster=yes", "-N", login])
+        yield eventually(lambda: os.path.exists(control))
+        results = []
+        for command in commands:
+            results.append((yield run(where + ["-o", "ControlMaster=no", login, command])))
+        yield run(where + ["-O", "exit", login])
+        yield master
+        yield self.gateway.wait_for("session.end")
+        return results, self.gateway.commands("exec")
+
+    @defer.inlineCallbacks
+    def test_exit_status_after_eof(self):
+        """
+        A command that closes its output, then exits a moment later: sshd
+        sends EOF, and the exit status only once the process is gone.  An
+        ssh sharing a connection (ControlMaster), its stdin at an end,
+        closes the channel on that EOF and still reads the exit status, as
+        with sshd alone: the gateway passes it on before answering the
+        CLOSE, and records it.
+        """
+        results, commands = yield self.shared_connection("exit 0", "echo before; exec >&- 2>&-; sleep 1; exit 3")
+        self.assertEqual([code for _, _, code in results], [0, 3], results)
+        self.assertEqual(results[1][0], b"before\n")
+        self.assertEqual((commands[1]["outcome"]["status"], commands[1]["outcome"]["exit_status"]), ("exited", 3))
+        self.assertNotIn("reason", commands[1]["outcome"])
+
+    @defer.inlineCallbacks
+    def test_close_wait_bounded(self):
+        """
+        The wait for the target's exit status after the client's CLOSE is
+        bounded (CLOSE_WAIT): past it the client's CLOSE is answered (ssh
+        exits 255, no status came) and the command is recorded
+        interrupted.
+        """
+        from hoopgw.ssh import channels
+
+        self.patch(channels, "CLOSE_WAIT", 1.0)
+        results, commands = yield self.shared_connection("exec >&- 2>&-; sleep 20; exit 3")
+        self.assertEqual([code for _, _, code in results], [255], results)
+        self.assertEqual(
+            (commands[0]["outcome"]["status"], commands[0]["outcome"]["reason"]),
+            ("interrupted", "the client closed the channel"),
+        )
+
+    @defer.inlineCallbacks
     def test_exit_signal(self):
         """
         A command killed by a signal is recorded with the signal.
@@ -1231,7 +1289,8 @@ class BeforeLoginTests(unittest.TestCase):
 class _HostileExit:
     """
     What L{hoopgw.ssh.output.TargetOutput.exit} needs of its relay: the
-    command's outcome and the queue towards the client.
+    command's outcome, whether it is over, and the queue towards the
+    client.
     """
 
     def __init__(self):
@@ -1239,6 +1298,7 @@ class _HostileExit:
 
         self.command = Command(kind="exec", text="x", redacted="x", facts={})
         self.queued = []
+        self.done = False
 
     def _queue(self, action):
         self.queued.append(action)

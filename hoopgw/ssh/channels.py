@@ -95,6 +95,11 @@ class TargetChannel(RelayChannel):
         self.front.release("target-full")
 
 
+# How long a client's CLOSE waits for the target's exit status and CLOSE:
+# sshd sends them once the command has exited, however long it runs.
+CLOSE_WAIT = 300.0
+
+
 class _ClientSide(RelayChannel):
     """
     A channel to the client fed by a channel to the target
@@ -145,6 +150,8 @@ class SessionChannel(_ClientSide):
         self._after_reply = []
         self._deciding = None
         self._stdin = 0
+        self.client_closed = False
+        self._close_wait = None
         # Nothing the client sends is relayed before the command is allowed.
         self.hold("starting")
 
@@ -331,12 +338,44 @@ class SessionChannel(_ClientSide):
             self.target.send_eof()
 
     def closeReceived(self):
+        if self._target_may_still_answer():
+            # An OpenSSH client that has sent and received EOF closes the
+            # channel, and still reads the exit status until the server's
+            # CLOSE, which sshd sends after it.  So does the gateway: the
+            # target is told, and the client's CLOSE is answered once the
+            # target's exit status and CLOSE have come through (or
+            # CLOSE_WAIT has passed).
+            self.client_closed = True
+            self.close_target()
+            self._close_wait = self.avatar.factory.reactor.callLater(CLOSE_WAIT, self._close_waited)
+            return
         self.close_target()
         if self.command is not None and not self.finished and not self.output.done:
             self.command.outcome.update(status=INTERRUPTED, reason="the client closed the channel")
         RelayChannel.closeReceived(self)
 
+    def _target_may_still_answer(self):
+        return (
+            self.command is not None
+            and self.started
+            and self.sftp is None
+            and not self.finished
+            and not self.output.done
+            and self.target is not None
+            and not self.target.remoteClosed
+        )
+
+    def _close_waited(self):
+        self._close_wait = None
+        self.output.stop()
+        if self.command is not None and not self.finished:
+            self.command.outcome.setdefault("status", INTERRUPTED)
+            self.command.outcome.setdefault("reason", "the client closed the channel")
+        self.send_close()
+
     def closed(self):
+        if self._close_wait is not None and self._close_wait.active():
+            self._close_wait.cancel()
         self.avatar.channels.discard(self)
         self.avatar.pending.discard(self)
         if self._deciding is not None:

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 from hoopgw import admission
 from hoopgw.chain import ChainBroken
-from hoopgw.model import EXITED, SIGNALLED, WITHHELD, ResultChunk
+from hoopgw.model import EXITED, INTERRUPTED, SIGNALLED, WITHHELD, ResultChunk
 from hoopgw.ssh.publickeys import Reader, WireError, string
 
 
@@ -67,6 +67,9 @@ class TargetOutput:
         gateway re-encodes it (the signal's message masked and redacted
         like any text from the target); a malformed one is not passed on.
         """
+        if self.done:
+            # Too late: the command's end is already recorded.
+            return
         outcome = self.command.outcome
         try:
             reader = Reader(data)
@@ -103,6 +106,8 @@ class TargetOutput:
             self._queue(("chunk", ResultChunk("stream", data=b"", stream=stream, final=True)))
 
     def _queue(self, action):
+        if self.done:
+            return
         self._pipeline.append(action)
         if self._busy is None:
             self._drain()
@@ -179,9 +184,25 @@ class TargetOutput:
         channel.send_close()
         channel.finish()
 
+    def stop(self):
+        """
+        Nothing more of the target's reaches the client (it closed the
+        channel and the wait for the target is over).
+        """
+        self.done = True
+        self._pipeline.clear()
+
     def _finished(self):
         channel = self.channel
         self.done = True
+        if channel.client_closed:
+            # The client closed first, and what it waited for has gone out:
+            # the command is over before the CLOSE that ends the channel.
+            if "status" not in self.command.outcome:
+                self.command.outcome.update(status=INTERRUPTED, reason="the client closed the channel")
+            channel.finish()
+            channel.send_close()
+            return
         if not channel.sent_eof:
             channel.send_eof()
         channel.send_close()
