@@ -296,6 +296,20 @@ class OutageTests(unittest.TestCase):
         superuser("ALTER ROLE audit_writer %s" % ("LOGIN" if allowed else "NOLOGIN",))
 
     @defer.inlineCallbacks
+    def drop_store(self, settings):
+        """
+        The database refuses the store's role from now on (until the test
+        ends) and drops the store's connections.
+        """
+        yield in_thread(self.set_login, False)
+        self.addCleanup(self.set_login, True)
+        yield in_thread(
+            superuser,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            ("hoopgw-store:" + settings["postgres"]["schema"],),
+        )
+
+    @defer.inlineCallbacks
     def test_outage_refuses_then_resumes(self):
         """
         While the store is unreachable every statement is refused (fail
@@ -313,13 +327,7 @@ class OutageTests(unittest.TestCase):
             connection.autocommit = True
             yield in_thread(_query, connection, "SELECT 1")
 
-        yield in_thread(self.set_login, False)
-        self.addCleanup(self.set_login, True)
-        yield in_thread(
-            superuser,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-            ("hoopgw-store:" + settings["postgres"]["schema"],),
-        )
+        yield self.drop_store(settings)
         error = yield in_thread(_query_error, kept, "SELECT 2")
         self.assertIn("store", error)
         out, err, code = yield psql(gateway.dsn(), "-c", "SELECT 3", password=token())
@@ -376,13 +384,7 @@ class OutageTests(unittest.TestCase):
         self.addCleanup(store.close)
         yield store.start()
         self.assertEqual(store.seq, 0)
-        yield in_thread(self.set_login, False)
-        self.addCleanup(self.set_login, True)
-        yield in_thread(
-            superuser,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-            ("hoopgw-store:" + settings["postgres"]["schema"],),
-        )
+        yield self.drop_store(settings)
         for _ in range(200):
             if store.outage is not None:
                 break
