@@ -221,7 +221,7 @@ class StandinAPIServer:
             meta["namespace"] = namespace
         else:
             meta.pop("namespace", None)
-        meta["uid"] = str(uuid.uuid4())
+        meta["uid"] = _uid()
         meta["creationTimestamp"] = _now()
         meta["resourceVersion"] = self._next_revision()
         if kind == "Pod":
@@ -779,6 +779,20 @@ def _protobuf_body(data):
             else:
                 body.setdefault(name, {}).update(_protobuf_map([value], reader[1]))
     return body
+
+
+def _uid():
+    """
+    A new object's uid: a random UUID, as the API server makes, but never
+    one of the few (about 3 in 1,000) whose digits and dashes the mask
+    takes for a card number, so that tests can count what was masked.
+    """
+    from hoopgw import cards
+
+    while True:
+        uid = str(uuid.uuid4())
+        if not cards.mask_text(uid)[1]:
+            return uid
 
 
 def _first(query, name):

@@ -534,6 +534,21 @@ class MaskingTests(unittest.TestCase):
         self.assertEqual(end["outcome"]["masked"], 1)
 
     @defer.inlineCallbacks
+    def test_uid_like_a_card_number(self):
+        """
+        The mask errs on the side of hiding: a uid whose digits and dashes
+        hold a Luhn-valid run (about 3 random UUIDs in 1,000) is masked
+        too, as the README says, and counted.
+        """
+        cluster = self.cluster
+        created = cluster.api.create(("", "v1", "configmaps"), "default", {"metadata": {"name": "plain"}, "data": {"a": "b"}})
+        created["metadata"]["uid"] = "e1d2519b-9806-4744-8344-4a3779762662"
+        out, err, code = yield cluster.kubectl("get", "configmap", "plain", "-o", "jsonpath={.metadata.uid}")
+        self.assertEqual((out, code), ("e1d2519b-9806-47**-*344-4a3779762662", 0), err)
+        (end,) = yield cluster.wait_for_end("get", "configmaps")
+        self.assertEqual(end["outcome"]["masked"], 1)
+
+    @defer.inlineCallbacks
     def test_secret(self):
         """
         A PAN inside a Secret's base64 data (and inside the last-applied
