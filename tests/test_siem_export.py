@@ -13,7 +13,7 @@ import signal
 
 import jsonschema
 import orjson
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, protocol, reactor, task
 from twisted.trial import unittest
 
 from hoopgw import cli
@@ -551,6 +551,58 @@ class RsyslogTests(ExportTestCase):
         self.assertEqual(cli.main(["verify", "--siem-file", rsyslog.output, "--key", self.public_path], output), 0,
                          output.getvalue())
         self.assertIn("duplicates", output.getvalue())
+
+
+class _ForgetfulCollector(protocol.Protocol):
+    """
+    A syslog collector over plain TCP that reads a batch to its end and
+    closes cleanly, as a collector killed after reading does (its kernel
+    closes for it): the first batch is forgotten, later ones kept.
+    """
+
+    def connectionMade(self):
+        self.data = []
+
+    def dataReceived(self, data):
+        self.data.append(data)
+
+    def connectionLost(self, reason):
+        self.factory.batches.append(b"".join(self.data))
+
+
+class ResendTests(ExportTestCase):
+    @defer.inlineCallbacks
+    def test_last_batch_again_after_a_failure(self):
+        """
+        Syslog acknowledges nothing: a collector that died having read a
+        batch (its clean close looks like a delivery) and is down at the
+        next attempt gets that batch again once it is back, so every event
+        arrives (here the first batch was lost by the collector).
+        """
+        import re
+
+        from testbed.throwaway import free_port
+
+        port = free_port()
+        factory = protocol.Factory.forProtocol(_ForgetfulCollector)
+        factory.batches = []
+        listening = reactor.listenTCP(port, factory, interface="127.0.0.1")
+        self.open_store()
+        yield self.append_sessions(1, 1)
+        self.start_export({"syslog": self.fast(type="syslog", transport="tcp", host="127.0.0.1", port=port, batch_size=100)})
+        yield wait_until(lambda: self.runner("syslog").cursor == self.store.seq)
+        first = list(self.record_seqs())
+        # The collector "dies": what it read is lost, and it is down.
+        factory.batches.clear()
+        yield listening.stopListening()
+        yield self.append_sessions(2, 1)
+        yield wait_until(lambda: self.runner("syslog").state["failures"] >= 1)
+        listening = reactor.listenTCP(port, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        yield wait_until(lambda: self.runner("syslog").cursor == self.store.seq)
+        received = [int(seq) for batch in factory.batches for seq in re.findall(rb'seq="(\d+)"', batch)]
+        self.assertEqual(sorted(set(received)), self.record_seqs())
+        self.assertTrue(set(first) <= set(received))
 
 
 class OCSFTests(unittest.TestCase):

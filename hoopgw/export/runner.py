@@ -91,6 +91,10 @@ class SinkRunner:
         # Whether the cursor was checked against the store (once a run).
         self._checked = False
         self._first_pending = None
+        # For a sink whose deliveries nothing acknowledges (syslog over
+        # TCP or TLS): the cursor before the last batch delivered, which a
+        # failure sends again.
+        self._before_last = None
         self._delivered = metrics.export_delivered.labels(config.name)
         self._failures = metrics.export_failures.labels(config.name)
         self._last_success = metrics.export_last_success.labels(config.name)
@@ -167,6 +171,7 @@ class SinkRunner:
             self.state["last_error"] = str(failure) or type(failure).__name__
             self.state["last_error_at"] = chaining.timestamp(self.reactor.seconds())
             self.log.warn("Export sink {sink} failed: {error}", sink=self.config.name, error=self.state["last_error"])
+            self._resend_last()
             self._save()
             yield self._check_lag()
             return self._backoff()
@@ -180,6 +185,8 @@ class SinkRunner:
             yield self._check_lag()
             return None
         last = batch[-1][1]
+        if getattr(self.sink, "unacknowledged", False) and documents:
+            self._before_last = dict(self.state["cursor"])
         self.state["cursor"] = {"seq": last["seq"], "hash": last.get("hash"), "ts": last.get("ts")}
         self.state["delivered"] = self.state.get("delivered", 0) + len(documents)
         self._delivered.inc(len(documents))
@@ -192,6 +199,22 @@ class SinkRunner:
         # meanwhile waits for the next poll, so that a sink keeping up with
         # a busy gateway sends batches, not a read and a sync per event.
         return len(batch) >= self.config.batch_size
+
+    def _resend_last(self):
+        """
+        After a failed delivery to a sink that acknowledges nothing, the
+        batch delivered before it is sent again: the collector may have
+        died having read it, not written it (duplicates are allowed; the
+        SIEM file verifies with them).
+        """
+        if self._before_last is None:
+            return
+        again, self._before_last = self._before_last, None
+        self.log.info(
+            "Export sink {sink}: sending events {first} to {last} again, which a collector that failed may not "
+            "have kept", sink=self.config.name, first=again["seq"] + 1, last=self.cursor,
+        )
+        self.state["cursor"] = again
 
     @defer.inlineCallbacks
     def _check_cursor(self):

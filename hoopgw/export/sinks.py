@@ -365,6 +365,11 @@ class SyslogSink:
     def __init__(self, config, reactor):
         self.config = config
         self._reactor = reactor
+        # A clean close is all syslog over TCP says: a collector killed
+        # after reading a batch, before writing it all, closes cleanly too
+        # (its kernel does).  The runner sends the last batch again after a
+        # failure (see SinkRunner).
+        self.unacknowledged = config.transport != "udp"
         self._udp = None
         # Deliveries under way (a stopping gateway cuts them).
         self._inflight = {}
