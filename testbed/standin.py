@@ -13,6 +13,7 @@ what reached it.
 """
 
 import base64
+import collections
 import copy
 import datetime
 import json
@@ -154,6 +155,9 @@ class StandinAPIServer:
         self.objects = {key: {} for key in RESOURCES}
         self.revision = 1
         self.watchers = []
+        # The latest changes, (revision, key, kind, object): a watch from
+        # a resourceVersion gets what came after it, as from the API server.
+        self.history = collections.deque(maxlen=1000)
         self.logs = {}
         self.followers = {}
         # Pods whose container stopped: logs -f returns the log and ends.
@@ -261,6 +265,7 @@ class StandinAPIServer:
         return self.objects[key].get((namespace, name))
 
     def _notify(self, key, kind, obj):
+        self.history.append((int(obj["metadata"]["resourceVersion"]), key, kind, copy.deepcopy(obj)))
         for watcher in list(self.watchers):
             if watcher.matches(key, obj):
                 watcher.send(kind, obj)
@@ -544,6 +549,10 @@ class _Root(resource.Resource):
         if not since or since == "0":
             for item in items:
                 watcher.send("ADDED", item)
+        elif since.isdigit():
+            for revision, changed, kind, obj in list(self.api.history):
+                if revision > int(since) and watcher.matches(changed, obj):
+                    watcher.send(kind, obj)
         self.api.watchers.append(watcher)
         timeout = _first(query, "timeoutSeconds")
         call = None

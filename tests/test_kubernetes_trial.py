@@ -61,7 +61,7 @@ class ReadmeTrialTests(unittest.TestCase):
         # watch to print the ConfigMap, see how the log's follower ended,
         # and stop the rest.
         script = "exec > out.txt 2> err.txt\n" + commands + (
-            "\nfor _ in $(seq 120); do grep -q '^card ' out.txt && break; sleep 0.5; done\n"
+            "\nfor _ in $(seq 120); do grep -Eq '^card +510510[*]+5100 *$' out.txt && break; sleep 0.5; done\n"
             "wait $follower; echo \"logs -f exit status $?\"\n"
             "kill $(jobs -p) 2>/dev/null; wait\n"
             "grep -rl " + PAN + " var/k8s-trial/audit && echo 'card number in the record'\n"
