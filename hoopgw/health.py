@@ -80,6 +80,8 @@ class Readiness:
         state = metrics.store_state(store)
         if state == "low-space":
             return {"ok": False, "state": state, "error": "the store is low on space: new sessions are refused"}
+        if state == "connecting":
+            return {"ok": False, "state": state, "error": "the store has not reached its database yet: events wait for it"}
         if state != "ok":
             return {"ok": False, "state": state, "error": "the store is %s and takes no events" % (state,)}
         directory = getattr(store, "directory", None)

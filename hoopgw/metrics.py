@@ -262,12 +262,14 @@ def _approval_outcome(result):
     return "denied"
 
 
-STORE_STATES = ("ok", "low-space", "failed", "unreachable", "closed")
+STORE_STATES = ("ok", "connecting", "low-space", "failed", "unreachable", "closed")
 
 
 def store_state(store):
     """
-    What a store can do now: C{"ok"}, C{"low-space"} (new sessions are
+    What a store can do now: C{"ok"}, C{"connecting"} (a PostgreSQL store
+    has not reached its database yet since the gateway started: events
+    wait), C{"low-space"} (new sessions are
     refused until space is freed), C{"failed"} (it refuses every append,
     fail closed), C{"unreachable"} (a PostgreSQL store's database is away:
     events are refused until it is back) or C{"closed"}.
@@ -345,7 +347,7 @@ class GatewayCollector:
             family.add_metric([], free)
             yield family
         state = store_state(store)
-        family = StateSetMetricFamily("hoopgw_store_state", "The evidence store's state (ok, failed, unreachable, closed).")
+        family = StateSetMetricFamily("hoopgw_store_state", "The evidence store's state (ok, connecting, low-space, failed, unreachable, closed).")
         family.add_metric([], {name: name == state for name in sorted(set(STORE_STATES) | {state})})
         yield family
         export = getattr(self.gateway, "export", None)

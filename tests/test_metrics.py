@@ -280,7 +280,8 @@ class ReadinessTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_postgres_store_unreachable(self):
         """
-        A gateway on the shared PostgreSQL store: ready; when the store's
+        A gateway on the shared PostgreSQL store: ready once the store has
+        reached its database (``connecting`` before); when the store's
         database drops it and refuses it, 503 with the store unreachable;
         once it may log in again and the store has reconnected, 200.
         """
@@ -288,7 +289,13 @@ class ReadinessTests(unittest.TestCase):
 
         settings = yield support.in_thread(shared.store_settings)
         gateway = MetricsGatewayHarness(self, store=settings)
-        code, body = yield gateway.get("/readyz")
+        # Not ready until the store has reached its database.
+        for _ in range(600):
+            code, body = yield gateway.get("/readyz")
+            if code == 200:
+                break
+            self.assertEqual(json.loads(body)["checks"]["store"]["state"], "connecting", body)
+            yield task.deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(code, 200, body)
         yield support.in_thread(shared.superuser, "ALTER ROLE audit_writer NOLOGIN")
         self.addCleanup(shared.superuser, "ALTER ROLE audit_writer LOGIN")

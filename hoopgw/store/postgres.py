@@ -78,6 +78,9 @@ LOCK_CLASS = 0x686F6F70
 APPEND_LOCK = 0
 EVENTS_CHANNEL = "hoopgw_events"
 # Reconnecting after an outage: the first retry, and the longest wait.
+# The state of a store that has not reached its database yet.
+CONNECTING = "connecting"
+
 RETRY_FIRST = 0.5
 RETRY_MOST = 10.0
 
@@ -366,12 +369,15 @@ class PostgresStore:
     def state(self):
         """
         What monitoring and readiness checks read: C{"ok"}, C{"low-space"}
-        (new sessions refused until the database has room again) or
-        C{"failed"} (unreachable, or failed for good: every command is
-        refused).
+        (new sessions refused until the database has room again),
+        C{"connecting"} (the database not reached yet since the gateway
+        started: events wait for it) or C{"failed"} (unreachable, or failed
+        for good: every command is refused).
         """
         if self._broken is not None or self.outage is not None or self._closed:
             return space.FAILED
+        if not self._reached:
+            return CONNECTING
         return space.LOW_SPACE if self._guard.low else space.OK
 
     def use_witness(self, witness):
