@@ -14,7 +14,9 @@ import signal
 import jsonschema
 import orjson
 from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from hoopgw import cli
 from hoopgw.export import formats
@@ -570,6 +572,32 @@ class _ForgetfulCollector(protocol.Protocol):
         self.factory.batches.append(b"".join(self.data))
 
 
+@implementer(IHalfCloseableProtocol)
+class _ResettingCollector(protocol.Protocol):
+    """
+    A syslog collector over plain TCP that reads a batch to its end, then,
+    for its first C{factory.resets} connections, resets the connection
+    (as one that died with the batch unwritten may) instead of closing it.
+    """
+
+    def connectionMade(self):
+        self.data = []
+
+    def dataReceived(self, data):
+        self.data.append(data)
+
+    def readConnectionLost(self):
+        if self.factory.resets > 0:
+            self.factory.resets -= 1
+            self.transport.abortConnection()
+            return
+        self.factory.batches.append(b"".join(self.data))
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+
 class ResendTests(ExportTestCase):
     @defer.inlineCallbacks
     def test_last_batch_again_after_a_failure(self):
@@ -603,6 +631,32 @@ class ResendTests(ExportTestCase):
         received = [int(seq) for batch in factory.batches for seq in re.findall(rb'seq="(\d+)"', batch)]
         self.assertEqual(sorted(set(received)), self.record_seqs())
         self.assertTrue(set(first) <= set(received))
+
+
+    @defer.inlineCallbacks
+    def test_reset_is_not_delivered(self):
+        """
+        Over plain TCP a batch counts only once the collector has closed its
+        side cleanly: one that read the batch and reset the connection did
+        not take it, and it is sent again.
+        """
+        import re
+
+        from testbed.throwaway import free_port
+
+        port = free_port()
+        factory = protocol.Factory.forProtocol(_ResettingCollector)
+        factory.batches, factory.resets = [], 1
+        listening = reactor.listenTCP(port, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.open_store()
+        yield self.append_sessions(1, 2)
+        self.start_export({"syslog": self.fast(type="syslog", transport="tcp", host="127.0.0.1", port=port, batch_size=100)})
+        yield wait_until(lambda: self.runner("syslog").cursor == self.store.seq and factory.batches)
+        self.assertGreaterEqual(self.runner("syslog").state["delivered"], len(self.record_seqs()))
+        received = [int(seq) for batch in factory.batches for seq in re.findall(rb'seq="(\d+)"', batch)]
+        self.assertEqual(sorted(set(received)), self.record_seqs())
+        self.assertEqual(factory.resets, 0)
 
 
 class OCSFTests(unittest.TestCase):

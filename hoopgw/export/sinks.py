@@ -14,7 +14,7 @@ import time
 import orjson
 from twisted.internet import defer, error, protocol, ssl, threads
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.logger import Logger
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -337,7 +337,14 @@ class _Batch(protocol.Protocol):
     def handshakeCompleted(self):
         self._written = True
         self.transport.write(self._data)
-        self.transport.loseConnection()
+        if self._tls:
+            # TLS sends close_notify and waits for the collector to end the
+            # TCP connection (see SyslogSink.deliver).
+            self.transport.loseConnection()
+        else:
+            # Only our side: the collector's own end (FIN, or a reset) is
+            # what says whether it read everything.
+            self.transport.loseWriteConnection()
 
     def dataReceived(self, data):
         # A syslog collector does not answer; whatever it sends is ignored.
@@ -352,6 +359,21 @@ class _Batch(protocol.Protocol):
             self.done.callback(None)
         else:
             self.done.errback(reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class _PlainBatch(_Batch):
+    """
+    A batch over plain TCP: our side closes (FIN) after the frames, and the
+    batch is delivered when the collector then closes its side cleanly.
+    """
+
+    def readConnectionLost(self):
+        # The collector closed its side after reading ours to the end.
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
 
 
 class SyslogSink:
@@ -390,7 +412,8 @@ class SyslogSink:
         endpoint = HostnameEndpoint(self._reactor, self.config.host, self.config.port, timeout=self.config.timeout)
         done = defer.Deferred()
         tls = self.config.transport == "tls"
-        factory = protocol.Factory.forProtocol(lambda: _Batch(self.frames(documents), done, tls))
+        batch = _Batch if tls else _PlainBatch
+        factory = protocol.Factory.forProtocol(lambda: batch(self.frames(documents), done, tls))
         if tls:
             from twisted.protocols.tls import TLSMemoryBIOFactory
 
