@@ -19,6 +19,7 @@ from hoopgw import __version__, logs
 from hoopgw.addon import AddonContext
 from hoopgw.chain import AddonChain
 from hoopgw.config import PROTOCOLS
+from hoopgw.model import random_hex
 from hoopgw.options import ConfigError
 from hoopgw.refusals import RefusalFloods
 
@@ -52,7 +53,7 @@ class Gateway(service.MultiService):
         # Names this run of the gateway in the record: its start, its stop
         # and its sessions carry it, so verify can tell which sessions a
         # stop (or a crash) ended when several gateways share a store.
-        self.instance = "g-" + os.urandom(8).hex()
+        self.instance = "g-" + random_hex()
         from hoopgw import metrics
 
         metrics.instrument_store(store)

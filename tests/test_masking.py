@@ -438,3 +438,28 @@ class MaskAddonStreamTests(unittest.TestCase):
         harness.result(kubernetes_command("GET", "/apis/x.test/v1/cards/a"), chunk)
         self.assertEqual(json.loads(chunk.data), {"spec": {"card": "411111******1111"}})
         self.assertEqual(chunk.masked, 1)
+
+
+class RecordIdsTests(unittest.TestCase):
+    """
+    The ids the gateway writes into the record never look like card
+    numbers to a scanner of the record (an end-to-end run found
+    c-43153612-10006, a Luhn-valid 13-digit run).
+    """
+
+    def test_command_ids(self):
+        from hoopgw import model
+
+        self.assertFalse(model._COMMAND_PREFIX[-1].isdigit())
+        for number in (1, 10006, 123456789, 10 ** 12 - 1):
+            text = "c-%s-%d" % (model._COMMAND_PREFIX, number)
+            self.assertEqual(cards.mask_text(text)[1], 0, text)
+
+    def test_random_ids(self):
+        from hoopgw import model
+
+        for _ in range(5000):
+            value = model.random_hex()
+            self.assertNotRegex(value, "[0-9]{6}")
+            self.assertEqual(cards.mask_text("s-%s 1234567" % (value,))[1], 0, value)
+        self.assertFalse(model.random_hex(4, end_with_letter=True)[-1].isdigit())

@@ -19,6 +19,7 @@ from twisted.web import server
 
 from hoopgw import __version__
 from hoopgw import config as configuration
+from hoopgw.model import random_hex
 from hoopgw.options import ConfigError
 
 
@@ -57,7 +58,7 @@ class ReplayService(service.MultiService):
     def __init__(self, views_store, signer, app, listen):
         service.MultiService.__init__(self)
         self.store = views_store
-        self.instance = "r-" + os.urandom(8).hex()
+        self.instance = "r-" + random_hex()
         self.signer = signer
         self.app = app
         listener = strports.service(listen, server.Site(app))
