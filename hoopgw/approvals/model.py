@@ -5,12 +5,11 @@ ends with.
 """
 
 import hashlib
-import os
 import time
 
 import attr
 
-from hoopgw.model import Decision
+from hoopgw.model import Decision, random_hex
 
 
 class ApprovalError(Exception):
@@ -65,7 +64,7 @@ def noun(command):
 
 
 def new_id(prefix):
-    return "%s-%s" % (prefix, os.urandom(6).hex())
+    return "%s-%s" % (prefix, random_hex(6))
 
 
 def who(identity):

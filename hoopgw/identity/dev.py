@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jose import jwk, jwt
 
+from hoopgw.model import random_hex
+
 
 def generate_key(directory, kid="demo-1", stem="demo-issuer"):
     """
@@ -72,7 +74,8 @@ def mint(
         "iat": now,
         "nbf": now,
         "exp": now + int(lifetime),
-        "jti": os.urandom(8).hex(),
+        # Recorded as the token's id: never a run of digits like a card number.
+        "jti": random_hex(),
         "groups": list(groups),
     }
     if kind is not None:
@@ -120,7 +123,7 @@ def mint_saml(
     def instant(seconds):
         return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    assertion_id = assertion_id or "_" + os.urandom(16).hex()
+    assertion_id = assertion_id or "_" + random_hex(16)
     ns = {"saml": saml.SAML, "ds": saml.DS}
     assertion = etree.Element(
         etree.QName(saml.SAML, "Assertion"), nsmap=ns, ID=assertion_id, Version="2.0", IssueInstant=instant(now)
