@@ -185,7 +185,7 @@ class SinkRunner:
             yield self._check_lag()
             return None
         last = batch[-1][1]
-        if getattr(self.sink, "unacknowledged", False) and documents:
+        if self.sink.unacknowledged and documents:
             self._before_last = dict(self.state["cursor"])
         self.state["cursor"] = {"seq": last["seq"], "hash": last.get("hash"), "ts": last.get("ts")}
         self.state["delivered"] = self.state.get("delivered", 0) + len(documents)

@@ -70,6 +70,9 @@ class FileSink:
     rotates it (PATH.1, PATH.2, ...) past C{max_bytes}, as logrotate does.
     """
 
+    # A write that returned is delivered (see SinkRunner._resend_last).
+    unacknowledged = False
+
     def __init__(self, config, reactor):
         self.config = config
         self.path = config.path
@@ -166,6 +169,9 @@ class HTTPSink:
     Splunk HTTP Event Collector events (preset C{splunk-hec}).  Any 2xx is
     delivery; anything else, or no answer in time, is tried again later.
     """
+
+    # The 2xx is the collector's acknowledgement.
+    unacknowledged = False
 
     log = Logger()
 
