@@ -10,6 +10,7 @@ import os
 from twisted.internet import threads
 
 from hoopgw.store import file as filestore
+from hoopgw.store.segments import last_line
 
 
 class FileReader:
@@ -105,7 +106,7 @@ class FileReader:
         """
         segments = filestore.segment_paths(self.directory)
         for path in reversed(segments):
-            last, _ = filestore._last_line(path)
+            last, _ = last_line(path)
             if last is not None:
                 try:
                     return json.loads(last).get("seq", 0)

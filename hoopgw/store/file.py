@@ -44,7 +44,6 @@ from hoopgw.store.segments import (
     read_events,
     segment_paths,
 )
-from hoopgw.store.segments import last_line as _last_line  # noqa: F401 (hoopgw.export.reader reads it here)
 from hoopgw.store.space import NO_SPACE, RESERVE
 
 # The names of the parts are found here too, where readers and tests have
