@@ -408,6 +408,37 @@ class OutageTests(unittest.TestCase):
         self.assertGreaterEqual(store.seq, 1)
 
 
+    @defer.inlineCallbacks
+    def test_lost_mid_transaction(self):
+        """
+        A connection lost in the middle of a write cannot be rolled back
+        either: the write is refused as an outage, the store takes events
+        again once it has reconnected, and the gateway's log gets no
+        traceback (txpostgres logs the failed rollback as an error of its
+        own; trial fails a test on such a logged error).
+        """
+        settings = yield in_thread(store_settings)
+        config = parse_options(settings["postgres"], "gateway.store.postgres")
+        yield in_thread(pgstore.prepare_schema, config)
+        store = PostgresStore(config, reactor)
+        self.addCleanup(store.close)
+        yield store.start()
+        yield store.append({"type": "checkpoint.test"})
+
+        def cut(cursor, append):
+            return cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+        error = yield self.assertFailure(store.append_checked(cut), StoreError)
+        self.assertIn("unreachable", str(error))
+        for _ in range(300):
+            if store.outage is None:
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertIsNone(store.outage)
+        yield store.append({"type": "checkpoint.test"})
+        self.assertGreaterEqual(store.seq, 2)
+
+
 class ListenOutageTests(unittest.TestCase):
     timeout = 60
 

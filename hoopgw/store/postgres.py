@@ -877,6 +877,24 @@ def _connection_class():
                     self.on_lost(self, reason)
                 return internet_error.ConnectionLost(reason)
 
+        def _runInteraction(self, interaction, *args, **kwargs):
+            # txpostgres's own, less its log.err of a rollback that failed:
+            # that happens whenever the connection is lost mid-transaction,
+            # an outage the store reports in a sentence of its own, not a
+            # traceback in the gateway's log.
+            cursor = self.cursor()
+
+            def commit(result):
+                return cursor.execute("commit").addCallback(lambda _: result)
+
+            def roll_back(failed):
+                return defer.maybeDeferred(cursor.execute, "rollback").addCallbacks(
+                    lambda _: failed, lambda _: Failure(txpostgres.RollbackFailed(self, failed)))
+
+            d = cursor.execute("begin")
+            d.addCallback(interaction, *args, **kwargs)
+            return d.addCallback(commit).addErrback(roll_back)
+
     return Connection
 
 
