@@ -57,11 +57,16 @@ class ReadmeTrialTests(unittest.TestCase):
         commands = readme_commands().replace("16443", gateway_port).replace("26443", api_port)
         self.assertIn("k logs -f web-1 &", commands)
         commands = commands.replace("k logs -f web-1 &", "k logs -f web-1 & follower=$!")
+        # The watch prints apart: kubectl writes a row and its newline in two
+        # writes, and create's line, printed meanwhile, could land between.
+        watch = "k get configmaps --watch -o custom-columns=NAME:.metadata.name,PAN:.data.pan &"
+        self.assertIn(watch, commands)
+        commands = commands.replace(watch, watch[:-1] + "> watch.txt &")
         # What the steps print goes to out.txt.  After them: wait for the
         # watch to print the ConfigMap, see how the log's follower ended,
         # and stop the rest.
         script = "exec > out.txt 2> err.txt\n" + commands + (
-            "\nfor _ in $(seq 120); do grep -Eq '^card +510510[*]+5100 *$' out.txt && break; sleep 0.5; done\n"
+            "\nfor _ in $(seq 120); do grep -Eq '^card +510510[*]+5100 *$' watch.txt && break; sleep 0.5; done\n"
             "wait $follower; echo \"logs -f exit status $?\"\n"
             "kill $(jobs -p) 2>/dev/null; wait\n"
             "grep -rl " + PAN + " var/k8s-trial/audit && echo 'card number in the record'\n"
@@ -73,16 +78,18 @@ class ReadmeTrialTests(unittest.TestCase):
         )
         with open(os.path.join(where, "out.txt")) as printed, open(os.path.join(where, "err.txt")) as errors:
             out, err = printed.read(), errors.read()
+        with open(os.path.join(where, "watch.txt")) as printed:
+            watched = printed.read()
         self.assertTrue(out.rstrip().endswith("done"), (out, err))
         self.assertRegex(out, r"(?m)^web-1\s")
         self.assertIn("card 510510******5100 ok", out)
         self.assertIn("logs -f exit status 0", out)
-        self.assertRegex(out, r"(?m)^card\s+510510\*{6}5100\s*$")
-        self.assertNotIn(PAN, out)
+        self.assertRegex(watched, r"(?m)^card\s+510510\*{6}5100\s*$")
+        self.assertNotIn(PAN, out + watched)
         self.assertNotIn("card number in the record", out)
         self.assertIn("pods/web-1/log", out + subprocess.run(
             [os.path.join(ROOT, ".venv", "bin", "hoopgw"), "events", os.path.join(where, "var", "k8s-trial", "audit")],
             capture_output=True, text=True, timeout=60,
         ).stdout)
-        self.assertNotIn("Traceback", out + err)
+        self.assertNotIn("Traceback", out + err + watched)
         self.assertEqual(re.findall(r"configmap/card created", out), ["configmap/card created"])
