@@ -8,6 +8,7 @@ C{refuse_session} as every other refused session is).
 
 from twisted.logger import Logger
 
+from hoopgw import logs
 from hoopgw.model import Decision, Session
 
 log = Logger()
@@ -103,6 +104,6 @@ def record_refusal(chain, connection, protocol, client_address, target, rule, me
     refusal = Decision.deny(message, rule=rule, addon="gateway")
     recorded = chain.refuse_session(session, refusal)
     recorded.addErrback(
-        lambda failure: log.failure("A refused {protocol} attempt could not be recorded", failure, protocol=protocol)
+        lambda failure: logs.failed(log, failure, "A refused {protocol} attempt could not be recorded", protocol=protocol)
     )
     return recorded

@@ -25,7 +25,7 @@ import attr
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from hoopgw import masking, redact
+from hoopgw import logs, masking, redact
 
 # The key of a command's outcome that commits its recording.
 CAST = "cast"
@@ -190,14 +190,12 @@ def commit(store, session, command, recorder):
         }
         if recorder.truncated:
             entry["truncated"] = True
-            from hoopgw import logs
-
             logs.limit_hit("terminal recording of command %s truncated" % (command.id,), "%d bytes" % (recorder._limit,),
                            session=session)
         command.outcome[CAST] = entry
 
     def failed(failure):
-        log.failure("Storing the terminal recording {name} failed", failure, name=name)
+        logs.failed(log, failure, "Storing the terminal recording {name} failed", name=name)
         command.outcome[CAST_ERROR] = "the recording could not be stored: %s" % (
             redact.redact_text(failure.getErrorMessage())[0],)
 

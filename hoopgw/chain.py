@@ -386,7 +386,7 @@ class AddonChain:
             try:
                 answer = method(*arguments)
             except BaseException:
-                self.log.failure("The {addon} addon failed in {hook}", addon=name, hook=hook)
+                logs.failed(self.log, Failure(), "The {addon} addon failed in {hook}", addon=name, hook=hook)
                 continue
             if isinstance(answer, defer.Deferred):
                 answer.addErrback(self._log_failure, name, hook)
@@ -399,7 +399,7 @@ class AddonChain:
         return defer.gatherResults(waiting, consumeErrors=True)
 
     def _log_failure(self, failure, name, hook):
-        self.log.failure("The {addon} addon failed in {hook}", failure, addon=name, hook=hook)
+        logs.failed(self.log, failure, "The {addon} addon failed in {hook}", addon=name, hook=hook)
 
     def finish(self, session, command):
         """

@@ -14,6 +14,7 @@ from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hoopgw import __version__, logs
 from hoopgw.addon import AddonContext
@@ -240,7 +241,7 @@ class Gateway(service.MultiService):
         if starting is not None:
             # What the store found on opening (a crash, a torn line) goes in
             # before this run's start.
-            starting(self.instance).addErrback(lambda failure: self.log.failure("Recording the store's recovery failed", failure))
+            starting(self.instance).addErrback(lambda failure: logs.failed(self.log, failure, "Recording the store's recovery failed"))
         self.record(
             {
                 "type": "gateway.start",
@@ -269,7 +270,7 @@ class Gateway(service.MultiService):
                     for name, connection in self.config.connections.items()
                 },
             }
-        ).addErrback(lambda failure: self.log.failure("Recording the gateway start failed", failure))
+        ).addErrback(lambda failure: logs.failed(self.log, failure, "Recording the gateway start failed"))
         if self.replicas is not None:
             self.replicas.start()
         if self.approvals is not None:
@@ -308,7 +309,7 @@ class Gateway(service.MultiService):
         try:
             yield self.record({"type": "gateway.stop", "gateway": self.instance, "version": __version__})
         except Exception:
-            self.log.failure("Recording the gateway stop failed")
+            logs.failed(self.log, Failure(), "Recording the gateway stop failed")
         yield self.store.close()
         if self.export is not None:
             # After the store's last event (the stop, its closing checkpoint).

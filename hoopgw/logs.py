@@ -17,6 +17,7 @@ import time
 
 from twisted.logger import FileLogObserver, Logger, formatEvent
 
+from hoopgw.model import Unavailable
 from hoopgw.redact import redact_text
 
 
@@ -32,6 +33,19 @@ def _clean(value):
 def _emit(level, event, format, **fields):
     fields = {key: _clean(value) for key, value in fields.items()}
     getattr(log, level)(format, event=event, **fields)
+
+
+def failed(logger, failure, format, **fields):
+    """
+    Log C{failure} on C{logger}: a warning line when a service the gateway
+    relies on is unavailable (its message says why; the service logs its
+    own outage once, so a traceback per refused write would only bury it),
+    a traceback for anything else, which is a bug.
+    """
+    if failure.check(Unavailable):
+        logger.warn(format + ": {why}", why=_clean(failure.getErrorMessage()), **fields)
+    else:
+        logger.failure(format, failure, **fields)
 
 
 def _who(session):

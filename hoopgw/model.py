@@ -425,3 +425,12 @@ class ResultChunk:
 
     def __repr__(self):
         return "<ResultChunk %s %d bytes>" % (self.kind, len(self.data))
+
+
+class Unavailable(Exception):
+    """
+    Something the gateway relies on (the evidence store) cannot serve now.
+    Its message is a sentence saying why, and the service logs its own
+    outage; a failure of this kind is logged as a line, not a traceback
+    (L{hoopgw.logs.failed}).
+    """

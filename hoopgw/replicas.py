@@ -29,6 +29,7 @@ import time
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from hoopgw import logs
 from hoopgw.identity.replay import ReplayCache
 
 # How long a process that forwarded a cancel waits for the process holding
@@ -203,7 +204,7 @@ class CancelPeers:
 
     def start(self):
         return self.store.listen(self.channel, self._received).addErrback(
-            lambda failure: self.log.failure("Listening for other replicas' cancel requests failed", failure)
+            lambda failure: logs.failed(self.log, failure, "Listening for other replicas' cancel requests failed")
         )
 
     def close(self):

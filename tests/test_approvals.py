@@ -19,7 +19,7 @@ from twisted.web import resource, server
 
 from hoopgw.approvals import ApprovalError, ApprovalRule, Broker
 from hoopgw.approvals.webhook import Webhook
-from hoopgw.model import HUMAN, SERVICE, Decision
+from hoopgw.model import HUMAN, SERVICE
 from hoopgw.testing import MemoryStore, identity, session, sql_command
 from testbed.throwaway import free_port
 

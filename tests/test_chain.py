@@ -215,6 +215,33 @@ class ChainTests(unittest.TestCase):
         self.assertEqual(calls, [("r", "command_finished")])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_store_unavailable_logged_as_a_line(self):
+        """
+        An addon that cannot record because the store is unavailable (sync
+        or later) is logged as a warning line saying why, redacted, with no
+        traceback; any other failure is still logged with its traceback.
+        """
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+        from hoopgw.store.errors import StoreError
+
+        class Unrecorded:
+            def command_finished(self, session, command):
+                raise StoreError("the store is unreachable: password=s3cr3t")
+
+            def session_ended(self, session):
+                return defer.fail(StoreError("the store is unreachable"))
+
+        chain = AddonChain([("record", Unrecorded())])
+        with capturedLogs() as logged:
+            chain.finish(session(), sql_command("SELECT 1"))
+            chain.end_session(session())
+        lines = [(event["log_level"], formatEvent(event)) for event in logged]
+        self.assertIn((LogLevel.warn, "The record addon failed in command_finished: the store is unreachable: password=[redacted]"),
+                      lines)
+        self.assertIn((LogLevel.warn, "The record addon failed in session_ended: the store is unreachable"), lines)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_cancel_reaches_every_addon(self):
         """
         A client's cancel is a chain event: C{cancel_requested} reaches

@@ -9,7 +9,6 @@ import os
 
 import yaml
 from twisted.application import service
-from twisted.python import usage
 from twisted.trial import unittest
 
 from hoopgw import cli

@@ -7,7 +7,6 @@ the container's stop ending logs -f, a watch, a protobuf create.
 
 import os
 import re
-import shutil
 import subprocess
 
 from twisted.trial import unittest

@@ -10,7 +10,6 @@ import os
 import socket
 import struct
 import textwrap
-import time
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest

@@ -10,6 +10,7 @@ import socket
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from hoopgw import logs
 from hoopgw.approvals.model import approval_digest, who
 
 
@@ -42,7 +43,7 @@ class Ledger:
         return event
 
     def _unrecorded(self, failure, kind):
-        self.log.failure("An approvals event ({kind}) could not be recorded", failure, kind=kind)
+        logs.failed(self.log, failure, "An approvals event ({kind}) could not be recorded", kind=kind)
         return failure
 
     @defer.inlineCallbacks

@@ -32,6 +32,7 @@ import json
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from hoopgw import logs
 from hoopgw.approvals import model
 from hoopgw.approvals.broker import FINISHED_KEPT, Broker
 from hoopgw.approvals.index import ApprovalsIndex, channel, recorded_decision, schema_sql
@@ -83,7 +84,7 @@ class SharedBroker(Broker):
         Listen for decisions, and sweep now and every so often.
         """
         self.store.listen(self.index.channel, self._notified).addErrback(
-            lambda failure: self.log.failure("Listening for approvals on the shared store failed", failure)
+            lambda failure: logs.failed(self.log, failure, "Listening for approvals on the shared store failed")
         )
         self._loop = task.LoopingCall(self._reconcile)
         self._loop.clock = self.reactor
@@ -184,7 +185,7 @@ class SharedBroker(Broker):
             self.notifier.waiting(session, request)
 
         def unrecorded(failure):
-            self.log.failure("An approval request could not be recorded", failure)
+            logs.failed(self.log, failure, "An approval request could not be recorded")
             if holding.request is not None:
                 self._waiting.pop(holding.request.id, None)
             if not waiting.called:
@@ -231,7 +232,7 @@ class SharedBroker(Broker):
             self._apply(request)
 
         def failed(failure):
-            self.log.failure("Ending approval request {id} failed", failure, id=request_id)
+            logs.failed(self.log, failure, "Ending approval request {id} failed", id=request_id)
             self._fail_waiting(request_id, failure)
 
         return self.store.append_checked(work).addCallbacks(ended, failed)
@@ -336,7 +337,7 @@ class SharedBroker(Broker):
         """
         read = self.index.read("request", "id = ANY(%s)", (list(request_ids),))
         read.addCallback(lambda requests: [self._apply(request) for request in requests])
-        read.addErrback(lambda failure: self.log.failure("Reading approval decisions failed", failure))
+        read.addErrback(lambda failure: logs.failed(self.log, failure, "Reading approval decisions failed"))
         return read
 
     def _reconcile(self):
@@ -346,7 +347,7 @@ class SharedBroker(Broker):
             self._settle(list(self._waiting))
         swept = self.store.append_checked(self._sweep)
         swept.addCallback(lambda ended: [self.notifier.ended(request) for request in ended])
-        swept.addErrback(lambda failure: self.log.failure("Sweeping the shared approvals failed", failure))
+        swept.addErrback(lambda failure: logs.failed(self.log, failure, "Sweeping the shared approvals failed"))
         return swept
 
     @defer.inlineCallbacks

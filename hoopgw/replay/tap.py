@@ -15,10 +15,12 @@ from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web import server
 
 from hoopgw import __version__
 from hoopgw import config as configuration
+from hoopgw import logs
 from hoopgw.model import random_hex
 from hoopgw.options import ConfigError
 
@@ -67,7 +69,7 @@ class ReplayService(service.MultiService):
     def startService(self):
         starting = getattr(self.store, "start", None)
         if starting is not None:
-            starting().addErrback(lambda failure: self.log.failure("Recording the views store's recovery failed", failure))
+            starting().addErrback(lambda failure: logs.failed(self.log, failure, "Recording the views store's recovery failed"))
         self.store.append(
             {
                 "type": "gateway.start",
@@ -76,7 +78,7 @@ class ReplayService(service.MultiService):
                 "version": __version__,
                 "signing_key": {"key_id": self.signer.key_id, "public_key": self.signer.public_pem} if self.signer else None,
             }
-        ).addErrback(lambda failure: self.log.failure("Recording the replay server's start failed", failure))
+        ).addErrback(lambda failure: logs.failed(self.log, failure, "Recording the replay server's start failed"))
         service.MultiService.startService(self)
 
     @defer.inlineCallbacks
@@ -87,7 +89,7 @@ class ReplayService(service.MultiService):
         try:
             yield self.store.append({"type": "gateway.stop", "role": "replay", "gateway": self.instance, "version": __version__})
         except Exception:
-            self.log.failure("Recording the replay server's stop failed")
+            logs.failed(self.log, Failure(), "Recording the replay server's stop failed")
         yield self.store.close()
 
 

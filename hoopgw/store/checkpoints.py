@@ -8,6 +8,7 @@ seconds, and when it closes.
 from twisted.internet import task
 from twisted.logger import Logger
 
+from hoopgw import logs
 from hoopgw.store import events as chaining
 
 
@@ -154,4 +155,4 @@ class CheckpointSchedule:
         return result
 
     def _failed(self, failure):
-        self.log.failure("Writing a checkpoint failed", failure)
+        logs.failed(self.log, failure, "Writing a checkpoint failed")

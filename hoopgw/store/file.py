@@ -368,7 +368,7 @@ class FileStore:
             schedule, self._schedule = self._schedule, None
             schedule.stop()
             if self.signer is not None and self.chain.since_checkpoint and self._broken is None and self._segment.fd is not None:
-                self.checkpoint("stop").addErrback(lambda failure: self.log.failure("The closing checkpoint failed", failure))
+                self.checkpoint("stop").addErrback(lambda failure: logs.failed(self.log, failure, "The closing checkpoint failed"))
         draining = self._commit.drain()
         if draining is not None:
             return draining.addBoth(lambda _: self.close())

@@ -844,7 +844,7 @@ class PostgresStore:
             try:
                 yield self.checkpoint("stop")
             except Exception:
-                self.log.failure("The closing checkpoint failed")
+                logs.failed(self.log, Failure(), "The closing checkpoint failed")
         while self._writing:
             yield _later(self._reactor)
         self._closed = True
