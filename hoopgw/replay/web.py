@@ -189,14 +189,18 @@ class ReplayApp(resource.Resource):
         return None
 
     def _finish(self, request, d):
+        def answerable():
+            # The auditor's client may have left while the page was made.
+            return not (request.finished or request._disconnected)
+
         def done(body):
-            if body is not None and not request.finished:
+            if body is not None and answerable():
                 request.write(body)
                 request.finish()
 
         def failed(failure):
             self.log.failure("A replay page failed", failure)
-            if not request.finished:
+            if answerable():
                 request.setResponseCode(500)
                 request.setHeader(b"content-type", b"text/html; charset=utf-8")
                 request.write(_page("Error", "<p>The page could not be made: %s</p>" % (_e(failure.getErrorMessage()),)))
