@@ -491,6 +491,37 @@ class ApprovalsEndToEndTests(unittest.TestCase):
         self.assertNotEqual(code, 0)
 
     @defer.inlineCallbacks
+    def test_store_unavailable(self):
+        """
+        An approval the store cannot record lets nothing run, and a grant it
+        cannot record is not given (fail closed): the API answers 503 with
+        the store's sentence, the waiting statement is refused, and the
+        gateway logs a line, not a traceback.
+        """
+        running = self.start("UPDATE approvals_t SET id = id * 2")
+        (request,) = yield self.pending()
+        store = self.gateway.gateway.store
+        while store._commit.syncing or store._commit.waiting:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        store._fail("a test broke the store")
+        code, answer = yield self.api("POST", "/api/approvals/%s/approve" % (request.id,), human_token("alice"), {"reason": "CHG-1"})
+        self.assertEqual(code, 503, answer)
+        self.assertIn("a test broke the store", answer["error"])
+        out, err, code = yield running
+        self.assertNotEqual(code, 0)
+        self.assertIn("could not be decided in the record", err)
+        self.assertEqual(app_psql("SELECT sum(id) FROM approvals_t").strip(), "6")
+        code, answer = yield self.api(
+            "POST",
+            "/api/grants",
+            human_token("alice"),
+            {"connection": "payments", "rule": "unfiltered-writes", "subject": "ci-bot", "duration": "1h", "reason": "batch"},
+        )
+        self.assertEqual(code, 503, answer)
+        self.assertIn("a test broke the store", answer["error"])
+        self.assertEqual(self.broker.grants_list(include_inactive=True), [])
+
+    @defer.inlineCallbacks
     def test_client_disconnect_cancels(self):
         """
         A client that goes away while waiting cancels its request: it can

@@ -448,6 +448,38 @@ class OutageTests(unittest.TestCase):
         self.assertGreaterEqual(store.seq, 2)
 
 
+    @defer.inlineCallbacks
+    def test_read_lost(self):
+        """
+        A read whose connection is lost fails with the store's sentence (a
+        StoreError, which callers log as a line), not the driver's error;
+        the store reconnects and reads again.
+        """
+        settings = yield in_thread(store_settings)
+        config = parse_options(settings["postgres"], "gateway.store.postgres")
+        yield in_thread(pgstore.prepare_schema, config)
+        store = PostgresStore(config, reactor)
+        self.addCleanup(store.close)
+        yield store.start()
+
+        def cut(cursor):
+            return cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+        error = yield self.assertFailure(store.read(cut), StoreError)
+        self.assertIn("the PostgreSQL store could not be read (reading the PostgreSQL store failed: ", str(error))
+        self.assertNotIn("RollbackFailed", str(error))
+        self.assertNotIn(AUDIT_PASSWORD, str(error))
+
+        def one(cursor):
+            return cursor.execute("SELECT 1").addCallback(lambda _: cursor.fetchone()[0])
+
+        for _ in range(300):
+            if store.outage is None:
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual((yield store.read(one)), 1)
+
+
 class ListenOutageTests(unittest.TestCase):
     timeout = 60
 

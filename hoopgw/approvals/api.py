@@ -24,8 +24,10 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
+from hoopgw import logs
 from hoopgw.approvals.model import ApprovalError
 from hoopgw.identity.oidc import IdentityError, unverified_claims
+from hoopgw.model import Unavailable
 from hoopgw.options import ConfigError, duration
 
 MAX_BODY = 64 * 1024
@@ -181,7 +183,11 @@ class AdminAPI(resource.Resource):
         if failure.check(ApprovalError):
             self._write(request, failure.value.code, {"error": str(failure.value)})
             return
-        self.log.failure("The admin API failed", failure)
+        logs.failed(self.log, failure, "The admin API failed")
+        if failure.check(Unavailable):
+            # The store is away: the caller may try again.
+            self._write(request, 503, {"error": str(failure.value)})
+            return
         self._write(request, 500, {"error": "the gateway failed internally; the failure is logged"})
 
 

@@ -152,10 +152,17 @@ class Broker:
             vote, settled = self._cast(request, approver, reason, digest, approve)
         except ApprovalError as error:
             return self.ledger.refused(error, approver, approval=request_id, action="approve" if approve else "deny")
-        done = self.ledger.record(vote)
-        if settled is not None:
-            self._end(request, *settled)
-        return done.addCallback(lambda _: request)
+        def recorded(_):
+            if settled is not None:
+                self._end(request, *settled)
+            return request
+
+        def unrecorded(failure):
+            # Nothing may run on a vote the record does not hold (fail closed).
+            self._end(request, "failed", model.unrecorded(request.rule.name, failure, "decided in the record"))
+            return failure
+
+        return self.ledger.record(vote).addCallbacks(recorded, unrecorded)
 
     def _cast(self, request, approver, reason, digest, approve):
         """
@@ -186,7 +193,9 @@ class Broker:
         self._finished.append(request.id)
         while len(self._finished) > FINISHED_KEPT:
             self.requests.pop(self._finished.popleft(), None)
-        self.ledger.record(self.ledger.outcome(request))
+        # The ledger logs an outcome it could not record; the command's own
+        # record carries the decision.
+        self.ledger.record(self.ledger.outcome(request)).addErrback(lambda failure: None)
         self.notifier.ended(request)
         if answer and not request.deferred.called:
             request.deferred.callback(decision)
@@ -210,8 +219,12 @@ class Broker:
         """
         Record a checked grant; @return: a L{Deferred} firing with it.
         """
-        self.grants[grant.id] = grant
-        return self.ledger.record(self.ledger.grant(grant)).addCallback(lambda _: grant)
+        def recorded(_):
+            # In effect only once the record holds it (fail closed).
+            self.grants[grant.id] = grant
+            return grant
+
+        return self.ledger.record(self.ledger.grant(grant)).addCallback(recorded)
 
     def revoke(self, grant_id, approver, reason):
         grant = self.grants.get(grant_id)

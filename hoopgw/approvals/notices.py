@@ -6,6 +6,7 @@ the webhooks told of every request and outcome (each delivery recorded).
 from twisted.internet import defer
 
 from hoopgw.approvals.model import duration
+from hoopgw.model import Unavailable
 
 
 class Notifier:
@@ -71,7 +72,8 @@ class Notifier:
             self._deliveries.add(delivery)
             delivery.addBoth(self._delivery_over, delivery)
             delivery.addCallback(self._delivered, request, kind, webhook)
-            delivery.addErrback(lambda failure: failure.trap(defer.CancelledError))
+            # A notice the store could not record is logged by the ledger.
+            delivery.addErrback(lambda failure: failure.trap(defer.CancelledError, Unavailable))
 
     def _delivery_over(self, result, delivery):
         self._deliveries.discard(delivery)

@@ -614,7 +614,16 @@ class PostgresStore:
         """
         if self._closed:
             return defer.fail(StoreError("the store is closed"))
-        return self._connect().addCallback(lambda connection: connection.runInteraction(work))
+
+        def failed(failure):
+            if failure.check(StoreError) or not _connection_gone(failure.value, self._connection):
+                return failure
+            reason = "reading the PostgreSQL store failed: %s" % (_why(failure.value),)
+            if self.outage is None and (self._connection is None or self._connection.closed):
+                self._lost(reason)
+            return Failure(StoreError("the PostgreSQL store could not be read (%s)" % (without_address(reason),)))
+
+        return self._connect().addCallback(lambda connection: connection.runInteraction(work)).addErrback(failed)
 
     def unsigned_events(self):
         return self.unsigned
@@ -632,7 +641,7 @@ class PostgresStore:
                     connection = yield self._connect()
                     results = yield connection.runInteraction(self._append_batch, [item for _, item in batch])
                 except Exception as error:
-                    reason = "writing to the PostgreSQL store failed: %s" % (str(error).strip() or type(error).__name__,)
+                    reason = "writing to the PostgreSQL store failed: %s" % (_why(error),)
                     if self.outage is not None or _connection_gone(error, self._connection) or _no_room(error):
                         self._lost(reason)
                         failed = self._unreachable()
@@ -896,6 +905,18 @@ def _connection_class():
             return d.addCallback(commit).addErrback(roll_back)
 
     return Connection
+
+
+def _why(error):
+    """
+    What went wrong, in the database's words: a failed rollback says what
+    failed before it.
+    """
+    from txpostgres import txpostgres
+
+    if isinstance(error, txpostgres.RollbackFailed):
+        error = error.originalFailure.value
+    return str(error).strip() or type(error).__name__
 
 
 def _no_room(error):
