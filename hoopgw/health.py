@@ -250,5 +250,7 @@ def metrics_service(settings, gateway):
     else:
         endpoint = endpoints.serverFromString(gateway.reactor, settings["listen"])
     service = internet.StreamServerEndpointService(endpoint, site)
+    # A taken port fails the start (as strports.service does), not a log line.
+    service._raiseSynchronously = True
     service.setName("metrics")
     return service

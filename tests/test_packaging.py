@@ -232,6 +232,34 @@ class TwistdTests(unittest.TestCase):
             output,
         )
 
+    def test_metrics_and_admin_ports_taken(self):
+        """
+        So do the metrics and admin listeners: a taken port stops the start
+        (it did not: the listener's failure was logged with a traceback and
+        the gateway ran without it).
+        """
+        from testbed.throwaway import free_port
+
+        for listener in ("metrics", "admin"):
+            port = free_port()
+            with open(self.config) as handle:
+                document = yaml.safe_load(handle)
+            document["gateway"].pop("metrics", None)
+            document["gateway"].pop("admin", None)
+            document["gateway"][listener] = {"listen": "tcp:%d:interface=127.0.0.1" % (port,)}
+            with open(self.config, "w") as handle:
+                yaml.safe_dump(document, handle)
+            with socket.socket() as taken:
+                taken.bind(("127.0.0.1", port))
+                taken.listen()
+                gateway = self.twistd("--pidfile=", "hoopgw", "--config", self.config)
+                status = gateway.wait(timeout=120)
+            output = gateway.stdout.read()
+            self.assertEqual(status, 1, output)
+            self.assertNotIn("Traceback", output)
+            self.assertIn("hoopgw cannot start: %s cannot listen on 127.0.0.1 port %d: Address already in use"
+                          % (listener, port), output)
+
     def test_explicit_pidfile_kept(self):
         """
         A pid file the operator names with --pidfile is used as given.

@@ -225,6 +225,8 @@ def admin_service(admin, gateway):
         options = ssl.PrivateCertificate.loadPEM(certificate + b"\n" + key).options()
         factory = TLSMemoryBIOFactory(options, False, site)
     service = _AdminService(endpoint, factory)
+    # A taken port fails the start (as strports.service does), not a log line.
+    service._raiseSynchronously = True
     service.actions = actions
     service.setName("admin")
     return service
