@@ -149,7 +149,7 @@ def listen(test, factory):
 
     @return: the port number.
     """
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    port = factory.listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
     test.addCleanup(port.stopListening)
     test.addCleanup(lambda: [connection.transport.abortConnection() for connection in factory.connections])
     return port.getHost().port

@@ -7,6 +7,7 @@ nothing of the bad message passed on.  Also PostgreSQL's own answer to a
 Bind whose format codes do not match its values, against the real server.
 """
 
+import socket
 import struct
 import threading
 
@@ -322,6 +323,55 @@ class LoginStatusTests(HostileTargetCase):
         )
         self.assertEqual(statuses["application_name"], MASKED_PAN)
         self.assertEqual(after[-1], (b"Z", b"I"))
+
+
+class CancelToGoneTargetTests(HostileTargetCase):
+    @defer.inlineCallbacks
+    def test_target_not_listening(self):
+        """
+        A client's CancelRequest the gateway cannot pass on (the target no
+        longer listens) is recorded, and the failure to reach the target is
+        a warning line in the gateway's log, not an unhandled error; the
+        session goes on.
+        """
+        import gc
+
+        from twisted.internet import reactor, task
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+        self.start(HostileTargetFactory(default=b""))
+        client = self.client()
+        login = yield in_thread(client.startup)
+        (key,) = [payload for kind, payload in login if kind == b"K"]
+        yield in_thread(client.send, wire.query("SELECT slow"))
+        for _ in range(200):
+            if (b"Q", b"SELECT slow\x00") in self.factory.received:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield self.factory.listening.stopListening()
+
+        def cancel():
+            with socket.create_connection(("127.0.0.1", self.gateway.port), timeout=20) as canceller:
+                canceller.sendall(wire.cancel_request(*struct.unpack("!II", key)))
+
+        with capturedLogs() as logged:
+            yield in_thread(cancel)
+            (cancelled,) = yield self.gateway.wait_for("command.cancel")
+            (command,) = self.gateway.events("command")
+            self.assertEqual((cancelled["command"], command["text"]), (command["command"], "SELECT slow"))
+            for _ in range(100):
+                warnings = [formatEvent(event) for event in logged
+                            if event["log_level"] == LogLevel.warn and "cancel request on to its target" in formatEvent(event)]
+                if warnings:
+                    break
+                yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("Connection refused", warnings[0])
+        gc.collect()
+        # The session is still there: the target's answer reaches the client.
+        self.factory.connections[0].transport.write(result(data_row("1")))
+        answer = yield in_thread(client.until, b"Z")
+        self.assertEqual([kind for kind, _ in answer], [b"T", b"D", b"C", b"Z"])
 
 
 class TargetLoginTests(HostileTargetCase):

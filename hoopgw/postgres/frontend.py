@@ -545,7 +545,10 @@ class PostgresFrontend(protocol.Protocol):
         if self._waiting is not None:
             self._waiting.cancel()
         elif self.upstream is not None and self.upstream.backend_key is not None:
-            upstream_module.cancel(self.factory.reactor, self.settings.target, self.upstream.backend_key)
+            upstream_module.cancel(self.factory.reactor, self.settings.target, self.upstream.backend_key).addErrback(
+                lambda failure: self.log.warn(
+                    "Passing session {session}'s cancel request on to its target failed: {why}",
+                    session=self.session.id if self.session is not None else None, why=failure.getErrorMessage()))
             head = self._expected[0] if self._expected else None
             command = head.command if head is not None else None
         if self.session is not None:
