@@ -480,6 +480,25 @@ class OutageTests(unittest.TestCase):
         self.assertEqual((yield store.read(one)), 1)
 
 
+class CloseTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_closed_while_connecting(self):
+        """
+        A store closed while its connection is still being made (a gateway
+        stopped as it starts) closes that connection once it is made: no
+        connection is left open (trial fails a test on a reader left in the
+        reactor), and the start fails with the store closed.
+        """
+        settings = yield in_thread(store_settings)
+        config = parse_options(settings["postgres"], "gateway.store.postgres")
+        yield in_thread(pgstore.prepare_schema, config)
+        store = PostgresStore(config, reactor)
+        starting = store.start()
+        yield store.close()
+        error = yield self.assertFailure(starting, StoreError)
+        self.assertIn("closed", str(error))
+
+
 class ListenOutageTests(unittest.TestCase):
     timeout = 60
 

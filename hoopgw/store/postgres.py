@@ -447,6 +447,10 @@ class PostgresStore:
             self._connecting = connection.connect(**_connect_arguments(self.config))
 
             def connected(_):
+                if self._closed:
+                    # Closed while this connection was being made.
+                    connection.close()
+                    raise StoreError("the store is closed")
                 self._connection = connection
                 self._reached = True
                 # Each statement of a batch must see what the batch before it
@@ -539,6 +543,9 @@ class PostgresStore:
                 connection.addNotifyObserver(observer)
                 yield connection.runOperation('LISTEN "%s"' % (channel,))
         except Exception as error:
+            if self._closed:
+                # Closed meanwhile: nothing to retry.
+                return
             if self._connection is not None:
                 self._lost("reconnecting failed: %s" % (str(error).strip() or type(error).__name__,))
             elif self._retry is None:
