@@ -4,6 +4,8 @@ authenticated with the gateway's key (clients never see it) and trusting
 only the host keys pinned in the configuration.
 """
 
+import struct
+
 from twisted.conch.ssh import common, connection, keys, transport, userauth
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.logger import Logger
@@ -147,6 +149,32 @@ class _TargetTransport(transport.SSHClientTransport):
         if alwaysDisplay:
             self._log.debug("The target's debug message: {message}", message=admission.client_text(message))
 
+    _malformed = False
+
+    def dispatchMessage(self, messageNum, payload):
+        """
+        A message from the target Conch cannot read (a truncated string, a
+        count past the end) ends the connection to the target with a
+        protocol error and one line in the log, not a traceback; the
+        session's client and the record are told the target sent it.
+        """
+        if self._malformed:
+            return
+        try:
+            transport.SSHClientTransport.dispatchMessage(self, messageNum, payload)
+        except Exception as problem:
+            self._malformed = True
+            self._log.warn(
+                "The target {target} sent a malformed SSH message (number {number}); the connection to it is closed: "
+                "{error}",
+                target=self.attempt.label, number=messageNum, error="%s: %s" % (type(problem).__name__, problem),
+            )
+            self.attempt.disconnect_message = "the target sent a malformed SSH message (number %d)" % (messageNum,)
+            self.sendDisconnect(
+                transport.DISCONNECT_PROTOCOL_ERROR,
+                b"hoopgw: the target sent a malformed SSH message (number %d)" % (messageNum,),
+            )
+
     def receiveError(self, reasonCode, description):
         # The target's words reach the client and the record: masked like any text from it.
         self.attempt.disconnect_message = admission.client_text(description)
@@ -226,6 +254,22 @@ class TargetConnection(FlowControl, connection.SSHConnection):
         connection.SSHConnection.serviceStarted(self)
         self.transport._hoopgw_connection = self
         self.attempt.succeed(self)
+
+    def ssh_CHANNEL_OPEN(self, packet):
+        """
+        The target may open no channel towards the gateway (a forwarded
+        port, X11, an agent: the gateway asks for none).  Each is refused,
+        with one line in the log (Conch would refuse it with a traceback).
+        """
+        channel_type, rest = common.getNS(packet)
+        (sender,) = struct.unpack(">L", rest[:4])
+        self._log.warn("The target {target} tried to open a channel ({kind}); refused",
+                       target=self.attempt.label, kind=admission.client_text(channel_type))
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_FAILURE,
+            struct.pack(">2L", sender, connection.OPEN_ADMINISTRATIVELY_PROHIBITED)
+            + common.NS(b"hoopgw opens no channels for the target") + common.NS(b""),
+        )
 
     def open(self, channel_, extra=b""):
         """

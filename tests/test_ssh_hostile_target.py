@@ -1,0 +1,160 @@
+"""
+An SSH target that misbehaves after the gateway has logged in to it: it
+opens channels towards the gateway, or sends a message Conch cannot read.
+No OpenSSH sshd does either; a compromised or buggy target could.  The
+target here is Conch's SSH server, playing that hostile peer.
+"""
+
+import struct
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.conch.avatar import ConchUser
+from twisted.conch.ssh import channel, common, connection, factory, keys
+from twisted.cred import credentials, portal
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer, reactor, task
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from tests.ssh_support import SSHGateway
+
+
+@implementer(ICredentialsChecker)
+class _AnyKey:
+    """
+    Lets the gateway in with whatever key it signs with.
+    """
+
+    credentialInterfaces = (credentials.ISSHPrivateKey,)
+
+    def requestAvatarId(self, given):
+        return defer.succeed(given.username)
+
+
+class _Probe(channel.SSHChannel):
+    """
+    A channel the target opens towards the gateway (X11 here).
+    """
+
+    name = b"x11"
+
+    def __init__(self, refused, **kwargs):
+        channel.SSHChannel.__init__(self, **kwargs)
+        self.refused = refused
+
+    def openFailed(self, reason):
+        self.refused.callback(reason)
+
+    def channelOpen(self, specificData):
+        self.refused.errback(AssertionError("the gateway accepted a channel the target opened"))
+
+
+class _Session(channel.SSHChannel):
+    """
+    The session channel the gateway opens for a client's command: the
+    target does what its test asks once the command is asked for.
+    """
+
+    name = b"session"
+
+    def request_exec(self, data):
+        reactor.callLater(0, self.avatar.behaviour, self)
+        return 1
+
+
+class _HostileTarget:
+    def __init__(self, behaviour):
+        key = keys.Key(ed25519.Ed25519PrivateKey.generate())
+        self.host_key = key.public().toString("openssh").decode()
+        realm = self
+
+        class Factory(factory.SSHFactory):
+            publicKeys = {b"ssh-ed25519": key.public()}
+            privateKeys = {b"ssh-ed25519": key}
+
+        self.factory = Factory()
+        self.factory.portal = portal.Portal(realm, [_AnyKey()])
+        self.behaviour = behaviour
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+
+    def requestAvatar(self, avatar_id, mind, *interfaces):
+        user = ConchUser()
+        user.behaviour = self.behaviour
+        user.channelLookup[b"session"] = _Session
+        return interfaces[0], user, lambda: None
+
+
+def _exit(session, status):
+    session.conn.sendRequest(session, b"exit-status", struct.pack(">L", status))
+    session.conn.sendEOF(session)
+    session.loseConnection()
+
+
+class HostileTargetTests(unittest.TestCase):
+    timeout = 60
+
+    def setUp(self):
+        self.logged = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def gateway(self, behaviour):
+        target = _HostileTarget(behaviour)
+        self.addCleanup(target.port.stopListening)
+        return SSHGateway(self, target={"port": target.port.getHost().port, "host_key": target.host_key})
+
+    def warnings(self, text):
+        return [formatEvent(event) for event in self.logged
+                if event.get("log_level") == LogLevel.warn and text in formatEvent(event)]
+
+    @defer.inlineCallbacks
+    def test_target_opens_a_channel(self):
+        """
+        A channel the target opens towards the gateway is refused
+        (administratively prohibited), with one warning line; the command
+        goes on and its output and exit status reach the client.
+        """
+        refused = defer.Deferred()
+
+        def behaviour(session):
+            session.conn.openChannel(_Probe(refused, conn=session.conn), common.NS(b"127.0.0.1") + struct.pack(">L", 6000))
+            session.write(b"ok\n")
+            _exit(session, 0)
+
+        gateway = self.gateway(behaviour)
+        out, err, code = yield gateway.ssh("echo ok")
+        self.assertEqual((out, code), (b"ok\n", 0), err)
+        reason = yield refused
+        # Conch's ConchError: value is the description, data the code.
+        self.assertEqual((reason.data, reason.value),
+                         (connection.OPEN_ADMINISTRATIVELY_PROHIBITED, b"hoopgw opens no channels for the target"))
+        (line,) = self.warnings("tried to open a channel")
+        self.assertIn("(x11); refused", line)
+
+    @defer.inlineCallbacks
+    def test_malformed_message(self):
+        """
+        A channel-data message cut short ends the connection to the target
+        with a protocol error and one warning line, not a traceback; the
+        client's command fails, and the record says the target sent a
+        malformed message.
+        """
+
+        def behaviour(session):
+            session.write(b"partial\n")
+            remote = session.conn.channelsToRemoteChannel[session]
+            session.conn.transport.sendPacket(connection.MSG_CHANNEL_DATA, struct.pack(">L", remote) + b"\x00\x00")
+
+        gateway = self.gateway(behaviour)
+        out, err, code = yield gateway.ssh("echo ok")
+        self.assertNotEqual(code, 0)
+        (line,) = self.warnings("sent a malformed SSH message")
+        self.assertIn("(number 94)", line)
+        for _ in range(100):
+            ends = gateway.events("session.end")
+            if ends:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        (end,) = ends
+        self.assertIn("the target sent a malformed SSH message (number 94)", end["reason"])
