@@ -157,4 +157,4 @@ class HostileTargetTests(unittest.TestCase):
                 break
             yield task.deferLater(reactor, 0.05, lambda: None)
         (end,) = ends
-        self.assertIn("the target sent a malformed SSH message (number 94)", end["reason"])
+        self.assertEqual(end["reason"], "the target closed the connection: the target sent a malformed SSH message (number 94)")
