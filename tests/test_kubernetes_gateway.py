@@ -976,6 +976,28 @@ class StopTests(unittest.TestCase):
         self.assertLess(watch_end["seq"], ends[0]["seq"])
 
 
+class StoppedAsItStartsTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_stopped_before_serving(self):
+        """
+        A gateway stopped before its Kubernetes listener has begun serving
+        (the listener starts in the asyncio loop) closes that listener once
+        it would serve: the port refuses connections afterwards.
+        """
+        import socket
+
+        cluster = Cluster(self)
+        yield cluster.harness.stop()
+        yield task.deferLater(reactor, 0.5, lambda: None)
+
+        def connect():
+            with socket.create_connection(("127.0.0.1", cluster.port), timeout=5):
+                return True
+
+        with self.assertRaises(ConnectionRefusedError):
+            yield in_thread(connect)
+
+
 class UpstreamTLSTests(unittest.TestCase):
     """
     The API server's certificate is checked against the configured CA.

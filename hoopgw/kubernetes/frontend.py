@@ -194,6 +194,11 @@ class KubernetesService(service.Service):
         self.listening.addCallback(self._serving)
 
     def _serving(self, server):
+        if not self.running:
+            # Stopped before the listener began serving (it starts in the
+            # asyncio loop): nothing may be served any more.
+            server.close()
+            return server
         self._server = server
         return server
 
