@@ -218,19 +218,29 @@ class TwistdTests(unittest.TestCase):
         A listener whose port is taken stops the start with a sentence
         naming the connection and the port, exit status 1, no traceback.
         """
+        output = self.start_refused(self.port)
+        self.assertIn(
+            "hoopgw cannot start: connection payments cannot listen on 127.0.0.1 port %d: Address already in use"
+            % (self.port,),
+            output,
+        )
+
+    def start_refused(self, port):
+        """
+        Start the gateway while something else listens on C{port}: it exits
+        1 without a traceback.
+
+        @return: what it printed.
+        """
         with socket.socket() as taken:
-            taken.bind(("127.0.0.1", self.port))
+            taken.bind(("127.0.0.1", port))
             taken.listen()
             gateway = self.twistd("--pidfile=", "hoopgw", "--config", self.config)
             status = gateway.wait(timeout=120)
         output = gateway.stdout.read()
         self.assertEqual(status, 1, output)
         self.assertNotIn("Traceback", output)
-        self.assertIn(
-            "hoopgw cannot start: connection payments cannot listen on 127.0.0.1 port %d: Address already in use"
-            % (self.port,),
-            output,
-        )
+        return output
 
     def test_metrics_and_admin_ports_taken(self):
         """
@@ -249,14 +259,7 @@ class TwistdTests(unittest.TestCase):
             document["gateway"][listener] = {"listen": "tcp:%d:interface=127.0.0.1" % (port,)}
             with open(self.config, "w") as handle:
                 yaml.safe_dump(document, handle)
-            with socket.socket() as taken:
-                taken.bind(("127.0.0.1", port))
-                taken.listen()
-                gateway = self.twistd("--pidfile=", "hoopgw", "--config", self.config)
-                status = gateway.wait(timeout=120)
-            output = gateway.stdout.read()
-            self.assertEqual(status, 1, output)
-            self.assertNotIn("Traceback", output)
+            output = self.start_refused(port)
             self.assertIn("hoopgw cannot start: %s cannot listen on 127.0.0.1 port %d: Address already in use"
                           % (listener, port), output)
 

@@ -147,17 +147,28 @@ class GatewayProcess:
 
 
 @defer.inlineCallbacks
+def fresh_stores(test, count=1):
+    """
+    C{(settings, config, stores)}: C{count} stores of one fresh schema, as
+    that many gateway processes would have, not yet started, closed when
+    C{test} ends.
+    """
+    settings = yield in_thread(store_settings)
+    config = parse_options(settings["postgres"], "gateway.store.postgres")
+    yield in_thread(pgstore.prepare_schema, config)
+    stores = [PostgresStore(config, reactor) for _ in range(count)]
+    for store in stores:
+        test.addCleanup(store.close)
+    return settings, config, stores
+
+
+@defer.inlineCallbacks
 def two_stores(test):
     """
     C{(settings, listener, sender)}: two stores of one fresh schema, as two
     gateway processes would have, closed when C{test} ends.
     """
-    settings = yield in_thread(store_settings)
-    config = parse_options(settings["postgres"], "gateway.store.postgres")
-    yield in_thread(pgstore.prepare_schema, config)
-    listener, sender = PostgresStore(config, reactor), PostgresStore(config, reactor)
-    test.addCleanup(listener.close)
-    test.addCleanup(sender.close)
+    settings, _, (listener, sender) = yield fresh_stores(test, 2)
     return settings, listener, sender
 
 
@@ -391,11 +402,7 @@ class OutageTests(unittest.TestCase):
         may log in again, it takes events.  (Under load, a gateway's
         readiness could be asked between the two.)
         """
-        settings = yield in_thread(store_settings)
-        config = parse_options(settings["postgres"], "gateway.store.postgres")
-        yield in_thread(pgstore.prepare_schema, config)
-        store = PostgresStore(config, reactor)
-        self.addCleanup(store.close)
+        settings, _, (store,) = yield fresh_stores(self)
         yield store.start()
         self.assertEqual(store.seq, 0)
         yield self.drop_store(settings)
@@ -426,11 +433,7 @@ class OutageTests(unittest.TestCase):
         traceback (txpostgres logs the failed rollback as an error of its
         own; trial fails a test on such a logged error).
         """
-        settings = yield in_thread(store_settings)
-        config = parse_options(settings["postgres"], "gateway.store.postgres")
-        yield in_thread(pgstore.prepare_schema, config)
-        store = PostgresStore(config, reactor)
-        self.addCleanup(store.close)
+        _, _, (store,) = yield fresh_stores(self)
         yield store.start()
         yield store.append({"type": "checkpoint.test"})
 
@@ -455,11 +458,7 @@ class OutageTests(unittest.TestCase):
         StoreError, which callers log as a line), not the driver's error;
         the store reconnects and reads again.
         """
-        settings = yield in_thread(store_settings)
-        config = parse_options(settings["postgres"], "gateway.store.postgres")
-        yield in_thread(pgstore.prepare_schema, config)
-        store = PostgresStore(config, reactor)
-        self.addCleanup(store.close)
+        _, _, (store,) = yield fresh_stores(self)
         yield store.start()
 
         def cut(cursor):
@@ -489,10 +488,7 @@ class CloseTests(unittest.TestCase):
         connection is left open (trial fails a test on a reader left in the
         reactor), and the start fails with the store closed.
         """
-        settings = yield in_thread(store_settings)
-        config = parse_options(settings["postgres"], "gateway.store.postgres")
-        yield in_thread(pgstore.prepare_schema, config)
-        store = PostgresStore(config, reactor)
+        _, _, (store,) = yield fresh_stores(self)
         starting = store.start()
         yield store.close()
         error = yield self.assertFailure(starting, StoreError)
