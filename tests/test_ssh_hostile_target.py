@@ -5,11 +5,12 @@ No OpenSSH sshd does either; a compromised or buggy target could.  The
 target here is Conch's SSH server, playing that hostile peer.
 """
 
+import os
 import struct
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.avatar import ConchUser
-from twisted.conch.ssh import channel, common, connection, factory, keys
+from twisted.conch.ssh import channel, common, connection, factory, keys, transport
 from twisted.cred import credentials, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, reactor, task
@@ -63,6 +64,28 @@ class _Session(channel.SSHChannel):
         return 1
 
 
+class _CarelessTransport(transport.SSHServerTransport):
+    """
+    The hostile target's own side: what the gateway answers to its
+    nonsense (a failure for a request it never made, a close of a channel
+    it made up) Conch's server cannot match with anything it sent; it
+    shrugs, as a hostile peer would.
+    """
+
+    def dispatchMessage(self, messageNum, payload):
+        try:
+            transport.SSHServerTransport.dispatchMessage(self, messageNum, payload)
+        except Exception:
+            pass
+
+    def connectionLost(self, reason):
+        # Its books of channels may be in any state by now.
+        try:
+            transport.SSHServerTransport.connectionLost(self, reason)
+        except Exception:
+            pass
+
+
 class _HostileTarget:
     def __init__(self, behaviour):
         key = keys.Key(ed25519.Ed25519PrivateKey.generate())
@@ -70,6 +93,7 @@ class _HostileTarget:
         realm = self
 
         class Factory(factory.SSHFactory):
+            protocol = _CarelessTransport
             publicKeys = {b"ssh-ed25519": key.public()}
             privateKeys = {b"ssh-ed25519": key}
 
@@ -158,3 +182,110 @@ class HostileTargetTests(unittest.TestCase):
             yield task.deferLater(reactor, 0.05, lambda: None)
         (end,) = ends
         self.assertEqual(end["reason"], "the target closed the connection: the target sent a malformed SSH message (number 94)")
+
+
+    @defer.inlineCallbacks
+    def test_open_channel_refused_afterwards(self):
+        """
+        A target that refuses the session channel after confirming it (so
+        that Conch would drop the channel from its books while it is still
+        open) ends the connection to it with one warning line, and the
+        gateway's books stay whole (they raised when the connection ended).
+        """
+
+        def behaviour(session):
+            remote = session.conn.channelsToRemoteChannel[session]
+            session.conn.transport.sendPacket(
+                connection.MSG_CHANNEL_OPEN_FAILURE, struct.pack(">2L", remote, 2) + common.NS(b"no") + common.NS(b""))
+
+        gateway = self.gateway(behaviour)
+        out, err, code = yield gateway.ssh("echo ok")
+        self.assertNotEqual(code, 0)
+        (line,) = self.warnings("sent a malformed SSH message")
+        self.assertIn("(number 92)", line)
+        self.assertIn("the target refused channel 0, which is not being opened", line)
+
+# The connection-layer messages a target can send once logged in.
+_MESSAGES = (
+    connection.MSG_GLOBAL_REQUEST,
+    connection.MSG_CHANNEL_OPEN,
+    connection.MSG_CHANNEL_OPEN_CONFIRMATION,
+    connection.MSG_CHANNEL_OPEN_FAILURE,
+    connection.MSG_CHANNEL_WINDOW_ADJUST,
+    connection.MSG_CHANNEL_DATA,
+    connection.MSG_CHANNEL_EXTENDED_DATA,
+    connection.MSG_CHANNEL_EOF,
+    connection.MSG_CHANNEL_CLOSE,
+    connection.MSG_CHANNEL_REQUEST,
+    connection.MSG_CHANNEL_SUCCESS,
+    connection.MSG_CHANNEL_FAILURE,
+)
+
+
+def _mutated(rng, remote):
+    """
+    A connection-layer message as a hostile target might send it: a known
+    type, addressed to the session's channel or another, its body random,
+    well-formed pieces or cut anywhere.
+    """
+    number = rng.choice(_MESSAGES)
+    channel_id = remote if rng.random() < 0.8 else rng.choice([remote + 1, 0xFFFFFFFF, rng.getrandbits(32)])
+    pieces = [struct.pack(">L", channel_id)]
+    for _ in range(rng.randrange(4)):
+        kind = rng.randrange(4)
+        if kind == 0:
+            pieces.append(common.NS(rng.choice([b"exit-status", b"exit-signal", b"x11", b"keepalive@openssh.com",
+                                                b"card 4111111111111111", bytes(rng.getrandbits(8) for _ in range(8))])))
+        elif kind == 1:
+            pieces.append(struct.pack(">L", rng.choice([0, 1, 2 ** 31, 0xFFFFFFFF, rng.getrandbits(32)])))
+        elif kind == 2:
+            pieces.append(bytes([rng.randrange(2)]))
+        else:
+            pieces.append(bytes(rng.getrandbits(8) for _ in range(rng.randrange(40))))
+    body = b"".join(pieces)
+    if rng.random() < 0.5:
+        body = body[: rng.randrange(len(body) + 1)]
+    return number, body
+
+
+class HostileTargetFuzzTests(unittest.TestCase):
+    timeout = 300
+
+    @defer.inlineCallbacks
+    def test_mutated_messages(self):
+        """
+        Sixty sessions whose target answers the command with one to three
+        mutated connection-layer messages before its output and exit: every
+        client gets an answer within 30 seconds (its output or an error),
+        no error is logged (trial fails the test on one), no card number
+        reaches a client in clear, and the gateway still serves a session
+        whose target behaves.  HOOPGW_FUZZ_SEED and HOOPGW_FUZZ_ROUNDS run
+        it with another seed, longer.
+        """
+        import random
+
+        rng = random.Random(int(os.environ.get("HOOPGW_FUZZ_SEED", "13")))
+        hostile = [True]
+
+        def behaviour(session):
+            if hostile[0]:
+                remote = session.conn.channelsToRemoteChannel[session]
+                for _ in range(rng.randrange(1, 4)):
+                    session.conn.transport.sendPacket(*_mutated(rng, remote))
+            if session.conn.transport.transport.connected:
+                session.write(b"done\n")
+                _exit(session, 0)
+
+        target = _HostileTarget(behaviour)
+        self.addCleanup(target.port.stopListening)
+        gateway = SSHGateway(self, target={"port": target.port.getHost().port, "host_key": target.host_key})
+        outcomes = {}
+        for round_ in range(int(os.environ.get("HOOPGW_FUZZ_ROUNDS", "60"))):
+            answered = gateway.ssh("echo done").addTimeout(30, reactor)
+            out, err, code = yield answered
+            self.assertNotIn(b"4111111111111111", out)
+            self.assertNotIn("4111111111111111", err)
+            outcomes[code] = outcomes.get(code, 0) + 1
+        hostile[0] = False
+        out, err, code = yield gateway.ssh("echo done")
+        self.assertEqual((out, code), (b"done\n", 0), (err, outcomes))

@@ -255,6 +255,30 @@ class TargetConnection(FlowControl, connection.SSHConnection):
         self.transport._hoopgw_connection = self
         self.attempt.succeed(self)
 
+    def _opening(self, packet, what):
+        """
+        The channel a CHANNEL_OPEN_CONFIRMATION or _FAILURE names, which
+        must be one the gateway asked the target for and not yet answered:
+        Conch would take the answer for any channel, and a channel answered
+        twice corrupts its books.
+
+        @raise ValueError: naming what the target did (the transport ends
+            the connection for it).
+        """
+        (local,) = struct.unpack(">L", packet[:4])
+        channel_ = self.channels.get(local)
+        if channel_ is None or channel_ in self.channelsToRemoteChannel:
+            raise ValueError("the target %s channel %d, which is not being opened" % (what, local))
+        return channel_
+
+    def ssh_CHANNEL_OPEN_CONFIRMATION(self, packet):
+        self._opening(packet, "confirmed")
+        connection.SSHConnection.ssh_CHANNEL_OPEN_CONFIRMATION(self, packet)
+
+    def ssh_CHANNEL_OPEN_FAILURE(self, packet):
+        self._opening(packet, "refused")
+        connection.SSHConnection.ssh_CHANNEL_OPEN_FAILURE(self, packet)
+
     def ssh_CHANNEL_OPEN(self, packet):
         """
         The target may open no channel towards the gateway (a forwarded
