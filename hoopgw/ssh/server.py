@@ -332,7 +332,7 @@ class GatewayServerTransport(transport.SSHServerTransport):
                 "{client}: a malformed SSH message (number {number}) ended the connection: {error}",
                 client=self.client_address,
                 number=messageNum,
-                error="%s: %s" % (type(error).__name__, error),
+                error=admission.client_text("%s: %s" % (type(error).__name__, error)),
             )
             if not self.lost:
                 self.sendDisconnect(

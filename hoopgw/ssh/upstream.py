@@ -167,7 +167,8 @@ class _TargetTransport(transport.SSHClientTransport):
             self._log.warn(
                 "The target {target} sent a malformed SSH message (number {number}); the connection to it is closed: "
                 "{error}",
-                target=self.attempt.label, number=messageNum, error="%s: %s" % (type(problem).__name__, problem),
+                target=self.attempt.label, number=messageNum,
+                error=admission.client_text("%s: %s" % (type(problem).__name__, problem)),
             )
             self.attempt.disconnect_message = "the target sent a malformed SSH message (number %d)" % (messageNum,)
             self.sendDisconnect(
