@@ -868,10 +868,21 @@ class _ExecSession:
             self.process.closeStdin()
 
     def output(self, channel, data):
-        self.transport.sendBytesMessage(bytes((channel,)) + data)
+        self._send(bytes((channel,)) + data)
 
     def _status(self, body):
-        self.transport.sendBytesMessage(bytes((ERROR,)) + json.dumps(body).encode())
+        self._send(bytes((ERROR,)) + json.dumps(body).encode())
+
+    def _send(self, message):
+        # The client may close the stream while the command still writes
+        # (the gateway does, on a message too large): what comes after is
+        # dropped, as a real API server drops it.
+        from wsproto.utilities import LocalProtocolError
+
+        try:
+            self.transport.sendBytesMessage(message)
+        except LocalProtocolError:
+            pass
 
     def ended(self, code):
         if code:
