@@ -1,8 +1,9 @@
 """
-An SSH target that misbehaves after the gateway has logged in to it: it
-opens channels towards the gateway, or sends a message Conch cannot read.
-No OpenSSH sshd does either; a compromised or buggy target could.  The
-target here is Conch's SSH server, playing that hostile peer.
+An SSH peer that misbehaves after login.  A target that opens channels
+towards the gateway, or sends a message Conch cannot read: no OpenSSH sshd
+does either, a compromised or buggy target could.  The target here is
+Conch's SSH server, playing that hostile peer; a hostile client is Conch's
+SSH client.
 """
 
 import os
@@ -18,7 +19,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from tests.ssh_support import SSHGateway
+from tests.ssh_support import SSHGateway, key
 
 
 @implementer(ICredentialsChecker)
@@ -289,3 +290,69 @@ class HostileTargetFuzzTests(unittest.TestCase):
         hostile[0] = False
         out, err, code = yield gateway.ssh("echo done")
         self.assertEqual((out, code), (b"done\n", 0), (err, outcomes))
+
+
+class _RefusingClient(transport.SSHClientTransport):
+    """
+    A client that logs in with deploy-bot's key, opens a session, and once
+    the gateway has confirmed it, refuses that same channel.
+    """
+
+    def verifyHostKey(self, blob, fingerprint):
+        return defer.succeed(True)
+
+    def connectionSecure(self):
+        from twisted.conch.ssh import userauth
+
+        client = self
+
+        class Connection(connection.SSHConnection):
+            def serviceStarted(self):
+                self.openChannel(_Refuser(conn=self))
+
+        class Auth(userauth.SSHUserAuthClient):
+            def getPublicKey(self):
+                return keys.Key.fromFile(key("deploy-bot")[0]).public()
+
+            def getPrivateKey(self):
+                return defer.succeed(keys.Key.fromFile(key("deploy-bot")[0]))
+
+        self.requestService(Auth(client.factory.login.encode(), Connection()))
+
+    def receiveError(self, reasonCode, description):
+        self.factory.told.append((reasonCode, description))
+
+    def connectionLost(self, reason):
+        try:
+            transport.SSHClientTransport.connectionLost(self, reason)
+        finally:
+            self.factory.closed.callback(None)
+
+
+class _Refuser(channel.SSHChannel):
+    name = b"session"
+
+    def channelOpen(self, specificData):
+        remote = self.conn.channelsToRemoteChannel[self]
+        self.conn.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_FAILURE, struct.pack(">2L", remote, 2) + common.NS(b"no") + common.NS(b""))
+
+
+class HostileClientTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_open_channel_refused_afterwards(self):
+        """
+        A client that refuses its own session channel once the gateway has
+        confirmed it is told of a protocol error, and the gateway's books
+        stay whole (they raised when the connection ended).
+        """
+        from twisted.internet import endpoints, protocol
+
+        gateway = SSHGateway(self)
+        factory = protocol.ClientFactory.forProtocol(_RefusingClient)
+        factory.told, factory.closed, factory.login = [], defer.Deferred(), gateway.login
+        yield endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", gateway.ssh_port), factory.buildProtocol(None))
+        yield factory.closed
+        self.assertEqual(factory.told, [(transport.DISCONNECT_PROTOCOL_ERROR,
+                                         b"hoopgw: the client sent a malformed SSH message (number 92)")])

@@ -167,6 +167,35 @@ class RelayChannel(channel.SSHChannel):
         return bool(self._holds)
 
 
+class ChannelBooks:
+    """
+    Mixed into an L{SSHConnection}: the peer's answer to a channel open is
+    taken only for a channel being opened.  Conch takes it for any channel,
+    and a channel answered twice (refused after it was confirmed, say)
+    leaves its books while still open, which raises when the connection
+    ends.
+    """
+
+    def _opening(self, packet, what):
+        """
+        @raise ValueError: naming what the peer did, when the channel named
+            is not one being opened (the transport ends the connection
+            for a message it cannot take).
+        """
+        (local,) = struct.unpack(">L", packet[:4])
+        channel_ = self.channels.get(local)
+        if channel_ is None or channel_ in self.channelsToRemoteChannel:
+            raise ValueError("the %s %s channel %d, which is not being opened" % (self.peer, what, local))
+
+    def ssh_CHANNEL_OPEN_CONFIRMATION(self, packet):
+        self._opening(packet, "confirmed")
+        connection.SSHConnection.ssh_CHANNEL_OPEN_CONFIRMATION(self, packet)
+
+    def ssh_CHANNEL_OPEN_FAILURE(self, packet):
+        self._opening(packet, "refused")
+        connection.SSHConnection.ssh_CHANNEL_OPEN_FAILURE(self, packet)
+
+
 class FlowControl:
     """
     Mixed into an L{SSHConnection}: a channel's window is given back only

@@ -24,17 +24,18 @@ from hoopgw.model import DENIED, Decision
 from hoopgw.ssh import auth, channels, upstream
 from hoopgw.ssh.commands import refused_request
 from hoopgw.ssh.publickeys import generated_host_key, load_private_key
-from hoopgw.ssh.relay import FlowControl
+from hoopgw.ssh.relay import ChannelBooks, FlowControl
 from hoopgw.ssh.upstream import CIPHERS, KEY_EXCHANGES, MACS
 
 
-class GatewayConnection(FlowControl, connection.SSHConnection):
+class GatewayConnection(ChannelBooks, FlowControl, connection.SSHConnection):
     """
     The ssh-connection service for an admitted client: a channel may be
     confirmed only once the chain and the target have agreed (direct-tcpip),
     and a channel learns when the reply to its request has gone out.
     """
 
+    peer = "client"
     _stopped = False
 
     def serviceStopped(self):

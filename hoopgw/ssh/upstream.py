@@ -12,7 +12,7 @@ from twisted.logger import Logger
 
 from hoopgw import __version__, admission
 from hoopgw.ssh.publickeys import fingerprint, load_private_key
-from hoopgw.ssh.relay import FlowControl
+from hoopgw.ssh.relay import ChannelBooks, FlowControl
 
 
 # Algorithms fast in C on both sides of the gateway (AES-CTR and HMAC-SHA-256
@@ -236,7 +236,7 @@ class _TargetAuth(userauth.SSHUserAuthClient):
         return True
 
 
-class TargetConnection(FlowControl, connection.SSHConnection):
+class TargetConnection(ChannelBooks, FlowControl, connection.SSHConnection):
     """
     The connection service to the target, once the gateway is logged in:
     client-facing channels open their counterparts here.
@@ -244,6 +244,8 @@ class TargetConnection(FlowControl, connection.SSHConnection):
     @ivar owner: told with C{target_lost(message)} when the target goes
         away.
     """
+
+    peer = "target"
 
     def __init__(self, attempt):
         connection.SSHConnection.__init__(self)
@@ -255,30 +257,6 @@ class TargetConnection(FlowControl, connection.SSHConnection):
         connection.SSHConnection.serviceStarted(self)
         self.transport._hoopgw_connection = self
         self.attempt.succeed(self)
-
-    def _opening(self, packet, what):
-        """
-        The channel a CHANNEL_OPEN_CONFIRMATION or _FAILURE names, which
-        must be one the gateway asked the target for and not yet answered:
-        Conch would take the answer for any channel, and a channel answered
-        twice corrupts its books.
-
-        @raise ValueError: naming what the target did (the transport ends
-            the connection for it).
-        """
-        (local,) = struct.unpack(">L", packet[:4])
-        channel_ = self.channels.get(local)
-        if channel_ is None or channel_ in self.channelsToRemoteChannel:
-            raise ValueError("the target %s channel %d, which is not being opened" % (what, local))
-        return channel_
-
-    def ssh_CHANNEL_OPEN_CONFIRMATION(self, packet):
-        self._opening(packet, "confirmed")
-        connection.SSHConnection.ssh_CHANNEL_OPEN_CONFIRMATION(self, packet)
-
-    def ssh_CHANNEL_OPEN_FAILURE(self, packet):
-        self._opening(packet, "refused")
-        connection.SSHConnection.ssh_CHANNEL_OPEN_FAILURE(self, packet)
 
     def ssh_CHANNEL_OPEN(self, packet):
         """
