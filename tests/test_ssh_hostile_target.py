@@ -223,20 +223,29 @@ _MESSAGES = (
 )
 
 
-def _mutated(rng, remote):
+_TARGET_NAMES = (b"exit-status", b"exit-signal", b"x11", b"keepalive@openssh.com")
+_CLIENT_NAMES = (b"exec", b"pty-req", b"env", b"shell", b"subsystem", b"window-change", b"signal", b"session",
+                 b"direct-tcpip", b"tcpip-forward", b"auth-agent-req@openssh.com", b"sftp")
+
+
+def _mutated(rng, remote, names=_TARGET_NAMES):
     """
-    A connection-layer message as a hostile target might send it: a known
+    A connection-layer message as a hostile peer might send it: a known
     type, addressed to the session's channel or another, its body random,
-    well-formed pieces or cut anywhere.
+    well-formed pieces (among them C{names}: request and channel types) or
+    cut anywhere.
     """
     number = rng.choice(_MESSAGES)
-    channel_id = remote if rng.random() < 0.8 else rng.choice([remote + 1, 0xFFFFFFFF, rng.getrandbits(32)])
-    pieces = [struct.pack(">L", channel_id)]
+    if rng.random() < 0.8:
+        # None: the session's channel, whose number is known only once open.
+        pieces = [b"MINE" if remote is None else struct.pack(">L", remote)]
+    else:
+        pieces = [struct.pack(">L", rng.choice([(remote or 0) + 1, 0xFFFFFFFF, rng.getrandbits(32)]))]
     for _ in range(rng.randrange(4)):
         kind = rng.randrange(4)
         if kind == 0:
-            pieces.append(common.NS(rng.choice([b"exit-status", b"exit-signal", b"x11", b"keepalive@openssh.com",
-                                                b"card 4111111111111111", bytes(rng.getrandbits(8) for _ in range(8))])))
+            pieces.append(common.NS(rng.choice(names + (b"card 4111111111111111",
+                                                        bytes(rng.getrandbits(8) for _ in range(8))))))
         elif kind == 1:
             pieces.append(struct.pack(">L", rng.choice([0, 1, 2 ** 31, 0xFFFFFFFF, rng.getrandbits(32)])))
         elif kind == 2:
@@ -356,3 +365,117 @@ class HostileClientTests(unittest.TestCase):
         yield factory.closed
         self.assertEqual(factory.told, [(transport.DISCONNECT_PROTOCOL_ERROR,
                                          b"hoopgw: the client sent a malformed SSH message (number 92)")])
+
+
+class _FuzzingClient(transport.SSHClientTransport):
+    """
+    A client that logs in with deploy-bot's key, opens a session, sends
+    the factory's mutated messages on it, then asks for C{echo done}.
+    """
+
+    def verifyHostKey(self, blob, fingerprint):
+        return defer.succeed(True)
+
+    def connectionSecure(self):
+        from twisted.conch.ssh import userauth
+
+        factory = self.factory
+
+        class Connection(connection.SSHConnection):
+            def serviceStarted(self):
+                self.openChannel(_Fuzzer(factory, conn=self))
+
+        class Auth(userauth.SSHUserAuthClient):
+            def getPublicKey(self):
+                return keys.Key.fromFile(key("deploy-bot")[0]).public()
+
+            def getPrivateKey(self):
+                return defer.succeed(keys.Key.fromFile(key("deploy-bot")[0]))
+
+        self.requestService(Auth(factory.login.encode(), Connection()))
+
+    def dispatchMessage(self, messageNum, payload):
+        # The gateway's close of the session is its last answer, read here:
+        # its answers to the nonsense (a refusal addressed to a channel
+        # number the nonsense named, say) may have spoiled this side's books.
+        session = self.factory.session
+        if (messageNum == connection.MSG_CHANNEL_CLOSE and session is not None
+                and payload[:4] == struct.pack(">L", session)):
+            self._over("closed")
+            self.transport.loseConnection()
+            return
+        try:
+            transport.SSHClientTransport.dispatchMessage(self, messageNum, payload)
+        except Exception:
+            pass
+
+    def _over(self, how):
+        if not self.factory.over.called:
+            self.factory.over.callback(how)
+
+    def connectionLost(self, reason):
+        try:
+            transport.SSHClientTransport.connectionLost(self, reason)
+        except Exception:
+            pass
+        finally:
+            self._over("lost")
+
+
+class _Fuzzer(channel.SSHChannel):
+    name = b"session"
+
+    def __init__(self, factory, **kwargs):
+        channel.SSHChannel.__init__(self, **kwargs)
+        self.factory = factory
+
+    def channelOpen(self, specificData):
+        self.factory.session = self.id
+        remote = self.conn.channelsToRemoteChannel[self]
+        for message in self.factory.messages(remote):
+            self.conn.transport.sendPacket(*message)
+        self.conn.sendRequest(self, b"exec", common.NS(b"echo done"))
+
+    def dataReceived(self, data):
+        self.factory.received.append(data)
+
+
+class HostileClientFuzzTests(unittest.TestCase):
+    timeout = 300
+
+    @defer.inlineCallbacks
+    def test_mutated_messages(self):
+        """
+        Sixty logged-in clients each send one to three mutated
+        connection-layer messages (requests, data, window adjustments,
+        channel opens and answers, global requests, cut anywhere) on their
+        session before asking for a command: the gateway answers each (the
+        command's output or a close) within 30 seconds, logs no error, and
+        still serves the real ssh afterwards.  HOOPGW_FUZZ_SEED and
+        HOOPGW_FUZZ_ROUNDS run it with another seed, longer.
+        """
+        import random
+
+        from twisted.internet import endpoints, protocol
+
+        rng = random.Random(int(os.environ.get("HOOPGW_FUZZ_SEED", "13")))
+        gateway = SSHGateway(self)
+        endings = {}
+        for round_ in range(int(os.environ.get("HOOPGW_FUZZ_ROUNDS", "60"))):
+            factory = protocol.ClientFactory.forProtocol(_FuzzingClient)
+            factory.login, factory.received, factory.over = gateway.login, [], defer.Deferred()
+            factory.session = None
+            sent = [_mutated(rng, remote=None, names=_CLIENT_NAMES) for _ in range(rng.randrange(1, 4))]
+            factory.messages = lambda remote: [(number, struct.pack(">L", remote) + body[4:] if body[:4] == b"MINE" else body)
+                                               for number, body in sent]
+            client = yield endpoints.connectProtocol(
+                endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", gateway.ssh_port), factory.buildProtocol(None))
+            try:
+                ending = yield factory.over.addTimeout(30, reactor)
+            except defer.TimeoutError:
+                self.fail("round %d: no answer and no close within 30 s after %r" % (round_, sent))
+            endings[ending] = endings.get(ending, 0) + 1
+            if client.transport.connected:
+                client.transport.loseConnection()
+        out, err, code = yield gateway.ssh("echo done")
+        self.assertEqual((out, code), (b"done\n", 0), (err, endings))
