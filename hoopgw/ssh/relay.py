@@ -174,7 +174,12 @@ class ChannelBooks:
     and a channel answered twice (refused after it was confirmed, say)
     leaves its books while still open, which raises when the connection
     ends.
+
+    @ivar peer: who is on the other side (C{"client"}, C{"target"}), for
+        the error.
     """
+
+    peer = "peer"
 
     def _opening(self, packet, what):
         """
