@@ -49,10 +49,30 @@ def wait_for_port(port, process, deadline=60):
     raise AssertionError("nothing listens on %d" % (port,))
 
 
+def _catches(pid, signum):
+    """
+    Whether process C{pid} has a handler for C{signum} (Linux's
+    /proc/PID/status, SigCgt).
+    """
+    try:
+        with open("/proc/%d/status" % (pid,)) as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
+    except OSError:
+        pass
+    return False
+
+
 def stop(process):
     """
-    SIGTERM, then the exit status.
+    SIGTERM, then the exit status.  The signal is sent once twistd handles
+    it: its port listens before its reactor runs and installs the handler,
+    and a SIGTERM in between kills it outright (exit -15).
     """
+    end = time.monotonic() + 60
+    while process.poll() is None and not _catches(process.pid, signal.SIGTERM) and time.monotonic() < end:
+        time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     try:
         return process.wait(timeout=60)
