@@ -10,13 +10,13 @@ import signal
 import socket
 
 import attr
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hoopgw import __version__, logs
+from hoopgw import __version__, listeners, logs
 from hoopgw.addon import AddonContext
 from hoopgw.chain import AddonChain
 from hoopgw.config import PROTOCOLS
@@ -94,12 +94,9 @@ class Gateway(service.MultiService):
                 # A protocol whose listener is not a Twisted factory (mitmproxy
                 # listens itself) hands back its own service.
                 listener = factory
-            elif connection.reuse_port:
-                from hoopgw import listeners
-
-                listener = listeners.service(reactor, connection.listen, self.monitors[connection.name].listening(factory))
             else:
-                listener = strports.service(connection.listen, self.monitors[connection.name].listening(factory))
+                listener = listeners.service(reactor, connection.listen, self.monitors[connection.name].listening(factory),
+                                             reuse_port=connection.reuse_port)
             listener.setName("connection:%s" % (connection.name,))
             listener.setServiceParent(self)
         self.export = None

@@ -9,12 +9,11 @@ import json
 import os
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from twisted.application import internet
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from hoopgw import metrics
+from hoopgw import listeners, metrics
 
 # A probe write this large must fit for the store to count as writable.
 PROBE_BYTES = 4096
@@ -243,14 +242,6 @@ def metrics_service(settings, gateway):
     site.displayTracebacks = False
     # Scrapes every few seconds would fill the log.
     site.log = lambda request: None
-    if settings.get("reuse_port"):
-        from hoopgw import listeners
-
-        endpoint = listeners.endpoint(gateway.reactor, settings["listen"])
-    else:
-        endpoint = endpoints.serverFromString(gateway.reactor, settings["listen"])
-    service = internet.StreamServerEndpointService(endpoint, site)
-    # A taken port fails the start (as strports.service does), not a log line.
-    service._raiseSynchronously = True
+    service = listeners.service(gateway.reactor, settings["listen"], site, reuse_port=bool(settings.get("reuse_port")))
     service.setName("metrics")
     return service

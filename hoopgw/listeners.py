@@ -88,13 +88,15 @@ def endpoint(reactor, listen):
     return ReusePortEndpoint(reactor, parsed._port, parsed._backlog, parsed._interface)
 
 
-def service(reactor, listen, factory):
+def service(reactor, listen, factory, reuse_port=True, service_class=StreamServerEndpointService):
     """
-    The listening service of C{listen} (a checked TCP endpoint string) with
-    SO_REUSEPORT, behaving as C{strports.service} does (a port that is
-    taken fails the start at once).
+    The listening service of C{listen} (a checked endpoint string; TCP
+    with SO_REUSEPORT when C{reuse_port}), behaving as C{strports.service}
+    does: a port that is taken fails the start at once, where Twisted's
+    endpoint service would log it and run without the listener.
     """
-    listening = StreamServerEndpointService(endpoint(reactor, listen), factory)
+    where = endpoint(reactor, listen) if reuse_port else endpoints.serverFromString(reactor, listen)
+    listening = service_class(where, factory)
     listening._raiseSynchronously = True
     return listening
 

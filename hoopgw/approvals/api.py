@@ -19,12 +19,12 @@ person (not a service identity) in the rule's approver groups.
 import json
 
 from twisted.application import internet
-from twisted.internet import defer, endpoints, ssl
+from twisted.internet import defer, ssl
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
-from hoopgw import logs
+from hoopgw import listeners, logs
 from hoopgw.approvals.model import ApprovalError
 from hoopgw.identity.oidc import IdentityError, unverified_claims
 from hoopgw.model import Unavailable
@@ -210,12 +210,6 @@ def admin_service(admin, gateway):
     actions = AdminActions(gateway, admin["admin_groups"])
     site = server.Site(AdminAPI(gateway.approvals, providers, actions))
     site.displayTracebacks = False
-    if admin.get("reuse_port"):
-        from hoopgw import listeners
-
-        endpoint = listeners.endpoint(gateway.reactor, admin["listen"])
-    else:
-        endpoint = endpoints.serverFromString(gateway.reactor, admin["listen"])
     factory = site
     if admin["tls_certificate"]:
         with open(admin["tls_certificate"], "rb") as handle:
@@ -224,9 +218,8 @@ def admin_service(admin, gateway):
             key = handle.read()
         options = ssl.PrivateCertificate.loadPEM(certificate + b"\n" + key).options()
         factory = TLSMemoryBIOFactory(options, False, site)
-    service = _AdminService(endpoint, factory)
-    # A taken port fails the start (as strports.service does), not a log line.
-    service._raiseSynchronously = True
+    service = listeners.service(gateway.reactor, admin["listen"], factory, reuse_port=bool(admin.get("reuse_port")),
+                                service_class=_AdminService)
     service.actions = actions
     service.setName("admin")
     return service
