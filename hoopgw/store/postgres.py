@@ -626,7 +626,9 @@ class PostgresStore:
             if failure.check(StoreError) or not _connection_gone(failure.value, self._connection):
                 return failure
             reason = "reading the PostgreSQL store failed: %s" % (_why(failure.value),)
-            if self.outage is None and (self._connection is None or self._connection.closed):
+            if self._reached and self.outage is None and (self._connection is None or self._connection.closed):
+                # A database never reached is the connection's failure (failed
+                # for good), not an outage.
                 self._lost(reason)
             return Failure(StoreError("the PostgreSQL store could not be read (%s)" % (without_address(reason),)))
 
