@@ -158,6 +158,27 @@ class HostileTargetTests(unittest.TestCase):
         self.assertIn("(x11); refused", line)
 
     @defer.inlineCallbacks
+    def test_target_opens_channels_in_a_loop(self):
+        """
+        Every channel a target opens is refused, but only the first on a
+        connection is a line in the gateway's log: a loop cannot flood it.
+        """
+        refusals = [defer.Deferred() for _ in range(50)]
+
+        def behaviour(session):
+            for refused in refusals:
+                session.conn.openChannel(_Probe(refused, conn=session.conn), common.NS(b"127.0.0.1") + struct.pack(">L", 6000))
+            session.write(b"ok\n")
+            _exit(session, 0)
+
+        gateway = self.gateway(behaviour)
+        out, err, code = yield gateway.ssh("echo ok")
+        self.assertEqual((out, code), (b"ok\n", 0), err)
+        reasons = yield defer.gatherResults(refusals)
+        self.assertEqual({reason.data for reason in reasons}, {connection.OPEN_ADMINISTRATIVELY_PROHIBITED})
+        self.assertEqual(len(self.warnings("tried to open a channel")), 1)
+
+    @defer.inlineCallbacks
     def test_malformed_message(self):
         """
         A channel-data message cut short ends the connection to the target

@@ -246,6 +246,7 @@ class TargetConnection(ChannelBooks, FlowControl, connection.SSHConnection):
     """
 
     peer = "target"
+    _refused_opens = 0
 
     def __init__(self, attempt):
         connection.SSHConnection.__init__(self)
@@ -261,13 +262,18 @@ class TargetConnection(ChannelBooks, FlowControl, connection.SSHConnection):
     def ssh_CHANNEL_OPEN(self, packet):
         """
         The target may open no channel towards the gateway (a forwarded
-        port, X11, an agent: the gateway asks for none).  Each is refused,
-        with one line in the log (Conch would refuse it with a traceback).
+        port, X11, an agent: the gateway asks for none).  Each is refused;
+        the first on a connection is a line in the log (Conch would refuse
+        each with a traceback), so that a target opening them in a loop
+        cannot flood it.
         """
         channel_type, rest = common.getNS(packet)
         (sender,) = struct.unpack(">L", rest[:4])
-        self._log.warn("The target {target} tried to open a channel ({kind}); refused",
-                       target=self.attempt.label, kind=admission.client_text(channel_type))
+        self._refused_opens += 1
+        if self._refused_opens == 1:
+            self._log.warn("The target {target} tried to open a channel ({kind}); refused, as any more it opens on "
+                           "this connection will be, without a line each",
+                           target=self.attempt.label, kind=admission.client_text(channel_type))
         self.transport.sendPacket(
             connection.MSG_CHANNEL_OPEN_FAILURE,
             struct.pack(">2L", sender, connection.OPEN_ADMINISTRATIVELY_PROHIBITED)
