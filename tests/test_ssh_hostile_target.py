@@ -322,14 +322,17 @@ class HostileTargetFuzzTests(unittest.TestCase):
         self.assertEqual((out, code), (b"done\n", 0), (err, outcomes))
 
 
-class _RefusingClient(transport.SSHClientTransport):
+class _KeyClient(transport.SSHClientTransport):
     """
-    A client that logs in with deploy-bot's key, opens a session, and once
-    the gateway has confirmed it, refuses that same channel.
+    A Conch client that logs in as the factory's C{login} with deploy-bot's
+    key and opens the session channel C{session(conn)} makes.
     """
 
     def verifyHostKey(self, blob, fingerprint):
         return defer.succeed(True)
+
+    def session(self, conn):
+        raise NotImplementedError
 
     def connectionSecure(self):
         from twisted.conch.ssh import userauth
@@ -338,7 +341,7 @@ class _RefusingClient(transport.SSHClientTransport):
 
         class Connection(connection.SSHConnection):
             def serviceStarted(self):
-                self.openChannel(_Refuser(conn=self))
+                self.openChannel(client.session(self))
 
         class Auth(userauth.SSHUserAuthClient):
             def getPublicKey(self):
@@ -347,7 +350,17 @@ class _RefusingClient(transport.SSHClientTransport):
             def getPrivateKey(self):
                 return defer.succeed(keys.Key.fromFile(key("deploy-bot")[0]))
 
-        self.requestService(Auth(client.factory.login.encode(), Connection()))
+        self.requestService(Auth(self.factory.login.encode(), Connection()))
+
+
+class _RefusingClient(_KeyClient):
+    """
+    A client that opens a session and, once the gateway has confirmed it,
+    refuses that same channel.
+    """
+
+    def session(self, conn):
+        return _Refuser(conn=conn)
 
     def receiveError(self, reasonCode, description):
         self.factory.told.append((reasonCode, description))
@@ -388,32 +401,14 @@ class HostileClientTests(unittest.TestCase):
                                          b"hoopgw: the client sent a malformed SSH message (number 92)")])
 
 
-class _FuzzingClient(transport.SSHClientTransport):
+class _FuzzingClient(_KeyClient):
     """
-    A client that logs in with deploy-bot's key, opens a session, sends
-    the factory's mutated messages on it, then asks for C{echo done}.
+    A client that opens a session, sends the factory's mutated messages on
+    it, then asks for C{echo done}.
     """
 
-    def verifyHostKey(self, blob, fingerprint):
-        return defer.succeed(True)
-
-    def connectionSecure(self):
-        from twisted.conch.ssh import userauth
-
-        factory = self.factory
-
-        class Connection(connection.SSHConnection):
-            def serviceStarted(self):
-                self.openChannel(_Fuzzer(factory, conn=self))
-
-        class Auth(userauth.SSHUserAuthClient):
-            def getPublicKey(self):
-                return keys.Key.fromFile(key("deploy-bot")[0]).public()
-
-            def getPrivateKey(self):
-                return defer.succeed(keys.Key.fromFile(key("deploy-bot")[0]))
-
-        self.requestService(Auth(factory.login.encode(), Connection()))
+    def session(self, conn):
+        return _Fuzzer(self.factory, conn=conn)
 
     def dispatchMessage(self, messageNum, payload):
         # The gateway's close of the session is its last answer, read here:
