@@ -134,24 +134,35 @@ class HostileTargetTests(unittest.TestCase):
                 if event.get("log_level") == LogLevel.warn and text in formatEvent(event)]
 
     @defer.inlineCallbacks
-    def test_target_opens_a_channel(self):
+    def opens_channels(self, count):
         """
-        A channel the target opens towards the gateway is refused
-        (administratively prohibited), with one warning line; the command
-        goes on and its output and exit status reach the client.
+        The target opens C{count} X11 channels as it runs the client's
+        command, then answers it: the client gets the output and exit 0.
+
+        @return: the gateway's refusal of each (Conch's ConchError: value
+            is the description, data the code).
         """
-        refused = defer.Deferred()
+        refusals = [defer.Deferred() for _ in range(count)]
 
         def behaviour(session):
-            session.conn.openChannel(_Probe(refused, conn=session.conn), common.NS(b"127.0.0.1") + struct.pack(">L", 6000))
+            for refused in refusals:
+                session.conn.openChannel(_Probe(refused, conn=session.conn), common.NS(b"127.0.0.1") + struct.pack(">L", 6000))
             session.write(b"ok\n")
             _exit(session, 0)
 
         gateway = self.gateway(behaviour)
         out, err, code = yield gateway.ssh("echo ok")
         self.assertEqual((out, code), (b"ok\n", 0), err)
-        reason = yield refused
-        # Conch's ConchError: value is the description, data the code.
+        return (yield defer.gatherResults(refusals))
+
+    @defer.inlineCallbacks
+    def test_target_opens_a_channel(self):
+        """
+        A channel the target opens towards the gateway is refused
+        (administratively prohibited), with one warning line; the command
+        goes on and its output and exit status reach the client.
+        """
+        (reason,) = yield self.opens_channels(1)
         self.assertEqual((reason.data, reason.value),
                          (connection.OPEN_ADMINISTRATIVELY_PROHIBITED, b"hoopgw opens no channels for the target"))
         (line,) = self.warnings("tried to open a channel")
@@ -163,18 +174,7 @@ class HostileTargetTests(unittest.TestCase):
         Every channel a target opens is refused, but only the first on a
         connection is a line in the gateway's log: a loop cannot flood it.
         """
-        refusals = [defer.Deferred() for _ in range(50)]
-
-        def behaviour(session):
-            for refused in refusals:
-                session.conn.openChannel(_Probe(refused, conn=session.conn), common.NS(b"127.0.0.1") + struct.pack(">L", 6000))
-            session.write(b"ok\n")
-            _exit(session, 0)
-
-        gateway = self.gateway(behaviour)
-        out, err, code = yield gateway.ssh("echo ok")
-        self.assertEqual((out, code), (b"ok\n", 0), err)
-        reasons = yield defer.gatherResults(refusals)
+        reasons = yield self.opens_channels(50)
         self.assertEqual({reason.data for reason in reasons}, {connection.OPEN_ADMINISTRATIVELY_PROHIBITED})
         self.assertEqual(len(self.warnings("tried to open a channel")), 1)
 
